@@ -1,0 +1,194 @@
+"""The checkpoint format: one .safetensors file whose header carries versioned JSON metadata.
+
+Tensors are the subspace model's state_dict (both endpoints on a line, BatchNorm statistics for every
+grid alpha). The metadata (`CheckpointMeta`, stored as JSON under the header key "lcs") says everything
+needed to rebuild and use the model without the training package: architecture and its arguments,
+compression kind and schedule, subspace type, normalisation, input shape and normalisation constants,
+class names, dataset, the training command and config, and the measured accuracy per alpha.
+
+Loading never unpickles: safetensors holds raw tensors only, and anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lcs.alpha import ALPHA_CONVENTION, Kind, Schedule, SubspaceType
+from lcs.layers import NormType
+from lcs.models import SubspaceResNet, build_model, model_names
+
+FORMAT = "lcs-serve.checkpoint"
+VERSION = 1
+META_KEY = "lcs"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file, the problem and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Arch(_Strict):
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # widths, blocks, stem_stride, ...
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in model_names():
+            raise ValueError(f"unknown architecture {v!r}; this build knows {model_names()}")
+        return v
+
+
+class InputSpec(_Strict):
+    channels: int = Field(ge=1, le=4)
+    height: int = Field(ge=1, le=4096)
+    width: int = Field(ge=1, le=4096)
+    mean: list[float]  # per channel, applied to pixels scaled to [0, 1]
+    std: list[float]
+
+
+class AccuracyPoint(_Strict):
+    alpha: float = Field(ge=0.0, le=1.0)
+    level: float  # sparsity fraction | width fraction | bits
+    accuracy: float = Field(ge=0.0, le=100.0)  # percent, on `split`
+
+
+class CheckpointMeta(_Strict):
+    format: Literal["lcs-serve.checkpoint"] = FORMAT
+    version: int = VERSION
+    alpha_convention: str = ALPHA_CONVENTION
+    arch: Arch
+    kind: Kind
+    subspace: SubspaceType
+    schedule: dict[str, Any]  # lcs.alpha.Schedule fields
+    norm: NormType
+    stat_alphas: list[float]  # alphas that have BatchNorm statistics (the servable grid for "batch")
+    fixed_alpha: float | None = None  # set for a baseline trained at one compression level
+    input: InputSpec
+    classes: list[str]
+    dataset: str
+    split: str = "test"  # where `accuracy` was measured
+    accuracy: list[AccuracyPoint] = Field(default_factory=list)
+    training: dict[str, Any] = Field(default_factory=dict)  # command, effective config, wall time
+
+    def schedule_obj(self) -> Schedule:
+        return Schedule(**self.schedule)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            **self.arch.kwargs,
+            "in_channels": self.input.channels,
+            "num_classes": len(self.classes),
+            "line": self.subspace == "line",
+            "norm": self.norm,
+            "stat_alphas": self.stat_alphas,
+            "schedule": self.schedule_obj(),
+        }
+
+
+def build(meta: CheckpointMeta) -> SubspaceResNet:
+    """An untrained model with the architecture the metadata describes."""
+    return build_model(meta.arch.name, **meta.model_kwargs())
+
+
+def save(path: str | Path, model: SubspaceResNet, meta: CheckpointMeta) -> None:
+    """Write model tensors + metadata atomically (a crash never leaves a half-written checkpoint)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: meta.model_dump_json()})
+    tmp.replace(path)
+
+
+def _sniff(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK":
+        return " It is a zip archive (a torch.save/pickle checkpoint?); this service never unpickles."
+    if head[:1] == b"\x80":
+        return " It starts like a Python pickle; this service never unpickles."
+    return ""
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """Read and validate only the metadata of a checkpoint."""
+    return _open(Path(path))[0]
+
+
+def _open(path: Path) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
+    fix = "Point LCS_CHECKPOINT (or the command's argument) at a checkpoint written by `python -m training train`."
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file. {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt: {e}).{_sniff(path)} {fix}"
+        ) from None
+    if META_KEY not in header:
+        raise CheckpointError(
+            f"{path}: a safetensors file without lcs-serve metadata (header key {META_KEY!r} missing); "
+            f"it was not written by lcs-serve. {fix}"
+        )
+    try:
+        raw = json.loads(header[META_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata {META_KEY!r} is not valid JSON ({e}). {fix}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: metadata format is {raw.get('format') if isinstance(raw, dict) else raw!r}, "
+            f"expected {FORMAT!r}. {fix}"
+        )
+    version = raw.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is newer than this build supports ({VERSION}); "
+            "upgrade lcs-serve to load it."
+        )
+    try:
+        meta = CheckpointMeta.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"field '{'.'.join(map(str, err['loc']))}': {err['msg']}" for err in e.errors())
+        raise CheckpointError(f"{path}: invalid metadata: {problems}. {fix}") from None
+    return meta, tensors
+
+
+def load(path: str | Path) -> tuple[SubspaceResNet, CheckpointMeta]:
+    """Load, validate and rebuild a checkpoint: an eval-mode model and its metadata."""
+    path = Path(path)
+    meta, tensors = _open(path)
+    try:
+        model = build(meta)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: field 'arch.kwargs' does not build {meta.arch.name!r}: {e}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: tensors do not match the architecture in its metadata "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); the file is corrupt or was edited."
+        )
+    for k, v in expected.items():
+        if tensors[k].shape != v.shape or tensors[k].dtype != v.dtype:
+            raise CheckpointError(
+                f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)} {tensors[k].dtype}, "
+                f"the architecture needs {tuple(v.shape)} {v.dtype}; the file is corrupt or was edited."
+            )
+        if v.is_floating_point() and not torch.isfinite(tensors[k]).all():
+            raise CheckpointError(f"{path}: tensor {k!r} contains NaN or Inf; the checkpoint is corrupt.")
+    model.load_state_dict(tensors)
+    return model.eval(), meta

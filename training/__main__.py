@@ -1,0 +1,65 @@
+"""Command line: `python -m training train [CONFIG.yaml] [key=value ...]` and
+`python -m training evaluate CHECKPOINT --json OUT.json [--plot OUT.png] [--baseline B.json ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lcs.checkpoint import CheckpointError
+from training.data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a compressible subspace (or a fixed-alpha baseline)")
+    t.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml | key=value",
+        help="an optional YAML config first, then key=value overrides (e.g. epochs=2 kind=quantized)",
+    )
+    e = sub.add_parser("evaluate", help="measure test accuracy on the checkpoint's alpha grid")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("--json", type=Path, required=True, help="write the report here")
+    e.add_argument("--plot", type=Path, help="also write a PNG of accuracy against compression level")
+    e.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        help="a baseline's report JSON to draw on the same axes (repeatable)",
+    )
+    e.add_argument("--data-dir", help="dataset location, if not the one recorded in the checkpoint")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.cmd == "train":
+            from training.config import load_config
+            from training.train import train
+
+            items = list(args.items)
+            config_path = items.pop(0) if items and "=" not in items[0] else None
+            cfg = load_config(config_path, items)
+            train(cfg, command="python -m training train " + " ".join(args.items))
+            return 0
+        from training.evaluate import evaluate_checkpoint, plot, write_json
+
+        rep = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir)
+        write_json(rep, args.json)
+        for p in rep["points"]:
+            print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  accuracy {p['accuracy']:.2f} %")
+        if args.plot:
+            baselines = {b.stem: json.loads(b.read_text()) for b in args.baseline}
+            plot({args.checkpoint.stem: rep}, baselines, args.plot, f"{rep['kind']} ({rep['dataset']})")
+        return 0
+    except (CheckpointError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

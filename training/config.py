@@ -1,0 +1,120 @@
+"""Training configuration: one dataclass, loaded from YAML, overridden with key=value arguments.
+
+Every knob is here with a one-line why. The effective config is saved inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from lcs.alpha import KINDS, SUBSPACES, Schedule
+
+# 21 evenly spaced alphas: the grid that gets BatchNorm statistics and an accuracy measurement
+DEFAULT_GRID = [round(i / 20, 4) for i in range(21)]
+
+
+@dataclass
+class TrainConfig:
+    # -- data --
+    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | folder
+    data_dir: str | None = None  # None: the dataset's standard location (Debian package for fashion-mnist)
+    val_size: int = 0  # images held out of training for validation (0: train on all of them)
+    augment: bool = True  # random crop (pad 2) + horizontal flip
+    # -- model --
+    arch: str = "preact_resnet"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    norm: str = "batch"  # batch (per-alpha statistics, calibrated after training) | group (alpha-free)
+    # -- method (DESIGN.md) --
+    kind: str = "structured"  # unstructured | structured | quantized
+    subspace: str = "line"  # line (LCS+L) | point (LCS+P)
+    fixed_alpha: float | None = None  # train one compression level only: the independent baseline
+    keep_min: float = 0.025  # unstructured: keep fraction at alpha = 0
+    width_min: float = 0.25  # structured: width at alpha = 0
+    bits_min: int = 3  # quantized: bits at alpha = 0
+    bits_max: int = 8  # quantized: bits at alpha = 1
+    beta: float = 1.0  # weight of the cos^2(w0, w1) line regulariser
+    end_bias: float = 0.5  # share of alpha samples put on the two ends of [0, 1]
+    warmup_fraction: float = 0.8  # compression is phased in over this share of the steps
+    act_quant_warmup: int = 200  # quantized: steps of activation-range tracking before quantising them
+    sandwich: bool = True  # structured: each step sums losses at widths min, max and two random ones
+    stat_alphas: list[float] = field(default_factory=lambda: list(DEFAULT_GRID))
+    calib_batches: int = 20  # batches of training images per alpha to estimate BatchNorm statistics
+    # -- optimisation --
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1  # peak learning rate; cosine decay to zero after a one-epoch linear warm-up
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    # -- run --
+    seed: int = 0
+    threads: int = 2  # torch intra-op threads
+    channels_last: bool = True  # ~25 % faster training on CPU here
+    out: str = "runs/model.safetensors"  # final checkpoint; resumable state goes beside it
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
+        if self.subspace not in SUBSPACES:
+            raise ValueError(f"subspace must be one of {SUBSPACES}; got {self.subspace!r}")
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"norm must be 'batch' or 'group'; got {self.norm!r}")
+        if self.fixed_alpha is not None:
+            if not 0.0 <= self.fixed_alpha <= 1.0:
+                raise ValueError(f"fixed_alpha must be in [0, 1]; got {self.fixed_alpha}")
+            self.subspace = "point"  # a baseline is one network: nothing to interpolate
+            self.stat_alphas = [self.fixed_alpha]
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+        self.schedule()  # validates the schedule fields
+
+    def schedule(self) -> Schedule:
+        return Schedule(self.kind, self.keep_min, self.width_min, self.bits_min, self.bits_max)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def state_path(self) -> Path:
+        """Resumable training state, written every epoch next to `out`."""
+        out = Path(self.out)
+        return out.with_name(out.stem + ".state.safetensors")
+
+
+def _coerce(name: str, raw: str, typ: Any) -> Any:
+    value = yaml.safe_load(raw)  # "0.5" -> 0.5, "[1,2]" -> [1, 2], "true" -> True, "null" -> None
+    if typ is str or typ == "str":
+        return raw
+    if typ is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
+    """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must be a YAML mapping of option: value")
+        values.update(loaded)
+    hints = get_type_hints(TrainConfig)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value")
+        if key not in hints:
+            raise ValueError(f"unknown option {key!r}; options: {sorted(hints)}")
+        values[key] = _coerce(key, raw, hints[key])
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} in {path}; options: {sorted(hints)}")
+    return TrainConfig(**values)

@@ -1,0 +1,235 @@
+"""Datasets read from local files only (nothing is ever downloaded), held in memory as uint8 tensors.
+
+Images are [N, C, H, W] uint8, labels [N] int64. Normalisation constants are computed from the
+training images and travel in the checkpoint, so the service applies exactly what training did.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+class DataError(ValueError):
+    """Data that cannot be read; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # [N, C, H, W] uint8
+    labels: torch.Tensor  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of training pixels scaled to [0, 1]."""
+        x = self.train.images.float().div_(255)
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+# -- readers -------------------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array: uint8 images [N, H, W] or labels [N]."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4]!r})")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: IDX header says {dims} but holds {data.size} bytes (truncated?)")
+    return data.reshape(dims)
+
+
+def load_fashion_mnist(root: Path | None = None) -> Dataset:
+    root = root or FASHION_MNIST_DIR
+    files = {
+        "train_x": "train-images-idx3-ubyte.gz",
+        "train_y": "train-labels-idx1-ubyte.gz",
+        "test_x": "t10k-images-idx3-ubyte.gz",
+        "test_y": "t10k-labels-idx1-ubyte.gz",
+    }
+    missing = [name for name in files.values() if not (root / name).is_file()]
+    if missing:
+        raise DataError(
+            f"Fashion-MNIST not found in {root} (missing {missing}). Install it with "
+            "`apt-get install dataset-fashion-mnist`, or set data_dir to a folder holding the IDX files."
+        )
+    arr = {k: read_idx(root / v) for k, v in files.items()}
+
+    def split(x: np.ndarray, y: np.ndarray) -> Split:
+        return Split(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
+
+    return Dataset(
+        "fashion-mnist",
+        split(arr["train_x"], arr["train_y"]),
+        split(arr["test_x"], arr["test_y"]),
+        list(FASHION_MNIST_CLASSES),
+    )
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a CIFAR batch can run no code."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only arrays are allowed")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        d = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(d[b"labels"], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    return data, labels
+
+
+def load_cifar10(root: Path) -> Dataset:
+    """The standard `cifar-10-batches-py` folder: data_batch_1..5 and test_batch."""
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    missing = [n for n in [*names, "test_batch"] if not (root / n).is_file()]
+    if missing:
+        raise DataError(
+            f"CIFAR-10 python batches not found in {root} (missing {missing}); "
+            "set data_dir to the extracted cifar-10-batches-py folder."
+        )
+    parts = [_cifar_batch(root / n) for n in names]
+    tx, ty = _cifar_batch(root / "test_batch")
+    train = Split(
+        torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    )
+    return Dataset("cifar10", train, Split(torch.from_numpy(tx), torch.from_numpy(ty)), list(CIFAR10_CLASSES))
+
+
+def _read_folder_split(root: Path, classes: list[str]) -> Split:
+    from PIL import Image, UnidentifiedImageError
+
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((root / cls).iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(f) as im:
+                    images.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im))
+            except (OSError, UnidentifiedImageError) as e:
+                raise DataError(f"{f}: not a readable image ({e})") from None
+            labels.append(label)
+    if not images:
+        raise DataError(f"{root}: no images found under its class folders")
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise DataError(f"{root}: images have different shapes {sorted(shapes)[:4]}; resize them to one size")
+    x = np.stack(images)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64))
+
+
+def load_folder(root: Path) -> Dataset:
+    """`root/train/<class>/*.png` and `root/test/<class>/*.png`; class names from the train folders."""
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(f"{root}: an image-folder dataset needs train/<class>/ and test/<class>/ folders")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root / 'train'}: no class folders")
+    return Dataset(
+        root.name, _read_folder_split(root / "train", classes), _read_folder_split(root / "test", classes), classes
+    )
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+    root = Path(data_dir) if data_dir else None
+    if name == "fashion-mnist":
+        return load_fashion_mnist(root)
+    if name == "cifar10":
+        if root is None:
+            raise DataError("cifar10 needs data_dir=<path to cifar-10-batches-py>")
+        return load_cifar10(root)
+    if name == "folder":
+        if root is None:
+            raise DataError("folder needs data_dir=<path with train/ and test/ class folders>")
+        return load_folder(root)
+    raise DataError(f"unknown dataset {name!r}; choose fashion-mnist, cifar10 or folder")
+
+
+# -- splitting, batching, augmentation -------------------------------------------------------------
+
+
+def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
+    """Deterministic (train, validation) split: the validation set is n images chosen by `seed`."""
+    if n <= 0:
+        return split, Split(split.images[:0], split.labels[:0])
+    perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    tr, va = perm[n:], perm[:n]
+    return Split(split.images[tr], split.labels[tr]), Split(split.images[va], split.labels[va])
+
+
+def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float, scaled to [0, 1] then standardised per channel."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x.float().div_(255) - m) / s
+
+
+def augment(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random crop after zero padding, and horizontal flip, per image. x: [N, C, H, W] float."""
+    n, _, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # [N, H, 1]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # [N, 1, W]
+    out = xp[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # [N, C, H, W]
+    flip = torch.rand(n, generator=g) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out.contiguous()

@@ -1,0 +1,233 @@
+"""The LCS training loop, top to bottom in execution order.
+
+    data -> subspace model -> for each step: sample alpha(s), compress at alpha, loss, backprop
+         -> BatchNorm statistics per grid alpha -> test accuracy per grid alpha -> checkpoint
+
+Resumable: the model, optimiser buffers and RNG are saved every epoch to `<out>.state.safetensors`
+(safetensors, no pickle); re-running the same command continues from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from lcs import checkpoint
+from lcs.layers import Setting
+from lcs.models import SubspaceResNet, build_model
+from training.config import TrainConfig
+from training.data import Dataset, augment, hold_out, load_dataset, normalise
+from training.evaluate import accuracy, accuracy_table, calibrate
+
+
+def sample_alphas(cfg: TrainConfig, rng: random.Random) -> list[float]:
+    """The alphas one step trains: the baseline's fixed alpha, the structured sandwich, or one sample
+    biased to the ends (a share `end_bias` of samples at exactly 0 or 1, the rest uniform)."""
+    if cfg.fixed_alpha is not None:
+        return [cfg.fixed_alpha]
+    if cfg.kind == "structured" and cfg.sandwich:
+        return [0.0, 1.0, rng.random(), rng.random()]
+    u = rng.random()
+    if u < cfg.end_bias:
+        return [0.0 if u < cfg.end_bias / 2 else 1.0]
+    return [rng.random()]
+
+
+def compression_alpha(alpha: float, progress: float, warmup_fraction: float) -> float:
+    """Gradual schedule: over the first `warmup_fraction` of training the compression applied at alpha
+    is phased in from none (alpha' = 1) to the full level (alpha' = alpha)."""
+    ramp = 1.0 if warmup_fraction == 0 else min(1.0, progress / warmup_fraction)
+    return 1.0 - ramp * (1.0 - alpha)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up for `warmup` steps, then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def make_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> SubspaceResNet:
+    return build_model(
+        cfg.arch,
+        **cfg.arch_kwargs,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        line=cfg.subspace == "line",
+        norm=cfg.norm,
+        stat_alphas=cfg.stat_alphas,
+        schedule=cfg.schedule(),
+    )  # type: ignore[arg-type]
+
+
+def _save_state(
+    cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, epoch: int, rng: random.Random, elapsed: float
+) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"optim.{i}"] = buf.contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "epoch": str(epoch),
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "python_rng": json.dumps(rng.getstate()[1]),
+        "elapsed": str(elapsed),
+    }
+    tmp = cfg.state_path.with_suffix(".tmp")
+    cfg.state_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(cfg.state_path)
+
+
+def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, rng: random.Random) -> tuple[int, float]:
+    """Resume from the state file if there is one: returns (epochs done, seconds spent so far)."""
+    if not cfg.state_path.is_file():
+        return 0, 0.0
+    from safetensors import safe_open
+
+    with safe_open(str(cfg.state_path), framework="pt") as f:
+        meta = f.metadata()
+    if meta["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
+        raise SystemExit(
+            f"{cfg.state_path}: saved by a run with a different config; "
+            "delete it to start over, or rerun with the same config to resume."
+        )
+    tensors = load_file(str(cfg.state_path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for i, p in enumerate(model.parameters()):
+        if f"optim.{i}" in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[f"optim.{i}"]
+    torch.set_rng_state(tensors["rng.torch"])
+    rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
+    return int(meta["epoch"]), float(meta.get("elapsed", 0))
+
+
+def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None = None) -> Path:
+    """Train, calibrate, evaluate and write the checkpoint `cfg.out`; returns its path."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    data = data or load_dataset(cfg.dataset, cfg.data_dir)
+    train_split, val_split = hold_out(data.train, cfg.val_size, cfg.seed)
+    mean, std = data.mean_std()
+    n_img, c, h, w = train_split.images.shape
+
+    model = make_model(cfg, c, len(data.classes))
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]  # no weight decay on norms and biases
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
+    steps_per_epoch = n_img // cfg.batch_size  # drop the last partial batch
+    total = steps_per_epoch * cfg.epochs
+    start_epoch, elapsed = _load_state(cfg, model, opt, rng)
+    if start_epoch:
+        print(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}", flush=True)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # same order on resume
+        perm = torch.randperm(n_img, generator=g)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            file=sys.stdout,
+            mininterval=1.0 if sys.stdout.isatty() else 30.0,
+            ncols=110,
+        )
+        seen = correct = 0
+        loss_sum = 0.0
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, steps_per_epoch, cfg.lr)
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            x = normalise(train_split.images[idx], mean, std)
+            if cfg.augment:
+                x = augment(x, g)
+            x = x.contiguous(memory_format=memory_format)
+            y = train_split.labels[idx]
+
+            opt.zero_grad(set_to_none=True)
+            progress = step / total
+            for alpha in sample_alphas(cfg, rng):  # several alphas: gradients add up (sandwich rule)
+                level = cfg.schedule().level(compression_alpha(alpha, progress, cfg.warmup_fraction))
+                s = Setting(alpha, level, quantize_acts=step >= cfg.act_quant_warmup)
+                logits = model(x, s)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                loss.backward()
+                if alpha == 1.0 or cfg.fixed_alpha is not None:  # report the accurate end
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(y)
+                    loss_sum += loss.item() * len(y)
+            if model.line and cfg.beta > 0:
+                (cfg.beta * model.subspace_cos2()).backward()  # keeps the endpoints apart
+            opt.step()
+            if seen:
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}",
+                    acc=f"{100 * correct / seen:.1f}",
+                    lr=f"{opt.param_groups[0]['lr']:.3f}",
+                    refresh=False,
+                )
+        bar.close()
+        elapsed += time.perf_counter() - t0
+        line = (
+            f"epoch {epoch + 1}: train loss {loss_sum / max(1, seen):.4f} acc {100 * correct / max(1, seen):.2f} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+        if len(val_split):
+            calibrate(model, train_split.images, mean, std, batches=5, batch_size=cfg.batch_size, seed=epoch)
+            line += " | val " + " ".join(
+                f"a={a:g}:{accuracy(model, val_split, mean, std, a, cfg.eval_batch_size):.2f}"
+                for a in (model.stat_alphas[0], model.stat_alphas[-1])
+            )
+        print(line, flush=True)
+        _save_state(cfg, model, opt, epoch + 1, rng, elapsed)
+
+    model = model.to(memory_format=torch.contiguous_format)
+    calibrate(model, train_split.images, mean, std, batches=cfg.calib_batches, batch_size=cfg.batch_size, seed=cfg.seed)
+    table = accuracy_table(model, data.test, mean, std, list(model.stat_alphas), cfg.eval_batch_size)
+    meta = checkpoint.CheckpointMeta(
+        arch=checkpoint.Arch(name=cfg.arch, kwargs=dict(cfg.arch_kwargs)),
+        kind=cfg.kind,
+        subspace=cfg.subspace,
+        schedule=cfg.schedule().to_dict(),
+        norm=cfg.norm,  # type: ignore[arg-type]
+        stat_alphas=list(model.stat_alphas),
+        fixed_alpha=cfg.fixed_alpha,
+        input=checkpoint.InputSpec(channels=c, height=h, width=w, mean=mean, std=std),
+        classes=data.classes,
+        dataset=data.name,
+        split="test",
+        accuracy=[checkpoint.AccuracyPoint(**p) for p in table],
+        training={
+            "command": command or "python -m training train " + shlex.join(sys.argv[2:]),
+            "config": cfg.to_dict(),
+            "train_seconds": round(elapsed, 1),
+            "torch": torch.__version__,
+        },
+    )
+    checkpoint.save(cfg.out, model, meta)
+    for p in table:
+        print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  test accuracy {p['accuracy']:.2f} %", flush=True)
+    print(f"wrote {cfg.out}", flush=True)
+    return Path(cfg.out)
