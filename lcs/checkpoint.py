@@ -101,11 +101,26 @@ def build(meta: CheckpointMeta) -> SubspaceResNet:
     return build_model(meta.arch.name, **meta.model_kwargs())
 
 
-def save(path: str | Path, model: SubspaceResNet, meta: CheckpointMeta) -> None:
-    """Write model tensors + metadata atomically (a crash never leaves a half-written checkpoint)."""
+SAMPLES = "samples."  # tensor-name prefix of the sample images (not model state)
+
+
+def save(
+    path: str | Path,
+    model: SubspaceResNet,
+    meta: CheckpointMeta,
+    samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """Write model tensors + metadata atomically (a crash never leaves a half-written checkpoint).
+
+    `samples` (uint8 images [N, C, H, W], int64 labels [N]) are a few training images that travel with
+    the model, so the service can calibrate 8-bit kernels and self-check accuracy without the dataset.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if samples is not None:
+        tensors[SAMPLES + "images"] = samples[0].to(torch.uint8).contiguous()
+        tensors[SAMPLES + "labels"] = samples[1].to(torch.int64).contiguous()
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={META_KEY: meta.model_dump_json()})
     tmp.replace(path)
@@ -166,10 +181,19 @@ def _open(path: Path) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def read_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sample (images, labels) stored with a checkpoint, or None if it has none."""
+    _, tensors = _open(Path(path))
+    if SAMPLES + "images" not in tensors or SAMPLES + "labels" not in tensors:
+        return None
+    return tensors[SAMPLES + "images"], tensors[SAMPLES + "labels"]
+
+
 def load(path: str | Path) -> tuple[SubspaceResNet, CheckpointMeta]:
     """Load, validate and rebuild a checkpoint: an eval-mode model and its metadata."""
     path = Path(path)
     meta, tensors = _open(path)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(SAMPLES)}
     try:
         model = build(meta)
     except (TypeError, ValueError) as e:

@@ -6,9 +6,10 @@ Every knob is here with a one-line why. The effective config is saved inside eve
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -98,6 +99,24 @@ def _coerce(name: str, raw: str, typ: Any) -> Any:
     return value
 
 
+def _check_type(name: str, value: Any, typ: Any) -> None:
+    """Raise ValueError unless value has the option's type (an int is a float; a bool is not an int)."""
+    options = get_args(typ) if get_origin(typ) in (Union, types.UnionType) else (typ,)
+    for t in options:
+        base = get_origin(t) or t  # list[float] -> list, dict[str, Any] -> dict
+        if base is type(None):
+            ok = value is None
+        elif base is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif base is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, base)
+        if ok:
+            return
+    raise ValueError(f"option {name!r} must be of type {typ}; got {value!r}")
+
+
 def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
     """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides."""
     values: dict[str, Any] = {}
@@ -117,4 +136,6 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} in {path}; options: {sorted(hints)}")
+    for key, value in values.items():
+        _check_type(key, value, hints[key])
     return TrainConfig(**values)

@@ -10,6 +10,7 @@ import gzip
 import io
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +67,13 @@ def read_idx(path: Path) -> np.ndarray:
     """An IDX file (optionally gzipped) as a numpy array: uint8 images [N, H, W] or labels [N]."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot read IDX file ({e})") from None
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4]!r})")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX header of {ndim} dimensions is cut short (truncated?)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -156,6 +159,8 @@ def _read_folder_split(root: Path, classes: list[str]) -> Split:
 
     images, labels = [], []
     for label, cls in enumerate(classes):
+        if not (root / cls).is_dir():  # a class may have no images in this split
+            continue
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -182,8 +187,8 @@ def load_folder(root: Path) -> Dataset:
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root / 'train'}: no class folders")
-    return Dataset(
-        root.name, _read_folder_split(root / "train", classes), _read_folder_split(root / "test", classes), classes
+    return Dataset(  # named by its loader, so `evaluate` can reload it from the checkpoint's metadata
+        "folder", _read_folder_split(root / "train", classes), _read_folder_split(root / "test", classes), classes
     )
 
 

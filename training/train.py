@@ -26,7 +26,7 @@ from lcs import checkpoint
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet, build_model
 from training.config import TrainConfig
-from training.data import Dataset, augment, hold_out, load_dataset, normalise
+from training.data import Dataset, Split, augment, hold_out, load_dataset, normalise
 from training.evaluate import accuracy, accuracy_table, calibrate
 
 
@@ -55,6 +55,12 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def sample_images(split: Split, seed: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset of training images that travels in the checkpoint (calibration, self-test)."""
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+    return split.images[idx].clone(), split.labels[idx].clone()
 
 
 def make_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> SubspaceResNet:
@@ -117,6 +123,7 @@ def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, r
 def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None = None) -> Path:
     """Train, calibrate, evaluate and write the checkpoint `cfg.out`; returns its path."""
     torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)  # denormal activations made fake-quantised layers 10-100x slower here
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
@@ -226,7 +233,7 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
             "torch": torch.__version__,
         },
     )
-    checkpoint.save(cfg.out, model, meta)
+    checkpoint.save(cfg.out, model, meta, samples=sample_images(train_split, cfg.seed))
     for p in table:
         print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  test accuracy {p['accuracy']:.2f} %", flush=True)
     print(f"wrote {cfg.out}", flush=True)

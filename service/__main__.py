@@ -1,0 +1,42 @@
+"""`python -m service`: validate settings and checkpoint, then serve with uvicorn (LCS_HOST:LCS_PORT)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from lcs.checkpoint import CheckpointError
+from service.app import create_app
+from service.runtime import Runtime
+from service.settings import Settings
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+        Runtime.load(settings)  # fail fast, before binding the port, with a message naming the problem
+    except ValidationError as e:
+        for err in e.errors():
+            field = "LCS_" + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else "settings"
+            print(f"error: {field}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
+        access_log=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,564 @@
+"""The HTTP edge: routes parse, call the core (runtime, batcher, controller) and shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.batcher import Batcher, Draining, Job, QueueFull
+from service.controller import Signals
+from service.inputs import InputError, decode
+from service.metrics import Metrics
+from service.runtime import LEVEL_NAMES, Runtime
+from service.schemas import PRESETS, PinRequest, PredictRequest, PredictResponse, V2InferRequest
+from service.settings import Settings
+from service.signals import MachineProbe, RequestStats
+
+log = logging.getLogger("lcs.service")
+VERSION = "0.1.0"
+
+
+class ApiError(Exception):
+    """An error answered as JSON {"error": ..., "detail": ...} with a status and optional headers."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+class State:
+    """Everything the routes need, created in lifespan (nothing at import time)."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.metrics = Metrics(settings.slo_p99_seconds, lambda: runtime.cache)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcs-infer")
+        self.batcher = Batcher(
+            runtime.predict,
+            runtime.controller.batch_alpha,
+            self.executor,
+            max_batch=settings.max_batch,
+            max_wait=settings.max_wait_ms / 1000.0,
+            queue_max=settings.queue_max,
+            on_batch=self._on_batch,
+        )
+        self.requests = RequestStats()
+        self.probe = MachineProbe()
+        self.inflight = 0
+        self.draining = False
+        self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
+
+    def _on_batch(self, alpha: float, images: int, seconds: float, jobs: list[Job]) -> None:
+        self.metrics.batch_size.observe(images)
+        self.metrics.compute.observe(seconds)
+
+    def signals(self, now: float) -> Signals:
+        rate, per_request, p99 = self.requests.tick(now)
+        battery, on_battery = self.battery_override or self.probe.battery()
+        return Signals(
+            now=now,
+            queue_depth=self.batcher.depth,
+            inflight=self.inflight,
+            arrival_rate=rate,
+            images_per_request=per_request,
+            p99=p99,
+            cpu_other=self.probe.cpu_other(),
+            memory_available=self.probe.memory_available(),
+            battery_percent=battery,
+            on_battery=on_battery,
+        )
+
+    def control_step(self, now: float) -> None:
+        c = self.runtime.controller
+        before = (c.ceiling, len(c.decisions))
+        s = self.signals(now)
+        c.update(s)
+        if (c.ceiling, len(c.decisions)) != before and c.decisions:
+            self.metrics.ceiling_changes.labels(c.decisions[-1].reason).inc()
+        self.metrics.ceiling.set(c.ceiling)
+        for name in (
+            "queue_depth",
+            "inflight",
+            "arrival_rate",
+            "images_per_request",
+            "p99",
+            "cpu_other",
+            "memory_available",
+            "battery_percent",
+        ):
+            v = getattr(s, name)
+            if v is not None:
+                self.metrics.signal.labels(name).set(float(v))
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.lcs  # type: ignore[no-any-return]
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for bodies over the limit, counted as they stream in."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _too_large(send, self.limit)
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Callable[[dict[str, Any]], Awaitable[None]], limit: int) -> None:
+    body = f'{{"error":"payload too large","detail":"request body over {limit} bytes; send fewer or smaller images"}}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body.encode()})
+
+
+def _alpha(value: float | str | None, default: float, field: str) -> float:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        if value not in PRESETS:
+            raise ApiError(422, f"{field}: unknown preset {value!r}; use a number in [0, 1] or one of {list(PRESETS)}")
+        return PRESETS[value]
+    return float(value)
+
+
+async def _infer(
+    st: State, x_raw: torch.Tensor, quality: Any, min_quality: Any, deadline_ms: float | None
+) -> tuple[torch.Tensor, Any, float]:
+    """Admission, queueing and inference shared by /predict and the v2 infer path."""
+    rt = st.runtime
+    if not rt.ready or st.draining:
+        st.metrics.shed.labels("not_ready").inc()
+        raise ApiError(503, "the service is starting or shutting down; retry shortly", {"Retry-After": "1"})
+    want = _alpha(quality, 1.0, "quality")
+    floor_req = _alpha(min_quality, 0.0, "min_quality")
+    if floor_req > want:
+        raise ApiError(422, f"min_quality ({floor_req:g}) is above quality ({want:g}); lower min_quality")
+    target = rt.grid.down(want)
+    floor = rt.grid.up(floor_req)
+    if floor is None or floor > target:
+        raise ApiError(
+            422,
+            f"no served alpha lies between min_quality {floor_req:g} and quality {want:g}; "
+            f"served alphas: {rt.grid.alphas}",
+        )
+    ceiling = rt.controller.ceiling
+    retry = str(max(1, round(st.settings.control_interval_seconds * 2)))
+    if floor > ceiling:
+        st.metrics.shed.labels("min_quality").inc()
+        raise ApiError(
+            429,
+            f"under current load the service serves alpha <= {ceiling:g}, below min_quality "
+            f"{floor_req:g}; retry later or lower min_quality",
+            {"Retry-After": retry},
+        )
+    now = time.monotonic()
+    deadline = now + deadline_ms / 1000.0 if deadline_ms is not None else None
+    x = x_raw * rt.scale + rt.shift
+    job = Job(x, target, floor, deadline, now)
+    try:
+        fut = st.batcher.submit(job)
+    except QueueFull:
+        st.metrics.shed.labels("queue_full").inc()
+        raise ApiError(
+            429, f"the queue is full ({st.settings.queue_max} requests); retry after a moment", {"Retry-After": retry}
+        ) from None
+    except Draining:
+        raise ApiError(503, "the service is shutting down", {"Retry-After": "1"}) from None
+    st.requests.arrived(int(x.shape[0]))
+    st.inflight += 1
+    st.metrics.inflight.set(st.inflight)
+    st.metrics.queue_depth.set(st.batcher.depth)
+    try:
+        res = await asyncio.shield(fut)
+    finally:
+        st.inflight -= 1
+        st.metrics.inflight.set(st.inflight)
+        st.metrics.queue_depth.set(st.batcher.depth)
+    st.metrics.queue_wait.observe(res.queue_seconds)
+    st.metrics.alpha.observe(res.alpha)
+    return res.probabilities, res, rt.accuracy.get(res.alpha, float("nan"))
+
+
+def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> FastAPI:
+    """The ASGI app. Settings default to the LCS_* environment; a bad checkpoint fails start-up."""
+
+    s = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime.load(s)
+        st = State(s, runtime)
+        app.state.lcs = st
+        st.metrics.info.info(
+            {
+                "version": VERSION,
+                "model": runtime.name,
+                "kind": runtime.meta.kind,
+                "subspace": runtime.meta.subspace,
+                "torch": torch.__version__,
+            }
+        )
+        tasks = [asyncio.create_task(st.batcher.run_forever(), name="batcher")]
+        if warm_up:
+            tasks.append(asyncio.create_task(_warm(st), name="warm-up"))
+        tasks.append(asyncio.create_task(_control_loop(st), name="controller"))
+        previous = signal.getsignal(signal.SIGTERM)
+        if callable(previous):
+
+            def on_term(signum: int, frame: Any) -> None:
+                st.draining = True  # readiness 503 at once; in-flight work still completes
+                previous(signum, frame)
+
+            with contextlib.suppress(ValueError):  # not in the main thread (e.g. TestClient)
+                signal.signal(signal.SIGTERM, on_term)
+        try:
+            yield
+        finally:
+            st.draining = True
+            drained = await st.batcher.drain(s.drain_seconds)
+            if not drained:
+                log.warning("drain timed out after %.1f s with work left", s.drain_seconds)
+            for t in tasks:
+                t.cancel()
+            st.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="lcs-serve",
+        version=VERSION,
+        lifespan=lifespan,
+        description="Any alpha of one compressible-subspace checkpoint: alpha = 1 is the most accurate model, "
+        "alpha = 0 the most compressed. `quality` asks for an alpha; under load the controller may "
+        "serve less, never more.",
+    )
+    app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # type: ignore[arg-type]
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = rid
+        t0 = time.monotonic()
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error in request %s", rid)
+            response = JSONResponse(
+                {"error": "internal error", "detail": "the request failed inside the service", "request_id": rid},
+                status_code=500,
+            )
+        elapsed = time.monotonic() - t0
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        st: State | None = getattr(request.app.state, "lcs", None)
+        if st is not None and endpoint != "/metrics":
+            st.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            st.metrics.latency.labels(endpoint).observe(elapsed)
+            if endpoint.endswith(("/predict", "/infer")) and response.status_code == 200:
+                st.requests.finished(elapsed)
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            {
+                "error": _reason(exc.status),
+                "detail": exc.detail,
+                "request_id": getattr(request.state, "request_id", None),
+            },
+            status_code=exc.status,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse(
+            {"error": "invalid input", "detail": str(exc), "request_id": getattr(request.state, "request_id", None)},
+            status_code=422,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:10]]
+        return JSONResponse(
+            {
+                "error": "invalid request",
+                "detail": "; ".join(problems),
+                "request_id": getattr(request.state, "request_id", None),
+            },
+            status_code=422,
+        )
+
+    def _json_only(request: Request) -> None:
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, f"content type {ctype or 'missing'!r} is not supported; send application/json")
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        dependencies=[Depends(_json_only)],
+        responses={
+            413: {"description": "Body too large"},
+            415: {"description": "Not JSON"},
+            422: {"description": "Invalid input"},
+            429: {"description": "Overloaded; see Retry-After"},
+            503: {"description": "Not ready"},
+        },
+    )
+    async def predict(body: PredictRequest, st: StateDep, request: Request) -> dict[str, Any]:
+        """Classify one or more images at an alpha chosen from `quality`, the load and the deadline."""
+        rt = st.runtime
+        x = decode(
+            body.inputs, rt.meta.input, max_inputs=st.settings.max_inputs, max_pixels=st.settings.max_image_pixels
+        )
+        probs, res, acc = await _infer(st, x, body.quality, body.min_quality, body.deadline_ms)
+        k = min(body.top_k or st.settings.top_k, probs.shape[1])
+        top_p, top_i = probs.topk(k, dim=1)
+        classes = rt.meta.classes
+        preds = []
+        for ps, ix in zip(top_p.tolist(), top_i.tolist(), strict=True):
+            top = [{"label": classes[i], "index": i, "probability": round(p, 6)} for p, i in zip(ps, ix, strict=True)]
+            preds.append({**top[0], "top": top})
+        return {
+            "predictions": preds,
+            "model": rt.name,
+            "alpha": res.alpha,
+            "kind": rt.meta.kind,
+            "level": rt.level(res.alpha),
+            "level_name": LEVEL_NAMES[rt.meta.kind],
+            "accuracy": None if acc != acc else acc,
+            "queue_ms": round(res.queue_seconds * 1000, 3),
+            "compute_ms": round(res.compute_seconds * 1000, 3),
+            "batch_images": res.batch_images,
+            "request_id": request.state.request_id,
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process is up and its event loop answers."""
+        return {"status": "alive"}
+
+    @app.get("/readyz", responses={503: {"description": "Starting or draining"}})
+    async def readyz(st: StateDep) -> JSONResponse:
+        """Readiness: models built and profiled, not draining. Load never makes this fail."""
+        ok = st.runtime.ready and not st.draining
+        st.metrics.ready.set(1 if ok else 0)
+        status = "ready" if ok else ("draining" if st.draining else "starting")
+        return JSONResponse({"status": status}, status_code=200 if ok else 503)
+
+    @app.get("/model")
+    async def model_info(st: StateDep) -> dict[str, object]:
+        """Model metadata: kind, served alphas, the accuracy-per-alpha table, latency profile, cache."""
+        return st.runtime.describe()
+
+    @app.get("/controller")
+    async def controller_state(st: StateDep) -> dict[str, object]:
+        """Controller mode, ceiling, last signals and the last decisions with their reasons."""
+        return st.runtime.controller.state()
+
+    def _admin(
+        st: StateDep,
+        x_api_key: Annotated[str | None, Header()] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> None:
+        key = st.settings.api_key
+        if key is None:
+            raise ApiError(404, "admin endpoints are off: set LCS_API_KEY to enable them")
+        given = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else None)
+        if given is None:
+            raise ApiError(
+                401,
+                "admin endpoint: send the API key in X-API-Key or Authorization: Bearer",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+            raise ApiError(403, "admin endpoint: wrong API key")
+
+    @app.put("/admin/pin", dependencies=[Depends(_admin)])
+    async def pin(body: PinRequest, st: StateDep) -> dict[str, object]:
+        """Pin the ceiling to an alpha (snapped down to the grid) until released."""
+        st.runtime.controller.pin(body.alpha, time.monotonic())
+        st.metrics.ceiling.set(st.runtime.controller.ceiling)
+        return st.runtime.controller.state()
+
+    @app.delete("/admin/pin", dependencies=[Depends(_admin)])
+    async def unpin(st: StateDep) -> dict[str, object]:
+        """Release a pin; the controller takes over again."""
+        st.runtime.controller.pin(None, time.monotonic())
+        return st.runtime.controller.state()
+
+    @app.get("/metrics")
+    async def metrics(st: StateDep) -> Response:
+        st.metrics.queue_depth.set(st.batcher.depth)
+        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- Open Inference Protocol v2 ----------------------------------------------------------------
+
+    @app.get("/v2/health/live")
+    async def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", responses={503: {"description": "Not ready"}})
+    async def v2_ready(st: StateDep) -> JSONResponse:
+        ok = st.runtime.ready and not st.draining
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    def _model(st: State, name: str) -> Runtime:
+        if name != st.runtime.name:
+            raise ApiError(404, f"model {name!r} not found; this server serves {st.runtime.name!r}")
+        return st.runtime
+
+    @app.get("/v2/models/{name}")
+    async def v2_model(name: str, st: StateDep) -> dict[str, object]:
+        rt = _model(st, name)
+        i = rt.meta.input
+        return {
+            "name": rt.name,
+            "versions": ["1"],
+            "platform": "pytorch",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, i.channels, i.height, i.width]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(rt.meta.classes)]}],
+            "parameters": {
+                "kind": rt.meta.kind,
+                "grid": rt.grid.alphas,
+                "accuracy": [p.model_dump() for p in rt.meta.accuracy],
+            },
+        }
+
+    @app.get("/v2/models/{name}/ready")
+    async def v2_model_ready(name: str, st: StateDep) -> JSONResponse:
+        rt = _model(st, name)
+        return JSONResponse({"name": rt.name, "ready": rt.ready}, status_code=200 if rt.ready else 503)
+
+    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_json_only)])
+    async def v2_infer(name: str, body: V2InferRequest, st: StateDep) -> dict[str, object]:
+        """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms."""
+        rt = _model(st, name)
+        t = body.inputs[0]
+        if t.datatype not in ("FP32", "FP64", "UINT8", "INT32", "INT64"):
+            raise ApiError(422, f"inputs[0].datatype {t.datatype!r} is not supported; use FP32 or UINT8")
+        i = rt.meta.input
+        per = i.channels * i.height * i.width
+        n = t.shape[0] if t.shape else 0
+        if n < 1 or int(torch.tensor(t.shape).prod()) != n * per or len(t.data) != n * per:
+            raise ApiError(
+                422,
+                f"inputs[0]: shape {t.shape} with {len(t.data)} values does not hold whole "
+                f"{i.channels}x{i.height}x{i.width} images",
+            )
+        if n > st.settings.max_inputs:
+            raise ApiError(422, f"inputs[0]: {n} images, the limit is {st.settings.max_inputs}")
+        try:
+            x = torch.tensor(t.data, dtype=torch.float32).view(n, i.channels, i.height, i.width)
+        except (TypeError, ValueError, RuntimeError):
+            raise ApiError(422, "inputs[0].data must be a flat list of numbers") from None
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 255:
+            raise ApiError(422, "inputs[0].data: pixel values must be finite and in 0-255")
+        p = body.parameters or {}
+        probs, res, acc = await _infer(st, x, p.get("quality"), p.get("min_quality"), p.get("deadline_ms"))
+        return {
+            "model_name": rt.name,
+            "model_version": "1",
+            "id": body.id or uuid.uuid4().hex,
+            "parameters": {
+                "alpha": res.alpha,
+                "level": rt.level(res.alpha),
+                "accuracy": acc,
+                "queue_ms": res.queue_seconds * 1000,
+                "compute_ms": res.compute_seconds * 1000,
+            },
+            "outputs": [
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": list(probs.shape),
+                    "data": probs.flatten().tolist(),
+                }
+            ],
+        }
+
+    return app
+
+
+def _reason(status: int) -> str:
+    return {
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not found",
+        413: "payload too large",
+        415: "unsupported media type",
+        422: "invalid request",
+        429: "overloaded",
+        503: "unavailable",
+    }.get(status, "error")
+
+
+async def _warm(st: State) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(st.executor, st.runtime.warm_up)
+        st.metrics.ready.set(1)
+        log.info("ready: %s, alphas %s built", st.runtime.name, st.runtime.cache.cached())
+    except Exception:
+        log.exception("warm-up failed; the service stays unready")
+
+
+async def _control_loop(st: State) -> None:
+    interval = st.settings.control_interval_seconds
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            st.control_step(time.monotonic())
+        except Exception:
+            log.exception("control step failed; keeping the last ceiling")

@@ -1,0 +1,165 @@
+"""Dynamic batching: a bounded queue of requests, served in batches of one alpha each, off the event loop.
+
+How a batch's alpha is chosen: every request carries a *target* grid alpha (its `quality`, snapped
+down to the grid) and a *floor* (its `min_quality`, snapped up). The batch is the oldest request plus
+the queued requests with the same target, in arrival order, up to `max_batch` images. The batch then
+runs at `controller.batch_alpha(target, max floor, images, slack)`: the target capped by the ceiling,
+lowered further only as far as the most urgent deadline in the batch needs, never below any floor.
+No request is ever served more accurately than it asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: answer 429 with Retry-After."""
+
+
+class Draining(Exception):
+    """The service is shutting down and takes no new work."""
+
+
+@dataclass
+class Job:
+    x: torch.Tensor  # [n, C, H, W] normalised float
+    target: float  # grid alpha asked for (quality capped by nothing yet)
+    floor: float  # lowest grid alpha acceptable
+    deadline: float | None  # absolute time.monotonic() by which the answer is due, if any
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future[Result] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def images(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class Result:
+    probabilities: torch.Tensor  # [n, classes]
+    alpha: float
+    queue_seconds: float
+    compute_seconds: float
+    batch_images: int
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    images: int = 0
+    last: list[tuple[float, int, float]] = field(default_factory=list)  # (alpha, images, seconds)
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[float, torch.Tensor], torch.Tensor],
+        choose: Callable[[float, float, int, float | None], float],
+        executor: Executor,
+        *,
+        max_batch: int,
+        max_wait: float,
+        queue_max: int,
+        on_batch: Callable[[float, int, float, list[Job]], None] | None = None,
+    ) -> None:
+        self._run = run  # (alpha, x) -> probabilities; called in the executor
+        self._choose = choose
+        self._executor = executor
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.queue_max = queue_max
+        self._queue: deque[Job] = deque()
+        self._wake = asyncio.Event()
+        self._on_batch = on_batch
+        self.draining = False
+        self.running = 0  # jobs in the batch being computed
+        self.stats = BatchStats()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def queued_images(self) -> int:
+        return sum(j.images for j in self._queue)
+
+    def submit(self, job: Job) -> asyncio.Future[Result]:
+        if self.draining:
+            raise Draining
+        if len(self._queue) >= self.queue_max:
+            raise QueueFull
+        self._queue.append(job)
+        self._wake.set()
+        return job.future
+
+    def _take(self) -> list[Job]:
+        head = self._queue[0]
+        batch, images = [], 0
+        for job in list(self._queue):
+            if job.target != head.target:
+                continue
+            if batch and images + job.images > self.max_batch:
+                break
+            batch.append(job)
+            images += job.images
+        for job in batch:
+            self._queue.remove(job)
+        return batch
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            head = self._queue[0]
+            wait = head.enqueued + self.max_wait - time.monotonic()
+            if wait > 0 and self.queued_images < self.max_batch:
+                await asyncio.sleep(wait)  # give a partial batch a moment to fill
+            batch = [j for j in self._take() if not j.future.done()]  # cancelled clients drop out
+            if not batch:
+                continue
+            images = sum(j.images for j in batch)
+            now = time.monotonic()
+            deadlines = [j.deadline for j in batch if j.deadline is not None]
+            slack = min(deadlines) - now if deadlines else None
+            alpha = self._choose(batch[0].target, max(j.floor for j in batch), images, slack)
+            x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
+            self.running = len(batch)
+            t0 = time.monotonic()
+            try:
+                probs = await loop.run_in_executor(self._executor, self._run, alpha, x)
+            except Exception as e:  # the model failed: every request in the batch gets the error
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            finally:
+                self.running = 0
+            compute = time.monotonic() - t0
+            self.stats.batches += 1
+            self.stats.images += images
+            if self._on_batch:
+                self._on_batch(alpha, images, compute, batch)
+            i = 0
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_result(Result(probs[i : i + j.images], alpha, t0 - j.enqueued, compute, images))
+                i += j.images
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking work and wait (up to `timeout` s) until every accepted job is answered."""
+        self.draining = True
+        end = time.monotonic() + timeout
+        while (self._queue or self.running) and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        return not self._queue and not self.running

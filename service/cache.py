@@ -1,0 +1,125 @@
+"""A bounded, thread-safe LRU of materialised models, keyed by grid alpha, with single-flight builds.
+
+Requested alphas snap *down* to the grid (never more accurate than asked). The bound is in bytes of
+resident model memory; the least recently used entries are evicted when a new one does not fit
+(one entry is always kept, even if it alone exceeds the bound, so the service can answer).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from service.materialize import Compiled
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    builds: int = 0
+    build_seconds: float = 0.0
+
+
+class Grid:
+    """The alphas the service serves, ascending."""
+
+    def __init__(self, alphas: list[float]) -> None:
+        if not alphas:
+            raise ValueError("the alpha grid is empty")
+        self.alphas = sorted(set(alphas))
+
+    def down(self, alpha: float) -> float:
+        """Largest grid alpha <= alpha (the lowest grid alpha if alpha is below all of them)."""
+        i = bisect.bisect_right(self.alphas, alpha + 1e-9) - 1
+        return self.alphas[max(0, i)]
+
+    def up(self, alpha: float) -> float | None:
+        """Smallest grid alpha >= alpha, or None if alpha is above the grid."""
+        i = bisect.bisect_left(self.alphas, alpha - 1e-9)
+        return self.alphas[i] if i < len(self.alphas) else None
+
+    def __contains__(self, alpha: float) -> bool:
+        return any(abs(a - alpha) < 1e-9 for a in self.alphas)
+
+
+class ModelCache:
+    def __init__(
+        self,
+        builder: Callable[[float], Compiled],
+        grid: Grid,
+        max_bytes: int,
+        on_change: Callable[[ModelCache], None] | None = None,
+    ) -> None:
+        self._builder = builder
+        self.grid = grid
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[float, Compiled] = OrderedDict()
+        self._building: dict[float, Future[Compiled]] = {}
+        self._lock = threading.Lock()
+        self.stats = CacheStats()
+        self._on_change = on_change
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return sum(c.resident_bytes for c in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def cached(self) -> list[float]:
+        with self._lock:
+            return sorted(self._entries)
+
+    def peek(self, alpha: float) -> Compiled | None:
+        with self._lock:
+            return self._entries.get(self.grid.down(alpha))
+
+    def get(self, alpha: float) -> Compiled:
+        """The model for grid.down(alpha); builds it once however many threads ask at the same time."""
+        key = self.grid.down(alpha)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                self.stats.hits += 1
+                return hit
+            self.stats.misses += 1
+            fut = self._building.get(key)
+            owner = fut is None
+            if owner:
+                fut = Future()
+                self._building[key] = fut
+        assert fut is not None
+        if not owner:
+            return fut.result()
+        try:
+            compiled = self._builder(key)
+        except BaseException as e:
+            with self._lock:
+                del self._building[key]
+            fut.set_exception(e)
+            raise
+        with self._lock:
+            del self._building[key]
+            self.stats.builds += 1
+            self.stats.build_seconds += compiled.build_seconds
+            self._entries[key] = compiled
+            self._evict_locked()
+        fut.set_result(compiled)
+        if self._on_change:
+            self._on_change(self)
+        return compiled
+
+    def _evict_locked(self) -> None:
+        total = sum(c.resident_bytes for c in self._entries.values())
+        while total > self.max_bytes and len(self._entries) > 1:
+            _, old = self._entries.popitem(last=False)
+            total -= old.resident_bytes
+            self.stats.evictions += 1

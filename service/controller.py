@@ -1,0 +1,182 @@
+"""The control law: a pure component fed signals and a clock (no sleeps, no I/O), so it is tested
+by simulation. It owns two decisions:
+
+1. the *ceiling*, updated every control interval: the largest grid alpha whose predicted utilisation
+   (queueing estimate from the latency profile, the measured per-request handling cost and the CPU
+   left by other processes) stays under a target, corrected by feedback on observed p99 against the
+   SLO, raised only after `raise_after` calm intervals (hysteresis), capped on low battery, and
+   overridden by a manual pin. Alpha is lowered only when that relieves the bottleneck: if even the
+   lowest alpha could not carry the load because request handling, not the model, is the cost, the
+   ceiling stays and the excess is shed by the bounded queue.
+2. each batch's alpha: the largest grid alpha <= min(requested, ceiling) whose predicted batch time
+   fits the slack of the batch's most urgent request, never below the batch's floor.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass
+
+from service.cache import Grid
+from service.profile import LatencyProfile
+
+
+@dataclass(frozen=True)
+class Signals:
+    now: float  # seconds, monotonic
+    queue_depth: int = 0  # requests waiting
+    inflight: int = 0  # requests admitted and not yet answered
+    arrival_rate: float = 0.0  # requests per second, smoothed
+    images_per_request: float = 1.0  # smoothed
+    p99: float | None = None  # observed latency p99 over the last window, seconds
+    cpu_other: float = 0.0  # share of the machine's CPU used by other processes, 0..1
+    memory_available: float = 1.0  # share of memory available, 0..1
+    battery_percent: float | None = None  # None: no battery
+    on_battery: bool = False
+    fleet_rate: float | None = None  # fleet-wide requests/s from Prometheus, per replica
+    fleet_p99: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    at: float
+    ceiling: float
+    reason: str
+
+
+class Controller:
+    def __init__(
+        self,
+        grid: Grid,
+        profile: LatencyProfile,
+        *,
+        slo_seconds: float,
+        max_batch: int,
+        request_cost_seconds: float = 0.001,
+        target_utilisation: float = 0.8,
+        raise_after: int = 4,
+        battery_low_percent: float = 20.0,
+        battery_alpha_cap: float = 0.5,
+    ) -> None:
+        self.grid = grid
+        self.profile = profile
+        self.slo = slo_seconds
+        self.max_batch = max_batch
+        self.request_cost = request_cost_seconds
+        self.target = target_utilisation
+        self.raise_after = raise_after
+        self.battery_low = battery_low_percent
+        self.battery_cap = battery_alpha_cap
+        self.ceiling = grid.alphas[-1]
+        self.pinned: float | None = None
+        self.mode = "full"
+        self._calm = 0
+        self.last_signals: Signals | None = None
+        self.decisions: deque[Decision] = deque(maxlen=50)
+
+    # -- the ceiling -------------------------------------------------------------------------------
+
+    def utilisation(self, alpha: float, s: Signals) -> float:
+        """Predicted share of the machine busy at this alpha for the observed demand."""
+        rate = s.fleet_rate if s.fleet_rate is not None else s.arrival_rate
+        per_image = self.profile.per_image(alpha, self.max_batch)
+        if per_image is None:
+            return 0.0
+        slowdown = 1.0 / max(0.1, 1.0 - s.cpu_other)  # other processes take CPU from our threads
+        return rate * (s.images_per_request * per_image * slowdown + self.request_cost)
+
+    def _fits(self, s: Signals) -> float:
+        """Largest grid alpha whose predicted utilisation stays under the target."""
+        for a in reversed(self.grid.alphas):
+            if self.utilisation(a, s) <= self.target:
+                return a
+        return self.grid.alphas[0]
+
+    def update(self, s: Signals) -> float:
+        """One control interval: returns the new ceiling and records why it moved."""
+        self.last_signals = s
+        old = self.ceiling
+        if self.pinned is not None:
+            return self._set(self.pinned, "pinned", s.now, "pinned by an operator")
+        lowest = self.grid.alphas[0]
+        feasible = self._fits(s)
+        p99 = s.p99 if s.fleet_p99 is None else max(s.p99 or 0.0, s.fleet_p99)
+        if self.utilisation(lowest, s) > 1.0 and self.utilisation(lowest, s) - self.utilisation(old, s) > -0.2:
+            # even alpha = lowest would be overloaded, and lowering saves little: request handling is
+            # the bottleneck, so keep accuracy and let the queue shed the excess
+            new, reason, mode = old, "overload not relieved by alpha: shedding", "shedding"
+        elif feasible < old:
+            new, reason, mode = feasible, "queueing estimate over target", "degraded"
+        elif p99 is not None and p99 > self.slo and old > lowest:
+            new, reason, mode = self._step(old, -1), "p99 above SLO", "degraded"
+        elif feasible > old and (p99 is None or p99 < 0.7 * self.slo):
+            self._calm += 1
+            if self._calm >= self.raise_after:
+                new, reason = self._step(old, +1), "headroom: recovering"
+                mode = "full" if new >= self.grid.alphas[-1] else "recovering"
+                self._calm = 0
+            else:
+                new, reason, mode = old, "headroom: waiting", self.mode
+        else:
+            self._calm = 0
+            new, reason, mode = old, "steady", ("full" if old >= self.grid.alphas[-1] else self.mode)
+        if new < old:
+            self._calm = 0
+        if s.on_battery and s.battery_percent is not None and s.battery_percent < self.battery_low:
+            if new > self.battery_cap:
+                new, reason, mode = self.grid.down(self.battery_cap), "low battery cap", "battery"
+        self.mode = mode
+        return self._set(new, mode, s.now, reason)
+
+    def _step(self, alpha: float, direction: int) -> float:
+        alphas = self.grid.alphas
+        i = alphas.index(self.grid.down(alpha))
+        return alphas[max(0, min(len(alphas) - 1, i + direction))]
+
+    def _set(self, ceiling: float, mode: str, now: float, reason: str) -> float:
+        if ceiling != self.ceiling:
+            self.decisions.append(Decision(now, ceiling, reason))
+        self.ceiling = ceiling
+        self.mode = mode
+        return ceiling
+
+    def pin(self, alpha: float | None, now: float) -> None:
+        self.pinned = None if alpha is None else self.grid.down(alpha)
+        self.decisions.append(
+            Decision(
+                now,
+                self.pinned if alpha is not None else self.ceiling,
+                "pinned" if alpha is not None else "pin released",
+            )
+        )
+        if self.pinned is not None:
+            self.ceiling = self.pinned
+            self.mode = "pinned"
+        elif self.mode == "pinned":
+            self.mode = "recovering"
+
+    # -- each batch --------------------------------------------------------------------------------
+
+    def batch_alpha(self, target: float, floor: float, images: int, slack: float | None) -> float:
+        """Largest grid alpha in [floor, min(target, ceiling)] whose predicted time fits `slack` seconds."""
+        hi = self.grid.down(min(target, self.ceiling))
+        if hi < floor:
+            return floor
+        if slack is None:
+            return hi
+        for a in reversed(self.grid.alphas):
+            if a > hi or a < floor:
+                continue
+            p = self.profile.predict(a, images)
+            if p is None or p <= slack:
+                return a
+        return floor
+
+    def state(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "ceiling": self.ceiling,
+            "pinned": self.pinned,
+            "signals": asdict(self.last_signals) if self.last_signals else None,
+            "decisions": [asdict(d) for d in self.decisions][-20:],
+        }

@@ -1,0 +1,122 @@
+"""Request inputs -> a float batch [N, C, H, W] in the model's input space. No FastAPI here.
+
+An input is either a nested array of raw pixel values (0-255) shaped [H, W] (single-channel models),
+[C, H, W] or [H, W, C], or a string holding a base64 PNG or JPEG (optionally a data: URL), which is
+converted to the model's channel count and resized to its height and width.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from lcs.checkpoint import InputSpec
+
+
+class InputError(ValueError):
+    """An input the client must fix; the message says which one and how."""
+
+
+def _from_array(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+    c, h, w = spec.channels, spec.height, spec.width
+    if arr.shape == (h, w) and c == 1:
+        arr = arr[None]
+    elif arr.shape == (h, w, c) and arr.shape != (c, h, w):
+        arr = arr.transpose(2, 0, 1)
+    if arr.shape != (c, h, w):
+        accepted = f"[{h}, {w}], " if c == 1 else ""
+        raise InputError(
+            f"{where}: shape {list(arr.shape)} does not match the model input; "
+            f"send {accepted}[{c}, {h}, {w}] or [{h}, {w}, {c}] raw pixel values (0-255)"
+        )
+    return arr
+
+
+def _check_range(arr: np.ndarray, where: str) -> None:
+    if not np.isfinite(arr).all():
+        raise InputError(f"{where}: contains NaN or Infinity; pixel values must be finite numbers in 0-255")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise InputError(f"{where}: pixel values must be in 0-255, got {arr.min():g}..{arr.max():g}")
+
+
+def _decode_image(text: str, spec: InputSpec, where: str, max_pixels: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{where}: not valid base64; send a base64-encoded PNG or JPEG") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(raw))
+            if im.format not in ("PNG", "JPEG"):
+                raise InputError(f"{where}: image format {im.format} is not supported; send PNG or JPEG")
+            if im.width * im.height > max_pixels:
+                raise InputError(
+                    f"{where}: image is {im.width}x{im.height} pixels, over the limit of {max_pixels}; resize it"
+                )
+            im = im.convert("L" if spec.channels == 1 else "RGB")
+            if im.size != (spec.width, spec.height):
+                im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32)
+    except InputError:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
+        raise InputError(f"{where}: not a readable PNG or JPEG image ({type(e).__name__})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pixels: int) -> torch.Tensor:
+    """Raw inputs -> float32 tensor [N, C, H, W] of pixel values in 0-255 (not yet normalised)."""
+    if not isinstance(inputs, list | tuple) or len(inputs) == 0:
+        raise InputError("inputs: send a non-empty list of images")
+    if len(inputs) > max_inputs:
+        raise InputError(f"inputs: {len(inputs)} images in one request, the limit is {max_inputs}; split the request")
+    if all(isinstance(x, list) for x in inputs):  # fast path: one numpy conversion for the whole batch
+        try:
+            batch = np.asarray(inputs, dtype=np.float32)
+        except (ValueError, TypeError):
+            batch = None  # ragged or non-numeric: fall through to per-item errors
+        if batch is not None and batch.ndim >= 3:
+            items = [_from_array(a, spec, f"inputs[{i}]") for i, a in enumerate(batch)]
+            out = np.stack(items)
+            _check_range(out, "inputs")
+            return torch.from_numpy(out)
+    items = []
+    for i, x in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if isinstance(x, str):
+            items.append(_decode_image(x, spec, where, max_pixels))
+        elif isinstance(x, list):
+            try:
+                arr = np.asarray(x, dtype=np.float32)
+            except (ValueError, TypeError):
+                raise InputError(f"{where}: not a rectangular array of numbers") from None
+            arr = _from_array(arr, spec, where)
+            _check_range(arr, where)
+            items.append(arr)
+        else:
+            raise InputError(f"{where}: expected a nested array of pixel values or a base64 PNG/JPEG string")
+    return torch.from_numpy(np.stack(items))
+
+
+def normaliser(spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) such that x * scale + shift == (x / 255 - mean) / std, per channel [1, C, 1, 1]."""
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * std), -mean / std

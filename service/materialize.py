@@ -1,0 +1,158 @@
+"""alpha -> an inference network that is *physically* compressed where the kind allows it.
+
+| kind         | representation                                                               |
+| ------------ | ---------------------------------------------------------------------------- |
+| structured   | sliced convs (fewer channels, fewer FLOPs), BatchNorm folded, channels_last  |
+| quantized 8  | int8 kernels: FX static quantisation (x86/fbgemm), calibrated on the          |
+|              | checkpoint's sample images, per-channel weights                               |
+| quantized <8 | simulated: fp32 convs holding the dequantised b-bit weights, fake-quantised  |
+|              | activations as in training; stored size = packed b-bit codes (no CPU kernels  |
+|              | for 3-7 bits exist in torch)                                                  |
+| unstructured | dense masked weights (torch.sparse conv is slower than dense at these        |
+|              | sizes, see the benchmark); stored size = CSR of the non-zeros                 |
+
+A `Compiled` model is frozen: eval mode, no gradients, never mutated after build, so the cache can
+hand it to any thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lcs.alpha import Level
+from lcs.checkpoint import CheckpointMeta
+from lcs.layers import Setting, SubspaceConv2d
+from lcs.models import SubspaceResNet
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """One materialised alpha: call it on a normalised float batch [N, C, H, W] to get logits."""
+
+    alpha: float
+    level: Level
+    module: nn.Module
+    representation: str
+    resident_bytes: int  # memory this model holds while cached
+    stored_bytes: int  # size of the compressed representation (packed bits, CSR, or fp32 as is)
+    build_seconds: float
+    channels_last: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return self.module(x)
+
+
+def _resident_bytes(module: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    for m in module.modules():  # packed int8 weights live in opaque params of quantized modules
+        packed = getattr(m, "_packed_params", None)
+        if packed is not None:
+            try:
+                w = m.weight()  # type: ignore[operator]
+                total += w.numel() * w.element_size() + 8 * (w.shape[0] if w.ndim else 1)
+            except (AttributeError, RuntimeError, TypeError):
+                pass
+    return total
+
+
+def _hidden_layers(model: SubspaceResNet) -> list[SubspaceConv2d]:
+    return [m for m in model.modules() if isinstance(m, SubspaceConv2d) and m.role == "hidden"]
+
+
+def _stored_bytes(model: SubspaceResNet, plain: nn.Module, s: Setting) -> int:
+    """Bytes of the compressed representation: fp32 for dense parts, plus per kind for hidden layers."""
+    total = sum(p.numel() * 4 for p in plain.parameters())
+    level = s.level
+    if level.kind == "structured":
+        return total
+    hidden = 0
+    compressed = 0
+    for conv in _hidden_layers(model):
+        w = conv.weight_at(s, conv.c_in)
+        hidden += w.numel() * 4
+        if level.kind == "quantized":
+            compressed += (w.numel() * level.bits + 7) // 8 + 8  # packed codes + scale, zero point
+        else:
+            nnz = int((w != 0).sum())
+            compressed += nnz * (4 + 4) + (w.shape[0] + 1) * 4  # CSR: values, column indices, row pointers
+    return max(0, total - hidden) + compressed
+
+
+def _int8(plain: nn.Module, samples: torch.Tensor) -> nn.Module:
+    """FX graph-mode static int8 quantisation of a plain network, calibrated on `samples`."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(plain), get_default_qconfig_mapping("x86"), (samples[:2],))
+        with torch.inference_mode():
+            for i in range(0, len(samples), 64):
+                prepared(samples[i : i + 64])
+        return convert_fx(prepared)
+
+
+def build(
+    model: SubspaceResNet,
+    meta: CheckpointMeta,
+    alpha: float,
+    *,
+    samples: torch.Tensor | None,
+    channels_last: bool,
+    int8: bool = True,
+) -> Compiled:
+    """Materialise `alpha` of a loaded subspace model. `samples`: normalised float images for int8 calibration."""
+    t0 = time.perf_counter()
+    s = model.at(alpha)
+    level = s.level
+    if level.kind == "quantized" and level.bits == 8 and int8 and samples is not None:
+        plain = model.export(Setting(s.alpha, level, s.stats, quantize_acts=False))
+        module = _int8(plain, samples)
+        representation, use_cl = "int8 (FX static quantisation, x86 kernels)", False
+    else:
+        plain = model.export(s)
+        module = plain
+        use_cl = channels_last
+        if use_cl:
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        representation = {
+            "structured": f"sliced fp32, width {level.width:.3g}",
+            "quantized": f"fp32 simulating {level.bits}-bit weights and activations",
+            "unstructured": f"dense fp32 with {100 * (1 - level.keep):.1f} % of pruned-layer weights zero",
+        }[level.kind]
+    return Compiled(
+        alpha=alpha,
+        level=level,
+        module=module,
+        representation=representation,
+        resident_bytes=_resident_bytes(module),
+        stored_bytes=_stored_bytes(model, plain, s),
+        build_seconds=time.perf_counter() - t0,
+        channels_last=use_cl,
+    )
+
+
+def time_batch(compiled: Compiled, x: torch.Tensor, repeats: int = 5) -> float:
+    """Median seconds for one forward of batch x (after one warm-up run)."""
+    compiled(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        compiled(x)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

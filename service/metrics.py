@@ -1,0 +1,84 @@
+"""Prometheus metrics (prefix lcs_, base units, histograms with a bucket at the SLO). One registry per
+app, so tests and several apps in one process never share counters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.cache import ModelCache
+
+
+def latency_buckets(slo: float) -> list[float]:
+    base = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+    return sorted({*base, slo})
+
+
+class _CacheCollector(Collector):
+    """Cache figures read from the cache itself at scrape time (the cache is their only owner)."""
+
+    def __init__(self, cache: Callable[[], ModelCache | None]) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self._cache()
+        if cache is None:
+            return
+        st = cache.stats
+        for name, doc, value in [
+            ("lcs_cache_hits", "Model cache hits.", st.hits),
+            ("lcs_cache_misses", "Model cache misses (builds or waits for a build).", st.misses),
+            ("lcs_cache_evictions", "Models evicted from the cache to stay under its byte bound.", st.evictions),
+            ("lcs_cache_builds", "Models materialised.", st.builds),
+        ]:
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("lcs_cache_bytes", "Resident bytes of cached models.", value=cache.bytes)
+        yield GaugeMetricFamily("lcs_cache_max_bytes", "Byte bound of the model cache.", value=cache.max_bytes)
+        yield GaugeMetricFamily("lcs_cache_entries", "Models in the cache.", value=len(cache))
+
+
+class Metrics:
+    def __init__(self, slo: float, cache: Callable[[], ModelCache | None]) -> None:
+        self.registry = r = CollectorRegistry()
+        buckets = latency_buckets(slo)
+        self.requests = Counter(
+            "lcs_requests", "Requests by endpoint and status code.", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "lcs_request_duration_seconds",
+            "Request latency, arrival to response.",
+            ["endpoint"],
+            buckets=buckets,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "lcs_queue_wait_seconds", "Time a request waited for its batch.", buckets=buckets, registry=r
+        )
+        self.compute = Histogram("lcs_batch_compute_seconds", "Model time per batch.", buckets=buckets, registry=r)
+        self.batch_size = Histogram(
+            "lcs_batch_size_images", "Images per batch.", buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256], registry=r
+        )
+        self.alpha = Histogram(
+            "lcs_served_alpha",
+            "Alpha that served each request (1 = most accurate).",
+            buckets=[round(i / 20, 2) for i in range(21)],
+            registry=r,
+        )
+        self.queue_depth = Gauge("lcs_queue_depth_requests", "Requests waiting for a batch.", registry=r)
+        self.inflight = Gauge("lcs_inflight_requests", "Requests admitted and not yet answered.", registry=r)
+        self.ceiling = Gauge("lcs_alpha_ceiling", "Current controller ceiling on alpha.", registry=r)
+        self.shed = Counter("lcs_shed", "Requests refused with 429/503, by reason.", ["reason"], registry=r)
+        self.ceiling_changes = Counter("lcs_alpha_ceiling_changes", "Ceiling moves, by reason.", ["reason"], registry=r)
+        self.signal = Gauge("lcs_signal", "Controller input signals.", ["signal"], registry=r)
+        self.build_seconds = Histogram(
+            "lcs_model_build_seconds",
+            "Time to materialise one alpha.",
+            buckets=[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+            registry=r,
+        )
+        self.ready = Gauge("lcs_ready", "1 when the service is ready for traffic.", registry=r)
+        self.info = Info("lcs_build", "Service and model build information.", registry=r)
+        r.register(_CacheCollector(cache))

@@ -1,0 +1,148 @@
+"""The service core without HTTP: checkpoint, materialised-model cache, latency profile, controller.
+
+`Runtime.load` validates everything a request will need; `Runtime.warm_up` builds the prebuilt
+alphas and measures the latency profile (readiness turns true only after it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lcs import checkpoint
+from lcs.checkpoint import CheckpointMeta
+from lcs.models import SubspaceResNet
+from service.cache import Grid, ModelCache
+from service.controller import Controller
+from service.inputs import normaliser
+from service.materialize import Compiled, build, time_batch
+from service.profile import LatencyProfile
+from service.settings import Settings
+
+log = logging.getLogger("lcs.service")
+
+LEVEL_NAMES = {"unstructured": "sparsity", "structured": "width", "quantized": "bits"}
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    model: SubspaceResNet
+    meta: CheckpointMeta
+    name: str
+    grid: Grid
+    samples: torch.Tensor | None  # normalised sample images from the checkpoint, [N, C, H, W]
+    sample_labels: torch.Tensor | None
+    scale: torch.Tensor
+    shift: torch.Tensor
+    cache: ModelCache = field(init=False)
+    profile: LatencyProfile = field(default_factory=LatencyProfile)
+    controller: Controller = field(init=False)
+    channels_last: bool = False
+    accuracy: dict[float, float] = field(default_factory=dict)
+    self_check: dict[str, float] = field(default_factory=dict)
+    ready: bool = False
+
+    @classmethod
+    def load(cls, settings: Settings) -> Runtime:
+        """Load and validate the checkpoint and settings together; raises CheckpointError/ValueError."""
+        torch.set_num_threads(settings.threads)
+        torch.set_flush_denormal(True)  # denormals made fake-quantised layers 100x slower here
+        model, meta = checkpoint.load(settings.checkpoint)
+        grid_alphas = settings.alpha_grid or list(model.stat_alphas)
+        if meta.norm == "batch":
+            missing = [a for a in grid_alphas if not any(abs(a - s) < 1e-6 for s in model.stat_alphas)]
+            if missing:
+                raise ValueError(
+                    f"LCS_ALPHA_GRID: alphas {missing} have no BatchNorm statistics in {settings.checkpoint}; "
+                    f"choose from {list(model.stat_alphas)}"
+                )
+        grid = Grid(grid_alphas)
+        scale, shift = normaliser(meta.input)
+        samples = checkpoint.read_samples(settings.checkpoint)
+        rt = cls(
+            settings=settings,
+            model=model,
+            meta=meta,
+            name=settings.model_name or settings.checkpoint.stem,
+            grid=grid,
+            samples=None if samples is None else samples[0].float() * scale + shift,
+            sample_labels=None if samples is None else samples[1],
+            scale=scale,
+            shift=shift,
+        )
+        rt.accuracy = {p.alpha: p.accuracy for p in meta.accuracy}
+        rt.cache = ModelCache(rt._build, grid, settings.cache_bytes)
+        rt.controller = Controller(
+            grid,
+            rt.profile,
+            slo_seconds=settings.slo_p99_seconds,
+            max_batch=settings.max_batch,
+            battery_low_percent=settings.battery_low_percent,
+            battery_alpha_cap=settings.battery_alpha_cap,
+        )
+        return rt
+
+    def _build(self, alpha: float) -> Compiled:
+        return build(self.model, self.meta, alpha, samples=self.samples, channels_last=self.channels_last)
+
+    def warm_up(self) -> None:
+        """Pick the memory layout, prebuild alphas, profile latency per (alpha, batch), self-check accuracy."""
+        s = self.settings
+        shape = (self.meta.input.channels, self.meta.input.height, self.meta.input.width)
+        probe = torch.randn(max(s.profile_batches), *shape)
+        if s.channels_last == "auto":
+            top = self.grid.alphas[-1]
+            t_cl = time_batch(build(self.model, self.meta, top, samples=self.samples, channels_last=True), probe)
+            t_nc = time_batch(build(self.model, self.meta, top, samples=self.samples, channels_last=False), probe)
+            self.channels_last = t_cl < t_nc
+            log.info(
+                "memory layout: channels_last=%s (%.2f ms vs %.2f ms at batch %d)",
+                self.channels_last,
+                t_cl * 1e3,
+                t_nc * 1e3,
+                len(probe),
+            )
+        else:
+            self.channels_last = s.channels_last == "on"
+        prebuild = [self.grid.down(a) for a in (s.prebuild or self.grid.alphas)]
+        for alpha in sorted(set(prebuild), reverse=True):
+            compiled = self.cache.get(alpha)
+            for b in s.profile_batches:
+                self.profile.add(alpha, b, time_batch(compiled, probe[:b], repeats=3))
+            if self.samples is not None and self.sample_labels is not None:
+                pred = self.predict(alpha, self.samples).argmax(1)
+                self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels).float().mean()), 2)
+        self.ready = True
+
+    def predict(self, alpha: float, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities [N, classes] for a normalised batch at grid alpha (called off the event loop)."""
+        return torch.softmax(self.cache.get(alpha)(x), dim=1)
+
+    def level(self, alpha: float) -> float:
+        return self.model.schedule.level(alpha).value
+
+    def describe(self) -> dict[str, object]:
+        m = self.meta
+        return {
+            "name": self.name,
+            "kind": m.kind,
+            "subspace": m.subspace,
+            "level_name": LEVEL_NAMES[m.kind],
+            "alpha_convention": m.alpha_convention,
+            "classes": m.classes,
+            "input": m.input.model_dump(),
+            "dataset": m.dataset,
+            "grid": self.grid.alphas,
+            "accuracy": [p.model_dump() for p in m.accuracy],
+            "training": {"command": m.training.get("command"), "train_seconds": m.training.get("train_seconds")},
+            "cached_alphas": self.cache.cached(),
+            "profile_ms": self.profile.as_dict(),
+            "self_check_accuracy": self.self_check,
+            "channels_last": self.channels_last,
+            "ready": self.ready,
+            "loaded_at": time.time(),
+        }

@@ -1,0 +1,120 @@
+"""Request and response bodies (pydantic), with the examples shown in the OpenAPI docs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PRESETS: dict[str, float] = {"best": 1.0, "high": 0.75, "balanced": 0.5, "fast": 0.25, "fastest": 0.0}
+Quality = Annotated[float, Field(ge=0.0, le=1.0)] | Literal["best", "high", "balanced", "fast", "fastest"]
+
+_EXAMPLE_IMAGE = [[0] * 28 for _ in range(28)]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"inputs": [_EXAMPLE_IMAGE], "quality": "balanced", "deadline_ms": 50}]},
+    )
+
+    inputs: list[list[Any] | str] = Field(
+        description="Images: nested arrays of raw pixel values 0-255 in the model's input shape "
+        "([H, W], [C, H, W] or [H, W, C]), or base64 PNG/JPEG strings.",
+    )
+    quality: Quality | None = Field(
+        None,
+        description="Preferred alpha, 0..1 (1 = most accurate) or a preset; the server never serves "
+        "more accurately than this, and under load may serve less. Default: 1.",
+    )
+    min_quality: Quality | None = Field(
+        None,
+        description="Lowest acceptable alpha; if it cannot be met now the request is refused at once "
+        "with 429 and Retry-After.",
+    )
+    deadline_ms: float | None = Field(None, gt=0, le=60_000, description="Latency budget for this request.")
+    top_k: int | None = Field(None, ge=1, le=1000, description="How many classes to return per input.")
+
+
+class ClassScore(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probability: float
+    top: list[ClassScore]
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "predictions": [
+                        {
+                            "label": "Trouser",
+                            "index": 1,
+                            "probability": 0.98,
+                            "top": [{"label": "Trouser", "index": 1, "probability": 0.98}],
+                        }
+                    ],
+                    "model": "structured_line",
+                    "alpha": 0.5,
+                    "kind": "structured",
+                    "level": 0.625,
+                    "level_name": "width",
+                    "accuracy": 91.2,
+                    "queue_ms": 0.4,
+                    "compute_ms": 1.9,
+                    "batch_images": 3,
+                    "request_id": "9f2c...",
+                }
+            ]
+        }
+    )
+
+    predictions: list[Prediction]
+    model: str
+    alpha: float = Field(description="The alpha that served this request (1 = least compressed).")
+    kind: str
+    level: float = Field(description="Compression at that alpha: sparsity fraction, width fraction or bits.")
+    level_name: str
+    accuracy: float | None = Field(description="Test accuracy (%) measured for that alpha at training time.")
+    queue_ms: float
+    compute_ms: float
+    batch_images: int
+    request_id: str
+
+
+class PinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(ge=0.0, le=1.0)
+
+
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}],
+                    "parameters": {"quality": 0.5},
+                }
+            ]
+        }
+    )
+    id: str | None = None
+    inputs: list[V2Tensor] = Field(min_length=1, max_length=1)
+    parameters: dict[str, Any] | None = None
+    outputs: list[dict[str, Any]] | None = None

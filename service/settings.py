@@ -1,0 +1,84 @@
+"""Service configuration: LCS_-prefixed environment variables, read once, refused at start-up if bad."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
+
+
+def _floats(v: object) -> object:
+    if isinstance(v, str):
+        v = v.strip()
+        if v in ("", "all", "checkpoint"):
+            return None
+        return [float(x) for x in v.replace(",", " ").split()]
+    return v
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Env var = LCS_ + the field name in capitals (LCS_PORT, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="LCS_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    model_name: str | None = None  # default: the checkpoint's file stem
+    threads: int = Field(2, ge=1, le=256)  # torch intra-op threads for inference
+    # alphas the service serves: requested alphas snap *down* to this grid. None: the checkpoint's grid.
+    alpha_grid: Annotated[list[float] | None, NoDecode] = None
+    prebuild: Annotated[list[float] | None, NoDecode] = None  # built at start-up; None: the whole grid
+    cache_bytes: int = Field(256 * 2**20, ge=0)  # LRU bound on materialised models, in bytes
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: measured at start-up
+    max_batch: int = Field(32, ge=1, le=1024)  # images per batch
+    max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)  # how long a partial batch waits for company
+    queue_max: int = Field(256, ge=1)  # queued requests; beyond it: 429 + Retry-After
+    max_inputs: int = Field(64, ge=1)  # images per request
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)  # larger bodies get 413
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # decoded-image bound (decompression bombs)
+    top_k: int = Field(3, ge=1)
+    profile_batches: Annotated[list[int], NoDecode] = [1, 8, 32]  # batch sizes in the latency profile
+    slo_p99_seconds: float = Field(0.1, gt=0.0)  # latency objective, a histogram bucket edge
+    control_interval_seconds: float = Field(0.5, gt=0.0)
+    battery_low_percent: float = Field(20.0, ge=0.0, le=100.0)
+    battery_alpha_cap: float = Field(0.5, ge=0.0, le=1.0)  # ceiling while on battery below the low mark
+    prometheus_url: str | None = None  # fleet signals from a Prometheus server, if set
+    prometheus_timeout_seconds: float = Field(0.2, gt=0.0)
+    api_key: SecretStr | None = None  # admin endpoints are off without one
+    drain_seconds: float = Field(10.0, ge=0.0)  # SIGTERM: finish queued work for up to this long
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    _lists = field_validator("alpha_grid", "prebuild", mode="before")(_floats)
+
+    @field_validator("profile_batches", mode="before")
+    @classmethod
+    def _ints(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [int(x) for x in v.replace(",", " ").split()]
+        return v
+
+    @field_validator("alpha_grid", "prebuild")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            bad = [a for a in v if not 0.0 <= a <= 1.0]
+            if bad:
+                raise ValueError(f"alphas must be in [0, 1] (1 = least compressed); got {bad}")
+            if not v:
+                raise ValueError("give at least one alpha, or leave unset for the checkpoint's grid")
+        return sorted(set(v)) if v is not None else None
+
+    @model_validator(mode="after")
+    def _checkpoint_exists(self) -> Settings:
+        if not self.checkpoint.is_file():
+            raise ValueError(
+                f"LCS_CHECKPOINT={self.checkpoint}: no such file; point it at a .safetensors checkpoint "
+                "written by `python -m training train` (the default is models/structured_line.safetensors)"
+            )
+        return self

@@ -1,0 +1,75 @@
+"""Observed signals for the controller: request statistics kept by the app, and the machine (psutil)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import psutil
+
+
+class RequestStats:
+    """Arrival rate (EWMA) and a sliding window of latencies, updated on the event loop."""
+
+    def __init__(self, window_seconds: float = 5.0, half_life: float = 1.0) -> None:
+        self.window = window_seconds
+        self.half_life = half_life
+        self._latencies: deque[tuple[float, float]] = deque()  # (finished at, seconds)
+        self._rate = 0.0
+        self._images = 1.0
+        self._last = time.monotonic()
+        self._count = 0
+        self._image_count = 0
+
+    def arrived(self, images: int) -> None:
+        self._count += 1
+        self._image_count += images
+
+    def finished(self, seconds: float, now: float | None = None) -> None:
+        self._latencies.append((now or time.monotonic(), seconds))
+
+    def tick(self, now: float) -> tuple[float, float, float | None]:
+        """(arrival rate per s, images per request, p99 of the window or None); call once per interval."""
+        dt = max(1e-6, now - self._last)
+        decay = math.exp(-dt * math.log(2) / self.half_life)
+        self._rate = decay * self._rate + (1 - decay) * (self._count / dt)
+        if self._count:
+            self._images = 0.8 * self._images + 0.2 * (self._image_count / self._count)
+        self._count = self._image_count = 0
+        self._last = now
+        while self._latencies and self._latencies[0][0] < now - self.window:
+            self._latencies.popleft()
+        lat = sorted(s for _, s in self._latencies)
+        p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if len(lat) >= 20 else None
+        return self._rate, self._images, p99
+
+
+class MachineProbe:
+    """CPU used by other processes, available memory and battery, from psutil."""
+
+    def __init__(self) -> None:
+        self._me = psutil.Process()
+        self._ncpu = psutil.cpu_count() or 1
+        psutil.cpu_percent(None)
+        self._me.cpu_percent(None)
+
+    def cpu_other(self) -> float:
+        total = psutil.cpu_percent(None) / 100.0  # share of all cores since the last call
+        mine = self._me.cpu_percent(None) / 100.0 / self._ncpu
+        return min(1.0, max(0.0, total - mine))
+
+    @staticmethod
+    def memory_available() -> float:
+        vm = psutil.virtual_memory()
+        return vm.available / vm.total
+
+    @staticmethod
+    def battery() -> tuple[float | None, bool]:
+        try:
+            b = psutil.sensors_battery()
+        except (AttributeError, NotImplementedError, OSError):
+            b = None
+        if b is None:
+            return None, False
+        return float(b.percent), not bool(b.power_plugged)
