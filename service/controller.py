@@ -122,9 +122,9 @@ class Controller:
             new, reason, mode = old, "steady", ("full" if old >= self.grid.alphas[-1] else self.mode)
         if new < old:
             self._calm = 0
-        if s.on_battery and s.battery_percent is not None and s.battery_percent < self.battery_low:
-            if new > self.battery_cap:
-                new, reason, mode = self.grid.down(self.battery_cap), "low battery cap", "battery"
+        low_battery = s.on_battery and s.battery_percent is not None and s.battery_percent < self.battery_low
+        if low_battery and new > self.battery_cap:
+            new, reason, mode = self.grid.down(self.battery_cap), "low battery cap", "battery"
         self.mode = mode
         return self._set(new, mode, s.now, reason)
 
