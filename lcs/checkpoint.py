@@ -64,7 +64,7 @@ class AccuracyPoint(_Strict):
 
 
 class CheckpointMeta(_Strict):
-    format: Literal["lcs-serve.checkpoint"] = FORMAT
+    format: Literal["lcs-serve.checkpoint"] = "lcs-serve.checkpoint"
     version: int = VERSION
     alpha_convention: str = ALPHA_CONVENTION
     arch: Arch

@@ -71,6 +71,10 @@ class _Endpoints(nn.Module):
 class ActRange(nn.Module):
     """Running min/max of a layer's input, for activation quantisation (EMA during training)."""
 
+    lo: torch.Tensor
+    hi: torch.Tensor
+    seen: torch.Tensor
+
     def __init__(self, momentum: float = 0.1) -> None:
         super().__init__()
         self.momentum = momentum
@@ -96,6 +100,9 @@ class ActRange(nn.Module):
 
 class SubspaceConv2d(_Endpoints):
     """A bias-free conv whose weight is w(alpha), compressed per `Setting.level`."""
+
+    weight0: torch.Tensor
+    weight1: torch.Tensor | None
 
     def __init__(
         self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, line: bool, role: Role = "hidden"
@@ -128,6 +135,9 @@ class SubspaceConv2d(_Endpoints):
 class SubspaceLinear(_Endpoints):
     """The classifier: input features follow the previous layer's width; outputs are fixed; never compressed."""
 
+    weight0: torch.Tensor
+    weight1: torch.Tensor | None
+
     def __init__(self, c_in: int, c_out: int, *, line: bool) -> None:
         super().__init__()
         self.c_in, self.c_out = c_in, c_out
@@ -151,6 +161,9 @@ class SubspaceNorm2d(_Endpoints):
     the activations), so they are estimated per alpha after training (`Setting.calibrate`) and stored
     as running_mean/var of shape [G, C] for the G alphas of the model's statistics grid.
     """
+
+    running_mean: torch.Tensor  # [G, C]
+    running_var: torch.Tensor  # [G, C]
 
     def __init__(self, channels: int, *, line: bool, norm: NormType, grid: int, eps: float = 1e-5) -> None:
         super().__init__()

@@ -26,6 +26,9 @@ from lcs.layers import NormType, Setting, SubspaceConv2d, SubspaceLinear, Subspa
 class ActQuant(nn.Module):
     """Fixed-range fake quantisation of activations, as trained (simulated low-bit activations)."""
 
+    lo: torch.Tensor
+    hi: torch.Tensor
+
     def __init__(self, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> None:
         super().__init__()
         self.bits = bits
@@ -42,7 +45,7 @@ class PlainBlock(nn.Module):
     def __init__(
         self,
         norm1: nn.Module,
-        conv1: nn.Conv2d,
+        conv1: nn.Module,
         conv2: nn.Conv2d,
         shortcut: nn.Module | None,
         act1: nn.Module,
@@ -76,8 +79,8 @@ def _plain_norm(norm: SubspaceNorm2d, s: Setting, c: int) -> nn.Module:
     bn = nn.BatchNorm2d(c, eps=norm.eps)
     mean, var = norm.stats_at(s, c)
     bn.weight, bn.bias = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
-    bn.running_mean.copy_(mean)
-    bn.running_var.copy_(var)
+    bn.running_mean = mean.detach().clone()
+    bn.running_var = var.detach().clone()
     return bn.eval()
 
 
@@ -210,6 +213,7 @@ class SubspaceResNet(nn.Module):
             return total
         for m in self.modules():
             if isinstance(m, SubspaceConv2d | SubspaceLinear):
+                assert m.weight1 is not None
                 total = total + cos2(m.weight0, m.weight1)
         return total
 
@@ -221,7 +225,7 @@ class SubspaceResNet(nn.Module):
         layers: list[nn.Module] = [_plain_conv(stem_w, self.stem.stride)]
         c = stem_w.shape[0]
         for block in self.blocks:
-            plain, c = block.export(s, c)
+            plain, c = block.export(s, c)  # type: ignore[operator]
             layers.append(plain)
         fc_w, fc_b = self.fc.weight_at(s, c)
         fc = nn.Linear(c, fc_w.shape[0])

@@ -102,7 +102,8 @@ class Batcher:
 
     def _take(self) -> list[Job]:
         head = self._queue[0]
-        batch, images = [], 0
+        batch: list[Job] = []
+        images = 0
         for job in list(self._queue):
             if job.target != head.target:
                 continue

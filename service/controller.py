@@ -145,7 +145,7 @@ class Controller:
         self.decisions.append(
             Decision(
                 now,
-                self.pinned if alpha is not None else self.ceiling,
+                self.ceiling if self.pinned is None else self.pinned,
                 "pinned" if alpha is not None else "pin released",
             )
         )

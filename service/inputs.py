@@ -57,7 +57,7 @@ def _decode_image(text: str, spec: InputSpec, where: str, max_pixels: int) -> np
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(raw))
+            im: Image.Image = Image.open(io.BytesIO(raw))
             if im.format not in ("PNG", "JPEG"):
                 raise InputError(f"{where}: image format {im.format} is not supported; send PNG or JPEG")
             if im.width * im.height > max_pixels:

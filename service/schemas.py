@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 PRESETS: dict[str, float] = {"best": 1.0, "high": 0.75, "balanced": 0.5, "fast": 0.25, "fastest": 0.0}
 Quality = Annotated[float, Field(ge=0.0, le=1.0)] | Literal["best", "high", "balanced", "fast", "fastest"]
 
-_EXAMPLE_IMAGE = [[0] * 28 for _ in range(28)]
+_EXAMPLE_IMAGE: list[Any] = [[0] * 28 for _ in range(28)]
 
 
 class PredictRequest(BaseModel):

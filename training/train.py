@@ -47,6 +47,8 @@ def compression_alpha(alpha: float, progress: float, warmup_fraction: float) -> 
     """Gradual schedule: over the first `warmup_fraction` of training the compression applied at alpha
     is phased in from none (alpha' = 1) to the full level (alpha' = alpha)."""
     ramp = 1.0 if warmup_fraction == 0 else min(1.0, progress / warmup_fraction)
+    if ramp == 1.0:  # exactly alpha: 1 - (1 - a) can round below a level boundary (e.g. a = 1/6 -> 3 bits, not 4)
+        return alpha
     return 1.0 - ramp * (1.0 - alpha)
 
 
@@ -133,7 +135,7 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
 
     model = make_model(cfg, c, len(data.classes))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]  # no weight decay on norms and biases
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -210,7 +212,7 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
         print(line, flush=True)
         _save_state(cfg, model, opt, epoch + 1, rng, elapsed)
 
-    model = model.to(memory_format=torch.contiguous_format)
+    model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     calibrate(model, train_split.images, mean, std, batches=cfg.calib_batches, batch_size=cfg.batch_size, seed=cfg.seed)
     table = accuracy_table(model, data.test, mean, std, list(model.stat_alphas), cfg.eval_batch_size)
     meta = checkpoint.CheckpointMeta(
