@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(256 * 2**20, ge=0)  # LRU bound on materialised models, in bytes
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: measured at start-up
     max_batch: int = Field(32, ge=1, le=1024)  # images per batch
-    max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)  # how long a partial batch waits for company
+    # how long a partial batch waits for company; 0: dispatch at once when the model is idle (batches
+    # still form from what queues up while a batch runs), which keeps low-load latency at its floor
+    max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     queue_max: int = Field(256, ge=1)  # queued requests; beyond it: 429 + Retry-After
     max_inputs: int = Field(64, ge=1)  # images per request
     max_body_bytes: int = Field(8 * 2**20, ge=1024)  # larger bodies get 413

@@ -1,0 +1,179 @@
+"""HTTP benchmark on 127.0.0.1: this service (dynamic batching) against a one-request-at-a-time
+FastAPI server of the same model, side by side in one run, at rising load; plus where a request's
+time goes at low load.
+
+    .venv/bin/python -m benchmarks.http [--checkpoint models/structured_line.safetensors] [--duration 5]
+
+Uses wrk (Debian package `wrk`; closed loop, c connections) for throughput and p50/p99, with one
+single-image JSON request body. Both servers run the alpha = 1 model (ours pinned there through the
+admin API) with 2 torch threads. Prints a table and writes benchmarks/results/http.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HOST = "127.0.0.1"
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before becoming ready ({url})")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def wrk(url: str, script: Path, connections: int, duration: float) -> dict[str, float]:
+    proc = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{round(duration)}s", "--latency", "--timeout", "5s", "-s", str(script), url],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    out = proc.stdout
+    res = {"connections": connections, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
+        res[f"p{pct}_ms"] = round(_ms(m.group(1)), 3) if m else float("nan")
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    res["non_2xx"] = int(bad.group(1)) if bad else 0
+    errors = re.search(r"Socket errors: (.*)", out)
+    res["socket_errors"] = errors.group(1) if errors else ""
+    return res
+
+
+def time_breakdown(base: str, body: dict[str, object], n: int = 300) -> dict[str, float]:
+    """Sequential requests at low load: client latency vs the server's queue and compute time."""
+    with httpx.Client(base_url=base, timeout=10) as c:
+        for _ in range(20):
+            c.post("/predict", json=body)
+            c.get("/healthz")
+        total, queue, compute, floor = [], [], [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = c.post("/predict", json=body).json()
+            total.append((time.perf_counter() - t0) * 1000)
+            queue.append(r["queue_ms"])
+            compute.append(r["compute_ms"])
+            t0 = time.perf_counter()
+            c.get("/healthz")
+            floor.append((time.perf_counter() - t0) * 1000)
+    med = statistics.median
+    res = {
+        "total_p50_ms": med(total),
+        "compute_p50_ms": med(compute),
+        "queue_p50_ms": med(queue),
+        "http_floor_p50_ms": med(floor),
+    }
+    res["path_p50_ms"] = res["total_p50_ms"] - res["compute_p50_ms"]  # everything but the model
+    res["path_over_floor_ms"] = res["path_p50_ms"] - res["http_floor_p50_ms"]
+    return {k: round(v, 3) for k, v in res.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="models/structured_line.safetensors")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per load level")
+    p.add_argument("--connections", type=int, nargs="*", default=[1, 4, 16, 64])
+    p.add_argument("--max-wait-ms", default="2")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/http.json"))
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+
+    image = [[(7 * r + 3 * c) % 256 for c in range(28)] for r in range(28)]
+    body = {"inputs": [image]}
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = \'{json.dumps(body)}\'\n'
+    )
+    env = {
+        **os.environ,
+        "LCS_CHECKPOINT": args.checkpoint,
+        "LCS_THREADS": "2",
+        "LCS_API_KEY": "bench",
+        "LCS_LOG_LEVEL": "warning",
+        "LCS_MAX_WAIT_MS": args.max_wait_ms,
+        "LCS_QUEUE_MAX": "1024",
+    }
+    servers = {
+        "lcs-serve": ([sys.executable, "-m", "service"], 18000, "/readyz", {"LCS_PORT": "18000"}),
+        "one-at-a-time": (
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "benchmarks.naive_server:app",
+                "--port",
+                "18001",
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            18001,
+            "/docs",
+            {},
+        ),
+    }
+    results: dict[str, object] = {"checkpoint": args.checkpoint, "duration_s": args.duration, "levels": {}}
+    for name, (cmd, port, ready, extra) in servers.items():
+        proc = subprocess.Popen(cmd, env={**env, **extra})
+        try:
+            base = f"http://{HOST}:{port}"
+            _wait_ready(base + ready, proc)
+            if name == "lcs-serve":
+                httpx.put(base + "/admin/pin", json={"alpha": 1.0}, headers={"X-API-Key": "bench"}).raise_for_status()
+                results["breakdown"] = time_breakdown(base, body)
+            results["levels"][name] = [
+                wrk(base + "/predict", script, c, args.duration)  # type: ignore[index]
+                for c in args.connections
+            ]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"{'server':>14} | {'conns':>5} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | non-2xx")
+    for name, levels in results["levels"].items():  # type: ignore[attr-defined]
+        for r in levels:
+            print(
+                f"{name:>14} | {r['connections']:>5} | {r['rps']:>8.0f} | {r['p50_ms']:>8.2f} | "
+                f"{r['p99_ms']:>8.2f} | {r['non_2xx']}"
+            )
+    ours = max(r["rps"] for r in results["levels"]["lcs-serve"])  # type: ignore[index]
+    naive = max(r["rps"] for r in results["levels"]["one-at-a-time"])  # type: ignore[index]
+    results["peak_throughput_ratio"] = round(ours / naive, 2)
+    print(f"peak throughput: {ours:.0f} vs {naive:.0f} req/s = {ours / naive:.2f}x")
+    print("where the time goes at low load (p50, ms):", results["breakdown"])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

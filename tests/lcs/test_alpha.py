@@ -1,0 +1,142 @@
+"""The alpha convention and the alpha -> level schedule (DESIGN.md, "Compression level")."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from lcs.alpha import Level, Schedule, check_alpha
+
+ALPHAS = [i / 40 for i in range(41)]
+BAD_ALPHAS = [float("nan"), -0.1, 1.1, float("inf"), -float("inf")]
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_unstructured_keep_formula(alpha: float) -> None:
+    level = Schedule("unstructured").level(alpha)
+    assert level.keep == pytest.approx(0.025 + (1 - 0.025) * alpha)
+    assert level.value == pytest.approx(1 - level.keep, abs=1e-6)  # reported as sparsity
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_structured_width_formula(alpha: float) -> None:
+    level = Schedule("structured").level(alpha)
+    assert level.width == pytest.approx(0.25 + (1 - 0.25) * alpha)
+    assert level.value == pytest.approx(level.width, abs=1e-6)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_quantized_bits_formula(alpha: float) -> None:
+    level = Schedule("quantized").level(alpha)
+    assert level.bits == 3 + min(5, math.floor(6 * alpha))
+    assert level.value == float(level.bits)
+
+
+def test_ends_of_the_range() -> None:
+    assert Schedule("unstructured").level(0.0).keep == pytest.approx(0.025)
+    assert Schedule("unstructured").level(1.0).keep == 1.0
+    assert Schedule("structured").level(0.0).width == 0.25
+    assert Schedule("structured").level(1.0).width == 1.0
+    assert Schedule("quantized").level(0.0).bits == 3
+    assert Schedule("quantized").level(1.0).bits == 8
+    # every bit width 3..8 is reachable
+    assert {Schedule("quantized").level(a).bits for a in ALPHAS} == set(range(3, 9))
+
+
+def test_custom_minimums() -> None:
+    assert Schedule("unstructured", keep_min=0.1).level(0.5).keep == pytest.approx(0.55)
+    assert Schedule("structured", width_min=0.5).level(0.5).width == pytest.approx(0.75)
+    assert Schedule("quantized", bits_min=2, bits_max=4).level(0.0).bits == 2
+    assert Schedule("quantized", bits_min=2, bits_max=4).level(1.0).bits == 4
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "structured", "quantized"])
+def test_monotonic_less_compression_as_alpha_grows(kind: str) -> None:
+    sched = Schedule(kind)  # type: ignore[arg-type]
+    levels = [sched.level(a) for a in ALPHAS]
+    amount = [(lv.keep, lv.width, lv.bits) for lv in levels]  # each grows (or stays) with alpha
+    assert all(a <= b for a, b in itertools.pairwise(amount))
+    assert amount[0] < amount[-1]
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "structured"])
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_alpha_for_inverts_continuous_levels(kind: str, alpha: float) -> None:
+    sched = Schedule(kind)  # type: ignore[arg-type]
+    value = sched.level(alpha).value
+    back = sched.alpha_for(value)
+    assert back == pytest.approx(alpha, abs=1e-5)
+    assert sched.level(back).value == pytest.approx(value, abs=1e-5)
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+def test_alpha_for_bits_is_the_smallest_alpha_with_those_bits(bits: int) -> None:
+    sched = Schedule("quantized")
+    a = sched.alpha_for(bits)
+    assert sched.level(a).bits == bits
+    if bits > 3:
+        assert sched.level(a - 1e-9).bits == bits - 1
+
+
+def test_alpha_for_known_values() -> None:
+    assert Schedule("structured").alpha_for(0.25) == 0.0
+    assert Schedule("structured").alpha_for(0.625) == pytest.approx(0.5)
+    assert Schedule("unstructured").alpha_for(0.975) == pytest.approx(0.0)
+    assert Schedule("unstructured").alpha_for(0.95) == pytest.approx(0.025 / 0.975)  # 95 % sparse
+    assert Schedule("quantized").alpha_for(6) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("value", [0.1, 1.5])
+def test_alpha_for_unreachable_width_raises(value: float) -> None:
+    with pytest.raises(ValueError):
+        Schedule("structured").alpha_for(value)
+
+
+def test_alpha_for_unreachable_bits_raises() -> None:
+    with pytest.raises(ValueError):
+        Schedule("quantized").alpha_for(2)
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "structured", "quantized"])
+@pytest.mark.parametrize("alpha", BAD_ALPHAS)
+def test_invalid_alpha_raises(kind: str, alpha: float) -> None:
+    with pytest.raises(ValueError, match="alpha must be in"):
+        Schedule(kind).level(alpha)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        check_alpha(alpha)
+
+
+def test_check_alpha_accepts_the_closed_interval() -> None:
+    assert check_alpha(0) == 0.0 and isinstance(check_alpha(0), float)
+    assert check_alpha(1) == 1.0
+    assert check_alpha("0.5") == 0.5  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kind": "bogus"},
+        {"kind": "unstructured", "keep_min": 0.0},
+        {"kind": "unstructured", "keep_min": 1.5},
+        {"kind": "structured", "width_min": 0.0},
+        {"kind": "quantized", "bits_min": 0},
+        {"kind": "quantized", "bits_min": 6, "bits_max": 4},
+        {"kind": "quantized", "bits_max": 17},
+    ],
+)
+def test_invalid_schedule_raises(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Schedule(**kwargs)  # type: ignore[arg-type]
+
+
+def test_schedule_round_trips_through_dict() -> None:
+    sched = Schedule("unstructured", keep_min=0.05)
+    assert Schedule(**sched.to_dict()) == sched  # type: ignore[arg-type]
+
+
+def test_level_value_per_kind() -> None:
+    assert Level("unstructured", keep=0.1).value == pytest.approx(0.9)
+    assert Level("structured", width=0.5).value == 0.5
+    assert Level("quantized", bits=4).value == 4.0

@@ -1,0 +1,292 @@
+"""The checkpoint format: exact round trip, and a clear refusal (naming the file) of anything else."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lcs import checkpoint
+from lcs.checkpoint import CheckpointError, CheckpointMeta
+from lcs.models import SubspaceResNet
+
+Saved = tuple[Path, SubspaceResNet, CheckpointMeta]
+GRID = (0.0, 0.3, 0.7, 1.0)
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(7))
+
+
+def _parts(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        raw = json.loads(f.metadata()[checkpoint.META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    return raw, tensors
+
+
+def _resave(
+    src: Path,
+    dest: Path,
+    meta: Callable[[dict[str, Any]], None] | None = None,
+    tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> Path:
+    """Copy a checkpoint with its metadata JSON and/or tensors edited in place by the callbacks."""
+    raw, ts = _parts(src)
+    if meta:
+        meta(raw)
+    if tensors:
+        tensors(ts)
+    save_file(ts, str(dest), metadata={checkpoint.META_KEY: json.dumps(raw)})
+    return dest
+
+
+def _refused(path: Path, *fragments: str, tensors: bool = False) -> str:
+    """load (and, unless the problem is in the tensors, read_meta) refuse with CheckpointError naming
+    the file and each fragment."""
+    for fn in (checkpoint.load,) if tensors else (checkpoint.load, checkpoint.read_meta):
+        with pytest.raises(CheckpointError) as err:
+            fn(path)
+        message = str(err.value)
+        assert str(path) in message
+        for fragment in fragments:
+            assert fragment in message, message
+    return message
+
+
+# -- round trip ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "structured", "quantized"])
+@pytest.mark.parametrize("subspace", ["line", "point"])
+def test_round_trip_reproduces_outputs_exactly(
+    tmp_path: Path,
+    settled_model: Callable[..., SubspaceResNet],
+    make_meta: Callable[..., CheckpointMeta],
+    kind: str,
+    subspace: str,
+) -> None:
+    model = settled_model(kind, subspace, "batch", GRID)
+    meta = make_meta(model, kind)
+    path = tmp_path / "nested" / "m.safetensors"  # parent folders are created
+    checkpoint.save(path, model, meta)
+    assert not path.with_suffix(".safetensors.tmp").exists()  # written atomically, temp file gone
+
+    loaded, loaded_meta = checkpoint.load(path)
+    assert loaded_meta == meta
+    assert checkpoint.read_meta(path) == meta
+    assert not loaded.training
+    assert loaded.schedule == model.schedule and loaded.stat_alphas == model.stat_alphas
+    assert loaded.line == (subspace == "line")
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    x = _x()
+    with torch.no_grad():
+        for alpha in GRID:
+            assert torch.equal(loaded(x, loaded.at(alpha)), model(x, model.at(alpha)))
+            assert torch.equal(loaded.export(loaded.at(alpha))(x), model.export(model.at(alpha))(x))
+
+
+def test_round_trip_with_groupnorm(
+    tmp_path: Path, settled_model: Callable[..., SubspaceResNet], make_meta: Callable[..., CheckpointMeta]
+) -> None:
+    model = settled_model("structured", "line", "group", GRID)
+    checkpoint.save(tmp_path / "g.safetensors", model, make_meta(model, "structured"))
+    loaded, meta = checkpoint.load(tmp_path / "g.safetensors")
+    assert meta.norm == "group"
+    with torch.no_grad():
+        assert torch.equal(loaded(_x(), loaded.at(0.45)), model(_x(), model.at(0.45)))  # any alpha
+
+
+def test_metadata_is_self_describing(saved_checkpoint: Saved) -> None:
+    path, model, meta = saved_checkpoint
+    raw, tensors = _parts(path)
+    assert raw["format"] == "lcs-serve.checkpoint" and raw["version"] == checkpoint.VERSION
+    assert "alpha" in raw["alpha_convention"]
+    assert raw["arch"]["name"] == "tiny_resnet" and raw["kind"] == "structured"
+    assert set(model.state_dict()) <= set(tensors)
+    assert meta.schedule_obj() == model.schedule
+    assert checkpoint.build(meta).state_dict().keys() == model.state_dict().keys()
+
+
+def test_samples_travel_with_the_checkpoint_if_supported(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    if not hasattr(checkpoint, "read_samples"):
+        pytest.skip("this build stores no sample images")
+    path, model, meta = saved_checkpoint
+    assert checkpoint.read_samples(path) is None
+    images = torch.randint(0, 256, (5, 1, 12, 12), dtype=torch.uint8)
+    labels = torch.arange(5)
+    with_samples = tmp_path / "s.safetensors"
+    checkpoint.save(with_samples, model, meta, samples=(images, labels))
+    got = checkpoint.read_samples(with_samples)
+    assert got is not None and torch.equal(got[0], images) and torch.equal(got[1], labels)
+    loaded, _ = checkpoint.load(with_samples)  # the samples are not model state
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _refused(tmp_path / "nope.safetensors", "no such checkpoint file")
+    _refused(tmp_path, "no such checkpoint file")  # a directory is not a checkpoint file
+
+
+@pytest.mark.parametrize("keep", ["none", "4 bytes", "length only", "half the header", "header only", "all but 1"])
+def test_truncated_file(saved_checkpoint: Saved, tmp_path: Path, keep: str) -> None:
+    src = saved_checkpoint[0]
+    raw = src.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    cut = {
+        "none": 0,
+        "4 bytes": 4,
+        "length only": 8,
+        "half the header": 8 + header_len // 2,
+        "header only": 8 + header_len,
+        "all but 1": len(raw) - 1,
+    }[keep]
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(raw[:cut])
+    _refused(path, "not a readable safetensors file")
+
+
+def test_corrupt_header_bytes(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    raw = bytearray(saved_checkpoint[0].read_bytes())
+    raw[9:17] = b"\xff\xfe\x00garba"  # inside the JSON header
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(bytes(raw))
+    _refused(path, "not a readable safetensors file")
+
+
+def test_corrupt_header_length(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    raw = bytearray(saved_checkpoint[0].read_bytes())
+    raw[0:8] = (10**12).to_bytes(8, "little")
+    path = tmp_path / "length.safetensors"
+    path.write_bytes(bytes(raw))
+    _refused(path, "not a readable safetensors file")
+
+
+def test_foreign_safetensors_file(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(path))
+    _refused(path, "'lcs'", "missing")
+    other = tmp_path / "other_meta.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(other), metadata={"format": "pt"})
+    _refused(other, "'lcs'")
+
+
+def test_metadata_that_is_not_json(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    _, tensors = _parts(saved_checkpoint[0])
+    path = tmp_path / "badjson.safetensors"
+    save_file(tensors, str(path), metadata={checkpoint.META_KEY: "{not json"})
+    _refused(path, "not valid JSON")
+
+
+def test_wrong_format_name(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    path = _resave(saved_checkpoint[0], tmp_path / "fmt.safetensors", meta=lambda m: m.update(format="other"))
+    _refused(path, "format", "'other'")
+
+
+def test_newer_format_version(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    path = _resave(saved_checkpoint[0], tmp_path / "v99.safetensors", meta=lambda m: m.update(version=99))
+    _refused(path, "version 99", "upgrade")
+
+
+def test_torch_save_pickle(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(saved_checkpoint[1].state_dict(), path)
+    _refused(path, "never unpickles")
+
+
+class _Payload:
+    """Unpickling this creates `target` (open(target, "w")): proof that code ran."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.target), "w"))
+
+
+def test_malicious_pickle_is_refused_without_running_code(tmp_path: Path) -> None:
+    # positive control: the payload does run code when unpickled
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(control))).close()
+    assert control.exists()
+
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"state_dict": _Payload(target)}))
+    _refused(path, "never unpickles")
+    assert not target.exists()
+
+
+def test_tensor_shapes_that_do_not_match_the_architecture(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    src = saved_checkpoint[0]
+    wider = _resave(src, tmp_path / "w.safetensors", meta=lambda m: m["arch"].update(kwargs={"widths": [8, 32]}))
+    _refused(wider, "the architecture needs", tensors=True)
+
+    def shrink(ts: dict[str, torch.Tensor]) -> None:
+        ts["fc.weight0"] = ts["fc.weight0"][:, :3].contiguous()
+
+    _refused(_resave(src, tmp_path / "s.safetensors", tensors=shrink), "'fc.weight0'", "shape", tensors=True)
+    _refused(
+        _resave(src, tmp_path / "m.safetensors", tensors=lambda ts: ts.pop("stem.weight1")), "missing", tensors=True
+    )
+    _refused(
+        _resave(src, tmp_path / "u.safetensors", tensors=lambda ts: ts.update(extra=torch.zeros(1))),
+        "unexpected",
+        tensors=True,
+    )
+    point = _resave(src, tmp_path / "p.safetensors", meta=lambda m: m.update(subspace="point"))
+    _refused(point, "unexpected", tensors=True)  # a line's second endpoint in a point checkpoint
+
+
+def test_non_finite_tensors(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    def poison(ts: dict[str, torch.Tensor]) -> None:
+        ts["blocks.0.conv1.weight0"] = ts["blocks.0.conv1.weight0"].clone()
+        ts["blocks.0.conv1.weight0"].view(-1)[3] = float("nan")
+
+    _refused(_resave(saved_checkpoint[0], tmp_path / "nan.safetensors", tensors=poison), "NaN", tensors=True)
+
+
+def test_bad_arch_kwargs(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    path = _resave(
+        saved_checkpoint[0], tmp_path / "k.safetensors", meta=lambda m: m["arch"].update(kwargs={"depth": 3})
+    )
+    with pytest.raises(CheckpointError, match=r"arch\.kwargs") as err:
+        checkpoint.load(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.update(kind="bogus"), "'kind'"),
+        (lambda m: m.update(subspace="plane"), "'subspace'"),
+        (lambda m: m.update(norm="layer"), "'norm'"),
+        (lambda m: m["arch"].update(name="resnet9000"), "'arch.name'"),
+        (lambda m: m["input"].update(channels=0), "'input.channels'"),
+        (lambda m: m["accuracy"][0].update(alpha=1.5), "'accuracy.0.alpha'"),
+        (lambda m: m["accuracy"][0].update(accuracy=101), "'accuracy.0.accuracy'"),
+        (lambda m: m.update(surprise=1), "'surprise'"),
+        (lambda m: m.pop("classes"), "'classes'"),
+    ],
+)
+def test_invalid_metadata_names_the_field(
+    saved_checkpoint: Saved, tmp_path: Path, edit: Callable[[dict[str, Any]], None], field: str
+) -> None:
+    path = _resave(saved_checkpoint[0], tmp_path / "bad.safetensors", meta=edit)
+    _refused(path, "invalid metadata", field)
+
+
+def test_checkpoint_error_is_a_value_error() -> None:
+    assert issubclass(CheckpointError, ValueError)  # the CLI and the service catch ValueError

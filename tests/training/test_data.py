@@ -1,0 +1,341 @@
+"""Dataset readers on small real files, splitting, normalisation and augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import (
+    CIFAR10_CLASSES,
+    FASHION_MNIST_CLASSES,
+    DataError,
+    Dataset,
+    Split,
+    augment,
+    hold_out,
+    load_cifar10,
+    load_dataset,
+    load_fashion_mnist,
+    load_folder,
+    normalise,
+    read_idx,
+)
+
+# -- IDX (Fashion-MNIST) ----------------------------------------------------------------------------
+
+
+def _idx(arr: np.ndarray) -> bytes:
+    """IDX bytes: magic 0x00 0x00 0x08 (unsigned byte) ndim, then big-endian uint32 dims, then data."""
+    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+def _write_fashion(root: Path, n_train: int = 6, n_test: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)).astype(np.uint8),
+        "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train).astype(np.uint8),
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)).astype(np.uint8),
+        "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        (root / name).write_bytes(gzip.compress(_idx(arr)))
+    return arrays
+
+
+def test_read_idx_gz_and_plain(tmp_path: Path) -> None:
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "x.gz").write_bytes(gzip.compress(_idx(images)))
+    (tmp_path / "x.idx").write_bytes(_idx(images))
+    for name in ("x.gz", "x.idx"):
+        got = read_idx(tmp_path / name)
+        assert got.dtype == np.uint8 and np.array_equal(got, images)
+    labels = np.array([3, 1, 4], dtype=np.uint8)
+    (tmp_path / "y.gz").write_bytes(gzip.compress(_idx(labels)))
+    assert np.array_equal(read_idx(tmp_path / "y.gz"), labels)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "match"),
+    [
+        ("data_cut.gz", lambda raw: gzip.compress(raw[:-5]), "truncated"),
+        ("header_cut.gz", lambda raw: gzip.compress(raw[:9]), "truncated"),
+        ("magic_only.gz", lambda raw: gzip.compress(raw[:3]), "magic"),
+        ("bad_magic.gz", lambda raw: gzip.compress(b"\x00\x00\x0d" + raw[3:]), "magic"),  # float IDX
+        ("gzip_cut.gz", lambda raw: gzip.compress(raw)[:-7], "cannot read"),
+        ("not_gzip.gz", lambda raw: raw, "cannot read"),
+        ("corrupt_stream.gz", lambda raw: _flip_byte(gzip.compress(raw * 40), 30), "cannot read"),
+    ],
+)
+def test_read_idx_refuses_damaged_files(tmp_path: Path, name: str, make: Callable[[bytes], bytes], match: str) -> None:
+    raw = _idx(np.random.default_rng(1).integers(0, 256, (3, 5, 5)).astype(np.uint8))
+    path = tmp_path / name
+    path.write_bytes(make(raw))
+    with pytest.raises(DataError, match=match) as err:
+        read_idx(path)
+    assert str(path) in str(err.value)
+
+
+def _flip_byte(data: bytes, i: int) -> bytes:
+    return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+
+
+def test_load_fashion_mnist(tmp_path: Path) -> None:
+    arrays = _write_fashion(tmp_path / "fm")
+    data = load_fashion_mnist(tmp_path / "fm")
+    assert data.name == "fashion-mnist" and data.classes == FASHION_MNIST_CLASSES
+    assert data.train.images.shape == (6, 1, 28, 28) and data.train.images.dtype == torch.uint8
+    assert data.test.images.shape == (4, 1, 28, 28)
+    assert data.train.labels.dtype == torch.int64 and len(data.train) == 6
+    assert np.array_equal(data.train.images[:, 0].numpy(), arrays["train-images-idx3-ubyte.gz"])
+    assert np.array_equal(data.test.labels.numpy(), arrays["t10k-labels-idx1-ubyte.gz"])
+    assert load_dataset("fashion-mnist", str(tmp_path / "fm")).train.images.shape == (6, 1, 28, 28)
+
+
+def test_load_fashion_mnist_missing_dir_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="dataset-fashion-mnist") as err:
+        load_fashion_mnist(tmp_path / "absent")
+    assert str(tmp_path / "absent") in str(err.value)
+
+
+def test_load_fashion_mnist_with_a_truncated_file(tmp_path: Path) -> None:
+    _write_fashion(tmp_path)
+    name = tmp_path / "t10k-images-idx3-ubyte.gz"
+    raw = gzip.decompress(name.read_bytes())
+    name.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    with pytest.raises(DataError, match="truncated"):
+        load_fashion_mnist(tmp_path)
+
+
+# -- CIFAR-10 python batches ----------------------------------------------------------------------
+
+
+def _cifar_batch(n: int, seed: int) -> dict[bytes, Any]:
+    rng = np.random.default_rng(seed)
+    return {
+        b"batch_label": b"batch",
+        b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+        b"labels": rng.integers(0, 10, n).tolist(),
+        b"filenames": [f"img{i}.png".encode() for i in range(n)],
+    }
+
+
+def _write_cifar(root: Path, protocol: int = pickle.DEFAULT_PROTOCOL) -> dict[str, dict[bytes, Any]]:
+    root.mkdir(parents=True, exist_ok=True)
+    batches = {f"data_batch_{i}": _cifar_batch(3, i) for i in range(1, 6)} | {"test_batch": _cifar_batch(2, 9)}
+    for name, batch in batches.items():
+        (root / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    return batches
+
+
+@pytest.mark.parametrize("protocol", [2, 4])  # 2: how the real batches were written
+def test_load_cifar10(tmp_path: Path, protocol: int) -> None:
+    batches = _write_cifar(tmp_path / "cifar", protocol)
+    data = load_cifar10(tmp_path / "cifar")
+    assert data.name == "cifar10" and data.classes == CIFAR10_CLASSES
+    assert data.train.images.shape == (15, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert data.test.images.shape == (2, 3, 32, 32)
+    first = batches["data_batch_1"][b"data"][0]
+    assert np.array_equal(data.train.images[0].numpy().reshape(-1), first)  # row-major R, G, B planes
+    assert np.array_equal(data.train.images[0, 1].numpy().reshape(-1), first[1024:2048])
+    expected = [y for i in range(1, 6) for y in batches[f"data_batch_{i}"][b"labels"]]
+    assert data.train.labels.tolist() == expected and data.train.labels.dtype == torch.int64
+    assert data.test.labels.tolist() == batches["test_batch"][b"labels"]
+    assert load_dataset("cifar10", str(tmp_path / "cifar")).test.images.shape == (2, 3, 32, 32)
+
+
+class _Payload:
+    """Unpickling this creates `target` (open(target, "w")): proof that code ran."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.target), "w"))
+
+
+def test_malicious_cifar_pickle_runs_no_code(tmp_path: Path) -> None:
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(control))).close()  # positive control: the payload works
+    assert control.exists()
+
+    root = tmp_path / "cifar"
+    _write_cifar(root)
+    target = tmp_path / "pwned"
+    evil = {b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1, 2], b"x": _Payload(target)}
+    (root / "data_batch_3").write_bytes(pickle.dumps(evil, protocol=2))
+    with pytest.raises(DataError, match="refusing") as err:
+        load_cifar10(root)
+    assert "data_batch_3" in str(err.value)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [pickle.dumps({b"labels": [1]}), pickle.dumps([1, 2, 3]), b"not a pickle", pickle.dumps({b"data": 1})[:-4]],
+)
+def test_cifar_batch_that_is_not_a_batch(tmp_path: Path, content: bytes) -> None:
+    root = tmp_path / "cifar"
+    _write_cifar(root)
+    (root / "test_batch").write_bytes(content)
+    with pytest.raises(DataError, match="test_batch"):
+        load_cifar10(root)
+
+
+def test_cifar_missing_batches(tmp_path: Path) -> None:
+    root = tmp_path / "cifar"
+    _write_cifar(root)
+    (root / "data_batch_5").unlink()
+    with pytest.raises(DataError, match="data_batch_5"):
+        load_cifar10(root)
+    with pytest.raises(DataError, match="data_dir"):
+        load_dataset("cifar10")
+
+
+# -- image folders ----------------------------------------------------------------------------------
+
+
+def _png(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def test_load_folder_grayscale(tmp_path: Path, write_folder: Callable[[Path, Dataset], Path]) -> None:
+    rng = np.random.default_rng(0)
+    train = Split(torch.from_numpy(rng.integers(0, 256, (6, 1, 8, 8)).astype(np.uint8)), torch.tensor([0, 1, 2] * 2))
+    test = Split(torch.from_numpy(rng.integers(0, 256, (3, 1, 8, 8)).astype(np.uint8)), torch.tensor([2, 0, 1]))
+    root = write_folder(tmp_path / "shapes", Dataset("x", train, test, ["circle", "square", "triangle"]))
+    data = load_folder(root)
+    assert data.classes == ["circle", "square", "triangle"]
+    assert data.name == "folder"  # the loader's name: `evaluate` reloads it from the checkpoint
+    assert data.train.images.shape == (6, 1, 8, 8) and data.train.images.dtype == torch.uint8
+    # files are read class by class; PNG is lossless
+    for images, labels, src in (
+        (data.train.images, data.train.labels, train),
+        (data.test.images, data.test.labels, test),
+    ):
+        for img, label in zip(images, labels, strict=True):
+            assert any(torch.equal(img, s) for s, sl in zip(src.images, src.labels, strict=True) if sl == label)
+    assert data.train.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert load_dataset("folder", str(root)).test.labels.tolist() == [0, 1, 2]
+
+
+def test_load_folder_rgb_and_skips_other_files(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    for split in ("train", "test"):
+        _png(tmp_path / split / "a" / "0.png", rgb)
+        _png(tmp_path / split / "b" / "0.png", rgb[::-1].copy())
+    (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
+    data = load_folder(tmp_path)
+    assert data.train.images.shape == (2, 3, 5, 7)
+    assert np.array_equal(data.train.images[0].numpy().transpose(1, 2, 0), rgb)
+
+
+def test_load_folder_class_missing_from_test(tmp_path: Path) -> None:
+    img = np.zeros((4, 4), np.uint8)
+    for cls in ("a", "b"):
+        _png(tmp_path / "train" / cls / "0.png", img)
+    _png(tmp_path / "test" / "a" / "0.png", img)
+    data = load_folder(tmp_path)
+    assert data.classes == ["a", "b"] and data.test.labels.tolist() == [0]
+
+
+def test_load_folder_refusals(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="train/<class>"):
+        load_folder(tmp_path)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        load_folder(tmp_path)
+    (tmp_path / "train" / "a").mkdir()
+    (tmp_path / "test" / "a").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        load_folder(tmp_path)
+    _png(tmp_path / "train" / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    _png(tmp_path / "train" / "a" / "1.png", np.zeros((5, 4), np.uint8))
+    _png(tmp_path / "test" / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match="different shapes"):
+        load_folder(tmp_path)
+    (tmp_path / "train" / "a" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"1\.png"):
+        load_folder(tmp_path)
+    with pytest.raises(DataError, match="data_dir"):
+        load_dataset("folder")
+
+
+def test_unknown_dataset() -> None:
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("imagenet", "/nowhere")
+
+
+# -- splitting, normalisation, augmentation ---------------------------------------------------------
+
+
+def _split(n: int = 50) -> Split:
+    return Split(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).clone(), torch.arange(n))
+
+
+def test_hold_out_is_deterministic_and_disjoint() -> None:
+    split = _split()
+    tr, va = hold_out(split, 10, seed=3)
+    tr2, va2 = hold_out(split, 10, seed=3)
+    assert torch.equal(va.labels, va2.labels) and torch.equal(tr.labels, tr2.labels)
+    assert len(va) == 10 and len(tr) == 40
+    assert sorted(tr.labels.tolist() + va.labels.tolist()) == list(range(50))
+    assert torch.equal(va.images[:, 0, 0, 0].long(), va.labels)  # images travel with their labels
+    _, other = hold_out(split, 10, seed=4)
+    assert not torch.equal(other.labels, va.labels)
+
+
+def test_hold_out_nothing() -> None:
+    split = _split()
+    tr, va = hold_out(split, 0, seed=0)
+    assert tr is split and len(va) == 0 and va.images.shape[1:] == split.images.shape[1:]
+
+
+def test_mean_std_and_normalise() -> None:
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (20, 3, 6, 6)).astype(np.uint8))
+    images[:, 1] //= 4  # a darker channel
+    data = Dataset("x", Split(images, torch.zeros(20, dtype=torch.int64)), Split(images, torch.zeros(20)), ["a"])
+    mean, std = data.mean_std()
+    assert len(mean) == 3 and mean[1] < mean[0]
+    x = normalise(images, mean, std)
+    assert x.dtype == torch.float32 and x.shape == images.shape
+    torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_augment_keeps_shape_and_dtype() -> None:
+    x = torch.randn(16, 3, 10, 12)
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(0)))  # the generator decides
+    assert not torch.equal(out, x)
+
+
+def test_augment_without_padding_only_flips() -> None:
+    x = torch.randn(64, 1, 5, 5)
+    out = augment(x, torch.Generator().manual_seed(1), pad=0)
+    same = [torch.equal(o, i) for o, i in zip(out, x, strict=True)]
+    flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=True)]
+    assert all(s or f for s, f in zip(same, flipped, strict=True))
+    assert 10 < sum(flipped) < 54  # about half
+
+
+def test_augment_crops_shift_the_image() -> None:
+    x = torch.zeros(200, 1, 6, 6)
+    x[:, :, 2, 3] = 1.0  # one bright pixel
+    out = augment(x, torch.Generator().manual_seed(2), pad=2)
+    assert torch.equal(out.sum(dim=(1, 2, 3)).clamp(max=1), out.sum(dim=(1, 2, 3)))  # never duplicated
+    positions = {tuple(o[0].nonzero().flatten().tolist()) for o in out}
+    assert len(positions) > 5  # many different shifts (and some pixel shifted out entirely)

@@ -1,0 +1,101 @@
+"""The command line: `python -m training train ...` and `python -m training evaluate ...`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lcs import checkpoint
+from training.__main__ import main
+
+
+def test_evaluate_writes_the_report_and_a_plot(
+    trained_run: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, png = tmp_path / "reports" / "tiny.json", tmp_path / "plots" / "tiny.png"
+    baseline = tmp_path / "base.json"
+    baseline.write_text(
+        json.dumps(
+            {"kind": "structured", "subspace": "point", "points": [{"alpha": 0.0, "level": 0.25, "accuracy": 90}]}
+        )
+    )
+    rc = main(["evaluate", str(trained_run.path), "--json", str(out), "--plot", str(png), "--baseline", str(baseline)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert {"kind", "subspace", "points"} <= set(rep)
+    assert rep["kind"] == "structured" and rep["subspace"] == "line"
+    assert isinstance(rep["points"], list) and len(rep["points"]) == 3
+    for p in rep["points"]:
+        assert set(p) == {"alpha", "level", "accuracy"}
+        assert all(isinstance(p[k], int | float) for k in p)
+        assert 0.0 <= p["alpha"] <= 1.0 and 0.0 <= p["accuracy"] <= 100.0
+    assert [p["alpha"] for p in rep["points"]] == [0.0, 0.5, 1.0]
+    meta = checkpoint.read_meta(trained_run.path)
+    assert [p["accuracy"] for p in rep["points"]] == [p.accuracy for p in meta.accuracy]  # same model, same data
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "alpha 0.000" in capsys.readouterr().out
+
+
+def test_evaluate_without_plot(trained_run: Any, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert main(["evaluate", str(trained_run.path), "--json", str(out), "--data-dir", str(trained_run.data_dir)]) == 0
+    assert json.loads(out.read_text())["points"]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_evaluate_a_missing_checkpoint_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "none.safetensors"
+    assert main(["evaluate", str(missing), "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(missing) in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_evaluate_when_the_dataset_is_gone(
+    trained_run: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(["evaluate", str(trained_run.path), "--json", str(tmp_path / "r.json"), "--data-dir", str(tmp_path)])
+    assert rc == 2 and "train/<class>" in capsys.readouterr().err
+
+
+def test_train_from_yaml_and_overrides(
+    tmp_path: Path, image_folder: Path, tiny_overrides: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("# python -m training train c.yaml\nkind: unstructured\nsubspace: point\n")
+    out = tmp_path / "cli.safetensors"
+    overrides = tiny_overrides(out, epochs=1, dataset="folder", data_dir=image_folder)
+    assert main(["train", str(config), *overrides]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    meta = checkpoint.read_meta(out)
+    assert meta.kind == "unstructured" and meta.subspace == "point" and meta.dataset == "folder"
+    assert meta.training["command"].startswith(f"python -m training train {config}")
+    assert meta.training["config"]["epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["train", "epoch=1"], "unknown option"),
+        (["train", "kind=bogus"], "kind"),
+        (["train", "dataset=imagenet", "epochs=1"], "unknown dataset"),
+        (["train", "dataset=folder", "epochs=1"], "data_dir"),
+    ],
+)
+def test_train_errors_are_clean(args: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and match in err
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["evaluate", "x.safetensors"])  # --json is required
+    assert "--json" in capsys.readouterr().err

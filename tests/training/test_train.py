@@ -1,0 +1,255 @@
+"""The training loop: alpha sampling, schedules, and real (tiny) end-to-end runs with resume."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lcs import checkpoint
+from lcs.layers import Setting
+from training import train as train_module
+from training.config import TrainConfig, load_config
+from training.data import Dataset
+from training.train import compression_alpha, lr_at, make_model, sample_alphas, train
+
+# -- alpha sampling --------------------------------------------------------------------------------
+
+
+def test_sandwich_trains_both_ends_and_two_random_widths() -> None:
+    cfg = TrainConfig(kind="structured", sandwich=True)
+    rng = random.Random(0)
+    seen = []
+    for _ in range(200):
+        alphas = sample_alphas(cfg, rng)
+        assert len(alphas) == 4 and alphas[:2] == [0.0, 1.0]
+        assert all(0.0 <= a < 1.0 for a in alphas[2:])
+        seen += alphas[2:]
+    assert min(seen) < 0.05 and max(seen) > 0.95  # the random pair covers the range
+
+
+def test_sandwich_off_samples_one_alpha() -> None:
+    cfg = TrainConfig(kind="structured", sandwich=False)
+    assert len(sample_alphas(cfg, random.Random(0))) == 1
+
+
+@pytest.mark.parametrize("end_bias", [0.0, 0.5, 0.8])
+@pytest.mark.parametrize("kind", ["unstructured", "quantized"])
+def test_end_bias_share_of_samples_at_the_ends(kind: str, end_bias: float) -> None:
+    cfg = TrainConfig(kind=kind, end_bias=end_bias)
+    rng = random.Random(1)
+    n = 20_000
+    samples = [a for _ in range(n) for a in sample_alphas(cfg, rng)]
+    assert len(samples) == n and all(0.0 <= a <= 1.0 for a in samples)
+    zeros, ones = samples.count(0.0) / n, samples.count(1.0) / n
+    assert zeros == pytest.approx(end_bias / 2, abs=0.015)
+    assert ones == pytest.approx(end_bias / 2, abs=0.015)
+    interior = [a for a in samples if 0.0 < a < 1.0]
+    if interior:  # the rest is uniform: mean 1/2, a quarter below 0.25
+        assert sum(interior) / len(interior) == pytest.approx(0.5, abs=0.02)
+        assert sum(a < 0.25 for a in interior) / len(interior) == pytest.approx(0.25, abs=0.02)
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "structured", "quantized"])
+def test_fixed_alpha_is_always_sampled(kind: str) -> None:
+    cfg = TrainConfig(kind=kind, fixed_alpha=0.35)
+    rng = random.Random(0)
+    assert all(sample_alphas(cfg, rng) == [0.35] for _ in range(50))
+
+
+def test_sampling_is_reproducible_from_the_seed() -> None:
+    cfg = TrainConfig(kind="unstructured")
+    a = [sample_alphas(cfg, random.Random(5)) for _ in range(3)]
+    b = [sample_alphas(cfg, random.Random(5)) for _ in range(3)]
+    assert a == b
+
+
+# -- schedules -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_compression_alpha_ramp(alpha: float) -> None:
+    assert compression_alpha(alpha, 0.0, 0.8) == 1.0  # no compression at the start
+    assert compression_alpha(alpha, 0.4, 0.8) == pytest.approx(1.0 - 0.5 * (1.0 - alpha))  # half-way
+    assert compression_alpha(alpha, 0.8, 0.8) == pytest.approx(alpha)  # fully phased in
+    assert compression_alpha(alpha, 0.95, 0.8) == pytest.approx(alpha)
+    assert compression_alpha(alpha, 0.0, 0.0) == alpha  # no warm-up
+    assert compression_alpha(alpha, 0.95, 0.8) == alpha  # exactly, once phased in
+    ramp = [compression_alpha(alpha, p / 100, 0.5) for p in range(101)]
+    assert all(x >= y for x, y in itertools.pairwise(ramp))  # compression only grows
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+def test_after_the_warm_up_training_compresses_exactly_as_evaluated(bits: int) -> None:
+    """A baseline at the smallest alpha of a bit width must train at that bit width, not one below."""
+    schedule = TrainConfig(kind="quantized").schedule()
+    alpha = schedule.alpha_for(bits)
+    assert schedule.level(compression_alpha(alpha, 0.9, 0.8)).bits == bits
+    assert schedule.level(compression_alpha(alpha, 0.5, 0.0)).bits == bits
+
+
+def test_lr_warmup_then_cosine_to_zero() -> None:
+    total, warmup, peak = 100, 10, 0.1
+    lrs = [lr_at(s, total, warmup, peak) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / warmup)
+    assert lrs[:warmup] == sorted(lrs[:warmup])  # linear rise
+    assert lrs[warmup - 1] == pytest.approx(peak) and lrs[warmup] == pytest.approx(peak)
+    after = lrs[warmup:]
+    assert after == sorted(after, reverse=True)  # cosine decay
+    assert all(lr > 0 for lr in lrs) and lrs[-1] < 0.001 * peak
+    assert lr_at(warmup + 45, total, warmup, peak) == pytest.approx(peak / 2)  # cosine midpoint
+    assert lr_at(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
+    assert max(lrs) <= peak + 1e-12
+    assert math.isfinite(lr_at(0, 1, 1, peak))
+
+
+def test_make_model_follows_the_config() -> None:
+    cfg = TrainConfig(arch="tiny_resnet", kind="quantized", subspace="point", norm="group", stat_alphas=[0.0, 1.0])
+    model = make_model(cfg, in_channels=3, num_classes=7)
+    assert not model.line and model.norm_type == "group" and model.stat_alphas == (0.0, 1.0)
+    assert model.schedule == cfg.schedule() and model.stem.c_in == 3 and model.fc.c_out == 7
+    out = model(torch.randn(2, 3, 12, 12), Setting(1.0, model.schedule.level(1.0)))
+    assert out.shape == (2, 7)
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+
+def _epoch_losses(log: str) -> list[float]:
+    return [float(x) for x in re.findall(r"epoch \d+: train loss ([0-9.]+)", log)]
+
+
+def test_training_learns_and_writes_a_loadable_checkpoint(trained_run: Any) -> None:
+    model, meta = checkpoint.load(trained_run.path)
+    losses = _epoch_losses(trained_run.log)
+    assert len(losses) == 2 and losses[1] < 0.7 * losses[0]  # the loss goes down
+    assert f"wrote {trained_run.path}" in trained_run.log
+    # measured accuracy at every grid alpha is far above chance (50 %) on held-out test images
+    assert [p.alpha for p in meta.accuracy] == [0.0, 0.5, 1.0]
+    assert [p.level for p in meta.accuracy] == [0.25, 0.625, 1.0]
+    assert all(p.accuracy >= 90.0 for p in meta.accuracy), meta.accuracy
+    # the metadata describes the run
+    assert meta.kind == "structured" and meta.subspace == "line" and meta.norm == "batch"
+    assert meta.dataset == "folder" and meta.classes == ["bottom", "top"]
+    assert (meta.input.channels, meta.input.height, meta.input.width) == (1, 12, 12)
+    assert meta.stat_alphas == [0.0, 0.5, 1.0] and meta.fixed_alpha is None
+    assert meta.training["command"] == "pytest trained_run"
+    assert meta.training["config"]["arch"] == "tiny_resnet"
+    # BatchNorm statistics were calibrated for every grid row
+    assert all(not torch.equal(model.norm.running_mean[i], torch.zeros(16)) for i in range(3))
+    # and the model rebuilt from the file classifies the test images
+    from training.data import load_folder, normalise
+
+    test = load_folder(trained_run.data_dir).test
+    x = normalise(test.images, meta.input.mean, meta.input.std)
+    with torch.no_grad():
+        for alpha in (0.0, 1.0):
+            acc = (model(x, model.at(alpha)).argmax(1) == test.labels).float().mean()
+            assert float(acc) >= 0.9
+    # the resumable state sits next to the checkpoint
+    assert trained_run.path.with_name("tiny.state.safetensors").is_file()
+
+
+def _run(cfg: TrainConfig, data: Dataset, capsys: pytest.CaptureFixture[str]) -> str:
+    train(cfg, data=data, command="pytest")
+    return capsys.readouterr().out
+
+
+def test_resume_after_an_interruption_continues_exactly(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    reference = load_config(None, tiny_overrides(tmp_path / "ref.safetensors", kind="unstructured"))
+    _run(reference, synthetic_data, capsys)
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "run.safetensors", kind="unstructured"))
+    save_state = train_module._save_state
+
+    def save_then_stop(cfg: TrainConfig, *args: Any) -> None:
+        save_state(cfg, *args)
+        raise KeyboardInterrupt  # the machine went away after the first epoch
+
+    monkeypatch.setattr(train_module, "_save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, synthetic_data, capsys)
+    assert "epoch 1:" in capsys.readouterr().out
+    assert cfg.state_path.is_file() and not Path(cfg.out).exists()
+    assert load_file(str(cfg.state_path)).keys()  # a real safetensors state
+    monkeypatch.setattr(train_module, "_save_state", save_state)
+
+    log = _run(cfg, synthetic_data, capsys)
+    assert "resuming" in log and "after epoch 1/2" in log
+    assert "epoch 1:" not in log and "epoch 2:" in log  # only the missing epoch ran
+    resumed, meta = checkpoint.load(cfg.out)
+    expected, ref_meta = checkpoint.load(reference.out)
+    a, b = resumed.state_dict(), expected.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    assert meta.accuracy == ref_meta.accuracy
+
+
+def test_resume_refuses_a_state_from_another_config(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    one = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=1, kind="quantized"))
+    _run(one, synthetic_data, capsys)
+    assert Path(one.out).is_file()
+    two = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=2, kind="quantized"))
+    with pytest.raises(SystemExit, match="different config"):
+        _run(two, synthetic_data, capsys)
+    # the same command again resumes after its last epoch (nothing left to train) and rewrites the file
+    log = _run(one, synthetic_data, capsys)
+    assert "resuming" in log and "after epoch 1/1" in log and "epoch 1:" not in log
+
+
+def test_fixed_alpha_baseline_with_validation(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = load_config(
+        None, tiny_overrides(tmp_path / "b.safetensors", kind="unstructured", fixed_alpha=0.5, val_size=32, epochs=1)
+    )
+    log = _run(cfg, synthetic_data, capsys)
+    assert "| val a=0.5:" in log
+    model, meta = checkpoint.load(cfg.out)
+    assert meta.fixed_alpha == 0.5 and meta.subspace == "point" and meta.stat_alphas == [0.5]
+    assert [p.alpha for p in meta.accuracy] == [0.5] and meta.accuracy[0].level == pytest.approx(0.4875)
+    assert not model.line
+
+
+@pytest.mark.parametrize(("kind", "subspace"), [("quantized", "line"), ("unstructured", "point")])
+def test_groupnorm_run(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+    subspace: str,
+) -> None:
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "g.safetensors", kind=kind, subspace=subspace, norm="group", act_quant_warmup=4, augment=False
+        ),
+    )
+    _run(cfg, synthetic_data, capsys)
+    model, meta = checkpoint.load(cfg.out)
+    assert meta.norm == "group" and meta.kind == kind and meta.subspace == subspace
+    assert meta.accuracy[-1].accuracy >= 75.0  # alpha = 1 learnt the task
+    if kind == "quantized":
+        assert int(model.blocks[0].conv2.act.seen) > 0  # activation ranges were tracked
