@@ -95,7 +95,12 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
         if batch is not None and batch.ndim >= 3:
             items = [_from_array(a, spec, f"inputs[{i}]") for i, a in enumerate(batch)]
             out = np.stack(items)
-            _check_range(out, "inputs")
+            try:
+                _check_range(out, "inputs")
+            except InputError:  # say which input: the client has to find it among up to max_inputs
+                for i, a in enumerate(items):
+                    _check_range(a, f"inputs[{i}]")
+                raise
             return torch.from_numpy(out)
     items = []
     for i, x in enumerate(inputs):
