@@ -1,5 +1,6 @@
-"""Command line: `python -m training train [CONFIG.yaml] [key=value ...]` and
-`python -m training evaluate CHECKPOINT --json OUT.json [--plot OUT.png] [--baseline B.json ...]`."""
+"""Command line: `python -m training train [CONFIG.yaml] [key=value ...]`,
+`python -m training evaluate CHECKPOINT --json OUT.json [--plot OUT.png] [--baseline B.json ...]` and
+`python -m training samples CHECKPOINT`."""
 
 from __future__ import annotations
 
@@ -33,7 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a baseline's report JSON to draw on the same axes (repeatable)",
     )
+    e.add_argument(
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        help="another subspace report JSON to draw on the same axes (repeatable), e.g. LCS+P next to LCS+L",
+    )
     e.add_argument("--data-dir", help="dataset location, if not the one recorded in the checkpoint")
+    sm = sub.add_parser(
+        "samples", help="store sample training images in a checkpoint written before checkpoints carried them"
+    )
+    sm.add_argument("checkpoint", type=Path)
     args = parser.parse_args(argv)
 
     try:
@@ -46,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(config_path, items)
             train(cfg, command="python -m training train " + " ".join(args.items))
             return 0
+        if args.cmd == "samples":
+            from training.train import attach_samples
+
+            attach_samples(args.checkpoint)
+            print(f"stored sample images in {args.checkpoint}")
+            return 0
         from training.evaluate import evaluate_checkpoint, plot, write_json
 
         rep = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir)
@@ -54,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  accuracy {p['accuracy']:.2f} %")
         if args.plot:
             baselines = {b.stem: json.loads(b.read_text()) for b in args.baseline}
-            plot({args.checkpoint.stem: rep}, baselines, args.plot, f"{rep['kind']} ({rep['dataset']})")
+            reports = {args.checkpoint.stem: rep, **{c.stem: json.loads(c.read_text()) for c in args.compare}}
+            plot(reports, baselines, args.plot, f"{rep['kind']} ({rep['dataset']})")
         return 0
     except (CheckpointError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

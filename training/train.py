@@ -240,3 +240,12 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
         print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  test accuracy {p['accuracy']:.2f} %", flush=True)
     print(f"wrote {cfg.out}", flush=True)
     return Path(cfg.out)
+
+
+def attach_samples(path: Path | str) -> None:
+    """Add the sample images `train` stores today to a checkpoint written before checkpoints carried them."""
+    model, meta = checkpoint.load(path)
+    cfg = meta.training.get("config", {})
+    data = load_dataset(meta.dataset, cfg.get("data_dir"))
+    train_split, _ = hold_out(data.train, int(cfg.get("val_size", 0)), int(cfg.get("seed", 0)))
+    checkpoint.save(path, model, meta, samples=sample_images(train_split, int(cfg.get("seed", 0))))
