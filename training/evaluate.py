@@ -104,6 +104,10 @@ def plot(reports: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]
             label=f"{name} (LCS+{'L' if r['subspace'] == 'line' else 'P'})",
         )
     for name, b in baselines.items():
+        if b["kind"] != kind:  # e.g. the uncompressed network on a quantisation plot: a reference line
+            for p in b["points"]:
+                ax.axhline(p["accuracy"], ls="--", lw=1, color="grey", label=f"{name} (uncompressed, trained alone)")
+            continue
         for p in b["points"]:
             ax.scatter([p["level"]], [p["accuracy"]], marker="*", s=120, zorder=3, label=f"{name} (trained alone)")
     ax.set_xlabel(level_label(kind))
