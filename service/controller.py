@@ -37,6 +37,22 @@ class Signals:
     fleet_p99: float | None = None
 
 
+def parse_policy(text: str) -> tuple[str, float]:
+    """'lcs' (ours), 'fixed:<alpha>', 'step' or 'aimd' -> (name, argument)."""
+    name, _, arg = text.partition(":")
+    if name == "fixed":
+        try:
+            a = float(arg)
+        except ValueError:
+            a = -1.0
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"policy {text!r}: use fixed:<alpha in [0, 1]>, e.g. fixed:0.5")
+        return name, a
+    if name in ("lcs", "step", "aimd") and not arg:
+        return name, 0.0
+    raise ValueError(f"unknown policy {text!r}; use lcs, fixed:<alpha>, step or aimd")
+
+
 @dataclass(frozen=True)
 class Decision:
     at: float
@@ -57,6 +73,7 @@ class Controller:
         raise_after: int = 4,
         battery_low_percent: float = 20.0,
         battery_alpha_cap: float = 0.5,
+        policy: str = "lcs",
     ) -> None:
         self.grid = grid
         self.profile = profile
@@ -67,6 +84,7 @@ class Controller:
         self.raise_after = raise_after
         self.battery_low = battery_low_percent
         self.battery_cap = battery_alpha_cap
+        self.policy = parse_policy(policy)
         self.ceiling = grid.alphas[-1]
         self.pinned: float | None = None
         self.mode = "full"
@@ -98,6 +116,8 @@ class Controller:
         old = self.ceiling
         if self.pinned is not None:
             return self._set(self.pinned, "pinned", s.now, "pinned by an operator")
+        if self.policy[0] != "lcs":
+            return self._baseline_update(s)
         lowest = self.grid.alphas[0]
         feasible = self._fits(s)
         p99 = s.p99 if s.fleet_p99 is None else max(s.p99 or 0.0, s.fleet_p99)
@@ -127,6 +147,20 @@ class Controller:
             new, reason, mode = self.grid.down(self.battery_cap), "low battery cap", "battery"
         self.mode = mode
         return self._set(new, mode, s.now, reason)
+
+    def _baseline_update(self, s: Signals) -> float:
+        """The comparison policies of the load benchmark (not for production use)."""
+        name, arg = self.policy
+        if name == "fixed":
+            return self._set(self.grid.down(arg), "fixed", s.now, "fixed policy")
+        if name == "step":  # queue-threshold step controller: 1 / middle / lowest by queue depth
+            mid = self.grid.down(0.5)
+            new = self.grid.alphas[-1] if s.queue_depth < 2 else (mid if s.queue_depth < 8 else self.grid.alphas[0])
+            return self._set(new, "step", s.now, f"queue depth {s.queue_depth}")
+        # aimd: halve on congestion (p99 over the SLO or a queue), else one grid step up
+        congested = (s.p99 is not None and s.p99 > self.slo) or s.queue_depth >= 8
+        new = self.grid.down(self.ceiling * 0.5) if congested else self._step(self.ceiling, +1)
+        return self._set(new, "aimd", s.now, "congestion: halve" if congested else "additive increase")
 
     def _step(self, alpha: float, direction: int) -> float:
         alphas = self.grid.alphas
@@ -162,7 +196,7 @@ class Controller:
         hi = self.grid.down(min(target, self.ceiling))
         if hi < floor:
             return floor
-        if slack is None:
+        if slack is None or self.policy[0] != "lcs":  # the slack rule is part of our policy only
             return hi
         for a in reversed(self.grid.alphas):
             if a > hi or a < floor:
@@ -174,6 +208,7 @@ class Controller:
 
     def state(self) -> dict[str, object]:
         return {
+            "policy": ":".join(str(p) for p in self.policy) if self.policy[0] == "fixed" else self.policy[0],
             "mode": self.mode,
             "ceiling": self.ceiling,
             "pinned": self.pinned,

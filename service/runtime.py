@@ -83,6 +83,7 @@ class Runtime:
             max_batch=settings.max_batch,
             battery_low_percent=settings.battery_low_percent,
             battery_alpha_cap=settings.battery_alpha_cap,
+            policy=settings.policy,
         )
         return rt
 

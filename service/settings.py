@@ -48,15 +48,27 @@ class Settings(BaseSettings):
     profile_batches: Annotated[list[int], NoDecode] = [1, 8, 32]  # batch sizes in the latency profile
     slo_p99_seconds: float = Field(0.1, gt=0.0)  # latency objective, a histogram bucket edge
     control_interval_seconds: float = Field(0.5, gt=0.0)
+    # lcs (ours); fixed:<alpha>, step and aimd exist for the load benchmark's comparison
+    policy: str = "lcs"
     battery_low_percent: float = Field(20.0, ge=0.0, le=100.0)
     battery_alpha_cap: float = Field(0.5, ge=0.0, le=1.0)  # ceiling while on battery below the low mark
     prometheus_url: str | None = None  # fleet signals from a Prometheus server, if set
     prometheus_timeout_seconds: float = Field(0.2, gt=0.0)
+    prometheus_selector: str = ""  # PromQL label matchers for this fleet's series, e.g. job="lcs",namespace="prod"
+    prometheus_window_seconds: float = Field(30.0, ge=1.0)  # rate() window; at least 2 scrape intervals
     api_key: SecretStr | None = None  # admin endpoints are off without one
     drain_seconds: float = Field(10.0, ge=0.0)  # SIGTERM: finish queued work for up to this long
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     _lists = field_validator("alpha_grid", "prebuild", mode="before")(_floats)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        from service.controller import parse_policy
+
+        parse_policy(v)
+        return v
 
     @field_validator("profile_batches", mode="before")
     @classmethod

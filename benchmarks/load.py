@@ -1,0 +1,308 @@
+"""Load benchmark for the controller: open-loop traces against each policy, on 127.0.0.1 only.
+
+    .venv/bin/python -m benchmarks.load [--images 16] [--duration 15] [--policies fixed:1 step aimd lcs ...]
+
+Arrival times are fixed in advance (open loop: a slow response never slows the sender), bounded in
+count and time. Traces: steady (0.6x the alpha = 1 capacity), step (0.5x -> 1.5x -> 0.5x), ramp
+(0.2x -> 2x), bursty (gamma inter-arrivals, CV 2, with bursts peaking at 2.5x) and noisy (0.7x while a
+CPU-hungry neighbour process runs through the middle third). Capacity is measured first, closed loop,
+for the request mix at alpha = 1 and alpha = 0.
+
+Per policy and trace: p50/p99 latency of answered requests, SLO attainment (answered 200 within the
+SLO / sent), shed rate (429 + 503 / sent), mean served alpha, and effective accuracy (sum over requests
+answered within the SLO of the accuracy measured for the alpha that served them / sent). Writes
+benchmarks/results/load-<mix>.json and a PNG of alpha and p99 over time per policy and trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.http import _wait_ready
+
+HOST = "127.0.0.1"
+
+
+def _burn(stop: Any) -> None:
+    x = 0
+    while not stop.is_set():
+        for i in range(100_000):
+            x += i * i
+
+
+def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]:
+    """Arrival times in seconds from the start, precomputed."""
+    rng = random.Random(seed)
+
+    def rate(t: float) -> float:
+        f = t / duration
+        if kind == "steady":
+            return 0.6 * capacity
+        if kind == "step":
+            return (1.5 if 1 / 3 <= f < 2 / 3 else 0.5) * capacity
+        if kind == "ramp":
+            return (0.2 + 1.8 * f) * capacity
+        if kind == "bursty":  # two bursts at 2.5x on a 0.6x base
+            return (2.5 if (0.25 <= f < 0.35 or 0.6 <= f < 0.7) else 0.6) * capacity
+        if kind == "noisy":
+            return 0.7 * capacity
+        raise ValueError(kind)
+
+    times, t = [], 0.0
+    shape = 0.25 if kind == "bursty" else 1.0  # gamma shape 0.25: CV 2 (bursty); 1: Poisson
+    while t < duration:
+        r = rate(t)
+        t += rng.gammavariate(shape, 1.0 / (shape * r))
+        if t < duration:
+            times.append(t)
+    return times
+
+
+async def run_trace(base: str, body: bytes, arrivals: list[float], timeout: float) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+        start = time.monotonic()
+
+        async def one(at: float) -> None:
+            t0 = time.monotonic()
+            rec: dict[str, Any] = {"t": at}
+            try:
+                r = await client.post("/predict", content=body, headers={"content-type": "application/json"})
+                rec["status"] = r.status_code
+                if r.status_code == 200:
+                    rec["alpha"] = r.json()["alpha"]
+            except httpx.HTTPError as e:
+                rec["status"] = type(e).__name__
+            rec["latency"] = time.monotonic() - t0
+            results.append(rec)
+
+        tasks = []
+        for at in arrivals:
+            delay = start + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(at)))
+        await asyncio.gather(*tasks)
+    return sorted(results, key=lambda r: r["t"])
+
+
+async def capacity(base: str, body: bytes, seconds: float = 4.0, concurrency: int = 8) -> float:
+    """Closed-loop throughput (requests/s) with `concurrency` clients."""
+    done = 0
+    end = time.monotonic() + seconds
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+
+        async def worker() -> None:
+            nonlocal done
+            while time.monotonic() < end:
+                r = await client.post("/predict", content=body, headers={"content-type": "application/json"})
+                done += r.status_code == 200
+
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return done / seconds
+
+
+async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Event) -> None:
+    start = time.monotonic()
+    async with httpx.AsyncClient(base_url=base, timeout=1) as client:
+        while not stop.is_set():
+            try:
+                st = (await client.get("/controller")).json()
+                out.append({"t": time.monotonic() - start, "ceiling": st["ceiling"], "mode": st["mode"]})
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.25)
+
+
+async def drive(
+    base: str, body: bytes, arrivals: list[float], noisy: bool, duration: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run one trace while polling the controller; a CPU-hungry neighbour runs the middle third if `noisy`."""
+    timeline: list[dict[str, Any]] = []
+    stop_poll = asyncio.Event()
+    poller = asyncio.create_task(poll_controller(base, timeline, stop_poll))
+    stop_burn = multiprocessing.Event()
+    burners: list[multiprocessing.Process] = []
+
+    async def neighbour() -> None:
+        await asyncio.sleep(duration / 3)
+        for _ in range(os.cpu_count() or 2):
+            b = multiprocessing.Process(target=_burn, args=(stop_burn,), daemon=True)
+            b.start()
+            burners.append(b)
+        await asyncio.sleep(duration / 3)
+        stop_burn.set()
+
+    nb = asyncio.create_task(neighbour()) if noisy else None
+    rows = await run_trace(base, body, arrivals, timeout=5.0)
+    if nb is not None:
+        await nb
+    stop_poll.set()
+    await poller
+    for b in burners:
+        b.join(5)
+    return rows, timeline
+
+
+def summarise(rows: list[dict[str, Any]], slo: float, accuracy: dict[float, float]) -> dict[str, float]:
+    sent = len(rows)
+    ok = [r for r in rows if r["status"] == 200]
+    lat = sorted(r["latency"] for r in ok)
+    within = [r for r in ok if r["latency"] <= slo]
+
+    def pct(p: float) -> float:
+        return round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else float("nan")
+
+    return {
+        "sent": sent,
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+        "slo_attainment": round(len(within) / max(1, sent), 4),
+        "shed_rate": round(sum(r["status"] in (429, 503) for r in rows) / max(1, sent), 4),
+        "errors": sum(not isinstance(r["status"], int) or (r["status"] >= 500 and r["status"] != 503) for r in rows),
+        "mean_alpha": round(sum(r["alpha"] for r in ok) / max(1, len(ok)), 3),
+        "effective_accuracy": round(sum(accuracy.get(r["alpha"], 0.0) for r in within) / max(1, sent), 2),
+    }
+
+
+def plot(all_runs: dict[str, dict[str, Any]], out: Path, slo: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces = list(next(iter(all_runs.values()))["traces"])
+    fig, axes = plt.subplots(2, len(traces), figsize=(4 * len(traces), 6), dpi=100, squeeze=False)
+    for j, tr in enumerate(traces):
+        for policy, run in all_runs.items():
+            rows = run["traces"][tr]["requests"]
+            ax = axes[0][j]
+            ok = [r for r in rows if r["status"] == 200]
+            win = 1.0
+            ts = [k * win for k in range(int(max((r["t"] for r in rows), default=0) / win) + 1)]
+            alpha = [
+                sum(r["alpha"] for r in ok if t <= r["t"] < t + win) / max(1, sum(t <= r["t"] < t + win for r in ok))
+                for t in ts
+            ]
+            ax.plot(ts, alpha, label=policy)
+            p99 = []
+            for t in ts:
+                lat = sorted(r["latency"] for r in ok if t <= r["t"] < t + win)
+                p99.append(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"))
+            axes[1][j].plot(ts, p99, label=policy)
+        axes[0][j].set_title(tr)
+        axes[0][j].set_ylabel("mean served alpha")
+        axes[1][j].set_ylabel("p99 latency (ms), 1 s windows")
+        axes[1][j].axhline(1000 * slo, color="red", ls="--", lw=1)
+        axes[1][j].set_yscale("log")
+        axes[1][j].set_xlabel("time (s)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="models/structured_line.safetensors")
+    p.add_argument("--images", type=int, default=16, help="images per request (the mix)")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per trace")
+    p.add_argument("--traces", nargs="*", default=["steady", "step", "ramp", "bursty", "noisy"])
+    p.add_argument("--policies", nargs="*", default=["fixed:1", "fixed:0.5", "fixed:0", "step", "aimd", "lcs"])
+    p.add_argument("--slo", type=float, default=0.1, help="p99 latency objective, seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="default: benchmarks/results/load-<images>img")
+    args = p.parse_args()
+    out = args.out or Path("benchmarks/results") / f"load-{args.images}img"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    image = [[(11 * r + 5 * c) % 256 for c in range(28)] for r in range(28)]
+    body = json.dumps({"inputs": [image] * args.images}).encode()
+    port = 18100
+    base = f"http://{HOST}:{port}"
+    env = {
+        **os.environ,
+        "LCS_CHECKPOINT": args.checkpoint,
+        "LCS_PORT": str(port),
+        "LCS_LOG_LEVEL": "warning",
+        "LCS_SLO_P99_SECONDS": str(args.slo),
+        "LCS_QUEUE_MAX": "64",
+        "LCS_API_KEY": "bench",
+    }
+
+    def start(policy: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], env={**env, "LCS_POLICY": policy})
+        _wait_ready(base + "/readyz", proc)
+        return proc
+
+    result: dict[str, Any] = {
+        "checkpoint": args.checkpoint,
+        "images_per_request": args.images,
+        "slo_s": args.slo,
+        "duration_s": args.duration,
+        "capacity_rps": {},
+        "policies": {},
+    }
+    for a in ("1", "0"):
+        proc = start(f"fixed:{a}")
+        try:
+            asyncio.run(capacity(base, body, 2.0))  # warm
+            result["capacity_rps"][a] = round(asyncio.run(capacity(base, body)), 1)
+            accuracy = {q["alpha"]: q["accuracy"] for q in httpx.get(base + "/model").json()["accuracy"]}
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    cap1 = result["capacity_rps"]["1"]
+    print(
+        f"mix: {args.images} images/request; capacity {cap1} req/s at alpha 1, "
+        f"{result['capacity_rps']['0']} req/s at alpha 0",
+        flush=True,
+    )
+
+    for policy in args.policies:
+        proc = start(policy)
+        runs: dict[str, Any] = {}
+        try:
+            for k, tr in enumerate(args.traces):
+                arrivals = trace(tr, cap1, args.duration, args.seed + k)
+                rows, timeline = asyncio.run(drive(base, body, arrivals, tr == "noisy", args.duration))
+                summary = summarise(rows, args.slo, accuracy)
+                runs[tr] = {"summary": summary, "requests": rows, "controller": timeline}
+                print(f"{policy:>10} {tr:>7}: {summary}", flush=True)
+                time.sleep(2.0)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        result["policies"][policy] = {"traces": runs}
+
+    print(
+        f"\n{'policy':>10} | {'trace':>7} | {'p50 ms':>8} | {'p99 ms':>8} | {'SLO att.':>8} | {'shed':>6} | "
+        f"{'alpha':>5} | {'eff. acc':>8}"
+    )
+    for policy, run in result["policies"].items():
+        for tr, r in run["traces"].items():
+            s = r["summary"]
+            print(
+                f"{policy:>10} | {tr:>7} | {s['p50_ms']:>8} | {s['p99_ms']:>8} | {s['slo_attainment']:>8} | "
+                f"{s['shed_rate']:>6} | {s['mean_alpha']:>5} | {s['effective_accuracy']:>8}"
+            )
+    Path(f"{out}.json").write_text(json.dumps(result))
+    plot(result["policies"], Path(f"{out}.png"), args.slo)
+    print(f"wrote {out}.json and {out}.png")
+
+
+if __name__ == "__main__":
+    main()
