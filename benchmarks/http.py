@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -50,15 +51,30 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * UNITS[m.group(2)]
 
 
-def wrk(url: str, script: Path, connections: int, duration: float) -> dict[str, float]:
+def wrk(url: str, script: Path, connections: int, duration: float) -> dict[str, Any]:
     proc = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{round(duration)}s", "--latency", "--timeout", "5s", "-s", str(script), url],
-        capture_output=True, text=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{round(duration)}s",
+            "--latency",
+            "--timeout",
+            "5s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise SystemExit(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     out = proc.stdout
-    res = {"connections": connections, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rps is None:
+        raise SystemExit(f"unexpected wrk output:\n{out}")
+    res: dict[str, Any] = {"connections": connections, "rps": float(rps.group(1))}
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
         res[f"p{pct}_ms"] = round(_ms(m.group(1)), 3) if m else float("nan")
@@ -69,7 +85,7 @@ def wrk(url: str, script: Path, connections: int, duration: float) -> dict[str, 
     return res
 
 
-def time_breakdown(base: str, body: dict[str, object], n: int = 300) -> dict[str, float]:
+def time_breakdown(base: str, body: dict[str, Any], n: int = 300) -> dict[str, float]:
     """Sequential requests at low load: client latency vs the server's queue and compute time."""
     with httpx.Client(base_url=base, timeout=10) as c:
         for _ in range(20):
@@ -142,7 +158,7 @@ def main() -> None:
             {},
         ),
     }
-    results: dict[str, object] = {"checkpoint": args.checkpoint, "duration_s": args.duration, "levels": {}}
+    results: dict[str, Any] = {"checkpoint": args.checkpoint, "duration_s": args.duration, "levels": {}}
     for name, (cmd, port, ready, extra) in servers.items():
         proc = subprocess.Popen(cmd, env={**env, **extra})
         try:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import signal
 import time
 import uuid
@@ -22,6 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from service.batcher import Batcher, Draining, Job, QueueFull
 from service.controller import Signals
+from service.fleet import PrometheusFleet
 from service.inputs import InputError, decode
 from service.metrics import Metrics
 from service.runtime import LEVEL_NAMES, Runtime
@@ -62,6 +64,19 @@ class State:
         self.inflight = 0
         self.draining = False
         self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
+        # fleet figures from Prometheus, refreshed in the background each control interval; a value
+        # serves the step after the refresh that read it and no later one (max_age 1.5 intervals)
+        self.fleet = (
+            PrometheusFleet(
+                settings.prometheus_url,
+                timeout=settings.prometheus_timeout_seconds,
+                max_age=1.5 * settings.control_interval_seconds,
+                selector=settings.prometheus_selector,
+                window_seconds=settings.prometheus_window_seconds,
+            )
+            if settings.prometheus_url
+            else None
+        )
 
     def _on_batch(self, alpha: float, images: int, seconds: float, jobs: list[Job]) -> None:
         self.metrics.batch_size.observe(images)
@@ -70,6 +85,7 @@ class State:
     def signals(self, now: float) -> Signals:
         rate, per_request, p99 = self.requests.tick(now)
         battery, on_battery = self.battery_override or self.probe.battery()
+        fleet = self.fleet.current(now) if self.fleet is not None else None
         return Signals(
             now=now,
             queue_depth=self.batcher.depth,
@@ -81,6 +97,8 @@ class State:
             memory_available=self.probe.memory_available(),
             battery_percent=battery,
             on_battery=on_battery,
+            fleet_rate=fleet.rate if fleet is not None else None,
+            fleet_p99=fleet.p99 if fleet is not None else None,
         )
 
     def control_step(self, now: float) -> None:
@@ -100,6 +118,8 @@ class State:
             "cpu_other",
             "memory_available",
             "battery_percent",
+            "fleet_rate",
+            "fleet_p99",
         ):
             v = getattr(s, name)
             if v is not None:
@@ -175,21 +195,33 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await _too_large(send, self.limit)
-        seen = 0
+        seen, tripped, answered = 0, False, False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, tripped
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    tripped = True
                     raise _BodyTooLarge
             return message
 
+        async def guarded(message: Message) -> None:
+            # FastAPI turns an error while reading the body into its own 400: answer 413 instead
+            nonlocal answered
+            if not tripped:
+                return await send(message)
+            if not answered:
+                answered = True
+                await _too_large(send, self.limit)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, guarded)
         except _BodyTooLarge:
-            await _too_large(send, self.limit)
+            if not answered:
+                answered = True
+                await _too_large(send, self.limit)
 
 
 class _BodyTooLarge(Exception):
@@ -215,6 +247,9 @@ def _alpha(value: float | str | None, default: float, field: str) -> float:
         if value not in PRESETS:
             raise ApiError(422, f"{field}: unknown preset {value!r}; use a number in [0, 1] or one of {list(PRESETS)}")
         return PRESETS[value]
+    # the v2 path passes `parameters` through unvalidated: anything but a number in [0, 1] is the client's error
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ApiError(422, f"{field}: {value!r} is not a number in [0, 1] or one of {list(PRESETS)}")
     return float(value)
 
 
@@ -317,6 +352,8 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
                 log.warning("drain timed out after %.1f s with work left", s.drain_seconds)
             for t in tasks:
                 t.cancel()
+            if st.fleet is not None:
+                await st.fleet.aclose()
             st.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
@@ -517,7 +554,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         i = rt.meta.input
         per = i.channels * i.height * i.width
         n = t.shape[0] if t.shape else 0
-        if n < 1 or int(torch.tensor(t.shape).prod()) != n * per or len(t.data) != n * per:
+        if n < 1 or math.prod(t.shape) != n * per or len(t.data) != n * per:
             raise ApiError(
                 422,
                 f"inputs[0]: shape {t.shape} with {len(t.data)} values does not hold whole "
@@ -532,7 +569,14 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 255:
             raise ApiError(422, "inputs[0].data: pixel values must be finite and in 0-255")
         p = body.parameters or {}
-        probs, res, acc = await _infer(st, x, p.get("quality"), p.get("min_quality"), p.get("deadline_ms"))
+        deadline_ms = p.get("deadline_ms")
+        if deadline_ms is not None and (
+            isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int | float) or not 0 < deadline_ms <= 60_000
+        ):
+            raise ApiError(
+                422, f"parameters.deadline_ms: {deadline_ms!r} is not a number of milliseconds in (0, 60000]"
+            )
+        probs, res, acc = await _infer(st, x, p.get("quality"), p.get("min_quality"), deadline_ms)
         return {
             "model_name": rt.name,
             "model_version": "1",
@@ -588,3 +632,5 @@ async def _control_loop(st: State) -> None:
             st.control_step(time.monotonic())
         except Exception:
             log.exception("control step failed; keeping the last ceiling")
+        if st.fleet is not None:
+            st.fleet.poll()  # in the background: read by the next step, never awaited here

@@ -11,6 +11,7 @@ No request is ever served more accurately than it asked.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger("lcs.service")
 
 
 class QueueFull(Exception):
@@ -28,7 +31,7 @@ class Draining(Exception):
     """The service is shutting down and takes no new work."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: deque.remove() must not compare tensors field by field
 class Job:
     x: torch.Tensor  # [n, C, H, W] normalised float
     target: float  # grid alpha asked for (quality capped by nothing yet)
@@ -82,6 +85,7 @@ class Batcher:
         self.draining = False
         self.running = 0  # jobs in the batch being computed
         self.stats = BatchStats()
+        self._current: list[Job] = []  # the batch being served, failed as a whole on an unexpected error
 
     @property
     def depth(self) -> int:
@@ -116,46 +120,59 @@ class Batcher:
         return batch
 
     async def run_forever(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Serve batches until cancelled. An unexpected error fails the batch in hand, never the loop."""
         while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            head = self._queue[0]
-            wait = head.enqueued + self.max_wait - time.monotonic()
-            if wait > 0 and self.queued_images < self.max_batch:
-                await asyncio.sleep(wait)  # give a partial batch a moment to fill
-            batch = [j for j in self._take() if not j.future.done()]  # cancelled clients drop out
-            if not batch:
-                continue
-            images = sum(j.images for j in batch)
-            now = time.monotonic()
-            deadlines = [j.deadline for j in batch if j.deadline is not None]
-            slack = min(deadlines) - now if deadlines else None
-            alpha = self._choose(batch[0].target, max(j.floor for j in batch), images, slack)
-            x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
-            self.running = len(batch)
-            t0 = time.monotonic()
             try:
-                probs = await loop.run_in_executor(self._executor, self._run, alpha, x)
-            except Exception as e:  # the model failed: every request in the batch gets the error
-                for j in batch:
+                await self._serve_next()
+            except Exception as e:
+                log.exception("batcher error; failing the current batch and carrying on")
+                for j in self._current:
                     if not j.future.done():
                         j.future.set_exception(e)
-                continue
             finally:
-                self.running = 0
-            compute = time.monotonic() - t0
-            self.stats.batches += 1
-            self.stats.images += images
-            if self._on_batch:
-                self._on_batch(alpha, images, compute, batch)
-            i = 0
+                self._current = []
+
+    async def _serve_next(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._queue:
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        head = self._queue[0]
+        wait = head.enqueued + self.max_wait - time.monotonic()
+        if wait > 0 and self.queued_images < self.max_batch:
+            await asyncio.sleep(wait)  # give a partial batch a moment to fill
+        batch = [j for j in self._take() if not j.future.done()]  # cancelled clients drop out
+        self._current = batch
+        if not batch:
+            return
+        images = sum(j.images for j in batch)
+        now = time.monotonic()
+        deadlines = [j.deadline for j in batch if j.deadline is not None]
+        slack = min(deadlines) - now if deadlines else None
+        alpha = self._choose(batch[0].target, max(j.floor for j in batch), images, slack)
+        x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
+        self.running = len(batch)
+        t0 = time.monotonic()
+        try:
+            probs = await loop.run_in_executor(self._executor, self._run, alpha, x)
+        except Exception as e:  # the model failed: every request in the batch gets the error
             for j in batch:
                 if not j.future.done():
-                    j.future.set_result(Result(probs[i : i + j.images], alpha, t0 - j.enqueued, compute, images))
-                i += j.images
+                    j.future.set_exception(e)
+            return
+        finally:
+            self.running = 0
+        compute = time.monotonic() - t0
+        self.stats.batches += 1
+        self.stats.images += images
+        if self._on_batch:
+            self._on_batch(alpha, images, compute, batch)
+        i = 0
+        for j in batch:
+            if not j.future.done():
+                j.future.set_result(Result(probs[i : i + j.images], alpha, t0 - j.enqueued, compute, images))
+            i += j.images
 
     async def drain(self, timeout: float) -> bool:
         """Stop taking work and wait (up to `timeout` s) until every accepted job is answered."""

@@ -5,10 +5,14 @@
 
 Resumable: the model, optimiser buffers and RNG are saved every epoch to `<out>.state.safetensors`
 (safetensors, no pickle); re-running the same command continues from the last finished epoch.
+
+Several processes: `torchrun --nproc_per_node N -m training train ...` trains data-parallel on the same
+global batch (training/distributed.py); rank 0 prints and writes every file.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -27,6 +31,7 @@ from lcs.layers import Setting
 from lcs.models import SubspaceResNet, build_model
 from training.config import TrainConfig
 from training.data import Dataset, Split, augment, hold_out, load_dataset, normalise
+from training.distributed import Ranks
 from training.evaluate import accuracy, accuracy_table, calibrate
 
 
@@ -81,11 +86,11 @@ def make_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> Subspace
 def _save_state(
     cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, epoch: int, rng: random.Random, elapsed: float
 ) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, p in enumerate(model.parameters()):
         buf = opt.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
-            tensors[f"optim.{i}"] = buf.contiguous()
+            tensors[f"optim.{i}"] = buf.cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
         "epoch": str(epoch),
@@ -123,7 +128,17 @@ def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, r
 
 
 def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None = None) -> Path:
-    """Train, calibrate, evaluate and write the checkpoint `cfg.out`; returns its path."""
+    """Train, calibrate, evaluate and write the checkpoint `cfg.out`; returns its path. Under torchrun,
+    every rank calls this; rank 0 writes the files."""
+    ranks = Ranks.from_env()  # one process (rank 0 of 1) unless started by torchrun
+    try:
+        return _train(cfg, ranks, data=data, command=command)
+    finally:
+        ranks.close()
+
+
+def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str | None) -> Path:
+    ranks.check_batch(cfg.batch_size)
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)  # denormal activations made fake-quantised layers 10-100x slower here
     torch.manual_seed(cfg.seed)
@@ -146,9 +161,10 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
     )
     steps_per_epoch = n_img // cfg.batch_size  # drop the last partial batch
     total = steps_per_epoch * cfg.epochs
-    start_epoch, elapsed = _load_state(cfg, model, opt, rng)
-    if start_epoch:
+    start_epoch, elapsed = _load_state(cfg, model, opt, rng)  # every rank reads the same state file
+    if start_epoch and ranks.main:
         print(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}", flush=True)
+    net = ranks.wrap(model, opt)  # DistributedDataParallel under torchrun; the model itself otherwise
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -161,6 +177,7 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
             file=sys.stdout,
             mininterval=1.0 if sys.stdout.isatty() else 30.0,
             ncols=110,
+            disable=not ranks.main,
         )
         seen = correct = 0
         loss_sum = 0.0
@@ -171,23 +188,26 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x = normalise(train_split.images[idx], mean, std)
             if cfg.augment:
-                x = augment(x, g)
+                x = augment(x, g)  # the whole global batch on every rank: one RNG stream, as one process
             x = x.contiguous(memory_format=memory_format)
             y = train_split.labels[idx]
+            x, y = ranks.shard(x), ranks.shard(y)  # [B / world, C, H, W]: this rank's share
 
             opt.zero_grad(set_to_none=True)
             progress = step / total
-            for alpha in sample_alphas(cfg, rng):  # several alphas: gradients add up (sandwich rule)
+            alphas = sample_alphas(cfg, rng)  # the same on every rank (same seed, same draws)
+            for j, alpha in enumerate(alphas):  # several alphas: gradients add up (sandwich rule)
                 level = cfg.schedule().level(compression_alpha(alpha, progress, cfg.warmup_fraction))
                 s = Setting(alpha, level, quantize_acts=step >= cfg.act_quant_warmup)
-                logits = model(x, s)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                loss.backward()
+                with ranks.no_sync(net, last=j == len(alphas) - 1):  # one all-reduce per step, after the last
+                    logits = net(x, s)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    loss.backward()
                 if alpha == 1.0 or cfg.fixed_alpha is not None:  # report the accurate end
                     correct += int((logits.argmax(1) == y).sum())
                     seen += len(y)
                     loss_sum += loss.item() * len(y)
-            if model.line and cfg.beta > 0:
+            if model.line and cfg.beta > 0:  # the same on every rank: needs no all-reduce
                 (cfg.beta * model.subspace_cos2()).backward()  # keeps the endpoints apart
             opt.step()
             if seen:
@@ -199,20 +219,29 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
                 )
         bar.close()
         elapsed += time.perf_counter() - t0
+        n_seen, n_correct, loss_total = ranks.sum(seen, correct, loss_sum)  # over all ranks' shards
+        if not ranks.main:
+            continue
         line = (
-            f"epoch {epoch + 1}: train loss {loss_sum / max(1, seen):.4f} acc {100 * correct / max(1, seen):.2f} "
+            f"epoch {epoch + 1}: train loss {loss_total / max(1, n_seen):.4f} "
+            f"acc {100 * n_correct / max(1, n_seen):.2f} "
             f"({time.perf_counter() - t0:.0f} s)"
         )
         if len(val_split):
-            calibrate(model, train_split.images, mean, std, batches=5, batch_size=cfg.batch_size, seed=epoch)
+            vm = model if ranks.device.type == "cpu" else copy.deepcopy(model).cpu()  # evaluation runs on CPU
+            calibrate(vm, train_split.images, mean, std, batches=5, batch_size=cfg.batch_size, seed=epoch)
             line += " | val " + " ".join(
-                f"a={a:g}:{accuracy(model, val_split, mean, std, a, cfg.eval_batch_size):.2f}"
-                for a in (model.stat_alphas[0], model.stat_alphas[-1])
+                f"a={a:g}:{accuracy(vm, val_split, mean, std, a, cfg.eval_batch_size):.2f}"
+                for a in (vm.stat_alphas[0], vm.stat_alphas[-1])
             )
         print(line, flush=True)
         _save_state(cfg, model, opt, epoch + 1, rng, elapsed)
 
+    if not ranks.main:
+        return Path(cfg.out)  # rank 0 calibrates, evaluates and writes the checkpoint
     model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    if ranks.device.type != "cpu":
+        model = model.cpu()
     calibrate(model, train_split.images, mean, std, batches=cfg.calib_batches, batch_size=cfg.batch_size, seed=cfg.seed)
     table = accuracy_table(model, data.test, mean, std, list(model.stat_alphas), cfg.eval_batch_size)
     meta = checkpoint.CheckpointMeta(

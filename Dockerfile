@@ -1,0 +1,65 @@
+# lcs-serve: the HTTP service with the default model (models/structured_line.safetensors) inside.
+#
+#   docker build -t lcs-serve .                       # normal: python:3.11-slim, CPU torch from its index
+#   docker run --rm -p 8000:8000 lcs-serve
+#
+# Offline (no registry, no network inside `docker build`): a local base image and wheels downloaded on
+# the host; deploy/README.md has the steps.
+#   docker build --build-arg BASE_IMAGE=lcs-base --build-arg WHEELS=deploy/docker/wheels -t lcs-serve .
+#
+# The same image trains: docker run ... --entrypoint python3 lcs-serve -m training train CONFIG key=value
+# No BuildKit-only syntax, so the legacy builder works too.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# -- build: a virtual environment with the project and its runtime dependencies ------------------------
+FROM ${BASE_IMAGE} AS build
+# a directory of wheels inside the build context; if it holds any *.whl, pip installs from it alone
+ARG WHEELS=deploy/docker/wheels
+# the CPU build of torch: PyPI's Linux wheel pulls several GB of CUDA libraries the service never uses
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+COPY ${WHEELS} /wheels/
+COPY pyproject.toml README.md /src/
+COPY lcs /src/lcs
+COPY training /src/training
+COPY service /src/service
+RUN python3 -m venv /opt/venv \
+ && if ls /wheels/*.whl >/dev/null 2>&1; then \
+        /opt/venv/bin/pip install --no-index --find-links /wheels "torch==${TORCH_VERSION}" /src; \
+    else \
+        /opt/venv/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+        && /opt/venv/bin/pip install /src; \
+    fi \
+ && /opt/venv/bin/python -c "import torch, service.app, training.train; print('torch', torch.__version__)" \
+ && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
+
+# -- runtime: the venv, the model, a non-root user ------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
+# a numeric user written straight into /etc/passwd: works on bases without useradd (debootstrap minbase)
+RUN echo "lcs:x:10001:10001:lcs-serve:/home/lcs:/usr/sbin/nologin" >> /etc/passwd \
+ && echo "lcs:x:10001:" >> /etc/group \
+ && mkdir -p /home/lcs /models \
+ && chown 10001:10001 /home/lcs /models
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY configs /app/configs
+COPY models/structured_line.safetensors /app/models/structured_line.safetensors
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/lcs \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    LCS_HOST=0.0.0.0 \
+    LCS_PORT=8000 \
+    LCS_CHECKPOINT=/app/models/structured_line.safetensors
+USER 10001:10001
+EXPOSE 8000
+# /models: a volume for checkpoints trained in a container (the compose `train` profile writes there)
+VOLUME ["/models"]
+# readiness, not liveness: unhealthy while the models are built and while draining (no curl in the image)
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('LCS_PORT', '8000'), timeout=2)"]
+# SIGTERM: readiness turns 503 at once, queued and in-flight requests finish (LCS_DRAIN_SECONDS), then exit
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python3", "-m", "service"]

@@ -1,0 +1,140 @@
+"""Fleet signals from Prometheus: request rate per replica and p99 latency across every replica.
+
+One replica only sees its own queue. Behind a load balancer the fleet's demand is the better input
+for the controller: a replica that just joined, or one the balancer favours for a moment, should size
+alpha for the load the fleet carries, not for its last few requests. Prometheus already scrapes every
+replica, so the controller asks it (HTTP API, `GET /api/v1/query`):
+
+    rate per replica = sum(rate(lcs_requests_total{endpoint="/predict"}[W])) / count(lcs_build_info)
+    p99              = histogram_quantile(0.99, sum by (le) (rate(lcs_request_duration_seconds_bucket
+                                                                  {endpoint="/predict"}[W])))
+
+`lcs_build_info` is exported by every replica from start-up, so the count includes idle ones.
+
+Prometheus must never slow the request path down: a refresh runs as its own asyncio task with an
+overall timeout, errors of any kind (down, slow, garbage) give None, and values are kept for at most
+`max_age` seconds (one control interval), after which the controller falls back to local signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+log = logging.getLogger("lcs.fleet")
+
+
+@dataclass(frozen=True)
+class FleetFigures:
+    rate: float | None  # requests/s per replica, fleet-wide average; None: unknown
+    p99: float | None  # seconds, fleet-wide; None: unknown (e.g. no traffic in the window)
+
+
+def queries(selector: str = "", window_seconds: float = 30.0) -> dict[str, str]:
+    """The PromQL the fleet source sends. `selector`: extra label matchers, e.g. 'job="lcs"'."""
+    w = f"{max(1, round(window_seconds))}s"
+    extra = f",{selector}" if selector else ""
+    only = f"{{{selector}}}" if selector else ""
+    return {
+        "rate": f'sum(rate(lcs_requests_total{{endpoint="/predict"{extra}}}[{w}])) / count(lcs_build_info{only})',
+        "p99": "histogram_quantile(0.99, sum by (le) "
+        f'(rate(lcs_request_duration_seconds_bucket{{endpoint="/predict"{extra}}}[{w}])))',
+    }
+
+
+def parse_value(payload: object) -> float | None:
+    """The single number of an instant-query answer, or None for an empty, NaN or malformed one."""
+    try:
+        assert isinstance(payload, dict) and payload.get("status") == "success"
+        data = payload["data"]
+        if data["resultType"] == "scalar":
+            raw = data["result"][1]
+        elif data["resultType"] == "vector":
+            result = data["result"]
+            if len(result) != 1:
+                return None  # no series (no traffic yet) or an ambiguous answer
+            raw = result[0]["value"][1]
+        else:
+            return None
+        value = float(raw)
+    except (AssertionError, KeyError, IndexError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+class PrometheusFleet:
+    """Reads fleet figures from a Prometheus server without ever blocking or raising.
+
+    `poll()` starts a refresh in the background (at most one at a time) and returns at once;
+    `current(now)` returns the last good values younger than `max_age` seconds, else None values.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        max_age: float,
+        selector: str = "",
+        window_seconds: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.max_age = max_age
+        self.queries = queries(selector, window_seconds)
+        self._clock = clock
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
+        self._good: dict[str, tuple[float, float]] = {}  # name -> (value, monotonic time it was read)
+        self._task: asyncio.Task[FleetFigures] | None = None
+        self.failures = 0  # refreshes that got no value for at least one query
+
+    async def _query(self, promql: str) -> float | None:
+        try:
+            r = await self._client.get("/api/v1/query", params={"query": promql})
+            return parse_value(r.json())
+        except Exception as e:  # down, refused, bad URL, not JSON: the controller falls back to local signals
+            log.debug("prometheus query failed: %r", e)
+            return None
+
+    async def refresh(self) -> FleetFigures:
+        """Query every figure at once, bounded by `timeout` overall; never raises."""
+        names = list(self.queries)
+        try:
+            async with asyncio.timeout(self.timeout):
+                values = await asyncio.gather(*(self._query(self.queries[n]) for n in names))
+        except TimeoutError:
+            values = [None] * len(names)
+        now = self._clock()
+        for name, value in zip(names, values, strict=True):
+            if value is not None:
+                self._good[name] = (value, now)
+        if any(v is None for v in values):
+            self.failures += 1
+        return self.current(now)
+
+    def poll(self) -> None:
+        """Start a background refresh unless one is still running; returns at once (needs a running loop)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self.refresh(), name="prometheus-fleet")
+
+    def current(self, now: float | None = None) -> FleetFigures:
+        now = self._clock() if now is None else now
+
+        def fresh(name: str) -> float | None:
+            got = self._good.get(name)
+            return got[0] if got is not None and now - got[1] <= self.max_age else None
+
+        return FleetFigures(rate=fresh("rate"), p99=fresh("p99"))
+
+    async def aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        await self._client.aclose()

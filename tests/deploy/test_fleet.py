@@ -1,0 +1,171 @@
+"""service.fleet against a fake Prometheus (httpx.MockTransport): ok, down, slow, garbage, staleness.
+
+(Kept beside the deploy tests, where the same source is read from a real Prometheus.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Coroutine
+
+import httpx
+import pytest
+
+from service.fleet import FleetFigures, PrometheusFleet, parse_value, queries
+
+Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+
+
+def vector(value: str) -> dict[str, object]:
+    return {"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": [1.0, value]}]}}
+
+
+def answering(rate: str = "12.5", p99: str = "0.042") -> Handler:
+    async def handle(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/v1/query"
+        q = request.url.params["query"]
+        return httpx.Response(200, json=vector(p99 if q.startswith("histogram_quantile") else rate))
+
+    return handle
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def fleet(handler: Handler, clock: Clock | None = None, timeout: float = 0.2) -> PrometheusFleet:
+    return PrometheusFleet(
+        "http://prometheus:9090/",
+        timeout=timeout,
+        max_age=0.75,
+        selector='job="lcs"',
+        transport=httpx.MockTransport(handler),
+        clock=clock or time.monotonic,
+    )
+
+
+def refresh(f: PrometheusFleet) -> FleetFigures:
+    async def go() -> FleetFigures:
+        try:
+            return await f.refresh()
+        finally:
+            await f.aclose()
+
+    return asyncio.run(go())
+
+
+def test_reads_rate_per_replica_and_p99() -> None:
+    assert refresh(fleet(answering())) == FleetFigures(rate=12.5, p99=0.042)
+
+
+def test_queries_carry_the_selector_and_window() -> None:
+    q = queries('job="lcs"', 30)
+    assert q["rate"] == (
+        'sum(rate(lcs_requests_total{endpoint="/predict",job="lcs"}[30s])) / count(lcs_build_info{job="lcs"})'
+    )
+    assert 'lcs_request_duration_seconds_bucket{endpoint="/predict",job="lcs"}[30s]' in q["p99"]
+    assert "{}" not in queries("", 30)["rate"]  # no empty matcher braces without a selector
+
+
+def test_prometheus_down_gives_none() -> None:
+    async def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    f = fleet(down)
+    assert refresh(f) == FleetFigures(None, None)
+    assert f.failures == 1
+
+
+def test_slow_prometheus_is_cut_off_at_the_timeout() -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return httpx.Response(200, json=vector("1"))
+
+    t0 = time.monotonic()
+    assert refresh(fleet(slow, timeout=0.05)) == FleetFigures(None, None)
+    assert time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>502 Bad Gateway</html>",
+        json.dumps({"status": "error", "errorType": "bad_data", "error": "parse error"}).encode(),
+        json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode(),  # no traffic
+        json.dumps(vector("NaN")).encode(),  # histogram_quantile over zero rates
+        json.dumps(vector("not a number")).encode(),
+        json.dumps({"status": "success", "data": {"resultType": "matrix", "result": []}}).encode(),
+        json.dumps([1, 2, 3]).encode(),
+    ],
+)
+def test_garbage_gives_none(body: bytes) -> None:
+    async def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body)
+
+    assert refresh(fleet(handle)) == FleetFigures(None, None)
+
+
+def test_scalar_answers_are_read() -> None:
+    assert parse_value({"status": "success", "data": {"resultType": "scalar", "result": [1.0, "3"]}}) == 3.0
+
+
+def test_last_good_values_last_at_most_max_age() -> None:
+    clock = Clock()
+    up = True
+
+    async def flaky(request: httpx.Request) -> httpx.Response:
+        if not up:
+            return httpx.Response(503, text="unavailable")
+        return await answering()(request)
+
+    f = fleet(flaky, clock)
+
+    async def go() -> None:
+        assert await f.refresh() == FleetFigures(12.5, 0.042)
+        nonlocal up
+        up = False
+        clock.t += 0.5
+        assert await f.refresh() == FleetFigures(12.5, 0.042)  # failed, but the last values are 0.5 s old
+        clock.t += 0.5
+        assert f.current() == FleetFigures(None, None)  # 1.0 s > max_age 0.75: dropped, never stale
+        await f.aclose()
+
+    asyncio.run(go())
+
+
+def test_poll_never_waits_for_prometheus() -> None:
+    release = asyncio.Event()
+    calls = 0
+
+    async def stuck(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return httpx.Response(200, json=vector("1"))
+
+    async def go() -> None:
+        f = fleet(stuck, timeout=0.3)
+        t0 = time.monotonic()
+        f.poll()
+        f.poll()  # a refresh is still running: no second one
+        assert time.monotonic() - t0 < 0.05
+        assert f.current() == FleetFigures(None, None)
+        await asyncio.sleep(0.05)
+        assert calls == 2  # the two queries of one refresh
+        await asyncio.sleep(0.4)  # past the timeout: the refresh gave up by itself
+        assert f._task is not None and f._task.done()
+        release.set()
+        await f.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_bad_url_gives_none_not_an_error() -> None:
+    f = PrometheusFleet("prometheus:9090", timeout=0.2, max_age=1.0)  # no scheme
+    assert refresh(f) == FleetFigures(None, None)

@@ -1,0 +1,186 @@
+"""Helpers for the service tests: tiny real checkpoints (one per compression kind) and in-process apps.
+
+Everything runs in this process: TestClient (which runs the lifespan) or httpx over ASGITransport with
+the lifespan entered by hand. Nothing opens a socket. The only waiting is bounded polling for
+conditions that another thread makes true (the warm-up task, the batcher picking up work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from lcs import checkpoint
+from lcs.alpha import Schedule
+from lcs.checkpoint import CheckpointMeta
+from lcs.layers import Setting
+from lcs.models import SubspaceResNet, build_model
+from service.app import State, create_app
+from service.settings import Settings
+
+IMAGE = 12  # test images are IMAGE x IMAGE grayscale
+CLASSES = ["zero", "one", "two", "three"]
+GRID = (0.0, 0.5, 1.0)  # statistics grid: widths 0.25/0.625/1, sparsity 97.5/48.75/0 %, 3/6/8 bits
+MEAN, STD = 0.5, 0.25
+ACCURACY = {0.0: 61.5, 0.5: 74.25, 1.0: 88.0}  # made-up "measured" accuracy per alpha, distinct on purpose
+
+
+@dataclass(frozen=True)
+class TinyCheckpoint:
+    path: Path
+    model: SubspaceResNet  # the training-side model that was saved (eval mode)
+    meta: CheckpointMeta
+    samples: torch.Tensor  # uint8 [N, 1, IMAGE, IMAGE], as stored in the checkpoint
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8/float pixels 0-255 -> the model's input space, as the service does."""
+    return (images.float() / 255.0 - MEAN) / STD
+
+
+def random_images(n: int, seed: int) -> torch.Tensor:
+    """uint8 [n, 1, IMAGE, IMAGE] noise images."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, IMAGE, IMAGE), generator=g, dtype=torch.uint8)
+
+
+def make_checkpoint(directory: Path, kind: str, *, seed: int = 0) -> TinyCheckpoint:
+    """A tiny_resnet line subspace of `kind`, settled like training leaves it, saved with samples."""
+    torch.manual_seed(seed)
+    model = build_model(
+        "tiny_resnet",
+        in_channels=1,
+        num_classes=len(CLASSES),
+        line=True,
+        norm="batch",
+        stat_alphas=GRID,
+        schedule=Schedule(kind),  # type: ignore[arg-type]
+    )
+    with torch.no_grad():  # norm scales/shifts and biases away from 1/0, so folding and slicing them matters
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5) if name.rsplit(".", 1)[1].startswith("weight") else p.uniform_(-0.5, 0.5)
+    batches = [normalise(random_images(32, seed=seed * 100 + i)) for i in range(4)]
+    with torch.no_grad():
+        model.train()  # activation ranges (ActRange) are only recorded in train mode
+        for a, x in zip((0.0, 0.5, 1.0, 0.2), batches, strict=True):
+            model(x, Setting(a, model.schedule.level(a)))
+        model.eval()
+        for row, a in enumerate(model.stat_alphas):  # BatchNorm statistics per grid row, as training does
+            for n in range(2):
+                model(batches[n], Setting(a, model.schedule.level(a), stats=row, calibrate=n))
+    meta = CheckpointMeta(
+        arch=checkpoint.Arch(name="tiny_resnet"),
+        kind=kind,  # type: ignore[arg-type]
+        subspace="line",
+        schedule=model.schedule.to_dict(),
+        norm="batch",
+        stat_alphas=list(model.stat_alphas),
+        input=checkpoint.InputSpec(channels=1, height=IMAGE, width=IMAGE, mean=[MEAN], std=[STD]),
+        classes=CLASSES,
+        dataset="synthetic",
+        accuracy=[
+            checkpoint.AccuracyPoint(alpha=a, level=model.schedule.level(a).value, accuracy=ACCURACY[a]) for a in GRID
+        ],
+        training={"command": "tests/service/conftest.py", "train_seconds": 0.0},
+    )
+    samples = random_images(64, seed=seed + 7)
+    labels = torch.arange(64) % len(CLASSES)
+    path = directory / f"tiny_{kind}.safetensors"
+    checkpoint.save(path, model, meta, samples=(samples, labels))
+    return TinyCheckpoint(path, model, meta, samples)
+
+
+def make_settings(path: Path, **overrides: Any) -> Settings:
+    """Small, quiet settings: the controller loop never fires during a test (its interval is an hour),
+    so the ceiling moves only when a test moves it."""
+    base: dict[str, Any] = {
+        "checkpoint": path,
+        "threads": 1,
+        "profile_batches": [1, 4],
+        "max_batch": 8,
+        "max_wait_ms": 1.0,
+        "channels_last": "off",
+        "control_interval_seconds": 3600.0,
+        "drain_seconds": 2.0,
+        "slo_p99_seconds": 0.2,  # not one of the default bucket edges, so the SLO bucket is visible
+    }
+    return Settings(**{**base, **overrides})
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll until `condition()` holds (another thread makes it true), failing after `timeout` s."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.002)
+
+
+@contextlib.contextmanager
+def serve(settings: Settings, *, ready: bool = True, **app_kwargs: Any) -> Iterator[TestClient]:
+    """A TestClient over create_app(settings) with its lifespan running; waits for /readyz if `ready`."""
+    with TestClient(create_app(settings, **app_kwargs)) as client:
+        if ready:
+            wait_for(lambda: client.get("/readyz").status_code == 200, what="/readyz")
+        yield client
+
+
+def app_state(client: TestClient | FastAPI) -> State:
+    app = client.app if isinstance(client, TestClient) else client
+    return app.state.lcs  # type: ignore[union-attr,no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def serve_async(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, State]]:
+    """httpx.AsyncClient over ASGITransport, in the current event loop, with the app's lifespan entered
+    by hand (ASGITransport does not run it); waits until ready."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lcs.test") as client:
+            end = time.monotonic() + 15.0
+            while (await client.get("/readyz")).status_code != 200:
+                assert time.monotonic() < end, "warm-up did not finish"
+                await asyncio.sleep(0.005)
+            yield client, app.state.lcs
+
+
+@contextlib.contextmanager
+def paused(state: State) -> Iterator[threading.Event]:
+    """Occupy the app's single inference thread until the block ends (or the event is set), so that
+    requests pile up in the queue deterministically."""
+    gate = threading.Event()
+    state.executor.submit(gate.wait, 30.0)
+    try:
+        yield gate
+    finally:
+        gate.set()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Yield to the event loop until `condition()` holds, failing after `timeout` s."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+def image_list(x: torch.Tensor) -> list[list[float]]:
+    """One [IMAGE, IMAGE] image tensor -> nested list for a JSON body."""
+    return x.reshape(IMAGE, IMAGE).tolist()

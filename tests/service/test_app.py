@@ -1,0 +1,613 @@
+"""service.app: every endpoint's success and error paths, in process (TestClient or httpx over ASGI)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.service.service_support import (
+    ACCURACY,
+    CLASSES,
+    GRID,
+    IMAGE,
+    TinyCheckpoint,
+    app_state,
+    image_list,
+    make_settings,
+    normalise,
+    paused,
+    random_images,
+    serve,
+    serve_async,
+    until,
+)
+
+NAME = "tiny_structured"  # the checkpoint's file stem
+
+
+def reference(ck: TinyCheckpoint, images: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Probabilities [N, classes] from the training-side model at alpha, for uint8 images [N, 1, H, W]."""
+    with torch.no_grad():
+        return torch.softmax(ck.model(normalise(images), ck.model.at(alpha)), dim=1)
+
+
+def assert_matches(predictions: list[dict[str, Any]], expected: torch.Tensor) -> None:
+    assert len(predictions) == len(expected)
+    for pred, ref in zip(predictions, expected, strict=True):
+        order = ref.argsort(descending=True).tolist()
+        assert [t["index"] for t in pred["top"]] == order[: len(pred["top"])]
+        assert pred["index"] == order[0] and pred["label"] == CLASSES[order[0]]
+        for t in pred["top"]:
+            assert t["probability"] == pytest.approx(float(ref[t["index"]]), abs=1e-4)
+            assert t["label"] == CLASSES[t["index"]]
+
+
+def b64(image: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def post_raw(client: TestClient, body: str, path: str = "/predict") -> httpx.Response:
+    return client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+
+
+@pytest.fixture(scope="module")
+def client(structured: TinyCheckpoint) -> Iterator[TestClient]:
+    """One warmed-up app for the tests that do not change its state (no API key: admin is off)."""
+    with serve(make_settings(structured.path, max_inputs=4)) as c:
+        yield c
+
+
+IMAGES = random_images(4, seed=42)
+
+
+# -- /predict: success ------------------------------------------------------------------------------
+
+
+def test_predict_arrays_match_the_training_model(client: TestClient, structured: TinyCheckpoint) -> None:
+    r = client.post("/predict", json={"inputs": [image_list(x) for x in IMAGES[:3]]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert_matches(body["predictions"], reference(structured, IMAGES[:3], 1.0))
+    assert body["model"] == NAME and body["kind"] == "structured"
+    assert body["alpha"] == 1.0 and body["level"] == 1.0 and body["level_name"] == "width"
+    assert body["accuracy"] == ACCURACY[1.0]
+    assert 1 <= body["batch_images"] <= 8
+    assert body["queue_ms"] >= 0 and body["compute_ms"] > 0
+    assert body["request_id"] == r.headers["x-request-id"]
+    assert all(len(p["top"]) == 3 for p in body["predictions"])  # the top_k setting's default
+
+
+def test_predict_accepts_hw_chw_and_hwc_arrays(client: TestClient) -> None:
+    x = IMAGES[0, 0]
+    shapes = [x.tolist(), x[None].tolist(), x[:, :, None].tolist()]
+    r = client.post("/predict", json={"inputs": shapes})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert preds[0] == preds[1] == preds[2]
+
+
+def test_predict_png_gives_the_same_answer_as_the_array(client: TestClient, structured: TinyCheckpoint) -> None:
+    png = b64(Image.fromarray(IMAGES[1, 0].numpy(), "L"), "PNG")
+    r = client.post("/predict", json={"inputs": [png, "data:image/png;base64," + png]})
+    assert r.status_code == 200, r.text
+    assert_matches(r.json()["predictions"], reference(structured, IMAGES[[1, 1]], 1.0))
+
+
+def test_predict_jpeg(client: TestClient, structured: TinyCheckpoint) -> None:
+    flat = np.full((IMAGE, IMAGE), 128, dtype=np.uint8)  # a flat image survives JPEG (almost) unchanged
+    r = client.post("/predict", json={"inputs": [b64(Image.fromarray(flat, "L"), "JPEG")]})
+    assert r.status_code == 200, r.text
+    expected = reference(structured, torch.from_numpy(flat)[None, None], 1.0)
+    top = r.json()["predictions"][0]
+    assert top["index"] == int(expected.argmax())
+    assert top["probability"] == pytest.approx(float(expected.max()), abs=0.02)
+
+
+def test_predict_colour_png_is_converted(client: TestClient, structured: TinyCheckpoint) -> None:
+    rgb = Image.fromarray(np.repeat(IMAGES[2, 0].numpy()[:, :, None], 3, axis=2), "RGB")  # grey in RGB
+    r = client.post("/predict", json={"inputs": [b64(rgb, "PNG")]})
+    assert r.status_code == 200, r.text
+    assert_matches(r.json()["predictions"], reference(structured, IMAGES[[2]], 1.0))
+
+
+@pytest.mark.parametrize(
+    ("quality", "alpha"),
+    [("best", 1.0), ("high", 0.5), ("balanced", 0.5), ("fast", 0.0), ("fastest", 0.0), (0.7, 0.5), (0.0, 0.0)],
+)
+def test_quality_presets_and_numbers_snap_down_to_the_grid(
+    client: TestClient, structured: TinyCheckpoint, quality: str | float, alpha: float
+) -> None:
+    r = client.post("/predict", json={"inputs": [image_list(IMAGES[3])], "quality": quality})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["alpha"] == alpha
+    assert body["level"] == pytest.approx(0.25 + 0.75 * alpha)
+    assert body["accuracy"] == ACCURACY[alpha]
+    assert_matches(body["predictions"], reference(structured, IMAGES[[3]], alpha))
+
+
+@pytest.mark.parametrize(("top_k", "expected"), [(1, 1), (2, 2), (4, 4), (1000, 4)])
+def test_top_k(client: TestClient, top_k: int, expected: int) -> None:
+    r = client.post("/predict", json={"inputs": [image_list(IMAGES[0])], "top_k": top_k})
+    assert r.status_code == 200, r.text
+    top = r.json()["predictions"][0]["top"]
+    assert len(top) == expected
+    probs = [t["probability"] for t in top]
+    assert probs == sorted(probs, reverse=True)
+    if expected == len(CLASSES):
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_min_quality_that_can_be_met_is_served(client: TestClient) -> None:
+    r = client.post("/predict", json={"inputs": [image_list(IMAGES[0])], "quality": 1.0, "min_quality": 0.3})
+    assert r.status_code == 200 and r.json()["alpha"] == 1.0
+
+
+@pytest.mark.parametrize(("min_quality", "alpha"), [(None, 0.0), (0.5, 0.5), (1.0, 1.0)])
+def test_a_deadline_that_cannot_be_met_lowers_alpha_down_to_the_floor(
+    client: TestClient, min_quality: float | None, alpha: float
+) -> None:
+    # 1 microsecond: no profiled alpha fits, so the batch runs at the request's floor
+    body: dict[str, Any] = {"inputs": [image_list(IMAGES[0])], "deadline_ms": 0.001, "min_quality": min_quality}
+    r = client.post("/predict", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["alpha"] == alpha
+
+
+def test_a_generous_deadline_keeps_full_quality(client: TestClient) -> None:
+    r = client.post("/predict", json={"inputs": [image_list(IMAGES[0])], "deadline_ms": 60_000})
+    assert r.status_code == 200 and r.json()["alpha"] == 1.0
+
+
+def test_request_id_is_echoed(client: TestClient) -> None:
+    r = client.post("/predict", json={"inputs": [image_list(IMAGES[0])]}, headers={"x-request-id": "abc-123"})
+    assert r.json()["request_id"] == "abc-123" == r.headers["x-request-id"]
+
+
+# -- /predict: errors -------------------------------------------------------------------------------
+
+ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
+
+
+def _with(row: int, col: int, value: object) -> list[list[object]]:
+    img: list[list[object]] = [list(r) for r in ZEROS]
+    img[row][col] = value
+    return img
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"inputs": [[[0] * 5] * 5]}, "inputs[0]: shape [5, 5] does not match"),
+        ({"inputs": [ZEROS, [[0] * IMAGE] * 3]}, "inputs[1]: shape [3, 12]"),
+        ({"inputs": [_with(2, 3, 256)]}, "inputs[0]: pixel values must be in 0-255"),
+        ({"inputs": [ZEROS, _with(0, 0, -0.5)]}, "inputs[1]: pixel values must be in 0-255"),
+        ({"inputs": [[[0, 1], [2]]]}, "inputs[0]: not a rectangular array"),
+        ({"inputs": ["%%% not base64 %%%"]}, "inputs[0]: not valid base64"),
+        ({"inputs": [base64.b64encode(b"GIF? no, just text").decode()]}, "inputs[0]: not a readable PNG or JPEG"),
+        ({"inputs": [ZEROS] * 5}, "5 images in one request, the limit is 4"),
+        ({"inputs": []}, "non-empty list"),
+        ({"inputs": [ZEROS], "quality": "ultra"}, "quality"),
+        ({"inputs": [ZEROS], "quality": 1.5}, "quality"),
+        ({"inputs": [ZEROS], "quality": 0.5, "min_quality": 1.0}, "min_quality (1) is above quality (0.5)"),
+        ({"inputs": [ZEROS], "quality": "fast", "min_quality": "balanced"}, "min_quality (0.5) is above quality"),
+        ({"inputs": [ZEROS], "quality": 0.9, "min_quality": 0.6}, "no served alpha lies between"),
+        ({"inputs": [ZEROS], "deadline_ms": 0}, "deadline_ms"),
+        ({"inputs": [ZEROS], "top_k": 0}, "top_k"),
+        ({"inputs": [ZEROS], "colour": "red"}, "colour"),
+        ({}, "inputs"),
+        ({"inputs": "not a list"}, "inputs"),
+    ],
+)
+def test_predict_invalid_requests_get_422_with_an_actionable_detail(
+    client: TestClient, body: dict[str, Any], detail: str
+) -> None:
+    r = client.post("/predict", json=body)
+    assert r.status_code == 422, r.text
+    payload = r.json()
+    assert detail in payload["detail"]
+    assert payload["error"] in ("invalid input", "invalid request")
+    assert payload["request_id"] == r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_pixels_are_refused(client: TestClient, token: str) -> None:
+    # json.dumps would refuse; Python's json.loads (used by the server) accepts these tokens
+    rows = [", ".join(["0"] * IMAGE)] * IMAGE
+    rows[4] = ", ".join(["0"] * 5 + [token] + ["0"] * (IMAGE - 6))
+    image = "[" + ", ".join(f"[{r}]" for r in rows) + "]"
+    r = post_raw(client, '{"inputs": [' + ", ".join([json.dumps(ZEROS), image]) + "]}")
+    assert r.status_code == 422, r.text
+    assert "inputs[1]: contains NaN or Infinity" in r.json()["detail"]
+
+
+def test_nan_quality_is_refused(client: TestClient) -> None:
+    r = post_raw(client, '{"inputs": [' + json.dumps(ZEROS) + '], "quality": NaN}')
+    assert r.status_code == 422
+
+
+def test_malformed_json_is_a_422(client: TestClient) -> None:
+    r = post_raw(client, '{"inputs": [[[0, 1]')
+    assert r.status_code == 422
+    assert "json" in r.json()["detail"].lower()
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_predict_needs_json(client: TestClient, ctype: str | None) -> None:
+    headers = {"content-type": ctype} if ctype else {}
+    r = client.post("/predict", content=json.dumps({"inputs": [ZEROS]}).encode(), headers=headers)
+    assert r.status_code == 415, r.text
+    assert "send application/json" in r.json()["detail"]
+
+
+def test_json_content_type_with_charset_is_accepted(client: TestClient) -> None:
+    r = client.post(
+        "/predict",
+        content=json.dumps({"inputs": [ZEROS]}).encode(),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_get_on_predict_is_405(client: TestClient) -> None:
+    assert client.get("/predict").status_code == 405
+
+
+# -- body size --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_body_client(structured: TinyCheckpoint) -> Iterator[TestClient]:
+    with serve(make_settings(structured.path, max_body_bytes=2048)) as c:
+        yield c
+
+
+def test_body_under_the_limit_is_served(small_body_client: TestClient) -> None:
+    body = json.dumps({"inputs": [ZEROS]})
+    assert len(body) < 2048
+    assert small_body_client.post("/predict", json={"inputs": [ZEROS]}).status_code == 200
+
+
+def test_body_over_the_limit_is_413(small_body_client: TestClient) -> None:
+    body = json.dumps({"inputs": [ZEROS] * 8}).encode()
+    assert len(body) > 2048
+    r = small_body_client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert "2048 bytes" in r.json()["detail"]
+
+
+def test_streamed_body_over_the_limit_is_413(small_body_client: TestClient) -> None:
+    """Without Content-Length (chunked), the limit is enforced while the body streams in."""
+    body = json.dumps({"inputs": [ZEROS] * 8}).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(body), 512):
+            yield body[i : i + 512]
+
+    r = small_body_client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert "2048 bytes" in r.json()["detail"]
+    # and the app still answers afterwards
+    assert small_body_client.post("/predict", json={"inputs": [ZEROS]}).status_code == 200
+
+
+# -- liveness, readiness, metadata --------------------------------------------------------------------
+
+
+def test_health_endpoints(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.get("/v2/health/live").json() == {"live": True}
+    r = client.get("/v2/health/ready")
+    assert r.status_code == 200 and r.json() == {"ready": True}
+
+
+def test_model_describes_the_checkpoint(client: TestClient, structured: TinyCheckpoint) -> None:
+    m = client.get("/model").json()
+    assert m["name"] == NAME and m["kind"] == "structured" and m["subspace"] == "line"
+    assert m["level_name"] == "width"
+    assert m["grid"] == list(GRID)
+    assert m["classes"] == CLASSES
+    assert m["input"] == {"channels": 1, "height": IMAGE, "width": IMAGE, "mean": [0.5], "std": [0.25]}
+    assert [(p["alpha"], p["accuracy"]) for p in m["accuracy"]] == list(ACCURACY.items())
+    assert [p["level"] for p in m["accuracy"]] == [0.25, 0.625, 1.0]
+    assert m["alpha_convention"].startswith("alpha in [0, 1]; 1 = least compressed")
+    assert m["ready"] is True
+    assert sorted(m["cached_alphas"]) == list(GRID)  # the whole grid is prebuilt by default
+    assert set(m["profile_ms"]) == {"0", "0.5", "1"}
+    assert all(set(row) == {"1", "4"} and all(v > 0 for v in row.values()) for row in m["profile_ms"].values())
+    assert set(m["self_check_accuracy"]) == {"0", "0.5", "1"}
+    assert m["training"]["command"] == "tests/service/conftest.py"
+
+
+def test_controller_state(client: TestClient) -> None:
+    c = client.get("/controller").json()
+    assert c["mode"] == "full" and c["ceiling"] == 1.0 and c["pinned"] is None
+    assert isinstance(c["decisions"], list)
+
+
+def test_unknown_path_is_404(client: TestClient) -> None:
+    assert client.get("/nope").status_code == 404
+
+
+# -- Open Inference Protocol v2 -------------------------------------------------------------------
+
+
+def v2_body(images: torch.Tensor, **parameters: Any) -> dict[str, Any]:
+    return {
+        "id": "req-1",
+        "inputs": [
+            {"name": "input", "shape": list(images.shape), "datatype": "UINT8", "data": images.flatten().tolist()}
+        ],
+        **({"parameters": parameters} if parameters else {}),
+    }
+
+
+def test_v2_model_metadata(client: TestClient) -> None:
+    m = client.get(f"/v2/models/{NAME}").json()
+    assert m["name"] == NAME
+    assert m["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, IMAGE, IMAGE]}]
+    assert m["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(CLASSES)]}]
+    assert m["parameters"]["grid"] == list(GRID)
+    assert [p["accuracy"] for p in m["parameters"]["accuracy"]] == list(ACCURACY.values())
+    r = client.get(f"/v2/models/{NAME}/ready")
+    assert r.status_code == 200 and r.json() == {"name": NAME, "ready": True}
+
+
+@pytest.mark.parametrize("path", ["/v2/models/other", "/v2/models/other/ready"])
+def test_v2_unknown_model_is_404(client: TestClient, path: str) -> None:
+    r = client.get(path)
+    assert r.status_code == 404
+    assert NAME in r.json()["detail"]
+
+
+def test_v2_infer_uint8(client: TestClient, structured: TinyCheckpoint) -> None:
+    r = client.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:2], quality=0.5))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == NAME and body["id"] == "req-1"
+    assert body["parameters"]["alpha"] == 0.5 and body["parameters"]["accuracy"] == ACCURACY[0.5]
+    out = body["outputs"][0]
+    assert out["name"] == "probabilities" and out["shape"] == [2, len(CLASSES)]
+    got = torch.tensor(out["data"]).view(2, len(CLASSES))
+    assert torch.allclose(got, reference(structured, IMAGES[:2], 0.5), atol=1e-5)
+
+
+def test_v2_infer_fp32_with_flat_shape(client: TestClient, structured: TinyCheckpoint) -> None:
+    body = v2_body(IMAGES[:1])
+    body["inputs"][0].update(datatype="FP32", shape=[1, IMAGE * IMAGE])
+    r = client.post(f"/v2/models/{NAME}/infer", json=body)
+    assert r.status_code == 200, r.text
+    got = torch.tensor(r.json()["outputs"][0]["data"]).view(1, -1)
+    assert torch.allclose(got, reference(structured, IMAGES[:1], 1.0), atol=1e-5)
+
+
+def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
+    r = client.post("/v2/models/other/infer", json=v2_body(IMAGES[:1]))
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("change", "detail"),
+    [
+        ({"data": [0] * (IMAGE * IMAGE - 1)}, "does not hold whole"),
+        ({"shape": [2, 1, IMAGE, IMAGE]}, "does not hold whole"),
+        ({"shape": [1, 10**30]}, "does not hold whole"),
+        ({"shape": []}, "does not hold whole"),
+        ({"datatype": "BYTES"}, "datatype 'BYTES' is not supported"),
+        ({"data": [300] * (IMAGE * IMAGE)}, "0-255"),
+        ({"data": ["x"] * (IMAGE * IMAGE)}, "flat list of numbers"),
+        ({"shape": [5, IMAGE * IMAGE], "data": [0] * (5 * IMAGE * IMAGE)}, "the limit is 4"),
+    ],
+)
+def test_v2_infer_bad_tensors_are_422(client: TestClient, change: dict[str, Any], detail: str) -> None:
+    body = v2_body(IMAGES[:1])
+    body["inputs"][0].update(change)
+    r = client.post(f"/v2/models/{NAME}/infer", json=body)
+    assert r.status_code == 422, r.text
+    assert detail in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"quality": "ultra"},
+        {"quality": [1]},
+        {"quality": 7},
+        {"quality": True},
+        {"min_quality": -1},
+        {"deadline_ms": "soon"},
+        {"deadline_ms": -5},
+        {"quality": 0.5, "min_quality": 1.0},
+    ],
+)
+def test_v2_infer_bad_parameters_are_422(client: TestClient, parameters: dict[str, Any]) -> None:
+    r = client.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:1], **parameters))
+    assert r.status_code == 422, r.text
+
+
+def test_v2_infer_needs_json(client: TestClient) -> None:
+    r = client.post(
+        f"/v2/models/{NAME}/infer", content=json.dumps(v2_body(IMAGES[:1])), headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 415
+
+
+def test_v2_infer_needs_exactly_one_input(client: TestClient) -> None:
+    body = v2_body(IMAGES[:1])
+    body["inputs"] = body["inputs"] * 2
+    assert client.post(f"/v2/models/{NAME}/infer", json=body).status_code == 422
+
+
+# -- before ready, and draining ------------------------------------------------------------------
+
+
+def test_everything_that_needs_the_model_is_503_before_warm_up(structured: TinyCheckpoint) -> None:
+    with serve(make_settings(structured.path, model_name="fashion"), ready=False, warm_up=False) as c:
+        r = c.post("/predict", json={"inputs": [ZEROS]})
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert "retry shortly" in r.json()["detail"]
+        r = c.post("/v2/models/fashion/infer", json=v2_body(IMAGES[:1]))
+        assert r.status_code == 503 and "retry-after" in r.headers
+        assert c.get("/readyz").status_code == 503 and c.get("/readyz").json() == {"status": "starting"}
+        assert c.get("/v2/health/ready").status_code == 503
+        r = c.get("/v2/models/fashion/ready")
+        assert r.status_code == 503 and r.json() == {"name": "fashion", "ready": False}
+        # liveness and metadata do not wait for warm-up
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/v2/health/live").status_code == 200
+        assert c.get("/model").json()["ready"] is False
+        assert c.get("/v2/models/fashion").status_code == 200
+        assert c.get(f"/v2/models/{NAME}").status_code == 404  # LCS_MODEL_NAME renames the model
+        # input errors are still reported as such
+        assert c.post("/predict", json={"inputs": []}).status_code == 422
+
+
+def test_draining_turns_readiness_off_and_refuses_new_work(structured: TinyCheckpoint) -> None:
+    with serve(make_settings(structured.path)) as c:
+        app_state(c).draining = True
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json() == {"status": "draining"}
+        r = c.post("/predict", json={"inputs": [ZEROS]})
+        assert r.status_code == 503 and "retry-after" in r.headers
+        assert c.get("/healthz").status_code == 200  # still alive while it drains
+
+
+# -- admin: the pinned-alpha override ------------------------------------------------------------
+
+
+def test_admin_is_off_without_an_api_key(client: TestClient) -> None:
+    for method in ("PUT", "DELETE"):
+        r = client.request(method, "/admin/pin", json={"alpha": 0.5}, headers={"x-api-key": "anything"})
+        assert r.status_code == 404
+        assert "LCS_API_KEY" in r.json()["detail"]
+
+
+def test_pin_needs_the_right_key_and_pins_what_predict_serves(structured: TinyCheckpoint) -> None:
+    with serve(make_settings(structured.path, api_key="s3cret")) as c:
+        r = c.put("/admin/pin", json={"alpha": 0.5})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert c.put("/admin/pin", json={"alpha": 0.5}, headers={"authorization": "Basic czNjcmV0"}).status_code == 401
+        assert c.put("/admin/pin", json={"alpha": 0.5}, headers={"x-api-key": "wrong"}).status_code == 403
+        assert c.put("/admin/pin", json={"alpha": 0.5}, headers={"authorization": "Bearer wrong"}).status_code == 403
+        assert c.delete("/admin/pin", headers={"x-api-key": "s3cret-but-longer"}).status_code == 403
+        assert c.get("/controller").json()["pinned"] is None  # nothing changed so far
+        assert c.put("/admin/pin", json={"alpha": 2.0}, headers={"x-api-key": "s3cret"}).status_code == 422
+
+        r = c.put("/admin/pin", json={"alpha": 0.7}, headers={"x-api-key": "s3cret"})
+        assert r.status_code == 200, r.text
+        assert r.json()["pinned"] == 0.5 and r.json()["ceiling"] == 0.5 and r.json()["mode"] == "pinned"
+        served = c.post("/predict", json={"inputs": [ZEROS]}).json()
+        assert served["alpha"] == 0.5 and served["level"] == 0.625
+        assert c.post("/predict", json={"inputs": [ZEROS], "quality": 0.0}).json()["alpha"] == 0.0  # a ceiling
+        v2 = c.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:1])).json()
+        assert v2["parameters"]["alpha"] == 0.5
+        # a floor above the pinned ceiling is refused at once, not served late
+        r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": 1.0})
+        assert r.status_code == 429
+        assert int(r.headers["retry-after"]) >= 1
+        assert "alpha <= 0.5" in r.json()["detail"]
+
+        r = c.delete("/admin/pin", headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 200
+        assert r.json()["pinned"] is None and r.json()["mode"] == "recovering"
+        assert [d["reason"] for d in r.json()["decisions"]] == ["pinned", "pin released"]
+
+
+def test_pin_to_the_lowest_alpha_refuses_min_quality(structured: TinyCheckpoint) -> None:
+    with serve(make_settings(structured.path, api_key="k")) as c:
+        assert c.put("/admin/pin", json={"alpha": 0.0}, headers={"x-api-key": "k"}).status_code == 200
+        r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": "balanced"})
+        assert r.status_code == 429 and r.json()["error"] == "overloaded"
+        assert c.post("/predict", json={"inputs": [ZEROS], "min_quality": 0.0}).json()["alpha"] == 0.0
+
+
+# -- concurrency: batching and overload, in one event loop ------------------------------------------
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(structured: TinyCheckpoint) -> None:
+    images = random_images(20, seed=7)
+    targets = [1.0 if i % 3 else 0.5 for i in range(len(images))]
+    expected = {a: reference(structured, images, a) for a in (0.5, 1.0)}
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
+            with paused(st) as gate:  # hold the model so that the requests queue up
+                tasks = [
+                    asyncio.create_task(
+                        client.post("/predict", json={"inputs": [image_list(x)], "quality": q, "top_k": 4})
+                    )
+                    for x, q in zip(images, targets, strict=True)
+                ]
+                # all admitted: queued, or in the batch the held model thread will run first
+                await until(lambda: st.inflight == len(images), what="every request to be admitted")
+                gate.set()
+                responses = await asyncio.gather(*tasks)
+            assert st.batcher.stats.batches >= 3  # 13 at alpha 1 need two batches of <= 8, 7 at 0.5 one
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return [r.json() for r in responses]
+
+    bodies = asyncio.run(scenario())
+    for i, body in enumerate(bodies):
+        assert body["alpha"] == targets[i]  # a mixed batch would have served some at the other alpha
+        assert_matches(body["predictions"], expected[targets[i]][i : i + 1])
+        assert body["batch_images"] <= 8
+    assert max(b["batch_images"] for b in bodies) > 1  # they were batched
+
+
+def test_full_queue_answers_429_with_retry_after(structured: TinyCheckpoint) -> None:
+    async def scenario() -> None:
+        settings = make_settings(structured.path, queue_max=1, max_wait_ms=0.0)
+        async with serve_async(settings) as (client, st):
+            with paused(st) as gate:
+                body = {"inputs": [ZEROS]}
+                first = asyncio.create_task(client.post("/predict", json=body))
+                await until(lambda: st.batcher.running == 1, what="the first request to be taken")
+                second = asyncio.create_task(client.post("/predict", json=body))
+                await until(lambda: st.batcher.depth == 1, what="the second request to queue")
+                refused = await client.post("/predict", json=body)
+                assert refused.status_code == 429
+                assert int(refused.headers["retry-after"]) >= 1
+                assert "queue is full (1 requests)" in refused.json()["detail"]
+                assert st.inflight == 2
+                gate.set()
+                done = await asyncio.gather(first, second)
+            assert [r.status_code for r in done] == [200, 200]
+            assert (await client.post("/predict", json=body)).status_code == 200  # room again
+            metrics = (await client.get("/metrics")).text
+            assert 'lcs_shed_total{reason="queue_full"} 1.0' in metrics
+            assert st.inflight == 0
+
+    asyncio.run(scenario())
+
+
+def test_model_failure_is_a_500_and_the_service_keeps_serving(structured: TinyCheckpoint) -> None:
+    with serve(make_settings(structured.path)) as c:
+        rt = app_state(c).runtime
+        real = rt.cache.get
+
+        def broken(alpha: float) -> Any:
+            if alpha == 0.0:
+                raise RuntimeError("kernel exploded")
+            return real(alpha)
+
+        rt.cache.get = broken  # type: ignore[method-assign]
+        r = c.post("/predict", json={"inputs": [ZEROS], "quality": 0.0})
+        assert r.status_code == 500
+        assert r.json()["error"] == "internal error" and r.json()["request_id"] == r.headers["x-request-id"]
+        assert "kernel exploded" not in r.text  # internals stay in the log
+        assert c.post("/predict", json={"inputs": [ZEROS]}).status_code == 200

@@ -1,0 +1,347 @@
+"""service.batcher, driven directly with a fake model whose output rows say which input they came from."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from service.batcher import Batcher, Draining, Job, QueueFull, Result
+from tests.service.service_support import until
+
+MAX_BATCH = 8
+
+
+def run_async(scenario: Callable[[], Awaitable[None]], timeout: float = 20.0) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(scenario(), timeout)
+
+    asyncio.run(bounded())
+
+
+@dataclass
+class FakeModel:
+    """run(alpha, x) -> [n, 2]: column 0 is the input's id (x is filled with it), column 1 the alpha.
+
+    Records every batch; can be held (the first call waits for `gate`) and made to fail."""
+
+    hold_first: bool = False
+    fail_when: Callable[[int, float], bool] = lambda call, alpha: False
+    gate: threading.Event = field(default_factory=threading.Event)
+    batches: list[tuple[float, list[float]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, alpha: float, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            call = len(self.batches)
+            self.batches.append((alpha, x[:, 0, 0, 0].tolist()))
+        if self.hold_first and call == 0:
+            assert self.gate.wait(10), "the test never released the model"
+        if self.fail_when(call, alpha):
+            raise RuntimeError(f"model failed on batch {call}")
+        return torch.stack([x[:, 0, 0, 0], torch.full((len(x),), alpha)], dim=1)
+
+
+def choose_target(target: float, floor: float, images: int, slack: float | None) -> float:
+    return target
+
+
+def job(
+    ident: float, *, images: int = 1, target: float = 1.0, floor: float = 0.0, deadline: float | None = None
+) -> Job:
+    """A job whose images are all filled with `ident` (+ 0.01 * i for its i-th image)."""
+    x = torch.stack([torch.full((1, 2, 2), ident + 0.01 * i) for i in range(images)])
+    return Job(x, target, floor, deadline)
+
+
+def make_batcher(
+    model: FakeModel,
+    choose: Callable[[float, float, int, float | None], float] = choose_target,
+    *,
+    max_batch: int = MAX_BATCH,
+    queue_max: int = 1000,
+    max_wait: float = 0.0,
+) -> tuple[Batcher, ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(max_workers=1)
+    return Batcher(model, choose, executor, max_batch=max_batch, max_wait=max_wait, queue_max=queue_max), executor
+
+
+async def started(batcher: Batcher) -> asyncio.Task[None]:
+    task = asyncio.create_task(batcher.run_forever())
+    await asyncio.sleep(0)
+    return task
+
+
+async def stop(task: asyncio.Task[None], executor: ThreadPoolExecutor) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    executor.shutdown(wait=True)
+
+
+def ids(result: Result) -> list[float]:
+    return [round(v, 4) for v in result.probabilities[:, 0].tolist()]
+
+
+# -----------------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_each_get_their_own_rows() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model)
+        task = await started(batcher)
+        first = batcher.submit(job(100.0))
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        # while the model is busy, 30 requests of 1-3 images arrive
+        jobs = [job(float(i), images=1 + i % 3) for i in range(30)]
+        futures = [batcher.submit(j) for j in jobs]
+        assert batcher.depth == 30
+        model.gate.set()
+        results = await asyncio.gather(first, *futures)
+        await stop(task, executor)
+
+        assert ids(results[0]) == [100.0]
+        for j, r in zip(jobs, results[1:], strict=True):
+            ident = float(j.x[0, 0, 0, 0])
+            assert ids(r) == [round(ident + 0.01 * k, 4) for k in range(j.images)]
+            assert r.probabilities.shape == (j.images, 2)
+        sizes = [len(rows) for _, rows in model.batches]
+        assert max(sizes) <= MAX_BATCH
+        assert max(sizes) > 1  # they were actually batched
+        assert sum(sizes) == 1 + sum(j.images for j in jobs)
+        # every result knows the size of the batch it rode in
+        for r in results[1:]:
+            assert r.batch_images in sizes and r.batch_images <= MAX_BATCH
+        assert batcher.stats.batches == len(model.batches)
+        assert batcher.stats.images == sum(sizes)
+
+    run_async(scenario)
+
+
+def test_requests_with_different_targets_are_never_batched_together() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model)
+        task = await started(batcher)
+        head = batcher.submit(job(-1.0, target=0.25))
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        targets = [1.0, 0.5, 0.5, 1.0, 0.25, 1.0, 0.5, 0.5, 1.0, 1.0, 0.25, 0.5]
+        jobs = [job(float(i), target=t) for i, t in enumerate(targets)]
+        futures = [batcher.submit(j) for j in jobs]
+        model.gate.set()
+        results = await asyncio.gather(head, *futures)
+        await stop(task, executor)
+
+        by_id = {float(j.x[0, 0, 0, 0]): j.target for j in jobs} | {-1.0: 0.25}
+        for alpha, rows in model.batches:
+            assert {by_id[r] for r in rows} == {alpha}, (alpha, rows)
+        for j, r in zip(jobs, results[1:], strict=True):
+            assert r.alpha == j.target
+            assert r.probabilities[0, 1] == j.target
+        # the oldest request goes first, and same-target requests keep their arrival order
+        assert model.batches[1] == (1.0, [0.0, 3.0, 5.0, 8.0, 9.0])
+        assert model.batches[2] == (0.5, [1.0, 2.0, 6.0, 7.0, 11.0])
+        assert model.batches[3] == (0.25, [4.0, 10.0])
+
+    run_async(scenario)
+
+
+def test_batches_are_filled_up_to_max_batch_in_arrival_order() -> None:
+    async def scenario() -> None:
+        model = FakeModel()
+        batcher, executor = make_batcher(model, max_batch=4)
+        jobs = [job(float(i), images=n) for i, n in enumerate([2, 1, 2, 3, 1, 4])]
+        futures = [batcher.submit(j) for j in jobs]  # all queued before the batcher starts
+        task = await started(batcher)
+        await asyncio.gather(*futures)
+        await stop(task, executor)
+        # 2+1 fit and the next 2 does not; 2 then 3 does not fit; 3+1 fit and 4 does not; 4
+        assert [[int(v) for v in rows] for _, rows in model.batches] == [[0, 0, 1], [2, 2], [3, 3, 3, 4], [5] * 4]
+
+    run_async(scenario)
+
+
+def test_a_failing_batch_fails_only_its_requests_and_the_batcher_keeps_serving() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True, fail_when=lambda call, alpha: alpha == 0.5)
+        batcher, executor = make_batcher(model)
+        task = await started(batcher)
+        head = batcher.submit(job(-1.0))
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        doomed = [batcher.submit(job(float(i), target=0.5)) for i in range(3)]
+        fine = [batcher.submit(job(float(10 + i), target=1.0)) for i in range(3)]
+        model.gate.set()
+        outcomes = await asyncio.gather(head, *doomed, *fine, return_exceptions=True)
+        assert isinstance(outcomes[0], Result)
+        for o in outcomes[1:4]:
+            assert isinstance(o, RuntimeError) and "model failed" in str(o)
+        assert [ids(o) for o in outcomes[4:]] == [[10.0], [11.0], [12.0]]  # type: ignore[arg-type]
+        later = await batcher.submit(job(42.0))  # still alive after the failure
+        assert ids(later) == [42.0]
+        assert batcher.running == 0 and batcher.depth == 0
+        await stop(task, executor)
+
+    run_async(scenario)
+
+
+def test_choose_gets_the_highest_floor_and_the_tightest_slack() -> None:
+    seen: list[tuple[float, float, int, float | None]] = []
+
+    def choose(target: float, floor: float, images: int, slack: float | None) -> float:
+        seen.append((target, floor, images, slack))
+        return floor
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(FakeModel(), choose)
+        now = time.monotonic()
+        futures = [
+            batcher.submit(job(1.0, target=1.0, floor=0.25, deadline=now + 5.0)),
+            batcher.submit(job(2.0, images=2, target=1.0, floor=0.5, deadline=now + 1.0)),
+            batcher.submit(job(3.0, target=1.0, floor=0.0)),
+        ]
+        task = await started(batcher)
+        results = await asyncio.gather(*futures)
+        await stop(task, executor)
+        assert len(seen) == 1  # one batch of all three
+        target, floor, images, slack = seen[0]
+        assert (target, floor, images) == (1.0, 0.5, 4)
+        assert slack is not None and 0.0 < slack <= 1.0  # the 1 s deadline, not the 5 s one
+        assert all(r.alpha == 0.5 for r in results)  # the batch runs at what choose said
+
+
+def test_no_deadline_means_no_slack() -> None:
+    seen: list[float | None] = []
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s: seen.append(s) or t)  # type: ignore[func-returns-value]
+        fut = batcher.submit(job(1.0))
+        task = await started(batcher)
+        await fut
+        await stop(task, executor)
+
+    run_async(scenario)
+    assert seen == [None]
+
+
+def test_full_queue_refuses_and_accepts_again_once_drained() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model, queue_max=2)
+        task = await started(batcher)
+        running = batcher.submit(job(0.0))
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        queued = [batcher.submit(job(1.0)), batcher.submit(job(2.0))]  # the one running does not count
+        with pytest.raises(QueueFull):
+            batcher.submit(job(3.0))
+        assert batcher.depth == 2
+        model.gate.set()
+        await asyncio.gather(running, *queued)
+        assert ids(await batcher.submit(job(4.0))) == [4.0]
+        await stop(task, executor)
+
+    run_async(scenario)
+
+
+def test_cancelled_requests_are_dropped_before_running() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model)
+        task = await started(batcher)
+        head = batcher.submit(job(0.0))
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        gone = batcher.submit(job(1.0))
+        kept = batcher.submit(job(2.0))
+        gone.cancel()  # the client went away while queued
+        model.gate.set()
+        await asyncio.gather(head, kept)
+        await stop(task, executor)
+        assert [rows for _, rows in model.batches] == [[0.0], [2.0]]
+
+    run_async(scenario)
+
+
+def test_drain_finishes_accepted_work_and_refuses_new_work() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model)
+        task = await started(batcher)
+        accepted = [batcher.submit(job(float(i))) for i in range(3)]
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        drain = asyncio.create_task(batcher.drain(timeout=10.0))
+        await asyncio.sleep(0)
+        with pytest.raises(Draining):
+            batcher.submit(job(9.0))
+        assert not drain.done()
+        model.gate.set()
+        assert await drain is True
+        assert all(f.done() and not f.cancelled() for f in accepted)
+        await stop(task, executor)
+
+    run_async(scenario)
+
+
+def test_drain_times_out_when_work_is_stuck() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model)
+        task = await started(batcher)
+        fut = batcher.submit(job(0.0))
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        assert await batcher.drain(timeout=0.05) is False
+        model.gate.set()
+        await fut
+        await stop(task, executor)
+
+    run_async(scenario)
+
+
+def test_on_batch_reports_alpha_size_and_jobs() -> None:
+    reports: list[tuple[float, int, int]] = []
+
+    async def scenario() -> None:
+        executor = ThreadPoolExecutor(max_workers=1)
+        batcher = Batcher(
+            FakeModel(),
+            choose_target,
+            executor,
+            max_batch=MAX_BATCH,
+            max_wait=0.0,
+            queue_max=10,
+            on_batch=lambda alpha, images, seconds, jobs: reports.append((alpha, images, len(jobs))),
+        )
+        futures = [batcher.submit(job(1.0, images=2, target=0.5)), batcher.submit(job(2.0, images=3, target=0.5))]
+        task = await started(batcher)
+        await asyncio.gather(*futures)
+        await stop(task, executor)
+
+    run_async(scenario)
+    assert reports == [(0.5, 5, 2)]
+
+
+def test_an_unexpected_error_outside_the_model_fails_its_batch_and_the_loop_survives() -> None:
+    async def scenario() -> None:
+        model = FakeModel()
+        calls: list[float] = []
+
+        def choose(target: float, floor: float, images: int, slack: float | None) -> float:
+            calls.append(target)
+            if target == 0.5:
+                raise KeyError("controller bug")
+            return target
+
+        batcher, executor = make_batcher(model, choose)
+        task = await started(batcher)
+        with pytest.raises(KeyError, match="controller bug"):
+            await batcher.submit(job(1.0, target=0.5))
+        after = await batcher.submit(job(2.0, target=1.0))  # the loop is still serving
+        assert ids(after) == [2.0] and calls == [0.5, 1.0]
+        await stop(task, executor)
+
+    run_async(scenario)

@@ -1,0 +1,210 @@
+"""service.cache: grid snapping, a byte-bounded LRU, hit/miss/eviction counts and single-flight builds."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+from torch import nn
+
+from lcs.alpha import Level
+from service.cache import Grid, ModelCache
+from service.materialize import Compiled
+from tests.service.service_support import wait_for
+
+GRID = Grid([0.0, 0.25, 0.5, 1.0])
+
+
+def fake(alpha: float, resident_bytes: int = 100) -> Compiled:
+    return Compiled(alpha, Level("structured", width=alpha), nn.Identity(), "fake", resident_bytes, 0, 0.01, False)
+
+
+class Builder:
+    """Records the alphas it is asked to build; sizes per alpha are chosen by the test."""
+
+    def __init__(self, sizes: dict[float, int] | None = None) -> None:
+        self.sizes = sizes or {}
+        self.calls: list[float] = []
+
+    def __call__(self, alpha: float) -> Compiled:
+        self.calls.append(alpha)
+        return fake(alpha, self.sizes.get(alpha, 100))
+
+
+# -- the grid -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alpha", "down", "up"),
+    [
+        (0.0, 0.0, 0.0),
+        (0.1, 0.0, 0.25),
+        (0.25, 0.25, 0.25),
+        (0.2500000000001, 0.25, 0.25),  # float noise does not skip a grid point
+        (0.2499999999999, 0.25, 0.25),
+        (0.7, 0.5, 1.0),
+        (1.0, 1.0, 1.0),
+    ],
+)
+def test_grid_snaps_down_and_up(alpha: float, down: float, up: float) -> None:
+    assert GRID.down(alpha) == down
+    assert GRID.up(alpha) == up
+
+
+def test_grid_edges() -> None:
+    g = Grid([0.5, 1.0])
+    assert g.down(0.2) == 0.5  # below the grid: its lowest alpha
+    assert g.up(1.01) is None  # above it: nothing qualifies
+    assert Grid([1.0, 0.0, 0.5, 0.5]).alphas == [0.0, 0.5, 1.0]
+    assert 0.5 in g and 0.25 not in g
+    with pytest.raises(ValueError, match="empty"):
+        Grid([])
+
+
+# -- the cache ------------------------------------------------------------------------------------
+
+
+def test_get_snaps_down_and_counts_hits_and_misses() -> None:
+    builder = Builder()
+    cache = ModelCache(builder, GRID, max_bytes=10_000)
+    first = cache.get(0.7)
+    assert first.alpha == 0.5
+    assert cache.get(0.5) is first
+    assert cache.get(0.99) is first  # still snaps to 0.5: never more accurate than asked
+    assert cache.get(1.0).alpha == 1.0
+    assert builder.calls == [0.5, 1.0]
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.builds, cache.stats.evictions) == (2, 2, 2, 0)
+    assert cache.cached() == [0.5, 1.0]
+    assert cache.bytes == 200 and len(cache) == 2
+    assert cache.peek(0.6) is first and cache.peek(0.0) is None
+
+
+def test_least_recently_used_is_evicted_under_the_byte_bound() -> None:
+    builder = Builder()
+    cache = ModelCache(builder, GRID, max_bytes=250)  # room for two 100-byte models
+    cache.get(0.0)
+    cache.get(0.5)
+    cache.get(0.0)  # 0.0 is now more recent than 0.5
+    cache.get(1.0)  # does not fit: evict the least recently used, 0.5
+    assert cache.cached() == [0.0, 1.0]
+    assert cache.stats.evictions == 1
+    assert cache.bytes == 200 <= cache.max_bytes
+    cache.get(0.5)  # rebuilt, evicting 0.0 (used before 1.0)
+    assert builder.calls == [0.0, 0.5, 1.0, 0.5]
+    assert cache.cached() == [0.5, 1.0]
+    assert cache.stats.evictions == 2
+
+
+def test_eviction_frees_enough_bytes_for_a_large_model() -> None:
+    builder = Builder({0.0: 50, 0.25: 50, 0.5: 50, 1.0: 120})
+    cache = ModelCache(builder, GRID, max_bytes=200)
+    for a in (0.0, 0.25, 0.5):
+        cache.get(a)
+    assert cache.bytes == 150
+    cache.get(1.0)  # 270 bytes: one eviction is not enough (220), two are (170)
+    assert cache.cached() == [0.5, 1.0]
+    assert cache.bytes == 170
+    assert cache.stats.evictions == 2
+
+
+def test_one_entry_is_kept_even_over_the_bound() -> None:
+    cache = ModelCache(Builder({0.5: 500, 1.0: 500}), GRID, max_bytes=100)
+    cache.get(1.0)
+    assert cache.cached() == [1.0]  # the service must still be able to answer
+    cache.get(0.5)
+    assert cache.cached() == [0.5]
+    assert cache.stats.evictions == 1
+
+
+def test_zero_byte_bound_keeps_only_the_latest() -> None:
+    cache = ModelCache(Builder(), GRID, max_bytes=0)
+    for a in GRID.alphas:
+        cache.get(a)
+    assert cache.cached() == [1.0] and cache.stats.evictions == 3
+
+
+def test_on_change_is_called_after_each_build() -> None:
+    seen: list[list[float]] = []
+    cache = ModelCache(Builder(), GRID, max_bytes=10_000, on_change=lambda c: seen.append(c.cached()))
+    cache.get(0.5)
+    cache.get(0.5)
+    cache.get(1.0)
+    assert seen == [[0.5], [0.5, 1.0]]
+
+
+def _concurrent(cache: ModelCache, n: int, alpha: float) -> list[Future[Compiled]]:
+    """n threads call cache.get(alpha) at once; their futures."""
+    pool = ThreadPoolExecutor(max_workers=n)
+    futures = [pool.submit(cache.get, alpha) for _ in range(n)]
+    pool.shutdown(wait=False)
+    return futures
+
+
+def test_single_flight_concurrent_requests_build_once() -> None:
+    n = 8
+    release = threading.Event()
+    calls: list[float] = []
+
+    def slow_builder(alpha: float) -> Compiled:
+        calls.append(alpha)
+        assert release.wait(10), "never released"
+        return fake(alpha)
+
+    cache = ModelCache(slow_builder, GRID, max_bytes=10_000)
+    results = _concurrent(cache, n, 0.6)
+    # every thread has missed (and all but the builder wait on its future) before the build may finish
+    wait_for(lambda: cache.stats.misses == n, what="all threads to miss")
+    release.set()
+    got = [r.result(timeout=10) for r in results]
+    assert calls == [0.5]
+    assert all(g is got[0] for g in got)
+    assert (cache.stats.builds, cache.stats.misses, cache.stats.hits) == (1, n, 0)
+    assert cache.get(0.5) is got[0] and cache.stats.hits == 1
+
+
+def test_build_failure_reaches_every_waiter_and_the_next_get_retries() -> None:
+    n = 6
+    release = threading.Event()
+    calls: list[float] = []
+
+    def failing_once(alpha: float) -> Compiled:
+        calls.append(alpha)
+        if len(calls) == 1:
+            assert release.wait(10), "never released"
+            raise RuntimeError("out of memory while building")
+        return fake(alpha)
+
+    cache = ModelCache(failing_once, GRID, max_bytes=10_000)
+    results = _concurrent(cache, n, 1.0)
+    wait_for(lambda: cache.stats.misses == n, what="all threads to miss")
+    release.set()
+    errors = []
+    for r in results:
+        with pytest.raises(RuntimeError, match="out of memory") as e:
+            r.result(timeout=10)
+        errors.append(e.value)
+    assert len(errors) == n
+    assert cache.cached() == [] and cache.stats.builds == 0
+    retried = cache.get(1.0)  # the failure is not cached: the next request builds again
+    assert retried.alpha == 1.0 and calls == [1.0, 1.0]
+    assert cache.stats.builds == 1
+
+
+def test_different_alphas_build_independently() -> None:
+    release = threading.Event()
+    started: list[float] = []
+
+    def builder(alpha: float) -> Compiled:
+        started.append(alpha)
+        if alpha == 1.0:
+            assert release.wait(10)
+        return fake(alpha)
+
+    cache = ModelCache(builder, GRID, max_bytes=10_000)
+    (slow,) = _concurrent(cache, 1, 1.0)
+    wait_for(lambda: started == [1.0], what="the slow build to start")
+    assert cache.get(0.0).alpha == 0.0  # not blocked behind the build of another alpha
+    release.set()
+    assert slow.result(timeout=10).alpha == 1.0
+    assert sorted(cache.cached()) == [0.0, 1.0]

@@ -1,0 +1,251 @@
+"""service.controller: the control law, simulated with a hand-made latency profile and a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from itertools import count
+
+import pytest
+
+from service.cache import Grid
+from service.controller import Controller, Signals
+from service.profile import LatencyProfile
+
+ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+MAX_BATCH = 8
+SLO = 0.1
+
+
+def per_image(alpha: float) -> float:
+    """Made-up cost: 1 ms per image at alpha = 1 down to 0.2 ms at alpha = 0."""
+    return 0.001 * (0.2 + 0.8 * alpha)
+
+
+def profile() -> LatencyProfile:
+    p = LatencyProfile()
+    for a in ALPHAS:
+        p.add(a, 1, 0.002 * (0.2 + 0.8 * a))  # batch 1 pays a fixed overhead
+        p.add(a, MAX_BATCH, MAX_BATCH * per_image(a))
+    return p
+
+
+def controller(**kwargs: object) -> Controller:
+    options: dict[str, object] = {
+        "slo_seconds": SLO,
+        "max_batch": MAX_BATCH,
+        "request_cost_seconds": 0.0001,
+        "raise_after": 4,
+        "battery_low_percent": 20.0,
+        "battery_alpha_cap": 0.5,
+        **kwargs,
+    }
+    return Controller(Grid(ALPHAS), profile(), **options)  # type: ignore[arg-type]
+
+
+class Clock:
+    """Signals at successive control intervals (0.5 s apart); no real time passes."""
+
+    def __init__(self) -> None:
+        self._ticks: Iterator[int] = count()
+
+    def __call__(self, **fields: object) -> Signals:
+        return Signals(now=0.5 * next(self._ticks), **fields)  # type: ignore[arg-type]
+
+
+CALM = {"arrival_rate": 10.0}  # utilisation ~1 % at alpha = 1
+BURST = {"arrival_rate": 1000.0}  # 110 % at alpha = 1, 90 % at 0.75, 70 % at 0.5: only <= 0.5 fits 80 %
+
+
+def test_utilisation_model() -> None:
+    c = controller()
+    s = Signals(now=0.0, arrival_rate=1000.0)
+    assert c.utilisation(1.0, s) == pytest.approx(1000 * (0.001 + 0.0001))
+    assert c.utilisation(0.5, s) == pytest.approx(1000 * (0.0006 + 0.0001))
+    assert c.utilisation(0.5, replace(s, cpu_other=0.5)) == pytest.approx(1000 * (0.0012 + 0.0001))
+    assert c.utilisation(0.5, replace(s, images_per_request=2.0)) == pytest.approx(1000 * (0.0012 + 0.0001))
+    assert c.utilisation(0.5, replace(s, fleet_rate=100.0)) == pytest.approx(100 * (0.0006 + 0.0001))
+    assert c.utilisation(0.33, s) == 0.0  # not profiled: no prediction
+
+
+def test_steady_low_load_keeps_full_accuracy() -> None:
+    c, clock = controller(), Clock()
+    for _ in range(50):
+        assert c.update(clock(**CALM, p99=0.01)) == 1.0
+    assert c.mode == "full"
+    assert list(c.decisions) == []
+
+
+def test_burst_lowers_the_ceiling_to_the_largest_alpha_that_fits() -> None:
+    c, clock = controller(), Clock()
+    c.update(clock(**CALM))
+    assert c.update(clock(**BURST)) == 0.5
+    assert c.mode == "degraded"
+    assert c.decisions[-1].reason == "queueing estimate over target"
+    assert c.update(clock(**BURST)) == 0.5  # stays while the burst lasts, no further drop
+
+
+def test_recovery_only_after_raise_after_calm_intervals_one_step_at_a_time() -> None:
+    c, clock = controller(raise_after=4), Clock()
+    c.update(clock(**BURST))
+    assert c.ceiling == 0.5
+    history = [c.update(clock(**CALM, p99=0.01)) for _ in range(8)]
+    assert history == [0.5, 0.5, 0.5, 0.75, 0.75, 0.75, 0.75, 1.0]
+    assert c.mode == "full"
+    assert [d.reason for d in c.decisions][-2:] == ["headroom: recovering", "headroom: recovering"]
+
+
+def test_alternating_signals_do_not_make_the_ceiling_oscillate() -> None:
+    c, clock = controller(raise_after=4), Clock()
+    ceilings = []
+    for i in range(40):
+        ceilings.append(c.update(clock(**(BURST if i % 2 == 0 else CALM))))
+    assert set(ceilings) == {0.5}
+    assert len(c.decisions) == 1  # one move down, never back up while load keeps returning
+    # three calm intervals between bursts are not enough either
+    for i in range(40):
+        c.update(clock(**(BURST if i % 4 == 0 else CALM)))
+    assert c.ceiling == 0.5 and len(c.decisions) == 1
+
+
+def test_p99_above_slo_steps_down_to_the_floor_and_no_further() -> None:
+    c, clock = controller(), Clock()
+    slow = {**CALM, "p99": 2 * SLO}
+    assert [c.update(clock(**slow)) for _ in range(6)] == [0.75, 0.5, 0.25, 0.0, 0.0, 0.0]
+    assert c.decisions[0].reason == "p99 above SLO"
+    assert c.mode == "degraded"
+
+
+def test_p99_near_the_slo_holds_the_ceiling() -> None:
+    c, clock = controller(raise_after=2), Clock()
+    c.update(clock(**CALM, p99=2 * SLO))
+    assert c.ceiling == 0.75
+    for _ in range(10):  # between 70 % of the SLO and the SLO: neither lower nor raise
+        assert c.update(clock(**CALM, p99=0.9 * SLO)) == 0.75
+    c.update(clock(**CALM, p99=0.5 * SLO))
+    assert c.update(clock(**CALM, p99=0.5 * SLO)) == 1.0
+
+
+def test_fleet_p99_counts_too() -> None:
+    c, clock = controller(), Clock()
+    assert c.update(clock(**CALM, p99=0.01, fleet_p99=2 * SLO)) == 0.75
+
+
+def test_cpu_taken_by_other_processes_lowers_the_ceiling() -> None:
+    c, clock = controller(), Clock()
+    assert c.update(clock(arrival_rate=700.0)) == 1.0  # 77 % at alpha = 1
+    assert c.update(clock(arrival_rate=700.0, cpu_other=0.5)) < 1.0  # half the CPU: twice the cost
+
+
+def test_low_battery_on_battery_caps_the_ceiling() -> None:
+    c, clock = controller(battery_alpha_cap=0.6), Clock()
+    for _ in range(10):
+        assert c.update(clock(**CALM, battery_percent=10.0, on_battery=True)) == 0.5  # grid.down(0.6)
+    assert c.mode == "battery"
+    assert c.decisions[-1].reason == "low battery cap"
+
+
+@pytest.mark.parametrize(("percent", "on_battery"), [(10.0, False), (80.0, True), (None, False)])
+def test_battery_cap_needs_both_low_charge_and_no_power(percent: float | None, on_battery: bool) -> None:
+    c, clock = controller(), Clock()
+    assert c.update(clock(**CALM, battery_percent=percent, on_battery=on_battery)) == 1.0
+
+
+def test_plugging_in_lets_the_ceiling_recover() -> None:
+    c, clock = controller(raise_after=2), Clock()
+    c.update(clock(**CALM, battery_percent=10.0, on_battery=True))
+    assert c.ceiling == 0.5
+    history = [c.update(clock(**CALM, battery_percent=10.0, on_battery=False)) for _ in range(4)]
+    assert history == [0.5, 0.75, 0.75, 1.0]
+
+
+def test_pin_overrides_the_control_law_until_released() -> None:
+    c, clock = controller(raise_after=2), Clock()
+    c.pin(0.6, now=0.0)
+    assert (c.pinned, c.ceiling, c.mode) == (0.5, 0.5, "pinned")  # snapped down to the grid
+    for _ in range(5):
+        assert c.update(clock(**CALM)) == 0.5
+    assert c.update(clock(**BURST, p99=10 * SLO)) == 0.5  # neither load nor latency moves a pin
+    c.pin(None, now=1.0)
+    assert c.pinned is None and c.mode == "recovering"
+    assert c.decisions[-1].reason == "pin released"
+    history = [c.update(clock(**CALM)) for _ in range(4)]
+    assert history == [0.5, 0.75, 0.75, 1.0]
+
+
+def test_overload_from_request_handling_is_shed_not_answered_by_lowering_alpha() -> None:
+    c, clock = controller(request_cost_seconds=0.01), Clock()
+    s = clock(arrival_rate=200.0)  # 10 ms of handling per request: over 100 % even at alpha = 0
+    assert c.utilisation(0.0, s) > 1.0
+    assert c.update(s) == 1.0
+    assert c.mode == "shedding"
+    assert c.update(clock(arrival_rate=200.0)) == 1.0
+
+
+def test_overload_from_the_model_still_lowers_alpha() -> None:
+    c, clock = controller(), Clock()
+    s = clock(arrival_rate=5000.0)  # 150 % at alpha = 0, but 550 % at alpha = 1: alpha is the lever
+    assert c.utilisation(0.0, s) > 1.0
+    assert c.update(s) == 0.0
+    assert c.mode == "degraded"
+
+
+def test_state_reports_signals_and_decisions() -> None:
+    c, clock = controller(), Clock()
+    c.update(clock(**BURST))
+    state = c.state()
+    assert state["mode"] == "degraded" and state["ceiling"] == 0.5 and state["pinned"] is None
+    assert state["signals"]["arrival_rate"] == 1000.0  # type: ignore[index]
+    assert state["decisions"] == [{"at": 0.0, "ceiling": 0.5, "reason": "queueing estimate over target"}]
+
+
+# -- each batch's alpha -----------------------------------------------------------------------------
+
+
+def test_batch_alpha_without_a_deadline_is_the_capped_target() -> None:
+    c = controller()
+    assert c.batch_alpha(1.0, 0.0, 4, None) == 1.0
+    assert c.batch_alpha(0.75, 0.0, 4, None) == 0.75  # never above the target
+    c.ceiling = 0.5
+    assert c.batch_alpha(1.0, 0.0, 4, None) == 0.5  # never above the ceiling
+    assert c.batch_alpha(0.25, 0.0, 4, None) == 0.25
+
+
+def test_batch_alpha_picks_the_largest_alpha_that_fits_the_slack() -> None:
+    c = controller()
+    # 8 images: 8 ms at 1, 6.4 ms at 0.75, 4.8 ms at 0.5, 3.2 ms at 0.25, 1.6 ms at 0
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.010) == 1.0
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.007) == 0.75
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.005) == 0.5
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0017) == 0.0
+    assert c.batch_alpha(1.0, 0.0, 16, 0.010) == 0.5  # twice the images (extrapolated linearly)
+    assert c.batch_alpha(0.5, 0.0, MAX_BATCH, 1.0) == 0.5  # ample slack still never exceeds the target
+
+
+def test_batch_alpha_never_goes_below_the_floor() -> None:
+    c = controller()
+    assert c.batch_alpha(1.0, 0.75, MAX_BATCH, 0.001) == 0.75  # nothing fits: the floor, served late
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, -0.5) == 0.0  # deadline already past
+    assert c.batch_alpha(1.0, 0.5, MAX_BATCH, 0.005) == 0.5
+    c.ceiling = 0.25
+    assert c.batch_alpha(1.0, 0.5, MAX_BATCH, None) == 0.5  # the floor wins over the ceiling
+
+
+def test_batch_alpha_results_stay_within_bounds_over_many_cases() -> None:
+    c = controller()
+    for ceiling in ALPHAS:
+        c.ceiling = ceiling
+        for target in ALPHAS:
+            for floor in [a for a in ALPHAS if a <= min(target, ceiling)]:
+                for slack in (None, -1.0, 0.0005, 0.002, 0.004, 0.006, 1.0):
+                    a = c.batch_alpha(target, floor, MAX_BATCH, slack)
+                    assert a in ALPHAS
+                    assert floor <= a <= min(target, ceiling), (ceiling, target, floor, slack, a)
+                    if slack is not None and a > floor:
+                        predicted = c.profile.predict(a, MAX_BATCH)
+                        assert predicted is not None and predicted <= slack
+
+
+def test_unprofiled_alpha_is_assumed_to_fit() -> None:
+    c = Controller(Grid(ALPHAS), LatencyProfile(), slo_seconds=SLO, max_batch=MAX_BATCH)
+    assert c.batch_alpha(1.0, 0.0, 4, 0.000001) == 1.0

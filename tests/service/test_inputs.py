@@ -1,0 +1,226 @@
+"""service.inputs: request inputs -> float batch [N, C, H, W] of pixel values, or an InputError naming the input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from lcs.checkpoint import InputSpec
+from service.inputs import InputError, decode, normaliser
+
+GRAY = InputSpec(channels=1, height=6, width=5, mean=[0.5], std=[0.25])
+RGB = InputSpec(channels=3, height=4, width=5, mean=[0.1, 0.2, 0.3], std=[0.5, 0.25, 0.125])
+
+
+def run(inputs: object, spec: InputSpec = GRAY, *, max_inputs: int = 8, max_pixels: int = 10_000) -> torch.Tensor:
+    return decode(inputs, spec, max_inputs=max_inputs, max_pixels=max_pixels)  # type: ignore[arg-type]
+
+
+def b64(image: Image.Image, fmt: str, **kwargs: object) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def ramp(h: int, w: int, c: int | None = None) -> np.ndarray:
+    """Distinct pixel values so that a transposition or reshaping mistake shows."""
+    n = h * w * (c or 1)
+    return (np.arange(n, dtype=np.float32) % 256).reshape((h, w) if c is None else (h, w, c))
+
+
+# -- arrays ---------------------------------------------------------------------------------------
+
+
+def test_hw_and_chw_arrays_give_the_same_batch() -> None:
+    img = ramp(6, 5)
+    out = run([img.tolist(), img[None].tolist(), img[:, :, None].tolist()])
+    assert out.dtype == torch.float32
+    assert out.shape == (3, 1, 6, 5)
+    for i in range(3):
+        assert torch.equal(out[i, 0], torch.from_numpy(img))
+
+
+def test_hwc_arrays_are_transposed_to_chw() -> None:
+    hwc = ramp(4, 5, 3)
+    out = run([hwc.tolist()], RGB)
+    assert out.shape == (1, 3, 4, 5)
+    assert torch.equal(out[0], torch.from_numpy(hwc.transpose(2, 0, 1).copy()))
+    chw = hwc.transpose(2, 0, 1)
+    assert torch.equal(run([chw.tolist()], RGB)[0], torch.from_numpy(chw.copy()))
+
+
+def test_hw_is_refused_for_a_colour_model_and_the_message_lists_what_is_accepted() -> None:
+    with pytest.raises(InputError) as e:
+        run([ramp(4, 5).tolist()], RGB)
+    msg = str(e.value)
+    assert msg.startswith("inputs[0]: shape [4, 5]")
+    assert "[3, 4, 5] or [4, 5, 3]" in msg
+    assert "[4, 5]," not in msg  # [H, W] is only offered to single-channel models
+
+
+def test_errors_name_the_offending_input() -> None:
+    good = ramp(6, 5).tolist()
+    with pytest.raises(InputError, match=r"^inputs\[2\]: shape \[6, 4\]"):
+        run([good, good, ramp(6, 4).tolist()])
+
+
+@pytest.mark.parametrize(
+    ("bad_value", "message"),
+    [(float("nan"), "NaN or Infinity"), (float("inf"), "NaN or Infinity"), (256.0, "0-255"), (-1.0, "0-255")],
+)
+def test_non_finite_or_out_of_range_pixels_are_refused_with_the_index(bad_value: float, message: str) -> None:
+    good = ramp(6, 5)
+    bad = good.copy()
+    bad[3, 2] = bad_value
+    with pytest.raises(InputError, match=rf"^inputs\[1\]: .*{message}"):
+        run([good.tolist(), bad.tolist()])  # all arrays: the batched fast path
+    with pytest.raises(InputError, match=rf"^inputs\[1\]: .*{message}"):
+        run([good.tolist(), bad.tolist(), b64(Image.new("L", (5, 6)), "PNG")])  # mixed: per-input path
+
+
+def test_boundary_values_0_and_255_are_accepted() -> None:
+    img = np.zeros((6, 5), dtype=np.float32)
+    img[0, 0] = 255.0
+    out = run([img.tolist()])
+    assert float(out.min()) == 0.0 and float(out.max()) == 255.0
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [[[1, 2, 3], [4, 5]]],  # ragged rows
+        [[[1, 2], "x"]],  # not numbers
+        [[[{"a": 1}] * 5] * 6],  # objects
+    ],
+)
+def test_ragged_or_non_numeric_arrays_are_refused(inputs: list[object]) -> None:
+    with pytest.raises(InputError, match=r"^inputs\[0\]: not a rectangular array of numbers"):
+        run(inputs)
+
+
+def test_flat_list_is_a_shape_error_not_a_crash() -> None:
+    with pytest.raises(InputError, match=r"^inputs\[0\]: shape \[30\]"):
+        run([list(range(30))])
+
+
+@pytest.mark.parametrize("inputs", [[], (), "not a list", None])
+def test_empty_or_non_list_inputs_are_refused(inputs: object) -> None:
+    with pytest.raises(InputError, match="non-empty list"):
+        run(inputs)
+
+
+def test_too_many_inputs_are_refused_before_decoding() -> None:
+    with pytest.raises(InputError, match="9 images in one request, the limit is 8"):
+        run([ramp(6, 5).tolist()] * 9)
+
+
+def test_other_json_types_are_refused() -> None:
+    with pytest.raises(InputError, match=r"^inputs\[1\]: expected a nested array"):
+        run([ramp(6, 5).tolist(), 42])
+
+
+# -- encoded images -------------------------------------------------------------------------------
+
+
+def test_png_decodes_losslessly() -> None:
+    img = ramp(6, 5).astype(np.uint8)
+    out = run([b64(Image.fromarray(img, "L"), "PNG")])
+    assert out.shape == (1, 1, 6, 5)
+    assert torch.equal(out[0, 0], torch.from_numpy(img.astype(np.float32)))
+
+
+def test_data_url_prefix_is_accepted() -> None:
+    img = ramp(6, 5).astype(np.uint8)
+    out = run(["data:image/png;base64," + b64(Image.fromarray(img, "L"), "PNG")])
+    assert torch.equal(out[0, 0], torch.from_numpy(img.astype(np.float32)))
+
+
+def test_jpeg_decodes_close_to_the_original() -> None:
+    img = np.full((6, 5), 100, dtype=np.uint8)
+    img[:3] = 200
+    out = run([b64(Image.fromarray(img, "L"), "JPEG", quality=95)])
+    assert out.shape == (1, 1, 6, 5)
+    assert float((out[0, 0] - torch.from_numpy(img.astype(np.float32))).abs().mean()) < 10.0
+
+
+def test_colour_png_is_converted_to_the_model_channels_and_resized() -> None:
+    grey_rgb = Image.new("RGB", (20, 24), (90, 90, 90))  # 4x larger than the model input, R = G = B
+    out = run([b64(grey_rgb, "PNG")])
+    assert out.shape == (1, 1, 6, 5)
+    assert torch.equal(out, torch.full((1, 1, 6, 5), 90.0))
+    gray = Image.new("L", (5, 4), 40)
+    out = run([b64(gray, "PNG")], RGB)
+    assert out.shape == (1, 3, 4, 5)
+    assert torch.equal(out, torch.full((1, 3, 4, 5), 40.0))
+
+
+def test_arrays_and_images_mix_in_one_request() -> None:
+    img = ramp(6, 5)
+    out = run([img.tolist(), b64(Image.fromarray(img.astype(np.uint8), "L"), "PNG")])
+    assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("text", ["not base64 at all!", "QUJD=Rg=="])
+def test_invalid_base64_is_refused(text: str) -> None:
+    with pytest.raises(InputError, match=r"^inputs\[0\]: not valid base64"):
+        run([text])
+
+
+def test_bytes_that_are_not_an_image_are_refused() -> None:
+    with pytest.raises(InputError, match=r"^inputs\[0\]: not a readable PNG or JPEG"):
+        run([base64.b64encode(b"hello, this is plain text and no image").decode()])
+
+
+def test_truncated_png_is_refused() -> None:
+    full = base64.b64decode(b64(Image.fromarray(ramp(6, 5).astype(np.uint8), "L"), "PNG"))
+    with pytest.raises(InputError, match=r"^inputs\[0\]: not a readable PNG or JPEG"):
+        run([base64.b64encode(full[: len(full) // 2]).decode()])
+
+
+def test_other_image_formats_are_refused() -> None:
+    with pytest.raises(InputError, match="format GIF is not supported"):
+        run([b64(Image.new("L", (5, 6)), "GIF")])
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height 8-bit grayscale pixels, followed by almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_its_header() -> None:
+    """A few hundred bytes claiming 10^10 pixels: refused from the header, never decoded."""
+    bomb = base64.b64encode(_png_header_only(100_000, 100_000)).decode()
+    assert len(bomb) < 200
+    with pytest.raises(InputError, match=r"^inputs\[0\]"):
+        run([bomb], max_pixels=4096 * 4096)
+
+
+def test_image_over_max_pixels_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = b64(Image.new("L", (3000, 3000)), "PNG")  # 9 M pixels in ~10 kB
+    assert len(big) < 100_000
+    decoded: list[object] = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self))  # must never be reached
+    with pytest.raises(InputError, match=r"^inputs\[0\]: image is 3000x3000 pixels, over the limit of 1000"):
+        run([big], max_pixels=1000)
+    assert decoded == []
+
+
+def test_normaliser_maps_pixels_like_training() -> None:
+    scale, shift = normaliser(RGB)
+    x = torch.tensor([0.0, 127.5, 255.0]).view(1, 1, 3, 1).expand(1, 3, 3, 1)
+    got = x * scale + shift
+    for c in range(3):
+        expected = (x[0, c] / 255.0 - RGB.mean[c]) / RGB.std[c]
+        assert torch.allclose(got[0, c], expected, atol=1e-6)

@@ -1,0 +1,151 @@
+"""service.metrics through /metrics: names, types, labels and values after some traffic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from service.metrics import latency_buckets
+from tests.service.service_support import IMAGE, TinyCheckpoint, make_settings, serve
+
+SLO = 0.2  # make_settings' slo_p99_seconds
+ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
+
+
+@pytest.fixture(scope="module")
+def scraped(structured: TinyCheckpoint) -> Iterator[dict[str, tuple[str, list[Sample]]]]:
+    """{family name: (type, samples)} after 3 good predictions (4 images), 1 invalid one and 2 other calls."""
+    with serve(make_settings(structured.path)) as c:
+        assert c.post("/predict", json={"inputs": [ZEROS, ZEROS]}).status_code == 200
+        assert c.post("/predict", json={"inputs": [ZEROS], "quality": 0.5}).status_code == 200
+        assert c.post("/predict", json={"inputs": [ZEROS], "quality": "fastest"}).status_code == 200
+        assert c.post("/predict", json={"inputs": []}).status_code == 422
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/v2/models/some-other-model").status_code == 404
+        assert c.get("/no/such/path/42").status_code == 404
+        r = c.get("/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        yield {f.name: (f.type, f.samples) for f in text_string_to_metric_families(r.text)}
+
+
+def value(samples: list[Sample], name: str, **labels: str) -> float:
+    found = [s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("lcs_requests", "counter"),
+        ("lcs_request_duration_seconds", "histogram"),
+        ("lcs_queue_wait_seconds", "histogram"),
+        ("lcs_batch_compute_seconds", "histogram"),
+        ("lcs_batch_size_images", "histogram"),
+        ("lcs_served_alpha", "histogram"),
+        ("lcs_queue_depth_requests", "gauge"),
+        ("lcs_inflight_requests", "gauge"),
+        ("lcs_alpha_ceiling", "gauge"),
+        ("lcs_cache_hits", "counter"),
+        ("lcs_cache_misses", "counter"),
+        ("lcs_cache_evictions", "counter"),
+        ("lcs_cache_bytes", "gauge"),
+        ("lcs_build_info", "gauge"),  # an Info metric: the text format exposes it as a gauge valued 1
+    ],
+)
+def test_expected_families_exist_with_their_types(
+    scraped: dict[str, tuple[str, list[Sample]]], name: str, kind: str
+) -> None:
+    assert name in scraped, sorted(scraped)
+    assert scraped[name][0] == kind
+
+
+def test_every_family_is_prefixed_and_counters_end_in_total(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
+    for name, (kind, samples) in scraped.items():
+        assert name.startswith("lcs_"), name
+        if kind == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in samples), name
+
+
+def test_requests_are_counted_by_route_template_and_status(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
+    samples = scraped["lcs_requests"][1]
+    assert value(samples, "lcs_requests_total", endpoint="/predict", status="200") == 3
+    assert value(samples, "lcs_requests_total", endpoint="/predict", status="422") == 1
+    assert value(samples, "lcs_requests_total", endpoint="/healthz", status="200") == 1
+    # no per-request label values: the route template, never the raw path
+    assert value(samples, "lcs_requests_total", endpoint="/v2/models/{name}", status="404") == 1
+    endpoints = {s.labels["endpoint"] for s in samples}
+    assert not any("some-other-model" in e or "42" in e for e in endpoints), endpoints
+    assert all(set(s.labels) == {"endpoint", "status"} for s in samples if s.name == "lcs_requests_total")
+    assert not any(s.labels.get("endpoint") == "/metrics" for s in samples)  # scrapes are not traffic
+
+
+def test_latency_histogram_has_a_bucket_at_the_slo(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
+    samples = scraped["lcs_request_duration_seconds"][1]
+    edges = {float(s.labels["le"]) for s in samples if s.name.endswith("_bucket")}
+    assert SLO in edges
+    assert SLO not in latency_buckets(0.1)  # i.e. the edge is there because of the setting
+    assert value(samples, "lcs_request_duration_seconds_count", endpoint="/predict") == 4
+    inf = value(samples, "lcs_request_duration_seconds_bucket", endpoint="/predict", le="+Inf")
+    assert inf == 4
+
+
+def test_served_alpha_histogram(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
+    samples = scraped["lcs_served_alpha"][1]
+    assert value(samples, "lcs_served_alpha_count") == 3  # one observation per request
+    assert value(samples, "lcs_served_alpha_sum") == pytest.approx(1.0 + 0.5 + 0.0)
+    assert value(samples, "lcs_served_alpha_bucket", le="0.5") == 2
+    assert all(set(s.labels) <= {"le"} for s in samples)  # alpha is a value, never a label
+
+
+def test_batch_histograms(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
+    sizes = scraped["lcs_batch_size_images"][1]
+    assert value(sizes, "lcs_batch_size_images_sum") == 4  # every image went through exactly one batch
+    batches = value(sizes, "lcs_batch_size_images_count")
+    assert 1 <= batches <= 3
+    compute = scraped["lcs_batch_compute_seconds"][1]
+    assert value(compute, "lcs_batch_compute_seconds_count") == batches
+    assert value(compute, "lcs_batch_compute_seconds_sum") > 0
+    assert value(scraped["lcs_queue_wait_seconds"][1], "lcs_queue_wait_seconds_count") == 3
+
+
+def test_gauges_after_traffic(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
+    assert value(scraped["lcs_inflight_requests"][1], "lcs_inflight_requests") == 0
+    assert value(scraped["lcs_queue_depth_requests"][1], "lcs_queue_depth_requests") == 0
+
+
+def test_cache_figures(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
+    misses = value(scraped["lcs_cache_misses"][1], "lcs_cache_misses_total")
+    hits = value(scraped["lcs_cache_hits"][1], "lcs_cache_hits_total")
+    assert misses == 3  # the three grid alphas, built once each during warm-up
+    assert hits >= 3  # warm-up self-checks and the three requests
+    assert value(scraped["lcs_cache_evictions"][1], "lcs_cache_evictions_total") == 0
+    assert value(scraped["lcs_cache_bytes"][1], "lcs_cache_bytes") > 0
+
+
+def test_build_info(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
+    (sample,) = scraped["lcs_build_info"][1]
+    assert sample.name == "lcs_build_info" and sample.value == 1
+    assert sample.labels["model"] == "tiny_structured"
+    assert sample.labels["kind"] == "structured" and sample.labels["subspace"] == "line"
+    assert {"version", "torch"} <= set(sample.labels)
+
+
+def test_latency_buckets_keep_the_slo_sorted_and_unique() -> None:
+    assert latency_buckets(0.1).count(0.1) == 1
+    b = latency_buckets(0.2)
+    assert 0.2 in b and b == sorted(b)
+
+
+def test_two_apps_do_not_share_counters(
+    structured: TinyCheckpoint, scraped: dict[str, tuple[str, list[Sample]]]
+) -> None:
+    assert value(scraped["lcs_requests"][1], "lcs_requests_total", endpoint="/predict", status="200") == 3
+    with serve(make_settings(structured.path)) as c:  # a second app in the same process starts from zero
+        families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+        endpoints = {s.labels["endpoint"] for s in families["lcs_requests"].samples}
+        assert endpoints == {"/readyz"}  # only the readiness polls of serve()

@@ -1,0 +1,72 @@
+"""service.runtime: loading validates checkpoint and settings together; warm-up builds, profiles, self-checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.runtime import Runtime
+from tests.service.service_support import GRID, TinyCheckpoint, make_settings, normalise, random_images
+
+
+def test_load_reads_the_grid_samples_and_accuracy(structured: TinyCheckpoint) -> None:
+    rt = Runtime.load(make_settings(structured.path))
+    assert rt.grid.alphas == list(GRID)
+    assert rt.name == "tiny_structured"
+    assert rt.accuracy == {p.alpha: p.accuracy for p in structured.meta.accuracy}
+    assert rt.samples is not None and rt.sample_labels is not None
+    assert torch.allclose(rt.samples, normalise(structured.samples), atol=1e-6)  # normalised like training
+    assert not rt.ready and rt.cache.cached() == []  # nothing is built before warm-up
+
+
+def test_warm_up_builds_profiles_and_self_checks(structured: TinyCheckpoint) -> None:
+    rt = Runtime.load(make_settings(structured.path, profile_batches=[1, 2]))
+    rt.warm_up()
+    assert rt.ready
+    assert rt.cache.cached() == list(GRID)
+    assert set(rt.profile.seconds) == set(GRID)
+    assert all(set(row) == {1, 2} and all(t > 0 for t in row.values()) for row in rt.profile.seconds.values())
+    assert set(rt.self_check) == {"0", "0.5", "1"}
+    assert all(0.0 <= v <= 100.0 for v in rt.self_check.values())
+
+
+def test_prebuild_subset_and_a_narrower_grid(structured: TinyCheckpoint) -> None:
+    rt = Runtime.load(make_settings(structured.path, alpha_grid=[0.5, 1.0], prebuild=[0.9]))
+    rt.warm_up()
+    assert rt.grid.alphas == [0.5, 1.0]
+    assert rt.cache.cached() == [0.5]  # 0.9 snaps down to the grid
+    assert set(rt.profile.seconds) == {0.5}
+    assert rt.controller.grid.alphas == [0.5, 1.0]
+
+
+def test_a_grid_alpha_without_batchnorm_statistics_is_refused(structured: TinyCheckpoint) -> None:
+    with pytest.raises(ValueError, match=r"LCS_ALPHA_GRID: alphas \[0.25\] have no BatchNorm statistics"):
+        Runtime.load(make_settings(structured.path, alpha_grid=[0.25, 1.0]))
+
+
+def test_channels_last_auto_is_decided_by_measurement(structured: TinyCheckpoint) -> None:
+    rt = Runtime.load(make_settings(structured.path, channels_last="auto", prebuild=[1.0], profile_batches=[1]))
+    rt.warm_up()
+    assert isinstance(rt.channels_last, bool)
+    assert rt.cache.get(1.0).channels_last == rt.channels_last
+    rt_on = Runtime.load(make_settings(structured.path, channels_last="on", prebuild=[1.0], profile_batches=[1]))
+    rt_on.warm_up()
+    assert rt_on.channels_last and rt_on.cache.get(1.0).channels_last
+
+
+def test_predict_returns_probabilities_of_the_grid_alpha(structured: TinyCheckpoint) -> None:
+    rt = Runtime.load(make_settings(structured.path))
+    x = normalise(random_images(5, seed=3))
+    probs = rt.predict(0.5, x)
+    assert probs.shape == (5, 4)
+    assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
+    with torch.no_grad():
+        ref = torch.softmax(structured.model(x, structured.model.at(0.5)), 1)
+    assert torch.allclose(probs, ref, atol=1e-5)
+    assert rt.level(0.5) == 0.625
+
+
+def test_describe(structured: TinyCheckpoint) -> None:
+    d = Runtime.load(make_settings(structured.path, model_name="fashion")).describe()
+    assert d["name"] == "fashion" and d["kind"] == "structured" and d["level_name"] == "width"
+    assert d["grid"] == list(GRID) and d["ready"] is False

@@ -1,0 +1,70 @@
+"""service.settings: LCS_* environment variables, parsed once and refused at start-up when bad."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+from tests.service.service_support import TinyCheckpoint
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint) -> None:
+    monkeypatch.setenv("LCS_CHECKPOINT", str(structured.path))
+    monkeypatch.setenv("LCS_ALPHA_GRID", "1, 0.5 0")
+    monkeypatch.setenv("LCS_PREBUILD", "1")
+    monkeypatch.setenv("LCS_PROFILE_BATCHES", "1,4 16")
+    monkeypatch.setenv("LCS_MAX_BATCH", "16")
+    monkeypatch.setenv("LCS_API_KEY", "s3cret")
+    s = Settings()
+    assert s.checkpoint == structured.path
+    assert s.alpha_grid == [0.0, 0.5, 1.0]  # sorted
+    assert s.prebuild == [1.0]
+    assert s.profile_batches == [1, 4, 16]
+    assert s.max_batch == 16
+    assert s.api_key is not None and s.api_key.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s)
+
+
+@pytest.mark.parametrize("value", ["", "all", "checkpoint"])
+def test_grid_defaults_to_the_checkpoint(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, value: str
+) -> None:
+    monkeypatch.setenv("LCS_ALPHA_GRID", value)
+    assert Settings(checkpoint=structured.path).alpha_grid is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("LCS_ALPHA_GRID", "0 1.5", "alphas must be in [0, 1]"),
+        ("LCS_PREBUILD", "-0.1", "alphas must be in [0, 1]"),
+        ("LCS_MAX_BATCH", "0", "greater than or equal to 1"),
+        ("LCS_PORT", "70000", "less than or equal to 65535"),
+        ("LCS_CHANNELS_LAST", "maybe", "auto"),
+        ("LCS_MAX_BODY_BYTES", "10", "greater than or equal to 1024"),
+        ("LCS_SLO_P99_SECONDS", "0", "greater than 0"),
+        ("LCS_LOG_LEVEL", "loud", "debug"),
+    ],
+)
+def test_bad_values_are_refused(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Settings(checkpoint=structured.path)
+
+
+def test_missing_checkpoint_is_refused_with_the_path_and_the_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=missing)
+    assert str(missing) in str(e.value) and "python -m training train" in str(e.value)
+
+
+def test_settings_are_frozen(structured: TinyCheckpoint) -> None:
+    s = Settings(checkpoint=structured.path)
+    with pytest.raises(ValidationError):
+        s.max_batch = 4  # type: ignore[misc]

@@ -1,0 +1,57 @@
+"""service.signals: request statistics (rate, images per request, windowed p99) and the machine probe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from service.signals import MachineProbe, RequestStats
+
+
+def test_arrival_rate_is_an_ewma_with_the_given_half_life() -> None:
+    stats = RequestStats(half_life=1.0)
+    t0 = stats._last  # the clock the stats started from
+    for _ in range(10):
+        stats.arrived(1)
+    rate, per_request, _ = stats.tick(t0 + 1.0)
+    assert rate == pytest.approx(0.5 * 10)  # one half-life: halfway from 0 to 10/s
+    assert per_request == pytest.approx(1.0)
+    rate, _, _ = stats.tick(t0 + 2.0)  # nothing arrived in the next second
+    assert rate == pytest.approx(0.5 * 5)
+
+
+def test_images_per_request_is_smoothed() -> None:
+    stats = RequestStats()
+    t0 = stats._last
+    stats.arrived(4)
+    stats.arrived(6)
+    _, per_request, _ = stats.tick(t0 + 1.0)
+    assert per_request == pytest.approx(0.8 * 1.0 + 0.2 * 5.0)
+    _, unchanged, _ = stats.tick(t0 + 2.0)  # no arrivals: keep the last estimate
+    assert unchanged == pytest.approx(per_request)
+
+
+def test_p99_needs_enough_samples_and_forgets_old_ones() -> None:
+    stats = RequestStats(window_seconds=5.0)
+    t0 = stats._last
+    for i in range(19):
+        stats.finished(0.01 * (i + 1), now=t0 + 0.5)
+    assert stats.tick(t0 + 1.0)[2] is None  # 19 samples: too few for a p99
+    stats.finished(1.0, now=t0 + 0.5)
+    assert stats.tick(t0 + 1.0)[2] == 1.0  # the slowest of 20
+    for _ in range(30):
+        stats.finished(0.002, now=t0 + 6.0)
+    p99 = stats.tick(t0 + 6.0)[2]  # samples from t0 + 0.5 are out of the 5 s window
+    assert p99 == 0.002
+
+
+def test_machine_probe_reports_shares() -> None:
+    probe = MachineProbe()
+    assert 0.0 <= probe.cpu_other() <= 1.0
+    assert 0.0 < probe.memory_available() <= 1.0
+    percent, on_battery = probe.battery()
+    assert percent is None or 0.0 <= percent <= 100.0
+    assert isinstance(on_battery, bool)
+    assert not (percent is None and on_battery)
+    assert math.isfinite(probe.cpu_other())

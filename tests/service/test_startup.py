@@ -1,0 +1,78 @@
+"""`python -m service` refuses a bad checkpoint or bad settings before binding a port: exit code 2 and a
+message naming the file or variable. Two real subprocesses (each imports torch, so they start together);
+the other cases call the same `main()` in process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.__main__ import main
+from tests.service.service_support import TinyCheckpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bad_checkpoints_stop_start_up_with_exit_code_2(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01 this is not a safetensors file " * 40)
+    missing = tmp_path / "missing.safetensors"
+    cases = {missing: "no such file", garbage: "not a readable safetensors file"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCS_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
+    env["LCS_PORT"] = "1"  # a privileged port: it would fail loudly if it ever got as far as binding
+    procs = {
+        path: subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            cwd=ROOT,
+            env={**env, "LCS_CHECKPOINT": str(path)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for path in cases
+    }
+    for path, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (path, out, err)
+        assert str(path) in err, err
+        assert cases[path] in err, err
+        assert err.startswith("error: ") and "Traceback" not in err
+
+
+def _main_with(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], **env: str) -> tuple[int, str]:
+    monkeypatch.setenv("LCS_THREADS", "1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = main()
+    return code, capsys.readouterr().err
+
+
+def test_a_pickle_is_refused_without_unpickling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(pickled))
+    assert code == 2
+    assert str(pickled) in err and "never unpickles" in err
+
+
+def test_a_grid_the_checkpoint_cannot_serve_is_refused(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_ALPHA_GRID="0.3 1")
+    assert code == 2
+    assert "LCS_ALPHA_GRID" in err and "[0.3]" in err and str(structured.path) in err
+
+
+def test_a_bad_setting_is_named(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_MAX_BATCH="0")
+    assert code == 2
+    assert err.startswith("error: LCS_MAX_BATCH:")

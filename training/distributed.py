@@ -1,0 +1,110 @@
+"""Training on several processes with torchrun (torch.distributed): gloo on CPU, NCCL on GPUs.
+
+    torchrun --standalone --nproc_per_node 2 -m training train configs/structured_line.yaml
+
+Data parallel with the same *global* batch as one process: every rank draws the same per-epoch
+permutation, alphas and augmentation (same seeds), builds the global batch of `batch_size` images and
+keeps its own contiguous shard of `batch_size / world` (a DistributedSampler that also keeps the
+augmentation RNG stream identical to a single process). Gradients are averaged by
+DistributedDataParallel, so a step is the single-process step up to floating-point summation order.
+Rank 0 alone prints, writes the resumable state and the checkpoint; every rank resumes from the
+same state file (a shared file system across nodes).
+
+Without torchrun (no RANK/WORLD_SIZE in the environment) or with one process, nothing here changes
+anything: `wrap` returns the model itself, `shard` the batch itself, `no_sync` does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that prints and writes files."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """Join the torchrun job described by the environment, or a single process without one."""
+        if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=rank, world_size=world)
+        return cls(rank, world, local, device)
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.world:
+            raise ValueError(
+                f"batch_size {batch_size} is the global batch and must divide evenly over {self.world} "
+                f"processes; use a multiple of {self.world}"
+            )
+
+    def wrap(self, model: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
+        """DistributedDataParallel around the model (moved to this rank's device, with the optimiser's
+        resumed buffers), or the model itself."""
+        if self.world == 1:
+            return model
+        model.to(self.device)
+        for state in opt.state.values():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    state[k] = v.to(self.device)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # every parameter takes part in every forward (line endpoints are lerped at any alpha, slices
+        # keep the whole tensor in the graph), so no search for unused parameters is needed; buffers
+        # (activation ranges) follow rank 0 at each forward (DDP's default)
+        # channels_last leaves a 1-input-channel conv weight with strides that differ from the bucket's
+        # but address the same elements; DDP's warning about it is noise here
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of a global batch [B, ...] -> [B / world, ...] on its device."""
+        if self.world == 1:
+            return t
+        n = len(t) // self.world
+        return t[self.rank * n : (self.rank + 1) * n].to(self.device)
+
+    def no_sync(self, net: nn.Module, *, last: bool) -> AbstractContextManager[object]:
+        """Gradient accumulation over several backward passes of one step (the sandwich rule): only
+        the last backward all-reduces; the earlier ones add up locally."""
+        if isinstance(net, DistributedDataParallel) and not last:
+            return net.no_sync()
+        return contextlib.nullcontext()
+
+    def sum(self, *values: float) -> list[float]:
+        """Sums of per-rank numbers across ranks (progress figures), or the numbers themselves."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
