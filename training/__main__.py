@@ -1,5 +1,6 @@
 """Command line: `python -m training train [CONFIG.yaml] [key=value ...]`,
 `python -m training evaluate CHECKPOINT --json OUT.json [--plot OUT.png] [--baseline B.json ...]` and
+`python -m training plot REPORT.json ... --baseline B.json --out PLOT.png` and
 `python -m training samples CHECKPOINT`."""
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         help="another subspace report JSON to draw on the same axes (repeatable), e.g. LCS+P next to LCS+L",
     )
     e.add_argument("--data-dir", help="dataset location, if not the one recorded in the checkpoint")
+    pl = sub.add_parser("plot", help="draw accuracy against compression level from existing report JSONs")
+    pl.add_argument("reports", type=Path, nargs="+", help="subspace reports (evaluate --json output)")
+    pl.add_argument("--baseline", type=Path, action="append", default=[], help="a baseline's report (repeatable)")
+    pl.add_argument("--out", type=Path, required=True, help="the PNG to write")
     sm = sub.add_parser(
         "samples", help="store sample training images in a checkpoint written before checkpoints carried them"
     )
@@ -57,6 +62,19 @@ def main(argv: list[str] | None = None) -> int:
             config_path = items.pop(0) if items and "=" not in items[0] else None
             cfg = load_config(config_path, items)
             train(cfg, command="python -m training train " + " ".join(args.items))
+            return 0
+        if args.cmd == "plot":
+            from training.evaluate import plot
+
+            reps = {r.stem: json.loads(r.read_text()) for r in args.reports}
+            first = next(iter(reps.values()))
+            plot(
+                reps,
+                {b.stem: json.loads(b.read_text()) for b in args.baseline},
+                args.out,
+                f"{first['kind']} ({first['dataset']})",
+            )
+            print(f"wrote {args.out}")
             return 0
         if args.cmd == "samples":
             from training.train import attach_samples
