@@ -49,6 +49,7 @@ class State:
         self.settings = settings
         self.runtime = runtime
         self.metrics = Metrics(settings.slo_p99_seconds, lambda: runtime.cache)
+        self.metrics.ceiling.set(runtime.controller.ceiling)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcs-infer")
         self.batcher = Batcher(
             runtime.predict,
