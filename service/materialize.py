@@ -9,7 +9,7 @@
 |              | activations as in training; stored size = packed b-bit codes (no CPU kernels  |
 |              | for 3-7 bits exist in torch)                                                  |
 | unstructured | dense masked weights (torch.sparse conv is slower than dense at these        |
-|              | sizes, see the benchmark); stored size = CSR of the non-zeros                 |
+|              | sizes, see the benchmark); stored size = CSR of the non-zeros where smaller than dense                 |
 
 A `Compiled` model is frozen: eval mode, no gradients, never mutated after build, so the cache can
 hand it to any thread.
@@ -88,7 +88,8 @@ def _stored_bytes(model: SubspaceResNet, plain: nn.Module, s: Setting) -> int:
             compressed += (w.numel() * level.bits + 7) // 8 + 8  # packed codes + scale, zero point
         else:
             nnz = int((w != 0).sum())
-            compressed += nnz * (4 + 4) + (w.shape[0] + 1) * 4  # CSR: values, column indices, row pointers
+            csr = nnz * (4 + 4) + (w.shape[0] + 1) * 4  # CSR: values, column indices, row pointers
+            compressed += min(csr, w.numel() * 4)  # whichever is smaller: CSR only pays below ~50 % density
     return max(0, total - hidden) + compressed
 
 

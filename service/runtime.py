@@ -113,7 +113,7 @@ class Runtime:
         for alpha in sorted(set(prebuild), reverse=True):
             compiled = self.cache.get(alpha)
             for b in s.profile_batches:
-                self.profile.add(alpha, b, time_batch(compiled, probe[:b], repeats=3))
+                self.profile.add(alpha, b, time_batch(compiled, probe[:b], repeats=5))
             if self.samples is not None and self.sample_labels is not None:
                 pred = self.predict(alpha, self.samples).argmax(1)
                 self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels).float().mean()), 2)
