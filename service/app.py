@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import math
+import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from service.batcher import Batcher, Draining, Job, QueueFull
@@ -27,7 +32,7 @@ from service.fleet import PrometheusFleet
 from service.inputs import InputError, decode
 from service.metrics import Metrics
 from service.runtime import LEVEL_NAMES, Runtime
-from service.schemas import PRESETS, PinRequest, PredictRequest, PredictResponse, V2InferRequest
+from service.schemas import PRESETS, ErrorResponse, PinRequest, PredictRequest, PredictResponse, V2InferRequest
 from service.settings import Settings
 from service.signals import MachineProbe, RequestStats
 
@@ -64,6 +69,7 @@ class State:
         self.probe = MachineProbe()
         self.inflight = 0
         self.draining = False
+        self.drain_deadline: float | None = None  # set by SIGTERM: monotonic time by which to be done
         self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
         # fleet figures from Prometheus, refreshed in the background each control interval; a value
         # serves the step after the refresh that read it and no later one (max_age 1.5 intervals)
@@ -184,6 +190,44 @@ class Observe:
                 st.requests.finished(elapsed)
 
 
+class Shed:
+    """Pure ASGI middleware: while the queue is full, inference requests get 429 + Retry-After before their
+    body is read. Parsing and validating a body only to refuse it would make an overload worse; this
+    refusal costs the HTTP parse alone. (`_infer` checks again: the queue can fill in between.)"""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path: str = scope["path"]
+        route = "/predict" if path == "/predict" else _V2_INFER if _V2_INFER_PATH.fullmatch(path) else None
+        st: State | None = getattr(scope["app"].state, "lcs", None)
+        if route is None or st is None or st.batcher.depth < st.settings.queue_max:
+            return await self.app(scope, receive, send)
+        st.metrics.shed.labels("queue_full").inc()
+        scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint
+        rid = scope.get("state", {}).get("request_id")
+        await JSONResponse(
+            {"error": "overloaded", "detail": _queue_full(st.settings.queue_max), "request_id": rid},
+            status_code=429,
+            headers={"Retry-After": _retry_after(st.settings)},
+        )(scope, receive, send)
+
+
+_V2_INFER = "/v2/models/{name}/infer"
+_V2_INFER_PATH = re.compile(r"/v2/models/[^/]+/infer")
+
+
+def _queue_full(queue_max: int) -> str:
+    return f"the queue is full ({queue_max} requests); retry after a moment"
+
+
+def _retry_after(settings: Settings) -> str:
+    return str(max(1, round(settings.control_interval_seconds * 2)))
+
+
 class BodyLimit:
     """Pure ASGI middleware: 413 for bodies over the limit, counted as they stream in."""
 
@@ -195,7 +239,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _too_large(send, self.limit)
+            return await _too_large(scope, send, self.limit)
         seen, tripped, answered = 0, False, False
 
         async def limited() -> Message:
@@ -215,22 +259,28 @@ class BodyLimit:
                 return await send(message)
             if not answered:
                 answered = True
-                await _too_large(send, self.limit)
+                await _too_large(scope, send, self.limit)
 
         try:
             await self.app(scope, limited, guarded)
         except _BodyTooLarge:
             if not answered:
                 answered = True
-                await _too_large(send, self.limit)
+                await _too_large(scope, send, self.limit)
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    body = f'{{"error":"payload too large","detail":"request body over {limit} bytes; send fewer or smaller images"}}'
+async def _too_large(scope: Scope, send: Send, limit: int) -> None:
+    body = json.dumps(
+        {
+            "error": "payload too large",
+            "detail": f"request body over {limit} bytes; send fewer or smaller images",
+            "request_id": scope.get("state", {}).get("request_id"),
+        }
+    )
     await send(
         {
             "type": "http.response.start",
@@ -239,6 +289,70 @@ async def _too_large(send: Send, limit: int) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body.encode()})
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {dup!r}; send each key once")
+    return d
+
+
+class _JSONRequest(Request):
+    """Parses a JSON body strictly. Duplicate keys (which parsers resolve differently), nesting deeper than
+    the parser's stack, integers over Python's 4300-digit limit and bytes that are not UTF-8 all become a
+    JSONDecodeError, which FastAPI answers with a 422 like any malformed JSON (not its bare 400)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = json.loads(body, object_pairs_hook=_unique_keys)
+            except json.JSONDecodeError:
+                raise
+            except RecursionError:
+                raise json.JSONDecodeError("nested too deeply", "", 0) from None
+            except ValueError as e:  # duplicate keys, too many digits, UnicodeDecodeError
+                raise json.JSONDecodeError(str(e).split(";")[0][:200], "", 0) from None
+        return self._json
+
+
+class _JSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_json(request: Request) -> Response:
+            return await handler(_JSONRequest(request.scope, request.receive))
+
+        return strict_json
+
+
+def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route can answer, all with the ErrorResponse body."""
+    text = {
+        401: "No API key",
+        403: "Wrong API key",
+        404: "Not found (or admin endpoints off)",
+        413: "Body too large",
+        415: "Not JSON",
+        422: "Invalid request or input",
+        429: "Overloaded or min_quality unavailable; see Retry-After",
+        503: "Starting or shutting down; see Retry-After",
+    }
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        out[code] = {"model": ErrorResponse, "description": text[code]}
+        if code in retry_after:
+            out[code]["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                }
+            }
+    return out
 
 
 def _alpha(value: float | str | None, default: float, field: str) -> float:
@@ -275,7 +389,7 @@ async def _infer(
             f"served alphas: {rt.grid.alphas}",
         )
     ceiling = rt.controller.ceiling
-    retry = str(max(1, round(st.settings.control_interval_seconds * 2)))
+    retry = _retry_after(st.settings)
     if floor > ceiling:
         st.metrics.shed.labels("min_quality").inc()
         raise ApiError(
@@ -292,9 +406,7 @@ async def _infer(
         fut = st.batcher.submit(job)
     except QueueFull:
         st.metrics.shed.labels("queue_full").inc()
-        raise ApiError(
-            429, f"the queue is full ({st.settings.queue_max} requests); retry after a moment", {"Retry-After": retry}
-        ) from None
+        raise ApiError(429, _queue_full(st.settings.queue_max), {"Retry-After": retry}) from None
     except Draining:
         raise ApiError(503, "the service is shutting down", {"Retry-After": "1"}) from None
     st.requests.arrived(int(x.shape[0]))
@@ -303,6 +415,8 @@ async def _infer(
     st.metrics.queue_depth.set(st.batcher.depth)
     try:
         res = await asyncio.shield(fut)
+    except Draining:  # still queued when the drain deadline passed
+        raise ApiError(503, "the service shut down before this request ran; retry", {"Retry-After": "1"}) from None
     finally:
         st.inflight -= 1
         st.metrics.inflight.set(st.inflight)
@@ -335,12 +449,23 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         if warm_up:
             tasks.append(asyncio.create_task(_warm(st), name="warm-up"))
         tasks.append(asyncio.create_task(_control_loop(st), name="controller"))
+        loop = asyncio.get_running_loop()
         previous = signal.getsignal(signal.SIGTERM)
-        if callable(previous):
+        if callable(previous):  # uvicorn's handler, which stops accepting connections and shuts down
 
             def on_term(signum: int, frame: Any) -> None:
-                st.draining = True  # readiness 503 at once; in-flight work still completes
-                previous(signum, frame)
+                # What SIGTERM guarantees: at once, readiness answers 503 and new work 503 + Retry-After, while
+                # the server still accepts connections (so probes and clients get an answer, not a refusal).
+                # Work accepted before the signal is answered; only then (or after LCS_DRAIN_SECONDS) does
+                # uvicorn's handler run, close the listener and shut down. A second SIGTERM skips the wait.
+                if st.draining:
+                    previous(signum, frame)
+                    return
+                st.draining = True
+                st.drain_deadline = time.monotonic() + s.drain_seconds
+                loop.call_soon_threadsafe(  # a signal handler must not touch the loop's internals directly
+                    lambda: tasks.append(loop.create_task(_drain_then(st, lambda: previous(signum, frame))))
+                )
 
             with contextlib.suppress(ValueError):  # not in the main thread (e.g. TestClient)
                 signal.signal(signal.SIGTERM, on_term)
@@ -348,9 +473,9 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
             yield
         finally:
             st.draining = True
-            drained = await st.batcher.drain(s.drain_seconds)
-            if not drained:
-                log.warning("drain timed out after %.1f s with work left", s.drain_seconds)
+            left = s.drain_seconds if st.drain_deadline is None else max(0.0, st.drain_deadline - time.monotonic())
+            if not await st.batcher.drain(left):
+                log.warning("drain timed out with work left; refused %d queued requests", st.batcher.abandon())
             for t in tasks:
                 t.cancel()
             if st.fleet is not None:
@@ -364,8 +489,14 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         description="Any alpha of one compressible-subspace checkpoint: alpha = 1 is the most accurate model, "
         "alpha = 0 the most compressed. `quality` asks for an alpha; under load the controller may "
         "serve less, never more.",
+        responses={
+            413: {"model": ErrorResponse, "description": "Body too large (any route)"},
+            500: {"model": ErrorResponse, "description": "Internal error; quote the request_id"},
+        },
     )
+    app.router.route_class = _JSONRoute
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(Shed)  # type: ignore[arg-type]
 
     app.add_middleware(Observe)
 
@@ -381,6 +512,19 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
             headers=exc.headers,
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown paths (404) and methods (405) answer in the same shape as every other error
+        return JSONResponse(
+            {
+                "error": _reason(exc.status_code),
+                "detail": str(exc.detail),
+                "request_id": getattr(request.state, "request_id", None),
+            },
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError) -> JSONResponse:
         return JSONResponse(
@@ -390,7 +534,12 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:10]]
+        problems = [
+            f"body: invalid JSON ({e.get('ctx', {}).get('error', 'unreadable')})"
+            if e["type"] == "json_invalid"
+            else f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors()[:10]
+        ]
         return JSONResponse(
             {
                 "error": "invalid request",
@@ -409,13 +558,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         "/predict",
         response_model=PredictResponse,
         dependencies=[Depends(_json_only)],
-        responses={
-            413: {"description": "Body too large"},
-            415: {"description": "Not JSON"},
-            422: {"description": "Invalid input"},
-            429: {"description": "Overloaded; see Retry-After"},
-            503: {"description": "Not ready"},
-        },
+        responses=_errors(415, 422, 429, 503, retry_after=(429, 503)),
     )
     async def predict(body: PredictRequest, st: StateDep, request: Request) -> JSONResponse:
         """Classify one or more images at an alpha chosen from `quality`, the load and the deadline."""
@@ -489,21 +632,22 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
             raise ApiError(403, "admin endpoint: wrong API key")
 
-    @app.put("/admin/pin", dependencies=[Depends(_admin)])
+    @app.put("/admin/pin", dependencies=[Depends(_admin)], responses=_errors(401, 403, 404, 422))
     async def pin(body: PinRequest, st: StateDep) -> dict[str, object]:
         """Pin the ceiling to an alpha (snapped down to the grid) until released."""
         st.runtime.controller.pin(body.alpha, time.monotonic())
         st.metrics.ceiling.set(st.runtime.controller.ceiling)
         return st.runtime.controller.state()
 
-    @app.delete("/admin/pin", dependencies=[Depends(_admin)])
+    @app.delete("/admin/pin", dependencies=[Depends(_admin)], responses=_errors(401, 403, 404, 422))
     async def unpin(st: StateDep) -> dict[str, object]:
         """Release a pin; the controller takes over again."""
         st.runtime.controller.pin(None, time.monotonic())
         return st.runtime.controller.state()
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(st: StateDep) -> Response:
+        """Prometheus text exposition."""
         st.metrics.queue_depth.set(st.batcher.depth)
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -523,7 +667,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
             raise ApiError(404, f"model {name!r} not found; this server serves {st.runtime.name!r}")
         return st.runtime
 
-    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}", responses=_errors(404, 422))
     async def v2_model(name: str, st: StateDep) -> dict[str, object]:
         rt = _model(st, name)
         i = rt.meta.input
@@ -540,12 +684,16 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
             },
         }
 
-    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/ready", responses=_errors(404, 422, 503))
     async def v2_model_ready(name: str, st: StateDep) -> JSONResponse:
         rt = _model(st, name)
         return JSONResponse({"name": rt.name, "ready": rt.ready}, status_code=200 if rt.ready else 503)
 
-    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_json_only)])
+    @app.post(
+        "/v2/models/{name}/infer",
+        dependencies=[Depends(_json_only)],
+        responses=_errors(404, 415, 422, 429, 503, retry_after=(429, 503)),
+    )
     async def v2_infer(name: str, body: V2InferRequest, st: StateDep) -> dict[str, object]:
         """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms."""
         rt = _model(st, name)
@@ -563,9 +711,11 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
             )
         if n > st.settings.max_inputs:
             raise ApiError(422, f"inputs[0]: {n} images, the limit is {st.settings.max_inputs}")
+        if not set(map(type, t.data)) <= {int, float}:  # torch would take true as 1 and [1] as 1
+            raise ApiError(422, "inputs[0].data must be a flat list of numbers")
         try:
             x = torch.tensor(t.data, dtype=torch.float32).view(n, i.channels, i.height, i.width)
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError, RuntimeError, OverflowError):
             raise ApiError(422, "inputs[0].data must be a flat list of numbers") from None
         if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 255:
             raise ApiError(422, "inputs[0].data: pixel values must be finite and in 0-255")
@@ -607,6 +757,7 @@ def _reason(status: int) -> str:
         401: "unauthorized",
         403: "forbidden",
         404: "not found",
+        405: "method not allowed",
         413: "payload too large",
         415: "unsupported media type",
         422: "invalid request",
@@ -623,6 +774,15 @@ async def _warm(st: State) -> None:
         log.info("ready: %s, alphas %s built", st.runtime.name, st.runtime.cache.cached())
     except Exception:
         log.exception("warm-up failed; the service stays unready")
+
+
+async def _drain_then(st: State, stop: Callable[[], None]) -> None:
+    """After SIGTERM: wait until every accepted request is answered (at most until the deadline), then stop.
+    Requests still queued at the deadline get 503 + Retry-After rather than a dropped connection."""
+    assert st.drain_deadline is not None
+    if not await st.batcher.drain(max(0.0, st.drain_deadline - time.monotonic())):
+        log.warning("drain deadline reached; refused %d queued requests", st.batcher.abandon())
+    stop()
 
 
 async def _control_loop(st: State) -> None:

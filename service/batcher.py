@@ -174,6 +174,16 @@ class Batcher:
                 j.future.set_result(Result(probs[i : i + j.images], alpha, t0 - j.enqueued, compute, images))
             i += j.images
 
+    def abandon(self) -> int:
+        """Fail every queued (not yet running) job with Draining, so each still gets an answer; returns how many."""
+        n = 0
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(Draining())
+                n += 1
+        return n
+
     async def drain(self, timeout: float) -> bool:
         """Stop taking work and wait (up to `timeout` s) until every accepted job is answered."""
         self.draining = True

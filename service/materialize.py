@@ -9,7 +9,8 @@
 |              | activations as in training; stored size = packed b-bit codes (no CPU kernels  |
 |              | for 3-7 bits exist in torch)                                                  |
 | unstructured | dense masked weights (torch.sparse conv is slower than dense at these        |
-|              | sizes, see the benchmark); stored size = CSR of the non-zeros where smaller than dense                 |
+|              | sizes, see the benchmark); stored size = CSR of the non-zeros where that  |
+|              | is smaller than dense                                                         |
 
 A `Compiled` model is frozen: eval mode, no gradients, never mutated after build, so the cache can
 hand it to any thread.

@@ -13,8 +13,10 @@ _EXAMPLE_IMAGE: list[Any] = [[0] * 28 for _ in range(28)]
 
 
 class PredictRequest(BaseModel):
+    # strict: JSON true is not 1 and "50" is not 50; a client that sends the wrong type hears about it
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"inputs": [_EXAMPLE_IMAGE], "quality": "balanced", "deadline_ms": 50}]},
     )
 
@@ -91,11 +93,12 @@ class PredictResponse(BaseModel):
 
 
 class PinRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     alpha: float = Field(ge=0.0, le=1.0)
 
 
 class V2Tensor(BaseModel):
+    model_config = ConfigDict(strict=True)
     name: str
     shape: list[int]
     datatype: str
@@ -105,6 +108,7 @@ class V2Tensor(BaseModel):
 
 class V2InferRequest(BaseModel):
     model_config = ConfigDict(
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -112,9 +116,25 @@ class V2InferRequest(BaseModel):
                     "parameters": {"quality": 0.5},
                 }
             ]
-        }
+        },
     )
     id: str | None = None
     inputs: list[V2Tensor] = Field(min_length=1, max_length=1)
     parameters: dict[str, Any] | None = None
     outputs: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the service answers (4xx and 5xx) has this body."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"error": "invalid input", "detail": "inputs[0]: shape [5, 5] does not match ...", "request_id": "9f2c"}
+            ]
+        }
+    )
+
+    error: str = Field(description="Short reason, e.g. 'invalid input' or 'overloaded'.")
+    detail: str = Field(description="What was wrong and what to do about it.")
+    request_id: str | None = Field(None, description="The X-Request-ID of the request; quote it in a report.")

@@ -1,14 +1,19 @@
 """Helpers for the service tests: tiny real checkpoints (one per compression kind) and in-process apps.
 
-Everything runs in this process: TestClient (which runs the lifespan) or httpx over ASGITransport with
-the lifespan entered by hand. Nothing opens a socket. The only waiting is bounded polling for
-conditions that another thread makes true (the warm-up task, the batcher picking up work).
+Almost everything runs in this process: TestClient (which runs the lifespan) or httpx over ASGITransport
+with the lifespan entered by hand. The exception is `real_server`, for the slow tests that need a real
+uvicorn on 127.0.0.1 (signals, HTTP framing). The only waiting is bounded polling for conditions that
+another thread or process makes true (the warm-up task, the batcher picking up work, a server starting).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -184,3 +189,65 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str 
 def image_list(x: torch.Tensor) -> list[list[float]]:
     """One [IMAGE, IMAGE] image tensor -> nested list for a JSON body."""
     return x.reshape(IMAGE, IMAGE).tolist()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RealServer:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    log: Path  # the server's stdout and stderr
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
+
+@contextlib.contextmanager
+def real_server(checkpoint: Path, log_dir: Path, timeout: float = 120.0, **env: str) -> Iterator[RealServer]:
+    """`python -m service` on a free 127.0.0.1 port with quiet test settings plus `env` (LCS_* names);
+    yields once /readyz answers 200 and kills the process on the way out if it is still running."""
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LCS_")}
+    base["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), base.get("PYTHONPATH", "")] if p)
+    defaults = {
+        "LCS_CHECKPOINT": str(checkpoint),
+        "LCS_HOST": "127.0.0.1",
+        "LCS_PORT": str(port),
+        "LCS_THREADS": "1",
+        "LCS_PROFILE_BATCHES": "1 4",
+        "LCS_CHANNELS_LAST": "off",
+        "LCS_LOG_LEVEL": "info",
+    }
+    log = log_dir / f"server-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=ROOT, env={**base, **defaults, **env}, stdout=out, stderr=out
+        )
+    server = RealServer(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        end = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(server.base_url + "/readyz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end:
+                raise AssertionError(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

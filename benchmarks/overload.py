@@ -1,0 +1,381 @@
+"""Overload: an open-loop run at 10x the measured capacity on 127.0.0.1, and what the service does about it.
+
+    .venv/bin/python -m benchmarks.overload [--checkpoint models/structured_line.safetensors] [--duration 60]
+
+1. Starts `python -m service` on a free 127.0.0.1 port and measures its capacity closed loop (8 clients,
+   one request each in flight) for a few seconds. A request carries 16 images (`--images`, the load
+   benchmark's mix): with one image the service costs about as much CPU per request as a Python HTTP
+   client does, and no generator sharing the machine could offer it 10x.
+2. Restarts it with the queue sized to the SLO (LCS_QUEUE_MAX = capacity x SLO / 2, Little's law with
+   half the budget for waiting, so a request admitted to a full queue still has time to be served) and
+   sends an open-loop stream at `--factor` x capacity, capped at `--max-rate` requests/s so that the
+   generator stays sane: arrival times are fixed in advance (Poisson, seeded), bounded in count and time,
+   so a slow answer never slows the sender. httpx.AsyncClient, one per connection (`--connections`);
+   an arrival that finds them all busy waits client-side, and one the generator is `--max-lag` s late
+   for is skipped and counted (the generator fell behind, not the service).
+3. Samples the server's resident memory (psutil) every 0.5 s, and the CPU both processes used.
+
+Pass criteria: the offered load was reached (>= 90 % of the target rate sent, nothing skipped); every
+request sent got an answer, 200 or 429/503 with Retry-After, with 0 connection resets and 0 timeouts;
+the p99 of the accepted (200) requests, from send to answer, within the SLO (p50/p99 are also shown from
+the scheduled time, which adds the generator's lag, and in service: queue + compute, as the answer
+reports them); the maximum RSS under `--rss-bound-mib`; the process alive and answering /healthz at the
+end. Prints a table and writes benchmarks/results/overload.json; exit code 1 if a criterion failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from benchmarks.http import _wait_ready
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(checkpoint: str, port: int, slo: float, **env: str) -> subprocess.Popen[bytes]:
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LCS_")},
+        "LCS_CHECKPOINT": checkpoint,
+        "LCS_HOST": HOST,
+        "LCS_PORT": str(port),
+        "LCS_LOG_LEVEL": "warning",
+        "LCS_SLO_P99_SECONDS": str(slo),
+        **env,
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=full)
+    _wait_ready(f"http://{HOST}:{port}/readyz", proc)
+    return proc
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+    return proc.returncode
+
+
+def request_body(base: str, images: int) -> bytes:
+    """`images` copies of a patterned image in the served model's input shape."""
+    spec = httpx.get(base + "/model", timeout=10).json()["input"]
+    c, h, w = spec["channels"], spec["height"], spec["width"]
+    image: list[Any] = [[(7 * r + 3 * col) % 256 for col in range(w)] for r in range(h)]
+    if c > 1:
+        image = [image] * c
+    return json.dumps({"inputs": [image] * images}).encode()
+
+
+async def capacity(base: str, body: bytes, seconds: float, concurrency: int = 8) -> float:
+    """Closed-loop throughput (answered 200 per second) with `concurrency` clients, after a 1 s warm-up."""
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+
+        async def run(span: float) -> int:
+            done = 0
+            end = time.monotonic() + span
+
+            async def worker() -> None:
+                nonlocal done
+                while time.monotonic() < end:
+                    r = await client.post("/predict", content=body, headers=headers)
+                    done += r.status_code == 200
+
+            await asyncio.gather(*[worker() for _ in range(concurrency)])
+            return done
+
+        await run(1.0)
+        return await run(seconds) / seconds
+
+
+def arrivals(rate: float, duration: float, seed: int) -> list[float]:
+    """Poisson arrival times in seconds from the start, fixed in advance."""
+    rng = random.Random(seed)
+    times: list[float] = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            return times
+        times.append(t)
+
+
+@dataclass
+class Outcome:
+    statuses: Counter[str] = field(default_factory=Counter)
+    missing_retry_after: int = 0
+    latencies_ok: list[float] = field(default_factory=list)  # accepted: seconds from the scheduled arrival
+    service_ok: list[float] = field(default_factory=list)  # accepted: seconds from the send to the answer
+    in_service_ok: list[float] = field(default_factory=list)  # accepted: queue + compute, as the answer says
+    send_lag: list[float] = field(default_factory=list)  # generator lateness: send time - scheduled time
+    sent_at: list[float] = field(default_factory=list)
+    skipped: int = 0  # arrivals the generator could not send within max_lag of their time
+    rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes)
+
+
+def classify(e: Exception) -> str:
+    if isinstance(e, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(e, httpx.ConnectError | httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError):
+        return "reset"
+    return f"error:{type(e).__name__}"
+
+
+async def sample_rss(pid: int, out: list[tuple[float, int]], stop: asyncio.Event, every: float = 0.5) -> None:
+    proc = psutil.Process(pid)
+    t0 = time.monotonic()
+    while not stop.is_set():
+        try:
+            out.append((round(time.monotonic() - t0, 2), proc.memory_info().rss))
+        except psutil.Error:
+            return  # the process is gone: reported as not alive
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+
+
+async def open_loop(
+    base: str, body: bytes, times: list[float], pid: int, *, timeout: float, connections: int, max_lag: float
+) -> Outcome:
+    """Send at the fixed arrival times over `connections` keep-alive connections (one httpx client each: a
+    shared pool costs far more CPU per request at this concurrency). An arrival that finds every connection
+    busy waits in a client-side queue; its latency still counts from its scheduled time. One still unsent
+    `max_lag` s after its time is skipped (the generator, not the service, fell behind), so the run stays
+    bounded in time."""
+    out = Outcome()
+    headers = {"content-type": "application/json"}
+    due: asyncio.Queue[float | None] = asyncio.Queue()
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_rss(pid, out.rss, stop))
+    start = time.monotonic() + 0.1
+
+    async def schedule() -> None:
+        for at in times:
+            delay = start + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            due.put_nowait(at)
+        for _ in range(connections):
+            due.put_nowait(None)
+
+    async def connection() -> None:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+            while (at := await due.get()) is not None:
+                scheduled = start + at
+                sent = time.monotonic()
+                if sent - scheduled > max_lag:
+                    out.skipped += 1
+                    continue
+                out.send_lag.append(sent - scheduled)
+                out.sent_at.append(sent)
+                try:
+                    r = await client.post("/predict", content=body, headers=headers)
+                except Exception as e:  # every failure is counted, by kind
+                    out.statuses[classify(e)] += 1
+                    continue
+                done = time.monotonic()
+                out.statuses[str(r.status_code)] += 1
+                if r.status_code == 200:
+                    out.latencies_ok.append(done - scheduled)
+                    out.service_ok.append(done - sent)
+                    answer = r.json()
+                    out.in_service_ok.append((answer["queue_ms"] + answer["compute_ms"]) / 1000)
+                elif r.status_code in (429, 503) and not r.headers.get("retry-after"):
+                    out.missing_retry_after += 1
+
+    await asyncio.gather(schedule(), *[connection() for _ in range(connections)])
+    stop.set()
+    await sampler
+    return out
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p * len(s)))]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="models/structured_line.safetensors")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of open-loop overload")
+    p.add_argument("--factor", type=float, default=10.0, help="offered load as a multiple of capacity")
+    p.add_argument("--max-rate", type=float, default=2000.0, help="cap on the offered requests/s")
+    p.add_argument("--capacity-seconds", type=float, default=4.0)
+    p.add_argument("--images", type=int, default=16, help="images per request (the load benchmark's mix)")
+    p.add_argument("--slo", type=float, default=0.1, help="p99 latency objective of accepted requests, s")
+    p.add_argument("--rss-bound-mib", type=float, default=1024.0, help="stated bound on the server's RSS")
+    p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, s")
+    p.add_argument("--connections", type=int, default=64, help="client connections (keep-alive)")
+    p.add_argument("--max-lag", type=float, default=5.0, help="skip arrivals the generator is this late for, s")
+    p.add_argument("--queue-max", type=int, help="LCS_QUEUE_MAX for the overload run (default: sized to the SLO)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/overload.json"))
+    args = p.parse_args()
+    if not Path(args.checkpoint).is_file():
+        raise SystemExit(f"{args.checkpoint}: no such checkpoint (pass --checkpoint)")
+
+    port = free_port()
+    base = f"http://{HOST}:{port}"
+    proc = start_server(args.checkpoint, port, args.slo)
+    try:
+        body = request_body(base, args.images)
+        cap = asyncio.run(capacity(base, body, args.capacity_seconds))
+    finally:
+        stop_server(proc)
+    if cap <= 0:
+        raise SystemExit("capacity measured as 0 requests/s: is the server answering 200?")
+    rate = min(args.factor * cap, args.max_rate)
+    queue_max = args.queue_max or max(4, math.floor(cap * args.slo / 2))
+    times = arrivals(rate, args.duration, args.seed)
+    print(
+        f"capacity {cap:.0f} req/s closed loop; offering {rate:.0f} req/s ({rate / cap:.1f}x) open loop for "
+        f"{args.duration:g} s = {len(times)} requests; LCS_QUEUE_MAX={queue_max}",
+        flush=True,
+    )
+
+    proc = start_server(args.checkpoint, port, args.slo, LCS_QUEUE_MAX=str(queue_max))
+    try:
+        server, me = psutil.Process(proc.pid), psutil.Process()
+        idle_rss = server.memory_info().rss
+        cpu0 = (sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2]))
+        t0 = time.monotonic()
+        out = asyncio.run(
+            open_loop(
+                base, body, times, proc.pid, timeout=args.timeout, connections=args.connections, max_lag=args.max_lag
+            )
+        )
+        wall = time.monotonic() - t0
+        server_cpu = (sum(server.cpu_times()[:2]) - cpu0[0]) / wall  # cores busy, on average
+        generator_cpu = (sum(me.cpu_times()[:2]) - cpu0[1]) / wall
+        alive = proc.poll() is None
+        try:
+            alive = alive and httpx.get(base + "/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            alive = False
+    finally:
+        code = stop_server(proc)
+
+    sent = len(out.sent_at)
+    answered = sum(n for s, n in out.statuses.items() if s.isdigit())
+    ok = out.statuses.get("200", 0)
+    shed = out.statuses.get("429", 0) + out.statuses.get("503", 0)
+    other = answered - ok - shed
+    resets, timeouts = out.statuses.get("reset", 0), out.statuses.get("timeout", 0)
+    errors = sum(n for s, n in out.statuses.items() if not s.isdigit())
+    p50, p99 = percentile(out.latencies_ok, 0.5), percentile(out.latencies_ok, 0.99)
+    s50, s99 = percentile(out.service_ok, 0.5), percentile(out.service_ok, 0.99)
+    i50, i99 = percentile(out.in_service_ok, 0.5), percentile(out.in_service_ok, 0.99)
+    span = max(out.sent_at) - min(out.sent_at) if len(out.sent_at) > 1 else math.nan
+    achieved = len(out.sent_at) / span if span > 0 else math.nan
+    max_rss = max((r for _, r in out.rss), default=0)
+    bound = args.rss_bound_mib * 2**20
+    slo_ms = args.slo * 1000
+    checks = {
+        # below 90 % the generator (sharing the machine), not the service, set the load: not a valid 10x run
+        f"offered load reached ({achieved:.0f} of {rate:.0f} req/s sent)": achieved >= 0.9 * rate and not out.skipped,
+        "every request sent was answered (200 or 429/503)": errors == 0 and other == 0 and answered == sent,
+        "429/503 all carry Retry-After": out.missing_retry_after == 0,
+        "0 connection resets": resets == 0,
+        "0 timeouts": timeouts == 0,
+        # from the send: what the service controls (from the schedule it also counts the generator's lag)
+        f"accepted p99 <= SLO {slo_ms:g} ms": ok > 0 and s99 <= args.slo,
+        f"max RSS <= {args.rss_bound_mib:g} MiB": 0 < max_rss <= bound,
+        "process alive at the end": alive,
+    }
+    result = {
+        "checkpoint": args.checkpoint,
+        "images_per_request": args.images,
+        "capacity_rps": round(cap, 1),
+        "target_rps": round(rate, 1),
+        "target_factor": round(rate / cap, 2),
+        "achieved_rps": round(achieved, 1),
+        "achieved_factor": round(achieved / cap, 2),
+        "duration_s": args.duration,
+        "wall_s": round(wall, 2),
+        "connections": args.connections,
+        "queue_max": queue_max,
+        "scheduled": len(times),
+        "sent": sent,
+        "skipped_by_generator": out.skipped,
+        "statuses": dict(out.statuses),
+        "ok": ok,
+        "shed": shed,
+        "missing_retry_after": out.missing_retry_after,
+        "resets": resets,
+        "timeouts": timeouts,
+        "slo_ms": slo_ms,
+        "accepted_p50_ms": round(s50 * 1000, 2),
+        "accepted_p99_ms": round(s99 * 1000, 2),
+        "accepted_in_service_p50_ms": round(i50 * 1000, 2),
+        "accepted_in_service_p99_ms": round(i99 * 1000, 2),
+        "accepted_from_schedule_p50_ms": round(p50 * 1000, 2),
+        "accepted_from_schedule_p99_ms": round(p99 * 1000, 2),
+        "generator_lag_p99_ms": round(percentile(out.send_lag, 0.99) * 1000, 2),
+        "server_cpu_cores": round(server_cpu, 2),
+        "generator_cpu_cores": round(generator_cpu, 2),
+        "machine_cpus": os.cpu_count(),
+        "idle_rss_mib": round(idle_rss / 2**20, 1),
+        "max_rss_mib": round(max_rss / 2**20, 1),
+        "rss_bound_mib": args.rss_bound_mib,
+        "rss_samples": [(t, round(r / 2**20, 1)) for t, r in out.rss],
+        "alive_at_end": alive,
+        "exit_code_after_sigterm": code,
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
+    rows = [
+        ("capacity (closed loop, 8 clients)", f"{cap:.0f} req/s"),
+        ("target (open loop)", f"{rate:.0f} req/s = {rate / cap:.1f}x for {args.duration:g} s, {len(times)} requests"),
+        ("sent (achieved rate)", f"{sent} ({achieved:.0f} req/s = {achieved / cap:.1f}x)"),
+        ("skipped by the generator (late)", f"{out.skipped}"),
+        ("answered 200", f"{ok}"),
+        ("answered 429/503", f"{shed} (without Retry-After: {out.missing_retry_after})"),
+        ("other statuses", f"{other}"),
+        ("resets / timeouts / other errors", f"{resets} / {timeouts} / {errors - resets - timeouts}"),
+        ("accepted p50 / p99 (from send)", f"{s50 * 1000:.1f} / {s99 * 1000:.1f} ms (SLO {slo_ms:g} ms)"),
+        ("accepted p50 / p99 (in service)", f"{i50 * 1000:.1f} / {i99 * 1000:.1f} ms (queue + compute)"),
+        ("accepted p50 / p99 (from schedule)", f"{p50 * 1000:.1f} / {p99 * 1000:.1f} ms"),
+        ("generator lag p99", f"{result['generator_lag_p99_ms']} ms"),
+        ("CPU: server / generator", f"{server_cpu:.2f} / {generator_cpu:.2f} cores of {os.cpu_count()}"),
+        ("RSS idle / max", f"{idle_rss / 2**20:.0f} / {max_rss / 2**20:.0f} MiB (bound {args.rss_bound_mib:g})"),
+        ("alive at the end", f"{alive} (exit after SIGTERM: {code})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k:<{width}} | {v}" for k, v in rows))
+    print("\n" + "\n".join(f"{'PASS' if v else 'FAIL'}  {k}" for k, v in checks.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""SIGTERM: readiness turns 503 at once, accepted work is answered, nothing is dropped, the process exits in time.
+
+What SIGTERM guarantees (service/app.py, lifespan): at once, /readyz and /v2/health/ready answer 503 and
+new inference requests 503 + Retry-After, while the server keeps accepting connections, so probes and
+clients get an answer rather than a refused connection. Every request admitted before the signal is
+answered with its result. Only when none is left (or LCS_DRAIN_SECONDS have passed; requests still queued
+then get 503 + Retry-After) is uvicorn's own handler called: it closes the listener (from then on new
+connections are refused), closes idle keep-alive connections and exits.
+
+The first two tests drive the handler in process, with a stand-in for uvicorn's handler; the last runs a
+real `python -m service` on 127.0.0.1 under a steady stream of requests (~6 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service.service_support import (
+    IMAGE,
+    TinyCheckpoint,
+    make_settings,
+    paused,
+    real_server,
+    serve_async,
+    until,
+)
+
+ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
+
+
+@pytest.fixture
+def uvicorn_handler() -> Iterator[list[float]]:
+    """A stand-in for uvicorn's SIGTERM handler (installed before the lifespan, as uvicorn does); the list
+    records when it was called. The real handler is restored afterwards."""
+    calls: list[float] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        calls.append(time.monotonic())
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield calls
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_refuses_new_work_at_once_and_hands_over_after_the_drain(
+    structured: TinyCheckpoint, uvicorn_handler: list[float]
+) -> None:
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, max_wait_ms=0.0, drain_seconds=10.0)) as (client, st):
+            with paused(st) as gate:  # hold the model: the accepted requests stay in flight
+                accepted = [
+                    asyncio.create_task(client.post("/predict", json={"inputs": [ZEROS], "quality": q}))
+                    for q in (1.0, 0.5, 0.5, 0.0)
+                ]
+                await until(lambda: st.inflight == 4, what="every request to be admitted")
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs in this (the main) thread
+                r = await client.get("/readyz")
+                assert r.status_code == 503 and r.json() == {"status": "draining"}
+                assert (await client.get("/v2/health/ready")).status_code == 503
+                refused = await client.post("/predict", json={"inputs": [ZEROS]})
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+                await asyncio.sleep(0.1)
+                assert uvicorn_handler == []  # work is still in flight: uvicorn keeps accepting connections
+                gate.set()
+                answers = await asyncio.gather(*accepted)
+            assert [a.status_code for a in answers] == [200] * 4
+            await until(lambda: len(uvicorn_handler) == 1, what="the hand-over to uvicorn")
+            assert st.inflight == 0 and st.batcher.depth == 0
+
+    asyncio.run(scenario())
+
+
+def test_work_still_queued_at_the_drain_deadline_gets_503_not_a_dropped_connection(
+    structured: TinyCheckpoint, uvicorn_handler: list[float]
+) -> None:
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, max_wait_ms=0.0, drain_seconds=0.3)) as (client, st):
+            with paused(st) as gate:
+                running = asyncio.create_task(client.post("/predict", json={"inputs": [ZEROS], "quality": 1.0}))
+                await until(lambda: st.batcher.running == 1, what="the first batch to be taken")
+                queued = asyncio.create_task(client.post("/predict", json={"inputs": [ZEROS], "quality": 0.0}))
+                await until(lambda: st.batcher.depth == 1, what="the second request to queue")
+                t0 = time.monotonic()
+                os.kill(os.getpid(), signal.SIGTERM)
+                late = await queued  # the deadline passes while the model is still held
+                assert late.status_code == 503 and late.headers["retry-after"] == "1"
+                assert "retry" in late.json()["detail"] and late.json()["request_id"]
+                await until(lambda: len(uvicorn_handler) == 1, what="the hand-over to uvicorn")
+                assert 0.25 <= uvicorn_handler[0] - t0 < 2.0
+                gate.set()
+                assert (await running).status_code == 200  # the batch that was running still completes
+
+    asyncio.run(scenario())
+
+
+def test_sigterm_under_a_steady_stream_on_a_real_server(structured: TinyCheckpoint, tmp_path: Path) -> None:
+    """8 clients send back to back; batches wait up to 1 s for company (LCS_MAX_WAIT_MS), so the signal,
+    sent just after a batch was answered, finds the clients' next requests queued for up to ~0.9 s: long
+    past uvicorn's 0.1 s shutdown tick, which is when a server that let uvicorn stop at once would refuse."""
+    drain = 5.0
+    env = {"LCS_DRAIN_SECONDS": str(drain), "LCS_MAX_WAIT_MS": "1000", "LCS_MAX_BATCH": "1024"}
+    body = {"inputs": [ZEROS] * 4}
+    with real_server(structured.path, tmp_path, **env) as server:
+        results: list[dict[str, Any]] = []
+        answered = asyncio.Event()
+        signalled = asyncio.Event()
+
+        async def stream(client: httpx.AsyncClient) -> None:
+            """One client, back to back, until the signal; the request in flight then is followed through."""
+            while not signalled.is_set():
+                rec: dict[str, Any] = {"sent": time.monotonic()}
+                try:
+                    r = await client.post("/predict", json=body)
+                    rec.update(status=r.status_code, retry_after=r.headers.get("retry-after"))
+                    if r.status_code != 200:
+                        rec["detail"] = r.json()["detail"]
+                except httpx.HTTPError as e:  # a reset, a refused connection or a timeout: a dropped request
+                    rec["error"] = repr(e)
+                rec["done"] = time.monotonic()
+                results.append(rec)
+                answered.set()
+
+        async def readyz(client: httpx.AsyncClient | None) -> int | str:
+            try:
+                if client is not None:
+                    return (await client.get("/readyz")).status_code
+                async with httpx.AsyncClient(base_url=server.base_url, timeout=5.0) as fresh:
+                    return (await fresh.get("/readyz")).status_code
+            except httpx.HTTPError as e:
+                return repr(e)
+
+        async def scenario() -> tuple[float, list[tuple[float, int | str, int | str]], httpx.Response]:
+            clients = [httpx.AsyncClient(base_url=server.base_url, timeout=30.0) for _ in range(8)]
+            probe = httpx.AsyncClient(base_url=server.base_url, timeout=5.0)
+            assert (await probe.get("/readyz")).status_code == 200  # opens the probe's keep-alive connection
+            streams = [asyncio.create_task(stream(c)) for c in clients]
+            await asyncio.sleep(2.5)  # steady state: a batch about every second
+            answered.clear()
+            await answered.wait()  # a batch was just answered; its clients send their next requests now
+            await asyncio.sleep(0.05)
+            t_signal = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            signalled.set()
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=5.0) as fresh:
+                refused = await fresh.post("/predict", json={"inputs": [ZEROS]})
+            probes = []  # (seconds after the signal, on the open connection, on a new connection)
+            while not all(s.done() for s in streams):
+                probes.append((time.monotonic() - t_signal, await readyz(probe), await readyz(None)))
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*streams)
+            for c in [*clients, probe]:
+                await c.aclose()
+            return t_signal, probes, refused
+
+        t_signal, probes, refused = asyncio.run(scenario())
+        code = server.proc.wait(timeout=drain + 10)
+        exited = time.monotonic() - t_signal
+        log = server.log.read_text()
+
+    in_flight = [r for r in results if r["sent"] < t_signal <= r["done"]]
+    print(
+        f"SIGTERM with {len(in_flight)} requests in flight: {sum(r.get('status') == 200 for r in in_flight)} got 200;"
+        f" {len(probes)} readiness probes, all 503, the last {probes[-1][0]:.2f} s after the signal;"
+        f" exit {exited:.2f} s after the signal (limit {drain + 2:g} s), code {code}"
+    )
+    # readiness: 503 from the signal until the accepted work was answered, on open and new connections alike
+    assert probes and all(p[1:] == (503, 503) for p in probes), (probes, log)
+    assert probes[-1][0] > 0.3, probes  # the drain outlasted uvicorn's shutdown tick
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    dropped = [r for r in results if "error" in r]
+    assert not dropped, (dropped, log)
+    # every request admitted before the signal got its result. A client whose request was still on its way
+    # when the signal landed may have been refused at admission instead (503 + Retry-After); the refusal
+    # for work abandoned at the drain deadline ("shut down before this request ran") must never appear
+    assert len(in_flight) == 8 and any(r["status"] == 200 for r in in_flight), in_flight
+    for r in results:
+        assert r["status"] == 200 or (r["status"] == 503 and r["retry_after"] and "retry shortly" in r["detail"]), r
+    assert exited <= drain + 2.0, (exited, log)
+    assert code in (0, -signal.SIGTERM), log  # uvicorn re-raises the signal once it has shut down
+    assert "Traceback" not in log, log
