@@ -118,7 +118,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default="models/structured_line.safetensors")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per load level")
     p.add_argument("--connections", type=int, nargs="*", default=[1, 4, 16, 64])
-    p.add_argument("--max-wait-ms", default="2")
+    p.add_argument("--max-wait-ms", default="0")
+    p.add_argument("--threads", default="2", help="LCS_THREADS for both servers")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/http.json"))
     args = p.parse_args()
     if shutil.which("wrk") is None:
@@ -133,7 +134,7 @@ def main() -> None:
     env = {
         **os.environ,
         "LCS_CHECKPOINT": args.checkpoint,
-        "LCS_THREADS": "2",
+        "LCS_THREADS": args.threads,
         "LCS_API_KEY": "bench",
         "LCS_LOG_LEVEL": "warning",
         "LCS_MAX_WAIT_MS": args.max_wait_ms,

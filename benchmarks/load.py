@@ -42,6 +42,21 @@ def _burn(stop: Any) -> None:
             x += i * i
 
 
+def request_body(images: int, fmt: str) -> bytes:
+    """`images` copies of one test image per request, as raw JSON pixel arrays or base64 PNGs."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    pixels = [[(11 * r + 5 * c) % 256 for c in range(28)] for r in range(28)]
+    if fmt == "json":
+        return json.dumps({"inputs": [pixels] * images}).encode()
+    buf = io.BytesIO()
+    Image.frombytes("L", (28, 28), bytes(v for row in pixels for v in row)).save(buf, format="PNG")
+    return json.dumps({"inputs": [base64.b64encode(buf.getvalue()).decode()] * images}).encode()
+
+
 def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]:
     """Arrival times in seconds from the start, precomputed."""
     rng = random.Random(seed)
@@ -94,20 +109,22 @@ async def run_trace(
             due.put_nowait(None)
 
     async def connection(client: httpx.AsyncClient) -> None:
-        async with client:
-            while (at := await due.get()) is not None:
-                rec: dict[str, Any] = {"t": at}
-                try:
-                    r = await client.post("/predict", content=body, headers=headers)
-                    rec["status"] = r.status_code
-                    if r.status_code == 200:
-                        rec["alpha"] = r.json()["alpha"]
-                except httpx.HTTPError as e:
-                    rec["status"] = type(e).__name__
-                rec["latency"] = time.monotonic() - (start + at)
-                results.append(rec)
+        while (at := await due.get()) is not None:
+            rec: dict[str, Any] = {"t": at}
+            try:
+                r = await client.post("/predict", content=body, headers=headers)
+                rec["status"] = r.status_code
+                if r.status_code == 200:
+                    rec["alpha"] = r.json()["alpha"]
+            except httpx.HTTPError as e:
+                rec["status"] = type(e).__name__
+            rec["latency"] = time.monotonic() - (start + at)
+            results.append(rec)
 
-    await asyncio.gather(schedule(), *[connection(c) for c in clients])
+    try:
+        await asyncio.gather(schedule(), *[connection(c) for c in clients])
+    finally:
+        await asyncio.gather(*[c.aclose() for c in clients])
     return sorted(results, key=lambda r: r["t"])
 
 
@@ -231,6 +248,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="models/structured_line.safetensors")
     p.add_argument("--images", type=int, default=16, help="images per request (the mix)")
+    p.add_argument(
+        "--format",
+        choices=["png", "json"],
+        default="png",
+        help="inputs as base64 PNGs (cheap to parse: model compute dominates) or raw JSON arrays",
+    )
     p.add_argument("--duration", type=float, default=15.0, help="seconds per trace")
     p.add_argument("--traces", nargs="*", default=["steady", "step", "ramp", "bursty", "noisy"])
     p.add_argument("--policies", nargs="*", default=["fixed:1", "fixed:0.5", "fixed:0", "step", "aimd", "lcs"])
@@ -238,11 +261,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="default: benchmarks/results/load-<images>img")
     args = p.parse_args()
-    out = args.out or Path("benchmarks/results") / f"load-{args.images}img"
+    out = args.out or Path("benchmarks/results") / f"load-{args.images}{args.format}"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    image = [[(11 * r + 5 * c) % 256 for c in range(28)] for r in range(28)]
-    body = json.dumps({"inputs": [image] * args.images}).encode()
+    body = request_body(args.images, args.format)
     port = 18100
     base = f"http://{HOST}:{port}"
     env = {
@@ -263,6 +285,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "checkpoint": args.checkpoint,
         "images_per_request": args.images,
+        "format": args.format,
         "slo_s": args.slo,
         "duration_s": args.duration,
         "capacity_rps": {},
@@ -279,7 +302,7 @@ def main() -> None:
             proc.wait(30)
     cap1 = result["capacity_rps"]["1"]
     print(
-        f"mix: {args.images} images/request; capacity {cap1} req/s at alpha 1, "
+        f"mix: {args.images} {args.format} images/request; capacity {cap1} req/s at alpha 1, "
         f"{result['capacity_rps']['0']} req/s at alpha 0",
         flush=True,
     )

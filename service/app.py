@@ -34,7 +34,7 @@ from service.metrics import Metrics
 from service.runtime import LEVEL_NAMES, Runtime
 from service.schemas import PRESETS, ErrorResponse, PinRequest, PredictRequest, PredictResponse, V2InferRequest
 from service.settings import Settings
-from service.signals import MachineProbe, RequestStats
+from service.signals import LoopCost, MachineProbe, RequestStats
 
 log = logging.getLogger("lcs.service")
 VERSION = "0.1.0"
@@ -66,6 +66,7 @@ class State:
             on_batch=self._on_batch,
         )
         self.requests = RequestStats()
+        self.loop_cost = LoopCost()
         self.probe = MachineProbe()
         self.inflight = 0
         self.draining = False
@@ -106,6 +107,7 @@ class State:
             on_battery=on_battery,
             fleet_rate=fleet.rate if fleet is not None else None,
             fleet_p99=fleet.p99 if fleet is not None else None,
+            request_cost=self.loop_cost.tick(),
         )
 
     def control_step(self, now: float) -> None:
@@ -127,6 +129,7 @@ class State:
             "battery_percent",
             "fleet_rate",
             "fleet_p99",
+            "request_cost",
         ):
             v = getattr(s, name)
             if v is not None:
@@ -186,8 +189,10 @@ class Observe:
             elapsed = time.monotonic() - t0
             st.metrics.requests.labels(endpoint, str(status)).inc()
             st.metrics.latency.labels(endpoint).observe(elapsed)
-            if status == 200 and endpoint.endswith(("/predict", "/infer")):
-                st.requests.finished(elapsed)
+            if endpoint.endswith(("/predict", "/infer")):
+                st.loop_cost.count()
+                if status == 200:
+                    st.requests.finished(elapsed)
 
 
 class Shed:
@@ -399,7 +404,20 @@ async def _infer(
             {"Retry-After": retry},
         )
     now = time.monotonic()
-    deadline = now + deadline_ms / 1000.0 if deadline_ms is not None else None
+    # every request has a deadline: its own, or the SLO; the batcher's slack rule works from it
+    budget = deadline_ms / 1000.0 if deadline_ms is not None else st.settings.slo_p99_seconds
+    deadline = now + budget
+    images = int(x_raw.shape[0])
+    wait = rt.controller.predicted_wait(st.batcher.queued_images + images, st.batcher.depth + 1)
+    if st.batcher.depth > 0 and wait is not None and wait > budget:
+        # it would be answered late even at the cheapest alpha allowed: refuse now rather than serve late
+        st.metrics.shed.labels("predicted_late").inc()
+        raise ApiError(
+            429,
+            f"the queue would take about {wait * 1000:.0f} ms, over this request's "
+            f"{budget * 1000:.0f} ms budget; retry after a moment",
+            {"Retry-After": retry},
+        )
     x = x_raw * rt.scale + rt.shift
     job = Job(x, target, floor, deadline, now)
     try:

@@ -35,6 +35,7 @@ class Signals:
     on_battery: bool = False
     fleet_rate: float | None = None  # fleet-wide requests/s from Prometheus, per replica
     fleet_p99: float | None = None
+    request_cost: float | None = None  # measured event-loop CPU seconds per request (None: the default)
 
 
 def parse_policy(text: str) -> tuple[str, float]:
@@ -101,7 +102,20 @@ class Controller:
         if per_image is None:
             return 0.0
         slowdown = 1.0 / max(0.1, 1.0 - s.cpu_other)  # other processes take CPU from our threads
-        return rate * (s.images_per_request * per_image * slowdown + self.request_cost)
+        cost = self.request_cost if s.request_cost is None else s.request_cost
+        return rate * (s.images_per_request * per_image * slowdown + cost)
+
+    def predicted_wait(self, images: int, requests: int) -> float | None:
+        """Seconds until `images` queued images (in `requests` requests) are answered, at the lowest alpha
+        this policy may use for them (ours: the bottom of the grid, via the slack rule; others: the ceiling)."""
+        alpha = self.grid.alphas[0] if self.policy[0] == "lcs" else self.ceiling
+        per_image = self.profile.per_image(alpha, self.max_batch)
+        if per_image is None:
+            return None
+        s = self.last_signals
+        slowdown = 1.0 / max(0.1, 1.0 - s.cpu_other) if s else 1.0
+        cost = s.request_cost if s and s.request_cost is not None else self.request_cost
+        return images * per_image * slowdown + requests * cost
 
     def _fits(self, s: Signals) -> float:
         """Largest grid alpha whose predicted utilisation stays under the target."""

@@ -45,6 +45,28 @@ class RequestStats:
         return self._rate, self._images, p99
 
 
+class LoopCost:
+    """CPU seconds the event-loop thread spends per request (HTTP, parsing, decoding, responses): the
+    part of a request's cost that no alpha removes. Construct, count and tick on the event-loop thread."""
+
+    def __init__(self) -> None:
+        self._cpu = time.thread_time()
+        self._n = 0
+        self.value: float | None = None
+
+    def count(self) -> None:
+        self._n += 1
+
+    def tick(self) -> float | None:
+        cpu = time.thread_time()
+        spent, self._cpu = cpu - self._cpu, cpu
+        if self._n >= 5:  # too few requests say nothing
+            v = spent / self._n
+            self.value = v if self.value is None else 0.7 * self.value + 0.3 * v
+        self._n = 0
+        return self.value
+
+
 class MachineProbe:
     """CPU used by other processes, available memory and battery, from psutil."""
 
