@@ -1,0 +1,85 @@
+"""Admission by predicted lateness, the default deadline, and the measured request-handling cost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from service.cache import Grid
+from service.controller import Controller, Signals
+from service.profile import LatencyProfile
+from service.signals import LoopCost
+from tests.service.service_support import (
+    TinyCheckpoint,
+    image_list,
+    make_settings,
+    paused,
+    random_images,
+    serve_async,
+    until,
+)
+
+
+def _profile(per_image_at_1: float, per_image_at_0: float) -> LatencyProfile:
+    p = LatencyProfile()
+    for a, cost in ((0.0, per_image_at_0), (0.5, (per_image_at_0 + per_image_at_1) / 2), (1.0, per_image_at_1)):
+        p.add(a, 1, cost)
+        p.add(a, 8, 8 * cost)
+    return p
+
+
+def test_loop_cost_needs_enough_requests_then_measures_cpu_per_request() -> None:
+    cost = LoopCost()
+    cost.count()
+    assert cost.tick() is None  # one request says nothing
+    end = time.thread_time() + 0.02
+    while time.thread_time() < end:  # 20 ms of this thread's CPU for 10 requests
+        pass
+    for _ in range(10):
+        cost.count()
+    measured = cost.tick()
+    assert measured is not None and 0.0015 <= measured <= 0.02
+
+
+def test_predicted_wait_uses_the_cheapest_alpha_for_our_policy_and_the_ceiling_for_others() -> None:
+    grid = Grid([0.0, 0.5, 1.0])
+    ours = Controller(grid, _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0)
+    fixed = Controller(
+        grid, _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0, policy="fixed:1"
+    )
+    fixed.update(Signals(now=0.0))
+    assert abs(ours.predicted_wait(10, 1) - 0.010) < 1e-9  # type: ignore[operator]
+    assert abs(fixed.predicted_wait(10, 1) - 0.100) < 1e-9  # type: ignore[operator]
+
+
+def test_measured_request_cost_counts_in_the_utilisation() -> None:
+    c = Controller(Grid([0.0, 1.0]), _profile(0.001, 0.0005), slo_seconds=0.1, max_batch=8)
+    cheap = c.utilisation(1.0, Signals(now=0.0, arrival_rate=100.0, request_cost=0.0))
+    dear = c.utilisation(1.0, Signals(now=0.0, arrival_rate=100.0, request_cost=0.005))
+    assert abs(dear - cheap - 0.5) < 1e-9
+
+
+def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyCheckpoint) -> None:
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
+            st.runtime.profile.seconds = _profile(0.05, 0.05).seconds  # 50 ms per image at every alpha
+            body = {"inputs": [image_list(x) for x in random_images(4, seed=3)]}
+            with paused(st) as gate:
+                first = asyncio.create_task(client.post("/predict", json=body))  # runs when the model is free
+                await until(lambda: st.inflight == 1, what="the first request to be admitted")
+                second = asyncio.create_task(client.post("/predict", json=body))
+                await until(lambda: st.batcher.depth >= 1, what="a queued request")
+                # 4 queued + 4 new images at 50 ms each: 400 ms > the 200 ms SLO budget
+                late = await client.post("/predict", json=body)
+                ok_task = asyncio.create_task(client.post("/predict", json={**body, "deadline_ms": 5000}))
+                await until(lambda: st.batcher.depth >= 2, what="the generous deadline to be admitted")
+                gate.set()
+                assert (await first).status_code == 200 and (await second).status_code == 200
+                ok = await ok_task
+            assert late.status_code == 429 and late.headers["retry-after"]
+            assert "budget" in late.json()["detail"]
+            assert ok.status_code == 200
+            metrics = (await client.get("/metrics")).text
+            assert 'lcs_shed_total{reason="predicted_late"} 1.0' in metrics
+
+    asyncio.run(scenario())
