@@ -12,7 +12,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Annotated, Any
@@ -518,37 +518,29 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
 
     app.add_middleware(Observe)
 
+    def error(
+        request: Request, status: int, detail: str, headers: Mapping[str, str] | None = None, kind: str | None = None
+    ) -> JSONResponse:
+        """Every error answers in one shape: {"error", "detail", "request_id"}."""
+        body = {
+            "error": kind or _reason(status),
+            "detail": detail,
+            "request_id": getattr(request.state, "request_id", None),
+        }
+        return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
-            {
-                "error": _reason(exc.status),
-                "detail": exc.detail,
-                "request_id": getattr(request.state, "request_id", None),
-            },
-            status_code=exc.status,
-            headers=exc.headers,
-        )
+        return error(request, exc.status, exc.detail, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # unknown paths (404) and methods (405) answer in the same shape as every other error
-        return JSONResponse(
-            {
-                "error": _reason(exc.status_code),
-                "detail": str(exc.detail),
-                "request_id": getattr(request.state, "request_id", None),
-            },
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
+        return error(request, exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse(
-            {"error": "invalid input", "detail": str(exc), "request_id": getattr(request.state, "request_id", None)},
-            status_code=422,
-        )
+        return error(request, 422, str(exc), kind="invalid input")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -558,14 +550,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
             else f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
             for e in exc.errors()[:10]
         ]
-        return JSONResponse(
-            {
-                "error": "invalid request",
-                "detail": "; ".join(problems),
-                "request_id": getattr(request.state, "request_id", None),
-            },
-            status_code=422,
-        )
+        return error(request, 422, "; ".join(problems), kind="invalid request")
 
     def _json_only(request: Request) -> None:
         ctype = request.headers.get("content-type", "")
