@@ -89,6 +89,7 @@ class State:
     def _on_batch(self, alpha: float, images: int, seconds: float, jobs: list[Job]) -> None:
         self.metrics.batch_size.observe(images)
         self.metrics.compute.observe(seconds)
+        self.runtime.controller.observe_batch(alpha, images, seconds)
 
     def signals(self, now: float) -> Signals:
         rate, per_request, p99 = self.requests.tick(now)

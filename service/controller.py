@@ -86,6 +86,7 @@ class Controller:
         self.battery_low = battery_low_percent
         self.battery_cap = battery_alpha_cap
         self.policy = parse_policy(policy)
+        self.drift = 1.0  # measured / profiled batch time (EWMA): the profile was taken on an idle machine
         self.ceiling = grid.alphas[-1]
         self.pinned: float | None = None
         self.mode = "full"
@@ -101,9 +102,16 @@ class Controller:
         per_image = self.profile.per_image(alpha, self.max_batch)
         if per_image is None:
             return 0.0
-        slowdown = 1.0 / max(0.1, 1.0 - s.cpu_other)  # other processes take CPU from our threads
+        slowdown = max(self.drift, 1.0 / max(0.1, 1.0 - s.cpu_other))  # CPU taken by others, or measured
         cost = self.request_cost if s.request_cost is None else s.request_cost
         return rate * (s.images_per_request * per_image * slowdown + cost)
+
+    def observe_batch(self, alpha: float, images: int, seconds: float) -> None:
+        """Feed back a measured batch time, so predictions follow what the machine delivers now."""
+        predicted = self.profile.predict(alpha, images)
+        if predicted:
+            ratio = min(20.0, max(0.5, seconds / predicted))
+            self.drift = 0.9 * self.drift + 0.1 * ratio
 
     def predicted_wait(self, images: int, requests: int) -> float | None:
         """Seconds until `images` queued images (in `requests` requests) are answered, at the lowest alpha
@@ -113,7 +121,7 @@ class Controller:
         if per_image is None:
             return None
         s = self.last_signals
-        slowdown = 1.0 / max(0.1, 1.0 - s.cpu_other) if s else 1.0
+        slowdown = max(self.drift, 1.0 / max(0.1, 1.0 - s.cpu_other) if s else 1.0)
         cost = s.request_cost if s and s.request_cost is not None else self.request_cost
         return images * per_image * slowdown + requests * cost
 
@@ -216,7 +224,7 @@ class Controller:
             if a > hi or a < floor:
                 continue
             p = self.profile.predict(a, images)
-            if p is None or p <= slack:
+            if p is None or p * self.drift <= slack:
                 return a
         return floor
 
@@ -226,6 +234,7 @@ class Controller:
             "mode": self.mode,
             "ceiling": self.ceiling,
             "pinned": self.pinned,
+            "profile_drift": round(self.drift, 3),
             "signals": asdict(self.last_signals) if self.last_signals else None,
             "decisions": [asdict(d) for d in self.decisions][-20:],
         }

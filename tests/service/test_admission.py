@@ -83,3 +83,17 @@ def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyC
             assert 'lcs_shed_total{reason="predicted_late"} 1.0' in metrics
 
     asyncio.run(scenario())
+
+
+def test_measured_batch_times_correct_the_profile() -> None:
+    grid = Grid([0.0, 0.5, 1.0])
+    c = Controller(grid, _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0)
+    before = c.predicted_wait(10, 1)
+    for _ in range(30):  # the machine delivers 3x slower than profiled
+        c.observe_batch(1.0, 8, 3 * 0.080)
+    assert 2.5 < c.drift <= 3.0
+    assert c.predicted_wait(10, 1) > 2.5 * before  # type: ignore[operator]
+    # x ~2.9: alpha 1 (80 ms profiled) and 0.5 (44 ms) no longer fit 100 ms; alpha 0 (8 ms) does
+    assert c.batch_alpha(1.0, 0.0, 8, slack=0.1) == 0.0
+    assert c.batch_alpha(1.0, 0.0, 8, slack=0.2) == 0.5
+    assert c.state()["profile_drift"] == round(c.drift, 3)
