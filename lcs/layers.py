@@ -41,6 +41,11 @@ class Setting:
     quantize_acts: bool = True
 
 
+def groups(channels: int) -> int:
+    """GroupNorm groups for `channels` (sliced widths included): up to 8, always a divisor."""
+    return math.gcd(channels, 8)
+
+
 def _interp(p0: torch.Tensor, p1: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """w(alpha) = (1 - alpha) * w0 + alpha * w1 on a line; w0 on a point."""
     if p1 is None:
@@ -181,7 +186,7 @@ class SubspaceNorm2d(_Endpoints):
         c = x.shape[1]
         w, b = self.affine_at(s, c)
         if self.norm == "group":
-            return F.group_norm(x, math.gcd(c, 8), w, b, self.eps)
+            return F.group_norm(x, groups(c), w, b, self.eps)
         if s.calibrate is not None:
             if s.stats is None:
                 raise ValueError("calibration needs Setting.stats, the grid row to write")

@@ -17,7 +17,7 @@ from torch import nn
 
 from lcs.alpha import Schedule, check_alpha
 from lcs.compress import fake_quantize
-from lcs.layers import NormType, Setting, SubspaceConv2d, SubspaceLinear, SubspaceNorm2d, cos2
+from lcs.layers import NormType, Setting, SubspaceConv2d, SubspaceLinear, SubspaceNorm2d, cos2, groups
 
 # --------------------------------------------------------------------------------------------------
 # plain (exported) modules: what the service runs
@@ -73,7 +73,7 @@ def _plain_conv(w: torch.Tensor, stride: int, bias: torch.Tensor | None = None) 
 def _plain_norm(norm: SubspaceNorm2d, s: Setting, c: int) -> nn.Module:
     w, b = norm.affine_at(s, c)
     if norm.norm == "group":
-        gn = nn.GroupNorm(__import__("math").gcd(c, 8), c, eps=norm.eps)
+        gn = nn.GroupNorm(groups(c), c, eps=norm.eps)
         gn.weight, gn.bias = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
         return gn
     bn = nn.BatchNorm2d(c, eps=norm.eps)
