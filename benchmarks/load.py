@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from benchmarks.http import _wait_ready
+from benchmarks.overload import capacity
 
 HOST = "127.0.0.1"
 
@@ -126,22 +127,6 @@ async def run_trace(
     finally:
         await asyncio.gather(*[c.aclose() for c in clients])
     return sorted(results, key=lambda r: r["t"])
-
-
-async def capacity(base: str, body: bytes, seconds: float = 4.0, concurrency: int = 8) -> float:
-    """Closed-loop throughput (requests/s) with `concurrency` clients."""
-    done = 0
-    end = time.monotonic() + seconds
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-
-        async def worker() -> None:
-            nonlocal done
-            while time.monotonic() < end:
-                r = await client.post("/predict", content=body, headers={"content-type": "application/json"})
-                done += r.status_code == 200
-
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-    return done / seconds
 
 
 async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Event) -> None:
@@ -294,8 +279,7 @@ def main() -> None:
     for a in ("1", "0"):
         proc = start(f"fixed:{a}")
         try:
-            asyncio.run(capacity(base, body, 2.0))  # warm
-            result["capacity_rps"][a] = round(asyncio.run(capacity(base, body)), 1)
+            result["capacity_rps"][a] = round(asyncio.run(capacity(base, body, 4.0, warmup=2.0)), 1)
             accuracy = {q["alpha"]: q["accuracy"] for q in httpx.get(base + "/model").json()["accuracy"]}
         finally:
             proc.terminate()

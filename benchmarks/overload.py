@@ -92,8 +92,8 @@ def request_body(base: str, images: int) -> bytes:
     return json.dumps({"inputs": [image] * images}).encode()
 
 
-async def capacity(base: str, body: bytes, seconds: float, concurrency: int = 8) -> float:
-    """Closed-loop throughput (answered 200 per second) with `concurrency` clients, after a 1 s warm-up."""
+async def capacity(base: str, body: bytes, seconds: float, concurrency: int = 8, warmup: float = 1.0) -> float:
+    """Closed-loop throughput (answered 200 per second) with `concurrency` clients, after a warm-up."""
     headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
 
@@ -110,7 +110,7 @@ async def capacity(base: str, body: bytes, seconds: float, concurrency: int = 8)
             await asyncio.gather(*[worker() for _ in range(concurrency)])
             return done
 
-        await run(1.0)
+        await run(warmup)
         return await run(seconds) / seconds
 
 
