@@ -45,6 +45,7 @@ class Runtime:
     accuracy: dict[float, float] = field(default_factory=dict)
     self_check: dict[str, float] = field(default_factory=dict)
     ready: bool = False
+    loaded_at: float = field(default_factory=time.time)  # wall clock, for /model
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
@@ -96,9 +97,13 @@ class Runtime:
         shape = (self.meta.input.channels, self.meta.input.height, self.meta.input.width)
         probe = torch.randn(max(s.profile_batches), *shape)
         if s.channels_last == "auto":
+            # probe on the fp32 network (int8=False): the int8 path ignores the layout, and calibrating
+            # it twice here would only repeat work the cache does next
             top = self.grid.alphas[-1]
-            t_cl = time_batch(build(self.model, self.meta, top, samples=self.samples, channels_last=True), probe)
-            t_nc = time_batch(build(self.model, self.meta, top, samples=self.samples, channels_last=False), probe)
+            t_cl, t_nc = (
+                time_batch(build(self.model, self.meta, top, samples=None, channels_last=cl, int8=False), probe)
+                for cl in (True, False)
+            )
             self.channels_last = t_cl < t_nc
             log.info(
                 "memory layout: channels_last=%s (%.2f ms vs %.2f ms at batch %d)",
@@ -145,5 +150,5 @@ class Runtime:
             "self_check_accuracy": self.self_check,
             "channels_last": self.channels_last,
             "ready": self.ready,
-            "loaded_at": time.time(),
+            "loaded_at": self.loaded_at,
         }

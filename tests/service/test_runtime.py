@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -70,3 +72,29 @@ def test_describe(structured: TinyCheckpoint) -> None:
     d = Runtime.load(make_settings(structured.path, model_name="fashion")).describe()
     assert d["name"] == "fashion" and d["kind"] == "structured" and d["level_name"] == "width"
     assert d["grid"] == list(GRID) and d["ready"] is False
+
+
+def test_describe_reports_when_the_model_was_loaded_not_the_current_time(structured: TinyCheckpoint) -> None:
+    import time
+
+    before = time.time()
+    rt = Runtime.load(make_settings(structured.path))
+    first = rt.describe()["loaded_at"]
+    time.sleep(0.01)
+    assert before <= first == rt.describe()["loaded_at"]  # type: ignore[operator]
+
+
+def test_the_layout_probe_on_a_quantized_model_builds_int8_only_in_the_cache(
+    tiny_checkpoints: Callable[[str], TinyCheckpoint],
+) -> None:
+    from unittest import mock
+
+    from service import runtime as runtime_module
+
+    quantized = tiny_checkpoints("quantized")
+    rt = Runtime.load(make_settings(quantized.path, channels_last="auto", prebuild=[1.0], profile_batches=[1]))
+    with mock.patch.object(runtime_module, "build", wraps=runtime_module.build) as spy:
+        rt.warm_up()
+    int8_builds = [c for c in spy.call_args_list if c.kwargs.get("int8", True) and c.kwargs["samples"] is not None]
+    assert len(int8_builds) == 1  # the cache's build of alpha 1; the probe compares fp32 layouts
+    assert "int8" in rt.cache.get(1.0).representation
