@@ -58,7 +58,6 @@ class Result:
 class BatchStats:
     batches: int = 0
     images: int = 0
-    last: list[tuple[float, int, float]] = field(default_factory=list)  # (alpha, images, seconds)
 
 
 class Batcher:
