@@ -137,7 +137,8 @@ class State:
                 self.metrics.signal.labels(name).set(float(v))
 
 
-def get_state(request: Request) -> State:
+# async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
+async def get_state(request: Request) -> State:
     return request.app.state.lcs  # type: ignore[no-any-return]
 
 
@@ -553,7 +554,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         ]
         return error(request, 422, "; ".join(problems), kind="invalid request")
 
-    def _json_only(request: Request) -> None:
+    async def _json_only(request: Request) -> None:
         ctype = request.headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, f"content type {ctype or 'missing'!r} is not supported; send application/json")
@@ -618,7 +619,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         """Controller mode, ceiling, last signals and the last decisions with their reasons."""
         return st.runtime.controller.state()
 
-    def _admin(
+    async def _admin(
         st: StateDep,
         x_api_key: Annotated[str | None, Header()] = None,
         authorization: Annotated[str | None, Header()] = None,
