@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks import openloop
 from benchmarks.http import _wait_ready
 from benchmarks.overload import capacity
 
@@ -86,47 +87,18 @@ def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]
     return times
 
 
-async def run_trace(
-    base: str, body: bytes, arrivals: list[float], timeout: float, connections: int = 64
-) -> list[dict[str, Any]]:
-    """Send at the fixed arrival times over `connections` keep-alive connections (one httpx client each:
-    a shared pool costs several times more client CPU here). Latency counts from the scheduled time, so
-    time spent waiting for a free connection is charged to the system, as an open loop should."""
-    results: list[dict[str, Any]] = []
-    due: asyncio.Queue[float | None] = asyncio.Queue()
-    headers = {"content-type": "application/json"}
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    clients = [httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) for _ in range(connections)]
-    await asyncio.gather(*[c.get("/healthz") for c in clients])  # connect before the clock starts
-    start = time.monotonic() + 0.1
-
-    async def schedule() -> None:
-        for at in arrivals:
-            delay = start + at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            due.put_nowait(at)
-        for _ in range(connections):
-            due.put_nowait(None)
-
-    async def connection(client: httpx.AsyncClient) -> None:
-        while (at := await due.get()) is not None:
-            rec: dict[str, Any] = {"t": at}
-            try:
-                r = await client.post("/predict", content=body, headers=headers)
-                rec["status"] = r.status_code
-                if r.status_code == 200:
-                    rec["alpha"] = r.json()["alpha"]
-            except httpx.HTTPError as e:
-                rec["status"] = type(e).__name__
-            rec["latency"] = time.monotonic() - (start + at)
-            results.append(rec)
-
-    try:
-        await asyncio.gather(schedule(), *[connection(c) for c in clients])
-    finally:
-        await asyncio.gather(*[c.aclose() for c in clients])
-    return sorted(results, key=lambda r: r["t"])
+async def run_trace(port: int, body: bytes, arrivals: list[float], timeout: float) -> list[dict[str, Any]]:
+    """One open-loop trace (benchmarks.openloop); latency counts from the scheduled arrival."""
+    replies, skipped = await openloop.open_loop(port, openloop.post("/predict", body, port), arrivals, timeout=timeout)
+    if skipped:
+        print(f"  (the generator fell behind and skipped {skipped} arrivals)", flush=True)
+    rows = []
+    for r in replies:
+        row: dict[str, Any] = {"t": r.at, "status": r.status, "latency": r.latency}
+        if r.status == 200:
+            row["alpha"] = r.json()["alpha"]
+        rows.append(row)
+    return rows
 
 
 async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Event) -> None:
@@ -142,7 +114,7 @@ async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Ev
 
 
 async def drive(
-    base: str, body: bytes, arrivals: list[float], noisy: bool, duration: float
+    base: str, port: int, body: bytes, arrivals: list[float], noisy: bool, duration: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run one trace while polling the controller; a CPU-hungry neighbour runs the middle third if `noisy`."""
     timeline: list[dict[str, Any]] = []
@@ -161,7 +133,7 @@ async def drive(
         stop_burn.set()
 
     nb = asyncio.create_task(neighbour()) if noisy else None
-    rows = await run_trace(base, body, arrivals, timeout=5.0)
+    rows = await run_trace(port, body, arrivals, timeout=5.0)
     if nb is not None:
         await nb
     stop_poll.set()
@@ -279,7 +251,7 @@ def main() -> None:
     for a in ("1", "0"):
         proc = start(f"fixed:{a}")
         try:
-            result["capacity_rps"][a] = round(asyncio.run(capacity(base, body, 4.0, warmup=2.0)), 1)
+            result["capacity_rps"][a] = round(capacity(port, body, 4.0, warmup=2.0), 1)
             accuracy = {q["alpha"]: q["accuracy"] for q in httpx.get(base + "/model").json()["accuracy"]}
         finally:
             proc.terminate()
@@ -297,7 +269,7 @@ def main() -> None:
         try:
             for k, tr in enumerate(args.traces):
                 arrivals = trace(tr, cap1, args.duration, args.seed + k)
-                rows, timeline = asyncio.run(drive(base, body, arrivals, tr == "noisy", args.duration))
+                rows, timeline = openloop.run(drive(base, port, body, arrivals, tr == "noisy", args.duration))
                 summary = summarise(rows, args.slo, accuracy)
                 runs[tr] = {"summary": summary, "requests": rows, "controller": timeline}
                 print(f"{policy:>10} {tr:>7}: {summary}", flush=True)

@@ -10,9 +10,9 @@
    half the budget for waiting, so a request admitted to a full queue still has time to be served) and
    sends an open-loop stream at `--factor` x capacity, capped at `--max-rate` requests/s so that the
    generator stays sane: arrival times are fixed in advance (Poisson, seeded), bounded in count and time,
-   so a slow answer never slows the sender. httpx.AsyncClient, one per connection (`--connections`);
-   an arrival that finds them all busy waits client-side, and one the generator is `--max-lag` s late
-   for is skipped and counted (the generator fell behind, not the service).
+   so a slow answer never slows the sender (benchmarks.openloop: a lean HTTP/1.1 client on up to
+   `--connections` keep-alive connections; one arrival the generator is `--max-lag` s late for is
+   skipped and counted: the generator fell behind, not the service).
 3. Samples the server's resident memory (psutil) every 0.5 s, and the CPU both processes used.
 
 Pass criteria: the offered load was reached (>= 90 % of the target rate sent, nothing skipped); every
@@ -38,13 +38,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
+from benchmarks import openloop
 from benchmarks.http import _wait_ready
 
 HOST = "127.0.0.1"
@@ -92,26 +92,10 @@ def request_body(base: str, images: int) -> bytes:
     return json.dumps({"inputs": [image] * images}).encode()
 
 
-async def capacity(base: str, body: bytes, seconds: float, concurrency: int = 8, warmup: float = 1.0) -> float:
+def capacity(port: int, body: bytes, seconds: float, concurrency: int = 8, warmup: float = 1.0) -> float:
     """Closed-loop throughput (answered 200 per second) with `concurrency` clients, after a warm-up."""
-    headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-
-        async def run(span: float) -> int:
-            done = 0
-            end = time.monotonic() + span
-
-            async def worker() -> None:
-                nonlocal done
-                while time.monotonic() < end:
-                    r = await client.post("/predict", content=body, headers=headers)
-                    done += r.status_code == 200
-
-            await asyncio.gather(*[worker() for _ in range(concurrency)])
-            return done
-
-        await run(warmup)
-        return await run(seconds) / seconds
+    request = openloop.post("/predict", body, port)
+    return float(openloop.run(openloop.closed_loop(port, request, seconds, concurrency=concurrency, warmup=warmup)))
 
 
 def arrivals(rate: float, duration: float, seed: int) -> list[float]:
@@ -126,27 +110,6 @@ def arrivals(rate: float, duration: float, seed: int) -> list[float]:
         times.append(t)
 
 
-@dataclass
-class Outcome:
-    statuses: Counter[str] = field(default_factory=Counter)
-    missing_retry_after: int = 0
-    latencies_ok: list[float] = field(default_factory=list)  # accepted: seconds from the scheduled arrival
-    service_ok: list[float] = field(default_factory=list)  # accepted: seconds from the send to the answer
-    in_service_ok: list[float] = field(default_factory=list)  # accepted: queue + compute, as the answer says
-    send_lag: list[float] = field(default_factory=list)  # generator lateness: send time - scheduled time
-    sent_at: list[float] = field(default_factory=list)
-    skipped: int = 0  # arrivals the generator could not send within max_lag of their time
-    rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes)
-
-
-def classify(e: Exception) -> str:
-    if isinstance(e, httpx.TimeoutException):
-        return "timeout"
-    if isinstance(e, httpx.ConnectError | httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError):
-        return "reset"
-    return f"error:{type(e).__name__}"
-
-
 async def sample_rss(pid: int, out: list[tuple[float, int]], stop: asyncio.Event, every: float = 0.5) -> None:
     proc = psutil.Process(pid)
     t0 = time.monotonic()
@@ -159,60 +122,19 @@ async def sample_rss(pid: int, out: list[tuple[float, int]], stop: asyncio.Event
             await asyncio.wait_for(stop.wait(), every)
 
 
-async def open_loop(
-    base: str, body: bytes, times: list[float], pid: int, *, timeout: float, connections: int, max_lag: float
-) -> Outcome:
-    """Send at the fixed arrival times over `connections` keep-alive connections (one httpx client each: a
-    shared pool costs far more CPU per request at this concurrency). An arrival that finds every connection
-    busy waits in a client-side queue; its latency still counts from its scheduled time. One still unsent
-    `max_lag` s after its time is skipped (the generator, not the service, fell behind), so the run stays
-    bounded in time."""
-    out = Outcome()
-    headers = {"content-type": "application/json"}
-    due: asyncio.Queue[float | None] = asyncio.Queue()
+async def overload(
+    port: int, body: bytes, times: list[float], pid: int, **kwargs: Any
+) -> tuple[list[openloop.Reply], int, list[tuple[float, int]]]:
+    """The open-loop run, with the server's RSS sampled alongside: (replies, skipped, RSS samples)."""
+    rss: list[tuple[float, int]] = []
     stop = asyncio.Event()
-    sampler = asyncio.create_task(sample_rss(pid, out.rss, stop))
-    start = time.monotonic() + 0.1
-
-    async def schedule() -> None:
-        for at in times:
-            delay = start + at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            due.put_nowait(at)
-        for _ in range(connections):
-            due.put_nowait(None)
-
-    async def connection() -> None:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
-            while (at := await due.get()) is not None:
-                scheduled = start + at
-                sent = time.monotonic()
-                if sent - scheduled > max_lag:
-                    out.skipped += 1
-                    continue
-                out.send_lag.append(sent - scheduled)
-                out.sent_at.append(sent)
-                try:
-                    r = await client.post("/predict", content=body, headers=headers)
-                except Exception as e:  # every failure is counted, by kind
-                    out.statuses[classify(e)] += 1
-                    continue
-                done = time.monotonic()
-                out.statuses[str(r.status_code)] += 1
-                if r.status_code == 200:
-                    out.latencies_ok.append(done - scheduled)
-                    out.service_ok.append(done - sent)
-                    answer = r.json()
-                    out.in_service_ok.append((answer["queue_ms"] + answer["compute_ms"]) / 1000)
-                elif r.status_code in (429, 503) and not r.headers.get("retry-after"):
-                    out.missing_retry_after += 1
-
-    await asyncio.gather(schedule(), *[connection() for _ in range(connections)])
-    stop.set()
-    await sampler
-    return out
+    sampler = asyncio.create_task(sample_rss(pid, rss, stop))
+    try:
+        replies, skipped = await openloop.open_loop(port, openloop.post("/predict", body, port), times, **kwargs)
+    finally:
+        stop.set()
+        await sampler
+    return replies, skipped, rss
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -233,7 +155,7 @@ def main() -> int:
     p.add_argument("--slo", type=float, default=0.1, help="p99 latency objective of accepted requests, s")
     p.add_argument("--rss-bound-mib", type=float, default=1024.0, help="stated bound on the server's RSS")
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, s")
-    p.add_argument("--connections", type=int, default=64, help="client connections (keep-alive)")
+    p.add_argument("--connections", type=int, default=256, help="most client connections at once (keep-alive)")
     p.add_argument("--max-lag", type=float, default=5.0, help="skip arrivals the generator is this late for, s")
     p.add_argument("--queue-max", type=int, help="LCS_QUEUE_MAX for the overload run (default: sized to the SLO)")
     p.add_argument("--seed", type=int, default=0)
@@ -247,7 +169,7 @@ def main() -> int:
     proc = start_server(args.checkpoint, port, args.slo)
     try:
         body = request_body(base, args.images)
-        cap = asyncio.run(capacity(base, body, args.capacity_seconds))
+        cap = capacity(port, body, args.capacity_seconds)
     finally:
         stop_server(proc)
     if cap <= 0:
@@ -267,9 +189,9 @@ def main() -> int:
         idle_rss = server.memory_info().rss
         cpu0 = (sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2]))
         t0 = time.monotonic()
-        out = asyncio.run(
-            open_loop(
-                base, body, times, proc.pid, timeout=args.timeout, connections=args.connections, max_lag=args.max_lag
+        replies, skipped, rss = openloop.run(
+            overload(
+                port, body, times, proc.pid, timeout=args.timeout, connections=args.connections, max_lag=args.max_lag
             )
         )
         wall = time.monotonic() - t0
@@ -283,26 +205,32 @@ def main() -> int:
     finally:
         code = stop_server(proc)
 
-    sent = len(out.sent_at)
-    answered = sum(n for s, n in out.statuses.items() if s.isdigit())
-    ok = out.statuses.get("200", 0)
-    shed = out.statuses.get("429", 0) + out.statuses.get("503", 0)
+    statuses = Counter(str(r.status) for r in replies)
+    sent = len(replies)
+    answered = sum(n for s, n in statuses.items() if s.isdigit())
+    ok = statuses.get("200", 0)
+    shed = statuses.get("429", 0) + statuses.get("503", 0)
     other = answered - ok - shed
-    resets, timeouts = out.statuses.get("reset", 0), out.statuses.get("timeout", 0)
-    errors = sum(n for s, n in out.statuses.items() if not s.isdigit())
-    p50, p99 = percentile(out.latencies_ok, 0.5), percentile(out.latencies_ok, 0.99)
-    s50, s99 = percentile(out.service_ok, 0.5), percentile(out.service_ok, 0.99)
-    i50, i99 = percentile(out.in_service_ok, 0.5), percentile(out.in_service_ok, 0.99)
-    span = max(out.sent_at) - min(out.sent_at) if len(out.sent_at) > 1 else math.nan
-    achieved = len(out.sent_at) / span if span > 0 else math.nan
-    max_rss = max((r for _, r in out.rss), default=0)
+    resets, timeouts = statuses.get("reset", 0), statuses.get("timeout", 0)
+    errors = sum(n for s, n in statuses.items() if not s.isdigit())
+    missing_retry_after = sum(1 for r in replies if r.status in (429, 503) and not r.retry_after)
+    accepted = [r for r in replies if r.status == 200]
+    in_service = [(a["queue_ms"] + a["compute_ms"]) / 1000 for a in (r.json() for r in accepted)]
+    p50, p99 = percentile([r.latency for r in accepted], 0.5), percentile([r.latency for r in accepted], 0.99)
+    s50 = percentile([r.service_latency for r in accepted], 0.5)
+    s99 = percentile([r.service_latency for r in accepted], 0.99)
+    i50, i99 = percentile(in_service, 0.5), percentile(in_service, 0.99)
+    sent_at = [r.sent for r in replies]
+    span = max(sent_at) - min(sent_at) if len(sent_at) > 1 else math.nan
+    achieved = len(sent_at) / span if span > 0 else math.nan
+    max_rss = max((r for _, r in rss), default=0)
     bound = args.rss_bound_mib * 2**20
     slo_ms = args.slo * 1000
     checks = {
         # below 90 % the generator (sharing the machine), not the service, set the load: not a valid 10x run
-        f"offered load reached ({achieved:.0f} of {rate:.0f} req/s sent)": achieved >= 0.9 * rate and not out.skipped,
+        f"offered load reached ({achieved:.0f} of {rate:.0f} req/s sent)": achieved >= 0.9 * rate and not skipped,
         "every request sent was answered (200 or 429/503)": errors == 0 and other == 0 and answered == sent,
-        "429/503 all carry Retry-After": out.missing_retry_after == 0,
+        "429/503 all carry Retry-After": missing_retry_after == 0,
         "0 connection resets": resets == 0,
         "0 timeouts": timeouts == 0,
         # from the send: what the service controls (from the schedule it also counts the generator's lag)
@@ -324,11 +252,11 @@ def main() -> int:
         "queue_max": queue_max,
         "scheduled": len(times),
         "sent": sent,
-        "skipped_by_generator": out.skipped,
-        "statuses": dict(out.statuses),
+        "skipped_by_generator": skipped,
+        "statuses": dict(statuses),
         "ok": ok,
         "shed": shed,
-        "missing_retry_after": out.missing_retry_after,
+        "missing_retry_after": missing_retry_after,
         "resets": resets,
         "timeouts": timeouts,
         "slo_ms": slo_ms,
@@ -338,14 +266,14 @@ def main() -> int:
         "accepted_in_service_p99_ms": round(i99 * 1000, 2),
         "accepted_from_schedule_p50_ms": round(p50 * 1000, 2),
         "accepted_from_schedule_p99_ms": round(p99 * 1000, 2),
-        "generator_lag_p99_ms": round(percentile(out.send_lag, 0.99) * 1000, 2),
+        "generator_lag_p99_ms": round(percentile([r.sent - r.at for r in replies], 0.99) * 1000, 2),
         "server_cpu_cores": round(server_cpu, 2),
         "generator_cpu_cores": round(generator_cpu, 2),
         "machine_cpus": os.cpu_count(),
         "idle_rss_mib": round(idle_rss / 2**20, 1),
         "max_rss_mib": round(max_rss / 2**20, 1),
         "rss_bound_mib": args.rss_bound_mib,
-        "rss_samples": [(t, round(r / 2**20, 1)) for t, r in out.rss],
+        "rss_samples": [(t, round(r / 2**20, 1)) for t, r in rss],
         "alive_at_end": alive,
         "exit_code_after_sigterm": code,
         "checks": checks,
@@ -355,9 +283,9 @@ def main() -> int:
         ("capacity (closed loop, 8 clients)", f"{cap:.0f} req/s"),
         ("target (open loop)", f"{rate:.0f} req/s = {rate / cap:.1f}x for {args.duration:g} s, {len(times)} requests"),
         ("sent (achieved rate)", f"{sent} ({achieved:.0f} req/s = {achieved / cap:.1f}x)"),
-        ("skipped by the generator (late)", f"{out.skipped}"),
+        ("skipped by the generator (late)", f"{skipped}"),
         ("answered 200", f"{ok}"),
-        ("answered 429/503", f"{shed} (without Retry-After: {out.missing_retry_after})"),
+        ("answered 429/503", f"{shed} (without Retry-After: {missing_retry_after})"),
         ("other statuses", f"{other}"),
         ("resets / timeouts / other errors", f"{resets} / {timeouts} / {errors - resets - timeouts}"),
         ("accepted p50 / p99 (from send)", f"{s50 * 1000:.1f} / {s99 * 1000:.1f} ms (SLO {slo_ms:g} ms)"),

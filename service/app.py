@@ -86,6 +86,20 @@ class State:
             else None
         )
 
+    def refusal_before_body(self) -> tuple[str, str] | None:
+        """(reason, message) if an inference request must be refused before its body is read: the queue
+        is full, or what is queued would already take longer than the SLO (the deadline of a request
+        that names none) with this request at its smallest, one image. None: read the body."""
+        depth = self.batcher.depth
+        if depth >= self.settings.queue_max:
+            return "queue_full", _queue_full(self.settings.queue_max)
+        if depth > 0:
+            slo = self.settings.slo_p99_seconds
+            wait = self.runtime.controller.predicted_wait(self.batcher.queued_images + 1, depth + 1)
+            if wait is not None and wait > slo:
+                return "predicted_late", _late(wait, slo)
+        return None
+
     def _on_batch(self, alpha: float, images: int, seconds: float, jobs: list[Job]) -> None:
         self.metrics.batch_size.observe(images)
         self.metrics.compute.observe(seconds)
@@ -198,9 +212,11 @@ class Observe:
 
 
 class Shed:
-    """Pure ASGI middleware: while the queue is full, inference requests get 429 + Retry-After before their
-    body is read. Parsing and validating a body only to refuse it would make an overload worse; this
-    refusal costs the HTTP parse alone. (`_infer` checks again: the queue can fill in between.)"""
+    """Pure ASGI middleware: refuses inference requests with 429 + Retry-After *before their body is read*
+    when the queue is full, or when what is already queued would take longer than the SLO even if this
+    request held one image (so it would be refused as predicted late after parsing anyway). Parsing and
+    validating a body only to refuse it is what saturates the event loop under overload; this refusal
+    costs the HTTP parse alone. `_infer` checks again with the request's own size and deadline."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -211,13 +227,17 @@ class Shed:
         path: str = scope["path"]
         route = "/predict" if path == "/predict" else _V2_INFER if _V2_INFER_PATH.fullmatch(path) else None
         st: State | None = getattr(scope["app"].state, "lcs", None)
-        if route is None or st is None or st.batcher.depth < st.settings.queue_max:
+        if route is None or st is None:
             return await self.app(scope, receive, send)
-        st.metrics.shed.labels("queue_full").inc()
+        refusal = st.refusal_before_body()
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        reason, detail = refusal
+        st.metrics.shed.labels(reason).inc()
         scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint
         rid = scope.get("state", {}).get("request_id")
         await JSONResponse(
-            {"error": "overloaded", "detail": _queue_full(st.settings.queue_max), "request_id": rid},
+            {"error": "overloaded", "detail": detail, "request_id": rid},
             status_code=429,
             headers={"Retry-After": _retry_after(st.settings)},
         )(scope, receive, send)
@@ -225,6 +245,13 @@ class Shed:
 
 _V2_INFER = "/v2/models/{name}/infer"
 _V2_INFER_PATH = re.compile(r"/v2/models/[^/]+/infer")
+
+
+def _late(wait: float, budget: float) -> str:
+    return (
+        f"the queue would take about {wait * 1000:.0f} ms, over this request's {budget * 1000:.0f} ms budget; "
+        "retry after a moment"
+    )
 
 
 def _queue_full(queue_max: int) -> str:
@@ -414,12 +441,7 @@ async def _infer(
     if st.batcher.depth > 0 and wait is not None and wait > budget:
         # it would be answered late even at the cheapest alpha allowed: refuse now rather than serve late
         st.metrics.shed.labels("predicted_late").inc()
-        raise ApiError(
-            429,
-            f"the queue would take about {wait * 1000:.0f} ms, over this request's "
-            f"{budget * 1000:.0f} ms budget; retry after a moment",
-            {"Retry-After": retry},
-        )
+        raise ApiError(429, _late(wait, budget), {"Retry-After": retry})
     x = x_raw * rt.scale + rt.shift
     job = Job(x, target, floor, deadline, now)
     try:

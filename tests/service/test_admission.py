@@ -60,6 +60,8 @@ def test_measured_request_cost_counts_in_the_utilisation() -> None:
 
 
 def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyCheckpoint) -> None:
+    """After its body is read, a request is judged with its own size and deadline."""
+
     async def scenario() -> None:
         async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
             st.runtime.profile.seconds = _profile(0.05, 0.05).seconds  # 50 ms per image at every alpha
@@ -67,9 +69,9 @@ def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyC
             with paused(st) as gate:
                 first = asyncio.create_task(client.post("/predict", json=body))  # runs when the model is free
                 await until(lambda: st.inflight == 1, what="the first request to be admitted")
-                second = asyncio.create_task(client.post("/predict", json=body))
+                second = asyncio.create_task(client.post("/predict", json={"inputs": body["inputs"][:1]}))
                 await until(lambda: st.batcher.depth >= 1, what="a queued request")
-                # 4 queued + 4 new images at 50 ms each: 400 ms > the 200 ms SLO budget
+                # 1 queued + 4 new images at 50 ms each: 250 ms > the 200 ms SLO budget (1 + 1 would fit)
                 late = await client.post("/predict", json=body)
                 ok_task = asyncio.create_task(client.post("/predict", json={**body, "deadline_ms": 5000}))
                 await until(lambda: st.batcher.depth >= 2, what="the generous deadline to be admitted")
@@ -81,6 +83,35 @@ def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyC
             assert ok.status_code == 200
             metrics = (await client.get("/metrics")).text
             assert 'lcs_shed_total{reason="predicted_late"} 1.0' in metrics
+
+    asyncio.run(scenario())
+
+
+def test_when_the_queue_alone_would_miss_the_slo_requests_are_refused_before_their_body_is_read(
+    structured: TinyCheckpoint,
+) -> None:
+    """Under overload the event loop must not parse bodies only to refuse them: a body that is not even
+    JSON gets the 429, not a 422, because it is never read."""
+
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
+            st.runtime.profile.seconds = _profile(0.05, 0.05).seconds
+            body = {"inputs": [image_list(x) for x in random_images(4, seed=3)]}
+            with paused(st) as gate:
+                first = asyncio.create_task(client.post("/predict", json=body))
+                await until(lambda: st.inflight == 1, what="the first request to be admitted")
+                second = asyncio.create_task(client.post("/predict", json=body))
+                await until(lambda: st.batcher.depth >= 1, what="a queued request")
+                # 4 queued + 1 image at 50 ms each: 250 ms > 200 ms, whatever the next body holds
+                refused = await client.post(
+                    "/predict", content=b"not json", headers={"content-type": "application/json"}
+                )
+                gate.set()
+                assert (await first).status_code == 200 and (await second).status_code == 200
+            assert refused.status_code == 429 and refused.headers["retry-after"]
+            assert "budget" in refused.json()["detail"]
+            after = await client.post("/predict", content=b"not json", headers={"content-type": "application/json"})
+            assert after.status_code == 422  # an idle queue: the body is read, and found wanting
 
     asyncio.run(scenario())
 

@@ -1,0 +1,112 @@
+"""benchmarks.openloop: the lean load generator sends on schedule, reads every answer, counts failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from benchmarks.openloop import closed_loop, open_loop, post
+
+
+async def _server(answer: Callable[[int], tuple[float, bytes | None]]) -> tuple[asyncio.Server, int, list[int]]:
+    """A keep-alive HTTP/1.1 server: request n (from 0) waits answer(n)[0] s, then sends answer(n)[1]
+    (None: close the connection without answering). Returns (server, port, connections seen)."""
+    counter = [0]
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+                await reader.readexactly(length)
+                n = counter[0]
+                counter[0] += 1
+                delay, response = answer(n)
+                await asyncio.sleep(delay)
+                if response is None:
+                    writer.close()
+                    return
+                writer.write(response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], connections
+
+
+def _response(status: int, body: bytes = b"{}", extra: str = "") -> bytes:
+    return f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+def test_every_arrival_is_answered_and_sent_on_time_even_when_answers_are_slow() -> None:
+    async def main() -> None:
+        server, port, _ = await _server(lambda n: (0.2, _response(200, b'{"alpha": 1.0}')))
+        arrivals = [i * 0.005 for i in range(40)]  # 40 arrivals in 0.2 s, each answered 0.2 s later
+        replies, skipped = await open_loop(port, post("/predict", b"{}", port), arrivals, connections=64)
+        server.close()
+        assert skipped == 0 and len(replies) == 40
+        assert all(r.status == 200 and r.json() == {"alpha": 1.0} for r in replies)
+        lags = [round(r.sent - r.at, 3) for r in replies]
+        assert max(lags) < 0.1, str(lags)  # open loop: no send waited for an answer (each takes 0.2 s)
+        assert all(r.service_latency >= 0.19 for r in replies)
+        assert [r.at for r in replies] == arrivals
+
+    asyncio.run(main())
+
+
+def test_connections_are_kept_alive_and_bounded() -> None:
+    async def main() -> None:
+        server, port, connections = await _server(lambda n: (0.0, _response(200)))
+        arrivals = [i * 0.01 for i in range(30)]  # spaced out: one connection serves them all
+        replies, _ = await open_loop(port, post("/p", b"x", port), arrivals, connections=4)
+        server.close()
+        assert len(replies) == 30 and len(connections) == 1
+
+    asyncio.run(main())
+
+
+def test_a_busy_generator_waits_client_side_and_skips_what_it_is_too_late_for() -> None:
+    async def main() -> None:
+        server, port, _ = await _server(lambda n: (0.1, _response(200)))
+        arrivals = [0.0] * 5  # one connection, 0.1 s per answer: the 3rd waits 0.2 s, beyond max_lag
+        replies, skipped = await open_loop(port, post("/p", b"x", port), arrivals, connections=1, max_lag=0.15)
+        server.close()
+        assert len(replies) == 2 and skipped == 3
+        assert replies[1].latency >= 0.2  # the wait for a connection counts: latency is from the schedule
+
+    asyncio.run(main())
+
+
+def test_shedding_resets_and_timeouts_are_told_apart() -> None:
+    def answer(n: int) -> tuple[float, bytes | None]:
+        if n == 0:
+            return 0.0, _response(429, extra="Retry-After: 1\r\n")
+        if n == 1:
+            return 0.0, None  # the server hangs up without an answer
+        return 1.0, _response(200)  # too slow for the client's timeout
+
+    async def main() -> None:
+        server, port, _ = await _server(answer)
+        replies, _ = await open_loop(port, post("/p", b"x", port), [0.0, 0.05, 0.1], connections=1, timeout=0.3)
+        server.close()
+        assert [r.status for r in replies] == [429, "reset", "timeout"]
+        assert replies[0].retry_after == "1" and replies[0].body == b""
+
+    asyncio.run(main())
+
+
+def test_closed_loop_counts_only_successes() -> None:
+    async def main() -> None:
+        server, port, _ = await _server(lambda n: (0.01, _response(200 if n % 2 else 503)))
+        rate = await closed_loop(port, post("/p", b"x", port), 0.5, concurrency=2, warmup=0.1)
+        server.close()
+        assert 20 < rate < 110  # 2 clients x ~100 answers/s, half of them 200
+
+    asyncio.run(main())
