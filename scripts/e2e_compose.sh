@@ -34,7 +34,8 @@ docker compose version >/dev/null 2>&1 || { say "the docker compose plugin is mi
 trap '"${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true' EXIT
 
 say "build"
-"${compose[@]}" build lcs
+"${compose[@]}" build lcs \
+  || fail "build (offline: scripts/offline_images.sh, then BASE_IMAGE=lcs-base WHEELS=deploy/docker/wheels; deploy/README.md)"
 say "up ${services[*]:-(all default services)}"
 "${compose[@]}" up -d "${services[@]}"
 
