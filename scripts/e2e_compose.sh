@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end check of the compose stack on a Docker engine:
-#   build -> docker compose up -d -> a prediction through the published port -> Prometheus reports the
-#   service target up with lcs_ series -> Grafana serves the provisioned dashboard -> docker compose down.
+#   build -> docker compose up -d -> the service runs as uid 10001 and its HEALTHCHECK turns healthy -> a
+#   prediction through the published port -> Prometheus reports the service target up with lcs_ series ->
+#   Grafana serves the provisioned dashboard -> SIGTERM (compose stop) exits 0 in time -> compose down.
 # Usage: scripts/e2e_compose.sh          (pytest -m docker runs it; it skips where no engine answers)
 # Environment: E2E_PROJECT (compose project, default lcs-e2e), E2E_TIMEOUT (seconds to wait, default 300),
 # E2E_SERVICES (services to start, default all that `docker compose up` starts), LCS_PUBLISH_PORT,
@@ -33,7 +34,8 @@ docker compose version >/dev/null 2>&1 || { say "the docker compose plugin is mi
 trap '"${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true' EXIT
 
 say "build"
-"${compose[@]}" build lcs
+"${compose[@]}" build lcs \
+  || fail "build (offline: scripts/offline_images.sh, then BASE_IMAGE=lcs-base WHEELS=deploy/docker/wheels; deploy/README.md)"
 say "up ${services[*]:-(all default services)}"
 "${compose[@]}" up -d "${services[@]}"
 
@@ -59,6 +61,15 @@ lcs=http://127.0.0.1:$LCS_PUBLISH_PORT
 prom=http://127.0.0.1:$PROMETHEUS_PUBLISH_PORT
 say "wait for $lcs/readyz"
 wait_for "$lcs/readyz" 'body["status"] == "ready"' || fail "the service never became ready"
+
+say "the image: non-root, HEALTHCHECK healthy"
+cid=$("${compose[@]}" ps -q lcs)
+[[ $(docker exec "$cid" id -u) == 10001 ]] || fail "the service does not run as uid 10001"
+deadline=$((SECONDS + timeout))
+until [[ $(docker inspect -f '{{.State.Health.Status}}' "$cid") == healthy ]]; do
+  (( SECONDS < deadline )) || fail "the HEALTHCHECK never reported healthy"
+  sleep 2
+done
 
 say "predict through the published port"
 python3 - "$lcs" <<'PY' || fail "prediction"
@@ -91,6 +102,14 @@ if [[ ${#services[@]} -eq 0 || " ${services[*]} " == *" grafana "* ]]; then
   wait_for "http://127.0.0.1:$GRAFANA_PUBLISH_PORT/api/dashboards/uid/lcs-serve" \
     'body["dashboard"]["title"] == "lcs-serve"' || fail "Grafana dashboard not provisioned"
 fi
+
+# SIGTERM drains, then the process exits by itself: code 0, well inside stop_grace_period (20 s)
+say "stop lcs (SIGTERM)"
+start=$SECONDS
+"${compose[@]}" stop lcs
+code=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
+say "lcs exited with code $code after $((SECONDS - start)) s"
+[[ $code == 0 && $((SECONDS - start)) -lt 20 ]] || fail "lcs did not exit cleanly on SIGTERM"
 
 say "down"
 "${compose[@]}" down -v --remove-orphans

@@ -3,6 +3,14 @@ through the published port, Prometheus scraping the service, Grafana's dashboard
 
 Marker `docker`, out of the default run (minutes: an image build). Run it with `pytest -m docker`;
 it is skipped, saying why, where no Docker engine answers.
+
+The script inherits this process's environment, so an offline run sets the same variables as the script
+(deploy/README.md, "Building offline"), after `scripts/offline_images.sh` has made the images and wheels:
+
+    BASE_IMAGE=lcs-base WHEELS=deploy/docker/wheels PROMETHEUS_IMAGE=lcs-prometheus \
+    E2E_SERVICES="lcs prometheus" pytest -m docker tests/deploy/test_e2e_compose.py
+
+(E2E_SERVICES leaves Grafana out where no Grafana image can be had.)
 """
 
 from __future__ import annotations
