@@ -3,7 +3,9 @@
     .venv/bin/python -m benchmarks.overload [--checkpoint models/structured_line.safetensors] [--duration 60]
 
 1. Starts `python -m service` on a free 127.0.0.1 port and measures its capacity closed loop (8 clients,
-   one request each in flight) for a few seconds. A request carries 16 images (`--images`, the load
+   one request each in flight) for a few seconds, pinned at alpha = 1 (LCS_POLICY=fixed:1; the load
+   benchmark's reference too: with the controller free to lower alpha the figure depends on where it
+   settles), and at alpha = 0 for the record. A request carries 16 images (`--images`, the load
    benchmark's mix): with one image the service costs about as much CPU per request as a Python HTTP
    client does, and no generator sharing the machine could offer it 10x.
 2. Restarts it with the queue sized to the SLO (LCS_QUEUE_MAX = capacity x SLO / 2, Little's law with
@@ -166,19 +168,23 @@ def main() -> int:
 
     port = free_port()
     base = f"http://{HOST}:{port}"
-    proc = start_server(args.checkpoint, port, args.slo)
-    try:
-        body = request_body(base, args.images)
-        cap = capacity(port, body, args.capacity_seconds)
-    finally:
-        stop_server(proc)
+    caps = {}
+    for alpha in ("1", "0"):
+        proc = start_server(args.checkpoint, port, args.slo, LCS_POLICY=f"fixed:{alpha}")
+        try:
+            body = request_body(base, args.images)
+            caps[alpha] = capacity(port, body, args.capacity_seconds)
+        finally:
+            stop_server(proc)
+    cap = caps["1"]
     if cap <= 0:
         raise SystemExit("capacity measured as 0 requests/s: is the server answering 200?")
     rate = min(args.factor * cap, args.max_rate)
     queue_max = args.queue_max or max(4, math.floor(cap * args.slo / 2))
     times = arrivals(rate, args.duration, args.seed)
     print(
-        f"capacity {cap:.0f} req/s closed loop; offering {rate:.0f} req/s ({rate / cap:.1f}x) open loop for "
+        f"capacity {cap:.0f} req/s closed loop at alpha 1 ({caps['0']:.0f} at alpha 0); "
+        f"offering {rate:.0f} req/s ({rate / cap:.1f}x) open loop for "
         f"{args.duration:g} s = {len(times)} requests; LCS_QUEUE_MAX={queue_max}",
         flush=True,
     )
@@ -215,7 +221,9 @@ def main() -> int:
     errors = sum(n for s, n in statuses.items() if not s.isdigit())
     missing_retry_after = sum(1 for r in replies if r.status in (429, 503) and not r.retry_after)
     accepted = [r for r in replies if r.status == 200]
-    in_service = [(a["queue_ms"] + a["compute_ms"]) / 1000 for a in (r.json() for r in accepted)]
+    answers = [r.json() for r in accepted]
+    in_service = [(a["queue_ms"] + a["compute_ms"]) / 1000 for a in answers]
+    mean_alpha = sum(a["alpha"] for a in answers) / len(answers) if answers else math.nan
     p50, p99 = percentile([r.latency for r in accepted], 0.5), percentile([r.latency for r in accepted], 0.99)
     s50 = percentile([r.service_latency for r in accepted], 0.5)
     s99 = percentile([r.service_latency for r in accepted], 0.99)
@@ -242,6 +250,7 @@ def main() -> int:
         "checkpoint": args.checkpoint,
         "images_per_request": args.images,
         "capacity_rps": round(cap, 1),
+        "capacity_alpha0_rps": round(caps["0"], 1),
         "target_rps": round(rate, 1),
         "target_factor": round(rate / cap, 2),
         "achieved_rps": round(achieved, 1),
@@ -260,6 +269,7 @@ def main() -> int:
         "resets": resets,
         "timeouts": timeouts,
         "slo_ms": slo_ms,
+        "accepted_mean_alpha": round(mean_alpha, 3),
         "accepted_p50_ms": round(s50 * 1000, 2),
         "accepted_p99_ms": round(s99 * 1000, 2),
         "accepted_in_service_p50_ms": round(i50 * 1000, 2),
@@ -280,12 +290,13 @@ def main() -> int:
         "passed": all(checks.values()),
     }
     rows = [
-        ("capacity (closed loop, 8 clients)", f"{cap:.0f} req/s"),
+        ("capacity (closed loop, 8 clients)", f"{cap:.0f} req/s at alpha 1, {caps['0']:.0f} at alpha 0"),
         ("target (open loop)", f"{rate:.0f} req/s = {rate / cap:.1f}x for {args.duration:g} s, {len(times)} requests"),
         ("sent (achieved rate)", f"{sent} ({achieved:.0f} req/s = {achieved / cap:.1f}x)"),
         ("skipped by the generator (late)", f"{skipped}"),
         ("answered 200", f"{ok}"),
         ("answered 429/503", f"{shed} (without Retry-After: {missing_retry_after})"),
+        ("mean alpha of the accepted", f"{mean_alpha:.2f}"),
         ("other statuses", f"{other}"),
         ("resets / timeouts / other errors", f"{resets} / {timeouts} / {errors - resets - timeouts}"),
         ("accepted p50 / p99 (from send)", f"{s50 * 1000:.1f} / {s99 * 1000:.1f} ms (SLO {slo_ms:g} ms)"),

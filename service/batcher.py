@@ -4,8 +4,10 @@ How a batch's alpha is chosen: every request carries a *target* grid alpha (its 
 down to the grid) and a *floor* (its `min_quality`, snapped up). The batch is the oldest request plus
 the queued requests with the same target, in arrival order, up to `max_batch` images. The batch then
 runs at `controller.batch_alpha(target, max floor, images, slack)`: the target capped by the ceiling,
-lowered further only as far as the most urgent deadline in the batch needs, never below any floor.
-No request is ever served more accurately than it asked.
+lowered further only as far as the most urgent deadline needs, never below any floor. The slack is the
+tighter of two: the earliest deadline in the batch, and the earliest deadline still queued behind it
+less the time the queue behind needs at its cheapest (so a batch served slowly does not make the
+requests after it late). No request is ever served more accurately than it asked.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Batcher:
         max_wait: float,
         queue_max: int,
         on_batch: Callable[[float, int, float, list[Job]], None] | None = None,
+        behind: Callable[[int, int], float | None] | None = None,
     ) -> None:
         self._run = run  # (alpha, x) -> probabilities; called in the executor
         self._choose = choose
@@ -81,6 +84,7 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._wake = asyncio.Event()
         self._on_batch = on_batch
+        self._behind = behind  # (images, requests) queued -> seconds to serve them at the cheapest alpha
         self.draining = False
         self.running = 0  # jobs in the batch being computed
         self.stats = BatchStats()
@@ -149,6 +153,11 @@ class Batcher:
         now = time.monotonic()
         deadlines = [j.deadline for j in batch if j.deadline is not None]
         slack = min(deadlines) - now if deadlines else None
+        later = [j.deadline for j in self._queue if j.deadline is not None]
+        if later and self._behind is not None:
+            rest = self._behind(self.queued_images, len(self._queue))
+            if rest is not None:
+                slack = min(later) - now - rest if slack is None else min(slack, min(later) - now - rest)
         alpha = self._choose(batch[0].target, max(j.floor for j in batch), images, slack)
         x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
         self.running = len(batch)

@@ -22,6 +22,11 @@ class RequestStats:
         self._count = 0
         self._image_count = 0
 
+    @property
+    def images_per_request(self) -> float:
+        """The smoothed mean images per request (1 until requests have been seen)."""
+        return self._images
+
     def arrived(self, images: int) -> None:
         self._count += 1
         self._image_count += images

@@ -216,6 +216,35 @@ def test_choose_gets_the_highest_floor_and_the_tightest_slack() -> None:
         assert all(r.alpha == 0.5 for r in results)  # the batch runs at what choose said
 
 
+def test_the_queue_behind_a_batch_tightens_its_slack() -> None:
+    """A batch must leave time for the requests queued after it: its slack is the earliest deadline behind
+    it less what the queue behind needs (here 0.5 s for 3 images in 2 requests)."""
+    seen: list[float | None] = []
+    asked: list[tuple[int, int]] = []
+
+    def behind(images: int, requests: int) -> float:
+        asked.append((images, requests))
+        return 0.5
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s: seen.append(s) or t, max_batch=2)  # type: ignore[func-returns-value]
+        batcher._behind = behind
+        now = time.monotonic()
+        futures = [
+            batcher.submit(job(1.0, images=2, deadline=now + 5.0)),  # the first batch (2 images)
+            batcher.submit(job(2.0, images=2, deadline=now + 1.0)),  # behind it, due in 1 s
+            batcher.submit(job(3.0, deadline=now + 9.0)),
+        ]
+        task = await started(batcher)
+        await asyncio.gather(*futures)
+        await stop(task, executor)
+        assert asked[0] == (3, 2)
+        assert seen[0] is not None and 0.3 < seen[0] <= 0.5  # 1 s - 0.5 s, not the batch's own 5 s
+        assert seen[-1] is not None and seen[-1] > 8.0  # the last batch has nothing behind it
+
+    run_async(scenario)
+
+
 def test_no_deadline_means_no_slack() -> None:
     seen: list[float | None] = []
 
