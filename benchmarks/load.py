@@ -44,8 +44,9 @@ def _burn(stop: Any) -> None:
             x += i * i
 
 
-def request_body(images: int, fmt: str) -> bytes:
-    """`images` copies of one test image per request, as raw JSON pixel arrays or base64 PNGs."""
+def request(images: int, fmt: str, port: int, model: str) -> bytes:
+    """One HTTP request holding `images` copies of one 28x28 test image: raw JSON pixel arrays or base64
+    PNGs to /predict, or (binary) raw uint8 pixels to the OIP v2 path with the binary tensor extension."""
     import base64
     import io
 
@@ -53,10 +54,22 @@ def request_body(images: int, fmt: str) -> bytes:
 
     pixels = [[(11 * r + 5 * c) % 256 for c in range(28)] for r in range(28)]
     if fmt == "json":
-        return json.dumps({"inputs": [pixels] * images}).encode()
+        return openloop.post("/predict", json.dumps({"inputs": [pixels] * images}).encode(), port)
+    if fmt == "binary":
+        raw = bytes(v for row in pixels for v in row) * images
+        tensor = {"name": "input", "shape": [images, 1, 28, 28], "datatype": "UINT8"}
+        head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]}).encode()
+        return openloop.post(
+            f"/v2/models/{model}/infer",
+            head + raw,
+            port,
+            "application/octet-stream",
+            {"Inference-Header-Content-Length": str(len(head))},
+        )
     buf = io.BytesIO()
     Image.frombytes("L", (28, 28), bytes(v for row in pixels for v in row)).save(buf, format="PNG")
-    return json.dumps({"inputs": [base64.b64encode(buf.getvalue()).decode()] * images}).encode()
+    body = json.dumps({"inputs": [base64.b64encode(buf.getvalue()).decode()] * images}).encode()
+    return openloop.post("/predict", body, port)
 
 
 def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]:
@@ -87,16 +100,17 @@ def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]
     return times
 
 
-async def run_trace(port: int, body: bytes, arrivals: list[float], timeout: float) -> list[dict[str, Any]]:
+async def run_trace(port: int, req: bytes, arrivals: list[float], timeout: float) -> list[dict[str, Any]]:
     """One open-loop trace (benchmarks.openloop); latency counts from the scheduled arrival."""
-    replies, skipped = await openloop.open_loop(port, openloop.post("/predict", body, port), arrivals, timeout=timeout)
+    replies, skipped = await openloop.open_loop(port, req, arrivals, timeout=timeout)
     if skipped:
         print(f"  (the generator fell behind and skipped {skipped} arrivals)", flush=True)
     rows = []
     for r in replies:
         row: dict[str, Any] = {"t": r.at, "status": r.status, "latency": r.latency}
         if r.status == 200:
-            row["alpha"] = r.json()["alpha"]
+            answer = r.json()
+            row["alpha"] = answer["alpha"] if "alpha" in answer else answer["parameters"]["alpha"]  # /predict or v2
         rows.append(row)
     return rows
 
@@ -114,7 +128,7 @@ async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Ev
 
 
 async def drive(
-    base: str, port: int, body: bytes, arrivals: list[float], noisy: bool, duration: float
+    base: str, port: int, req: bytes, arrivals: list[float], noisy: bool, duration: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run one trace while polling the controller; a CPU-hungry neighbour runs the middle third if `noisy`."""
     timeline: list[dict[str, Any]] = []
@@ -133,7 +147,7 @@ async def drive(
         stop_burn.set()
 
     nb = asyncio.create_task(neighbour()) if noisy else None
-    rows = await run_trace(port, body, arrivals, timeout=5.0)
+    rows = await run_trace(port, req, arrivals, timeout=5.0)
     if nb is not None:
         await nb
     stop_poll.set()
@@ -207,9 +221,10 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16, help="images per request (the mix)")
     p.add_argument(
         "--format",
-        choices=["png", "json"],
+        choices=["png", "json", "binary"],
         default="png",
-        help="inputs as base64 PNGs (cheap to parse: model compute dominates) or raw JSON arrays",
+        help="inputs as base64 PNGs or raw JSON arrays to /predict, or raw bytes to the OIP v2 path (binary "
+        "tensor extension: no parsing, so model compute dominates)",
     )
     p.add_argument("--duration", type=float, default=15.0, help="seconds per trace")
     p.add_argument("--traces", nargs="*", default=["steady", "step", "ramp", "bursty", "noisy"])
@@ -221,8 +236,8 @@ def main() -> None:
     out = args.out or Path("benchmarks/results") / f"load-{args.images}{args.format}"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    body = request_body(args.images, args.format)
     port = 18100
+    req = request(args.images, args.format, port, Path(args.checkpoint).stem)
     base = f"http://{HOST}:{port}"
     env = {
         **os.environ,
@@ -251,7 +266,7 @@ def main() -> None:
     for a in ("1", "0"):
         proc = start(f"fixed:{a}")
         try:
-            result["capacity_rps"][a] = round(capacity(port, body, 4.0, warmup=2.0), 1)
+            result["capacity_rps"][a] = round(capacity(port, req, 4.0, warmup=2.0), 1)
             accuracy = {q["alpha"]: q["accuracy"] for q in httpx.get(base + "/model").json()["accuracy"]}
         finally:
             proc.terminate()
@@ -269,7 +284,7 @@ def main() -> None:
         try:
             for k, tr in enumerate(args.traces):
                 arrivals = trace(tr, cap1, args.duration, args.seed + k)
-                rows, timeline = openloop.run(drive(base, port, body, arrivals, tr == "noisy", args.duration))
+                rows, timeline = openloop.run(drive(base, port, req, arrivals, tr == "noisy", args.duration))
                 summary = summarise(rows, args.slo, accuracy)
                 runs[tr] = {"summary": summary, "requests": rows, "controller": timeline}
                 print(f"{policy:>10} {tr:>7}: {summary}", flush=True)

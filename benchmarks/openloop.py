@@ -107,10 +107,13 @@ class Connection:
         self.writer.close()
 
 
-def post(path: str, body: bytes, port: int, content_type: str = "application/json") -> bytes:
+def post(
+    path: str, body: bytes, port: int, content_type: str = "application/json", headers: dict[str, str] | None = None
+) -> bytes:
     """The bytes of one keep-alive POST request."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: {content_type}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: {content_type}\r\n{extra}"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body

@@ -96,9 +96,9 @@ def request_body(base: str, images: int) -> bytes:
     return json.dumps({"inputs": [image] * images}).encode()
 
 
-def capacity(port: int, body: bytes, seconds: float, concurrency: int = 8, warmup: float = 1.0) -> float:
-    """Closed-loop throughput (answered 200 per second) with `concurrency` clients, after a warm-up."""
-    request = openloop.post("/predict", body, port)
+def capacity(port: int, request: bytes, seconds: float, concurrency: int = 8, warmup: float = 1.0) -> float:
+    """Closed-loop throughput (answered 200 per second) of `request` (openloop.post) with `concurrency`
+    clients, after a warm-up."""
     return float(openloop.run(openloop.closed_loop(port, request, seconds, concurrency=concurrency, warmup=warmup)))
 
 
@@ -175,7 +175,7 @@ def main() -> int:
         proc = start_server(args.checkpoint, port, args.slo, LCS_POLICY=f"fixed:{alpha}")
         try:
             body = request_body(base, args.images)
-            caps[alpha] = capacity(port, body, args.capacity_seconds)
+            caps[alpha] = capacity(port, openloop.post("/predict", body, port), args.capacity_seconds)
         finally:
             stop_server(proc)
     cap = caps["1"]

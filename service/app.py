@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +34,15 @@ from service.fleet import PrometheusFleet
 from service.inputs import InputError, decode
 from service.metrics import Metrics
 from service.runtime import LEVEL_NAMES, Runtime
-from service.schemas import PRESETS, ErrorResponse, PinRequest, PredictRequest, PredictResponse, V2InferRequest
+from service.schemas import (
+    PRESETS,
+    ErrorResponse,
+    PinRequest,
+    PredictRequest,
+    PredictResponse,
+    V2InferRequest,
+    V2Tensor,
+)
 from service.settings import Settings
 from service.signals import LoopCost, MachineProbe, RequestStats
 
@@ -362,6 +371,9 @@ class _JSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
+            length = self.scope.get("state", {}).get("json_length")
+            if length is not None:  # the binary tensor extension: JSON first, then raw tensor bytes
+                body = body[:length]
             try:
                 self._json = json.loads(body, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError:
@@ -373,14 +385,39 @@ class _JSONRequest(Request):
         return self._json
 
 
+_BINARY_HEADER = "inference-header-content-length"
+
+
 class _JSONRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        binary_ok = self.path == _V2_INFER
 
         async def strict_json(request: Request) -> Response:
-            return await handler(_JSONRequest(request.scope, request.receive))
+            length = request.headers.get(_BINARY_HEADER)
+            if length is None or not binary_ok:
+                return await handler(_JSONRequest(request.scope, request.receive))
+            return await handler(await _binary_request(request, length))
 
         return strict_json
+
+
+async def _binary_request(request: Request, length: str) -> Request:
+    """The OIP v2 binary tensor extension (KServe, Triton): the body is `Inference-Header-Content-Length`
+    bytes of JSON followed by raw tensor bytes, sent as application/octet-stream. The JSON part goes
+    through the same strict parsing and validation; the bytes wait in the request state for the route."""
+    body = await request.body()
+    if not length.isdigit() or not 0 < int(length) <= len(body):
+        raise ApiError(
+            422, f"{_BINARY_HEADER}: {length[:20]!r} is not the length of the JSON part of this {len(body)}-byte body"
+        )
+    state = request.scope.setdefault("state", {})
+    state["json_length"] = int(length)
+    state["binary"] = memoryview(body)[int(length) :]
+    headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+    parsed = _JSONRequest({**request.scope, "headers": [*headers, (b"content-type", b"application/json")]})
+    parsed._body = body  # already read from the stream
+    return parsed
 
 
 def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
@@ -755,20 +792,31 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         i = rt.meta.input
         per = i.channels * i.height * i.width
         n = t.shape[0] if t.shape else 0
-        if n < 1 or math.prod(t.shape) != n * per or len(t.data) != n * per:
+        binary = request.scope["state"].get("binary")
+        if t.data is not None and binary is not None:
+            raise ApiError(422, "inputs[0]: send the values either in data or as binary data, not both")
+        if t.data is None and binary is None:
+            raise ApiError(
+                422, f"inputs[0] has no data: send data, or binary_data_size with the {_BINARY_HEADER} header"
+            )
+        values = len(t.data) if t.data is not None else None
+        if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
             raise ApiError(
                 422,
-                f"inputs[0]: shape {t.shape} with {len(t.data)} values does not hold whole "
-                f"{i.channels}x{i.height}x{i.width} images",
+                f"inputs[0]: shape {t.shape} with {values if values is not None else 'binary'} values does not "
+                f"hold whole {i.channels}x{i.height}x{i.width} images",
             )
         if n > st.settings.max_inputs:
             raise ApiError(422, f"inputs[0]: {n} images, the limit is {st.settings.max_inputs}")
-        if not set(map(type, t.data)) <= {int, float}:  # torch would take true as 1 and [1] as 1
-            raise ApiError(422, "inputs[0].data must be a flat list of numbers")
-        try:
-            x = torch.tensor(t.data, dtype=torch.float32).view(n, i.channels, i.height, i.width)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            raise ApiError(422, "inputs[0].data must be a flat list of numbers") from None
+        if t.data is None:
+            x = _binary_tensor(binary, t, n * per).view(n, i.channels, i.height, i.width)
+        else:
+            if not set(map(type, t.data)) <= {int, float}:  # torch would take true as 1 and [1] as 1
+                raise ApiError(422, "inputs[0].data must be a flat list of numbers")
+            try:
+                x = torch.tensor(t.data, dtype=torch.float32).view(n, i.channels, i.height, i.width)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise ApiError(422, "inputs[0].data must be a flat list of numbers") from None
         if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 255:
             raise ApiError(422, "inputs[0].data: pixel values must be finite and in 0-255")
         p = body.parameters or {}
@@ -806,6 +854,26 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         }
 
     return app
+
+
+_BINARY_DTYPES = {"UINT8": "u1", "FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
+
+
+def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> torch.Tensor:
+    """`count` little-endian values of t.datatype from the binary part of the body, as float32."""
+    size = (t.parameters or {}).get("binary_data_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size != len(binary):
+        raise ApiError(
+            422, f"inputs[0].parameters.binary_data_size must be the {len(binary)} bytes after the JSON, got {size!r}"
+        )
+    dtype = np.dtype(_BINARY_DTYPES[t.datatype])
+    if size != count * dtype.itemsize:
+        raise ApiError(
+            422,
+            f"inputs[0]: {size} bytes of {t.datatype} hold {size / dtype.itemsize:g} values, not the {count} "
+            "the shape needs",
+        )
+    return torch.from_numpy(np.frombuffer(binary, dtype=dtype).astype(np.float32))
 
 
 def _reason(status: int) -> str:

@@ -102,7 +102,9 @@ class V2Tensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = Field(
+        None, description="The values, flat; or none, with parameters.binary_data_size (binary extension)"
+    )
     parameters: dict[str, Any] | None = None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,7 +31,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     checkpoint: Path = DEFAULT_CHECKPOINT
     model_name: str | None = None  # default: the checkpoint's file stem
-    threads: int = Field(2, ge=1, le=256)  # torch intra-op threads for inference
+    # torch intra-op threads for inference. Default: one per CPU this process may use, less one for the
+    # event loop (HTTP, parsing, answers), at least 1. Measured on 2 cores: 1 thread serves 196 / 439
+    # requests/s (16 images, alpha 1 / 0) where 2 threads serve 185 / 372, the loop starved by the second.
+    threads: int = Field(default_factory=lambda: max(1, len(os.sched_getaffinity(0)) - 1), ge=1, le=256)
     # alphas the service serves: requested alphas snap *down* to this grid. None: the checkpoint's grid.
     alpha_grid: Annotated[list[float] | None, NoDecode] = None
     prebuild: Annotated[list[float] | None, NoDecode] = None  # built at start-up; None: the whole grid

@@ -395,6 +395,62 @@ def test_v2_infer_fp32_with_flat_shape(client: TestClient, structured: TinyCheck
     assert torch.allclose(got, reference(structured, IMAGES[:1], 1.0), atol=1e-5)
 
 
+def binary_body(images: torch.Tensor, dtype: str = "UINT8", **parameters: Any) -> tuple[bytes, dict[str, str]]:
+    """The OIP v2 binary tensor extension: JSON header, then the raw values; (body, headers)."""
+    raw = images.numpy().astype({"UINT8": "u1", "FP32": "<f4"}[dtype]).tobytes()
+    body = v2_body(images, **parameters)
+    tensor = body["inputs"][0]
+    del tensor["data"]
+    tensor.update(datatype=dtype, parameters={"binary_data_size": len(raw)})
+    head = json.dumps(body).encode()
+    return head + raw, {"content-type": "application/octet-stream", "inference-header-content-length": str(len(head))}
+
+
+@pytest.mark.parametrize("dtype", ["UINT8", "FP32"])
+def test_v2_infer_binary_extension_gives_the_same_answer(
+    client: TestClient, structured: TinyCheckpoint, dtype: str
+) -> None:
+    content, headers = binary_body(IMAGES[:2], dtype, quality=0.5)
+    r = client.post(f"/v2/models/{NAME}/infer", content=content, headers=headers)
+    assert r.status_code == 200, r.text
+    got = torch.tensor(r.json()["outputs"][0]["data"]).view(2, -1)
+    assert torch.allclose(got, reference(structured, IMAGES[:2], 0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "detail"),
+    [
+        (lambda body, h: (body, {**h, "inference-header-content-length": "x1"}), "is not the length"),
+        (lambda body, h: (body, {**h, "inference-header-content-length": str(len(body) + 1)}), "is not the length"),
+        (lambda body, h: (body[:-1], h), "binary_data_size must be the"),
+        (lambda body, h: (body + b"\0", h), "binary_data_size must be the"),
+        (lambda body, h: (body, {**h, "inference-header-content-length": "5"}), "invalid request"),
+    ],
+)
+def test_v2_infer_bad_binary_requests_are_422(client: TestClient, mutate: Any, detail: str) -> None:
+    content, headers = mutate(*binary_body(IMAGES[:1]))
+    r = client.post(f"/v2/models/{NAME}/infer", content=content, headers=headers)
+    assert r.status_code == 422, r.text
+    assert detail in r.text
+
+
+def test_v2_infer_binary_needs_the_bytes_and_not_data_too(client: TestClient) -> None:
+    body = v2_body(IMAGES[:1])
+    del body["inputs"][0]["data"]
+    r = client.post(f"/v2/models/{NAME}/infer", json=body)
+    assert r.status_code == 422 and "has no data" in r.json()["detail"]
+    content, headers = binary_body(IMAGES[:1])
+    head = json.loads(content[: int(headers["inference-header-content-length"])])
+    head["inputs"][0]["data"] = [0] * (IMAGE * IMAGE)
+    raw = json.dumps(head).encode()
+    r = client.post(
+        f"/v2/models/{NAME}/infer",
+        content=raw + b"\0" * (IMAGE * IMAGE),
+        headers={**headers, "inference-header-content-length": str(len(raw))},
+    )
+    assert r.status_code == 422 and "not both" in r.json()["detail"]
+
+
 def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
     r = client.post("/v2/models/other/infer", json=v2_body(IMAGES[:1]))
     assert r.status_code == 404
