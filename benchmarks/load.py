@@ -178,6 +178,25 @@ def summarise(rows: list[dict[str, Any]], slo: float, accuracy: dict[float, floa
     }
 
 
+def neighbour_reaction(timeline: list[dict[str, Any]], duration: float) -> dict[str, float | None]:
+    """For the noisy trace (neighbour from duration/3 to 2 duration/3): seconds from its start until the
+    ceiling first dropped, and from its stop until the ceiling was back at full quality for good (None:
+    it never did). Resolution: the 0.25 s controller poll."""
+    start, stop = duration / 3, 2 * duration / 3
+    top = max((p["ceiling"] for p in timeline), default=1.0)
+    drop = next((p["t"] - start for p in timeline if start <= p["t"] < stop and p["ceiling"] < top), None)
+    after = [p for p in timeline if p["t"] >= stop]
+    back = None
+    for i, p in enumerate(after):
+        if all(q["ceiling"] >= top for q in after[i:]):
+            back = p["t"] - stop
+            break
+    return {
+        "ceiling_drop_after_start_s": None if drop is None else round(drop, 2),
+        "full_quality_after_stop_s": None if back is None else round(back, 2),
+    }
+
+
 def plot(all_runs: dict[str, dict[str, Any]], out: Path, slo: float) -> None:
     import matplotlib
 
@@ -286,6 +305,8 @@ def main() -> None:
                 arrivals = trace(tr, cap1, args.duration, args.seed + k)
                 rows, timeline = openloop.run(drive(base, port, req, arrivals, tr == "noisy", args.duration))
                 summary = summarise(rows, args.slo, accuracy)
+                if tr == "noisy":
+                    summary.update(neighbour_reaction(timeline, args.duration))  # type: ignore[arg-type]
                 runs[tr] = {"summary": summary, "requests": rows, "controller": timeline}
                 print(f"{policy:>10} {tr:>7}: {summary}", flush=True)
                 time.sleep(2.0)

@@ -81,6 +81,8 @@ class State:
         self.probe = MachineProbe()
         self.inflight = 0
         self.parsing = 0  # inference requests past Shed whose body is not yet decoded
+        self._computed = 0.0  # model seconds since the last control step
+        self._computed_since = time.monotonic()
         self.draining = False
         self.drain_deadline: float | None = None  # set by SIGTERM: monotonic time by which to be done
         self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
@@ -122,6 +124,7 @@ class State:
             self.parsing -= 1
 
     def _on_batch(self, alpha: float, images: int, seconds: float, jobs: list[Job]) -> None:
+        self._computed += seconds
         self.metrics.batch_size.observe(images)
         self.metrics.compute.observe(seconds)
         self.runtime.controller.observe_batch(alpha, images, seconds)
@@ -144,7 +147,14 @@ class State:
             fleet_rate=fleet.rate if fleet is not None else None,
             fleet_p99=fleet.p99 if fleet is not None else None,
             request_cost=self.loop_cost.tick(),
+            loop_busy=self.loop_cost.busy,
+            model_busy=self._model_busy(now),
         )
+
+    def _model_busy(self, now: float) -> float:
+        busy = min(1.0, self._computed / max(1e-6, now - self._computed_since))
+        self._computed, self._computed_since = 0.0, now
+        return busy
 
     def control_step(self, now: float) -> None:
         c = self.runtime.controller
@@ -166,6 +176,8 @@ class State:
             "fleet_rate",
             "fleet_p99",
             "request_cost",
+            "loop_busy",
+            "model_busy",
         ):
             v = getattr(s, name)
             if v is not None:

@@ -4,12 +4,15 @@ by simulation. It owns two decisions:
 1. the *ceiling*, updated every control interval: the largest grid alpha whose predicted utilisation
    (queueing estimate from the latency profile, the measured per-request handling cost and the CPU
    left by other processes) stays under a target, corrected by feedback on observed p99 against the
-   SLO, raised only after `raise_after` calm intervals (hysteresis), capped on low battery, and
-   overridden by a manual pin. Alpha is lowered only when that relieves the bottleneck: if even the
-   lowest alpha could not carry the load because request handling, not the model, is the cost, the
-   ceiling stays and the excess is shed by the bounded queue.
+   SLO, raised (to the largest alpha that fits) only after `raise_after` calm intervals (hysteresis),
+   capped on low battery, and
+   overridden by a manual pin. Alpha is lowered only when that relieves the bottleneck: if the event
+   loop (HTTP, parsing, answers) is saturated while the model is not, or if even the lowest alpha
+   could not carry the load because request handling is the cost, the ceiling stays, the mode is
+   `shedding`, and the excess is shed by the bounded queue.
 2. each batch's alpha: the largest grid alpha <= min(requested, ceiling) whose predicted batch time
-   fits the slack of the batch's most urgent request, never below the batch's floor.
+   fits the slack of the batch's most urgent request, never below the batch's floor; while shedding,
+   the ceiling itself (a cheaper batch would not make room for more requests).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class Signals:
     fleet_rate: float | None = None  # fleet-wide requests/s from Prometheus, per replica
     fleet_p99: float | None = None
     request_cost: float | None = None  # measured event-loop CPU seconds per request (None: the default)
+    loop_busy: float | None = None  # share of the interval the event-loop thread was on a CPU, 0..1
+    model_busy: float | None = None  # share of the interval the model was computing, 0..1
 
 
 def parse_policy(text: str) -> tuple[str, float]:
@@ -143,7 +148,13 @@ class Controller:
         lowest = self.grid.alphas[0]
         feasible = self._fits(s)
         p99 = s.p99 if s.fleet_p99 is None else max(s.p99 or 0.0, s.fleet_p99)
-        if self.utilisation(lowest, s) > 1.0 and self.utilisation(lowest, s) - self.utilisation(old, s) > -0.2:
+        handling_bound = (
+            s.loop_busy is not None and s.model_busy is not None and s.loop_busy > 0.85 and s.model_busy < 0.6
+        )
+        if handling_bound:
+            # measured: the event loop is the bottleneck and the model has room; a cheaper model frees none
+            new, reason, mode = old, "request handling saturated, model not: shedding", "shedding"
+        elif self.utilisation(lowest, s) > 1.0 and self.utilisation(lowest, s) - self.utilisation(old, s) > -0.2:
             # even alpha = lowest would be overloaded, and lowering saves little: request handling is
             # the bottleneck, so keep accuracy and let the queue shed the excess
             new, reason, mode = old, "overload not relieved by alpha: shedding", "shedding"
@@ -154,7 +165,9 @@ class Controller:
         elif feasible > old and (p99 is None or p99 < 0.7 * self.slo):
             self._calm += 1
             if self._calm >= self.raise_after:
-                new, reason = self._step(old, +1), "headroom: recovering"
+                # straight to what the estimate says fits: one grid step per calm spell took 40 s from
+                # alpha 0 to 1 on a 21-alpha grid; the calm spell itself is the hysteresis
+                new, reason = feasible, "headroom: recovering"
                 mode = "full" if new >= self.grid.alphas[-1] else "recovering"
                 self._calm = 0
             else:
@@ -218,8 +231,8 @@ class Controller:
         hi = self.grid.down(min(target, self.ceiling))
         if hi < floor:
             return floor
-        if slack is None or self.policy[0] != "lcs":  # the slack rule is part of our policy only
-            return hi
+        if slack is None or self.policy[0] != "lcs" or self.mode == "shedding":  # the slack rule: ours only,
+            return hi  # and not while request handling is the bottleneck
         for a in reversed(self.grid.alphas):
             if a > hi or a < floor:
                 continue

@@ -56,15 +56,20 @@ class LoopCost:
 
     def __init__(self) -> None:
         self._cpu = time.thread_time()
+        self._wall = time.monotonic()
         self._n = 0
         self.value: float | None = None
+        self.busy: float | None = None  # share of wall time the loop thread was on a CPU (smoothed)
 
     def count(self) -> None:
         self._n += 1
 
     def tick(self) -> float | None:
-        cpu = time.thread_time()
+        cpu, wall = time.thread_time(), time.monotonic()
         spent, self._cpu = cpu - self._cpu, cpu
+        elapsed, self._wall = max(1e-6, wall - self._wall), wall
+        busy = min(1.0, spent / elapsed)
+        self.busy = busy if self.busy is None else 0.5 * self.busy + 0.5 * busy
         if self._n >= 5:  # too few requests say nothing
             v = spent / self._n
             self.value = v if self.value is None else 0.7 * self.value + 0.3 * v
