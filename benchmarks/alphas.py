@@ -5,7 +5,8 @@
 For every alpha: the representation the service runs, resident and stored bytes, build time, test
 accuracy of *that materialised model* on the checkpoint's dataset (when the dataset is installed) and its
 top-1 agreement with the training-side model at the same alpha (the parity the int8 kernels must keep),
-and median latency at batch 1 and 32 with 1 and 2 threads. The quantized kind adds a float row (the
+and median latency at batch 1 and 32 with 1 and 2 threads, measured in interleaved rounds (every variant
+once per round) so that all see the same machine. The quantized kind adds a float row (the
 alpha = 1 weights, unquantised) as the reference for the int8 speed-up. Prints a table, writes JSON.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,11 +159,23 @@ def main() -> None:
             trained = _predictions(lambda x, a=a: model(x, model.at(a)), images, scale, shift)  # type: ignore[misc]
             row["served_accuracy"] = round(100.0 * float((served == labels).float().mean()), 2)
             row["agreement"] = round(100.0 * float((served == trained).float().mean()), 2)
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for b in (1, 32):
-                row[f"ms_b{b}_t{threads}"] = round(1000 * time_batch(c, x32[:b], repeats=args.repeats), 3)
         rows.append(row)
+    # latency: for each thread count and batch size, `repeats` rounds that each time every variant once,
+    # so all of them see the same machine (timings here drift by up to 2x over minutes); medians
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for b in (1, 32):
+            x = x32[:b]
+            times: list[list[float]] = [[] for _ in variants]
+            for _, _, c in variants:
+                time_batch(c, x, repeats=3)  # warm-up
+            for _ in range(args.repeats):
+                for i, (_, _, c) in enumerate(variants):
+                    t0 = time.perf_counter()
+                    c(x)
+                    times[i].append(time.perf_counter() - t0)
+            for row, ts in zip(rows, times, strict=True):
+                row[f"ms_b{b}_t{threads}"] = round(1000 * statistics.median(ts), 3)
     base = next(r for r in rows if r["alpha"] == ("float" if meta.kind == "quantized" else "1"))
     for r in rows:
         for key in [k for k in r if k.startswith("ms_")]:
