@@ -147,6 +147,7 @@ class State:
             fleet_rate=fleet.rate if fleet is not None else None,
             fleet_p99=fleet.p99 if fleet is not None else None,
             request_cost=self.loop_cost.tick(),
+            offered_rate=self.loop_cost.rate,
             loop_busy=self.loop_cost.busy,
             model_busy=self._model_busy(now),
         )
@@ -176,6 +177,7 @@ class State:
             "fleet_rate",
             "fleet_p99",
             "request_cost",
+            "offered_rate",
             "loop_busy",
             "model_busy",
         ):

@@ -6,10 +6,10 @@ by simulation. It owns two decisions:
    left by other processes) stays under a target, corrected by feedback on observed p99 against the
    SLO, raised (to the largest alpha that fits) only after `raise_after` calm intervals (hysteresis),
    capped on low battery, and
-   overridden by a manual pin. Alpha is lowered only when that relieves the bottleneck: if the event
-   loop (HTTP, parsing, answers) is saturated while the model is not, or if even the lowest alpha
-   could not carry the load because request handling is the cost, the ceiling stays, the mode is
-   `shedding`, and the excess is shed by the bounded queue.
+   overridden by a manual pin. Alpha is lowered only when that relieves the bottleneck: if the load
+   offered (refused requests included) would overload even the lowest alpha and lowering would cut
+   the predicted work by under 20 % (request handling, not the model, is the cost), the ceiling stays,
+   the mode is `shedding`, and admission sheds the excess.
 2. each batch's alpha: the largest grid alpha <= min(requested, ceiling) whose predicted batch time
    fits the slack of the batch's most urgent request, never below the batch's floor; while shedding,
    the ceiling itself (a cheaper batch would not make room for more requests).
@@ -18,7 +18,7 @@ by simulation. It owns two decisions:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from service.cache import Grid
 from service.profile import LatencyProfile
@@ -39,6 +39,7 @@ class Signals:
     fleet_rate: float | None = None  # fleet-wide requests/s from Prometheus, per replica
     fleet_p99: float | None = None
     request_cost: float | None = None  # measured event-loop CPU seconds per request (None: the default)
+    offered_rate: float | None = None  # inference requests per second arriving, refused ones included
     loop_busy: float | None = None  # share of the interval the event-loop thread was on a CPU, 0..1
     model_busy: float | None = None  # share of the interval the model was computing, 0..1
 
@@ -148,15 +149,12 @@ class Controller:
         lowest = self.grid.alphas[0]
         feasible = self._fits(s)
         p99 = s.p99 if s.fleet_p99 is None else max(s.p99 or 0.0, s.fleet_p99)
-        handling_bound = (
-            s.loop_busy is not None and s.model_busy is not None and s.loop_busy > 0.85 and s.model_busy < 0.6
-        )
-        if handling_bound:
-            # measured: the event loop is the bottleneck and the model has room; a cheaper model frees none
-            new, reason, mode = old, "request handling saturated, model not: shedding", "shedding"
-        elif self.utilisation(lowest, s) > 1.0 and self.utilisation(lowest, s) - self.utilisation(old, s) > -0.2:
-            # even alpha = lowest would be overloaded, and lowering saves little: request handling is
-            # the bottleneck, so keep accuracy and let the queue shed the excess
+        offered = replace(s, arrival_rate=s.offered_rate) if s.offered_rate is not None else s
+        at_lowest, at_old = self.utilisation(lowest, offered), self.utilisation(old, offered)
+        if at_lowest > 1.0 and at_lowest > 0.8 * at_old:
+            # the load offered (refused requests included) overloads even the lowest alpha, and lowering
+            # would cut the work by under 20 %: request handling is the bottleneck, so keep accuracy and
+            # let admission shed the excess
             new, reason, mode = old, "overload not relieved by alpha: shedding", "shedding"
         elif feasible < old:
             new, reason, mode = feasible, "queueing estimate over target", "degraded"

@@ -60,6 +60,7 @@ class LoopCost:
         self._n = 0
         self.value: float | None = None
         self.busy: float | None = None  # share of wall time the loop thread was on a CPU (smoothed)
+        self.rate: float | None = None  # inference requests counted per second (smoothed), refused included
 
     def count(self) -> None:
         self._n += 1
@@ -70,6 +71,8 @@ class LoopCost:
         elapsed, self._wall = max(1e-6, wall - self._wall), wall
         busy = min(1.0, spent / elapsed)
         self.busy = busy if self.busy is None else 0.5 * self.busy + 0.5 * busy
+        rate = self._n / elapsed
+        self.rate = rate if self.rate is None else 0.5 * self.rate + 0.5 * rate
         if self._n >= 5:  # too few requests say nothing
             v = spent / self._n
             self.value = v if self.value is None else 0.7 * self.value + 0.3 * v
