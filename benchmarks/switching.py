@@ -1,0 +1,76 @@
+"""What switching alphas costs: time per image serving one alpha vs random (alpha, batch size) pairs.
+
+    .venv/bin/python -m benchmarks.switching [models/structured_line.safetensors] [--calls 3000]
+
+The dynamic batcher serves every batch at its own alpha and size. Each (alpha, batch size) pair is a new
+conv shape, i.e. a new oneDNN primitive, and oneDNN keeps 1,024 of them by default. Runs the same
+workload in a fresh process per cache size (the size is read when the first conv runs), with 1 thread.
+Prints a table and writes benchmarks/results/switching.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _measure(checkpoint_path: str, calls: int) -> dict[str, float]:
+    import torch
+
+    from lcs import checkpoint
+    from service.materialize import build
+
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)
+    model, meta = checkpoint.load(checkpoint_path)
+    alphas = list(model.stat_alphas)
+    built = {a: build(model, meta, a, samples=None, channels_last=True) for a in alphas}
+    shape = (meta.input.channels, meta.input.height, meta.input.width)
+    xs = {b: torch.randn(b, *shape) for b in range(1, 33)}
+    rng = random.Random(0)
+    one = alphas[len(alphas) // 2]
+
+    def per_image(pick_alpha: bool) -> float:
+        images, t0 = 0, time.perf_counter()
+        for _ in range(calls):
+            a, b = (rng.choice(alphas) if pick_alpha else one), rng.randint(1, 32)
+            built[a](xs[b])
+            images += b
+        return (time.perf_counter() - t0) / images * 1e6
+
+    per_image(True)  # warm-up: every shape seen once
+    return {"one_alpha_us": round(per_image(False), 1), "random_alphas_us": round(per_image(True), 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default="models/structured_line.safetensors")
+    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(_measure(args.checkpoint, args.calls)))
+        return
+    rows = {}
+    for capacity in ("1024", "16384"):  # oneDNN's default, and what service.runtime sets
+        env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity}
+        cmd = [sys.executable, "-m", "benchmarks.switching", args.checkpoint, "--calls", str(args.calls), "--child"]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        rows[capacity] = json.loads(out.strip().splitlines()[-1])
+    print(f"{'oneDNN cache':>12} | {'one alpha, us/image':>20} | {'random alphas, us/image':>24}")
+    for capacity, r in rows.items():
+        print(f"{capacity:>12} | {r['one_alpha_us']:>20} | {r['random_alphas_us']:>24}")
+    out_path = Path("benchmarks/results/switching.json")
+    result = {"checkpoint": args.checkpoint, "calls": args.calls, "by_cache_size": rows}
+    out_path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
