@@ -474,10 +474,13 @@ def _alpha(value: float | str | None, default: float, field: str) -> float:
 
 
 async def _infer(
-    st: State, x_raw: torch.Tensor, quality: Any, min_quality: Any, deadline_ms: float | None, arrived: float
+    st: State, state: dict[str, Any], x_raw: torch.Tensor, quality: Any, min_quality: Any, deadline_ms: float | None
 ) -> tuple[torch.Tensor, Any, float]:
-    """Admission, queueing and inference shared by /predict and the v2 infer path. `arrived`: monotonic
-    time the request arrived, from which its deadline counts."""
+    """Admission, queueing and inference shared by /predict and the v2 infer path, once the body is decoded.
+    `state`: the request's scope state (its arrival time, from which its deadline counts; its place in the
+    pre-body gate's count, which it leaves here)."""
+    st.parsed(state)
+    arrived: float = state.get("arrived", time.monotonic())
     rt = st.runtime
     if not rt.ready or st.draining:
         st.metrics.shed.labels("not_ready").inc()
@@ -665,11 +668,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
         x = decode(
             body.inputs, rt.meta.input, max_inputs=st.settings.max_inputs, max_pixels=st.settings.max_image_pixels
         )
-        state = request.scope["state"]
-        st.parsed(state)
-        probs, res, acc = await _infer(
-            st, x, body.quality, body.min_quality, body.deadline_ms, state.get("arrived", time.monotonic())
-        )
+        probs, res, acc = await _infer(st, request.scope["state"], x, body.quality, body.min_quality, body.deadline_ms)
         k = min(body.top_k or st.settings.top_k, probs.shape[1])
         top_p, top_i = probs.topk(k, dim=1)
         classes = rt.meta.classes
@@ -841,10 +840,8 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fas
             raise ApiError(
                 422, f"parameters.deadline_ms: {deadline_ms!r} is not a number of milliseconds in (0, 60000]"
             )
-        state = request.scope["state"]
-        st.parsed(state)
         probs, res, acc = await _infer(
-            st, x, p.get("quality"), p.get("min_quality"), deadline_ms, state.get("arrived", time.monotonic())
+            st, request.scope["state"], x, p.get("quality"), p.get("min_quality"), deadline_ms
         )
         return {
             "model_name": rt.name,
