@@ -17,7 +17,7 @@ from service.settings import Settings
 def main() -> int:
     try:
         settings = Settings()
-        Runtime.load(settings)  # fail fast, before binding the port, with a message naming the problem
+        runtime = Runtime.load(settings)  # fail fast, before binding the port, with a message naming the problem
     except ValidationError as e:
         for err in e.errors():
             field = "LCS_" + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else "settings"
@@ -32,7 +32,7 @@ def main() -> int:
     sys.setswitchinterval(0.0005)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, runtime=runtime),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -543,14 +543,16 @@ async def _infer(
     return res.probabilities, res, rt.accuracy.get(res.alpha, float("nan"))
 
 
-def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> FastAPI:
-    """The ASGI app. Settings default to the LCS_* environment; a bad checkpoint fails start-up."""
+def create_app(settings: Settings | None = None, *, warm_up: bool = True, runtime: Runtime | None = None) -> FastAPI:
+    """The ASGI app. Settings default to the LCS_* environment; a bad checkpoint fails start-up. `runtime`:
+    one already loaded from these settings (`python -m service` loads it before binding the port)."""
 
     s = settings or Settings()
+    preloaded = runtime
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime.load(s)
+        runtime = preloaded or Runtime.load(s)
         st = State(s, runtime)
         app.state.lcs = st
         st.metrics.info.info(
