@@ -22,6 +22,13 @@ def _floats(v: object) -> object:
     return v
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, as Linux does)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Env var = LCS_ + the field name in capitals (LCS_PORT, ...)."""
 
@@ -34,7 +41,7 @@ class Settings(BaseSettings):
     # torch intra-op threads for inference. Default: one per CPU this process may use, less one for the
     # event loop (HTTP, parsing, answers), at least 1. Measured on 2 cores: 1 thread serves 196 / 439
     # requests/s (16 images, alpha 1 / 0) where 2 threads serve 185 / 372, the loop starved by the second.
-    threads: int = Field(default_factory=lambda: max(1, len(os.sched_getaffinity(0)) - 1), ge=1, le=256)
+    threads: int = Field(default_factory=lambda: max(1, _usable_cpus() - 1), ge=1, le=256)
     # alphas the service serves: requested alphas snap *down* to this grid. None: the checkpoint's grid.
     alpha_grid: Annotated[list[float] | None, NoDecode] = None
     prebuild: Annotated[list[float] | None, NoDecode] = None  # built at start-up; None: the whole grid
