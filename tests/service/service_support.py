@@ -178,6 +178,18 @@ def paused(state: State) -> Iterator[threading.Event]:
         gate.set()
 
 
+async def one_running_one_queued(
+    client: httpx.AsyncClient, state: State, body: dict[str, Any]
+) -> tuple[asyncio.Task[httpx.Response], asyncio.Task[httpx.Response]]:
+    """With the model `paused`: post `body` twice and return once the first is taken for computing and the
+    second waits in the queue (a full queue when LCS_QUEUE_MAX is 1)."""
+    first = asyncio.create_task(client.post("/predict", json=body))
+    await until(lambda: state.batcher.running == 1, what="the first request to be taken")
+    second = asyncio.create_task(client.post("/predict", json=body))
+    await until(lambda: state.batcher.depth == 1, what="the second request to queue")
+    return first, second
+
+
 async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
     """Yield to the event loop until `condition()` holds, failing after `timeout` s."""
     end = time.monotonic() + timeout

@@ -26,6 +26,7 @@ from tests.service.service_support import (
     image_list,
     make_settings,
     normalise,
+    one_running_one_queued,
     paused,
     random_images,
     serve,
@@ -631,10 +632,7 @@ def test_full_queue_answers_429_with_retry_after(structured: TinyCheckpoint) -> 
         async with serve_async(settings) as (client, st):
             with paused(st) as gate:
                 body = {"inputs": [ZEROS]}
-                first = asyncio.create_task(client.post("/predict", json=body))
-                await until(lambda: st.batcher.running == 1, what="the first request to be taken")
-                second = asyncio.create_task(client.post("/predict", json=body))
-                await until(lambda: st.batcher.depth == 1, what="the second request to queue")
+                first, second = await one_running_one_queued(client, st, body)
                 refused = await client.post("/predict", json=body)
                 assert refused.status_code == 429
                 assert int(refused.headers["retry-after"]) >= 1

@@ -38,10 +38,10 @@ from tests.service.service_support import (
     TinyCheckpoint,
     free_port,
     make_settings,
+    one_running_one_queued,
     paused,
     serve,
     serve_async,
-    until,
 )
 
 ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
@@ -130,10 +130,7 @@ def test_a_full_queue_refuses_before_reading_the_body(structured: TinyCheckpoint
         async with serve_async(make_settings(structured.path, queue_max=1, max_wait_ms=0.0)) as (client, st):
             with paused(st) as gate:
                 body = {"inputs": [ZEROS]}
-                first = asyncio.create_task(client.post("/predict", json=body))
-                await until(lambda: st.batcher.running == 1, what="the first request to be taken")
-                second = asyncio.create_task(client.post("/predict", json=body))
-                await until(lambda: st.batcher.depth == 1, what="the second request to queue")
+                first, second = await one_running_one_queued(client, st, body)
                 garbage = {"content": b"{not json at all", "headers": {"content-type": "application/json"}}
                 for path in ("/predict", "/v2/models/tiny_structured/infer"):
                     r = await client.post(path, **garbage)  # type: ignore[arg-type]
