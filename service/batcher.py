@@ -157,7 +157,8 @@ class Batcher:
         if later and self._behind is not None:
             rest = self._behind(self.queued_images, len(self._queue))
             if rest is not None:
-                slack = min(later) - now - rest if slack is None else min(slack, min(later) - now - rest)
+                behind = min(later) - now - rest
+                slack = behind if slack is None else min(slack, behind)
         alpha = self._choose(batch[0].target, max(j.floor for j in batch), images, slack)
         x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
         self.running = len(batch)

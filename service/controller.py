@@ -5,11 +5,10 @@ by simulation. It owns two decisions:
    (queueing estimate from the latency profile, the measured per-request handling cost and the CPU
    left by other processes) stays under a target, corrected by feedback on observed p99 against the
    SLO, raised (to the largest alpha that fits) only after `raise_after` calm intervals (hysteresis),
-   capped on low battery, and
-   overridden by a manual pin. Alpha is lowered only when that relieves the bottleneck: if the load
-   offered (refused requests included) would overload even the lowest alpha and lowering would cut
-   the predicted work by under 20 % (request handling, not the model, is the cost), the ceiling stays,
-   the mode is `shedding`, and admission sheds the excess.
+   capped on low battery, and overridden by a manual pin. Alpha is lowered only when that relieves the
+   bottleneck: if the load offered (refused requests included) would overload even the lowest alpha
+   and lowering would cut the predicted work by under 20 % (request handling, not the model, is the
+   cost), the ceiling stays, the mode is `shedding`, and admission sheds the excess.
 2. each batch's alpha: the largest grid alpha <= min(requested, ceiling) whose predicted batch time
    fits the slack of the batch's most urgent request, never below the batch's floor; while shedding,
    the ceiling itself (a cheaper batch would not make room for more requests).
