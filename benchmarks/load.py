@@ -250,6 +250,12 @@ def main() -> None:
     p.add_argument("--policies", nargs="*", default=["fixed:1", "fixed:0.5", "fixed:0", "step", "aimd", "lcs"])
     p.add_argument("--slo", type=float, default=0.1, help="p99 latency objective, seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--capacity",
+        type=float,
+        help="scale the traces to this alpha = 1 capacity (req/s) instead of the one measured, to compare "
+        "two versions at the same offered load (both capacities are still measured and reported)",
+    )
     p.add_argument("--out", type=Path, help="default: benchmarks/results/load-<images>img")
     args = p.parse_args()
     out = args.out or Path("benchmarks/results") / f"load-{args.images}{args.format}"
@@ -290,10 +296,11 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    cap1 = result["capacity_rps"]["1"]
+    cap1 = args.capacity or result["capacity_rps"]["1"]
+    result["traces_scaled_to_rps"] = cap1
     print(
-        f"mix: {args.images} {args.format} images/request; capacity {cap1} req/s at alpha 1, "
-        f"{result['capacity_rps']['0']} req/s at alpha 0",
+        f"mix: {args.images} {args.format} images/request; capacity {result['capacity_rps']['1']} req/s at "
+        f"alpha 1, {result['capacity_rps']['0']} req/s at alpha 0; traces scaled to {cap1} req/s",
         flush=True,
     )
 

@@ -75,6 +75,8 @@ class State:
             queue_max=settings.queue_max,
             on_batch=self._on_batch,
             behind=runtime.controller.predicted_wait,
+            reserve=settings.slack_reserve,
+            pending=lambda: self.parsing,
         )
         self.requests = RequestStats()
         self.loop_cost = LoopCost()

@@ -3,17 +3,22 @@
 How a batch's alpha is chosen: every request carries a *target* grid alpha (its `quality`, snapped
 down to the grid) and a *floor* (its `min_quality`, snapped up). The batch is the oldest request plus
 the queued requests with the same target, in arrival order, up to `max_batch` images. The batch then
-runs at `controller.batch_alpha(target, max floor, images, slack)`: the target capped by the ceiling,
-lowered further only as far as the most urgent deadline needs, never below any floor. The slack is the
-tighter of two: the earliest deadline in the batch, and the earliest deadline still queued behind it
+runs at `controller.batch_alpha(target, max floor, images, slack, requests)`: the target capped by the
+ceiling, lowered further only as far as the most urgent deadline needs (and only where the model, not
+request handling, is most of what the batch costs), never below any floor. The slack counts to each
+request's *due* time: its deadline less a reserve, a share (`reserve`) of its time budget kept for
+requests that arrive while the batch runs, for prediction error and for the response path. It is the
+tighter of two: the earliest due time in the batch, and the earliest due time still queued behind it
 less the time the queue behind needs at its cheapest (so a batch served slowly does not make the
-requests after it late). No request is ever served more accurately than it asked.
+requests after it late); requests received but still being read count as queued behind, sized like
+the batch's and due no earlier. No request is ever served more accurately than it asked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +51,10 @@ class Job:
     def images(self) -> int:
         return int(self.x.shape[0])
 
+    def due(self, reserve: float) -> float | None:
+        """The time to aim for: the deadline less `reserve` (a share) of the request's time budget."""
+        return None if self.deadline is None else self.deadline - reserve * (self.deadline - self.enqueued)
+
 
 @dataclass(frozen=True)
 class Result:
@@ -66,7 +75,7 @@ class Batcher:
     def __init__(
         self,
         run: Callable[[float, torch.Tensor], torch.Tensor],
-        choose: Callable[[float, float, int, float | None], float],
+        choose: Callable[[float, float, int, float | None, int], float],  # see Controller.batch_alpha
         executor: Executor,
         *,
         max_batch: int,
@@ -74,6 +83,8 @@ class Batcher:
         queue_max: int,
         on_batch: Callable[[float, int, float, list[Job]], None] | None = None,
         behind: Callable[[int, int], float | None] | None = None,
+        reserve: float = 0.0,
+        pending: Callable[[], int] | None = None,
     ) -> None:
         self._run = run  # (alpha, x) -> probabilities; called in the executor
         self._choose = choose
@@ -85,6 +96,8 @@ class Batcher:
         self._wake = asyncio.Event()
         self._on_batch = on_batch
         self._behind = behind  # (images, requests) queued -> seconds to serve them at the cheapest alpha
+        self.reserve = reserve  # share of each request's time budget kept out of the slack
+        self._pending = pending  # requests received but not yet queued (being read or decoded)
         self.draining = False
         self.running = 0  # jobs in the batch being computed
         self.stats = BatchStats()
@@ -151,15 +164,19 @@ class Batcher:
             return
         images = sum(j.images for j in batch)
         now = time.monotonic()
-        deadlines = [j.deadline for j in batch if j.deadline is not None]
-        slack = min(deadlines) - now if deadlines else None
-        later = [j.deadline for j in self._queue if j.deadline is not None]
+        due = [d for j in batch if (d := j.due(self.reserve)) is not None]
+        slack = min(due) - now if due else None
+        later = [d for j in self._queue if (d := j.due(self.reserve)) is not None]
+        pending = self._pending() if self._pending is not None else 0
+        if pending and due:  # received, not yet queued: due no earlier than this batch, sized like it
+            later.append(min(due))
         if later and self._behind is not None:
-            rest = self._behind(self.queued_images, len(self._queue))
+            extra = math.ceil(pending * images / len(batch))
+            rest = self._behind(self.queued_images + extra, len(self._queue) + pending)
             if rest is not None:
                 behind = min(later) - now - rest
                 slack = behind if slack is None else min(slack, behind)
-        alpha = self._choose(batch[0].target, max(j.floor for j in batch), images, slack)
+        alpha = self._choose(batch[0].target, max(j.floor for j in batch), images, slack, len(batch))
         x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
         self.running = len(batch)
         t0 = time.monotonic()

@@ -6,12 +6,16 @@ by simulation. It owns two decisions:
    left by other processes) stays under a target, corrected by feedback on observed p99 against the
    SLO, raised (to the largest alpha that fits) only after `raise_after` calm intervals (hysteresis),
    capped on low battery, and overridden by a manual pin. Alpha is lowered only when that relieves the
-   bottleneck: if the load offered (refused requests included) would overload even the lowest alpha
-   and lowering would cut the predicted work by under 20 % (request handling, not the model, is the
-   cost), the ceiling stays, the mode is `shedding`, and admission sheds the excess.
+   bottleneck: only if the lowest alpha would cut at least 20 % of what an average request costs
+   (model plus request handling, at the top of the grid). Where it would not (request handling is the
+   cost), or alpha is already at the bottom, and the load offered (refused requests included) would
+   overload even the lowest alpha, the ceiling stays, the mode is `shedding`, and admission sheds the
+   excess.
 2. each batch's alpha: the largest grid alpha <= min(requested, ceiling) whose predicted batch time
-   fits the slack of the batch's most urgent request, never below the batch's floor; while shedding,
-   the ceiling itself (a cheaper batch would not make room for more requests).
+   fits the slack of the batch's most urgent request, never below the batch's floor. The same "is
+   alpha the lever?" test applies per batch, to the batch's images and requests; where it fails, or
+   while shedding, the batch runs at the capped target (a cheaper batch would not make room for more
+   requests, only give accuracy away).
 """
 
 from __future__ import annotations
@@ -127,8 +131,12 @@ class Controller:
             return None
         s = self.last_signals
         slowdown = max(self.drift, 1.0 / max(0.1, 1.0 - s.cpu_other) if s else 1.0)
-        cost = s.request_cost if s and s.request_cost is not None else self.request_cost
-        return images * per_image * slowdown + requests * cost
+        return images * per_image * slowdown + requests * self._request_cost()
+
+    def _request_cost(self) -> float:
+        """Event-loop seconds per request: measured, or the configured default before a measurement."""
+        s = self.last_signals
+        return s.request_cost if s is not None and s.request_cost is not None else self.request_cost
 
     def _fits(self, s: Signals) -> float:
         """Largest grid alpha whose predicted utilisation stays under the target."""
@@ -149,15 +157,14 @@ class Controller:
         feasible = self._fits(s)
         p99 = s.p99 if s.fleet_p99 is None else max(s.p99 or 0.0, s.fleet_p99)
         offered = replace(s, arrival_rate=s.offered_rate) if s.offered_rate is not None else s
-        at_lowest, at_old = self.utilisation(lowest, offered), self.utilisation(old, offered)
-        if at_lowest > 1.0 and at_lowest > 0.8 * at_old:
-            # the load offered (refused requests included) overloads even the lowest alpha, and lowering
-            # would cut the work by under 20 %: request handling is the bottleneck, so keep accuracy and
-            # let admission shed the excess
+        relieves = self._relieves(*self._request_costs(s))
+        if self.utilisation(lowest, offered) > 1.0 and (not relieves or old == lowest):
+            # the load offered (refused requests included) overloads even the lowest alpha, and alpha is
+            # not the lever (or is spent): keep accuracy and let admission shed the excess
             new, reason, mode = old, "overload not relieved by alpha: shedding", "shedding"
-        elif feasible < old:
+        elif relieves and feasible < old:
             new, reason, mode = feasible, "queueing estimate over target", "degraded"
-        elif p99 is not None and p99 > self.slo and old > lowest:
+        elif relieves and p99 is not None and p99 > self.slo and old > lowest:
             new, reason, mode = self._step(old, -1), "p99 above SLO", "degraded"
         elif feasible > old and (p99 is None or p99 < 0.7 * self.slo):
             self._calm += 1
@@ -179,6 +186,21 @@ class Controller:
             new, reason, mode = self.grid.down(self.battery_cap), "low battery cap", "battery"
         self.mode = mode
         return self._set(new, mode, s.now, reason)
+
+    @staticmethod
+    def _relieves(top: float, bottom: float, handling: float) -> bool:
+        """Is alpha the lever for some work: would the lowest alpha cut at least 20 % of what it costs?
+        `top`/`bottom`: model seconds at the top and the bottom of the grid; `handling`: the rest."""
+        return top - bottom >= 0.2 * (top + handling)
+
+    def _request_costs(self, s: Signals) -> tuple[float, float, float]:
+        """Model seconds per average request at the top and bottom of the grid, and handling seconds."""
+        slowdown = max(self.drift, 1.0 / max(0.1, 1.0 - s.cpu_other))
+        model = [
+            s.images_per_request * (self.profile.per_image(a, self.max_batch) or 0.0) * slowdown
+            for a in (self.grid.alphas[-1], self.grid.alphas[0])
+        ]
+        return model[0], model[1], self._request_cost()
 
     def _baseline_update(self, s: Signals) -> float:
         """The comparison policies of the load benchmark (not for production use)."""
@@ -223,13 +245,21 @@ class Controller:
 
     # -- each batch --------------------------------------------------------------------------------
 
-    def batch_alpha(self, target: float, floor: float, images: int, slack: float | None) -> float:
-        """Largest grid alpha in [floor, min(target, ceiling)] whose predicted time fits `slack` seconds."""
+    def batch_alpha(self, target: float, floor: float, images: int, slack: float | None, requests: int = 1) -> float:
+        """Largest grid alpha in [floor, min(target, ceiling)] whose predicted time for `images` images fits
+        `slack` seconds; the capped target where alpha is not the lever for this batch."""
         hi = self.grid.down(min(target, self.ceiling))
         if hi < floor:
             return floor
         if slack is None or self.policy[0] != "lcs" or self.mode == "shedding":  # the slack rule: ours only,
             return hi  # and not while request handling is the bottleneck
+        top, bottom = (
+            self.profile.predict(self.grid.alphas[-1], images),
+            self.profile.predict(self.grid.alphas[0], images),
+        )
+        if top is not None and bottom is not None:
+            if not self._relieves(top * self.drift, bottom * self.drift, requests * self._request_cost()):
+                return hi  # even the lowest alpha would save under 20 % of what these requests cost
         for a in reversed(self.grid.alphas):
             if a > hi or a < floor:
                 continue

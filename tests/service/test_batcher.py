@@ -48,7 +48,7 @@ class FakeModel:
         return torch.stack([x[:, 0, 0, 0], torch.full((len(x),), alpha)], dim=1)
 
 
-def choose_target(target: float, floor: float, images: int, slack: float | None) -> float:
+def choose_target(target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
     return target
 
 
@@ -62,7 +62,7 @@ def job(
 
 def make_batcher(
     model: FakeModel,
-    choose: Callable[[float, float, int, float | None], float] = choose_target,
+    choose: Callable[[float, float, int, float | None, int], float] = choose_target,
     *,
     max_batch: int = MAX_BATCH,
     queue_max: int = 1000,
@@ -192,10 +192,10 @@ def test_a_failing_batch_fails_only_its_requests_and_the_batcher_keeps_serving()
 
 
 def test_choose_gets_the_highest_floor_and_the_tightest_slack() -> None:
-    seen: list[tuple[float, float, int, float | None]] = []
+    seen: list[tuple[float, float, int, float | None, int]] = []
 
-    def choose(target: float, floor: float, images: int, slack: float | None) -> float:
-        seen.append((target, floor, images, slack))
+    def choose(target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
+        seen.append((target, floor, images, slack, requests))
         return floor
 
     async def scenario() -> None:
@@ -210,8 +210,8 @@ def test_choose_gets_the_highest_floor_and_the_tightest_slack() -> None:
         results = await asyncio.gather(*futures)
         await stop(task, executor)
         assert len(seen) == 1  # one batch of all three
-        target, floor, images, slack = seen[0]
-        assert (target, floor, images) == (1.0, 0.5, 4)
+        target, floor, images, slack, requests = seen[0]
+        assert (target, floor, images, requests) == (1.0, 0.5, 4, 3)
         assert slack is not None and 0.0 < slack <= 1.0  # the 1 s deadline, not the 5 s one
         assert all(r.alpha == 0.5 for r in results)  # the batch runs at what choose said
 
@@ -227,7 +227,7 @@ def test_the_queue_behind_a_batch_tightens_its_slack() -> None:
         return 0.5
 
     async def scenario() -> None:
-        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s: seen.append(s) or t, max_batch=2)  # type: ignore[func-returns-value]
+        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s, r: seen.append(s) or t, max_batch=2)  # type: ignore[func-returns-value]
         batcher._behind = behind
         now = time.monotonic()
         futures = [
@@ -245,11 +245,58 @@ def test_the_queue_behind_a_batch_tightens_its_slack() -> None:
     run_async(scenario)
 
 
+def test_the_slack_keeps_a_share_of_each_budget_in_reserve() -> None:
+    """With a reserve of 0.25, a request queued with 1 s to its deadline gives its batch 0.75 s of slack,
+    and one queued behind it with 2 s leaves 1.5 s less what the queue behind needs."""
+    seen: list[float | None] = []
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s, r: seen.append(s) or t, max_batch=1)  # type: ignore[func-returns-value]
+        batcher.reserve = 0.25
+        batcher._behind = lambda images, requests: 0.1
+        now = time.monotonic()
+        first, second = job(1.0), job(2.0)
+        first.enqueued = second.enqueued = now
+        first.deadline, second.deadline = now + 1.0, now + 2.0
+        futures = [batcher.submit(first), batcher.submit(second)]
+        task = await started(batcher)
+        await asyncio.gather(*futures)
+        await stop(task, executor)
+        assert first.due(0.25) == now + 0.75 and job(3.0).due(0.25) is None
+        assert seen[0] is not None and 0.65 < seen[0] <= 0.75  # min(0.75, 1.5 - 0.1)
+        assert seen[1] is not None and 1.4 < seen[1] <= 1.5
+
+    run_async(scenario)
+
+
+def test_requests_still_being_read_count_as_queued_behind() -> None:
+    """Nothing queued, but 3 requests received and still being read: the batch of 2 images in 1 request
+    leaves room for 3 more like it (6 images), due no earlier than its own deadline."""
+    seen: list[float | None] = []
+    asked: list[tuple[int, int]] = []
+
+    def behind(images: int, requests: int) -> float:
+        asked.append((images, requests))
+        return 0.3
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s, r: seen.append(s) or t)  # type: ignore[func-returns-value]
+        batcher._behind, batcher._pending = behind, lambda: 3
+        fut = batcher.submit(job(1.0, images=2, deadline=time.monotonic() + 1.0))
+        task = await started(batcher)
+        await fut
+        await stop(task, executor)
+        assert asked == [(6, 3)]
+        assert seen[0] is not None and 0.6 < seen[0] <= 0.7  # 1 s - 0.3 s
+
+    run_async(scenario)
+
+
 def test_no_deadline_means_no_slack() -> None:
     seen: list[float | None] = []
 
     async def scenario() -> None:
-        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s: seen.append(s) or t)  # type: ignore[func-returns-value]
+        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s, r: seen.append(s) or t)  # type: ignore[func-returns-value]
         fut = batcher.submit(job(1.0))
         task = await started(batcher)
         await fut
@@ -359,7 +406,7 @@ def test_an_unexpected_error_outside_the_model_fails_its_batch_and_the_loop_surv
         model = FakeModel()
         calls: list[float] = []
 
-        def choose(target: float, floor: float, images: int, slack: float | None) -> float:
+        def choose(target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
             calls.append(target)
             if target == 0.5:
                 raise KeyError("controller bug")

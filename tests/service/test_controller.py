@@ -190,6 +190,17 @@ def test_overload_from_request_handling_is_shed_not_answered_by_lowering_alpha()
     assert c.update(clock(arrival_rate=200.0)) == 1.0
 
 
+def test_busy_request_handling_keeps_the_ceiling_below_overload_too() -> None:
+    """5 ms of handling per single-image request: alpha 0 would save 0.8 of 6 ms (13 %). At 90 %
+    utilisation, and with p99 over the SLO, lowering would only give accuracy away."""
+    c, clock = controller(request_cost_seconds=0.005), Clock()
+    for _ in range(3):
+        assert c.update(clock(arrival_rate=150.0, p99=2 * SLO)) == 1.0
+    assert c.mode == "full"
+    c.ceiling = 0.5  # lowered earlier for another mix: it recovers as usual
+    assert [c.update(clock(arrival_rate=10.0)) for _ in range(4)][-1] == 1.0
+
+
 def test_overload_from_the_model_still_lowers_alpha() -> None:
     c, clock = controller(), Clock()
     s = clock(arrival_rate=5000.0)  # 150 % at alpha = 0, but 550 % at alpha = 1: alpha is the lever
@@ -274,3 +285,14 @@ def test_batch_alpha_results_stay_within_bounds_over_many_cases() -> None:
 def test_unprofiled_alpha_is_assumed_to_fit() -> None:
     c = Controller(Grid(ALPHAS), LatencyProfile(), slo_seconds=SLO, max_batch=MAX_BATCH)
     assert c.batch_alpha(1.0, 0.0, 4, 0.000001) == 1.0
+
+
+def test_batch_alpha_keeps_accuracy_where_alpha_is_not_the_lever() -> None:
+    """5 ms of request handling per request: for 8 single-image requests alpha 0 would save 6.4 of 48 ms
+    (13 %), so the batch keeps its alpha; one 8-image request costs 13 ms and alpha 0 saves half of it."""
+    c = controller(request_cost_seconds=0.005)
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0017, 8) == 1.0
+    assert c.batch_alpha(0.75, 0.0, MAX_BATCH, 0.0017, 8) == 0.75  # the capped target, not above it
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0017, 1) == 0.0
+    c.update(Signals(now=0.0, request_cost=0.0001))  # handling measured cheap: alpha is the lever again
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0017, 8) == 0.0
