@@ -253,13 +253,14 @@ class Controller:
             return floor
         if slack is None or self.policy[0] != "lcs" or self.mode == "shedding":  # the slack rule: ours only,
             return hi  # and not while request handling is the bottleneck
-        top, bottom = (
-            self.profile.predict(self.grid.alphas[-1], images),
-            self.profile.predict(self.grid.alphas[0], images),
-        )
-        if top is not None and bottom is not None:
-            if not self._relieves(top * self.drift, bottom * self.drift, requests * self._request_cost()):
-                return hi  # even the lowest alpha would save under 20 % of what these requests cost
+        top, bottom = (self.profile.predict(a, images) for a in (self.grid.alphas[-1], self.grid.alphas[0]))
+        handling = requests * self._request_cost()
+        if (
+            top is not None
+            and bottom is not None
+            and not self._relieves(top * self.drift, bottom * self.drift, handling)
+        ):
+            return hi  # even the lowest alpha would save under 20 % of what these requests cost
         for a in reversed(self.grid.alphas):
             if a > hi or a < floor:
                 continue

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     control_interval_seconds: float = Field(0.5, gt=0.0)
     # share of each request's time budget the batcher keeps in reserve when it picks a batch's alpha: room
     # for requests that arrive while a batch runs, for prediction error and for the response path
-    slack_reserve: float = Field(0.25, ge=0.0, lt=1.0)
+    slack_reserve: float = Field(0.4, ge=0.0, lt=1.0)
     # lcs (ours); fixed:<alpha>, step and aimd exist for the load benchmark's comparison
     policy: str = "lcs"
     battery_low_percent: float = Field(20.0, ge=0.0, le=100.0)

@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.profile import LatencyProfile
-
 from tests.service.service_support import (
     ACCURACY,
     CLASSES,
