@@ -26,7 +26,7 @@ from lcs import checkpoint
 from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
-from service.materialize import Compiled, build, time_batch
+from service.materialize import Compiled, build, freeze_module, time_batch
 
 
 class _CsrConv(torch.nn.Module):
@@ -132,13 +132,15 @@ def main() -> None:
         plain = model.export(Setting(1.0, Level("structured", width=1.0), s.stats)).to(
             memory_format=torch.channels_last  # type: ignore[call-overload]
         )
+        size = sum(q.numel() * 4 for q in plain.parameters())
+        frozen, how = freeze_module(plain, x32[:2], channels_last=True)  # run as the served models are
         ref = Compiled(
             1.0,
             Level("quantized", bits=32),
-            plain,
-            "fp32 float reference (unquantised)",
-            sum(q.numel() * 4 for q in plain.parameters()),
-            sum(q.numel() * 4 for q in plain.parameters()),
+            frozen,
+            f"fp32 float reference (unquantised), {how}",
+            size,
+            size,
             time.perf_counter() - t0,
             True,
         )

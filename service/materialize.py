@@ -12,6 +12,13 @@
 |              | sizes, see the benchmark); stored size = CSR of the non-zeros where that  |
 |              | is smaller than dense                                                         |
 
+Every kind then runs as a frozen TorchScript module (traced, weights folded in as constants): the
+whole forward runs in C++, so the inference thread takes the GIL once per call instead of once per op.
+Measured: while another Python thread holds the GIL (the event loop parsing requests), an eager
+batch-1 forward took 10-16 ms instead of 0.5; frozen, 1.5-2 ms. TorchScript is deprecated upstream in
+favour of torch.compile/torch.export, whose CPU compile takes tens of seconds per alpha against the
+tens of milliseconds a trace takes; if tracing fails, the module runs eagerly.
+
 A `Compiled` model is frozen: eval mode, no gradients, never mutated after build, so the cache can
 hand it to any thread.
 """
@@ -19,6 +26,7 @@ hand it to any thread.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +38,8 @@ from lcs.alpha import Level
 from lcs.checkpoint import CheckpointMeta
 from lcs.layers import Setting, SubspaceConv2d
 from lcs.models import SubspaceResNet
+
+log = logging.getLogger("lcs.service")
 
 
 @dataclass(frozen=True)
@@ -159,16 +169,33 @@ def build(
             "quantized": f"fp32 simulating {level.bits}-bit weights and activations",
             "unstructured": f"dense fp32 with {100 * (1 - level.keep):.1f} % of pruned-layer weights zero",
         }[level.kind]
+    resident = _resident_bytes(module)  # before freezing turns the weights into graph constants
+    shape = (2, meta.input.channels, meta.input.height, meta.input.width)
+    module, how = freeze_module(module, torch.zeros(shape), use_cl)
     return Compiled(
         alpha=alpha,
         level=level,
         module=module,
-        representation=representation,
-        resident_bytes=_resident_bytes(module),
+        representation=f"{representation}, {how}",
+        resident_bytes=resident,
         stored_bytes=_stored_bytes(model, plain, s),
         build_seconds=time.perf_counter() - t0,
         channels_last=use_cl,
     )
+
+
+def freeze_module(module: nn.Module, example: torch.Tensor, channels_last: bool) -> tuple[nn.Module, str]:
+    """(module traced and frozen by TorchScript, "TorchScript"), or (module, "eager") if that fails."""
+    if channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the deprecation notices, and the tracer's on constant shapes
+            traced = torch.jit.trace(module.eval(), example, check_trace=False)
+            return torch.jit.freeze(traced), "TorchScript"
+    except Exception as e:  # a model the tracer cannot follow still serves, eagerly
+        log.warning("TorchScript trace failed (%s: %s); running this model eagerly", type(e).__name__, e)
+        return module, "eager"
 
 
 def time_batch(compiled: Compiled, x: torch.Tensor, repeats: int = 5) -> float:
