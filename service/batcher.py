@@ -81,7 +81,7 @@ class Batcher:
         max_batch: int,
         max_wait: float,
         queue_max: int,
-        on_batch: Callable[[float, int, float, list[Job]], None] | None = None,
+        on_batch: Callable[[float, int, float, list[Job]], None] | None = None,  # (alpha, images, model s, jobs)
         behind: Callable[[int, int], float | None] | None = None,
         reserve: float = 0.0,
         pending: Callable[[], int] | None = None,
@@ -181,7 +181,7 @@ class Batcher:
         self.running = len(batch)
         t0 = time.monotonic()
         try:
-            probs = await loop.run_in_executor(self._executor, self._run, alpha, x)
+            probs, model_seconds = await loop.run_in_executor(self._executor, self._timed, alpha, x)
         except Exception as e:  # the model failed: every request in the batch gets the error
             for j in batch:
                 if not j.future.done():
@@ -193,12 +193,20 @@ class Batcher:
         self.stats.batches += 1
         self.stats.images += images
         if self._on_batch:
-            self._on_batch(alpha, images, compute, batch)
+            self._on_batch(alpha, images, model_seconds, batch)
         i = 0
         for j in batch:
             if not j.future.done():
                 j.future.set_result(Result(probs[i : i + j.images], alpha, t0 - j.enqueued, compute, images))
             i += j.images
+
+    def _timed(self, alpha: float, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Run the model and time it in the worker thread: the time a batch spends handed between threads
+        (waiting for the GIL while the event loop holds it) is the same at every alpha, so it must not
+        count as model time."""
+        t0 = time.perf_counter()
+        probs = self._run(alpha, x)
+        return probs, time.perf_counter() - t0
 
     def abandon(self) -> int:
         """Fail every queued (not yet running) job with Draining, so each still gets an answer; returns how many."""

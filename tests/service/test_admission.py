@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from service.cache import Grid
 from service.controller import Controller, Signals
 from service.profile import LatencyProfile
@@ -114,6 +116,16 @@ def test_when_the_queue_alone_would_miss_the_slo_requests_are_refused_before_the
             assert after.status_code == 422  # an idle queue: the body is read, and found wanting
 
     asyncio.run(scenario())
+
+
+def test_the_first_batch_of_each_shape_does_not_move_the_drift() -> None:
+    """A first batch at an (alpha, size) creates its kernels and runs slow; that is not the machine's pace."""
+    c = Controller(Grid([0.0, 0.5, 1.0]), _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8)
+    for alpha, images in ((1.0, 8), (0.5, 8), (1.0, 5)):
+        c.observe_batch(alpha, images, 1.0)  # 12-100x the profile
+    assert c.drift == 1.0
+    c.observe_batch(1.0, 8, 2 * 0.080)  # a second batch of a shape counts
+    assert c.drift == pytest.approx(1.1)
 
 
 def test_measured_batch_times_correct_the_profile() -> None:
