@@ -125,11 +125,11 @@ class State:
         if scope_state.pop("lcs_parsing", False):
             self.parsing -= 1
 
-    def _on_batch(self, alpha: float, images: int, seconds: float, jobs: list[Job]) -> None:
+    def _on_batch(self, alpha: float, images: int, seconds: float, handoff: float, jobs: list[Job]) -> None:
         self._computed += seconds
         self.metrics.batch_size.observe(images)
         self.metrics.compute.observe(seconds)
-        self.runtime.controller.observe_batch(alpha, images, seconds)
+        self.runtime.controller.observe_batch(alpha, images, seconds, handoff)
 
     def signals(self, now: float) -> Signals:
         rate, per_request, p99 = self.requests.tick(now)

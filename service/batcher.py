@@ -81,7 +81,8 @@ class Batcher:
         max_batch: int,
         max_wait: float,
         queue_max: int,
-        on_batch: Callable[[float, int, float, list[Job]], None] | None = None,  # (alpha, images, model s, jobs)
+        # (alpha, images, model seconds, hand-off seconds, jobs) after each batch
+        on_batch: Callable[[float, int, float, float, list[Job]], None] | None = None,
         behind: Callable[[int, int], float | None] | None = None,
         reserve: float = 0.0,
         pending: Callable[[], int] | None = None,
@@ -193,7 +194,7 @@ class Batcher:
         self.stats.batches += 1
         self.stats.images += images
         if self._on_batch:
-            self._on_batch(alpha, images, model_seconds, batch)
+            self._on_batch(alpha, images, model_seconds, compute - model_seconds, batch)
         i = 0
         for j in batch:
             if not j.future.done():

@@ -96,6 +96,7 @@ class Controller:
         self.battery_cap = battery_alpha_cap
         self.policy = parse_policy(policy)
         self.drift = 1.0  # measured / profiled batch time (EWMA): the profile was taken on an idle machine
+        self.handoff = 0.0  # seconds per batch outside the model: between threads, waiting for the GIL (EWMA)
         self._shapes_seen: set[tuple[float, int]] = set()  # (alpha, batch size) pairs run at least once
         self.ceiling = grid.alphas[-1]
         self.pinned: float | None = None
@@ -116,13 +117,16 @@ class Controller:
         cost = self.request_cost if s.request_cost is None else s.request_cost
         return rate * (s.images_per_request * per_image * slowdown + cost)
 
-    def observe_batch(self, alpha: float, images: int, seconds: float) -> None:
-        """Feed back a measured batch time, so predictions follow what the machine delivers now. The first
+    def observe_batch(self, alpha: float, images: int, seconds: float, handoff: float = 0.0) -> None:
+        """Feed back a measured batch: `seconds` of model time (timed in the inference thread), so
+        predictions follow what the machine delivers now, and `handoff`, the rest of its wall time (between
+        threads, waiting for the GIL), which is the same at every alpha and is added per batch. The first
         batch of each (alpha, size) is left out: it creates that shape's kernels (1.5-3x the steady time),
         which says nothing about the machine, and a spread of alphas and sizes meets many first batches."""
         if (alpha, images) not in self._shapes_seen:
             self._shapes_seen.add((alpha, images))
             return
+        self.handoff = 0.9 * self.handoff + 0.1 * max(0.0, handoff)
         predicted = self.profile.predict(alpha, images)
         if predicted:
             ratio = min(20.0, max(0.5, seconds / predicted))
@@ -137,7 +141,8 @@ class Controller:
             return None
         s = self.last_signals
         slowdown = max(self.drift, 1.0 / max(0.1, 1.0 - s.cpu_other) if s else 1.0)
-        return images * per_image * slowdown + requests * self._request_cost()
+        batches = min(requests, -(-images // self.max_batch))  # at least one batch per max_batch images
+        return images * per_image * slowdown + batches * self.handoff + requests * self._request_cost()
 
     def _request_cost(self) -> float:
         """Event-loop seconds per request: measured, or the configured default before a measurement."""
@@ -262,7 +267,7 @@ class Controller:
             if a > hi or a < floor:
                 continue
             p = self.profile.predict(a, images)
-            if p is None or p * self.drift <= slack:
+            if p is None or p * self.drift + self.handoff <= slack:
                 return a
         return floor
 
@@ -273,6 +278,7 @@ class Controller:
             "ceiling": self.ceiling,
             "pinned": self.pinned,
             "profile_drift": round(self.drift, 3),
+            "batch_handoff_ms": round(1000 * self.handoff, 3),
             "signals": asdict(self.last_signals) if self.last_signals else None,
             "decisions": [asdict(d) for d in self.decisions][-20:],
         }

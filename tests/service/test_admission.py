@@ -128,6 +128,21 @@ def test_the_first_batch_of_each_shape_does_not_move_the_drift() -> None:
     assert c.drift == pytest.approx(1.1)
 
 
+def test_time_between_threads_is_added_per_batch_not_scaled_with_the_model() -> None:
+    """5 ms of each batch's wall time is spent outside the model (hand-off, GIL): predictions add it per
+    batch, the same at every alpha, and the profile's drift stays 1."""
+    c = Controller(
+        Grid([0.0, 0.5, 1.0]), _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0
+    )
+    before = c.predicted_wait(16, 2)
+    for _ in range(40):
+        c.observe_batch(1.0, 8, 0.080, handoff=0.005)
+    assert c.drift == pytest.approx(1.0) and c.handoff == pytest.approx(0.005, rel=0.05)
+    assert c.predicted_wait(16, 2) == pytest.approx(before + 2 * c.handoff)  # type: ignore[operator]
+    assert c.batch_alpha(1.0, 0.0, 8, slack=0.082) == 0.5  # 80 ms fits, 80 ms + 5 ms does not
+    assert c.state()["batch_handoff_ms"] == round(1000 * c.handoff, 3)
+
+
 def test_measured_batch_times_correct_the_profile() -> None:
     grid = Grid([0.0, 0.5, 1.0])
     c = Controller(grid, _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0)

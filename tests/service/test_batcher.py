@@ -390,7 +390,7 @@ def test_on_batch_reports_alpha_size_and_jobs() -> None:
             max_batch=MAX_BATCH,
             max_wait=0.0,
             queue_max=10,
-            on_batch=lambda alpha, images, seconds, jobs: reports.append((alpha, images, len(jobs))),
+            on_batch=lambda alpha, images, seconds, handoff, jobs: reports.append((alpha, images, len(jobs))),
         )
         futures = [batcher.submit(job(1.0, images=2, target=0.5)), batcher.submit(job(2.0, images=3, target=0.5))]
         task = await started(batcher)
