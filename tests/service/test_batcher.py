@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -67,9 +68,29 @@ def make_batcher(
     max_batch: int = MAX_BATCH,
     queue_max: int = 1000,
     max_wait: float = 0.0,
+    **options: Any,  # behind, reserve, pending
 ) -> tuple[Batcher, ThreadPoolExecutor]:
     executor = ThreadPoolExecutor(max_workers=1)
-    return Batcher(model, choose, executor, max_batch=max_batch, max_wait=max_wait, queue_max=queue_max), executor
+    batcher = Batcher(model, choose, executor, max_batch=max_batch, max_wait=max_wait, queue_max=queue_max, **options)
+    return batcher, executor
+
+
+@dataclass
+class SlackProbe:
+    """A `choose` that records each batch's slack (and keeps the target), and a `behind` that records
+    what the queue behind a batch was asked to cost and answers `behind_seconds`."""
+
+    behind_seconds: float = 0.0
+    seen: list[float | None] = field(default_factory=list)
+    asked: list[tuple[int, int]] = field(default_factory=list)
+
+    def choose(self, target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
+        self.seen.append(slack)
+        return target
+
+    def behind(self, images: int, requests: int) -> float:
+        self.asked.append((images, requests))
+        return self.behind_seconds
 
 
 async def started(batcher: Batcher) -> asyncio.Task[None]:
@@ -219,16 +240,10 @@ def test_choose_gets_the_highest_floor_and_the_tightest_slack() -> None:
 def test_the_queue_behind_a_batch_tightens_its_slack() -> None:
     """A batch must leave time for the requests queued after it: its slack is the earliest deadline behind
     it less what the queue behind needs (here 0.5 s for 3 images in 2 requests)."""
-    seen: list[float | None] = []
-    asked: list[tuple[int, int]] = []
-
-    def behind(images: int, requests: int) -> float:
-        asked.append((images, requests))
-        return 0.5
+    probe = SlackProbe(0.5)
 
     async def scenario() -> None:
-        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s, r: seen.append(s) or t, max_batch=2)  # type: ignore[func-returns-value]
-        batcher._behind = behind
+        batcher, executor = make_batcher(FakeModel(), probe.choose, max_batch=2, behind=probe.behind)
         now = time.monotonic()
         futures = [
             batcher.submit(job(1.0, images=2, deadline=now + 5.0)),  # the first batch (2 images)
@@ -238,7 +253,8 @@ def test_the_queue_behind_a_batch_tightens_its_slack() -> None:
         task = await started(batcher)
         await asyncio.gather(*futures)
         await stop(task, executor)
-        assert asked[0] == (3, 2)
+        seen = probe.seen
+        assert probe.asked[0] == (3, 2)
         assert seen[0] is not None and 0.3 < seen[0] <= 0.5  # 1 s - 0.5 s, not the batch's own 5 s
         assert seen[-1] is not None and seen[-1] > 8.0  # the last batch has nothing behind it
 
@@ -248,12 +264,10 @@ def test_the_queue_behind_a_batch_tightens_its_slack() -> None:
 def test_the_slack_keeps_a_share_of_each_budget_in_reserve() -> None:
     """With a reserve of 0.25, a request queued with 1 s to its deadline gives its batch 0.75 s of slack,
     and one queued behind it with 2 s leaves 1.5 s less what the queue behind needs."""
-    seen: list[float | None] = []
+    probe = SlackProbe(0.1)
 
     async def scenario() -> None:
-        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s, r: seen.append(s) or t, max_batch=1)  # type: ignore[func-returns-value]
-        batcher.reserve = 0.25
-        batcher._behind = lambda images, requests: 0.1
+        batcher, executor = make_batcher(FakeModel(), probe.choose, max_batch=1, behind=probe.behind, reserve=0.25)
         now = time.monotonic()
         first, second = job(1.0), job(2.0)
         first.enqueued = second.enqueued = now
@@ -263,6 +277,7 @@ def test_the_slack_keeps_a_share_of_each_budget_in_reserve() -> None:
         await asyncio.gather(*futures)
         await stop(task, executor)
         assert first.due(0.25) == now + 0.75 and job(3.0).due(0.25) is None
+        seen = probe.seen
         assert seen[0] is not None and 0.65 < seen[0] <= 0.75  # min(0.75, 1.5 - 0.1)
         assert seen[1] is not None and 1.4 < seen[1] <= 1.5
 
@@ -272,38 +287,32 @@ def test_the_slack_keeps_a_share_of_each_budget_in_reserve() -> None:
 def test_requests_still_being_read_count_as_queued_behind() -> None:
     """Nothing queued, but 3 requests received and still being read: the batch of 2 images in 1 request
     leaves room for 3 more like it (6 images), due no earlier than its own deadline."""
-    seen: list[float | None] = []
-    asked: list[tuple[int, int]] = []
-
-    def behind(images: int, requests: int) -> float:
-        asked.append((images, requests))
-        return 0.3
+    probe = SlackProbe(0.3)
 
     async def scenario() -> None:
-        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s, r: seen.append(s) or t)  # type: ignore[func-returns-value]
-        batcher._behind, batcher._pending = behind, lambda: 3
+        batcher, executor = make_batcher(FakeModel(), probe.choose, behind=probe.behind, pending=lambda: 3)
         fut = batcher.submit(job(1.0, images=2, deadline=time.monotonic() + 1.0))
         task = await started(batcher)
         await fut
         await stop(task, executor)
-        assert asked == [(6, 3)]
-        assert seen[0] is not None and 0.6 < seen[0] <= 0.7  # 1 s - 0.3 s
+        assert probe.asked == [(6, 3)]
+        assert probe.seen[0] is not None and 0.6 < probe.seen[0] <= 0.7  # 1 s - 0.3 s
 
     run_async(scenario)
 
 
 def test_no_deadline_means_no_slack() -> None:
-    seen: list[float | None] = []
+    probe = SlackProbe()
 
     async def scenario() -> None:
-        batcher, executor = make_batcher(FakeModel(), lambda t, f, n, s, r: seen.append(s) or t)  # type: ignore[func-returns-value]
+        batcher, executor = make_batcher(FakeModel(), probe.choose)
         fut = batcher.submit(job(1.0))
         task = await started(batcher)
         await fut
         await stop(task, executor)
 
     run_async(scenario)
-    assert seen == [None]
+    assert probe.seen == [None]
 
 
 def test_full_queue_refuses_and_accepts_again_once_drained() -> None:
