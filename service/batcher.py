@@ -5,7 +5,7 @@ down to the grid) and a *floor* (its `min_quality`, snapped up). The batch is th
 the queued requests with the same target, in arrival order, up to `max_batch` images. The batch then
 runs at `controller.batch_alpha(target, max floor, images, slack, requests)`: the target capped by the
 ceiling, lowered further only as far as the most urgent deadline needs (and only where the model, not
-request handling, is most of what the batch costs), never below any floor. The slack counts to each
+request handling, is the slower stage for the batch), never below any floor. The slack counts to each
 request's *due* time: its deadline less a reserve, a share (`reserve`) of its time budget kept for
 requests that arrive while the batch runs, for prediction error and for the response path. It is the
 tighter of two: the earliest due time in the batch, and the earliest due time still queued behind it

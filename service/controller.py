@@ -266,7 +266,7 @@ class Controller:
         if slack is None or self.policy[0] != "lcs" or self.mode == "shedding":  # the slack rule: ours only,
             return hi  # and not while request handling is the bottleneck
         if not self._relieves(images, requests, images):
-            return hi  # even the lowest alpha would save under 20 % of what these requests cost
+            return hi  # even the lowest alpha would save under 20 % of the time these requests take
         for a in reversed(self.grid.alphas):
             if a > hi or a < floor:
                 continue

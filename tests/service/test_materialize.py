@@ -12,7 +12,7 @@ from torch import nn
 
 from lcs import checkpoint
 from lcs.alpha import Level
-from service.materialize import Compiled, build, time_batch
+from service.materialize import Compiled, build, freeze_module, time_batch
 from tests.service.service_support import GRID, TinyCheckpoint, normalise, random_images
 
 # Inputs unlike the calibration samples stored in the checkpoint (different seed).
@@ -189,3 +189,14 @@ def test_int8_kernels_agree_with_the_shipped_models_training_side(name: str) -> 
         trained = torch.cat([model(x[i : i + 1000], model.at(1.0)).argmax(1) for i in range(0, len(x), 1000)])
     agreement = float((served == trained).float().mean())
     assert agreement >= 0.99, f"{name}: {100 * agreement:.2f} % of {len(x)} images"
+
+
+def test_a_module_the_tracer_cannot_follow_runs_eagerly() -> None:
+    class Labels(nn.Module):
+        def forward(self, x: torch.Tensor) -> str:  # a tracer only follows tensors
+            return "cat" if float(x.sum()) > 0 else "dog"
+
+    module, how = freeze_module(Labels(), torch.ones(1, 1, 2, 2), channels_last=False)
+    assert how == "eager" and isinstance(module, Labels)
+    frozen, how = freeze_module(nn.Conv2d(1, 2, 3), torch.ones(1, 1, 4, 4), channels_last=True)
+    assert how == "TorchScript" and isinstance(frozen, torch.jit.ScriptModule)
