@@ -134,8 +134,10 @@ class Controller:
 
     def predicted_wait(self, images: int, requests: int) -> float | None:
         """Seconds until `images` queued images (in `requests` requests) are answered, at the lowest alpha
-        this policy may use for them (ours: the bottom of the grid, via the slack rule; others: the ceiling)."""
-        alpha = self.grid.alphas[0] if self.policy[0] == "lcs" else self.ceiling
+        this policy may use for them (ours: the bottom of the grid, via the slack rule, except while
+        shedding, when batches run at the ceiling; others: the ceiling)."""
+        lowest = self.policy[0] == "lcs" and self.mode != "shedding"
+        alpha = self.grid.alphas[0] if lowest else self.ceiling
         per_image = self.profile.per_image(alpha, self.max_batch)
         if per_image is None:
             return None

@@ -296,3 +296,11 @@ def test_batch_alpha_keeps_accuracy_where_alpha_is_not_the_lever() -> None:
     assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0017, 1) == 0.0
     c.update(Signals(now=0.0, request_cost=0.0001))  # handling measured cheap: alpha is the lever again
     assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0017, 8) == 0.0
+
+
+def test_while_shedding_the_predicted_wait_is_at_the_ceiling_where_batches_run() -> None:
+    c, clock = controller(request_cost_seconds=0.005), Clock()
+    at_bottom = c.predicted_wait(8, 1)
+    c.update(clock(arrival_rate=150.0, offered_rate=400.0))
+    assert c.mode == "shedding" and c.ceiling == 1.0
+    assert c.predicted_wait(8, 1) == pytest.approx(at_bottom + 8 * (per_image(1.0) - per_image(0.0)))  # type: ignore[operator]
