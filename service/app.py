@@ -804,7 +804,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True, runtim
         """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms."""
         rt = _model(st, name)
         t = body.inputs[0]
-        if t.datatype not in ("FP32", "FP64", "UINT8", "INT32", "INT64"):
+        if t.datatype not in _BINARY_DTYPES:  # the datatypes this route reads, as JSON data or binary
             raise ApiError(422, f"inputs[0].datatype {t.datatype!r} is not supported; use FP32 or UINT8")
         i = rt.meta.input
         per = i.channels * i.height * i.width

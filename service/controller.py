@@ -113,9 +113,7 @@ class Controller:
         per_image = self.profile.per_image(alpha, self.max_batch)
         if per_image is None:
             return 0.0
-        slowdown = max(self.drift, 1.0 / max(0.1, 1.0 - s.cpu_other))  # CPU taken by others, or measured
-        cost = self.request_cost if s.request_cost is None else s.request_cost
-        return rate * (s.images_per_request * per_image * slowdown + cost)
+        return rate * (s.images_per_request * per_image * self._slowdown(s) + self._request_cost(s))
 
     def observe_batch(self, alpha: float, images: int, seconds: float, handoff: float = 0.0) -> None:
         """Feed back a measured batch: `seconds` of model time (timed in the inference thread), so
@@ -142,13 +140,15 @@ class Controller:
         if per_image is None:
             return None
         s = self.last_signals
-        slowdown = max(self.drift, 1.0 / max(0.1, 1.0 - s.cpu_other) if s else 1.0)
         batches = min(requests, -(-images // self.max_batch))  # at least one batch per max_batch images
-        return images * per_image * slowdown + batches * self.handoff + requests * self._request_cost()
+        return images * per_image * self._slowdown(s) + batches * self.handoff + requests * self._request_cost(s)
 
-    def _request_cost(self) -> float:
+    def _slowdown(self, s: Signals | None) -> float:
+        """Model time against the profile: the CPU other processes take, or the measured drift if larger."""
+        return max(self.drift, 1.0 / max(0.1, 1.0 - s.cpu_other) if s is not None else 1.0)
+
+    def _request_cost(self, s: Signals | None) -> float:
         """Event-loop seconds per request: measured, or the configured default before a measurement."""
-        s = self.last_signals
         return s.request_cost if s is not None and s.request_cost is not None else self.request_cost
 
     def _fits(self, s: Signals) -> float:
@@ -212,7 +212,7 @@ class Controller:
         top, bottom = (self.profile.predict(a, batch) for a in (self.grid.alphas[-1], self.grid.alphas[0]))
         if top is None or bottom is None:
             return True  # unprofiled: assume the model is the cost
-        scale, handling = images / batch, requests * self._request_cost()
+        scale, handling = images / batch, requests * self._request_cost(self.last_signals)
         pace_top, pace_bottom = max(top * scale, handling), max(bottom * scale, handling)
         return pace_top - pace_bottom >= 0.2 * pace_top
 
