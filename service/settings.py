@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     checkpoint: Path = DEFAULT_CHECKPOINT
     model_name: str | None = None  # default: the checkpoint's file stem
     # torch intra-op threads for inference. Default: one per CPU this process may use, less one for the
-    # event loop (HTTP, parsing, answers), at least 1. Measured on 2 cores: 1 thread serves 196 / 439
-    # requests/s (16 images, alpha 1 / 0) where 2 threads serve 185 / 372, the loop starved by the second.
+    # event loop (HTTP, parsing, answers), at least 1. Measured on 2 cores with eager models: 1 thread
+    # served 196 / 439 requests/s (16 images, alpha 1 / 0) where 2 served 185 / 372, the loop starved.
     threads: int = Field(default_factory=lambda: max(1, _usable_cpus() - 1), ge=1, le=256)
     # alphas the service serves: requested alphas snap *down* to this grid. None: the checkpoint's grid.
     alpha_grid: Annotated[list[float] | None, NoDecode] = None
