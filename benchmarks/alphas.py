@@ -1,6 +1,7 @@
 """Per-alpha benchmark of materialised models: accuracy, bytes, latency, speed-up over alpha = 1.
 
     .venv/bin/python -m benchmarks.alphas models/structured_line.safetensors [--alphas 0 0.5 1] [--json OUT]
+        [--backend auto|onnxruntime|torchscript]
 
 For every alpha: the representation the service runs, resident and stored bytes, build time, test
 accuracy of *that materialised model* on the checkpoint's dataset (when the dataset is installed) and its
@@ -16,17 +17,20 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
 
 from lcs import checkpoint
 from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
-from service.materialize import Compiled, build, freeze_module, time_batch
+from service.materialize import Compiled, build, compile_module, time_batch
 
 
 class _CsrConv(torch.nn.Module):
@@ -73,12 +77,38 @@ def _predictions(
         )
 
 
+def _timings(variants: list[tuple[str, float, Compiled]], x32: torch.Tensor, repeats: int) -> list[dict[str, object]]:
+    """Per variant: median ms at batch 1 and 32 over `repeats` rounds that each time every variant once, so
+    all of them see the same machine (timings here drift by up to 2x over minutes)."""
+    out: list[dict[str, object]] = [{"representation": c.representation} for _, _, c in variants]
+    for b in (1, 32):
+        x = x32[:b]
+        times: list[list[float]] = [[] for _ in variants]
+        for _, _, c in variants:
+            time_batch(c, x, repeats=3)  # warm-up
+        for _ in range(repeats):
+            for i, (_, _, c) in enumerate(variants):
+                t0 = time.perf_counter()
+                c(x)
+                times[i].append(time.perf_counter() - t0)
+        for o, ts in zip(out, times, strict=True):
+            o[f"ms_b{b}"] = round(1000 * statistics.median(ts), 3)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--alphas", type=float, nargs="*", help="default: 0, 0.25, 0.5, 0.75, 1 snapped to the grid")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--json", type=Path, help="default: benchmarks/results/alphas-<checkpoint>.json")
+    p.add_argument("--json", type=Path, help="default: benchmarks/results/alphas-<checkpoint>[-<backend>].json")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "onnxruntime", "torchscript"],
+        default="auto",
+        help="what runs the float networks (auto, the service's default: per alpha, the faster at batch 32)",
+    )
+    p.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     torch.set_flush_denormal(True)
@@ -93,63 +123,68 @@ def main() -> None:
     try:
         from training.data import load_dataset
 
-        data = load_dataset(meta.dataset)
-        test = (data.test.images, data.test.labels)
+        if not args.child_threads:
+            data = load_dataset(meta.dataset)
+            test = (data.test.images, data.test.labels)
     except Exception as e:  # the dataset is optional: latency and bytes are still measured
         print(f"(no test accuracy: {e})")
 
     shape = (meta.input.channels, meta.input.height, meta.input.width)
     x32 = torch.randn(32, *shape)
-    rows = []
-    variants: list[tuple[str, float, Compiled]] = []
-    for a in alphas:
-        compiled = build(model, meta, a, samples=calib, channels_last=True)
-        variants.append((f"{a:g}", a, compiled))
-    if meta.kind == "unstructured":  # the sparse alternative at the sparsest alpha, measured for the record
-        a0 = alphas[0]
-        t0 = time.perf_counter()
-        sparse = _csr_variant(model.export(model.at(a0)))
-        c0 = variants[0][2]
-        variants.append(
-            (
-                f"{a0:g} csr",
+
+    def make_variants() -> list[tuple[str, float, Compiled]]:
+        """What a service with the current thread count serves (auto races the backends under it)."""
+        variants = []
+        for a in alphas:
+            compiled = build(model, meta, a, samples=calib, channels_last=True, backend=args.backend)
+            variants.append((f"{a:g}", a, compiled))
+        if meta.kind == "unstructured":  # the sparse alternative at the sparsest alpha, measured for the record
+            a0 = alphas[0]
+            t0 = time.perf_counter()
+            sparse = _csr_variant(model.export(model.at(a0)))
+            c0 = variants[0][2]
+            csr = Compiled(
                 a0,
-                Compiled(
-                    a0,
-                    c0.level,
-                    sparse,
-                    "CSR sparse convs (unfold + sparse mm)",
-                    c0.resident_bytes,
-                    c0.stored_bytes,
-                    time.perf_counter() - t0,
-                    False,
-                ),
+                c0.level,
+                sparse,
+                "CSR sparse convs (unfold + sparse mm), eager",
+                c0.resident_bytes,
+                c0.stored_bytes,
+                time.perf_counter() - t0,
+                False,
             )
-        )
-    if meta.kind == "quantized":  # the float reference for the int8 speed-up
-        s = model.at(1.0)
-        t0 = time.perf_counter()
-        plain = model.export(Setting(1.0, Level("structured", width=1.0), s.stats)).to(
-            memory_format=torch.channels_last  # type: ignore[call-overload]
-        )
-        size = sum(q.numel() * 4 for q in plain.parameters())
-        frozen, how = freeze_module(plain, x32[:2], channels_last=True)  # run as the served models are
-        ref = Compiled(
-            1.0,
-            Level("quantized", bits=32),
-            frozen,
-            f"fp32 float reference (unquantised), {how}",
-            size,
-            size,
-            time.perf_counter() - t0,
-            True,
-        )
-        variants.append(("float", 1.0, ref))
-    for label, a, c in variants:
+            variants.append((f"{a0:g} csr", a0, csr))
+        if meta.kind == "quantized":  # the float reference for the int8 speed-up, run as served floats are
+            s = model.at(1.0)
+            t0 = time.perf_counter()
+            plain = model.export(Setting(1.0, Level("structured", width=1.0), s.stats)).to(
+                memory_format=torch.channels_last  # type: ignore[call-overload]
+            )
+            size = sum(q.numel() * 4 for q in plain.parameters())
+            runner, how = compile_module(plain, x32, backend=args.backend, channels_last=True)
+            ref = Compiled(
+                1.0,
+                Level("quantized", bits=32),
+                runner,
+                f"fp32 float reference (unquantised), {how}",
+                size,
+                size,
+                time.perf_counter() - t0,
+                how == "TorchScript",
+            )
+            variants.append(("float", 1.0, ref))
+        return variants
+
+    if args.child_threads:  # time what a service with this many threads builds, print JSON, stop
+        torch.set_num_threads(args.child_threads)
+        print(json.dumps(_timings(make_variants(), x32, args.repeats)))
+        return
+    torch.set_num_threads(1)
+    rows: list[dict[str, object]] = []
+    for label, a, c in make_variants():
         row: dict[str, object] = {
             "alpha": label,
             "level": c.level.value,
-            "representation": c.representation,
             "resident_bytes": c.resident_bytes,
             "stored_bytes": c.stored_bytes,
             "build_seconds": round(c.build_seconds, 4),
@@ -162,22 +197,17 @@ def main() -> None:
             row["served_accuracy"] = round(100.0 * float((served == labels).float().mean()), 2)
             row["agreement"] = round(100.0 * float((served == trained).float().mean()), 2)
         rows.append(row)
-    # latency: for each thread count and batch size, `repeats` rounds that each time every variant once,
-    # so all of them see the same machine (timings here drift by up to 2x over minutes); medians
+    # latency in a fresh process per thread count: ONNX Runtime sizes its thread pool once per process
     for threads in (1, 2):
-        torch.set_num_threads(threads)
-        for b in (1, 32):
-            x = x32[:b]
-            times: list[list[float]] = [[] for _ in variants]
-            for _, _, c in variants:
-                time_batch(c, x, repeats=3)  # warm-up
-            for _ in range(args.repeats):
-                for i, (_, _, c) in enumerate(variants):
-                    t0 = time.perf_counter()
-                    c(x)
-                    times[i].append(time.perf_counter() - t0)
-            for row, ts in zip(rows, times, strict=True):
-                row[f"ms_b{b}_t{threads}"] = round(1000 * statistics.median(ts), 3)
+        cmd = [sys.executable, "-m", "benchmarks.alphas", str(args.checkpoint), "--repeats", str(args.repeats)]
+        cmd += ["--backend", args.backend, "--child-threads", str(threads)]
+        if args.alphas:
+            cmd += ["--alphas", *map(str, args.alphas)]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        timed = json.loads(done.stdout.strip().splitlines()[-1])
+        for row, t in zip(rows, timed, strict=True):
+            row[f"representation_t{threads}"] = t["representation"]
+            row[f"ms_b1_t{threads}"], row[f"ms_b32_t{threads}"] = t["ms_b1"], t["ms_b32"]
     base = next(r for r in rows if r["alpha"] == ("float" if meta.kind == "quantized" else "1"))
     for r in rows:
         for key in [k for k in r if k.startswith("ms_")]:
@@ -186,7 +216,9 @@ def main() -> None:
     # what a request pays for its alpha: a cache hit, versus a first request that builds the model
     from service.cache import Grid, ModelCache
 
-    cache = ModelCache(lambda a: build(model, meta, a, samples=calib, channels_last=True), Grid(alphas), 2**30)
+    cache = ModelCache(
+        lambda a: build(model, meta, a, samples=calib, channels_last=True, backend=args.backend), Grid(alphas), 2**30
+    )
     t0 = time.perf_counter()
     cache.get(alphas[-1])
     miss = time.perf_counter() - t0
@@ -208,7 +240,11 @@ def main() -> None:
         "ms_b32_t2",
         "speedup_b1_t2",
         "speedup_b32_t2",
+        "runs_t1/t2",
     ]
+    short = {"ONNX Runtime": "ORT", "TorchScript": "TS", "eager": "eager"}
+    for r in rows:  # what ran the model, per thread count
+        r["runs_t1/t2"] = "/".join(short[str(r[f"representation_t{t}"]).split(", ")[-1]] for t in (1, 2))
     print(
         f"{args.checkpoint.name}: {meta.kind}, speed-up relative to alpha "
         f"{'float' if meta.kind == 'quantized' else '1'}"
@@ -216,14 +252,17 @@ def main() -> None:
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r.get(c, '')!s:>14}" for c in cols))
-    out = args.json or Path("benchmarks/results") / f"alphas-{args.checkpoint.stem}.json"
+    suffix = "" if args.backend == "auto" else f"-{args.backend}"
+    out = args.json or Path("benchmarks/results") / f"alphas-{args.checkpoint.stem}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
                 "checkpoint": str(args.checkpoint),
                 "kind": meta.kind,
+                "backend": args.backend,
                 "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
                 "machine": platform.processor() or platform.machine(),
                 "cache": cache_cost,
                 "rows": rows,

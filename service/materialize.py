@@ -12,12 +12,15 @@
 |              | sizes, see the benchmark); stored size = CSR of the non-zeros where that  |
 |              | is smaller than dense                                                         |
 
-Every kind then runs as a frozen TorchScript module (traced, weights folded in as constants): the
-whole forward runs in C++, so the inference thread takes the GIL once per call instead of once per op.
-Measured: while another Python thread holds the GIL (the event loop parsing requests), an eager
-batch-1 forward took 10-16 ms instead of 0.5; frozen, 1.5-2 ms. TorchScript is deprecated upstream in
-favour of torch.compile/torch.export, whose CPU compile takes tens of seconds per alpha against the
-tens of milliseconds a trace takes; if tracing fails, the module runs eagerly.
+Float networks then run on ONNX Runtime (exported once per alpha, about 0.1 s): its CPU kernels
+handle the narrow convolutions of low alphas far better than oneDNN does through torch, and its
+per-op overhead is a few microseconds. Measured on structured_line, 2 threads, batch 32: alpha 1 in
+3.0 ms and alpha 0 in 0.35 ms, against 4.2 and 0.83 ms as frozen TorchScript (`benchmarks.alphas
+--backend`). The int8 network stays on torch's FX kernels (faster here than ORT's int8 kernels), as
+frozen TorchScript; so does everything if `LCS_BACKEND=torchscript` or if the export fails (logged).
+Both run the whole forward in C++ and take the GIL once per call, not once per op: with another Python
+thread holding the GIL (the event loop parsing requests), an eager batch-1 forward took 10-16 ms
+instead of 0.5; frozen, 1.5-2 ms.
 
 A `Compiled` model is frozen: eval mode, no gradients, never mutated after build, so the cache can
 hand it to any thread.
@@ -26,11 +29,15 @@ hand it to any thread.
 from __future__ import annotations
 
 import copy
+import io
 import logging
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -38,6 +45,7 @@ from lcs.alpha import Level
 from lcs.checkpoint import CheckpointMeta
 from lcs.layers import Setting, SubspaceConv2d
 from lcs.models import SubspaceResNet
+from service.settings import Backend
 
 log = logging.getLogger("lcs.service")
 
@@ -48,7 +56,7 @@ class Compiled:
 
     alpha: float
     level: Level
-    module: nn.Module
+    module: Callable[[torch.Tensor], torch.Tensor]
     representation: str
     resident_bytes: int  # memory this model holds while cached
     stored_bytes: int  # size of the compressed representation (packed bits, CSR, or fp32 as is)
@@ -149,19 +157,24 @@ def build(
     samples: torch.Tensor | None,
     channels_last: bool,
     int8: bool = True,
+    backend: Backend = "auto",
+    probe_batch: int = 32,
 ) -> Compiled:
-    """Materialise `alpha` of a loaded subspace model. `samples`: normalised float images for int8 calibration."""
+    """Materialise `alpha` of a loaded subspace model. `samples`: normalised float images for int8 calibration.
+
+    `backend` runs the float networks ("auto": whichever of the two runs a batch of `probe_batch` faster);
+    `channels_last` is the layout TorchScript runs them in (ONNX Runtime picks its own)."""
     t0 = time.perf_counter()
     s = model.at(alpha)
     level = s.level
     if level.kind == "quantized" and level.bits == 8 and int8 and samples is not None:
         plain = model.export(Setting(s.alpha, level, s.stats, quantize_acts=False))
-        module = _int8(plain, samples)
-        representation, use_cl = "int8 (FX static quantisation, x86 kernels)", False
+        module: nn.Module = _int8(plain, samples)
+        representation, use_cl, backend = "int8 (FX static quantisation, x86 kernels)", False, "torchscript"
     else:
         plain = model.export(s)
         module = plain
-        use_cl = channels_last
+        use_cl = channels_last and backend != "onnxruntime"
         if use_cl:
             module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         representation = {
@@ -170,18 +183,128 @@ def build(
             "unstructured": f"dense fp32 with {100 * (1 - level.keep):.1f} % of pruned-layer weights zero",
         }[level.kind]
     resident = _resident_bytes(module)  # before freezing turns the weights into graph constants
-    shape = (2, meta.input.channels, meta.input.height, meta.input.width)
-    module, how = freeze_module(module, torch.zeros(shape), use_cl)
+    shape = (probe_batch, meta.input.channels, meta.input.height, meta.input.width)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # to trace, export and time
+    runner, how = compile_module(module, example, backend=backend, channels_last=use_cl)
+    if isinstance(runner, OnnxModule):
+        use_cl = False
     return Compiled(
         alpha=alpha,
         level=level,
-        module=module,
+        module=runner,
         representation=f"{representation}, {how}",
         resident_bytes=resident,
         stored_bytes=_stored_bytes(model, plain, s),
         build_seconds=time.perf_counter() - t0,
         channels_last=use_cl,
     )
+
+
+class OnnxModule:
+    """A network exported to ONNX and run by ONNX Runtime's CPU kernels: float batch in, float output out.
+
+    Every session shares one process-wide thread pool (`onnx_threads`). `InferenceSession.run` releases
+    the GIL while it computes.
+    """
+
+    def __init__(self, model_bytes: bytes) -> None:
+        onnx_threads()
+        opts = ort.SessionOptions()
+        opts.use_per_session_threads = False
+        opts.log_severity_level = 3  # errors only; it warns about unused initialisers
+        self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run(None, {"x": x.detach().float().contiguous().numpy()})
+        return torch.from_numpy(out)
+
+
+_pool_threads: int | None = None
+_pool_lock = threading.Lock()
+
+
+def onnx_threads() -> int:
+    """The size of ONNX Runtime's one thread pool: torch's intra-op thread count (which the service sets from
+    LCS_THREADS) when the first session is made, fixed for the process after that.
+
+    One pool for all alphas, not one per session: a session's idle workers spin for a while after each
+    run, and the next batch runs in another alpha's session. Measured at 2 threads, batch 32, alphas
+    0..1 alternating: per-session pools took 12-15 ms at alpha 1 (spinning) or 3.5 ms with 1.1 ms at
+    alpha 0 (not spinning, so waking workers per op); one shared pool 2.9 and 0.46 ms.
+    """
+    global _pool_threads
+    with _pool_lock:
+        if _pool_threads is None:
+            ort.set_global_thread_pool_sizes(torch.get_num_threads(), 1)
+            _pool_threads = torch.get_num_threads()
+        elif _pool_threads != torch.get_num_threads():
+            log.warning(
+                "ONNX Runtime's thread pool has %d threads for this process; torch now has %d",
+                _pool_threads,
+                torch.get_num_threads(),
+            )
+        return _pool_threads
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
+    """`module` as an ONNX graph with one input "x" and a free batch dimension."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notice
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            buf,  # type: ignore[arg-type]  # the TorchScript-based exporter writes to file objects too
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            dynamo=False,  # the TorchScript-based exporter: ~0.1 s, no extra packages
+        )
+    return buf.getvalue()
+
+
+def compile_module(
+    module: nn.Module, example: torch.Tensor, *, backend: Backend, channels_last: bool
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """(runner, how it runs): ONNX Runtime or frozen TorchScript as `backend` says, or "auto": both timed
+    at batch 1 and at the batch size of `example` (the largest the service runs), keeping ONNX Runtime
+    unless TorchScript is faster by the geometric mean of the two ratios. ONNX Runtime falls back to
+    TorchScript, TorchScript to eager, each fallback logged."""
+    if backend == "torchscript":
+        return freeze_module(module, example, channels_last)
+    try:
+        onnx_runner = OnnxModule(export_onnx(module, example))
+    except Exception as e:
+        log.warning("ONNX export or session failed (%s: %s); running this model as TorchScript", type(e).__name__, e)
+        return freeze_module(module, example, channels_last)
+    if backend == "onnxruntime":
+        return onnx_runner, "ONNX Runtime"
+    script, how = freeze_module(module, example, channels_last)
+    x = example.contiguous(memory_format=torch.channels_last) if channels_last else example
+    ratio = 1.0
+    for n in sorted({1, len(example)}):
+        t_onnx, t_script = _race(onnx_runner, example[:n], script, x[:n])
+        ratio *= t_onnx / t_script
+        log.debug("batch %d: ONNX Runtime %.3f ms, %s %.3f ms", n, t_onnx * 1e3, how, t_script * 1e3)
+    return (onnx_runner, "ONNX Runtime") if ratio <= 1.0 else (script, how)
+
+
+def _race(
+    a: Callable[[torch.Tensor], torch.Tensor],
+    xa: torch.Tensor,
+    b: Callable[[torch.Tensor], torch.Tensor],
+    xb: torch.Tensor,
+) -> tuple[float, float]:
+    """Median seconds of a(xa) and b(xb), timed in alternation so that both see the same machine."""
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        a(xa), b(xb)  # first calls create kernels and buffers
+        for _ in range(5):
+            for f, x, ts in ((a, xa, times[0]), (b, xb, times[1])):
+                t0 = time.perf_counter()
+                f(x)
+                ts.append(time.perf_counter() - t0)
+    return sorted(times[0])[2], sorted(times[1])[2]
 
 
 def freeze_module(module: nn.Module, example: torch.Tensor, channels_last: bool) -> tuple[nn.Module, str]:

@@ -95,19 +95,32 @@ class Runtime:
         return rt
 
     def _build(self, alpha: float) -> Compiled:
-        return build(self.model, self.meta, alpha, samples=self.samples, channels_last=self.channels_last)
+        return build(
+            self.model,
+            self.meta,
+            alpha,
+            samples=self.samples,
+            channels_last=self.channels_last,
+            backend=self.settings.backend,
+            probe_batch=self.settings.max_batch,
+        )
 
     def warm_up(self) -> None:
         """Pick the memory layout, prebuild alphas, profile latency per (alpha, batch), self-check accuracy."""
         s = self.settings
         shape = (self.meta.input.channels, self.meta.input.height, self.meta.input.width)
         probe = torch.randn(max(s.profile_batches), *shape)
-        if s.channels_last == "auto":
+        if s.channels_last == "auto" and s.backend != "onnxruntime":
             # probe on the fp32 network (int8=False): the int8 path ignores the layout, and calibrating
             # it twice here would only repeat work the cache does next
             top = self.grid.alphas[-1]
             t_cl, t_nc = (
-                time_batch(build(self.model, self.meta, top, samples=None, channels_last=cl, int8=False), probe)
+                time_batch(
+                    build(
+                        self.model, self.meta, top, samples=None, channels_last=cl, int8=False, backend="torchscript"
+                    ),
+                    probe,
+                )
                 for cl in (True, False)
             )
             self.channels_last = t_cl < t_nc
@@ -118,7 +131,7 @@ class Runtime:
                 t_nc * 1e3,
                 len(probe),
             )
-        else:
+        else:  # "auto" with ONNX Runtime: only a TorchScript fallback would use it
             self.channels_last = s.channels_last == "on"
         prebuild = [self.grid.down(a) for a in (s.prebuild or self.grid.alphas)]
         for alpha in sorted(set(prebuild), reverse=True):

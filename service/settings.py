@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+Backend = Literal["auto", "onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
 
@@ -46,7 +48,12 @@ class Settings(BaseSettings):
     alpha_grid: Annotated[list[float] | None, NoDecode] = None
     prebuild: Annotated[list[float] | None, NoDecode] = None  # built at start-up; None: the whole grid
     cache_bytes: int = Field(256 * 2**20, ge=0)  # LRU bound on materialised models, in bytes
-    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: measured at start-up
+    # what runs the float networks: ONNX Runtime, frozen TorchScript, or auto: per alpha, whichever runs a
+    # batch of LCS_MAX_BATCH faster when it is built (service/materialize.py has the measured difference).
+    # The int8 network always runs on torch's FX kernels, as TorchScript.
+    backend: Backend = "auto"
+    # TorchScript's memory layout (ONNX Runtime picks its own). auto: measured at start-up
+    channels_last: Literal["auto", "on", "off"] = "auto"
     max_batch: int = Field(32, ge=1, le=1024)  # images per batch
     # how long a partial batch waits for company; 0: dispatch at once when the model is idle (batches
     # still form from what queues up while a batch runs), which keeps low-load latency at its floor

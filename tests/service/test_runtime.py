@@ -46,14 +46,44 @@ def test_a_grid_alpha_without_batchnorm_statistics_is_refused(structured: TinyCh
         Runtime.load(make_settings(structured.path, alpha_grid=[0.25, 1.0]))
 
 
-def test_channels_last_auto_is_decided_by_measurement(structured: TinyCheckpoint) -> None:
-    rt = Runtime.load(make_settings(structured.path, channels_last="auto", prebuild=[1.0], profile_batches=[1]))
+def test_torchscript_channels_last_auto_is_decided_by_measurement(structured: TinyCheckpoint) -> None:
+    settings = {"prebuild": [1.0], "profile_batches": [1], "backend": "torchscript"}
+    rt = Runtime.load(make_settings(structured.path, channels_last="auto", **settings))
     rt.warm_up()
     assert isinstance(rt.channels_last, bool)
     assert rt.cache.get(1.0).channels_last == rt.channels_last
-    rt_on = Runtime.load(make_settings(structured.path, channels_last="on", prebuild=[1.0], profile_batches=[1]))
+    assert rt.cache.get(1.0).representation.endswith("TorchScript")
+    rt_on = Runtime.load(make_settings(structured.path, channels_last="on", **settings))
     rt_on.warm_up()
     assert rt_on.channels_last and rt_on.cache.get(1.0).channels_last
+
+
+def test_onnx_runtime_needs_no_layout_probe(structured: TinyCheckpoint) -> None:
+    from unittest import mock
+
+    from service import runtime as runtime_module
+
+    settings = make_settings(
+        structured.path, backend="onnxruntime", channels_last="auto", prebuild=[1.0], profile_batches=[1]
+    )
+    rt = Runtime.load(settings)
+    with mock.patch.object(runtime_module, "build", wraps=runtime_module.build) as spy:
+        rt.warm_up()
+    assert spy.call_count == 1  # ONNX Runtime picks its own layout
+    assert rt.cache.get(1.0).representation.endswith("ONNX Runtime")
+
+
+def test_auto_backend_times_the_candidates_at_the_max_batch(structured: TinyCheckpoint) -> None:
+    from unittest import mock
+
+    from service import materialize
+
+    rt = Runtime.load(make_settings(structured.path, max_batch=5, prebuild=[1.0], profile_batches=[1]))
+    assert rt.settings.backend == "auto"
+    with mock.patch.object(materialize, "_race", wraps=materialize._race) as spy:
+        rt.warm_up()
+    assert [len(call.args[1]) for call in spy.call_args_list] == [1, 5]  # batch 1 and the max batch
+    assert rt.cache.get(1.0).representation.split(", ")[-1] in ("ONNX Runtime", "TorchScript")
 
 
 def test_predict_returns_probabilities_of_the_grid_alpha(structured: TinyCheckpoint) -> None:
@@ -92,7 +122,9 @@ def test_the_layout_probe_on_a_quantized_model_builds_int8_only_in_the_cache(
     from service import runtime as runtime_module
 
     quantized = tiny_checkpoints("quantized")
-    rt = Runtime.load(make_settings(quantized.path, channels_last="auto", prebuild=[1.0], profile_batches=[1]))
+    rt = Runtime.load(
+        make_settings(quantized.path, channels_last="auto", backend="torchscript", prebuild=[1.0], profile_batches=[1])
+    )
     with mock.patch.object(runtime_module, "build", wraps=runtime_module.build) as spy:
         rt.warm_up()
     int8_builds = [c for c in spy.call_args_list if c.kwargs.get("int8", True) and c.kwargs["samples"] is not None]
