@@ -256,7 +256,7 @@ def main() -> None:
         help="scale the traces to this alpha = 1 capacity (req/s) instead of the one measured, to compare "
         "two versions at the same offered load (both capacities are still measured and reported)",
     )
-    p.add_argument("--out", type=Path, help="default: benchmarks/results/load-<images>img")
+    p.add_argument("--out", type=Path, help="default: benchmarks/results/load-<images><format> (.json, .png)")
     args = p.parse_args()
     out = args.out or Path("benchmarks/results") / f"load-{args.images}{args.format}"
     out.parent.mkdir(parents=True, exist_ok=True)

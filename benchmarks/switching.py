@@ -2,10 +2,11 @@
 
     .venv/bin/python -m benchmarks.switching [models/structured_line.safetensors] [--calls 3000]
 
-The dynamic batcher serves every batch at its own alpha and size. Each (alpha, batch size) pair is a new
-conv shape, i.e. a new oneDNN primitive, and oneDNN keeps 1,024 of them by default. Runs the same
-workload in a fresh process per cache size (the size is read when the first conv runs), with 1 thread.
-Prints a table and writes benchmarks/results/switching.json.
+The dynamic batcher serves every batch at its own alpha and size. Under TorchScript each (alpha, batch
+size) pair is a new conv shape, i.e. a new oneDNN primitive, and oneDNN keeps 1,024 of them by default;
+ONNX Runtime (the service's default backend) builds its kernels per session instead. Runs the same
+workload in a fresh process per backend and cache size (the size is read when the first conv runs),
+with 1 thread. Prints a table and writes benchmarks/results/switching.json.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 
-def _measure(checkpoint_path: str, calls: int) -> dict[str, float]:
+def _measure(checkpoint_path: str, calls: int, backend: str) -> dict[str, float]:
     import torch
 
     from lcs import checkpoint
@@ -30,7 +31,7 @@ def _measure(checkpoint_path: str, calls: int) -> dict[str, float]:
     torch.set_num_threads(1)
     model, meta = checkpoint.load(checkpoint_path)
     alphas = list(model.stat_alphas)
-    built = {a: build(model, meta, a, samples=None, channels_last=True) for a in alphas}
+    built = {a: build(model, meta, a, samples=None, channels_last=True, backend=backend) for a in alphas}  # type: ignore[arg-type]
     shape = (meta.input.channels, meta.input.height, meta.input.width)
     xs = {b: torch.randn(b, *shape) for b in range(1, 33)}
     rng = random.Random(0)
@@ -52,22 +53,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="models/structured_line.safetensors")
     p.add_argument("--calls", type=int, default=3000)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["onnxruntime", "torchscript"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.checkpoint, args.calls)))
+        print(json.dumps(_measure(args.checkpoint, args.calls, args.child)))
         return
     rows = {}
-    for capacity in ("1024", "16384"):  # oneDNN's default, and what service.runtime sets
+    # ONNX Runtime; TorchScript with oneDNN's default primitive cache and with what service.runtime sets
+    for backend, capacity in (("onnxruntime", "16384"), ("torchscript", "1024"), ("torchscript", "16384")):
         env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity}
-        cmd = [sys.executable, "-m", "benchmarks.switching", args.checkpoint, "--calls", str(args.calls), "--child"]
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        rows[capacity] = json.loads(out.strip().splitlines()[-1])
-    print(f"{'oneDNN cache':>12} | {'one alpha, us/image':>20} | {'random alphas, us/image':>24}")
-    for capacity, r in rows.items():
-        print(f"{capacity:>12} | {r['one_alpha_us']:>20} | {r['random_alphas_us']:>24}")
+        cmd = [sys.executable, "-m", "benchmarks.switching", args.checkpoint, "--calls", str(args.calls)]
+        out = subprocess.run([*cmd, "--child", backend], env=env, check=True, capture_output=True, text=True).stdout
+        rows[f"{backend}, oneDNN cache {capacity}"] = json.loads(out.strip().splitlines()[-1])
+    print(f"{'backend':>34} | {'one alpha, us/image':>20} | {'random alphas, us/image':>24}")
+    for name, r in rows.items():
+        print(f"{name:>34} | {r['one_alpha_us']:>20} | {r['random_alphas_us']:>24}")
     out_path = Path("benchmarks/results/switching.json")
-    result = {"checkpoint": args.checkpoint, "calls": args.calls, "by_cache_size": rows}
+    result = {"checkpoint": args.checkpoint, "calls": args.calls, "by_backend": rows}
     out_path.write_text(json.dumps(result, indent=1))
     print(f"wrote {out_path}")
 

@@ -64,6 +64,8 @@ class Compiled:
     channels_last: bool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.module, OnnxModule):  # no autograd to switch off: saves ~3 us a call
+            return self.module(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -157,13 +159,12 @@ def build(
     samples: torch.Tensor | None,
     channels_last: bool,
     int8: bool = True,
-    backend: Backend = "auto",
-    probe_batch: int = 32,
+    backend: Backend = "onnxruntime",
 ) -> Compiled:
     """Materialise `alpha` of a loaded subspace model. `samples`: normalised float images for int8 calibration.
 
-    `backend` runs the float networks ("auto": whichever of the two runs a batch of `probe_batch` faster);
-    `channels_last` is the layout TorchScript runs them in (ONNX Runtime picks its own)."""
+    `backend` runs the float networks; `channels_last` is the layout TorchScript runs them in (ONNX Runtime
+    picks its own)."""
     t0 = time.perf_counter()
     s = model.at(alpha)
     level = s.level
@@ -174,7 +175,7 @@ def build(
     else:
         plain = model.export(s)
         module = plain
-        use_cl = channels_last and backend != "onnxruntime"
+        use_cl = channels_last and backend == "torchscript"
         if use_cl:
             module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         representation = {
@@ -183,9 +184,8 @@ def build(
             "unstructured": f"dense fp32 with {100 * (1 - level.keep):.1f} % of pruned-layer weights zero",
         }[level.kind]
     resident = _resident_bytes(module)  # before freezing turns the weights into graph constants
-    shape = (probe_batch, meta.input.channels, meta.input.height, meta.input.width)
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # to trace, export and time
-    runner, how = compile_module(module, example, backend=backend, channels_last=use_cl)
+    shape = (2, meta.input.channels, meta.input.height, meta.input.width)
+    runner, how = compile_module(module, torch.zeros(shape), backend=backend, channels_last=use_cl)
     if isinstance(runner, OnnxModule):
         use_cl = False
     return Compiled(
@@ -215,7 +215,7 @@ class OnnxModule:
         self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        (out,) = self.session.run(None, {"x": x.detach().float().contiguous().numpy()})
+        (out,) = self.session.run(["y"], {"x": x.detach().float().contiguous().numpy()})
         return torch.from_numpy(out)
 
 
@@ -266,45 +266,16 @@ def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
 def compile_module(
     module: nn.Module, example: torch.Tensor, *, backend: Backend, channels_last: bool
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """(runner, how it runs): ONNX Runtime or frozen TorchScript as `backend` says, or "auto": both timed
-    at batch 1 and at the batch size of `example` (the largest the service runs), keeping ONNX Runtime
-    unless TorchScript is faster by the geometric mean of the two ratios. ONNX Runtime falls back to
-    TorchScript, TorchScript to eager, each fallback logged."""
-    if backend == "torchscript":
-        return freeze_module(module, example, channels_last)
-    try:
-        onnx_runner = OnnxModule(export_onnx(module, example))
-    except Exception as e:
-        log.warning("ONNX export or session failed (%s: %s); running this model as TorchScript", type(e).__name__, e)
-        return freeze_module(module, example, channels_last)
+    """(runner, how it runs): ONNX Runtime or frozen TorchScript, as `backend` says. ONNX Runtime falls
+    back to TorchScript, TorchScript to eager, each fallback logged."""
     if backend == "onnxruntime":
-        return onnx_runner, "ONNX Runtime"
-    script, how = freeze_module(module, example, channels_last)
-    x = example.contiguous(memory_format=torch.channels_last) if channels_last else example
-    ratio = 1.0
-    for n in sorted({1, len(example)}):
-        t_onnx, t_script = _race(onnx_runner, example[:n], script, x[:n])
-        ratio *= t_onnx / t_script
-        log.debug("batch %d: ONNX Runtime %.3f ms, %s %.3f ms", n, t_onnx * 1e3, how, t_script * 1e3)
-    return (onnx_runner, "ONNX Runtime") if ratio <= 1.0 else (script, how)
-
-
-def _race(
-    a: Callable[[torch.Tensor], torch.Tensor],
-    xa: torch.Tensor,
-    b: Callable[[torch.Tensor], torch.Tensor],
-    xb: torch.Tensor,
-) -> tuple[float, float]:
-    """Median seconds of a(xa) and b(xb), timed in alternation so that both see the same machine."""
-    times: tuple[list[float], list[float]] = ([], [])
-    with torch.inference_mode():
-        a(xa), b(xb)  # first calls create kernels and buffers
-        for _ in range(5):
-            for f, x, ts in ((a, xa, times[0]), (b, xb, times[1])):
-                t0 = time.perf_counter()
-                f(x)
-                ts.append(time.perf_counter() - t0)
-    return sorted(times[0])[2], sorted(times[1])[2]
+        try:
+            return OnnxModule(export_onnx(module, example)), "ONNX Runtime"
+        except Exception as e:
+            log.warning(
+                "ONNX export or session failed (%s: %s); running this model as TorchScript", type(e).__name__, e
+            )
+    return freeze_module(module, example, channels_last)
 
 
 def freeze_module(module: nn.Module, example: torch.Tensor, channels_last: bool) -> tuple[nn.Module, str]:

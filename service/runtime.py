@@ -102,7 +102,6 @@ class Runtime:
             samples=self.samples,
             channels_last=self.channels_last,
             backend=self.settings.backend,
-            probe_batch=self.settings.max_batch,
         )
 
     def warm_up(self) -> None:
@@ -110,7 +109,7 @@ class Runtime:
         s = self.settings
         shape = (self.meta.input.channels, self.meta.input.height, self.meta.input.width)
         probe = torch.randn(max(s.profile_batches), *shape)
-        if s.channels_last == "auto" and s.backend != "onnxruntime":
+        if s.channels_last == "auto" and s.backend == "torchscript":
             # probe on the fp32 network (int8=False): the int8 path ignores the layout, and calibrating
             # it twice here would only repeat work the cache does next
             top = self.grid.alphas[-1]
@@ -131,7 +130,7 @@ class Runtime:
                 t_nc * 1e3,
                 len(probe),
             )
-        else:  # "auto" with ONNX Runtime: only a TorchScript fallback would use it
+        else:  # "auto" under ONNX Runtime: only a TorchScript fallback would use it
             self.channels_last = s.channels_last == "on"
         prebuild = [self.grid.down(a) for a in (s.prebuild or self.grid.alphas)]
         for alpha in sorted(set(prebuild), reverse=True):

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Backend = Literal["auto", "onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
+Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     checkpoint: Path = DEFAULT_CHECKPOINT
     model_name: str | None = None  # default: the checkpoint's file stem
-    # torch intra-op threads for inference. Default: one per CPU this process may use, less one for the
+    # intra-op threads for inference: torch's, and the size of ONNX Runtime's one pool (fixed when the first
+    # session is made, service/materialize.py). Default: one per CPU this process may use, less one for the
     # event loop (HTTP, parsing, answers), at least 1. Measured on 2 cores with eager models: 1 thread
     # served 196 / 439 requests/s (16 images, alpha 1 / 0) where 2 served 185 / 372, the loop starved.
     threads: int = Field(default_factory=lambda: max(1, _usable_cpus() - 1), ge=1, le=256)
@@ -48,10 +49,9 @@ class Settings(BaseSettings):
     alpha_grid: Annotated[list[float] | None, NoDecode] = None
     prebuild: Annotated[list[float] | None, NoDecode] = None  # built at start-up; None: the whole grid
     cache_bytes: int = Field(256 * 2**20, ge=0)  # LRU bound on materialised models, in bytes
-    # what runs the float networks: ONNX Runtime, frozen TorchScript, or auto: per alpha, whichever runs a
-    # batch of LCS_MAX_BATCH faster when it is built (service/materialize.py has the measured difference).
-    # The int8 network always runs on torch's FX kernels, as TorchScript.
-    backend: Backend = "auto"
+    # what runs the float networks: ONNX Runtime, or frozen TorchScript (service/materialize.py has the
+    # measured difference). The int8 network always runs on torch's FX kernels, as TorchScript.
+    backend: Backend = "onnxruntime"
     # TorchScript's memory layout (ONNX Runtime picks its own). auto: measured at start-up
     channels_last: Literal["auto", "on", "off"] = "auto"
     max_batch: int = Field(32, ge=1, le=1024)  # images per batch

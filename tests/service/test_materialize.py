@@ -176,38 +176,6 @@ print("pool", materialize.onnx_threads())
     assert "ONNX Runtime's thread pool has 2 threads for this process; torch now has 1" in done.stderr
 
 
-@pytest.mark.parametrize("faster", ["ONNX Runtime", "TorchScript"])
-def test_auto_keeps_the_backend_that_measured_faster(
-    structured: TinyCheckpoint, faster: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from service import materialize
-
-    # batch 1, then the largest: ONNX Runtime 2x faster at one and 1.5x slower at the other wins overall
-    o, t = (0.001, 0.002) if faster == "ONNX Runtime" else (0.002, 0.001)
-    times = iter([(o, t), (0.0015, 0.001)])
-    monkeypatch.setattr(materialize, "_race", lambda *args: next(times))
-    compiled = _served(structured, 0.5, backend="auto", channels_last=True)
-    assert compiled.representation.endswith(faster)
-    assert compiled.channels_last == (faster == "TorchScript")  # the layout only TorchScript uses
-    assert torch.allclose(compiled(X), _reference(structured, 0.5), atol=1e-4)
-
-
-def test_race_times_both_in_alternation() -> None:
-    from service.materialize import _race
-
-    calls: list[str] = []
-
-    def runner(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        def run(x: torch.Tensor) -> torch.Tensor:
-            calls.append(name)
-            return x
-
-        return run
-
-    t_a, t_b = _race(runner("a"), torch.zeros(1), runner("b"), torch.zeros(1))
-    assert calls == ["a", "b"] * 6 and t_a >= 0 and t_b >= 0
-
-
 def test_a_graph_onnx_cannot_export_runs_as_torchscript(caplog: pytest.LogCaptureFixture) -> None:
     class Unexportable(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -63,27 +63,12 @@ def test_onnx_runtime_needs_no_layout_probe(structured: TinyCheckpoint) -> None:
 
     from service import runtime as runtime_module
 
-    settings = make_settings(
-        structured.path, backend="onnxruntime", channels_last="auto", prebuild=[1.0], profile_batches=[1]
-    )
-    rt = Runtime.load(settings)
+    rt = Runtime.load(make_settings(structured.path, channels_last="auto", prebuild=[1.0], profile_batches=[1]))
+    assert rt.settings.backend == "onnxruntime"
     with mock.patch.object(runtime_module, "build", wraps=runtime_module.build) as spy:
         rt.warm_up()
     assert spy.call_count == 1  # ONNX Runtime picks its own layout
     assert rt.cache.get(1.0).representation.endswith("ONNX Runtime")
-
-
-def test_auto_backend_times_the_candidates_at_the_max_batch(structured: TinyCheckpoint) -> None:
-    from unittest import mock
-
-    from service import materialize
-
-    rt = Runtime.load(make_settings(structured.path, max_batch=5, prebuild=[1.0], profile_batches=[1]))
-    assert rt.settings.backend == "auto"
-    with mock.patch.object(materialize, "_race", wraps=materialize._race) as spy:
-        rt.warm_up()
-    assert [len(call.args[1]) for call in spy.call_args_list] == [1, 5]  # batch 1 and the max batch
-    assert rt.cache.get(1.0).representation.split(", ")[-1] in ("ONNX Runtime", "TorchScript")
 
 
 def test_predict_returns_probabilities_of_the_grid_alpha(structured: TinyCheckpoint) -> None:
