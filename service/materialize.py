@@ -2,7 +2,7 @@
 
 | kind         | representation                                                               |
 | ------------ | ---------------------------------------------------------------------------- |
-| structured   | sliced convs (fewer channels, fewer FLOPs), BatchNorm folded, channels_last  |
+| structured   | sliced convs (fewer channels, fewer FLOPs), BatchNorm folded                 |
 | quantized 8  | int8 kernels: FX static quantisation (x86/fbgemm), calibrated on the          |
 |              | checkpoint's sample images, per-channel weights                               |
 | quantized <8 | simulated: fp32 convs holding the dequantised b-bit weights, fake-quantised  |
@@ -12,15 +12,15 @@
 |              | sizes, see the benchmark); stored size = CSR of the non-zeros where that  |
 |              | is smaller than dense                                                         |
 
-Float networks then run on ONNX Runtime (exported once per alpha, about 0.1 s): its CPU kernels
-handle the narrow convolutions of low alphas far better than oneDNN does through torch, and its
-per-op overhead is a few microseconds. Measured on structured_line, 2 threads, batch 32: alpha 1 in
-3.0 ms and alpha 0 in 0.35 ms, against 4.2 and 0.83 ms as frozen TorchScript (`benchmarks.alphas
---backend`). The int8 network stays on torch's FX kernels (faster here than ORT's int8 kernels), as
-frozen TorchScript; so does everything if `LCS_BACKEND=torchscript` or if the export fails (logged).
-Both run the whole forward in C++ and take the GIL once per call, not once per op: with another Python
-thread holding the GIL (the event loop parsing requests), an eager batch-1 forward took 10-16 ms
-instead of 0.5; frozen, 1.5-2 ms.
+Float networks then run on ONNX Runtime (each alpha exported once, ~40 ms): its CPU kernels handle the
+narrow convolutions of low alphas far better than oneDNN does through torch, and a call costs ~40 us
+over its kernels. Measured on structured_line, batch 32, 2 threads (`benchmarks.alphas`, with and
+without `--backend torchscript`): alpha 1 in 2.84 ms and alpha 0 in 0.445 ms, against 4.87 and 1.41 ms
+as frozen TorchScript. The int8 network stays on torch's FX kernels (1.35 ms against ORT's int8 1.7 ms
+in a one-off experiment), as frozen TorchScript; so does everything if `LCS_BACKEND=torchscript` or if
+the export fails (logged). Both run the whole forward in C++ and take the GIL once per call, not once
+per op: with another Python thread holding the GIL (the event loop parsing requests), an eager batch-1
+forward took 10-16 ms instead of 0.5; frozen, 1.5-2 ms.
 
 A `Compiled` model is frozen: eval mode, no gradients, never mutated after build, so the cache can
 hand it to any thread.
@@ -186,8 +186,6 @@ def build(
     resident = _resident_bytes(module)  # before freezing turns the weights into graph constants
     shape = (2, meta.input.channels, meta.input.height, meta.input.width)
     runner, how = compile_module(module, torch.zeros(shape), backend=backend, channels_last=use_cl)
-    if isinstance(runner, OnnxModule):
-        use_cl = False
     return Compiled(
         alpha=alpha,
         level=level,
@@ -212,6 +210,10 @@ class OnnxModule:
         opts = ort.SessionOptions()
         opts.use_per_session_threads = False
         opts.log_severity_level = 3  # errors only; it warns about unused initialisers
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # as torch.set_flush_denormal does
+        # no per-session arena: each would keep its largest batch's buffers (the start-up self-check runs
+        # 256 images) for every cached alpha: the service sat at 770 MiB with it, 384 without (432 as TorchScript)
+        opts.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,10 +53,10 @@ class Runtime:
         """Load and validate the checkpoint and settings together; raises CheckpointError/ValueError."""
         torch.set_num_threads(settings.threads)
         torch.set_flush_denormal(True)  # denormals made fake-quantised layers 100x slower here
-        # oneDNN caches one primitive per conv shape; every grid alpha at every batch size is a shape of its
-        # own, and the default 1,024 entries thrash: serving random (alpha, batch) pairs cost 306.5 us per
-        # image against 166.1 at one alpha, and 162.7 with this cache (benchmarks.switching). Read when the
-        # first conv runs.
+        # TorchScript models (int8, LCS_BACKEND=torchscript): oneDNN caches one primitive per conv shape;
+        # every grid alpha at every batch size is a shape of its own, and the default 1,024 entries thrash:
+        # serving random (alpha, batch) pairs cost 276.9 us per image against 142.9 at one alpha, and 160.4
+        # with this cache (benchmarks.switching). Read when the first conv runs.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
         model, meta = checkpoint.load(settings.checkpoint)
         grid_alphas = settings.alpha_grid or list(model.stat_alphas)
