@@ -121,7 +121,17 @@ async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Ev
         while not stop.is_set():
             try:
                 st = (await client.get("/controller")).json()
-                out.append({"t": time.monotonic() - start, "ceiling": st["ceiling"], "mode": st["mode"]})
+                sig = st["signals"] or {}
+                out.append(
+                    {
+                        "t": time.monotonic() - start,
+                        "ceiling": st["ceiling"],
+                        "mode": st["mode"],
+                        "reason": st["decisions"][-1]["reason"] if st["decisions"] else None,
+                        "drift": st["profile_drift"],
+                        **{k: sig.get(k) for k in ("arrival_rate", "p99", "cpu_other", "request_cost", "queue_depth")},
+                    }
+                )
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.25)

@@ -3,7 +3,8 @@ by simulation. It owns two decisions:
 
 1. the *ceiling*, updated every control interval: the largest grid alpha whose predicted utilisation
    (queueing estimate from the latency profile, the measured per-request handling cost and the CPU
-   left by other processes) stays under a target, corrected by feedback on observed p99 against the
+   left by other processes; of the slower stage where the model has cores of its own beside the event
+   loop, of both together where they share) stays under a target, corrected by feedback on observed p99 against the
    SLO, raised (to the largest alpha that fits) only after `raise_after` calm intervals (hysteresis),
    capped on low battery, and overridden by a manual pin. Alpha is lowered only when that relieves the
    bottleneck: only if the lowest alpha would cut at least 20 % of the time an average request takes
@@ -84,6 +85,7 @@ class Controller:
         battery_low_percent: float = 20.0,
         battery_alpha_cap: float = 0.5,
         policy: str = "lcs",
+        overlap: bool = True,
     ) -> None:
         self.grid = grid
         self.profile = profile
@@ -95,6 +97,9 @@ class Controller:
         self.battery_low = battery_low_percent
         self.battery_cap = battery_alpha_cap
         self.policy = parse_policy(policy)
+        # the model runs on cores of its own (LCS_THREADS < CPUs), beside the event loop: the two stages
+        # overlap and the slower sets the pace; otherwise they share the cores and their times add up
+        self.overlap = overlap
         self.drift = 1.0  # measured / profiled batch time (EWMA): the profile was taken on an idle machine
         self.handoff = 0.0  # seconds per batch outside the model: between threads, waiting for the GIL (EWMA)
         self._shapes_seen: set[tuple[float, int]] = set()  # (alpha, batch size) pairs run at least once
@@ -108,12 +113,18 @@ class Controller:
     # -- the ceiling -------------------------------------------------------------------------------
 
     def utilisation(self, alpha: float, s: Signals) -> float:
-        """Predicted share of the machine busy at this alpha for the observed demand."""
+        """Predicted busy share of the pipeline's slower stage at this alpha for the observed demand."""
         rate = s.fleet_rate if s.fleet_rate is not None else s.arrival_rate
         per_image = self.profile.per_image(alpha, self.max_batch)
         if per_image is None:
             return 0.0
-        return rate * (s.images_per_request * per_image * self._slowdown(s) + self._request_cost(s))
+        return rate * self._pace(s.images_per_request * per_image * self._slowdown(s), self._request_cost(s))
+
+    def _pace(self, model_seconds: float, handling_seconds: float) -> float:
+        """Seconds per unit of work through the two stages, model and request handling."""
+        if self.overlap:
+            return max(model_seconds, handling_seconds)
+        return model_seconds + handling_seconds
 
     def observe_batch(self, alpha: float, images: int, seconds: float, handoff: float = 0.0) -> None:
         """Feed back a measured batch: `seconds` of model time (timed in the inference thread), so
@@ -202,9 +213,9 @@ class Controller:
 
     def _relieves(self, images: float, requests: float, batch: int) -> bool:
         """Is alpha the lever for this work (`images` in `requests`, run in batches of `batch`): would the
-        lowest alpha cut at least 20 % of its time? The model runs on its own cores (`LCS_THREADS` defaults
-        to the CPUs less one) while the event loop handles requests, so the slower of the two sets the
-        pace, and alpha helps only as far as the model is the slower. Intrinsic costs are compared: the
+        lowest alpha cut at least 20 % of its pace (`_pace`)? Where the model runs on its own cores
+        (`LCS_THREADS` defaults to the CPUs less one) the slower of it and the event loop sets the pace, and
+        alpha helps only as far as the model is the slower. Intrinsic costs are compared: the
         profiled model time (idle machine) and the measured event-loop CPU time, with no slowdown, since
         CPU taken by others slows both and the measured drift is mostly waiting for the GIL, the same at
         every alpha. Measured capacities agree: single JSON images, 1.03x from alpha 1 to 0 (the loop is
@@ -213,7 +224,7 @@ class Controller:
         if top is None or bottom is None:
             return True  # unprofiled: assume the model is the cost
         scale, handling = images / batch, requests * self._request_cost(self.last_signals)
-        pace_top, pace_bottom = max(top * scale, handling), max(bottom * scale, handling)
+        pace_top, pace_bottom = self._pace(top * scale, handling), self._pace(bottom * scale, handling)
         return pace_top - pace_bottom >= 0.2 * pace_top
 
     def _baseline_update(self, s: Signals) -> float:

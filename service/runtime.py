@@ -21,7 +21,7 @@ from service.controller import Controller
 from service.inputs import normaliser
 from service.materialize import Compiled, build, time_batch
 from service.profile import LatencyProfile
-from service.settings import Settings
+from service.settings import Settings, usable_cpus
 
 log = logging.getLogger("lcs.service")
 
@@ -91,6 +91,7 @@ class Runtime:
             battery_low_percent=settings.battery_low_percent,
             battery_alpha_cap=settings.battery_alpha_cap,
             policy=settings.policy,
+            overlap=settings.threads < usable_cpus(),
         )
         return rt
 

@@ -24,7 +24,7 @@ def _floats(v: object) -> object:
     return v
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one, as Linux does)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # session is made, service/materialize.py). Default: one per CPU this process may use, less one for the
     # event loop (HTTP, parsing, answers), at least 1. Measured on 2 cores with eager models: 1 thread
     # served 196 / 439 requests/s (16 images, alpha 1 / 0) where 2 served 185 / 372, the loop starved.
-    threads: int = Field(default_factory=lambda: max(1, _usable_cpus() - 1), ge=1, le=256)
+    threads: int = Field(default_factory=lambda: max(1, usable_cpus() - 1), ge=1, le=256)
     # alphas the service serves: requested alphas snap *down* to this grid. None: the checkpoint's grid.
     alpha_grid: Annotated[list[float] | None, NoDecode] = None
     prebuild: Annotated[list[float] | None, NoDecode] = None  # built at start-up; None: the whole grid

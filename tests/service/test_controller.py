@@ -38,6 +38,7 @@ def controller(**kwargs: object) -> Controller:
         "raise_after": 4,
         "battery_low_percent": 20.0,
         "battery_alpha_cap": 0.5,
+        "overlap": False,  # the arithmetic in these tests adds the model's and the handling's time
         **kwargs,
     }
     return Controller(Grid(ALPHAS), profile(), **options)  # type: ignore[arg-type]
@@ -66,6 +67,18 @@ def test_utilisation_model() -> None:
     assert c.utilisation(0.5, replace(s, images_per_request=2.0)) == pytest.approx(1000 * (0.0012 + 0.0001))
     assert c.utilisation(0.5, replace(s, fleet_rate=100.0)) == pytest.approx(100 * (0.0006 + 0.0001))
     assert c.utilisation(0.33, s) == 0.0  # not profiled: no prediction
+
+
+def test_overlapping_stages_are_paced_by_the_slower() -> None:
+    """With the model on cores of its own, model time and request handling overlap: the busier stage
+    is the utilisation, and the ceiling holds alpha where the other stage alone would have lowered it."""
+    c = controller(overlap=True, request_cost_seconds=0.0005)
+    s = Signals(now=0.0, arrival_rate=700.0)
+    assert c.utilisation(1.0, s) == pytest.approx(700 * 0.001)  # model 1 ms > handling 0.5 ms
+    assert c.utilisation(0.0, s) == pytest.approx(700 * 0.0005)  # handling is the slower at alpha 0
+    assert controller(request_cost_seconds=0.0005).utilisation(1.0, s) == pytest.approx(700 * 0.0015)
+    assert c.update(s) == 1.0  # 70 % of the model stage: fits the 80 % target
+    assert controller(request_cost_seconds=0.0005).update(s) < 1.0  # added up: 105 %, lowered
 
 
 def test_steady_low_load_keeps_full_accuracy() -> None:
