@@ -4,11 +4,9 @@ by simulation. It owns two decisions:
 1. the *ceiling*, updated every control interval: the largest grid alpha whose predicted utilisation
    (queueing estimate from the latency profile, the measured per-request handling cost and the CPU
    left by other processes; of the slower stage where the model has cores of its own beside the event
-   loop, of both together where they share) stays under a target, corrected by feedback on observed
-   p99 against the SLO. Hysteresis both ways, so alpha does not follow the noise of the demand
-   estimate: raised (to the largest alpha that fits) only after `raise_after` calm intervals, lowered
-   on the estimate only once the current alpha is predicted over a higher bound (`lower_above`).
-   Capped on low battery, and overridden by a manual pin. Alpha is lowered only when that relieves the
+   loop, of both together where they share) stays under a target, corrected by feedback on observed p99 against the
+   SLO, raised (to the largest alpha that fits) only after `raise_after` calm intervals (hysteresis),
+   capped on low battery, and overridden by a manual pin. Alpha is lowered only when that relieves the
    bottleneck: only if the lowest alpha would cut at least 20 % of the time an average request takes
    at the top of the grid (model and request handling run in parallel; the slower sets the pace).
    Where it would not (request handling is the slower), or alpha is already at the bottom, and the
@@ -83,7 +81,6 @@ class Controller:
         max_batch: int,
         request_cost_seconds: float = 0.001,
         target_utilisation: float = 0.8,
-        lower_above: float = 0.9,
         raise_after: int = 4,
         battery_low_percent: float = 20.0,
         battery_alpha_cap: float = 0.5,
@@ -96,10 +93,6 @@ class Controller:
         self.max_batch = max_batch
         self.request_cost = request_cost_seconds
         self.target = target_utilisation
-        # hysteresis band: the ceiling is raised only to alphas predicted under `target`, and lowered only
-        # once the current one is predicted over `lower_above`; in between it stays, so a demand estimate
-        # that wanders around the target (Poisson arrivals, smoothed) does not move alpha back and forth
-        self.lower_above = max(lower_above, target_utilisation)
         self.raise_after = raise_after
         self.battery_low = battery_low_percent
         self.battery_cap = battery_alpha_cap
@@ -193,7 +186,7 @@ class Controller:
             # the load offered (refused requests included) overloads even the lowest alpha, and alpha is
             # not the lever (or is spent): keep accuracy and let admission shed the excess
             new, reason, mode = old, "overload not relieved by alpha: shedding", "shedding"
-        elif relieves and feasible < old and self.utilisation(old, s) > self.lower_above:
+        elif relieves and feasible < old:
             new, reason, mode = feasible, "queueing estimate over target", "degraded"
         elif relieves and p99 is not None and p99 > self.slo and old > lowest:
             new, reason, mode = self._step(old, -1), "p99 above SLO", "degraded"

@@ -69,18 +69,6 @@ def test_utilisation_model() -> None:
     assert c.utilisation(0.33, s) == 0.0  # not profiled: no prediction
 
 
-def test_a_band_between_raising_and_lowering_keeps_alpha_still_in_noisy_demand() -> None:
-    """Raised only to alphas predicted under 80 %, lowered only past 90 %: at 800 requests/s alpha 1 is
-    predicted at 88 %, so a ceiling already there stays, and one below rises no further than 0.75 (72 %)."""
-    c, clock = controller(), Clock()
-    for rate in (800.0, 780.0, 815.0, 800.0):  # wandering between 86 and 90 %
-        assert c.update(clock(arrival_rate=rate)) == 1.0
-    assert c.update(clock(arrival_rate=850.0)) == 0.75  # 94 % at alpha 1: lowered to what fits under 80 %
-    assert [c.update(clock(arrival_rate=800.0)) for _ in range(6)] == [0.75] * 6  # 1.0 would be 88 %
-    assert c.update(clock(arrival_rate=700.0)) == 0.75  # 77 % at alpha 1: fits, after a calm spell
-    assert [c.update(clock(arrival_rate=700.0)) for _ in range(3)][-1] == 1.0
-
-
 def test_overlapping_stages_are_paced_by_the_slower() -> None:
     """With the model on cores of its own, model time and request handling overlap: the busier stage
     is the utilisation, and the ceiling holds alpha where the other stage alone would have lowered it."""
