@@ -785,6 +785,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True, runtim
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(rt.meta.classes)]}],
             "parameters": {
                 "kind": rt.meta.kind,
+                "backend": rt.settings.backend,
                 "grid": rt.grid.alphas,
                 "accuracy": [p.model_dump() for p in rt.meta.accuracy],
             },

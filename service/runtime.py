@@ -167,6 +167,9 @@ class Runtime:
             "cached_alphas": self.cache.cached(),
             "profile_ms": self.profile.as_dict(),
             "self_check_accuracy": self.self_check,
+            "backend": self.settings.backend,  # what runs the float networks; int8 always runs on torch
+            # per cached alpha, what runs it (a failed ONNX export shows here as TorchScript)
+            "representations": {f"{a:g}": c.representation for a in self.cache.cached() if (c := self.cache.peek(a))},
             "channels_last": self.channels_last,
             "ready": self.ready,
             "loaded_at": self.loaded_at,

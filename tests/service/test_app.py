@@ -370,6 +370,7 @@ def test_v2_model_metadata(client: TestClient) -> None:
     assert m["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, IMAGE, IMAGE]}]
     assert m["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(CLASSES)]}]
     assert m["parameters"]["grid"] == list(GRID)
+    assert m["parameters"]["backend"] == "onnxruntime"
     assert [p["accuracy"] for p in m["parameters"]["accuracy"]] == list(ACCURACY.values())
     r = client.get(f"/v2/models/{NAME}/ready")
     assert r.status_code == 200 and r.json() == {"name": NAME, "ready": True}

@@ -84,9 +84,13 @@ def test_predict_returns_probabilities_of_the_grid_alpha(structured: TinyCheckpo
 
 
 def test_describe(structured: TinyCheckpoint) -> None:
-    d = Runtime.load(make_settings(structured.path, model_name="fashion")).describe()
+    rt = Runtime.load(make_settings(structured.path, model_name="fashion"))
+    d = rt.describe()
     assert d["name"] == "fashion" and d["kind"] == "structured" and d["level_name"] == "width"
     assert d["grid"] == list(GRID) and d["ready"] is False
+    assert d["backend"] == "onnxruntime" and d["representations"] == {}
+    rt.cache.get(0.5)
+    assert rt.describe()["representations"] == {"0.5": "sliced fp32, width 0.625, ONNX Runtime"}
 
 
 def test_describe_reports_when_the_model_was_loaded_not_the_current_time(structured: TinyCheckpoint) -> None:
