@@ -231,8 +231,10 @@ def onnx_threads() -> int:
 
     One pool for all alphas, not one per session: a session's idle workers spin for a while after each
     run, and the next batch runs in another alpha's session. Measured at 2 threads, batch 32, alphas
-    0..1 alternating: per-session pools took 12-15 ms at alpha 1 (spinning) or 3.5 ms with 1.1 ms at
-    alpha 0 (not spinning, so waking workers per op); one shared pool 2.9 and 0.46 ms.
+    0..1 alternating (one-off experiments): per-session pools that spin took 12-22 ms at alphas 0.5-1;
+    ones that do not spin wake their workers per op, alpha 0 in 0.7-1.1 ms; one shared pool ran alpha 1
+    in 2.9 ms and alpha 0 in 0.46. Once the shared pool exists, ORT refuses sessions with pools of their
+    own in this process.
     """
     global _pool_threads
     with _pool_lock:
@@ -260,7 +262,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
             input_names=["x"],
             output_names=["y"],
             dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-            dynamo=False,  # the TorchScript-based exporter: ~0.1 s, no extra packages
+            dynamo=False,  # the TorchScript-based exporter: ~40 ms, needs only the onnx package
         )
     return buf.getvalue()
 
