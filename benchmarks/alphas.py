@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import onnxruntime as ort
 import torch
@@ -31,6 +32,7 @@ from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
 from service.materialize import Compiled, build, compile_module, time_batch
+from service.settings import Backend
 
 
 class _CsrConv(torch.nn.Module):
@@ -106,9 +108,7 @@ def main() -> None:
     p.add_argument("--alphas", type=float, nargs="*", help="default: 0, 0.25, 0.5, 0.75, 1 snapped to the grid")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", type=Path, help="default: benchmarks/results/alphas-<checkpoint>[-<backend>].json")
-    p.add_argument(
-        "--backend", choices=["onnxruntime", "torchscript"], default="onnxruntime", help="what runs the float networks"
-    )
+    p.add_argument("--backend", choices=get_args(Backend), default="onnxruntime", help="what runs the float networks")
     p.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
 

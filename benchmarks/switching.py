@@ -19,9 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from service.settings import Backend
 
 
-def _measure(checkpoint_path: str, calls: int, backend: str) -> dict[str, float]:
+def _measure(checkpoint_path: str, calls: int, backend: Backend) -> dict[str, float]:
     import torch
 
     from lcs import checkpoint
@@ -31,7 +34,7 @@ def _measure(checkpoint_path: str, calls: int, backend: str) -> dict[str, float]
     torch.set_num_threads(1)
     model, meta = checkpoint.load(checkpoint_path)
     alphas = list(model.stat_alphas)
-    built = {a: build(model, meta, a, samples=None, channels_last=True, backend=backend) for a in alphas}  # type: ignore[arg-type]
+    built = {a: build(model, meta, a, samples=None, channels_last=True, backend=backend) for a in alphas}
     shape = (meta.input.channels, meta.input.height, meta.input.width)
     xs = {b: torch.randn(b, *shape) for b in range(1, 33)}
     rng = random.Random(0)
@@ -53,7 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="models/structured_line.safetensors")
     p.add_argument("--calls", type=int, default=3000)
-    p.add_argument("--child", choices=["onnxruntime", "torchscript"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=get_args(Backend), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(_measure(args.checkpoint, args.calls, args.child)))
