@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from service.runtime import Runtime
+from service.runtime import PROFILE_ROUNDS, Runtime
 from tests.service.service_support import GRID, TinyCheckpoint, make_settings, normalise, random_images
 
 
@@ -30,6 +30,31 @@ def test_warm_up_builds_profiles_and_self_checks(structured: TinyCheckpoint) -> 
     assert all(set(row) == {1, 2} and all(t > 0 for t in row.values()) for row in rt.profile.seconds.values())
     assert set(rt.self_check) == {"0", "0.5", "1"}
     assert all(0.0 <= v <= 100.0 for v in rt.self_check.values())
+
+
+def test_the_profile_is_timed_in_rounds_so_a_drifting_machine_keeps_the_alphas_in_order(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fake clock: alpha 1 costs 5 ms and alpha 0.5 6 ms (as ONNX Runtime's padded widths can), while the
+    machine's pace halves from 2x over the measurement. Timed one alpha after another, alpha 1 (first)
+    would look 1.7x slower than 0.5; timed in rounds, each sees the same pace and the order holds."""
+    rt = Runtime.load(make_settings(structured.path, profile_batches=[1]))
+    clock = {"now": 0.0, "calls": 0}
+    total_calls = 2 * 2 * PROFILE_ROUNDS  # alphas x (untimed + timed) x rounds
+
+    def model(cost: float) -> Callable[[torch.Tensor], None]:
+        def run(x: torch.Tensor) -> None:
+            pace = 2.0 - clock["calls"] / total_calls  # 2x slow at the start, 1x at the end
+            clock["now"] += cost * pace
+            clock["calls"] += 1
+
+        return run
+
+    monkeypatch.setattr("service.runtime.time.perf_counter", lambda: clock["now"])
+    rt._measure_profile({1.0: model(0.005), 0.5: model(0.006)}, torch.zeros(1, 1, 8, 8))  # type: ignore[dict-item]
+    t1, t05 = rt.profile.predict(1.0, 1), rt.profile.predict(0.5, 1)
+    assert t1 is not None and t05 is not None and t1 < t05
+    assert t05 / t1 == pytest.approx(1.2, rel=0.05)
 
 
 def test_prebuild_subset_and_a_narrower_grid(structured: TinyCheckpoint) -> None:
