@@ -129,7 +129,20 @@ async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Ev
                         "mode": st["mode"],
                         "reason": st["decisions"][-1]["reason"] if st["decisions"] else None,
                         "drift": st["profile_drift"],
-                        **{k: sig.get(k) for k in ("arrival_rate", "p99", "cpu_other", "request_cost", "queue_depth")},
+                        "calm_ratio": st["calm_ratio"],
+                        "handoff_ms": st["batch_handoff_ms"],
+                        **{
+                            k: sig.get(k)
+                            for k in (
+                                "arrival_rate",
+                                "p99",
+                                "cpu_other",
+                                "request_cost",
+                                "queue_depth",
+                                "model_busy",
+                                "loop_busy",
+                            )
+                        },
                     }
                 )
             except httpx.HTTPError:

@@ -124,9 +124,11 @@ def test_the_first_batch_of_each_shape_does_not_move_the_drift() -> None:
     c = Controller(Grid([0.0, 0.5, 1.0]), _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8)
     for alpha, images in ((1.0, 8), (0.5, 8), (1.0, 5)):
         c.observe_batch(alpha, images, 1.0)  # 12-100x the profile
-    assert c.drift == 1.0
-    c.observe_batch(1.0, 8, 2 * 0.080)  # a second batch of a shape counts
-    assert c.drift == pytest.approx(1.1)
+    c.update(Signals(now=0.0))
+    assert c.drift == 1.0 and c.calm_ratio == {}
+    c.observe_batch(1.0, 8, 2 * 0.080)  # a second batch of a shape counts: alpha 1 runs at 2x its profile
+    c.update(Signals(now=0.5))
+    assert c.calm_ratio == {1.0: pytest.approx(2.0)}
 
 
 def test_time_between_threads_is_added_per_batch_not_scaled_with_the_model() -> None:
@@ -144,15 +146,40 @@ def test_time_between_threads_is_added_per_batch_not_scaled_with_the_model() -> 
     assert c.state()["batch_handoff_ms"] == round(1000 * c.handoff, 3)
 
 
-def test_measured_batch_times_correct_the_profile() -> None:
+def test_a_slowdown_seen_while_others_take_the_cpu_is_the_machines_and_slows_every_alpha() -> None:
     grid = Grid([0.0, 0.5, 1.0])
     c = Controller(grid, _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0)
+    for _ in range(5):  # calm: alpha 1 runs as profiled
+        c.observe_batch(1.0, 8, 0.080)
+    c.update(Signals(now=0.0))
     before = c.predicted_wait(10, 1)
-    for _ in range(30):  # the machine delivers 3x slower than profiled
+    for _ in range(30):  # another process takes CPU, and the model delivers 3x slower than it did calm
         c.observe_batch(1.0, 8, 3 * 0.080)
-    assert 2.5 < c.drift <= 3.0
-    assert c.predicted_wait(10, 1) > 2.5 * before  # type: ignore[operator]
+    c.update(Signals(now=0.5, cpu_other=0.3))  # the probe's share over the interval those batches ran in
+    assert 2.5 < c.drift <= 3.0 and c.calm_ratio[1.0] == pytest.approx(1.0)
+    assert c.predicted_wait(10, 1) > 2.5 * before  # type: ignore[operator]  # at alpha 0, never run
     # x ~2.9: alpha 1 (80 ms profiled) and 0.5 (44 ms) no longer fit 100 ms; alpha 0 (8 ms) does
     assert c.batch_alpha(1.0, 0.0, 8, slack=0.1) == 0.0
     assert c.batch_alpha(1.0, 0.0, 8, slack=0.2) == 0.5
     assert c.state()["profile_drift"] == round(c.drift, 3)
+
+
+def test_each_alpha_keeps_its_own_calm_ratio_to_the_profile() -> None:
+    """In service alpha 0's short batches run ~1.3x their back-to-back profile and alpha 1's ~0.9x
+    (benchmarks.load): a ratio measured at alpha 0 must not make alpha 1 look slower than it runs."""
+    grid = Grid([0.0, 0.5, 1.0])
+    c = Controller(grid, _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0)
+    for _ in range(20):
+        c.observe_batch(1.0, 8, 0.9 * 0.080)
+    for _ in range(40):
+        c.observe_batch(0.0, 8, 1.3 * 0.008)
+    c.update(Signals(now=0.0))  # the interval was calm
+    for _ in range(40):  # the drift rose while alpha 0 had no calm ratio yet; it falls back once it has
+        c.observe_batch(0.0, 8, 1.3 * 0.008)
+    assert c.calm_ratio == {0.0: pytest.approx(1.3), 1.0: pytest.approx(0.9)}
+    assert c.drift == pytest.approx(1.0, abs=0.02)
+    s = Signals(now=0.0, arrival_rate=100.0)  # 100 requests of one image a second
+    assert c.utilisation(1.0, s) == pytest.approx(100 * 0.010 * 0.9, rel=0.03)
+    assert c.utilisation(0.0, s) == pytest.approx(100 * 0.001 * 1.3, rel=0.03)
+    assert c.batch_alpha(1.0, 0.0, 8, slack=0.075) == 1.0  # 72 ms at its own ratio; 104 ms at alpha 0's
+    assert c.state()["calm_ratio"] == {"0": 1.3, "1": 0.9}

@@ -108,6 +108,19 @@ def test_recovery_only_after_raise_after_calm_intervals_to_what_fits() -> None:
     assert [d.reason for d in c.decisions][-1] == "headroom: recovering"
 
 
+def test_a_queue_building_up_is_not_calm() -> None:
+    """The smoothed arrival rate lags a burst's onset; the queue does not. An interval whose queue would
+    take over a quarter of the SLO at the alpha to raise to restarts the calm spell."""
+    c, clock = controller(raise_after=4), Clock()
+    c.update(clock(**BURST))
+    assert c.ceiling == 0.5
+    # 4 calm intervals, but in the third 30 requests of one image are queued: 30 ms of work at alpha 1
+    queues = [0, 0, 30, 0, 0, 0, 0]
+    history = [c.update(clock(**CALM, p99=0.01, queue_depth=q)) for q in queues]
+    assert history == [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0]
+    assert c.update(clock(**BURST, queue_depth=30)) == 0.5  # lowering does not wait for anything
+
+
 def test_recovery_stops_where_the_estimate_says_the_load_fits() -> None:
     c, clock = controller(raise_after=2), Clock()
     c.update(clock(arrival_rate=5000.0))
@@ -156,6 +169,34 @@ def test_cpu_taken_by_other_processes_lowers_the_ceiling() -> None:
     c, clock = controller(), Clock()
     assert c.update(clock(arrival_rate=700.0)) == 1.0  # 77 % at alpha = 1
     assert c.update(clock(arrival_rate=700.0, cpu_other=0.5)) < 1.0  # half the CPU: twice the cost
+
+
+def test_after_a_neighbour_leaves_full_quality_returns_though_alpha_0_runs_slower_than_its_profile() -> None:
+    """The noisy-neighbour trace: alpha 1 runs at 0.9x its profile, alpha 0 at 1.3x (its short batches pay
+    for cold caches), a neighbour takes the CPU and the ceiling goes to 0. Once it leaves, alpha 1 is
+    predicted at its own ratio (~71 % busy at this load), not alpha 0's (~98 %), and comes back after the
+    calm spell."""
+    c, clock = controller(raise_after=4), Clock()
+    load = {"arrival_rate": 700.0, "p99": 0.02}
+
+    def run(alpha: float, ratio: float, batches: int = 10) -> None:
+        for _ in range(batches):
+            c.observe_batch(alpha, MAX_BATCH, ratio * MAX_BATCH * per_image(alpha))
+
+    run(1.0, 0.9, 20)  # signals at an update describe the interval before it, where these batches ran
+    assert c.update(clock(**load)) == 1.0
+    run(1.0, 1.5 * 0.9)  # the neighbour starts: the model runs 1.5x slower than calm, and the probe sees why
+    assert c.update(clock(**load, cpu_other=0.9)) == 0.0
+    for _ in range(7):
+        run(0.0, 1.5 * 1.3)
+        assert c.update(clock(**load, cpu_other=0.9)) == 0.0
+    assert c.calm_ratio == {1.0: pytest.approx(0.9)}  # nothing learned as calm while others took the CPU
+    history = []
+    for _ in range(7):  # it leaves
+        run(0.0, 1.3)
+        history.append(c.update(clock(**load, cpu_other=0.01)))
+    assert c.calm_ratio[0.0] == pytest.approx(1.3) and c.drift < 1.05
+    assert history == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # the calm spell (4 intervals, 2 s), then full quality
 
 
 def test_low_battery_on_battery_caps_the_ceiling() -> None:
@@ -317,3 +358,19 @@ def test_while_shedding_the_predicted_wait_is_at_the_ceiling_where_batches_run()
     c.update(clock(arrival_rate=150.0, offered_rate=400.0))
     assert c.mode == "shedding" and c.ceiling == 1.0
     assert c.predicted_wait(8, 1) == pytest.approx(at_bottom + 8 * (per_image(1.0) - per_image(0.0)))  # type: ignore[operator]
+
+
+def test_the_ceiling_skips_alphas_slower_than_a_higher_one() -> None:
+    """On ONNX Runtime a width that is not a multiple of 16 channels can run slower than alpha 1: such an
+    alpha is less accurate *and* slower, so the ceiling never sits there, stepping down or recovering."""
+    p = profile()
+    p.add(0.75, MAX_BATCH, 1.2 * MAX_BATCH * per_image(1.0))  # alpha 0.75 slower than alpha 1
+    c = Controller(Grid(ALPHAS), p, slo_seconds=SLO, max_batch=MAX_BATCH, request_cost_seconds=0.0001, overlap=False)
+    clock = Clock()
+    assert c.frontier() == [0.0, 0.25, 0.5, 1.0]
+    assert c.update(clock(**CALM, p99=2 * SLO)) == 0.5  # p99 over the SLO: one step down skips 0.75
+    for _ in range(3):
+        c.update(clock(arrival_rate=5000.0))
+    assert c.ceiling == 0.0
+    seen = {c.update(clock(arrival_rate=rate, p99=0.01)) for rate in (900.0, 700.0, 500.0) for _ in range(6)}
+    assert seen == {0.0, 0.5, 1.0} and c.ceiling == 1.0
