@@ -240,7 +240,7 @@ class Controller:
         elif relieves and feasible < old:
             new, reason, mode = feasible, "queueing estimate over target", "degraded"
         elif relieves and p99 is not None and p99 > self.slo and old > lowest:
-            new, reason, mode = self._step(old, -1), "p99 above SLO", "degraded"
+            new, reason, mode = self._below(old), "p99 above SLO", "degraded"
         elif feasible > old and (p99 is None or p99 < 0.7 * self.slo) and self._backlog(feasible, s) <= 0.25 * self.slo:
             # calm: headroom by the estimate, p99 well inside the SLO, and no queue building up (the rate
             # estimate lags a burst's onset; a raise with 6-16 requests queued met one and missed the SLO)
@@ -291,15 +291,14 @@ class Controller:
             return self._set(new, "step", s.now, f"queue depth {s.queue_depth}")
         # aimd: halve on congestion (p99 over the SLO or a queue), else one grid step up
         congested = (s.p99 is not None and s.p99 > self.slo) or s.queue_depth >= 8
-        new = self.grid.down(self.ceiling * 0.5) if congested else self._step(self.ceiling, +1)
+        up = self.grid.alphas[min(len(self.grid.alphas) - 1, self.grid.alphas.index(self.ceiling) + 1)]
+        new = self.grid.down(self.ceiling * 0.5) if congested else up  # the plain grid, step by step
         return self._set(new, "aimd", s.now, "congestion: halve" if congested else "additive increase")
 
-    def _step(self, alpha: float, direction: int) -> float:
-        """The next frontier alpha below (`direction` -1) or above (+1) `alpha`, or the end it reaches."""
+    def _below(self, alpha: float) -> float:
+        """The next frontier alpha below `alpha` (the lowest if none is)."""
         frontier = self.frontier()
-        if direction < 0:
-            return max((a for a in frontier if a < alpha), default=frontier[0])
-        return min((a for a in frontier if a > alpha), default=frontier[-1])
+        return max((a for a in frontier if a < alpha), default=frontier[0])
 
     def _set(self, ceiling: float, mode: str, now: float, reason: str) -> float:
         if ceiling != self.ceiling:

@@ -55,6 +55,15 @@ def test_aimd_halves_on_congestion_and_climbs_one_step() -> None:
     assert c.update(Signals(now=3.0)) == 0.75
 
 
+def test_aimd_climbs_the_plain_grid_not_our_frontier() -> None:
+    """The baseline stays the textbook one: additive steps over every grid alpha, even one that runs
+    slower than the alpha above it (ours skips those)."""
+    c = _controller("aimd")
+    c.profile.add(0.75, 32, 0.05)  # slower than alpha 1 (34 ms)
+    assert c.update(Signals(now=0.0, p99=0.5)) == 0.5
+    assert [c.update(Signals(now=float(t))) for t in (1, 2)] == [0.75, 1.0]
+
+
 def test_our_policy_uses_slack_but_baselines_do_not() -> None:
     ours, base = _controller("lcs"), _controller("fixed:1")
     # 32 images: alpha 1 takes 34 ms, alpha 0.25 takes 11.5 ms by the profile
