@@ -203,12 +203,14 @@ def summarise(rows: list[dict[str, Any]], slo: float, accuracy: dict[float, floa
 
 def neighbour_reaction(timeline: list[dict[str, Any]], duration: float) -> dict[str, float | None]:
     """For the noisy trace (neighbour from duration/3 to 2 duration/3): seconds from its start until the
-    ceiling first dropped, and from its stop until the ceiling was back at full quality for good (None:
-    it never did). Resolution: the 0.25 s controller poll."""
+    ceiling first dropped, and from its stop until the ceiling was first back at full quality, and back
+    for good (None: it never was; a later drop is the trace's own load, 0.7x capacity as Poisson
+    arrivals, and is in the timeline). Resolution: the 0.25 s controller poll."""
     start, stop = duration / 3, 2 * duration / 3
     top = max((p["ceiling"] for p in timeline), default=1.0)
     drop = next((p["t"] - start for p in timeline if start <= p["t"] < stop and p["ceiling"] < top), None)
     after = [p for p in timeline if p["t"] >= stop]
+    first = next((p["t"] - stop for p in after if p["ceiling"] >= top), None)
     back = None
     for i, p in enumerate(after):
         if all(q["ceiling"] >= top for q in after[i:]):
@@ -216,6 +218,7 @@ def neighbour_reaction(timeline: list[dict[str, Any]], duration: float) -> dict[
             break
     return {
         "ceiling_drop_after_start_s": None if drop is None else round(drop, 2),
+        "full_quality_first_after_stop_s": None if first is None else round(first, 2),
         "full_quality_after_stop_s": None if back is None else round(back, 2),
     }
 
