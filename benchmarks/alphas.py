@@ -81,9 +81,12 @@ def _predictions(
 
 def _timings(variants: list[tuple[str, float, Compiled]], x32: torch.Tensor, repeats: int) -> list[dict[str, object]]:
     """Per variant: median ms at batch 1 and 32 over `repeats` rounds that each time every variant once, so
-    all of them see the same machine (timings here drift by up to 2x over minutes). The CSR variant, which
-    the service never runs, gets rounds of its own: its torch threads, spinning after each call, would
-    slow the ONNX Runtime calls after it."""
+    all of them see the same machine (timings here drift by up to 2x over minutes). Each timed call follows
+    an untimed one of the same variant: the latency of an alpha is that of a service serving it, and what
+    changing alpha costs is `benchmarks.switching`'s to measure. (Timed straight after another variant,
+    the int8 network paid for the switch from ONNX Runtime: 2.12x the float one at 1 thread instead of
+    2.6-2.7x.) The CSR variant, which the service never runs, gets rounds of its own: its torch threads,
+    spinning after each call, would slow the ONNX Runtime calls after it."""
     out: list[dict[str, object]] = [{"representation": c.representation} for _, _, c in variants]
     groups = [[i for i, v in enumerate(variants) if v[0].endswith("csr") == record] for record in (False, True)]
     for b in (1, 32):
@@ -94,6 +97,7 @@ def _timings(variants: list[tuple[str, float, Compiled]], x32: torch.Tensor, rep
                 time_batch(variants[i][2], x, repeats=3)  # warm-up
             for _ in range(repeats):
                 for i in group:
+                    variants[i][2](x)
                     t0 = time.perf_counter()
                     variants[i][2](x)
                     times[i].append(time.perf_counter() - t0)

@@ -1,16 +1,17 @@
 """The control law: a pure component fed signals and a clock (no sleeps, no I/O), so it is tested
 by simulation. It owns two decisions:
 
-1. the *ceiling*, updated every control interval: the largest grid alpha whose predicted utilisation
-   (queueing estimate from the latency profile, the measured per-request handling cost and the CPU
-   left by other processes; of the slower stage where the model has cores of its own beside the event
-   loop, of both together where they share) stays under a target, corrected by feedback on observed p99 against the
-   SLO, raised (to the largest alpha that fits) only after `raise_after` calm intervals (hysteresis),
-   capped on low battery, and overridden by a manual pin. Alpha is lowered only when that relieves the
-   bottleneck: only if the lowest alpha would cut at least 20 % of the time an average request takes
-   at the top of the grid (model and request handling run in parallel; the slower sets the pace).
-   Where it would not (request handling is the slower), or alpha is already at the bottom, and the
-   load offered (refused requests included) would overload even the lowest alpha, the ceiling stays,
+1. the *ceiling*, updated every control interval: the largest alpha on the frontier (alphas that run
+   faster than every alpha above them) whose predicted utilisation (queueing estimate from the latency
+   profile, each alpha's measured ratio to it, the measured per-request handling cost and the CPU left
+   by other processes; of the slower stage where the model has cores of its own beside the event loop,
+   of both together where they share) stays under a target, corrected by feedback on observed p99
+   against the SLO, raised (to the largest alpha that fits) only after `raise_after` calm intervals
+   (hysteresis), capped on low battery, and overridden by a manual pin. Alpha is lowered only when that
+   relieves the bottleneck: only if the lowest alpha would cut at least 20 % of the time an average
+   request takes at the top of the grid (model and request handling run in parallel; the slower sets the
+   pace). Where it would not (request handling is the slower), or alpha is already at the bottom, and
+   the load offered (refused requests included) would overload even the lowest alpha, the ceiling stays,
    the mode is `shedding`, and admission sheds the excess.
 2. each batch's alpha: the largest grid alpha <= min(requested, ceiling) whose predicted batch time
    fits the slack of the batch's most urgent request, never below the batch's floor. The same "is

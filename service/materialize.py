@@ -15,7 +15,7 @@
 Float networks then run on ONNX Runtime (each alpha exported once, ~40 ms): its CPU kernels handle the
 narrow convolutions of low alphas far better than oneDNN does through torch, and a call costs ~40 us
 over its kernels. Measured on structured_line, batch 32, 2 threads (`benchmarks.alphas`, with and
-without `--backend torchscript`): alpha 1 in 2.84 ms and alpha 0 in 0.445 ms, against 4.87 and 1.41 ms
+without `--backend torchscript`): alpha 1 in 2.75 ms and alpha 0 in 0.369 ms, against 4.27 and 1.14 ms
 as frozen TorchScript. The int8 network stays on torch's FX kernels (1.35 ms against ORT's int8 1.7 ms
 in a one-off experiment), as frozen TorchScript; so does everything if `LCS_BACKEND=torchscript` or if
 the export fails (logged). Both run the whole forward in C++ and take the GIL once per call, not once
