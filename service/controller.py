@@ -105,7 +105,7 @@ class Controller:
         self.overlap = overlap
         # measured / profiled batch time, in two factors. The profile is taken back to back on an idle
         # machine; in service each alpha runs at its own ratio to it (alpha 0's short batches pay more for
-        # cold caches and hand-offs: ~1.3 against ~0.85-1.0 at alpha 1, measured by benchmarks.load), so a
+        # cold caches and hand-offs: 1.1-1.45 against 1.0-1.13 at alpha 1 in benchmarks.load), so a
         # single ratio measured at one alpha is wrong for the others. `calm_ratio` is each alpha's ratio
         # while no other process takes the CPU (EWMA, learned in service); `drift` is how much slower the
         # model runs now than its calm self, whichever alpha runs (EWMA): the machine's factor, for all.
