@@ -351,6 +351,7 @@ class Controller:
             "pinned": self.pinned,
             "profile_drift": round(self.drift, 3),
             "calm_ratio": {f"{a:g}": round(r, 3) for a, r in sorted(self.calm_ratio.items())},
+            "frontier": self.frontier(),  # the alphas the ceiling may sit at
             "batch_handoff_ms": round(1000 * self.handoff, 3),
             "signals": asdict(self.last_signals) if self.last_signals else None,
             "decisions": [asdict(d) for d in self.decisions][-20:],

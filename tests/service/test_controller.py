@@ -367,7 +367,7 @@ def test_the_ceiling_skips_alphas_slower_than_a_higher_one() -> None:
     p.add(0.75, MAX_BATCH, 1.2 * MAX_BATCH * per_image(1.0))  # alpha 0.75 slower than alpha 1
     c = Controller(Grid(ALPHAS), p, slo_seconds=SLO, max_batch=MAX_BATCH, request_cost_seconds=0.0001, overlap=False)
     clock = Clock()
-    assert c.frontier() == [0.0, 0.25, 0.5, 1.0]
+    assert c.frontier() == [0.0, 0.25, 0.5, 1.0] and c.state()["frontier"] == [0.0, 0.25, 0.5, 1.0]
     assert c.update(clock(**CALM, p99=2 * SLO)) == 0.5  # p99 over the SLO: one step down skips 0.75
     for _ in range(3):
         c.update(clock(arrival_rate=5000.0))
