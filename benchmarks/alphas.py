@@ -14,9 +14,9 @@ alpha = 1 weights, unquantised) as the reference for the int8 speed-up. Prints a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +31,7 @@ from lcs import checkpoint
 from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
-from service.materialize import Compiled, build, compile_module, time_batch
+from service.materialize import Compiled, build, compile_module, time_batch, time_in_rounds
 from service.settings import Backend
 
 
@@ -80,29 +80,22 @@ def _predictions(
 
 
 def _timings(variants: list[tuple[str, float, Compiled]], x32: torch.Tensor, repeats: int) -> list[dict[str, object]]:
-    """Per variant: median ms at batch 1 and 32 over `repeats` rounds that each time every variant once, so
-    all of them see the same machine (timings here drift by up to 2x over minutes). Each timed call follows
-    an untimed one of the same variant: the latency of an alpha is that of a service serving it, and what
-    changing alpha costs is `benchmarks.switching`'s to measure. (Timed straight after another variant,
-    the int8 network paid for the switch from ONNX Runtime: 2.12x the float one at 1 thread instead of
-    2.6-2.7x.) The CSR variant, which the service never runs, gets rounds of its own: its torch threads,
-    spinning after each call, would slow the ONNX Runtime calls after it."""
+    """Per variant: median ms at batch 1 and 32 over `repeats` rounds that each time every variant once
+    (`time_in_rounds`), after an untimed call of the same variant: the latency of an alpha is that of a
+    service serving it. (Timed straight after another variant, the int8 network paid for the switch from
+    ONNX Runtime: 2.12x the float one at 1 thread instead of 2.6-2.7x.) The CSR variant, which the
+    service never runs, gets rounds of its own: its torch threads, spinning after each call, would slow
+    the ONNX Runtime calls after it."""
     out: list[dict[str, object]] = [{"representation": c.representation} for _, _, c in variants]
     groups = [[i for i, v in enumerate(variants) if v[0].endswith("csr") == record] for record in (False, True)]
     for b in (1, 32):
         x = x32[:b]
         for group in groups:
-            times: dict[int, list[float]] = {i: [] for i in group}
             for i in group:
                 time_batch(variants[i][2], x, repeats=3)  # warm-up
-            for _ in range(repeats):
-                for i in group:
-                    variants[i][2](x)
-                    t0 = time.perf_counter()
-                    variants[i][2](x)
-                    times[i].append(time.perf_counter() - t0)
-            for i, ts in times.items():
-                out[i][f"ms_b{b}"] = round(1000 * statistics.median(ts), 3)
+            medians = time_in_rounds({i: functools.partial(variants[i][2], x) for i in group}, repeats)
+            for i, seconds in medians.items():
+                out[i][f"ms_b{b}"] = round(1000 * seconds, 3)
     return out
 
 

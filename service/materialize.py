@@ -31,11 +31,13 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import statistics
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import onnxruntime as ort
 import torch
@@ -305,3 +307,21 @@ def time_batch(compiled: Compiled, x: torch.Tensor, repeats: int = 5) -> float:
         compiled(x)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+K = TypeVar("K")
+
+
+def time_in_rounds(calls: Mapping[K, Callable[[], object]], rounds: int) -> dict[K, float]:
+    """Median seconds of each call over `rounds` rounds, each running every call twice and timing the
+    second. The rounds let all calls see the same machine (its pace drifts by up to 2x over minutes
+    here); the untimed run pays for switching from the previous call (another alpha, size or runtime,
+    which is `benchmarks.switching`'s to measure) and, on a first call, for creating a shape's kernels."""
+    times: dict[K, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            call()
+            t0 = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(ts) for k, ts in times.items()}

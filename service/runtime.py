@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +22,7 @@ from lcs.models import SubspaceResNet
 from service.cache import Grid, ModelCache
 from service.controller import Controller
 from service.inputs import normaliser
-from service.materialize import Compiled, build, time_batch
+from service.materialize import Compiled, build, time_batch, time_in_rounds
 from service.profile import LatencyProfile
 from service.settings import Settings, usable_cpus
 
@@ -157,21 +157,13 @@ class Runtime:
 
     def _measure_profile(self, built: dict[float, Compiled], probe: torch.Tensor) -> None:
         """Seconds per batch at each (alpha, profiled batch size) in the steady state of repeated calls: the
-        median of PROFILE_ROUNDS rounds, each timing every pair once. Timed one alpha after another instead,
-        a minute's drift in the machine's pace (up to 2x here) made alpha 1 look slower than alphas
-        0.65-0.85, which are slower (widths that are not multiples of ONNX Runtime's 16-channel blocks)."""
-        times: dict[tuple[float, int], list[float]] = {}
-        for _ in range(PROFILE_ROUNDS):
-            for alpha, compiled in built.items():
-                for b in self.settings.profile_batches:
-                    # untimed first: it pays for switching from the previous call's alpha or size (at batch
-                    # 1, 0.2 ms more than a repeat at alpha 1), and a first call creates the shape's kernels
-                    compiled(probe[:b])
-                    t0 = time.perf_counter()
-                    compiled(probe[:b])
-                    times.setdefault((alpha, b), []).append(time.perf_counter() - t0)
-        for (alpha, b), ts in times.items():
-            self.profile.add(alpha, b, statistics.median(ts))
+        median of PROFILE_ROUNDS rounds, each timing every pair once (`time_in_rounds`). Timed one alpha
+        after another instead, a minute's drift in the machine's pace (up to 2x here) made alpha 1 look
+        slower than alphas 0.65-0.85, which are slower (widths off ONNX Runtime's 16-channel blocks)."""
+        batches = self.settings.profile_batches
+        calls = {(a, b): functools.partial(c, probe[:b]) for a, c in built.items() for b in batches}
+        for (alpha, b), seconds in time_in_rounds(calls, PROFILE_ROUNDS).items():
+            self.profile.add(alpha, b, seconds)
 
     def predict(self, alpha: float, x: torch.Tensor) -> torch.Tensor:
         """Probabilities [N, classes] for a normalised batch at grid alpha (called off the event loop)."""

@@ -50,7 +50,7 @@ def test_the_profile_is_timed_in_rounds_so_a_drifting_machine_keeps_the_alphas_i
 
         return run
 
-    monkeypatch.setattr("service.runtime.time.perf_counter", lambda: clock["now"])
+    monkeypatch.setattr("service.materialize.time.perf_counter", lambda: clock["now"])
     rt._measure_profile({1.0: model(0.005), 0.5: model(0.006)}, torch.zeros(1, 1, 8, 8))  # type: ignore[dict-item]
     t1, t05 = rt.profile.predict(1.0, 1), rt.profile.predict(0.5, 1)
     assert t1 is not None and t05 is not None and t1 < t05
