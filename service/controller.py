@@ -126,10 +126,9 @@ class Controller:
     def utilisation(self, alpha: float, s: Signals) -> float:
         """Predicted busy share of the pipeline's slower stage at this alpha for the observed demand."""
         rate = s.fleet_rate if s.fleet_rate is not None else s.arrival_rate
-        per_image = self.profile.per_image(alpha, self.max_batch)
-        if per_image is None:
+        model = self._model_seconds(alpha, s.images_per_request, s)
+        if model is None:
             return 0.0
-        model = s.images_per_request * per_image * self._slowdown(alpha, s)
         return rate * self._pace(model, self._request_cost(s))
 
     def _pace(self, model_seconds: float, handling_seconds: float) -> float:
@@ -173,19 +172,17 @@ class Controller:
         shedding, when batches run at the ceiling; others: the ceiling)."""
         lowest = self.policy[0] == "lcs" and self.mode != "shedding"
         alpha = self.grid.alphas[0] if lowest else self.ceiling
-        per_image = self.profile.per_image(alpha, self.max_batch)
-        if per_image is None:
-            return None
         s = self.last_signals
+        model = self._model_seconds(alpha, images, s)
+        if model is None:
+            return None
         batches = min(requests, -(-images // self.max_batch))  # at least one batch per max_batch images
-        return images * per_image * self._slowdown(alpha, s) + batches * self.handoff + requests * self._request_cost(s)
+        return model + batches * self.handoff + requests * self._request_cost(s)
 
-    def _backlog(self, alpha: float, s: Signals) -> float:
-        """Seconds of model time the queued requests would take at `alpha`."""
+    def _model_seconds(self, alpha: float, images: float, s: Signals | None) -> float | None:
+        """Predicted model time for `images` images at `alpha` in full batches (None: not profiled)."""
         per_image = self.profile.per_image(alpha, self.max_batch)
-        if per_image is None:
-            return 0.0
-        return s.queue_depth * s.images_per_request * per_image * self._slowdown(alpha, s)
+        return None if per_image is None else images * per_image * self._slowdown(alpha, s)
 
     def _slowdown(self, alpha: float, s: Signals | None) -> float:
         """Model time at `alpha` against the profile: its calm ratio, times the machine's factor, which is
@@ -212,9 +209,8 @@ class Controller:
                 fastest = fastest if t is None else t
         return keep[::-1]
 
-    def _fits(self, s: Signals) -> float:
+    def _fits(self, s: Signals, frontier: list[float]) -> float:
         """Largest frontier alpha whose predicted utilisation stays under the target."""
-        frontier = self.frontier()
         for a in reversed(frontier):
             if self.utilisation(a, s) <= self.target:
                 return a
@@ -229,11 +225,13 @@ class Controller:
             return self._set(self.pinned, "pinned", s.now, "pinned by an operator")
         if self.policy[0] != "lcs":
             return self._baseline_update(s)
-        lowest = self.frontier()[0]
-        feasible = self._fits(s)
+        frontier = self.frontier()
+        lowest = frontier[0]
+        feasible = self._fits(s, frontier)
         p99 = s.p99 if s.fleet_p99 is None else max(s.p99 or 0.0, s.fleet_p99)
         offered = replace(s, arrival_rate=s.offered_rate) if s.offered_rate is not None else s
         relieves = self._relieves(s.images_per_request, 1.0, self.max_batch)  # an average request
+        queued = self._model_seconds(feasible, s.queue_depth * s.images_per_request, s) or 0.0  # at `feasible`
         if self.utilisation(lowest, offered) > 1.0 and (not relieves or old == lowest):
             # the load offered (refused requests included) overloads even the lowest alpha, and alpha is
             # not the lever (or is spent): keep accuracy and let admission shed the excess
@@ -241,8 +239,8 @@ class Controller:
         elif relieves and feasible < old:
             new, reason, mode = feasible, "queueing estimate over target", "degraded"
         elif relieves and p99 is not None and p99 > self.slo and old > lowest:
-            new, reason, mode = self._below(old), "p99 above SLO", "degraded"
-        elif feasible > old and (p99 is None or p99 < 0.7 * self.slo) and self._backlog(feasible, s) <= 0.25 * self.slo:
+            new, reason, mode = max((a for a in frontier if a < old), default=lowest), "p99 above SLO", "degraded"
+        elif feasible > old and (p99 is None or p99 < 0.7 * self.slo) and queued <= 0.25 * self.slo:
             # calm: headroom by the estimate, p99 well inside the SLO, and no queue building up (the rate
             # estimate lags a burst's onset; a raise with 6-16 requests queued met one and missed the SLO)
             self._calm += 1
@@ -295,11 +293,6 @@ class Controller:
         up = self.grid.alphas[min(len(self.grid.alphas) - 1, self.grid.alphas.index(self.ceiling) + 1)]
         new = self.grid.down(self.ceiling * 0.5) if congested else up  # the plain grid, step by step
         return self._set(new, "aimd", s.now, "congestion: halve" if congested else "additive increase")
-
-    def _below(self, alpha: float) -> float:
-        """The next frontier alpha below `alpha` (the lowest if none is)."""
-        frontier = self.frontier()
-        return max((a for a in frontier if a < alpha), default=frontier[0])
 
     def _set(self, ceiling: float, mode: str, now: float, reason: str) -> float:
         if ceiling != self.ceiling:
