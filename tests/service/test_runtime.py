@@ -115,7 +115,9 @@ def test_describe(structured: TinyCheckpoint) -> None:
     assert d["grid"] == list(GRID) and d["ready"] is False
     assert d["backend"] == "onnxruntime" and d["representations"] == {}
     rt.cache.get(0.5)
-    assert rt.describe()["representations"] == {"0.5": "sliced fp32, width 0.625, ONNX Runtime"}
+    ((alpha, representation),) = rt.describe()["representations"].items()  # padded or not, as it measured
+    assert alpha == "0.5" and representation.startswith("sliced fp32, width 0.625, ")
+    assert representation.endswith("ONNX Runtime")
 
 
 def test_describe_reports_when_the_model_was_loaded_not_the_current_time(structured: TinyCheckpoint) -> None:
