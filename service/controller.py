@@ -199,8 +199,8 @@ class Controller:
         """The grid alphas a ceiling may sit at, ascending: those that profile faster at the full batch than
         every higher alpha (unprofiled alphas count as faster). The others are slower *and* less accurate
         than some alpha above them, so lowering the ceiling to one gives accuracy away for nothing: on ONNX
-        Runtime, widths that are not multiples of its blocks of 16 channels run slower than wider ones
-        (structured_line at 1 thread, batch 32: alphas 0.55-0.95 in 5.4-9.8 ms, alpha 1 in 5.6)."""
+        Runtime, which works on blocks of 16 channels, neighbouring widths padded to the same counts tie
+        (structured_line at 1 thread, batch 32: alphas 0.85-0.95 in 6.75-6.78 ms, alpha 1 in 6.74)."""
         keep, fastest = [], float("inf")
         for a in reversed(self.grid.alphas):
             t = self.profile.predict(a, self.max_batch)

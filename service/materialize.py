@@ -16,7 +16,7 @@
 Float networks then run on ONNX Runtime (each alpha exported once, ~40 ms): its CPU kernels handle the
 narrow convolutions of low alphas far better than oneDNN does through torch, and a call costs ~40 us
 over its kernels. Measured on structured_line, batch 32, 2 threads (`benchmarks.alphas`, with and
-without `--backend torchscript`): alpha 1 in 2.75 ms and alpha 0 in 0.369 ms, against 4.27 and 1.14 ms
+without `--backend torchscript`): alpha 1 in 2.80 ms and alpha 0 in 0.385 ms, against 4.50 and 0.955 ms
 as frozen TorchScript. The int8 network stays on torch's FX kernels (1.35 ms against ORT's int8 1.7 ms
 in a one-off experiment), as frozen TorchScript; so does everything if `LCS_BACKEND=torchscript` or if
 the export fails (logged). Both run the whole forward in C++ and take the GIL once per call, not once
@@ -216,10 +216,10 @@ def build(
 
 CHANNEL_MULTIPLE = 16
 """Channel counts that vectorised CPU kernels handle without a slow remainder path: ONNX Runtime's
-convolutions work on blocks of 16 channels with AVX-512 (8 with AVX2). Measured on structured_line with
-`benchmarks.alphas` (2 threads, batch 32): alpha 0.85 (widths 28/56/112) ran in 5.95 ms sliced and 2.79
-padded to 32/64/112, where alpha 1 (32/64/128) takes 2.78; alpha 0 (8/16/32) ran faster unpadded, 0.385
-ms against 0.483."""
+convolutions work on blocks of 16 channels with AVX-512 (8 with AVX2). Measured on structured_line (2
+threads, batch 32, a one-off run in interleaved rounds): alpha 0.85 (widths 28/56/112) ran in 5.95 ms
+sliced and 2.79 padded to 32/64/112, where alpha 1 (32/64/128) takes 2.78; alpha 0 (8/16/32) ran faster
+unpadded, 0.385 ms against 0.483. Under TorchScript no width ran faster padded."""
 
 
 def pad_channels(net: nn.Module, multiple: int) -> nn.Module | None:
