@@ -115,8 +115,8 @@ def test_structured_models_are_physically_smaller_at_lower_alpha(structured: Tin
 @pytest.mark.parametrize("alpha", GRID)
 def test_padding_channels_keeps_the_logits(structured: TinyCheckpoint, alpha: float) -> None:
     plain = structured.model.export(structured.model.at(alpha)).eval()
-    padded = pad_channels(plain, CHANNEL_MULTIPLE)
     widths = [m.out_channels for m in plain.modules() if isinstance(m, nn.Conv2d)]
+    padded = pad_channels(plain, CHANNEL_MULTIPLE)
     if all(w % CHANNEL_MULTIPLE == 0 for w in widths):
         assert padded is None
         return
