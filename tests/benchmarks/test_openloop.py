@@ -64,10 +64,14 @@ def test_every_arrival_is_answered_and_sent_on_time_even_when_answers_are_slow()
 def test_connections_are_kept_alive_and_bounded() -> None:
     async def main() -> None:
         server, port, connections = await _server(lambda n: (0.0, _response(200)))
-        arrivals = [i * 0.01 for i in range(30)]  # spaced out: one connection serves them all
+        arrivals = [i * 0.0001 for i in range(30)]  # all due at once: more than the connections allowed
         replies, _ = await open_loop(port, post("/p", b"x", port), arrivals, connections=4)
         server.close()
-        assert len(replies) == 30 and len(connections) == 1
+        # 30 answers over at most 4 connections: bounded, and each connection carried several requests.
+        # (Spaced-out arrivals share one connection only if every answer comes before the next arrival,
+        # which a busy CI machine does not promise: a 10 ms stall once opened a second connection.)
+        assert len(replies) == 30 and all(r.status == 200 for r in replies)
+        assert 1 <= len(connections) <= 4
 
     asyncio.run(main())
 
