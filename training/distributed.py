@@ -105,6 +105,13 @@ class Ranks:
         dist.all_reduce(t)
         return t.tolist()
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here. Before tearing the group down: a rank that destroyed it while
+        rank 0 was still writing the checkpoint was once aborted by gloo ("terminate called without an
+        active exception")."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -132,7 +132,9 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
     every rank calls this; rank 0 writes the files."""
     ranks = Ranks.from_env()  # one process (rank 0 of 1) unless started by torchrun
     try:
-        return _train(cfg, ranks, data=data, command=command)
+        out = _train(cfg, ranks, data=data, command=command)
+        ranks.barrier()  # the others wait while rank 0 writes, so no rank tears the group down under another
+        return out
     finally:
         ranks.close()
 
