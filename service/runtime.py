@@ -160,7 +160,8 @@ class Runtime:
         """Seconds per batch at each (alpha, profiled batch size) in the steady state of repeated calls: the
         median of PROFILE_ROUNDS rounds, each timing every pair once (`time_in_rounds`). Timed one alpha
         after another instead, a minute's drift in the machine's pace (up to 2x here) made alpha 1 look
-        slower than alphas 0.65-0.85, which are slower (widths off ONNX Runtime's 16-channel blocks)."""
+        slower than alphas 0.65-0.85, which (unpadded, their widths off ONNX Runtime's 16-channel blocks)
+        were slower."""
         batches = self.settings.profile_batches
         calls = {(a, b): functools.partial(c, probe[:b]) for a, c in built.items() for b in batches}
         for (alpha, b), seconds in time_in_rounds(calls, PROFILE_ROUNDS).items():
