@@ -13,15 +13,15 @@
 |              | sizes, see the benchmark); stored size = CSR of the non-zeros where that  |
 |              | is smaller than dense                                                         |
 
-Float networks then run on ONNX Runtime (each alpha exported once, ~40 ms, twice where a padded copy
-is tried): its CPU kernels handle the narrow convolutions of low alphas far better than oneDNN does
-through torch, and a call costs ~40 us over its kernels. Measured on structured_line, batch 32, 2 threads (`benchmarks.alphas`, with and
-without `--backend torchscript`): alpha 1 in 2.80 ms and alpha 0 in 0.385 ms, against 4.50 and 0.955 ms
-as frozen TorchScript. The int8 network stays on torch's FX kernels (1.35 ms against ORT's int8 1.7 ms
-in a one-off experiment), as frozen TorchScript; so does everything if `LCS_BACKEND=torchscript` or if
-the export fails (logged). Both run the whole forward in C++ and take the GIL once per call, not once
-per op: with another Python thread holding the GIL (the event loop parsing requests), an eager batch-1
-forward took 10-16 ms instead of 0.5; frozen, 1.5-2 ms.
+Float networks then run on ONNX Runtime (each alpha exported once, ~40 ms, twice where a padded copy is
+tried): its CPU kernels handle the narrow convolutions of low alphas far better than oneDNN does through
+torch, and a call costs ~40 us over its kernels. Measured on structured_line, batch 32, 2 threads
+(`benchmarks.alphas`, with and without `--backend torchscript`): alpha 1 in 2.80 ms and alpha 0 in 0.385
+ms, against 4.50 and 0.955 ms as frozen TorchScript. The int8 network stays on torch's FX kernels (1.35
+ms against ORT's int8 1.7 ms in a one-off experiment), as frozen TorchScript; so does everything if
+`LCS_BACKEND=torchscript` or if the export fails (logged). Both run the whole forward in C++ and take
+the GIL once per call, not once per op: with another Python thread holding the GIL (the event loop
+parsing requests), an eager batch-1 forward took 10-16 ms instead of 0.5; frozen, 1.5-2 ms.
 
 A `Compiled` model is frozen: eval mode, no gradients, never mutated after build, so the cache can
 hand it to any thread.
