@@ -83,11 +83,15 @@ def _timings(variants: list[tuple[str, float, Compiled]], x32: torch.Tensor, rep
     """Per variant: median ms at batch 1 and 32 over `repeats` rounds that each time every variant once
     (`time_in_rounds`), after an untimed call of the same variant: the latency of an alpha is that of a
     service serving it. (Timed straight after another variant, the int8 network paid for the switch from
-    ONNX Runtime: 2.12x the float one at 1 thread instead of 2.6-2.7x.) The CSR variant, which the
-    service never runs, gets rounds of its own: its torch threads, spinning after each call, would slow
-    the ONNX Runtime calls after it."""
+    ONNX Runtime: 2.12x the float one at 1 thread instead of 2.6-2.7x.) Variants that run on torch's
+    kernels (int8, TorchScript, the CSR variant) and those on ONNX Runtime get rounds of their own: at 2
+    threads each runtime's idle workers spin for a while after a call and slow the other's next one,
+    even after the untimed call (one-off, quantized_line at batch 32: 3-bit ORT 7.2-8.8 ms after int8
+    calls, 3.7 without them; int8 1.61 ms in shared rounds, 1.16-1.27 alone)."""
     out: list[dict[str, object]] = [{"representation": c.representation} for _, _, c in variants]
-    groups = [[i for i, v in enumerate(variants) if v[0].endswith("csr") == record] for record in (False, True)]
+    on_ort = [c.representation.endswith("ONNX Runtime") for _, _, c in variants]
+    groups = [[i for i in range(len(variants)) if on_ort[i] == ort] for ort in (True, False)]
+    groups = [g for g in groups if g]
     for b in (1, 32):
         x = x32[:b]
         for group in groups:
