@@ -83,23 +83,17 @@ def _timings(variants: list[tuple[str, float, Compiled]], x32: torch.Tensor, rep
     """Per variant: median ms at batch 1 and 32 over `repeats` rounds that each time every variant once
     (`time_in_rounds`), after an untimed call of the same variant: the latency of an alpha is that of a
     service serving it. (Timed straight after another variant, the int8 network paid for the switch from
-    ONNX Runtime: 2.12x the float one at 1 thread instead of 2.6-2.7x.) Variants that run on torch's
-    kernels (int8, TorchScript, the CSR variant) and those on ONNX Runtime get rounds of their own: at 2
-    threads each runtime's idle workers spin for a while after a call and slow the other's next one,
-    even after the untimed call (one-off, quantized_line at batch 32: 3-bit ORT 7.2-8.8 ms after int8
-    calls, 3.7 without them; int8 1.61 ms in shared rounds, 1.16-1.27 alone)."""
+    ONNX Runtime: 2.12x the float one at 1 thread instead of 2.6-2.7x.) Networks on ONNX Runtime and on
+    torch (int8, TorchScript, the CSR variant) get rounds of their own (`time_in_rounds`' `group`)."""
     out: list[dict[str, object]] = [{"representation": c.representation} for _, _, c in variants]
-    on_ort = [c.representation.endswith("ONNX Runtime") for _, _, c in variants]
-    groups = [[i for i in range(len(variants)) if on_ort[i] == ort] for ort in (True, False)]
-    groups = [g for g in groups if g]
     for b in (1, 32):
         x = x32[:b]
-        for group in groups:
-            for i in group:
-                time_batch(variants[i][2], x, repeats=3)  # warm-up
-            medians = time_in_rounds({i: functools.partial(variants[i][2], x) for i in group}, repeats)
-            for i, seconds in medians.items():
-                out[i][f"ms_b{b}"] = round(1000 * seconds, 3)
+        for _, _, compiled in variants:
+            time_batch(compiled, x, repeats=3)  # warm-up
+        calls = {i: functools.partial(c, x) for i, (_, _, c) in enumerate(variants)}
+        medians = time_in_rounds(calls, repeats, group=lambda i: variants[i][2].on_onnx_runtime)
+        for i, seconds in medians.items():
+            out[i][f"ms_b{b}"] = round(1000 * seconds, 3)
     return out
 
 

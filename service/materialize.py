@@ -37,7 +37,7 @@ import statistics
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -66,6 +66,11 @@ class Compiled:
     stored_bytes: int  # size of the compressed representation (packed bits, CSR, or fp32 as is)
     build_seconds: float
     channels_last: bool
+
+    @property
+    def on_onnx_runtime(self) -> bool:
+        """Runs on ONNX Runtime's thread pool; else on torch's (int8, TorchScript, eager)."""
+        return isinstance(self.module, OnnxModule)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.module, OnnxModule):  # no autograd to switch off: saves ~3 us a call
@@ -402,11 +407,24 @@ def time_batch(compiled: Compiled, x: torch.Tensor, repeats: int = 5) -> float:
 K = TypeVar("K")
 
 
-def time_in_rounds(calls: Mapping[K, Callable[[], object]], rounds: int) -> dict[K, float]:
+def time_in_rounds(
+    calls: Mapping[K, Callable[[], object]], rounds: int, *, group: Callable[[K], Hashable] | None = None
+) -> dict[K, float]:
     """Median seconds of each call over `rounds` rounds, each running every call twice and timing the
     second. The rounds let all calls see the same machine (its pace drifts by up to 2x over minutes
     here); the untimed run pays for switching from the previous call (another alpha, size or runtime,
-    which is `benchmarks.switching`'s to measure) and, on a first call, for creating a shape's kernels."""
+    which is `benchmarks.switching`'s to measure) and, on a first call, for creating a shape's kernels.
+
+    `group`: calls in different groups get rounds of their own, one group after another. For the thread
+    pools: with 2 threads or more, ONNX Runtime's and torch's idle workers spin for a while after a call
+    and slow the other runtime's next one, even after the untimed run (one-off, quantized_line at batch
+    32 and 2 threads: the int8 network 2.6-2.7 ms in shared rounds, 1.35 in its own; 3-bit ORT 7.2-8.8
+    ms after int8 calls, 3.7 without). A service serves one alpha at a time, so apart is its steady state."""
+    if group is not None:
+        out: dict[K, float] = {}
+        for g in dict.fromkeys(map(group, calls)):
+            out |= time_in_rounds({k: c for k, c in calls.items() if group(k) == g}, rounds)
+        return out
     times: dict[K, list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
         for k, call in calls.items():

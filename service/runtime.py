@@ -164,7 +164,8 @@ class Runtime:
         were slower."""
         batches = self.settings.profile_batches
         calls = {(a, b): functools.partial(c, probe[:b]) for a, c in built.items() for b in batches}
-        for (alpha, b), seconds in time_in_rounds(calls, PROFILE_ROUNDS).items():
+        by_runtime = time_in_rounds(calls, PROFILE_ROUNDS, group=lambda k: built[k[0]].on_onnx_runtime)
+        for (alpha, b), seconds in by_runtime.items():
             self.profile.add(alpha, b, seconds)
 
     def predict(self, alpha: float, x: torch.Tensor) -> torch.Tensor:

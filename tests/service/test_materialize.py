@@ -22,6 +22,7 @@ from service.materialize import (
     freeze_module,
     pad_channels,
     time_batch,
+    time_in_rounds,
 )
 from tests.service.service_support import GRID, TinyCheckpoint, normalise, random_images
 
@@ -322,3 +323,25 @@ def test_a_module_the_tracer_cannot_follow_runs_eagerly() -> None:
     assert how == "eager" and isinstance(module, Labels)
     frozen, how = freeze_module(nn.Conv2d(1, 2, 3), torch.ones(1, 1, 4, 4), channels_last=True)
     assert how == "TorchScript" and isinstance(frozen, torch.jit.ScriptModule)
+
+
+def test_time_in_rounds_keeps_each_group_in_rounds_of_its_own() -> None:
+    order: list[str] = []
+    calls = {k: (lambda k=k: order.append(k)) for k in ("ort-a", "torch-a", "ort-b", "torch-b")}
+    medians = time_in_rounds(calls, 3, group=lambda k: k.split("-")[0])
+    assert set(medians) == set(calls) and all(t >= 0 for t in medians.values())
+    # every call runs twice a round (untimed, then timed); the "ort" group's rounds all come first
+    assert order == ["ort-a", "ort-a", "ort-b", "ort-b"] * 3 + ["torch-a", "torch-a", "torch-b", "torch-b"] * 3
+    order.clear()
+    time_in_rounds(calls, 1)
+    assert order == ["ort-a", "ort-a", "torch-a", "torch-a", "ort-b", "ort-b", "torch-b", "torch-b"]
+
+
+def test_compiled_knows_which_runtime_runs_it() -> None:
+    onnx, _ = compile_module(
+        torch.nn.Conv2d(1, 2, 3), torch.zeros(2, 1, 4, 4), backend="onnxruntime", channels_last=False
+    )
+    frozen, _ = freeze_module(torch.nn.Conv2d(1, 2, 3), torch.zeros(2, 1, 4, 4), False)
+    level = Level("structured", width=1.0)
+    assert Compiled(1.0, level, onnx, "", 0, 0, 0.0, False).on_onnx_runtime
+    assert not Compiled(1.0, level, frozen, "", 0, 0, 0.0, False).on_onnx_runtime

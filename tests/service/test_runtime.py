@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from service.materialize import Compiled
 from service.runtime import PROFILE_ROUNDS, Runtime
 from tests.service.service_support import GRID, TinyCheckpoint, make_settings, normalise, random_images
 
@@ -42,16 +43,19 @@ def test_the_profile_is_timed_in_rounds_so_a_drifting_machine_keeps_the_alphas_i
     clock = {"now": 0.0, "calls": 0}
     total_calls = 2 * 2 * PROFILE_ROUNDS  # alphas x (untimed + timed) x rounds
 
-    def model(cost: float) -> Callable[[torch.Tensor], None]:
-        def run(x: torch.Tensor) -> None:
+    def model(cost: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(x: torch.Tensor) -> torch.Tensor:
             pace = 2.0 - clock["calls"] / total_calls  # 2x slow at the start, 1x at the end
             clock["now"] += cost * pace
             clock["calls"] += 1
+            return x
 
         return run
 
+    costs = {1.0: 0.005, 0.5: 0.006}
     monkeypatch.setattr("service.materialize.time.perf_counter", lambda: clock["now"])
-    rt._measure_profile({1.0: model(0.005), 0.5: model(0.006)}, torch.zeros(1, 1, 8, 8))  # type: ignore[dict-item]
+    built = {a: Compiled(a, rt.model.at(a).level, model(cost), "fake", 0, 0, 0.0, False) for a, cost in costs.items()}
+    rt._measure_profile(built, torch.zeros(1, 1, 8, 8))
     t1, t05 = rt.profile.predict(1.0, 1), rt.profile.predict(0.5, 1)
     assert t1 is not None and t05 is not None and t1 < t05
     assert t05 / t1 == pytest.approx(1.2, rel=0.05)
