@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
+import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -71,11 +72,14 @@ def _csr_variant(plain: torch.nn.Module, density_below: float = 0.5) -> torch.nn
 
 
 def _predictions(
-    net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+    net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, scale: np.ndarray, shift: np.ndarray
 ) -> torch.Tensor:
     with torch.inference_mode():
         return torch.cat(
-            [net(images[i : i + 500].float() * scale + shift).argmax(1) for i in range(0, len(images), 500)]
+            [
+                net(torch.from_numpy(images[i : i + 500].numpy() * scale + shift)).argmax(1)
+                for i in range(0, len(images), 500)
+            ]
         )
 
 
@@ -114,7 +118,7 @@ def main() -> None:
     alphas = sorted({max(a for a in grid if a <= w + 1e-9) for w in wanted})
     scale, shift = normaliser(meta.input)
     samples = checkpoint.read_samples(args.checkpoint)
-    calib = None if samples is None else samples[0].float() * scale + shift
+    calib = None if samples is None else torch.from_numpy(samples[0].numpy() * scale + shift)
     test = None
     try:
         from training.data import load_dataset

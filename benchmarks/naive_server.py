@@ -26,7 +26,7 @@ _path = Path(os.environ.get("LCS_CHECKPOINT", "models/structured_line.safetensor
 _model, _meta = checkpoint.load(_path)
 _samples = checkpoint.read_samples(_path)
 _scale, _shift = normaliser(_meta.input)
-_calib = None if _samples is None else _samples[0].float() * _scale + _shift
+_calib = None if _samples is None else torch.from_numpy(_samples[0].numpy() * _scale + _shift)
 _compiled = build(_model, _meta, 1.0, samples=_calib, channels_last=True)
 _lock = threading.Lock()
 app = FastAPI()
@@ -38,12 +38,10 @@ class Body(BaseModel):
 
 @app.post("/predict")
 def predict(body: Body) -> dict[str, Any]:
-    x = (
-        torch.from_numpy(np.asarray(body.inputs, dtype=np.float32)).view(-1, *_calib.shape[1:])
-        if _calib is not None
-        else torch.from_numpy(np.asarray(body.inputs, dtype=np.float32))
-    )
+    x = np.asarray(body.inputs, dtype=np.float32)
+    if _calib is not None:
+        x = x.reshape(-1, *_calib.shape[1:])
     with _lock:  # one request at a time
-        probs = torch.softmax(_compiled(x * _scale + _shift), dim=1)
+        probs = torch.softmax(_compiled(torch.from_numpy(x * _scale + _shift)), dim=1)
     top = probs.argmax(1).tolist()
     return {"predictions": [{"label": _meta.classes[i], "index": i} for i in top]}

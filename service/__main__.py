@@ -10,14 +10,16 @@ from pydantic import ValidationError
 
 from lcs.checkpoint import CheckpointError
 from service.app import create_app
-from service.runtime import Runtime
+from service.runtime import Runtime, inference_executor
 from service.settings import Settings
 
 
 def main() -> int:
+    executor = inference_executor()  # torch work runs on this thread only
     try:
         settings = Settings()
-        runtime = Runtime.load(settings)  # fail fast, before binding the port, with a message naming the problem
+        # fail fast, before binding the port, with a message naming the problem
+        runtime = executor.submit(Runtime.load, settings).result()
     except ValidationError as e:
         for err in e.errors():
             field = "LCS_" + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else "settings"
@@ -32,7 +34,7 @@ def main() -> int:
     sys.setswitchinterval(0.0005)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
-        create_app(settings, runtime=runtime),
+        create_app(settings, runtime=runtime, executor=executor),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

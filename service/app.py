@@ -33,7 +33,7 @@ from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.inputs import InputError, decode
 from service.metrics import Metrics
-from service.runtime import LEVEL_NAMES, Runtime
+from service.runtime import LEVEL_NAMES, Runtime, inference_executor
 from service.schemas import (
     PRESETS,
     ErrorResponse,
@@ -60,12 +60,12 @@ class ApiError(Exception):
 class State:
     """Everything the routes need, created in lifespan (nothing at import time)."""
 
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
         self.settings = settings
         self.runtime = runtime
         self.metrics = Metrics(settings.slo_p99_seconds, lambda: runtime.cache)
         self.metrics.ceiling.set(runtime.controller.ceiling)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcs-infer")
+        self.executor = executor  # the inference thread: all torch work runs on it
         self.batcher = Batcher(
             runtime.predict,
             runtime.controller.batch_alpha,
@@ -476,8 +476,8 @@ def _alpha(value: float | str | None, default: float, field: str) -> float:
 
 
 async def _infer(
-    st: State, state: dict[str, Any], x_raw: torch.Tensor, quality: Any, min_quality: Any, deadline_ms: float | None
-) -> tuple[torch.Tensor, Any, float]:
+    st: State, state: dict[str, Any], x_raw: np.ndarray, quality: Any, min_quality: Any, deadline_ms: float | None
+) -> tuple[np.ndarray, Any, float]:
     """Admission, queueing and inference shared by /predict and the v2 infer path, once the body is decoded.
     `state`: the request's scope state (its arrival time, from which its deadline counts; its place in the
     pre-body gate's count, which it leaves here)."""
@@ -545,24 +545,38 @@ async def _infer(
     return res.probabilities, res, rt.accuracy.get(res.alpha, float("nan"))
 
 
-def create_app(settings: Settings | None = None, *, warm_up: bool = True, runtime: Runtime | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    warm_up: bool = True,
+    runtime: Runtime | None = None,
+    executor: ThreadPoolExecutor | None = None,
+) -> FastAPI:
     """The ASGI app. Settings default to the LCS_* environment; a bad checkpoint fails start-up. `runtime`:
-    one already loaded from these settings (`python -m service` loads it before binding the port)."""
+    one already loaded from these settings on `executor`, the inference thread (`python -m service` loads
+    it before binding the port)."""
 
     s = settings or Settings()
-    preloaded = runtime
+    preloaded, given = runtime, executor
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = preloaded or Runtime.load(s)
-        st = State(s, runtime)
+        executor = given or inference_executor()
+        loaded = preloaded
+        if loaded is None:
+            try:
+                loaded = await asyncio.get_running_loop().run_in_executor(executor, Runtime.load, s)
+            except BaseException:
+                executor.shutdown(wait=False)
+                raise
+        st = State(s, loaded, executor)
         app.state.lcs = st
         st.metrics.info.info(
             {
                 "version": VERSION,
-                "model": runtime.name,
-                "kind": runtime.meta.kind,
-                "subspace": runtime.meta.subspace,
+                "model": loaded.name,
+                "kind": loaded.meta.kind,
+                "subspace": loaded.meta.subspace,
                 "torch": torch.__version__,
             }
         )
@@ -674,7 +688,8 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True, runtim
         )
         probs, res, acc = await _infer(st, request.scope["state"], x, body.quality, body.min_quality, body.deadline_ms)
         k = min(body.top_k or st.settings.top_k, probs.shape[1])
-        top_p, top_i = probs.topk(k, dim=1)
+        top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top_p = np.take_along_axis(probs, top_i, axis=1)
         classes = rt.meta.classes
         preds = []
         for ps, ix in zip(top_p.tolist(), top_i.tolist(), strict=True):
@@ -827,15 +842,15 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True, runtim
         if n > st.settings.max_inputs:
             raise ApiError(422, f"inputs[0]: {n} images, the limit is {st.settings.max_inputs}")
         if t.data is None:
-            x = _binary_tensor(binary, t, n * per).view(n, i.channels, i.height, i.width)
+            x = _binary_tensor(binary, t, n * per).reshape(n, i.channels, i.height, i.width)
         else:
-            if not set(map(type, t.data)) <= {int, float}:  # torch would take true as 1 and [1] as 1
+            if not set(map(type, t.data)) <= {int, float}:  # numpy would take true as 1 and [1] as 1
                 raise ApiError(422, "inputs[0].data must be a flat list of numbers")
             try:
-                x = torch.tensor(t.data, dtype=torch.float32).view(n, i.channels, i.height, i.width)
-            except (TypeError, ValueError, RuntimeError, OverflowError):
+                x = np.asarray(t.data, dtype=np.float32).reshape(n, i.channels, i.height, i.width)
+            except (TypeError, ValueError, OverflowError):
                 raise ApiError(422, "inputs[0].data must be a flat list of numbers") from None
-        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 255:
+        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
             raise ApiError(422, "inputs[0].data: pixel values must be finite and in 0-255")
         p = body.parameters or {}
         deadline_ms = p.get("deadline_ms")
@@ -864,7 +879,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True, runtim
                     "name": "probabilities",
                     "datatype": "FP32",
                     "shape": list(probs.shape),
-                    "data": probs.flatten().tolist(),
+                    "data": probs.reshape(-1).tolist(),
                 }
             ],
         }
@@ -875,7 +890,7 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True, runtim
 _BINARY_DTYPES = {"UINT8": "u1", "FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
 
 
-def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> torch.Tensor:
+def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> np.ndarray:
     """`count` little-endian values of t.datatype from the binary part of the body, as float32."""
     size = (t.parameters or {}).get("binary_data_size")
     if isinstance(size, bool) or not isinstance(size, int) or size != len(binary):
@@ -889,7 +904,7 @@ def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> torch.Tensor:
             f"inputs[0]: {size} bytes of {t.datatype} hold {size / dtype.itemsize:g} values, not the {count} "
             "the shape needs",
         )
-    return torch.from_numpy(np.frombuffer(binary, dtype=dtype).astype(np.float32))
+    return np.frombuffer(binary, dtype=dtype).astype(np.float32)
 
 
 def _reason(status: int) -> str:

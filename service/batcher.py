@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 log = logging.getLogger("lcs.service")
 
@@ -40,7 +40,7 @@ class Draining(Exception):
 
 @dataclass(eq=False)  # identity equality: deque.remove() must not compare tensors field by field
 class Job:
-    x: torch.Tensor  # [n, C, H, W] normalised float
+    x: np.ndarray  # [n, C, H, W] normalised float32 (numpy: no torch work on the event loop, see service.inputs)
     target: float  # grid alpha asked for (quality capped by nothing yet)
     floor: float  # lowest grid alpha acceptable
     deadline: float | None  # absolute time.monotonic() by which the answer is due, if any
@@ -58,7 +58,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Result:
-    probabilities: torch.Tensor  # [n, classes]
+    probabilities: np.ndarray  # [n, classes]
     alpha: float
     queue_seconds: float
     compute_seconds: float
@@ -74,7 +74,7 @@ class BatchStats:
 class Batcher:
     def __init__(
         self,
-        run: Callable[[float, torch.Tensor], torch.Tensor],
+        run: Callable[[float, np.ndarray], np.ndarray],
         choose: Callable[[float, float, int, float | None, int], float],  # see Controller.batch_alpha
         executor: Executor,
         *,
@@ -178,7 +178,7 @@ class Batcher:
                 behind = min(later) - now - rest
                 slack = behind if slack is None else min(slack, behind)
         alpha = self._choose(batch[0].target, max(j.floor for j in batch), images, slack, len(batch))
-        x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
+        x = np.concatenate([j.x for j in batch]) if len(batch) > 1 else batch[0].x
         self.running = len(batch)
         t0 = time.monotonic()
         try:
@@ -201,7 +201,7 @@ class Batcher:
                 j.future.set_result(Result(probs[i : i + j.images], alpha, t0 - j.enqueued, compute, images))
             i += j.images
 
-    def _timed(self, alpha: float, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _timed(self, alpha: float, x: np.ndarray) -> tuple[np.ndarray, float]:
         """Run the model and time it in the worker thread: the time a batch spends handed between threads
         (waiting for the GIL while the event loop holds it) is the same at every alpha, so it must not
         count as model time."""

@@ -3,6 +3,9 @@
 An input is either a nested array of raw pixel values (0-255) shaped [H, W] (single-channel models),
 [C, H, W] or [H, W, C], or a string holding a base64 PNG or JPEG (optionally a data: URL), which is
 converted to the model's channel count and resized to its height and width.
+
+Decoded inputs stay numpy arrays through the event loop (normalised, batched): torch work belongs to
+the inference thread alone (`service.runtime.inference_executor` says why).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import torch
 
 from lcs.checkpoint import InputSpec
 
@@ -97,8 +99,8 @@ def _decode_image(text: str, spec: InputSpec, where: str, max_pixels: int) -> np
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pixels: int) -> torch.Tensor:
-    """Raw inputs -> float32 tensor [N, C, H, W] of pixel values in 0-255 (not yet normalised)."""
+def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pixels: int) -> np.ndarray:
+    """Raw inputs -> float32 array [N, C, H, W] of pixel values in 0-255 (not yet normalised)."""
     if not isinstance(inputs, list | tuple) or len(inputs) == 0:
         raise InputError("inputs: send a non-empty list of images")
     if len(inputs) > max_inputs:
@@ -119,7 +121,7 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
                 for i, a in enumerate(items):
                     _check_range(a, f"inputs[{i}]")
                 raise
-            return torch.from_numpy(out)
+            return out
     items = []
     for i, x in enumerate(inputs):
         where = f"inputs[{i}]"
@@ -138,11 +140,11 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
             items.append(arr)
         else:
             raise InputError(f"{where}: expected a nested array of pixel values or a base64 PNG/JPEG string")
-    return torch.from_numpy(np.stack(items))
+    return np.stack(items)
 
 
-def normaliser(spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) such that x * scale + shift == (x / 255 - mean) / std, per channel [1, C, 1, 1]."""
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return 1.0 / (255.0 * std), -mean / std
+def normaliser(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (scale, shift) such that x * scale + shift == (x / 255 - mean) / std, per channel [1, C, 1, 1]."""
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.float32(1.0) / (np.float32(255.0) * std), -mean / std

@@ -12,8 +12,10 @@ import functools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lcs import checkpoint
@@ -37,6 +39,22 @@ def release_freed_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def inference_executor() -> ThreadPoolExecutor:
+    """The one thread that does the service's torch work: loading, building, profiling, every batch.
+
+    torch's OpenMP runtime keeps a pool of worker threads per thread that starts parallel work, and once
+    the process's pools hold more threads than there are CPUs, idle workers stop spinning between
+    parallel regions and sleep, so every torch op wakes them again. A single parallel torch op on the
+    event loop (normalising a 64-image request, loading the checkpoint) gave it a pool of its own, and
+    from then on the int8 network ran at half speed on the inference thread (one-off, batch 32, 2
+    threads: 2.10 ms against 1.13-1.20; TorchScript alpha 1 8.9 against 6.4). So the event loop works in
+    numpy (`service.inputs`) and everything torch runs here. ONNX Runtime has a pool of its own; the one
+    torch pool, spinning for a while after each parallel op, slows an ONNX Runtime batch run right
+    after one, which is why `Runtime.predict` leaves the softmax to numpy (a quantized model's int8
+    batches still slow a 3-7-bit batch that follows them)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcs-infer")
+
+
 LEVEL_NAMES = {"unstructured": "sparsity", "structured": "width", "quantized": "bits"}
 PROFILE_ROUNDS = 7  # timings per (alpha, batch size) in the start-up profile, one per round
 
@@ -50,8 +68,8 @@ class Runtime:
     grid: Grid
     samples: torch.Tensor | None  # normalised sample images from the checkpoint, [N, C, H, W]
     sample_labels: torch.Tensor | None
-    scale: torch.Tensor
-    shift: torch.Tensor
+    scale: np.ndarray  # float32 [1, C, 1, 1]: normalised = raw * scale + shift
+    shift: np.ndarray
     cache: ModelCache = field(init=False)
     profile: LatencyProfile = field(default_factory=LatencyProfile)
     controller: Controller = field(init=False)
@@ -89,7 +107,7 @@ class Runtime:
             meta=meta,
             name=settings.model_name or settings.checkpoint.stem,
             grid=grid,
-            samples=None if samples is None else samples[0].float() * scale + shift,
+            samples=None if samples is None else torch.from_numpy(samples[0].numpy() * scale + shift),
             sample_labels=None if samples is None else samples[1],
             scale=scale,
             shift=shift,
@@ -151,8 +169,8 @@ class Runtime:
         self._measure_profile({alpha: self.cache.get(alpha) for alpha in prebuild}, probe)
         if self.samples is not None and self.sample_labels is not None:
             for alpha in prebuild:
-                pred = self.predict(alpha, self.samples).argmax(1)
-                self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels).float().mean()), 2)
+                pred = self.predict(alpha, self.samples.numpy()).argmax(1)
+                self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
         release_freed_heap()
         self.ready = True
 
@@ -168,9 +186,14 @@ class Runtime:
         for (alpha, b), seconds in by_runtime.items():
             self.profile.add(alpha, b, seconds)
 
-    def predict(self, alpha: float, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities [N, classes] for a normalised batch at grid alpha (called off the event loop)."""
-        return torch.softmax(self.cache.get(alpha)(x), dim=1)
+    def predict(self, alpha: float, x: np.ndarray) -> np.ndarray:
+        """Probabilities [N, classes] for a normalised batch at grid alpha (on the inference thread). The
+        softmax is numpy's: torch's, even on [64, 10], runs on torch's thread pool, whose workers then
+        spin beside ONNX Runtime's next batch (one-off, alpha 1 at batch 64 and 2 threads: 12.0 ms a
+        batch with it, 5.8 without)."""
+        logits = self.cache.get(alpha)(torch.from_numpy(x)).numpy()
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
 
     def level(self, alpha: float) -> float:
         return self.model.schedule.level(alpha).value

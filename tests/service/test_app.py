@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -673,3 +674,41 @@ def test_model_failure_is_a_500_and_the_service_keeps_serving(structured: TinyCh
         assert r.json()["error"] == "internal error" and r.json()["request_id"] == r.headers["x-request-id"]
         assert "kernel exploded" not in r.text  # internals stay in the log
         assert c.post("/predict", json={"inputs": [ZEROS]}).status_code == 200
+
+
+def test_all_torch_work_runs_on_the_inference_thread(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading, warm-up and every batch run on the one `lcs-infer` thread, and a request's decoded,
+    normalised input reaches it as numpy: torch work on the event loop would give that thread an OpenMP
+    pool of its own, and two pools on two cores halved the int8 network's speed (runtime.inference_executor)."""
+    from service.runtime import Runtime
+
+    seen: dict[str, set[str]] = {"load": set(), "warm_up": set(), "predict": set()}
+    inputs: list[type] = []
+    load, warm_up, predict = Runtime.load.__func__, Runtime.warm_up, Runtime.predict  # type: ignore[attr-defined]
+
+    def record(name: str) -> None:
+        seen[name].add(threading.current_thread().name)
+
+    def spy_load(cls: type[Runtime], settings: Any) -> Runtime:
+        record("load")
+        return load(cls, settings)  # type: ignore[no-any-return]
+
+    def spy_warm_up(self: Runtime) -> None:
+        record("warm_up")
+        warm_up(self)
+
+    def spy_predict(self: Runtime, alpha: float, x: Any) -> torch.Tensor:
+        record("predict")
+        inputs.append(type(x))
+        return predict(self, alpha, x)
+
+    monkeypatch.setattr(Runtime, "load", classmethod(spy_load))
+    monkeypatch.setattr(Runtime, "warm_up", spy_warm_up)
+    monkeypatch.setattr(Runtime, "predict", spy_predict)
+    with serve(make_settings(structured.path)) as c:
+        r = c.post("/predict", json={"inputs": [image_list(structured.samples[i]) for i in range(3)]})
+        assert r.status_code == 200
+    assert all(names and all(n.startswith("lcs-infer") for n in names) for names in seen.values()), seen
+    assert inputs and set(inputs) == {np.ndarray}

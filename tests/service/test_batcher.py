@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
-import torch
 
 from service.batcher import Batcher, Draining, Job, QueueFull, Result
 from tests.service.service_support import until
@@ -38,7 +38,7 @@ class FakeModel:
     batches: list[tuple[float, list[float]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __call__(self, alpha: float, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, alpha: float, x: np.ndarray) -> np.ndarray:
         with self.lock:
             call = len(self.batches)
             self.batches.append((alpha, x[:, 0, 0, 0].tolist()))
@@ -46,7 +46,7 @@ class FakeModel:
             assert self.gate.wait(10), "the test never released the model"
         if self.fail_when(call, alpha):
             raise RuntimeError(f"model failed on batch {call}")
-        return torch.stack([x[:, 0, 0, 0], torch.full((len(x),), alpha)], dim=1)
+        return np.stack([x[:, 0, 0, 0], np.full(len(x), alpha, dtype=np.float32)], axis=1)
 
 
 def choose_target(target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
@@ -57,7 +57,7 @@ def job(
     ident: float, *, images: int = 1, target: float = 1.0, floor: float = 0.0, deadline: float | None = None
 ) -> Job:
     """A job whose images are all filled with `ident` (+ 0.01 * i for its i-th image)."""
-    x = torch.stack([torch.full((1, 2, 2), ident + 0.01 * i) for i in range(images)])
+    x = np.stack([np.full((1, 2, 2), ident + 0.01 * i, dtype=np.float32) for i in range(images)])
     return Job(x, target, floor, deadline)
 
 

@@ -9,7 +9,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFile
 
 from lcs.checkpoint import InputSpec
@@ -19,7 +18,7 @@ GRAY = InputSpec(channels=1, height=6, width=5, mean=[0.5], std=[0.25])
 RGB = InputSpec(channels=3, height=4, width=5, mean=[0.1, 0.2, 0.3], std=[0.5, 0.25, 0.125])
 
 
-def run(inputs: object, spec: InputSpec = GRAY, *, max_inputs: int = 8, max_pixels: int = 10_000) -> torch.Tensor:
+def run(inputs: object, spec: InputSpec = GRAY, *, max_inputs: int = 8, max_pixels: int = 10_000) -> np.ndarray:
     return decode(inputs, spec, max_inputs=max_inputs, max_pixels=max_pixels)  # type: ignore[arg-type]
 
 
@@ -41,19 +40,19 @@ def ramp(h: int, w: int, c: int | None = None) -> np.ndarray:
 def test_hw_and_chw_arrays_give_the_same_batch() -> None:
     img = ramp(6, 5)
     out = run([img.tolist(), img[None].tolist(), img[:, :, None].tolist()])
-    assert out.dtype == torch.float32
+    assert out.dtype == np.float32
     assert out.shape == (3, 1, 6, 5)
     for i in range(3):
-        assert torch.equal(out[i, 0], torch.from_numpy(img))
+        assert np.array_equal(out[i, 0], img)
 
 
 def test_hwc_arrays_are_transposed_to_chw() -> None:
     hwc = ramp(4, 5, 3)
     out = run([hwc.tolist()], RGB)
     assert out.shape == (1, 3, 4, 5)
-    assert torch.equal(out[0], torch.from_numpy(hwc.transpose(2, 0, 1).copy()))
+    assert np.array_equal(out[0], hwc.transpose(2, 0, 1))
     chw = hwc.transpose(2, 0, 1)
-    assert torch.equal(run([chw.tolist()], RGB)[0], torch.from_numpy(chw.copy()))
+    assert np.array_equal(run([chw.tolist()], RGB)[0], chw)
 
 
 def test_hw_is_refused_for_a_colour_model_and_the_message_lists_what_is_accepted() -> None:
@@ -133,13 +132,13 @@ def test_png_decodes_losslessly() -> None:
     img = ramp(6, 5).astype(np.uint8)
     out = run([b64(Image.fromarray(img, "L"), "PNG")])
     assert out.shape == (1, 1, 6, 5)
-    assert torch.equal(out[0, 0], torch.from_numpy(img.astype(np.float32)))
+    assert np.array_equal(out[0, 0], img.astype(np.float32))
 
 
 def test_data_url_prefix_is_accepted() -> None:
     img = ramp(6, 5).astype(np.uint8)
     out = run(["data:image/png;base64," + b64(Image.fromarray(img, "L"), "PNG")])
-    assert torch.equal(out[0, 0], torch.from_numpy(img.astype(np.float32)))
+    assert np.array_equal(out[0, 0], img.astype(np.float32))
 
 
 def test_jpeg_decodes_close_to_the_original() -> None:
@@ -147,24 +146,24 @@ def test_jpeg_decodes_close_to_the_original() -> None:
     img[:3] = 200
     out = run([b64(Image.fromarray(img, "L"), "JPEG", quality=95)])
     assert out.shape == (1, 1, 6, 5)
-    assert float((out[0, 0] - torch.from_numpy(img.astype(np.float32))).abs().mean()) < 10.0
+    assert float(np.abs(out[0, 0] - img.astype(np.float32)).mean()) < 10.0
 
 
 def test_colour_png_is_converted_to_the_model_channels_and_resized() -> None:
     grey_rgb = Image.new("RGB", (20, 24), (90, 90, 90))  # 4x larger than the model input, R = G = B
     out = run([b64(grey_rgb, "PNG")])
     assert out.shape == (1, 1, 6, 5)
-    assert torch.equal(out, torch.full((1, 1, 6, 5), 90.0))
+    assert np.array_equal(out, np.full((1, 1, 6, 5), 90.0))
     gray = Image.new("L", (5, 4), 40)
     out = run([b64(gray, "PNG")], RGB)
     assert out.shape == (1, 3, 4, 5)
-    assert torch.equal(out, torch.full((1, 3, 4, 5), 40.0))
+    assert np.array_equal(out, np.full((1, 3, 4, 5), 40.0))
 
 
 def test_arrays_and_images_mix_in_one_request() -> None:
     img = ramp(6, 5)
     out = run([img.tolist(), b64(Image.fromarray(img.astype(np.uint8), "L"), "PNG")])
-    assert torch.equal(out[0], out[1])
+    assert np.array_equal(out[0], out[1])
 
 
 @pytest.mark.parametrize("text", ["not base64 at all!", "QUJD=Rg=="])
@@ -219,8 +218,9 @@ def test_image_over_max_pixels_is_refused_before_decoding(monkeypatch: pytest.Mo
 
 def test_normaliser_maps_pixels_like_training() -> None:
     scale, shift = normaliser(RGB)
-    x = torch.tensor([0.0, 127.5, 255.0]).view(1, 1, 3, 1).expand(1, 3, 3, 1)
+    x = np.broadcast_to(np.array([0.0, 127.5, 255.0], dtype=np.float32).reshape(1, 1, 3, 1), (1, 3, 3, 1))
     got = x * scale + shift
+    assert got.dtype == np.float32
     for c in range(3):
         expected = (x[0, c] / 255.0 - RGB.mean[c]) / RGB.std[c]
-        assert torch.allclose(got[0, c], expected, atol=1e-6)
+        np.testing.assert_allclose(got[0, c], expected, atol=1e-6)

@@ -304,8 +304,8 @@ def test_int8_kernels_agree_with_the_shipped_models_training_side(name: str) -> 
         images = load_dataset(meta.dataset).test.images[:2000]
     except DataError:  # the dataset package is not installed
         images = stored[0]
-    x = images.float() * scale + shift
-    compiled = build(model, meta, 1.0, samples=stored[0].float() * scale + shift, channels_last=False)
+    x = torch.from_numpy(images.numpy() * scale + shift)
+    compiled = build(model, meta, 1.0, samples=torch.from_numpy(stored[0].numpy() * scale + shift), channels_last=False)
     assert compiled.representation.startswith("int8")
     with torch.inference_mode():
         served = torch.cat([compiled(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
