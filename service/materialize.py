@@ -417,9 +417,9 @@ def time_in_rounds(
 
     `group`: calls in different groups get rounds of their own, one group after another. For the thread
     pools: with 2 threads or more, ONNX Runtime's and torch's idle workers spin for a while after a call
-    and slow the other runtime's next one, even after the untimed run (one-off, quantized_line at batch
-    32 and 2 threads: the int8 network 2.6-2.7 ms in shared rounds, 1.35 in its own; 3-bit ORT 7.2-8.8
-    ms after int8 calls, 3.7 without). A service serves one alpha at a time, so apart is its steady state."""
+    and slow the other runtime's next one, even after the untimed run (quantized_line at batch 32 and 2
+    threads, `benchmarks.alphas`: the float network 7.67 ms and int8 1.61 in shared rounds, 2.87 and 1.35
+    apart). A service serves one alpha at a time, so apart is its steady state."""
     if group is not None:
         out: dict[K, float] = {}
         for g in dict.fromkeys(map(group, calls)):
