@@ -33,7 +33,7 @@ from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.inputs import InputError, decode
 from service.metrics import Metrics
-from service.runtime import LEVEL_NAMES, Runtime, inference_executor
+from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
 from service.schemas import (
     PRESETS,
     ErrorResponse,
@@ -67,7 +67,7 @@ class State:
         self.metrics.ceiling.set(runtime.controller.ceiling)
         self.executor = executor  # the inference thread: all torch work runs on it
         self.batcher = Batcher(
-            runtime.predict,
+            runtime.logits,
             runtime.controller.batch_alpha,
             self.executor,
             max_batch=settings.max_batch,
@@ -542,7 +542,7 @@ async def _infer(
         st.metrics.queue_depth.set(st.batcher.depth)
     st.metrics.queue_wait.observe(res.queue_seconds)
     st.metrics.alpha.observe(res.alpha)
-    return res.probabilities, res, rt.accuracy.get(res.alpha, float("nan"))
+    return softmax(res.outputs), res, rt.accuracy.get(res.alpha, float("nan"))
 
 
 def create_app(

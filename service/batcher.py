@@ -58,7 +58,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Result:
-    probabilities: np.ndarray  # [n, classes]
+    outputs: np.ndarray  # [n, ...]: this request's rows of the batch's output (the runtime's logits)
     alpha: float
     queue_seconds: float
     compute_seconds: float
@@ -87,7 +87,7 @@ class Batcher:
         reserve: float = 0.0,
         pending: Callable[[], int] | None = None,
     ) -> None:
-        self._run = run  # (alpha, x) -> probabilities; called in the executor
+        self._run = run  # (alpha, x) -> outputs; called in the executor
         self._choose = choose
         self._executor = executor
         self.max_batch = max_batch
@@ -182,7 +182,7 @@ class Batcher:
         self.running = len(batch)
         t0 = time.monotonic()
         try:
-            probs, model_seconds = await loop.run_in_executor(self._executor, self._timed, alpha, x)
+            out, model_seconds = await loop.run_in_executor(self._executor, self._timed, alpha, x)
         except Exception as e:  # the model failed: every request in the batch gets the error
             for j in batch:
                 if not j.future.done():
@@ -198,7 +198,7 @@ class Batcher:
         i = 0
         for j in batch:
             if not j.future.done():
-                j.future.set_result(Result(probs[i : i + j.images], alpha, t0 - j.enqueued, compute, images))
+                j.future.set_result(Result(out[i : i + j.images], alpha, t0 - j.enqueued, compute, images))
             i += j.images
 
     def _timed(self, alpha: float, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -206,8 +206,8 @@ class Batcher:
         (waiting for the GIL while the event loop holds it) is the same at every alpha, so it must not
         count as model time."""
         t0 = time.perf_counter()
-        probs = self._run(alpha, x)
-        return probs, time.perf_counter() - t0
+        out = self._run(alpha, x)
+        return out, time.perf_counter() - t0
 
     def abandon(self) -> int:
         """Fail every queued (not yet running) job with Draining, so each still gets an answer; returns how many."""

@@ -39,6 +39,12 @@ def release_freed_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from a request's logits, on the event loop (see `Runtime.logits`)."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+
+
 def inference_executor() -> ThreadPoolExecutor:
     """The one thread that does the service's torch work: loading, building, profiling, every batch.
 
@@ -169,7 +175,7 @@ class Runtime:
         self._measure_profile({alpha: self.cache.get(alpha) for alpha in prebuild}, probe)
         if self.samples is not None and self.sample_labels is not None:
             for alpha in prebuild:
-                pred = self.predict(alpha, self.samples.numpy()).argmax(1)
+                pred = self.logits(alpha, self.samples.numpy()).argmax(1)
                 self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
         release_freed_heap()
         self.ready = True
@@ -181,19 +187,18 @@ class Runtime:
         slower than alphas 0.65-0.85, which (unpadded, their widths off ONNX Runtime's 16-channel blocks)
         were slower."""
         batches = self.settings.profile_batches
-        calls = {(a, b): functools.partial(c, probe[:b]) for a, c in built.items() for b in batches}
+        calls = {(a, b): functools.partial(c.logits, probe[:b].numpy()) for a, c in built.items() for b in batches}
         by_runtime = time_in_rounds(calls, PROFILE_ROUNDS, group=lambda k: built[k[0]].on_onnx_runtime)
         for (alpha, b), seconds in by_runtime.items():
             self.profile.add(alpha, b, seconds)
 
-    def predict(self, alpha: float, x: np.ndarray) -> np.ndarray:
-        """Probabilities [N, classes] for a normalised batch at grid alpha (on the inference thread). The
-        softmax is numpy's: torch's, even on [64, 10], runs on torch's thread pool, whose workers then
-        spin beside ONNX Runtime's next batch (one-off, alpha 1 at batch 64 and 2 threads: 12.0 ms a
-        batch with it, 5.8 without)."""
-        logits = self.cache.get(alpha)(torch.from_numpy(x)).numpy()
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+    def logits(self, alpha: float, x: np.ndarray) -> np.ndarray:
+        """Logits [N, classes] for a normalised float32 batch at grid alpha (on the inference thread). The
+        softmax is left to the event loop (`softmax`): on this thread each op would hand the GIL back (a
+        wait behind a busy loop), and torch's, even on [64, 10], runs on torch's thread pool, whose
+        workers then spin beside ONNX Runtime's next batch (one-off, alpha 1 at batch 64 and 2 threads:
+        12.0 ms a batch with it, 5.8 without)."""
+        return self.cache.get(alpha).logits(x)
 
     def level(self, alpha: float) -> float:
         return self.model.schedule.level(alpha).value

@@ -684,9 +684,9 @@ def test_all_torch_work_runs_on_the_inference_thread(
     pool of its own, and two pools on two cores halved the int8 network's speed (runtime.inference_executor)."""
     from service.runtime import Runtime
 
-    seen: dict[str, set[str]] = {"load": set(), "warm_up": set(), "predict": set()}
+    seen: dict[str, set[str]] = {"load": set(), "warm_up": set(), "logits": set()}
     inputs: list[type] = []
-    load, warm_up, predict = Runtime.load.__func__, Runtime.warm_up, Runtime.predict  # type: ignore[attr-defined]
+    load, warm_up, logits = Runtime.load.__func__, Runtime.warm_up, Runtime.logits  # type: ignore[attr-defined]
 
     def record(name: str) -> None:
         seen[name].add(threading.current_thread().name)
@@ -699,14 +699,14 @@ def test_all_torch_work_runs_on_the_inference_thread(
         record("warm_up")
         warm_up(self)
 
-    def spy_predict(self: Runtime, alpha: float, x: Any) -> torch.Tensor:
-        record("predict")
+    def spy_logits(self: Runtime, alpha: float, x: Any) -> Any:
+        record("logits")
         inputs.append(type(x))
-        return predict(self, alpha, x)
+        return logits(self, alpha, x)
 
     monkeypatch.setattr(Runtime, "load", classmethod(spy_load))
     monkeypatch.setattr(Runtime, "warm_up", spy_warm_up)
-    monkeypatch.setattr(Runtime, "predict", spy_predict)
+    monkeypatch.setattr(Runtime, "logits", spy_logits)
     with serve(make_settings(structured.path)) as c:
         r = c.post("/predict", json={"inputs": [image_list(structured.samples[i]) for i in range(3)]})
         assert r.status_code == 200

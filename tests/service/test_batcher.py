@@ -107,7 +107,7 @@ async def stop(task: asyncio.Task[None], executor: ThreadPoolExecutor) -> None:
 
 
 def ids(result: Result) -> list[float]:
-    return [round(v, 4) for v in result.probabilities[:, 0].tolist()]
+    return [round(v, 4) for v in result.outputs[:, 0].tolist()]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_concurrent_requests_each_get_their_own_rows() -> None:
         for j, r in zip(jobs, results[1:], strict=True):
             ident = float(j.x[0, 0, 0, 0])
             assert ids(r) == [round(ident + 0.01 * k, 4) for k in range(j.images)]
-            assert r.probabilities.shape == (j.images, 2)
+            assert r.outputs.shape == (j.images, 2)
         sizes = [len(rows) for _, rows in model.batches]
         assert max(sizes) <= MAX_BATCH
         assert max(sizes) > 1  # they were actually batched
@@ -165,7 +165,7 @@ def test_requests_with_different_targets_are_never_batched_together() -> None:
             assert {by_id[r] for r in rows} == {alpha}, (alpha, rows)
         for j, r in zip(jobs, results[1:], strict=True):
             assert r.alpha == j.target
-            assert r.probabilities[0, 1] == j.target
+            assert r.outputs[0, 1] == j.target
         # the oldest request goes first, and same-target requests keep their arrival order
         assert model.batches[1] == (1.0, [0.0, 3.0, 5.0, 8.0, 9.0])
         assert model.batches[2] == (0.5, [1.0, 2.0, 6.0, 7.0, 11.0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -223,6 +224,19 @@ def test_backends_and_layouts_give_the_same_answers(structured: TinyCheckpoint) 
     assert not _served(structured, 0.5, channels_last=True).channels_last  # ONNX Runtime picks its own layout
     assert torch.allclose(plain(X), cl(X), atol=1e-5)
     assert torch.allclose(plain(X), ort(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_the_serving_path_gives_the_logits_as_numpy(
+    structured: TinyCheckpoint, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled = _served(structured, 0.5, backend=backend)
+    want = compiled(X).numpy()
+    if backend == "onnxruntime":  # straight to the session: no torch op, each of which hands the GIL back
+        monkeypatch.setattr(torch, "from_numpy", lambda _: pytest.fail("torch on the ONNX Runtime path"))
+    got = compiled.logits(X.numpy())
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_onnx_runtime_has_one_thread_pool_sized_once_from_torchs_thread_count() -> None:
