@@ -62,6 +62,15 @@ def test_measured_request_cost_counts_in_the_utilisation() -> None:
         assert cheap == pytest.approx(0.1) and dear == pytest.approx(dear_share)
 
 
+def test_the_predicted_wait_is_the_slower_stages_where_model_and_loop_run_in_parallel() -> None:
+    """10 images at alpha 0 take 10 ms of model time; 2 requests take 2 x 8 ms of event-loop time. On cores
+    of their own the two overlap and the slower sets the wait; sharing the cores, they add up."""
+    for overlap, want in ((True, 0.016), (False, 0.026)):
+        c = Controller(Grid([0.0, 1.0]), _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, overlap=overlap)
+        c.update(Signals(now=0.0, request_cost=0.008))
+        assert c.predicted_wait(10, 2) == pytest.approx(want)
+
+
 def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyCheckpoint) -> None:
     """After its body is read, a request is judged with its own size and deadline."""
 
