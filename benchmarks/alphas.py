@@ -32,7 +32,7 @@ from lcs import checkpoint
 from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
-from service.materialize import Compiled, build, compile_module, time_batch, time_in_rounds
+from service.materialize import Compiled, build, compile_module, time_in_rounds
 from service.settings import Backend
 
 
@@ -85,16 +85,18 @@ def _predictions(
 
 def _timings(variants: list[tuple[str, float, Compiled]], x32: torch.Tensor, repeats: int) -> list[dict[str, object]]:
     """Per variant: median ms at batch 1 and 32 over `repeats` rounds that each time every variant once
-    (`time_in_rounds`), after an untimed call of the same variant: the latency of an alpha is that of a
-    service serving it. (Timed straight after another variant, the int8 network paid for the switch from
-    ONNX Runtime: 2.12x the float one at 1 thread instead of 2.6-2.7x.) Networks on ONNX Runtime and on
-    torch (int8, TorchScript, the CSR variant) get rounds of their own (`time_in_rounds`' `group`)."""
+    (`time_in_rounds`), after an untimed call of the same variant, through the service's path
+    (`Compiled.logits`): the latency of an alpha is that of a service serving it. (Timed straight after
+    another variant, the int8 network paid for the switch from ONNX Runtime: 2.12x the float one at 1
+    thread instead of 2.6-2.7x.) Networks on ONNX Runtime and on torch (int8, TorchScript, the CSR
+    variant) get rounds of their own (`time_in_rounds`' `group`)."""
     out: list[dict[str, object]] = [{"representation": c.representation} for _, _, c in variants]
     for b in (1, 32):
-        x = x32[:b]
+        x = x32[:b].numpy()  # numpy in and out, as the service runs them (`Compiled.logits`)
         for _, _, compiled in variants:
-            time_batch(compiled, x, repeats=3)  # warm-up
-        calls = {i: functools.partial(c, x) for i, (_, _, c) in enumerate(variants)}
+            for _ in range(3):  # warm-up
+                compiled.logits(x)
+        calls = {i: functools.partial(c.logits, x) for i, (_, _, c) in enumerate(variants)}
         medians = time_in_rounds(calls, repeats, group=lambda i: variants[i][2].on_onnx_runtime)
         for i, seconds in medians.items():
             out[i][f"ms_b{b}"] = round(1000 * seconds, 3)
