@@ -32,7 +32,7 @@ def main() -> int:
     # call that released it (the model's run, a torch op); with the default 5 ms switch interval a
     # saturated loop holds each hand-back up to 5 ms (an eager forward of ~30 ops: 150 ms). 0.1 ms bounds
     # the wait: at 0.5 ms the capacity at alpha 0 (64 binary images a request) measured 475-549 requests/s,
-    # at 0.1 ms 533-584, and single-image HTTP throughput was no lower (1,495-1,600 against 1,389-1,526).
+    # at 0.1 ms 533-584, and single-image HTTP throughput was no lower (1,495-1,600 against 1,388-1,526).
     sys.setswitchinterval(0.0001)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(

@@ -56,8 +56,8 @@ def inference_executor() -> ThreadPoolExecutor:
     threads: 2.10 ms against 1.13-1.20; TorchScript alpha 1 8.9 against 6.4). So the event loop works in
     numpy (`service.inputs`) and everything torch runs here. ONNX Runtime has a pool of its own; the one
     torch pool, spinning for a while after each parallel op, slows an ONNX Runtime batch run right
-    after one, which is why the softmax is numpy's (a quantized model's int8
-    batches still slow a 3-7-bit batch that follows them)."""
+    after one, which is why the softmax is numpy's (a quantized model's int8 batches still slow a
+    3-7-bit batch that follows them)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcs-infer")
 
 
