@@ -6,14 +6,16 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import itertools
 import json
 import logging
 import math
+import os
 import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Annotated, Any
@@ -26,12 +28,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import Batcher, Draining, Job, QueueFull
 from service.controller import Signals
 from service.fleet import PrometheusFleet
-from service.inputs import InputError, decode
+from service.inputs import decode
+from service.lane import BINARY_HEADER, ApiError, Lane, error_response, parse_json, problems
 from service.metrics import Metrics
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
 from service.schemas import (
@@ -48,13 +51,6 @@ from service.signals import LoopCost, MachineProbe, RequestStats
 
 log = logging.getLogger("lcs.service")
 VERSION = "0.1.0"
-
-
-class ApiError(Exception):
-    """An error answered as JSON {"error": ..., "detail": ...} with a status and optional headers."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        self.status, self.detail, self.headers = status, detail, headers or {}
 
 
 class State:
@@ -196,6 +192,12 @@ async def get_state(request: Request) -> State:
 StateDep = Annotated[State, Depends(get_state)]
 
 
+# Request ids: a random per-process prefix and a counter, unique across replicas and restarts in practice
+# and cheaper than uuid4 (a system call for 16 random bytes, per request)
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 class Observe:
     """Pure ASGI middleware: request id, metrics by route and status, and a JSON 500 carrying the request
     id for any unhandled error (cheaper than BaseHTTPMiddleware on the hot path)."""
@@ -206,48 +208,51 @@ class Observe:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64]
+        rid = given or f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
         t0 = time.monotonic()
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         state["arrived"] = t0  # a request's deadline counts from here: reading and parsing it are part of it
         status = 500
-        started = False
+        started = completed = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, started, completed
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            elif not message.get("more_body"):
+                completed = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error in request %s", rid)
-            if started:
-                raise
-            status = 500
-            await JSONResponse(
-                {
-                    "error": "internal error",
-                    "detail": "the request failed inside the service; report the request_id",
-                    "request_id": rid,
-                },
-                status_code=500,
-                headers={"x-request-id": rid},
-            )(scope, receive, send)
+            if started and not completed:
+                raise  # the server drops the connection: a half-sent answer cannot be taken back
+            if not started:  # else FastAPI's error middleware answered (with _internal_error) and re-raised
+                await _internal_error(scope)(scope, receive, send_with_id)
+        else:
+            if not started:
+                status = 499  # the client left before its answer (nginx's code for it)
         endpoint = getattr(scope.get("route"), "path", "unmatched")
         st: State | None = getattr(scope["app"].state, "lcs", None)
         if st is not None and endpoint != "/metrics":
             elapsed = time.monotonic() - t0
-            st.metrics.requests.labels(endpoint, str(status)).inc()
-            st.metrics.latency.labels(endpoint).observe(elapsed)
+            st.metrics.request_done(endpoint, status, elapsed)
             if endpoint.endswith(("/predict", "/infer")):
                 st.loop_cost.count()
                 if status == 200:
                     st.requests.finished(elapsed)
+
+
+def _internal_error(scope: Scope) -> JSONResponse:
+    return error_response(
+        scope, 500, "the request failed inside the service; report the request_id", kind="internal error"
+    )
 
 
 class Shed:
@@ -289,6 +294,7 @@ class Shed:
 
 
 _V2_INFER = "/v2/models/{name}/infer"
+_LANE_PATHS = ("/predict", _V2_INFER)
 _V2_INFER_PATH = re.compile(r"/v2/models/[^/]+/infer")
 
 
@@ -370,70 +376,34 @@ async def _too_large(scope: Scope, send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body.encode()})
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        keys = [k for k, _ in pairs]
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"duplicate key {dup!r}; send each key once")
-    return d
+class _Edge(FastAPI):
+    """FastAPI with the service's own pure-ASGI layers (`wrap`: the observer, the gate, the body limit and the
+    inference lane) outermost, around FastAPI's error, telemetry and body-limit middleware, which the
+    inference requests then skip: Lane answers them. Observe answers any error that escapes with a JSON 500."""
+
+    wrap: Callable[[ASGIApp], ASGIApp] = staticmethod(lambda inner: inner)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return self.wrap(super().build_middleware_stack())
 
 
 class _JSONRequest(Request):
-    """Parses a JSON body strictly. Duplicate keys (which parsers resolve differently), nesting deeper than
-    the parser's stack, integers over Python's 4300-digit limit and bytes that are not UTF-8 all become a
-    JSONDecodeError, which FastAPI answers with a 422 like any malformed JSON (not its bare 400)."""
-
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            body = await self.body()
-            length = self.scope.get("state", {}).get("json_length")
-            if length is not None:  # the binary tensor extension: JSON first, then raw tensor bytes
-                body = body[:length]
-            try:
-                self._json = json.loads(body, object_pairs_hook=_unique_keys)
-            except json.JSONDecodeError:
-                raise
-            except RecursionError:
-                raise json.JSONDecodeError("nested too deeply", "", 0) from None
-            except ValueError as e:  # duplicate keys, too many digits, UnicodeDecodeError
-                raise json.JSONDecodeError(str(e).split(";")[0][:200], "", 0) from None
+            self._json = parse_json(await self.body())
         return self._json
 
 
-_BINARY_HEADER = "inference-header-content-length"
-
-
 class _JSONRoute(APIRoute):
+    """Routes whose JSON body FastAPI parses (the inference routes go through `Lane`) parse it strictly."""
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        binary_ok = self.path == _V2_INFER
 
         async def strict_json(request: Request) -> Response:
-            length = request.headers.get(_BINARY_HEADER)
-            if length is None or not binary_ok:
-                return await handler(_JSONRequest(request.scope, request.receive))
-            return await handler(await _binary_request(request, length))
+            return await handler(_JSONRequest(request.scope, request.receive))
 
         return strict_json
-
-
-async def _binary_request(request: Request, length: str) -> Request:
-    """The OIP v2 binary tensor extension (KServe, Triton): the body is `Inference-Header-Content-Length`
-    bytes of JSON followed by raw tensor bytes, sent as application/octet-stream. The JSON part goes
-    through the same strict parsing and validation; the bytes wait in the request state for the route."""
-    body = await request.body()
-    if not length.isdigit() or not 0 < int(length) <= len(body):
-        raise ApiError(
-            422, f"{_BINARY_HEADER}: {length[:20]!r} is not the length of the JSON part of this {len(body)}-byte body"
-        )
-    state = request.scope.setdefault("state", {})
-    state["json_length"] = int(length)
-    state["binary"] = memoryview(body)[int(length) :]
-    headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-    parsed = _JSONRequest({**request.scope, "headers": [*headers, (b"content-type", b"application/json")]})
-    parsed._body = body  # already read from the stream
-    return parsed
 
 
 def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
@@ -617,7 +587,7 @@ def create_app(
                 await st.fleet.aclose()
             st.executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(
+    app = _Edge(
         title="lcs-serve",
         version=VERSION,
         lifespan=lifespan,
@@ -630,54 +600,44 @@ def create_app(
         },
     )
     app.router.route_class = _JSONRoute
-    app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # type: ignore[arg-type]
-    app.add_middleware(Shed)  # type: ignore[arg-type]
-
-    app.add_middleware(Observe)
-
-    def error(
-        request: Request, status: int, detail: str, headers: Mapping[str, str] | None = None, kind: str | None = None
-    ) -> JSONResponse:
-        """Every error answers in one shape: {"error", "detail", "request_id"}."""
-        body = {
-            "error": kind or _reason(status),
-            "detail": detail,
-            "request_id": getattr(request.state, "request_id", None),
-        }
-        return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
+    lane_routes = app.router.routes  # filled below; Lane reads it when the stack is built, at the first request
+    app.wrap = lambda inner: Observe(
+        Shed(
+            BodyLimit(
+                Lane(
+                    inner,
+                    routes=lane_routes,
+                    paths=_LANE_PATHS,
+                    binary=(_V2_INFER,),
+                    state=lambda scope: getattr(scope["app"].state, "lcs", None),
+                ),
+                limit=s.max_body_bytes,
+            )
+        )
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error(request, exc.status, exc.detail, exc.headers)
+        return error_response(request.scope, exc.status, exc.detail, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # unknown paths (404) and methods (405) answer in the same shape as every other error
-        return error(request, exc.status_code, str(exc.detail), exc.headers)
+        return error_response(request.scope, exc.status_code, str(exc.detail), exc.headers)
 
-    @app.exception_handler(InputError)
-    async def input_error(request: Request, exc: InputError) -> JSONResponse:
-        return error(request, 422, str(exc), kind="invalid input")
+    @app.exception_handler(Exception)  # FastAPI's error middleware answers with this, then re-raises to Observe
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return _internal_error(request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"body: invalid JSON ({e.get('ctx', {}).get('error', 'unreadable')})"
-            if e["type"] == "json_invalid"
-            else f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors()[:10]
-        ]
-        return error(request, 422, "; ".join(problems), kind="invalid request")
+        return error_response(request.scope, 422, problems(exc.errors()))
 
-    async def _json_only(request: Request) -> None:
-        ctype = request.headers.get("content-type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise ApiError(415, f"content type {ctype or 'missing'!r} is not supported; send application/json")
-
+    # The two inference routes are served through Lane (content type, strict JSON, body validation, errors);
+    # FastAPI documents them from these declarations.
     @app.post(
         "/predict",
         response_model=PredictResponse,
-        dependencies=[Depends(_json_only)],
         responses=_errors(415, 422, 429, 503, retry_after=(429, 503)),
     )
     async def predict(body: PredictRequest, st: StateDep, request: Request) -> JSONResponse:
@@ -813,7 +773,6 @@ def create_app(
 
     @app.post(
         "/v2/models/{name}/infer",
-        dependencies=[Depends(_json_only)],
         responses=_errors(404, 415, 422, 429, 503, retry_after=(429, 503)),
     )
     async def v2_infer(name: str, body: V2InferRequest, st: StateDep, request: Request) -> dict[str, object]:
@@ -830,7 +789,7 @@ def create_app(
             raise ApiError(422, "inputs[0]: send the values either in data or as binary data, not both")
         if t.data is None and binary is None:
             raise ApiError(
-                422, f"inputs[0] has no data: send data, or binary_data_size with the {_BINARY_HEADER} header"
+                422, f"inputs[0] has no data: send data, or binary_data_size with the {BINARY_HEADER} header"
             )
         values = len(t.data) if t.data is not None else None
         if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
@@ -870,7 +829,7 @@ def create_app(
             "parameters": {
                 "alpha": res.alpha,
                 "level": rt.level(res.alpha),
-                "accuracy": acc,
+                "accuracy": None if acc != acc else acc,
                 "queue_ms": res.queue_seconds * 1000,
                 "compute_ms": res.compute_seconds * 1000,
             },
@@ -905,20 +864,6 @@ def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> np.ndarray:
             "the shape needs",
         )
     return np.frombuffer(binary, dtype=dtype).astype(np.float32)
-
-
-def _reason(status: int) -> str:
-    return {
-        401: "unauthorized",
-        403: "forbidden",
-        404: "not found",
-        405: "method not allowed",
-        413: "payload too large",
-        415: "unsupported media type",
-        422: "invalid request",
-        429: "overloaded",
-        503: "unavailable",
-    }.get(status, "error")
 
 
 async def _warm(st: State) -> None:

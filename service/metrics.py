@@ -82,3 +82,14 @@ class Metrics:
         self.ready = Gauge("lcs_ready", "1 when the service is ready for traffic.", registry=r)
         self.info = Info("lcs_build", "Service and model build information.", registry=r)
         r.register(_CacheCollector(cache))
+        self._by_route: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
+        """Counts one answered request and its latency. The labelled children are kept: on the hot path
+        `labels()` (string conversion, validation and a lock per call) costs more than the update itself."""
+        children = self._by_route.get((endpoint, status))
+        if children is None:
+            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+            self._by_route[endpoint, status] = children
+        children[0].inc()
+        children[1].observe(seconds)

@@ -1,0 +1,178 @@
+"""The inference routes' way through the HTTP edge, around FastAPI's per-request machinery; the error shape.
+
+POST /predict and POST /v2/models/{name}/infer are declared as FastAPI routes: their functions hold the
+logic and their signatures the OpenAPI schema. Around each call FastAPI adds its router, exception and
+dependency layers, which on this model cost more than the model: single-image JSON at saturation, 2
+threads, measured one-off, 1,072-1,394 requests/s through them and 1,888-2,318 around them (the plain
+one-request-at-a-time server: 1,292-1,437). `Lane`, the innermost middleware, serves those routes by calling
+their functions itself and does what FastAPI would have done around them: the content type, the body read
+and parsed strictly, validated against the function's body model, and every error in the service's shape.
+Every other request goes on to FastAPI, whose handlers answer with the same functions below.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, get_type_hints
+
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.inputs import InputError
+
+BINARY_HEADER = "inference-header-content-length"
+
+_REASONS = {
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not found",
+    405: "method not allowed",
+    413: "payload too large",
+    415: "unsupported media type",
+    422: "invalid request",
+    429: "overloaded",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answered as JSON {"error": ..., "detail": ...} with a status and optional headers."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+def error_response(
+    scope: Scope, status: int, detail: str, headers: Mapping[str, str] | None = None, kind: str | None = None
+) -> JSONResponse:
+    """Every error answers in one shape: {"error", "detail", "request_id"}."""
+    rid = scope.get("state", {}).get("request_id")
+    body = {"error": kind or _REASONS.get(status, "error"), "detail": detail, "request_id": rid}
+    return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
+
+
+def problems(errors: Iterable[Mapping[str, Any]]) -> str:
+    """A validation failure as one line a client can act on: `where: what` for the first ten problems."""
+    return "; ".join(
+        _invalid_json(e.get("ctx", {}).get("error", "unreadable"))
+        if e["type"] == "json_invalid"
+        else f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+        for e in list(errors)[:10]
+    )
+
+
+def _invalid_json(why: str) -> str:
+    return f"body: invalid JSON ({why})"
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {dup!r}; send each key once")
+    return d
+
+
+def parse_json(body: bytes) -> Any:
+    """A JSON body, strictly. Duplicate keys (which parsers resolve differently), nesting deeper than the
+    parser's stack, integers over Python's 4300-digit limit and bytes that are not UTF-8 all become a
+    JSONDecodeError, answered with a 422 like any malformed JSON."""
+    try:
+        return json.loads(body, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except ValueError as e:  # duplicate keys, too many digits, UnicodeDecodeError
+        raise json.JSONDecodeError(str(e).split(";")[0][:200], "", 0) from None
+
+
+def require_json(content_type: str) -> None:
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, f"content type {content_type or 'missing'!r} is not supported; send application/json")
+
+
+def split_binary(body: bytes, length: str) -> tuple[bytes, memoryview]:
+    """The OIP v2 binary tensor extension (KServe, Triton): the body is `Inference-Header-Content-Length`
+    bytes of JSON followed by raw tensor bytes. (JSON part, tensor bytes)."""
+    if not length.isdigit() or not 0 < int(length) <= len(body):
+        raise ApiError(
+            422, f"{BINARY_HEADER}: {length[:20]!r} is not the length of the JSON part of this {len(body)}-byte body"
+        )
+    return body[: int(length)], memoryview(body)[int(length) :]
+
+
+class Lane:
+    """Pure ASGI middleware, innermost: serves POST to `paths` (route path templates) by calling their route
+    functions as `endpoint(body=..., st=..., request=..., **path_params)`, where `body` is validated against
+    the function's `body` annotation and `st` is `state(scope)`. Routes in `binary` also take the v2 binary
+    tensor extension; its bytes wait in the request state under "binary"."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Sequence[BaseRoute],
+        paths: Sequence[str],
+        binary: Sequence[str],
+        state: Callable[[Scope], Any],
+    ) -> None:
+        # built at the first request, after every route is declared
+        self.app, self.binary, self.state = app, set(binary), state
+        self.routes = [
+            (r, get_type_hints(r.endpoint)["body"])
+            for r in routes
+            if isinstance(r, APIRoute) and r.path in paths and "POST" in (r.methods or ())
+        ]
+        missing = set(paths) - {r.path for r, _ in self.routes}
+        if missing:
+            raise RuntimeError(f"Lane: no POST route declared for {sorted(missing)}")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            for route, model in self.routes:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    scope["route"] = route  # as Starlette's router sets it: Observe labels metrics by it
+                    try:
+                        response = await self._serve(route, model, Request(scope, receive))
+                    except ClientDisconnect:  # gone before its body arrived: nobody to answer
+                        return
+                    return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    async def _serve(self, route: APIRoute, model: type[BaseModel], request: Request) -> Response:
+        scope = request.scope
+        try:
+            body = await self._body(route, model, request)
+            st = self.state(scope)
+            if st is None:
+                raise ApiError(503, "the service is starting; retry shortly", {"Retry-After": "1"})
+            result = await route.endpoint(body=body, st=st, request=request, **scope["path_params"])
+        except ApiError as e:
+            return error_response(scope, e.status, e.detail, e.headers)
+        except InputError as e:
+            return error_response(scope, 422, str(e), kind="invalid input")
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    async def _body(self, route: APIRoute, model: type[BaseModel], request: Request) -> BaseModel:
+        length = request.headers.get(BINARY_HEADER) if route.path in self.binary else None
+        if length is None:
+            require_json(request.headers.get("content-type", ""))
+        raw = await request.body()
+        if length is not None:
+            raw, request.scope["state"]["binary"] = split_binary(raw, length)
+        if not raw:
+            raise ApiError(422, "body: Field required")
+        try:
+            return model.model_validate(parse_json(raw))
+        except json.JSONDecodeError as e:
+            raise ApiError(422, _invalid_json(e.msg)) from None
+        except ValidationError as e:
+            raise ApiError(422, problems({**err, "loc": ("body", *err["loc"])} for err in e.errors())) from None

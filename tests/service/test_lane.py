@@ -1,0 +1,116 @@
+"""The inference routes' lane: served around FastAPI's per-request machinery, answering as FastAPI would.
+
+Its answers on every success and error path are what test_app and test_hostile check; here: that the lane
+is the path those requests take, and its own edges."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from starlette.types import Message
+
+from service.app import create_app
+from service.lane import Lane
+from tests.service.service_support import IMAGE, TinyCheckpoint, app_state, make_settings, serve
+
+ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
+
+
+@pytest.fixture(scope="module")
+def client(structured: TinyCheckpoint) -> Iterator[TestClient]:
+    with serve(make_settings(structured.path, api_key="k")) as c:
+        yield c
+
+
+def test_inference_routes_skip_fastapis_dependency_machinery(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("FastAPI resolved dependencies")
+
+    name = client.get("/model").json()["name"]
+    monkeypatch.setattr("fastapi.routing.solve_dependencies", broken)
+    assert client.post("/predict", json={"inputs": [ZEROS]}).status_code == 200
+    v2 = {"inputs": [{"name": "x", "shape": [1, IMAGE, IMAGE], "datatype": "UINT8", "data": [0] * IMAGE * IMAGE}]}
+    assert client.post(f"/v2/models/{name}/infer", json=v2).status_code == 200
+    # every other route still goes through FastAPI (here, into the broken resolver: a 500)
+    assert client.put("/admin/pin", json={"alpha": 1.0}, headers={"x-api-key": "k"}).status_code == 500
+
+
+def test_a_lane_without_its_route_fails_at_start_up() -> None:
+    with pytest.raises(RuntimeError, match="no POST route declared for \\['/predict'\\]"):
+        Lane(None, routes=[], paths=("/predict",), binary=(), state=lambda scope: None)  # type: ignore[arg-type]
+
+
+def test_the_error_shape_is_the_same_through_the_lane_and_through_fastapi(client: TestClient) -> None:
+    lane = client.post("/predict", content=b"{", headers={"content-type": "application/json"})
+    fastapi = client.put("/admin/pin", content=b"{", headers={"content-type": "application/json", "x-api-key": "k"})
+    assert lane.status_code == fastapi.status_code == 422
+    assert lane.json().keys() == fastapi.json().keys() == {"error", "detail", "request_id"}
+    assert (
+        lane.json()["detail"]
+        == fastapi.json()["detail"]
+        == "body: invalid JSON (Expecting property name enclosed in double quotes)"
+    )
+    missing = client.post("/predict", json={"quality": 1})
+    assert missing.json()["detail"] == "body.inputs: Field required"
+
+
+def test_a_client_gone_before_its_body_gets_no_answer_and_counts_as_499(structured: TinyCheckpoint) -> None:
+    app = create_app(make_settings(structured.path), warm_up=False)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"lcs.test"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def run() -> float | None:
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+            registry = app.state.lcs.metrics.registry
+            return registry.get_sample_value("lcs_requests_total", {"endpoint": "/predict", "status": "499"})
+
+    assert asyncio.run(run()) == 1.0
+    assert sent == []
+
+
+def test_an_error_in_a_route_fastapi_serves_is_a_json_500_with_the_request_id(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FastAPI's error middleware answers it (inside Observe), then re-raises; Observe logs it and stops there
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app_state(client).runtime, "describe", broken)
+    r = client.get("/model", headers={"x-request-id": "fastapi-500"})
+    assert r.status_code == 500
+    assert r.json() == {
+        "error": "internal error",
+        "detail": "the request failed inside the service; report the request_id",
+        "request_id": "fastapi-500",
+    }
+    assert r.headers["x-request-id"] == "fastapi-500"
+    registry = app_state(client).metrics.registry
+    assert registry.get_sample_value("lcs_requests_total", {"endpoint": "/model", "status": "500"}) == 1.0
+    assert client.get("/healthz").status_code == 200
