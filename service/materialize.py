@@ -34,6 +34,7 @@ import functools
 import io
 import logging
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping
@@ -308,24 +309,14 @@ def _padding_pays(
 class OnnxModule:
     """A network exported to ONNX and run by ONNX Runtime's CPU kernels: float batch in, float output out.
 
-    Each session has its own pool of torch's intra-op thread count (the service sets it from LCS_THREADS,
-    before any model is built), whose workers spin only while a run lasts (`session.force_spinning_stop`).
-    ONNX Runtime's default, spinning for a while after each run, keeps a worker busy for nothing between
-    batches: under single-image HTTP load at 2 threads it held a core at 92-100 % (top -H) beside the
-    event loop, on a 2-core machine. Stopping costs a run nothing measurable (one-off, batch 32, alphas 1,
-    0.5 and 0 in turn, 2 threads, two runs each: 2.88-2.92 / 2.07-2.08 / 0.46-0.47 ms with their own
-    stopping pools against 2.84-3.22 / 2.01-2.27 / 0.42-0.64 with the one shared spinning pool this
-    replaced, whose spin ONNX Runtime's Python API cannot stop). The process
-    used 115-118 % of a core instead of 161 % with a run every 2 ms. Stopping is what makes a pool per
-    session work: pools that keep spinning fight each other when alphas alternate (12-22 ms a batch at
-    alphas 0.5-1). `InferenceSession.run` releases the GIL while it computes.
+    Every session shares one process-wide thread pool (`onnx_threads`). `InferenceSession.run` releases
+    the GIL while it computes.
     """
 
     def __init__(self, model_bytes: bytes) -> None:
+        onnx_threads()
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
+        opts.use_per_session_threads = False
         opts.log_severity_level = 3  # errors only; it warns about unused initialisers
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # as torch.set_flush_denormal does
         # no per-session arena: each would keep its largest batch's buffers (the start-up self-check runs
@@ -339,6 +330,35 @@ class OnnxModule:
     def logits(self, x: np.ndarray) -> np.ndarray:
         (out,) = self.session.run(["y"], {"x": np.ascontiguousarray(x, dtype=np.float32)})
         return out  # type: ignore[no-any-return]
+
+
+_pool_threads: int | None = None
+_pool_lock = threading.Lock()
+
+
+def onnx_threads() -> int:
+    """The size of ONNX Runtime's one thread pool: torch's intra-op thread count (which the service sets from
+    LCS_THREADS) when the first session is made, fixed for the process after that.
+
+    One pool for all alphas, not one per session: a session's idle workers spin for a while after each
+    run, and the next batch runs in another alpha's session. Measured at 2 threads, batch 32, alphas
+    0..1 alternating (one-off experiments): per-session pools that spin took 12-22 ms at alphas 0.5-1;
+    ones that do not spin wake their workers per op, alpha 0 in 0.7-1.1 ms; one shared pool ran alpha 1
+    in 2.9 ms and alpha 0 in 0.46. Once the shared pool exists, ORT refuses sessions with pools of their
+    own in this process.
+    """
+    global _pool_threads
+    with _pool_lock:
+        if _pool_threads is None:
+            ort.set_global_thread_pool_sizes(torch.get_num_threads(), 1)
+            _pool_threads = torch.get_num_threads()
+        elif _pool_threads != torch.get_num_threads():
+            log.warning(
+                "ONNX Runtime's thread pool has %d threads for this process; torch now has %d",
+                _pool_threads,
+                torch.get_num_threads(),
+            )
+        return _pool_threads
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
@@ -410,10 +430,10 @@ def time_in_rounds(
     which is `benchmarks.switching`'s to measure) and, on a first call, for creating a shape's kernels.
 
     `group`: calls in different groups get rounds of their own, one group after another. For the thread
-    pools: with 2 threads or more, torch's idle workers (and ONNX Runtime's, before `OnnxModule` stopped
-    them) spin for a while after a call and slow the other runtime's next one, even after the untimed run
-    (quantized_line at batch 32 and 2 threads, `benchmarks.alphas`: the float network 7.67 ms and int8 1.61
-    in shared rounds, 2.87 and 1.35 apart). A service serves one alpha at a time, so apart is its steady state."""
+    pools: with 2 threads or more, ONNX Runtime's and torch's idle workers spin for a while after a call
+    and slow the other runtime's next one, even after the untimed run (quantized_line at batch 32 and 2
+    threads, `benchmarks.alphas`: the float network 7.67 ms and int8 1.61 in shared rounds, 2.87 and 1.35
+    apart). A service serves one alpha at a time, so apart is its steady state."""
     if group is not None:
         out: dict[K, float] = {}
         for g in dict.fromkeys(map(group, calls)):

@@ -239,17 +239,29 @@ def test_the_serving_path_gives_the_logits_as_numpy(
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_each_onnx_session_has_a_pool_sized_from_torch_whose_workers_stop_spinning_after_a_run(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    example = torch.zeros(2, 1, 4, 4)
-    for threads in (2, 1):
-        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
-        runner, how = compile_module(nn.Conv2d(1, 2, 3), example, backend="onnxruntime", channels_last=False)
-        assert how == "ONNX Runtime"
-        opts = runner.session.get_session_options()
-        assert opts.use_per_session_threads and opts.intra_op_num_threads == threads
-        assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+def test_onnx_runtime_has_one_thread_pool_sized_once_from_torchs_thread_count() -> None:
+    """In a fresh process: the first session sizes the pool from torch's thread count, every session
+    shares it, and a later change of torch's count is reported, not silently half-applied."""
+    import subprocess
+    import sys
+
+    script = """
+import logging, torch
+from torch import nn
+from service import materialize
+logging.basicConfig(level=logging.WARNING)
+torch.set_num_threads(2)
+example = torch.zeros(2, 1, 4, 4)
+a, _ = materialize.compile_module(nn.Conv2d(1, 2, 3), example, backend="onnxruntime", channels_last=False)
+torch.set_num_threads(1)
+b, _ = materialize.compile_module(nn.Conv2d(1, 2, 3), example, backend="onnxruntime", channels_last=False)
+assert not a.session.get_session_options().use_per_session_threads
+print("pool", materialize.onnx_threads())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pool 2" in done.stdout
+    assert "ONNX Runtime's thread pool has 2 threads for this process; torch now has 1" in done.stderr
 
 
 def test_a_graph_onnx_cannot_export_runs_as_torchscript(caplog: pytest.LogCaptureFixture) -> None:
