@@ -78,6 +78,9 @@ class State:
         self.loop_cost = LoopCost()
         self.probe = MachineProbe()
         self.inflight = 0
+        # read when scraped, not set per request
+        self.metrics.inflight.set_function(lambda: self.inflight)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self.parsing = 0  # inference requests past Shed whose body is not yet decoded
         self._computed = 0.0  # model seconds since the last control step
         self._computed_since = time.monotonic()
@@ -500,16 +503,12 @@ async def _infer(
         raise ApiError(503, "the service is shutting down", {"Retry-After": "1"}) from None
     st.requests.arrived(int(x.shape[0]))
     st.inflight += 1
-    st.metrics.inflight.set(st.inflight)
-    st.metrics.queue_depth.set(st.batcher.depth)
     try:
         res = await asyncio.shield(fut)
     except Draining:  # still queued when the drain deadline passed
         raise ApiError(503, "the service shut down before this request ran; retry", {"Retry-After": "1"}) from None
     finally:
         st.inflight -= 1
-        st.metrics.inflight.set(st.inflight)
-        st.metrics.queue_depth.set(st.batcher.depth)
     st.metrics.queue_wait.observe(res.queue_seconds)
     st.metrics.alpha.observe(res.alpha)
     return softmax(res.outputs), res, rt.accuracy.get(res.alpha, float("nan"))
@@ -647,13 +646,12 @@ def create_app(
             body.inputs, rt.meta.input, max_inputs=st.settings.max_inputs, max_pixels=st.settings.max_image_pixels
         )
         probs, res, acc = await _infer(st, request.scope["state"], x, body.quality, body.min_quality, body.deadline_ms)
-        k = min(body.top_k or st.settings.top_k, probs.shape[1])
-        top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        top_p = np.take_along_axis(probs, top_i, axis=1)
+        k = body.top_k or st.settings.top_k
         classes = rt.meta.classes
         preds = []
-        for ps, ix in zip(top_p.tolist(), top_i.tolist(), strict=True):
-            top = [{"label": classes[i], "index": i, "probability": round(p, 6)} for p, i in zip(ps, ix, strict=True)]
+        for ps in probs.tolist():  # in Python: numpy's per-call cost outweighs ten values (7 us against 14)
+            ix = sorted(range(len(ps)), key=ps.__getitem__, reverse=True)[:k]  # stable: ties keep class order
+            top = [{"label": classes[i], "index": i, "probability": round(ps[i], 6)} for i in ix]
             preds.append({**top[0], "top": top})
         # a Response skips re-validating our own output against PredictResponse (kept for the docs)
         return JSONResponse(
@@ -729,7 +727,6 @@ def create_app(
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(st: StateDep) -> Response:
         """Prometheus text exposition."""
-        st.metrics.queue_depth.set(st.batcher.depth)
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- Open Inference Protocol v2 ----------------------------------------------------------------

@@ -46,10 +46,10 @@ class Job:
     deadline: float | None  # absolute time.monotonic() by which the answer is due, if any
     enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future[Result] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    images: int = field(init=False)
 
-    @property
-    def images(self) -> int:
-        return int(self.x.shape[0])
+    def __post_init__(self) -> None:
+        self.images = int(self.x.shape[0])
 
     def due(self, reserve: float) -> float | None:
         """The time to aim for: the deadline less `reserve` (a share) of the request's time budget."""
@@ -94,6 +94,7 @@ class Batcher:
         self.max_wait = max_wait
         self.queue_max = queue_max
         self._queue: deque[Job] = deque()
+        self._queued_images = 0  # kept, not summed: admission reads it for every request
         self._wake = asyncio.Event()
         self._on_batch = on_batch
         self._behind = behind  # (images, requests) queued -> seconds to serve them at the cheapest alpha
@@ -110,7 +111,7 @@ class Batcher:
 
     @property
     def queued_images(self) -> int:
-        return sum(j.images for j in self._queue)
+        return self._queued_images
 
     def submit(self, job: Job) -> asyncio.Future[Result]:
         if self.draining:
@@ -118,6 +119,7 @@ class Batcher:
         if len(self._queue) >= self.queue_max:
             raise QueueFull
         self._queue.append(job)
+        self._queued_images += job.images
         self._wake.set()
         return job.future
 
@@ -134,6 +136,7 @@ class Batcher:
             images += job.images
         for job in batch:
             self._queue.remove(job)
+        self._queued_images -= images
         return batch
 
     async def run_forever(self) -> None:
@@ -214,6 +217,7 @@ class Batcher:
         n = 0
         while self._queue:
             job = self._queue.popleft()
+            self._queued_images -= job.images
             if not job.future.done():
                 job.future.set_exception(Draining())
                 n += 1

@@ -26,16 +26,18 @@ class InputError(ValueError):
     """An input the client must fix; the message says which one and how."""
 
 
-def _from_array(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+def _from_arrays(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+    """[N, *image] -> [N, C, H, W], each image given as [H, W] (single-channel models), [C, H, W] or [H, W, C]."""
     c, h, w = spec.channels, spec.height, spec.width
-    if arr.shape == (h, w) and c == 1:
-        arr = arr[None]
-    elif arr.shape == (h, w, c) and arr.shape != (c, h, w):
-        arr = arr.transpose(2, 0, 1)
-    if arr.shape != (c, h, w):
+    image = arr.shape[1:]
+    if image == (h, w) and c == 1:
+        arr = arr[:, None]
+    elif image == (h, w, c) and image != (c, h, w):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.shape[1:] != (c, h, w):
         accepted = f"[{h}, {w}], " if c == 1 else ""
         raise InputError(
-            f"{where}: shape {list(arr.shape)} does not match the model input; "
+            f"{where}: shape {list(image)} does not match the model input; "
             f"send {accepted}[{c}, {h}, {w}] or [{h}, {w}, {c}] raw pixel values (0-255)"
         )
     return arr
@@ -57,10 +59,14 @@ def _check_numbers(nested: Sequence[object], depth: int, where: str) -> None:
 
 
 def _check_range(arr: np.ndarray, where: str) -> None:
+    if not arr.size:
+        return
+    lo, hi = arr.min(), arr.max()  # a NaN makes both NaN, and an infinity is one of them: both fail below
+    if lo >= 0 and hi <= 255:
+        return
     if not np.isfinite(arr).all():
         raise InputError(f"{where}: contains NaN or Infinity; pixel values must be finite numbers in 0-255")
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise InputError(f"{where}: pixel values must be in 0-255, got {arr.min():g}..{arr.max():g}")
+    raise InputError(f"{where}: pixel values must be in 0-255, got {lo:g}..{hi:g}")
 
 
 def _decode_image(text: str, spec: InputSpec, where: str, max_pixels: int) -> np.ndarray:
@@ -113,12 +119,11 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
         except (ValueError, TypeError, OverflowError):  # InputError is a ValueError
             batch = None  # ragged, non-numeric or too large: fall through to per-item errors
         if batch is not None and batch.ndim >= 3:
-            items = [_from_array(a, spec, f"inputs[{i}]") for i, a in enumerate(batch)]
-            out = np.stack(items)
+            out = _from_arrays(batch, spec, "inputs[0]")  # one shape for all: the first is as wrong as any
             try:
                 _check_range(out, "inputs")
             except InputError:  # say which input: the client has to find it among up to max_inputs
-                for i, a in enumerate(items):
+                for i, a in enumerate(out):
                     _check_range(a, f"inputs[{i}]")
                 raise
             return out
@@ -126,7 +131,7 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
     for i, x in enumerate(inputs):
         where = f"inputs[{i}]"
         if isinstance(x, str):
-            items.append(_decode_image(x, spec, where, max_pixels))
+            items.append(_decode_image(x, spec, where, max_pixels)[None])
         elif isinstance(x, list):
             try:
                 arr = np.asarray(x, dtype=np.float32)
@@ -135,12 +140,12 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
             except (ValueError, TypeError):
                 raise InputError(f"{where}: not a rectangular array of numbers") from None
             _check_numbers(x, arr.ndim, where)
-            arr = _from_array(arr, spec, where)
+            arr = _from_arrays(arr[None], spec, where)
             _check_range(arr, where)
             items.append(arr)
         else:
             raise InputError(f"{where}: expected a nested array of pixel values or a base64 PNG/JPEG string")
-    return np.stack(items)
+    return np.concatenate(items)
 
 
 def normaliser(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:

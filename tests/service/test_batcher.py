@@ -334,6 +334,30 @@ def test_full_queue_refuses_and_accepts_again_once_drained() -> None:
     run_async(scenario)
 
 
+def test_queued_images_counts_what_waits_through_submit_batch_and_abandon() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model)
+        task = await started(batcher)
+        running = batcher.submit(job(0.0, images=3))
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        assert batcher.queued_images == 0  # the running batch is not queued
+        futures = [batcher.submit(job(1.0, images=2)), batcher.submit(job(2.0, images=5, target=0.5))]
+        futures.append(batcher.submit(job(3.0, images=4)))
+        assert batcher.queued_images == 11
+        model.gate.set()
+        await running
+        await until(lambda: len(model.batches) >= 2, what="the next batch")
+        left = batcher.queued_images
+        assert left == sum(j.images for j in batcher._queue) < 11
+        batcher.abandon()
+        assert batcher.depth == batcher.queued_images == 0
+        await asyncio.gather(*futures, return_exceptions=True)
+        await stop(task, executor)
+
+    run_async(scenario)
+
+
 def test_cancelled_requests_are_dropped_before_running() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True)
