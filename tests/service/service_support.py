@@ -128,6 +128,24 @@ def make_settings(path: Path, **overrides: Any) -> Settings:
     return Settings(**{**base, **overrides})
 
 
+def post_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """An ASGI HTTP scope for a POST to `path` with JSON content, for calling an app without a client."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"lcs.test"), (b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
     """Poll until `condition()` holds (another thread makes it true), failing after `timeout` s."""
     end = time.monotonic() + timeout

@@ -47,7 +47,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from tests.service.service_support import IMAGE, TinyCheckpoint, make_settings, real_server, serve
+from tests.service.service_support import IMAGE, TinyCheckpoint, make_settings, post_scope, real_server, serve
 
 NAME = "tiny_structured"
 V2 = f"/v2/models/{NAME}/infer"
@@ -257,20 +257,7 @@ def _raw_asgi(app: Any, headers: list[tuple[bytes, bytes]], chunks: list[bytes])
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict",
-        "raw_path": b"/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"lcs.test"), (b"content-type", b"application/json"), *headers],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = post_scope("/predict", headers)
     asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))

@@ -15,7 +15,7 @@ from starlette.types import Message
 
 from service.app import create_app
 from service.lane import Lane
-from tests.service.service_support import IMAGE, TinyCheckpoint, app_state, make_settings, serve
+from tests.service.service_support import IMAGE, TinyCheckpoint, app_state, make_settings, post_scope, serve
 
 ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
 
@@ -70,20 +70,7 @@ def test_a_client_gone_before_its_body_gets_no_answer_and_counts_as_499(structur
     async def send(message: Message) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict",
-        "raw_path": b"/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"lcs.test"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = post_scope("/predict", [])
 
     async def run() -> float | None:
         async with app.router.lifespan_context(app):
