@@ -274,9 +274,9 @@ class Controller:
         profiled model time (idle machine) and the measured event-loop CPU time, with no slowdown, since
         CPU taken by others slows both and the measured drift is mostly waiting for the GIL, the same at
         every alpha. Measured capacities (benchmarks.load): 64 binary images per request, 6.07x from alpha 1
-        to 0 (the model is the slower); single JSON images 1.20x, but 1.55x since the request path got
-        cheaper (`service.lane`), with the load generator sharing the two cores: then the model's CPU time
-        slows the loop, which this rule does not count (README, second mix)."""
+        to 0 (the model is the slower); single JSON images 1.16-1.55x over runs (the loop is the slower,
+        though with the load generator on the same two cores the model's CPU time slows it some, which this
+        rule does not count: README, second mix)."""
         top, bottom = (self.profile.predict(a, batch) for a in (self.grid.alphas[-1], self.grid.alphas[0]))
         if top is None or bottom is None:
             return True  # unprofiled: assume the model is the cost
