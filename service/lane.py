@@ -110,10 +110,11 @@ def split_binary(body: bytes, length: str) -> tuple[bytes, memoryview]:
 
 
 class Lane:
-    """Pure ASGI middleware, innermost: serves POST to `paths` (route path templates) by calling their route
-    functions as `endpoint(body=..., st=..., request=..., **path_params)`, where `body` is validated against
-    the function's `body` annotation and `st` is `state(scope)`. Routes in `binary` also take the v2 binary
-    tensor extension; its bytes wait in the request state under "binary"."""
+    """Pure ASGI middleware, the innermost of the service's own layers (all outside FastAPI's). Serves POST
+    to `paths` (route path templates) by calling their route functions as `endpoint(body=..., st=...,
+    request=..., **path_params)`, where `body` is validated against the function's `body` annotation and
+    `st` is `state(scope)`. Routes in `binary` also take the v2 binary tensor extension; its bytes wait in
+    the request state under "binary"."""
 
     def __init__(
         self,
@@ -168,7 +169,7 @@ class Lane:
             require_json(request.headers.get("content-type", ""))
         raw = await request.body()
         if length is not None:
-            raw, request.scope["state"]["binary"] = split_binary(raw, length)
+            raw, request.scope.setdefault("state", {})["binary"] = split_binary(raw, length)
         if not raw:
             raise ApiError(422, "body: Field required")
         try:
