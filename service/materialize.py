@@ -4,8 +4,8 @@
 | ------------ | ---------------------------------------------------------------------------- |
 | structured   | sliced convs (fewer channels, fewer FLOPs), BatchNorm folded; channel counts |
 |              | padded with zeros to multiples of 16 where that measures faster              |
-| quantized 8  | int8 kernels: FX static quantisation (x86/fbgemm), calibrated on the          |
-|              | checkpoint's sample images, per-channel weights                               |
+| quantized 8  | int8 kernels: FX static quantisation (x86), calibrated on the checkpoint's    |
+|              | sample images, per-channel weights; one frozen copy per batch size            |
 | quantized <8 | simulated: fp32 convs holding the dequantised b-bit weights, fake-quantised  |
 |              | activations as in training; stored size = packed b-bit codes (no CPU kernels  |
 |              | for 3-7 bits exist in torch)                                                  |
@@ -17,8 +17,9 @@ Float networks then run on ONNX Runtime (each alpha exported once, ~40 ms, twice
 tried): its CPU kernels handle the narrow convolutions of low alphas far better than oneDNN does through
 torch, and a call costs ~40 us over its kernels. Measured on structured_line, batch 32, 2 threads
 (`benchmarks.alphas`, with and without `--backend torchscript`): alpha 1 in 2.80 ms and alpha 0 in 0.385
-ms, against 4.50 and 0.955 ms as frozen TorchScript. The int8 network stays on torch's FX kernels (1.35
-ms against ORT's int8 1.7 ms in a one-off experiment), as frozen TorchScript; so does everything if
+ms, against 4.50 and 0.955 ms as frozen TorchScript. The int8 network stays on torch's FX kernels (1.11
+ms at batch 32; ORT's own int8 kernels took 1.7 ms in a one-off experiment when FX's took 1.35), as
+frozen TorchScript, one copy per batch size (`PerBatchSize`); so does everything if
 `LCS_BACKEND=torchscript` or if the export fails (logged). Both run the whole forward in C++ and take
 the GIL once per call, not once per op: with another Python thread holding the GIL (the event loop
 parsing requests), an eager batch-1 forward took 10-16 ms instead of 0.5; frozen, 1.5-2 ms.
@@ -180,14 +181,16 @@ def build(
     channels_last: bool,
     int8: bool = True,
     backend: Backend = "onnxruntime",
-    pad_batch: int = 32,
+    max_batch: int = 32,
+    pad: bool = True,
 ) -> Compiled:
     """Materialise `alpha` of a loaded subspace model. `samples`: normalised float images for int8 calibration.
 
     `backend` runs the float networks; `channels_last` is the layout TorchScript runs them in (ONNX Runtime
     picks its own). A float network whose channel counts are not multiples of CHANNEL_MULTIPLE is also
-    built padded to them, and runs padded if that computes the same logits and is faster at batch
-    `pad_batch` (0: never pad)."""
+    built padded to them (unless `pad` is false), and runs padded if that computes the same logits and is
+    faster at `max_batch` images, the largest batch the service runs. The int8 network is built once per
+    batch size up to `max_batch` (`PerBatchSize`)."""
     t0 = time.perf_counter()
     s = model.at(alpha)
     level = s.level
@@ -195,9 +198,11 @@ def build(
     if level.kind == "quantized" and level.bits == 8 and int8 and samples is not None:
         plain = model.export(Setting(s.alpha, level, s.stats, quantize_acts=False))
         module: nn.Module = _int8(plain, samples)
-        representation, use_cl = "int8 (FX static quantisation, x86 kernels)", False
-        resident = _resident_bytes(module)
-        runner, how = compile_module(module, torch.zeros(shape), backend="torchscript", channels_last=False)
+        use_cl = False
+        runner, how = PerBatchSize.compile(module, torch.zeros(shape), max_batch)
+        copies = len(runner.networks) if isinstance(runner, PerBatchSize) else 1
+        representation = f"int8 (FX static quantisation, x86 kernels{', one network per batch size' * (copies > 1)})"
+        resident = _resident_bytes(module) * copies
     else:
         plain = model.export(s)
         use_cl = channels_last and backend == "torchscript"
@@ -207,7 +212,7 @@ def build(
             "unstructured": f"dense fp32 with {100 * (1 - level.keep):.1f} % of pruned-layer weights zero",
         }[level.kind]
         candidates: list[nn.Module] = [plain]
-        if pad_batch and (padded := pad_channels(plain, CHANNEL_MULTIPLE)) is not None:
+        if pad and (padded := pad_channels(plain, CHANNEL_MULTIPLE)) is not None:
             candidates.append(padded)
         built = []  # (resident bytes, runner, how it runs) per candidate
         for net in candidates:
@@ -215,7 +220,7 @@ def build(
             resident = _resident_bytes(module)  # of the module: freezing turns the weights into graph constants
             built.append((resident, *compile_module(module, torch.zeros(shape), backend=backend, channels_last=use_cl)))
         resident, runner, how = built[0]
-        if len(built) == 2 and _padding_pays(built[0][1], built[1][1], meta, pad_batch, use_cl):
+        if len(built) == 2 and _padding_pays(built[0][1], built[1][1], meta, max_batch, use_cl):
             resident, runner, how = built[1]
             representation += f", channels padded to multiples of {CHANNEL_MULTIPLE}"
     return Compiled(
@@ -391,6 +396,45 @@ def compile_module(
                 "ONNX export or session failed (%s: %s); running this model as TorchScript", type(e).__name__, e
             )
     return freeze_module(module, example, channels_last)
+
+
+class PerBatchSize:
+    """An int8 network frozen once per batch size from 1 to `largest`, each copy first run at its own size;
+    larger batches run in chunks of `largest`.
+
+    Why: torch's oneDNN int8 convolution keeps, per packed weight, the compiled primitive of the first
+    input shape it runs, and builds one afresh (looked up in oneDNN's cache) on every call of any other
+    shape. One network served every batch size, and all but the first ran that slow path. Measured on
+    quantized_line at 2 threads (one-off, interleaved rounds): batch 1 in 0.18 ms on its own copy against
+    0.40 on one first run at another size, batch 8 0.39 against 0.61, batch 32 1.08 against 1.32. Each
+    freeze copies the packed weights (~0.3 MB here), so the copies cost memory (counted in the cache's
+    bytes) and build time (~25 ms each)."""
+
+    def __init__(self, networks: list[torch.jit.ScriptModule]) -> None:
+        self.networks = networks  # networks[n - 1] runs batches of n
+
+    @classmethod
+    def compile(
+        cls, module: nn.Module, example: torch.Tensor, largest: int
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+        """(runner, how it runs): a PerBatchSize, or `module` itself, eager, if the tracer cannot follow it."""
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the tracer's notices on constant shapes
+                traced = torch.jit.trace(module.eval(), example, check_trace=False)
+                networks = [torch.jit.freeze(traced) for _ in range(largest)]  # each freeze: weights of its own
+        except Exception as e:
+            log.warning("TorchScript trace failed (%s: %s); running this model eagerly", type(e).__name__, e)
+            return module, "eager"
+        with torch.inference_mode():
+            for n, network in enumerate(networks, start=1):
+                network(torch.zeros(n, *example.shape[1:]))  # the shape its convolutions keep compiled
+        return cls(networks), "TorchScript"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) <= len(self.networks):
+            return self.networks[len(x) - 1](x)  # type: ignore[no-any-return]
+        return torch.cat([self(chunk) for chunk in x.split(len(self.networks))])
 
 
 def freeze_module(module: nn.Module, example: torch.Tensor, channels_last: bool) -> tuple[nn.Module, str]:

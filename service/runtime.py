@@ -140,7 +140,7 @@ class Runtime:
             samples=self.samples,
             channels_last=self.channels_last,
             backend=self.settings.backend,
-            pad_batch=self.settings.max_batch,
+            max_batch=self.settings.max_batch,
         )
 
     def warm_up(self) -> None:

@@ -103,8 +103,29 @@ def test_int8_kernels_agree_with_training_on_most_inputs(tiny_checkpoints: Calla
     assert float((out - ref).abs().mean()) < 0.1 * float(ref.abs().mean())
 
 
+def test_int8_runs_each_batch_size_on_a_network_of_its_own(tiny_checkpoints: Callable[[str], TinyCheckpoint]) -> None:
+    """torch's oneDNN int8 convolutions keep the kernel of the first shape each network runs: the int8
+    alpha holds one network per batch size, each first run at its size, and splits larger batches."""
+    compiled = _served(tiny_checkpoints("quantized"), 1.0, max_batch=4)
+    runner = compiled.module
+    assert isinstance(runner, materialize.PerBatchSize) and len(runner.networks) == 4
+    assert "one network per batch size" in compiled.representation
+    plain = _served(tiny_checkpoints("quantized"), 1.0, max_batch=1)
+    assert compiled.resident_bytes == 4 * plain.resident_bytes  # every copy holds its weights
+    ran: list[int] = []
+    for n, network in enumerate(list(runner.networks), start=1):
+        runner.networks[n - 1] = lambda x, n=n, network=network: ran.append(n) or network(x)  # type: ignore[misc]
+    x = X[:10]
+    out = compiled(x)
+    assert ran == [4, 4, 2]  # 10 images: two chunks of 4, then 2
+    ran.clear()
+    singles = torch.cat([compiled(x[i : i + 1]) for i in range(10)])
+    assert ran == [1] * 10
+    assert torch.equal(out, singles)  # static quantisation: an image's logits do not depend on its batch
+
+
 def test_structured_models_are_physically_smaller_at_lower_alpha(structured: TinyCheckpoint) -> None:
-    built = [_served(structured, a, pad_batch=0) for a in sorted(GRID, reverse=True)]
+    built = [_served(structured, a, pad=False) for a in sorted(GRID, reverse=True)]
     resident = [c.resident_bytes for c in built]
     assert all(a > b for a, b in itertools.pairwise(resident)), resident
     assert built[-1].representation.startswith("sliced") and built[-1].representation.endswith("ONNX Runtime")
@@ -148,7 +169,7 @@ def test_build_pads_channels_only_where_that_measures_faster(
         lambda calls, rounds: {"plain": 1.0, "padded": padded_speed},
     )
     compiled = _served(structured, 0.5)
-    unpadded = _served(structured, 0.5, pad_batch=0)
+    unpadded = _served(structured, 0.5, pad=False)
     assert ("channels padded to multiples of 16" in compiled.representation) == (padded_speed < 0.95)
     assert "padded" not in unpadded.representation
     assert (compiled.resident_bytes > unpadded.resident_bytes) == (padded_speed < 0.95)
