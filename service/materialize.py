@@ -5,7 +5,7 @@
 | structured   | sliced convs (fewer channels, fewer FLOPs), BatchNorm folded; channel counts |
 |              | padded with zeros to multiples of 16 where that measures faster              |
 | quantized 8  | int8 kernels: FX static quantisation (x86), calibrated on the checkpoint's    |
-|              | sample images, per-channel weights; one frozen copy per batch size            |
+|              | sample images, per-channel weights; copies for batches of 1 and the largest   |
 | quantized <8 | simulated: fp32 convs holding the dequantised b-bit weights, fake-quantised  |
 |              | activations as in training; stored size = packed b-bit codes (no CPU kernels  |
 |              | for 3-7 bits exist in torch)                                                  |
@@ -19,7 +19,7 @@ torch, and a call costs ~40 us over its kernels. Measured on structured_line, ba
 (`benchmarks.alphas`, with and without `--backend torchscript`): alpha 1 in 2.80 ms and alpha 0 in 0.385
 ms, against 4.50 and 0.955 ms as frozen TorchScript. The int8 network stays on torch's FX kernels (1.11
 ms at batch 32; ORT's own int8 kernels took 1.7 ms in a one-off experiment when FX's took 1.35), as
-frozen TorchScript, one copy per batch size (`PerBatchSize`); so does everything if
+frozen TorchScript, compiled for single images and full batches (`PerBatchSize`); so does everything if
 `LCS_BACKEND=torchscript` or if the export fails (logged). Both run the whole forward in C++ and take
 the GIL once per call, not once per op: with another Python thread holding the GIL (the event loop
 parsing requests), an eager batch-1 forward took 10-16 ms instead of 0.5; frozen, 1.5-2 ms.
@@ -189,8 +189,8 @@ def build(
     `backend` runs the float networks; `channels_last` is the layout TorchScript runs them in (ONNX Runtime
     picks its own). A float network whose channel counts are not multiples of CHANNEL_MULTIPLE is also
     built padded to them (unless `pad` is false), and runs padded if that computes the same logits and is
-    faster at `max_batch` images, the largest batch the service runs. The int8 network is built once per
-    batch size up to `max_batch` (`PerBatchSize`)."""
+    faster at `max_batch` images, the largest batch the service runs. The int8 network is compiled for
+    batches of 1 and of `max_batch` (`PerBatchSize`)."""
     t0 = time.perf_counter()
     s = model.at(alpha)
     level = s.level
@@ -200,9 +200,10 @@ def build(
         module: nn.Module = _int8(plain, samples)
         use_cl = False
         runner, how = PerBatchSize.compile(module, torch.zeros(shape), max_batch)
-        copies = len(runner.networks) if isinstance(runner, PerBatchSize) else 1
-        representation = f"int8 (FX static quantisation, x86 kernels{', one network per batch size' * (copies > 1)})"
-        resident = _resident_bytes(module) * copies
+        sizes = sorted(runner.networks) if isinstance(runner, PerBatchSize) else []
+        compiled_for = f", compiled for batches of {' and '.join(map(str, sizes))}" if sizes else ""
+        representation = f"int8 (FX static quantisation, x86 kernels{compiled_for})"
+        resident = _resident_bytes(module) * max(1, len(sizes))
     else:
         plain = model.export(s)
         use_cl = channels_last and backend == "torchscript"
@@ -399,19 +400,20 @@ def compile_module(
 
 
 class PerBatchSize:
-    """An int8 network frozen once per batch size from 1 to `largest`, each copy first run at its own size;
-    larger batches run in chunks of `largest`.
+    """An int8 network frozen twice, for batches of one image and of `largest`, each copy first run at its
+    size; other sizes run on the `largest` copy, and larger batches in chunks of `largest`.
 
     Why: torch's oneDNN int8 convolution keeps, per packed weight, the compiled primitive of the first
     input shape it runs, and builds one afresh (looked up in oneDNN's cache) on every call of any other
-    shape. One network served every batch size, and all but the first ran that slow path. Measured on
-    quantized_line at 2 threads (one-off, interleaved rounds): batch 1 in 0.18 ms on its own copy against
-    0.40 on one first run at another size, batch 8 0.39 against 0.61, batch 32 1.08 against 1.32. Each
-    freeze copies the packed weights (~0.3 MB here), so the copies cost memory (counted in the cache's
-    bytes) and build time (~25 ms each)."""
+    shape: about 0.22 ms a forward here. Measured on quantized_line at 2 threads (one-off, interleaved
+    rounds), on a copy first run at the batch's own size against one first run at another: batch 1 0.18
+    ms against 0.40, batch 8 0.39 against 0.61, batch 32 1.08 against 1.32. A copy per size would serve
+    every size fast, but each frozen copy holds 5.5 MB (measured after malloc_trim: 16 copies, 88 MB), so
+    only the two sizes that matter most get one: single images at low load, full batches at saturation."""
 
-    def __init__(self, networks: list[torch.jit.ScriptModule]) -> None:
-        self.networks = networks  # networks[n - 1] runs batches of n
+    def __init__(self, networks: dict[int, torch.jit.ScriptModule]) -> None:
+        self.networks = networks  # batch size -> the copy compiled for it
+        self.largest = max(networks)
 
     @classmethod
     def compile(
@@ -422,19 +424,19 @@ class PerBatchSize:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the tracer's notices on constant shapes
                 traced = torch.jit.trace(module.eval(), example, check_trace=False)
-                networks = [torch.jit.freeze(traced) for _ in range(largest)]  # each freeze: weights of its own
+                networks = {n: torch.jit.freeze(traced) for n in {1, largest}}  # each freeze: weights of its own
         except Exception as e:
             log.warning("TorchScript trace failed (%s: %s); running this model eagerly", type(e).__name__, e)
             return module, "eager"
         with torch.inference_mode():
-            for n, network in enumerate(networks, start=1):
+            for n, network in networks.items():
                 network(torch.zeros(n, *example.shape[1:]))  # the shape its convolutions keep compiled
         return cls(networks), "TorchScript"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if len(x) <= len(self.networks):
-            return self.networks[len(x) - 1](x)  # type: ignore[no-any-return]
-        return torch.cat([self(chunk) for chunk in x.split(len(self.networks))])
+        if len(x) > self.largest:
+            return torch.cat([self(chunk) for chunk in x.split(self.largest)])
+        return self.networks.get(len(x), self.networks[self.largest])(x)  # type: ignore[no-any-return]
 
 
 def freeze_module(module: nn.Module, example: torch.Tensor, channels_last: bool) -> tuple[nn.Module, str]:

@@ -103,21 +103,23 @@ def test_int8_kernels_agree_with_training_on_most_inputs(tiny_checkpoints: Calla
     assert float((out - ref).abs().mean()) < 0.1 * float(ref.abs().mean())
 
 
-def test_int8_runs_each_batch_size_on_a_network_of_its_own(tiny_checkpoints: Callable[[str], TinyCheckpoint]) -> None:
+def test_int8_runs_single_images_and_full_batches_on_networks_of_their_own(
+    tiny_checkpoints: Callable[[str], TinyCheckpoint],
+) -> None:
     """torch's oneDNN int8 convolutions keep the kernel of the first shape each network runs: the int8
-    alpha holds one network per batch size, each first run at its size, and splits larger batches."""
+    alpha holds a copy first run at one image and one at the largest batch, and splits larger batches."""
     compiled = _served(tiny_checkpoints("quantized"), 1.0, max_batch=4)
     runner = compiled.module
-    assert isinstance(runner, materialize.PerBatchSize) and len(runner.networks) == 4
-    assert "one network per batch size" in compiled.representation
-    plain = _served(tiny_checkpoints("quantized"), 1.0, max_batch=1)
-    assert compiled.resident_bytes == 4 * plain.resident_bytes  # every copy holds its weights
+    assert isinstance(runner, materialize.PerBatchSize) and sorted(runner.networks) == [1, 4]
+    assert "compiled for batches of 1 and 4" in compiled.representation
+    single = _served(tiny_checkpoints("quantized"), 1.0, max_batch=1)
+    assert compiled.resident_bytes == 2 * single.resident_bytes  # each copy holds its weights
     ran: list[int] = []
-    for n, network in enumerate(list(runner.networks), start=1):
-        runner.networks[n - 1] = lambda x, n=n, network=network: ran.append(n) or network(x)  # type: ignore[misc]
+    for n, network in list(runner.networks.items()):
+        runner.networks[n] = lambda x, n=n, network=network: ran.append(n) or network(x)  # type: ignore[misc]
     x = X[:10]
     out = compiled(x)
-    assert ran == [4, 4, 2]  # 10 images: two chunks of 4, then 2
+    assert ran == [4, 4, 4]  # 10 images: two chunks of 4, then 2 on the largest copy
     ran.clear()
     singles = torch.cat([compiled(x[i : i + 1]) for i in range(10)])
     assert ran == [1] * 10
