@@ -15,11 +15,13 @@ from lcs import checkpoint
 from tests.service.service_support import make_checkpoint
 
 
-def _profile(path: Path, alpha: float, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def _profile(kind: str, alpha: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint, the JSON benchmarks.ops writes) for a tiny checkpoint of `kind` at `alpha`."""
+    path, out = make_checkpoint(tmp_path, kind).path, tmp_path / "ops.json"
     argv = ["ops", str(path), "--alpha", str(alpha), "--batch", "4", "--threads", "1", "--runs", "3"]
     monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
     ops.main()
-    return json.loads(out.read_text())  # type: ignore[no-any-return]
+    return path, json.loads(out.read_text())
 
 
 def _convolutions(path: Path, alpha: float) -> int:
@@ -30,8 +32,7 @@ def _convolutions(path: Path, alpha: float) -> int:
 def test_a_float_network_is_profiled_node_by_node_on_onnx_runtime(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = make_checkpoint(tmp_path, "structured").path
-    result = _profile(path, 0.0, tmp_path / "ops.json", monkeypatch)
+    path, result = _profile("structured", 0.0, tmp_path, monkeypatch)
     assert result["representation"].endswith("ONNX Runtime")
     nodes = result["us_per_forward"]
     kinds = [name.split(" ", 1)[0] for name in nodes]
@@ -42,8 +43,7 @@ def test_a_float_network_is_profiled_node_by_node_on_onnx_runtime(
 def test_int8_is_profiled_op_instance_by_op_instance_in_graph_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = make_checkpoint(tmp_path, "quantized").path
-    result = _profile(path, 1.0, tmp_path / "ops.json", monkeypatch)
+    path, result = _profile("quantized", 1.0, tmp_path, monkeypatch)
     assert result["representation"].startswith("int8")
     names = list(result["us_per_forward"])
     assert names[0] == "aten::quantize_per_tensor #0"  # the input is quantised first
