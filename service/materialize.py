@@ -19,7 +19,7 @@ torch, and a call costs ~40 us over its kernels. Measured on structured_line, ba
 (`benchmarks.alphas`, with and without `--backend torchscript`): alpha 1 in 2.80 ms and alpha 0 in 0.385
 ms, against 4.50 and 0.955 ms as frozen TorchScript. The int8 network stays on torch's FX kernels (1.13
 ms at batch 32; ORT's own int8 kernels took 1.7 ms in a one-off experiment when FX's took 1.35), as
-frozen TorchScript, compiled for single images and full batches (`PerBatchSize`); so does everything if
+frozen TorchScript, compiled for single images and full batches (`CopiesBySize`); so does everything if
 `LCS_BACKEND=torchscript` or if the export fails (logged). Both run the whole forward in C++ and take
 the GIL once per call, not once per op: with another Python thread holding the GIL (the event loop
 parsing requests), an eager batch-1 forward took 10-16 ms instead of 0.5; frozen, 1.5-2 ms.
@@ -190,7 +190,7 @@ def build(
     picks its own). A float network whose channel counts are not multiples of CHANNEL_MULTIPLE is also
     built padded to them (unless `pad` is false), and runs padded if that computes the same logits and is
     faster at `max_batch` images, the largest batch the service runs. The int8 network is compiled for
-    batches of 1 and of `max_batch` (`PerBatchSize`)."""
+    batches of 1 and of `max_batch` (`CopiesBySize`)."""
     t0 = time.perf_counter()
     s = model.at(alpha)
     level = s.level
@@ -199,8 +199,8 @@ def build(
         plain = model.export(Setting(s.alpha, level, s.stats, quantize_acts=False))
         module: nn.Module = _int8(plain, samples)
         use_cl = False
-        runner, how = PerBatchSize.compile(module, torch.zeros(shape), max_batch)
-        sizes = sorted(runner.networks) if isinstance(runner, PerBatchSize) else []
+        runner, how = CopiesBySize.compile(module, torch.zeros(shape), max_batch)
+        sizes = sorted(runner.networks) if isinstance(runner, CopiesBySize) else []
         compiled_for = f", compiled for batches of {' and '.join(map(str, sizes))}" if sizes else ""
         representation = f"int8 (FX static quantisation, x86 kernels{compiled_for})"
         resident = _resident_bytes(module) * max(1, len(sizes))
@@ -399,7 +399,7 @@ def compile_module(
     return freeze_module(module, example, channels_last)
 
 
-class PerBatchSize:
+class CopiesBySize:
     """An int8 network frozen twice, for batches of one image and of `largest`, each copy first run at its
     size; other sizes run on the `largest` copy, and larger batches in chunks of `largest`.
 
@@ -419,7 +419,7 @@ class PerBatchSize:
     def compile(
         cls, module: nn.Module, example: torch.Tensor, largest: int
     ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-        """(runner, how it runs): a PerBatchSize, or `module` itself, eager, if the tracer cannot follow it."""
+        """(runner, how it runs): a CopiesBySize, or `module` itself, eager, if the tracer cannot follow it."""
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the tracer's notices on constant shapes

@@ -110,7 +110,7 @@ def test_int8_runs_single_images_and_full_batches_on_networks_of_their_own(
     alpha holds a copy first run at one image and one at the largest batch, and splits larger batches."""
     compiled = _served(tiny_checkpoints("quantized"), 1.0, max_batch=4)
     runner = compiled.module
-    assert isinstance(runner, materialize.PerBatchSize) and sorted(runner.networks) == [1, 4]
+    assert isinstance(runner, materialize.CopiesBySize) and sorted(runner.networks) == [1, 4]
     assert "compiled for batches of 1 and 4" in compiled.representation
     single = _served(tiny_checkpoints("quantized"), 1.0, max_batch=1)
     assert compiled.resident_bytes == 2 * single.resident_bytes  # each copy holds its weights
