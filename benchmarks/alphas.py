@@ -32,7 +32,7 @@ from lcs import checkpoint
 from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
-from service.materialize import Compiled, build, compile_module, time_in_rounds
+from service.materialize import Compiled, build, compile_module, normalised_samples, time_in_rounds
 from service.settings import Backend
 
 
@@ -119,8 +119,8 @@ def main() -> None:
     wanted = args.alphas or [0.0, 0.25, 0.5, 0.75, 1.0]
     alphas = sorted({max(a for a in grid if a <= w + 1e-9) for w in wanted})
     scale, shift = normaliser(meta.input)
-    samples = checkpoint.read_samples(args.checkpoint)
-    calib = None if samples is None else torch.from_numpy(samples[0].numpy() * scale + shift)
+    samples = normalised_samples(args.checkpoint, meta.input)
+    calib = None if samples is None else samples[0]
     test = None
     try:
         from training.data import load_dataset

@@ -18,15 +18,15 @@ from pydantic import BaseModel
 
 from lcs import checkpoint
 from service.inputs import normaliser
-from service.materialize import build
+from service.materialize import build, normalised_samples
 
 torch.set_num_threads(int(os.environ.get("LCS_THREADS", "2")))
 torch.set_flush_denormal(True)
 _path = Path(os.environ.get("LCS_CHECKPOINT", "models/structured_line.safetensors"))
 _model, _meta = checkpoint.load(_path)
-_samples = checkpoint.read_samples(_path)
+_samples = normalised_samples(_path, _meta.input)
 _scale, _shift = normaliser(_meta.input)
-_calib = None if _samples is None else torch.from_numpy(_samples[0].numpy() * _scale + _shift)
+_calib = None if _samples is None else _samples[0]
 _compiled = build(_model, _meta, 1.0, samples=_calib, channels_last=True)
 _lock = threading.Lock()
 app = FastAPI()

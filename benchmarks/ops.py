@@ -25,12 +25,12 @@ import onnxruntime as ort
 import torch
 
 from lcs import checkpoint
-from service.inputs import normaliser
-from service.materialize import CHANNEL_MULTIPLE, Compiled, OnnxModule, build, export_onnx, onnx_threads, pad_channels
+from service.materialize import Compiled, OnnxModule, build, normalised_samples, onnx_threads
 
 
-def _onnx_nodes(model: torch.nn.Module, x: np.ndarray, runs: int) -> dict[str, float]:
-    """ONNX Runtime's kernel time per node over the last `runs` forwards, microseconds per forward."""
+def _onnx_nodes(model_bytes: bytes, x: np.ndarray, runs: int) -> dict[str, float]:
+    """ONNX Runtime's kernel time per node of the graph `model_bytes` over the last `runs` forwards,
+    microseconds per forward."""
     onnx_threads()  # sized from torch's thread count, as in the service
     opts = ort.SessionOptions()
     opts.use_per_session_threads = False  # the process-wide pool the service's sessions share
@@ -39,9 +39,7 @@ def _onnx_nodes(model: torch.nn.Module, x: np.ndarray, runs: int) -> dict[str, f
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "ops")
-        session = ort.InferenceSession(
-            export_onnx(model, torch.from_numpy(x[:2])), opts, providers=["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
         for _ in range(50 + runs):
             session.run(["y"], {"x": x})
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -92,18 +90,14 @@ def main() -> None:
     torch.set_flush_denormal(True)
     model, meta = checkpoint.load(args.checkpoint)
     alpha = model.at(args.alpha).alpha
-    scale, shift = normaliser(meta.input)
-    samples = checkpoint.read_samples(args.checkpoint)
-    calib = None if samples is None else torch.from_numpy(samples[0].numpy() * scale + shift)
+    samples = normalised_samples(args.checkpoint, meta.input)
+    calib = None if samples is None else samples[0]
     compiled = build(model, meta, alpha, samples=calib, channels_last=True)
     x = np.random.default_rng(0).standard_normal(
         (args.batch, meta.input.channels, meta.input.height, meta.input.width), dtype=np.float32
     )
     if isinstance(compiled.module, OnnxModule):
-        net: torch.nn.Module = model.export(model.at(alpha))
-        if "channels padded" in compiled.representation:  # the network build() chose
-            net = pad_channels(net, CHANNEL_MULTIPLE) or net
-        nodes = _onnx_nodes(net, x, args.runs)
+        nodes = _onnx_nodes(compiled.module.model_bytes, x, args.runs)  # the graph the service runs
     else:
         nodes = _torch_nodes(compiled, x, args.runs)
     total = sum(nodes.values())

@@ -40,6 +40,7 @@ import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -47,10 +48,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from lcs import checkpoint
 from lcs.alpha import Level
-from lcs.checkpoint import CheckpointMeta
+from lcs.checkpoint import CheckpointMeta, InputSpec
 from lcs.layers import Setting, SubspaceConv2d
 from lcs.models import SubspaceResNet
+from service.inputs import normaliser
 from service.settings import Backend
 
 log = logging.getLogger("lcs.service")
@@ -133,6 +136,16 @@ def _stored_bytes(model: SubspaceResNet, plain: nn.Module, s: Setting) -> int:
             csr = nnz * (4 + 4) + (w.shape[0] + 1) * 4  # CSR: values, column indices, row pointers
             compressed += min(csr, w.numel() * 4)  # whichever is smaller: CSR only pays below ~50 % density
     return max(0, total - hidden) + compressed
+
+
+def normalised_samples(path: str | Path, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The checkpoint's sample images normalised as requests are (float32 [N, C, H, W]), with their labels:
+    what `build` calibrates int8 on. None if the checkpoint stores none."""
+    samples = checkpoint.read_samples(path)
+    if samples is None:
+        return None
+    scale, shift = normaliser(spec)
+    return torch.from_numpy(samples[0].numpy() * scale + shift), samples[1]
 
 
 def _has_vnni() -> bool:
@@ -320,6 +333,7 @@ class OnnxModule:
     """
 
     def __init__(self, model_bytes: bytes) -> None:
+        self.model_bytes = model_bytes  # the graph it runs (the session keeps this same object too)
         onnx_threads()
         opts = ort.SessionOptions()
         opts.use_per_session_threads = False

@@ -24,7 +24,7 @@ from lcs.models import SubspaceResNet
 from service.cache import Grid, ModelCache
 from service.controller import Controller
 from service.inputs import normaliser
-from service.materialize import Compiled, build, time_batch, time_in_rounds
+from service.materialize import Compiled, build, normalised_samples, time_batch, time_in_rounds
 from service.profile import LatencyProfile
 from service.settings import Settings, usable_cpus
 
@@ -106,14 +106,14 @@ class Runtime:
                 )
         grid = Grid(grid_alphas)
         scale, shift = normaliser(meta.input)
-        samples = checkpoint.read_samples(settings.checkpoint)
+        samples = normalised_samples(settings.checkpoint, meta.input)
         rt = cls(
             settings=settings,
             model=model,
             meta=meta,
             name=settings.model_name or settings.checkpoint.stem,
             grid=grid,
-            samples=None if samples is None else torch.from_numpy(samples[0].numpy() * scale + shift),
+            samples=None if samples is None else samples[0],
             sample_labels=None if samples is None else samples[1],
             scale=scale,
             shift=shift,
