@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import time
 import uuid
@@ -28,6 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import Batcher, Draining, Job, QueueFull
@@ -272,7 +272,7 @@ class Shed:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         path: str = scope["path"]
-        route = "/predict" if path == "/predict" else _V2_INFER if _V2_INFER_PATH.fullmatch(path) else None
+        route = next((template for template, pattern in _LANE_MATCHERS if pattern.match(path)), None)
         st: State | None = getattr(scope["app"].state, "lcs", None)
         if route is None or st is None:
             return await self.app(scope, receive, send)
@@ -298,7 +298,7 @@ class Shed:
 
 _V2_INFER = "/v2/models/{name}/infer"
 _LANE_PATHS = ("/predict", _V2_INFER)
-_V2_INFER_PATH = re.compile(r"/v2/models/[^/]+/infer")
+_LANE_MATCHERS = [(template, compile_path(template)[0]) for template in _LANE_PATHS]  # as the routes match them
 
 
 def _late(wait: float, budget: float) -> str:
