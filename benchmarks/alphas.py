@@ -163,16 +163,17 @@ def main() -> None:
                 memory_format=torch.channels_last  # type: ignore[call-overload]
             )
             size = sum(q.numel() * 4 for q in plain.parameters())
-            runner, how = compile_module(plain, x32, backend=args.backend, channels_last=True)
+            network = compile_module(plain, x32, backend=args.backend, channels_last=True)
             ref = Compiled(
                 1.0,
                 Level("quantized", bits=32),
-                runner,
-                f"fp32 float reference (unquantised), {how}",
-                size,
+                network.run,
+                f"fp32 float reference (unquantised), {network.how}",
+                network.resident_bytes,
                 size,
                 time.perf_counter() - t0,
-                how == "TorchScript",
+                network.how == "TorchScript",
+                network.reclaimable,
             )
             variants.append(("float", 1.0, ref))
         return variants

@@ -2,7 +2,10 @@
 
 Requested alphas snap *down* to the grid (never more accurate than asked). The bound is in bytes of
 resident model memory; the least recently used entries are evicted when a new one does not fit
-(one entry is always kept, even if it alone exceeds the bound, so the service can answer).
+(one entry is always kept, even if it alone exceeds the bound, so the service can answer). Entries
+whose memory dropping would not free (`Compiled.reclaimable`: networks torch traced, int8 among them)
+count toward the bound but are never evicted: evicting one would free nothing, and building it again
+would hold its memory a second time.
 """
 
 from __future__ import annotations
@@ -119,7 +122,11 @@ class ModelCache:
 
     def _evict_locked(self) -> None:
         total = sum(c.resident_bytes for c in self._entries.values())
-        while total > self.max_bytes and len(self._entries) > 1:
-            _, old = self._entries.popitem(last=False)
-            total -= old.resident_bytes
-            self.stats.evictions += 1
+        newest = next(reversed(self._entries))
+        for key, entry in list(self._entries.items()):  # least recently used first
+            if total <= self.max_bytes:
+                break
+            if key != newest and entry.reclaimable:
+                del self._entries[key]
+                total -= entry.resident_bytes
+                self.stats.evictions += 1

@@ -6,8 +6,6 @@ alphas and measures the latency profile (readiness turns true only after it).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import logging
 import os
@@ -24,19 +22,11 @@ from lcs.models import SubspaceResNet
 from service.cache import Grid, ModelCache
 from service.controller import Controller
 from service.inputs import normaliser
-from service.materialize import Compiled, build, normalised_samples, time_batch, time_in_rounds
+from service.materialize import Compiled, build, normalised_samples, release_freed_heap, time_batch, time_in_rounds
 from service.profile import LatencyProfile
 from service.settings import Settings, usable_cpus
 
 log = logging.getLogger("lcs.service")
-
-
-def release_freed_heap() -> None:
-    """Hand the heap that start-up freed back to the system (glibc's malloc_trim; a no-op elsewhere).
-    Building, profiling and self-checking every alpha leaves it fragmented: measured after warm-up,
-    404-434 MiB resident before, 346 after."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -173,12 +163,21 @@ class Runtime:
             self.channels_last = s.channels_last == "on"
         prebuild = sorted({self.grid.down(a) for a in (s.prebuild or self.grid.alphas)}, reverse=True)
         self._measure_profile({alpha: self.cache.get(alpha) for alpha in prebuild}, probe)
+        if self.cache.bytes > s.cache_bytes:
+            log.warning(
+                "the %d models cached after start-up hold %.1f MiB, over LCS_CACHE_BYTES (%.1f MiB): the cache "
+                "keeps the newest model and those it cannot free (int8 and TorchScript networks, "
+                "see service.cache); raise LCS_CACHE_BYTES, or prebuild fewer alphas (LCS_PREBUILD)",
+                len(self.cache),
+                self.cache.bytes / 2**20,
+                s.cache_bytes / 2**20,
+            )
         if self.samples is not None and self.sample_labels is not None:
             for alpha in prebuild:
                 pred = self.logits(alpha, self.samples.numpy()).argmax(1)
                 self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
-        release_freed_heap()
-        self.ready = True
+        release_freed_heap()  # building, profiling and checking every alpha fragment the heap: 404-434 MiB
+        self.ready = True  # resident before handing it back, measured after warm-up, 346 after
 
     def _measure_profile(self, built: dict[float, Compiled], probe: torch.Tensor) -> None:
         """Seconds per batch at each (alpha, profiled batch size) in the steady state of repeated calls: the

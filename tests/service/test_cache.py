@@ -16,8 +16,9 @@ from tests.service.service_support import wait_for
 GRID = Grid([0.0, 0.25, 0.5, 1.0])
 
 
-def fake(alpha: float, resident_bytes: int = 100) -> Compiled:
-    return Compiled(alpha, Level("structured", width=alpha), nn.Identity(), "fake", resident_bytes, 0, 0.01, False)
+def fake(alpha: float, resident_bytes: int = 100, reclaimable: bool = True) -> Compiled:
+    level = Level("structured", width=alpha)
+    return Compiled(alpha, level, nn.Identity(), "fake", resident_bytes, 0, 0.01, False, reclaimable)
 
 
 class Builder:
@@ -115,6 +116,21 @@ def test_one_entry_is_kept_even_over_the_bound() -> None:
     cache.get(0.5)
     assert cache.cached() == [0.5]
     assert cache.stats.evictions == 1
+
+
+def test_models_whose_memory_cannot_be_freed_count_but_are_never_evicted() -> None:
+    """A traced network's memory stays with the process (pytorch#35600): evicting it would free nothing and
+    rebuilding it would hold that memory twice, so the cache evicts the others around it."""
+    pinned = {0.0, 0.5}
+    cache = ModelCache(lambda a: fake(a, 100, reclaimable=a not in pinned), GRID, max_bytes=250)
+    cache.get(0.0)
+    cache.get(0.25)
+    cache.get(0.5)  # 300 bytes: 0.0 is the least recently used, but cannot be freed; 0.25 goes
+    assert cache.cached() == [0.0, 0.5] and cache.stats.evictions == 1
+    cache.get(1.0)  # nothing evictable but the newest: all three stay, over the bound
+    assert cache.cached() == [0.0, 0.5, 1.0] and cache.bytes == 300
+    cache.get(0.25)  # 1.0 goes now; 0.0 and 0.5 still stay
+    assert cache.cached() == [0.0, 0.25, 0.5] and cache.stats.evictions == 2
 
 
 def test_zero_byte_bound_keeps_only_the_latest() -> None:

@@ -113,7 +113,8 @@ def test_int8_runs_single_images_and_full_batches_on_networks_of_their_own(
     assert isinstance(runner, materialize.CopiesBySize) and sorted(runner.networks) == [1, 4]
     assert "compiled for batches of 1 and 4" in compiled.representation
     single = _served(tiny_checkpoints("quantized"), 1.0, max_batch=1)
-    assert compiled.resident_bytes == 2 * single.resident_bytes  # each copy holds its weights
+    assert not compiled.reclaimable  # traced: torch keeps it for the life of the process
+    assert compiled.resident_bytes > single.resident_bytes  # each copy holds memory of its own (measured)
     ran: list[int] = []
     for n, network in list(runner.networks.items()):
         runner.networks[n] = lambda x, n=n, network=network: ran.append(n) or network(x)  # type: ignore[misc]
@@ -124,6 +125,46 @@ def test_int8_runs_single_images_and_full_batches_on_networks_of_their_own(
     singles = torch.cat([compiled(x[i : i + 1]) for i in range(10)])
     assert ran == [1] * 10
     assert torch.equal(out, singles)  # static quantisation: an image's logits do not depend on its batch
+
+
+def test_memory_growth_counts_what_a_build_keeps_and_primes_each_toolchain_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(materialize, "_primed", set())
+    primed: list[str] = []
+    kept: list[np.ndarray] = []
+
+    def keep(mib: int) -> None:
+        kept.append(np.ones(mib * 2**20, dtype=np.uint8))  # written, so resident
+
+    def growth(toolchain: str, mib: int) -> int:
+        return materialize._memory_growth(toolchain, lambda: keep(mib), lambda: primed.append(toolchain))[1]
+
+    assert 23 * 2**20 < growth("a", 24) < 26 * 2**20
+    assert 7 * 2**20 < growth("a", 8) < 10 * 2**20
+    assert 0 <= growth("b", 0) < 2**20  # nothing kept: nothing counted
+    assert primed == ["a", "b"]
+
+
+def test_networks_on_onnx_runtime_count_their_graph_and_weights_and_can_be_freed(
+    structured: TinyCheckpoint,
+) -> None:
+    compiled = _served(structured, 1.0, pad=False)
+    assert isinstance(compiled.module, OnnxModule) and compiled.reclaimable
+    weights = materialize._resident_bytes(structured.model.export(structured.model.at(1.0)))
+    assert compiled.resident_bytes == len(compiled.module.model_bytes) + weights + materialize.ONNX_SESSION_BYTES
+
+
+def test_traced_networks_count_what_they_hold_and_are_not_freed(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Channel padding is tried on ONNX Runtime only: a traced candidate the build discards would stay."""
+    tried: list[nn.Module] = []
+    monkeypatch.setattr(materialize, "pad_channels", lambda net, multiple: tried.append(net))
+    compiled = _served(structured, 0.5, backend="torchscript")
+    assert compiled.representation.endswith("TorchScript") and not tried
+    assert not compiled.reclaimable
+    assert compiled.resident_bytes >= materialize._resident_bytes(structured.model.export(structured.model.at(0.5)))
 
 
 def test_structured_models_are_physically_smaller_at_lower_alpha(structured: TinyCheckpoint) -> None:
@@ -275,9 +316,9 @@ from service import materialize
 logging.basicConfig(level=logging.WARNING)
 torch.set_num_threads(2)
 example = torch.zeros(2, 1, 4, 4)
-a, _ = materialize.compile_module(nn.Conv2d(1, 2, 3), example, backend="onnxruntime", channels_last=False)
+a = materialize.compile_module(nn.Conv2d(1, 2, 3), example, backend="onnxruntime", channels_last=False).run
 torch.set_num_threads(1)
-b, _ = materialize.compile_module(nn.Conv2d(1, 2, 3), example, backend="onnxruntime", channels_last=False)
+b = materialize.compile_module(nn.Conv2d(1, 2, 3), example, backend="onnxruntime", channels_last=False).run
 assert not a.session.get_session_options().use_per_session_threads
 print("pool", materialize.onnx_threads())
 """
@@ -292,8 +333,10 @@ def test_a_graph_onnx_cannot_export_runs_as_torchscript(caplog: pytest.LogCaptur
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.linalg.eigvals(x.flatten(2) @ x.flatten(2).transpose(1, 2)).real  # no ONNX operator
 
-    runner, how = compile_module(Unexportable(), torch.ones(1, 1, 2, 2), backend="onnxruntime", channels_last=False)
-    assert how == "TorchScript" and isinstance(runner, torch.jit.ScriptModule)
+    runner, how, _, reclaimable = compile_module(
+        Unexportable(), torch.ones(1, 1, 2, 2), backend="onnxruntime", channels_last=False
+    )
+    assert how == "TorchScript" and isinstance(runner, torch.jit.ScriptModule) and not reclaimable
     assert "ONNX export or session failed" in caplog.text
 
 
@@ -375,10 +418,8 @@ def test_time_in_rounds_keeps_each_group_in_rounds_of_its_own() -> None:
 
 
 def test_compiled_knows_which_runtime_runs_it() -> None:
-    onnx, _ = compile_module(
-        torch.nn.Conv2d(1, 2, 3), torch.zeros(2, 1, 4, 4), backend="onnxruntime", channels_last=False
-    )
+    onnx = compile_module(torch.nn.Conv2d(1, 2, 3), torch.zeros(2, 1, 4, 4), backend="onnxruntime", channels_last=False)
     frozen, _ = freeze_module(torch.nn.Conv2d(1, 2, 3), torch.zeros(2, 1, 4, 4), False)
     level = Level("structured", width=1.0)
-    assert Compiled(1.0, level, onnx, "", 0, 0, 0.0, False).on_onnx_runtime
+    assert Compiled(1.0, level, onnx.run, "", 0, 0, 0.0, False).on_onnx_runtime
     assert not Compiled(1.0, level, frozen, "", 0, 0, 0.0, False).on_onnx_runtime

@@ -71,6 +71,18 @@ def test_prebuild_subset_and_a_narrower_grid(structured: TinyCheckpoint) -> None
     assert rt.controller.grid.alphas == [0.5, 1.0]
 
 
+@pytest.mark.parametrize("room", [10**9, 1])
+def test_start_up_warns_when_the_models_it_keeps_exceed_the_cache_bound(
+    tiny_checkpoints: Callable[[str], TinyCheckpoint], caplog: pytest.LogCaptureFixture, room: int
+) -> None:
+    """The int8 alpha cannot be freed (a traced network), so it stays beside the newest model, over the bound."""
+    rt = Runtime.load(make_settings(tiny_checkpoints("quantized").path, cache_bytes=room, profile_batches=[1]))
+    rt.warm_up()
+    assert rt.cache.cached() == (list(GRID) if room > 1 else [0.0, 1.0])
+    warned = "over LCS_CACHE_BYTES" in caplog.text
+    assert warned == (room == 1)
+
+
 def test_a_grid_alpha_without_batchnorm_statistics_is_refused(structured: TinyCheckpoint) -> None:
     with pytest.raises(ValueError, match=r"LCS_ALPHA_GRID: alphas \[0.25\] have no BatchNorm statistics"):
         Runtime.load(make_settings(structured.path, alpha_grid=[0.25, 1.0]))
