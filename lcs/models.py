@@ -231,7 +231,40 @@ class SubspaceResNet(nn.Module):
         fc = nn.Linear(c, fc_w.shape[0])
         fc.weight, fc.bias = nn.Parameter(fc_w.clone()), nn.Parameter(fc_b.clone())
         layers += [_plain_norm(self.norm, s, c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc]
+        _fold_norms_into_blocks(layers)
         return nn.Sequential(*layers).eval().requires_grad_(False)
+
+
+def _fold_norms_into_blocks(layers: list[nn.Module]) -> None:
+    """Fold each BatchNorm that reads nothing but a block's output into that block, in place.
+
+    A block with a convolution shortcut outputs conv2(.) + shortcut(.), both linear, so a BatchNorm that
+    follows, channel by channel y = a * out + b, equals conv2 and shortcut with their weights times a, plus
+    b as conv2's bias. That BatchNorm is the next block's norm1 when the next block has a shortcut
+    convolution of its own (one without adds its raw input, so the norm cannot go), or the final norm.
+    Here: the last two of four, a whole pass over the activations each. Measured on quantized_line at
+    alpha 1, batch 32, 2 threads (one-off, 16 alternating rounds): int8 1.154 -> 1.114 ms, float on ONNX
+    Runtime 2.771 -> 2.746; the logits move by at most 2e-6."""
+    for i, block in enumerate(layers):
+        if not (isinstance(block, PlainBlock) and isinstance(block.shortcut, nn.Conv2d)):
+            continue
+        after = layers[i + 1]
+        reader, norm = (after, after.norm1) if isinstance(after, PlainBlock) else (None, after)
+        if not isinstance(norm, nn.BatchNorm2d) or (reader is not None and reader.shortcut is None):
+            continue
+        assert norm.running_var is not None and norm.running_mean is not None
+        conv2, shortcut = block.conv2, block.shortcut
+        with torch.no_grad():
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            shift = norm.bias - norm.running_mean * scale
+            bias = shift if conv2.bias is None else conv2.bias * scale + shift
+            conv2.weight = nn.Parameter(conv2.weight * scale[:, None, None, None], requires_grad=False)
+            shortcut.weight = nn.Parameter(shortcut.weight * scale[:, None, None, None], requires_grad=False)
+            conv2.bias = nn.Parameter(bias, requires_grad=False)
+        if reader is None:
+            layers[i + 1] = nn.Identity()
+        else:
+            reader.norm1 = nn.Identity()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -255,15 +255,16 @@ def build(
 
     `resident_bytes`, what the cache's bound counts: for a network on ONNX Runtime, its graph bytes plus
     ONNX Runtime's copy of the weights and ONNX_SESSION_BYTES (`benchmarks.memory`, the growth of the
-    process's resident memory per model kept, against this count: structured_line alpha 1 2.84 MB held
-    against 2.77 counted, alpha 0 0.41 against 0.46). A network torch compiles (int8, TorchScript,
-    or eager after a failed trace) is counted as the measured growth across its build (`_memory_growth`)
-    and is not `reclaimable`: the TorchScript tracer keeps what it traced for the life of the process
-    (pytorch/pytorch#35600), so dropping such a network frees nothing and building it again holds as much
-    again. Measured (build, run, drop, eight times over): quantized_line's int8 alpha grew the process by
-    15 MB a build, for 0.63 MB of weights, and freed none of it; structured_line's alpha 1 on ONNX Runtime
-    by 0.2 MB in all. The cache keeps such models rather than evict them (`ModelCache`), and channel
-    padding is tried on ONNX Runtime only, where it pays, so no discarded candidate is traced."""
+    process's resident memory per model kept, against this count: structured_line alpha 1 2.78 MB held
+    against 2.77 counted, alpha 0 0.32 against 0.46, quantized_line's 6-bit alpha 3.06 against 2.78). A
+    network torch compiles (int8, TorchScript, or eager after a failed trace) is counted as the measured
+    growth across its build (`_memory_growth`) and is not `reclaimable`: the TorchScript tracer keeps what
+    it traced for the life of the process (pytorch/pytorch#35600), so dropping such a network frees
+    nothing and building it again holds as much again. Measured (build, run, drop, eight times over):
+    quantized_line's int8 alpha grew the process by 15 MB a build, for 0.63 MB of weights, and freed none
+    of it; structured_line's alpha 1 on ONNX Runtime by 0.2 MB in all. The cache keeps such models rather
+    than evict them (`ModelCache`), and channel padding is tried on ONNX Runtime only, where it pays, so
+    no discarded candidate is traced."""
     t0 = time.perf_counter()
     s = model.at(alpha)
     level = s.level
@@ -472,8 +473,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
 
 ONNX_SESSION_BYTES = 300_000
 """What an ONNX Runtime session holds beyond its graph and weights once it has run (kernel state,
-prepacked weights net of the initialisers it drops): 0.25-0.38 MB measured per model on this
-repository's networks (`benchmarks.memory`: held, less graph and weights)."""
+prepacked weights net of the initialisers it drops): 0.16-0.58 MB per model on the shipped networks,
+0.25-0.31 on most (`benchmarks.memory`'s committed runs: held, less graph and weights)."""
 
 
 class Network(NamedTuple):

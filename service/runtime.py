@@ -204,6 +204,7 @@ class Runtime:
 
     def describe(self) -> dict[str, object]:
         m = self.meta
+        cached = {f"{a:g}": c for a in self.cache.cached() if (c := self.cache.peek(a))}
         return {
             "name": self.name,
             "kind": m.kind,
@@ -221,7 +222,9 @@ class Runtime:
             "self_check_accuracy": self.self_check,
             "backend": self.settings.backend,  # what runs the float networks; int8 always runs on torch
             # per cached alpha, what runs it (a failed ONNX export shows here as TorchScript)
-            "representations": {f"{a:g}": c.representation for a in self.cache.cached() if (c := self.cache.peek(a))},
+            "representations": {a: c.representation for a, c in cached.items()},
+            # per cached alpha, the memory it holds as LCS_CACHE_BYTES counts it, and whether it can be evicted
+            "memory": {a: {"resident_bytes": c.resident_bytes, "evictable": c.reclaimable} for a, c in cached.items()},
             "channels_last": self.channels_last,
             "ready": self.ready,
             "loaded_at": self.loaded_at,

@@ -45,6 +45,38 @@ def test_export_matches_subspace_forward(settled_model: Factory, kind: str, subs
     assert not torch.allclose(outputs[0], outputs[-1], atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("blocks", "norms_left"),
+    [
+        ((1, 1, 1), [True, True, False, False]),  # the third block's norm1 and the final norm fold
+        ((1, 2, 1), [True, True, True, True, False]),  # the 2nd stage's second block adds its raw input
+    ],
+)
+def test_export_folds_each_batchnorm_that_reads_only_a_block_with_a_shortcut_convolution(
+    blocks: tuple[int, ...], norms_left: list[bool]
+) -> None:
+    """A block with a shortcut convolution outputs the sum of two convolutions, so a BatchNorm that reads
+    nothing else folds into them; a BatchNorm whose block also adds its raw input to its output cannot."""
+    torch.manual_seed(0)
+    model = SubspaceResNet(widths=(4, 8, 16)[: len(blocks)], blocks=blocks, stem_stride=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # norms that are not the identity
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5) if name.rsplit(".", 1)[1].startswith("weight") else p.uniform_(-0.5, 0.5)
+        model.train()
+        for _ in range(3):  # running statistics that are not 0 and 1
+            model(2 + 3 * _x(16), Setting(1.0, model.schedule.level(1.0)))
+    model.eval()
+    s = model.at(1.0)
+    plain = model.export(s)
+    norms = [block.norm1 for block in plain if hasattr(block, "norm1")] + [plain[-5]]
+    assert [isinstance(n, nn.BatchNorm2d) for n in norms] == norms_left
+    assert all(isinstance(n, nn.Identity) for n, left in zip(norms, norms_left, strict=True) if not left)
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x, s), atol=1e-5, rtol=0)
+
+
 def test_export_uses_the_calibrated_statistics(settled_model: Factory) -> None:
     model = settled_model("structured", "line", "batch")
     x = _x()

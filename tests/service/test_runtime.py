@@ -137,6 +137,8 @@ def test_describe(structured: TinyCheckpoint) -> None:
     ((alpha, representation),) = rt.describe()["representations"].items()  # padded or not, as it measured
     assert alpha == "0.5" and representation.startswith("sliced fp32, width 0.625, ")
     assert representation.endswith("ONNX Runtime")
+    memory = rt.describe()["memory"]["0.5"]
+    assert memory == {"resident_bytes": rt.cache.bytes, "evictable": True}
 
 
 def test_describe_reports_when_the_model_was_loaded_not_the_current_time(structured: TinyCheckpoint) -> None:
