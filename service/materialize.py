@@ -255,8 +255,8 @@ def build(
 
     `resident_bytes`, what the cache's bound counts: for a network on ONNX Runtime, its graph bytes plus
     ONNX Runtime's copy of the weights and ONNX_SESSION_BYTES (`benchmarks.memory`, the growth of the
-    process's resident memory per model kept, against this count: structured_line alpha 1 2.78 MB held
-    against 2.77 counted, alpha 0 0.32 against 0.46, quantized_line's 6-bit alpha 3.06 against 2.78). A
+    process's resident memory per model kept, against this count: structured_line alpha 1 2.77 MB held
+    against 2.76 counted, alpha 0 0.30 against 0.46, quantized_line's 6-bit alpha 3.04 against 2.78). A
     network torch compiles (int8, TorchScript, or eager after a failed trace) is counted as the measured
     growth across its build (`_memory_growth`) and is not `reclaimable`: the TorchScript tracer keeps what
     it traced for the life of the process (pytorch/pytorch#35600), so dropping such a network frees
@@ -473,8 +473,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
 
 ONNX_SESSION_BYTES = 300_000
 """What an ONNX Runtime session holds beyond its graph and weights once it has run (kernel state,
-prepacked weights net of the initialisers it drops): 0.16-0.58 MB per model on the shipped networks,
-0.25-0.31 on most (`benchmarks.memory`'s committed runs: held, less graph and weights)."""
+prepacked weights net of the initialisers it drops): 0.14-0.56 MB per model on the shipped networks,
+0.24-0.32 on most (`benchmarks.memory`'s committed runs: held, less graph and weights)."""
 
 
 class Network(NamedTuple):
