@@ -450,7 +450,7 @@ def _alpha(value: float | str | None, default: float, field: str) -> float:
 
 async def _infer(
     st: State, state: dict[str, Any], x_raw: np.ndarray, quality: Any, min_quality: Any, deadline_ms: float | None
-) -> tuple[np.ndarray, Any, float]:
+) -> tuple[np.ndarray, Any, float | None]:
     """Admission, queueing and inference shared by /predict and the v2 infer path, once the body is decoded.
     `state`: the request's scope state (its arrival time, from which its deadline counts; its place in the
     pre-body gate's count, which it leaves here)."""
@@ -511,7 +511,7 @@ async def _infer(
         st.inflight -= 1
     st.metrics.queue_wait.observe(res.queue_seconds)
     st.metrics.alpha.observe(res.alpha)
-    return softmax(res.outputs), res, rt.accuracy.get(res.alpha, float("nan"))
+    return softmax(res.outputs), res, rt.accuracy.get(res.alpha)  # None: not measured at that alpha
 
 
 def create_app(
@@ -662,7 +662,7 @@ def create_app(
                 "kind": rt.meta.kind,
                 "level": rt.level(res.alpha),
                 "level_name": LEVEL_NAMES[rt.meta.kind],
-                "accuracy": None if acc != acc else acc,
+                "accuracy": acc,
                 "queue_ms": round(res.queue_seconds * 1000, 3),
                 "compute_ms": round(res.compute_seconds * 1000, 3),
                 "batch_images": res.batch_images,
@@ -826,7 +826,7 @@ def create_app(
             "parameters": {
                 "alpha": res.alpha,
                 "level": rt.level(res.alpha),
-                "accuracy": None if acc != acc else acc,
+                "accuracy": acc,
                 "queue_ms": res.queue_seconds * 1000,
                 "compute_ms": res.compute_seconds * 1000,
             },
