@@ -32,11 +32,8 @@ def _onnx_nodes(model_bytes: bytes, x: np.ndarray, runs: int) -> dict[str, float
     """ONNX Runtime's kernel time per node of the graph `model_bytes` over the last `runs` forwards,
     microseconds per forward."""
     onnx_threads()  # sized from torch's thread count, as in the service
-    opts = ort.SessionOptions()
-    opts.use_per_session_threads = False  # the process-wide pool the service's sessions share
+    opts = OnnxModule.session_options()  # as the service's sessions, with the profiler on
     opts.enable_profiling = True
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "ops")
         session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])

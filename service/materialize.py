@@ -408,14 +408,19 @@ class OnnxModule:
     def __init__(self, model_bytes: bytes) -> None:
         self.model_bytes = model_bytes  # the graph it runs (the session keeps this same object too)
         onnx_threads()
+        self.session = ort.InferenceSession(model_bytes, self.session_options(), providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def session_options() -> ort.SessionOptions:
+        """How the service's sessions are configured (`benchmarks.ops` profiles in one configured so)."""
         opts = ort.SessionOptions()
-        opts.use_per_session_threads = False
+        opts.use_per_session_threads = False  # the process-wide pool, `onnx_threads`
         opts.log_severity_level = 3  # errors only; it warns about unused initialisers
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # as torch.set_flush_denormal does
         # no per-session arena: each would keep its largest batch's buffers (the start-up self-check runs
         # 256 images) for every cached alpha: the service sat at 770 MiB with it, 384 without (432 as TorchScript)
         opts.enable_cpu_mem_arena = False
-        self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+        return opts
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.logits(x.detach().float().contiguous().numpy()))
@@ -527,14 +532,11 @@ class CopiesBySize:
         cls, module: nn.Module, example: torch.Tensor, largest: int
     ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
         """(runner, how it runs): a CopiesBySize, or `module` itself, eager, if the tracer cannot follow it."""
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # the tracer's notices on constant shapes
-                traced = torch.jit.trace(module.eval(), example, check_trace=False)
-                networks = {n: torch.jit.freeze(traced) for n in {1, largest}}  # each freeze: weights of its own
-        except Exception as e:
-            log.warning("TorchScript trace failed (%s: %s); running this model eagerly", type(e).__name__, e)
+        sizes = sorted({1, largest})
+        copies = _frozen_copies(module, example, len(sizes))  # traced once, each freeze: weights of its own
+        if copies is None:
             return module, "eager"
+        networks = dict(zip(sizes, copies, strict=True))
         with torch.inference_mode():
             for n, network in networks.items():
                 network(torch.zeros(n, *example.shape[1:]))  # the shape its convolutions keep compiled
@@ -550,14 +552,21 @@ def freeze_module(module: nn.Module, example: torch.Tensor, channels_last: bool)
     """(module traced and frozen by TorchScript, "TorchScript"), or (module, "eager") if that fails."""
     if channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
+    copies = _frozen_copies(module, example, 1)
+    return (module, "eager") if copies is None else (copies[0], "TorchScript")
+
+
+def _frozen_copies(module: nn.Module, example: torch.Tensor, count: int) -> list[torch.jit.ScriptModule] | None:
+    """`module` traced once and frozen `count` times, or None (logged) if that fails: a model the tracer
+    cannot follow still serves, eagerly."""
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the deprecation notices, and the tracer's on constant shapes
             traced = torch.jit.trace(module.eval(), example, check_trace=False)
-            return torch.jit.freeze(traced), "TorchScript"
-    except Exception as e:  # a model the tracer cannot follow still serves, eagerly
+            return [torch.jit.freeze(traced) for _ in range(count)]
+    except Exception as e:
         log.warning("TorchScript trace failed (%s: %s); running this model eagerly", type(e).__name__, e)
-        return module, "eager"
+        return None
 
 
 def time_batch(compiled: Compiled, x: torch.Tensor, repeats: int = 5) -> float:
