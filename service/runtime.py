@@ -176,8 +176,10 @@ class Runtime:
             for alpha in prebuild:
                 pred = self.logits(alpha, self.samples.numpy()).argmax(1)
                 self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
-        release_freed_heap()  # building, profiling and checking every alpha fragment the heap: 404-434 MiB
-        self.ready = True  # resident before handing it back, measured after warm-up, 346 after
+        # building, profiling and checking every alpha fragment the heap: measured after warm-up, 404-434 MiB
+        # resident before handing the freed part back, 346 after
+        release_freed_heap()
+        self.ready = True
 
     def _measure_profile(self, built: dict[float, Compiled], probe: torch.Tensor) -> None:
         """Seconds per batch at each (alpha, profiled batch size) in the steady state of repeated calls: the
