@@ -1,10 +1,14 @@
-"""`python -m service`: validate settings and checkpoint, then serve with uvicorn (LCS_HOST:LCS_PORT)."""
+"""`python -m service`: validate settings and checkpoint, then serve with uvicorn (LCS_HOST:LCS_PORT).
+
+It takes no arguments: every setting is an LCS_ environment variable (`--help` lists them with their
+defaults; README.md's Configuration table says what each does)."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import sys
+from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
@@ -12,10 +16,61 @@ from pydantic import ValidationError
 from lcs.checkpoint import CheckpointError
 from service.app import create_app
 from service.runtime import Runtime, inference_executor
-from service.settings import Settings
+from service.settings import ROOT, Settings
 
 
-def main() -> int:
+def usage() -> str:
+    """The settings as environment variables with their defaults, from `Settings` itself."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if default is None:
+            shown = "unset"
+        elif default == "":
+            shown = '""'
+        elif isinstance(default, list):
+            shown = ",".join(map(str, default))
+        elif isinstance(default, Path) and default.is_relative_to(ROOT):
+            shown = str(default.relative_to(ROOT))
+        else:
+            shown = str(default)
+        rows.append(f"  LCS_{name.upper():<32} {shown}")
+    return "\n".join(
+        [
+            "usage: [LCS_<SETTING>=<value> ...] python -m service",
+            "",
+            "Serve one LCS checkpoint over HTTP. There are no command-line options: each setting is an",
+            "environment variable, read once at start-up (README.md, Configuration, says what each does).",
+            "",
+            "settings and their defaults (threads: this machine's):",
+            *rows,
+        ]
+    )
+
+
+def _refuse_arguments(args: list[str]) -> str:
+    """The error for command-line arguments, naming the environment variable each flag meant."""
+    hints = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        name = flag.removeprefix("--").replace("-", "_").lower()
+        if flag.startswith("--") and name in Settings.model_fields:
+            if not eq:
+                following = args[i + 1] if i + 1 < len(args) else ""
+                value = following if following and not following.startswith("-") else "<value>"
+            hints.append(f"LCS_{name.upper()}={value}")
+    fix = f"run `{' '.join(hints)} python -m service`" if hints else "settings are environment variables"
+    got = " ".join(args)
+    return f"error: python -m service takes no arguments (got: {got}); {fix}; `python -m service --help` lists them"
+
+
+def main(args: list[str] | None = None) -> int:
+    if args:
+        if args[0] in ("-h", "--help"):
+            print(usage())
+            return 0
+        print(_refuse_arguments(args), file=sys.stderr)
+        return 2
     executor = inference_executor()  # torch work runs on this thread only
     try:
         settings = Settings()
@@ -53,4 +108,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

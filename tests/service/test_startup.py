@@ -76,3 +76,23 @@ def test_a_bad_setting_is_named(
     code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_MAX_BATCH="0")
     assert code == 2
     assert err.startswith("error: LCS_MAX_BATCH:")
+
+
+def test_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ")
+    assert "LCS_PORT" in out and "8000" in out
+    assert "models/structured_line.safetensors" in out
+    from service.settings import Settings
+
+    for name in Settings.model_fields:
+        assert f"LCS_{name.upper()} " in out, name
+
+
+def test_arguments_are_refused_with_the_environment_variable_they_meant(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--port", "9000", "--max-batch=8", "--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: python -m service takes no arguments")
+    assert "LCS_PORT=9000 LCS_MAX_BATCH=8 python -m service" in err
+    assert "--help" in err
