@@ -69,13 +69,15 @@ def _check_range(arr: np.ndarray, where: str) -> None:
     raise InputError(f"{where}: pixel values must be in 0-255, got {lo:g}..{hi:g}")
 
 
-def _decode_image(text: str, spec: InputSpec, where: str, max_pixels: int) -> np.ndarray:
+def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: int) -> tuple[np.ndarray, int]:
+    """(the image as [C, H, W] pixel values, its decoded pixel count). `budget`: the pixels the request's
+    images may still decode, of `limit` per request; the header is checked against it before decoding."""
     from PIL import Image, UnidentifiedImageError
 
     if text.startswith("data:"):
         text = text.partition(",")[2]
-    try:
-        raw = base64.b64decode(text, validate=True)
+    try:  # line breaks and spaces allowed: `base64` (GNU coreutils) wraps its output at 76 characters
+        raw = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"{where}: not valid base64; send a base64-encoded PNG or JPEG") from None
     try:
@@ -84,29 +86,48 @@ def _decode_image(text: str, spec: InputSpec, where: str, max_pixels: int) -> np
             im: Image.Image = Image.open(io.BytesIO(raw))
             if im.format not in ("PNG", "JPEG"):
                 raise InputError(f"{where}: image format {im.format} is not supported; send PNG or JPEG")
-            if im.width * im.height > max_pixels:
-                raise InputError(
-                    f"{where}: image is {im.width}x{im.height} pixels, over the limit of {max_pixels}; resize it"
-                )
-            im = im.convert("L" if spec.channels == 1 else "RGB")
+            pixels = im.width * im.height
+            if pixels > budget:
+                raise InputError(_too_many_pixels(where, im.width, im.height, limit, alone=budget == limit))
+            if im.mode.startswith("I"):  # 16-bit greyscale PNG: scale to 0-255 (converting to "L" would clip)
+                im = Image.fromarray(np.asarray(im, dtype=np.float32) * np.float32(255 / 65535), mode="F")
+            elif im.mode != ("L" if spec.channels == 1 else "RGB"):
+                im = im.convert("L" if spec.channels == 1 else "RGB")
             if im.size != (spec.width, spec.height):
                 im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.float32)
     except InputError:
         raise
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own bound, from the header
+        raise InputError(f"{where}: image is over {Image.MAX_IMAGE_PIXELS} pixels; resize it") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(f"{where}: not a readable PNG or JPEG image ({type(e).__name__})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    if arr.ndim == 2:
+        arr = arr[None] if spec.channels == 1 else np.repeat(arr[None], spec.channels, axis=0)
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return arr, pixels
+
+
+def _too_many_pixels(where: str, width: int, height: int, limit: int, *, alone: bool) -> str:
+    if alone:
+        return f"{where}: image is {width}x{height} pixels, over the limit of {limit} per request; resize it"
+    return (
+        f"{where}: image is {width}x{height} pixels, and with the request's earlier images over the limit of "
+        f"{limit} pixels per request; resize the images or split the request"
+    )
+
+
+def has_images(inputs: Sequence[object]) -> bool:
+    """Whether any input is an encoded image, whose decoding is worth taking off the event loop."""
+    return any(isinstance(x, str) for x in inputs)
 
 
 def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pixels: int) -> np.ndarray:
-    """Raw inputs -> float32 array [N, C, H, W] of pixel values in 0-255 (not yet normalised)."""
+    """Raw inputs -> float32 array [N, C, H, W] of pixel values in 0-255 (not yet normalised).
+
+    `max_pixels` bounds the pixels a request's encoded images decode to, all together: each image's
+    header is checked before it is decoded, so a request costs at most that much decoding."""
     if not isinstance(inputs, list | tuple) or len(inputs) == 0:
         raise InputError("inputs: send a non-empty list of images")
     if len(inputs) > max_inputs:
@@ -128,10 +149,13 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
                 raise
             return out
     items = []
+    budget = max_pixels
     for i, x in enumerate(inputs):
         where = f"inputs[{i}]"
         if isinstance(x, str):
-            items.append(_decode_image(x, spec, where, max_pixels)[None])
+            image, pixels = _decode_image(x, spec, where, budget, max_pixels)
+            budget -= pixels
+            items.append(image[None])
         elif isinstance(x, list):
             try:
                 arr = np.asarray(x, dtype=np.float32)

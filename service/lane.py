@@ -102,7 +102,7 @@ def require_json(content_type: str) -> None:
 def split_binary(body: bytes, length: str) -> tuple[bytes, memoryview]:
     """The OIP v2 binary tensor extension (KServe, Triton): the body is `Inference-Header-Content-Length`
     bytes of JSON followed by raw tensor bytes. (JSON part, tensor bytes)."""
-    if not length.isdigit() or not 0 < int(length) <= len(body):
+    if not (length.isascii() and length.isdigit()) or not 0 < int(length) <= len(body):  # "²".isdigit() is true
         raise ApiError(
             422, f"{BINARY_HEADER}: {length[:20]!r} is not the length of the JSON part of this {len(body)}-byte body"
         )

@@ -17,6 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.lane import ApiError, split_binary
 from service.profile import LatencyProfile
 from tests.service.service_support import (
     ACCURACY,
@@ -442,6 +443,13 @@ def test_v2_infer_bad_binary_requests_are_422(client: TestClient, mutate: Any, d
     r = client.post(f"/v2/models/{NAME}/infer", content=content, headers=headers)
     assert r.status_code == 422, r.text
     assert detail in r.text
+
+
+@pytest.mark.parametrize("length", ["\xb2", "\u0663", "1\u00b9"])  # ², Arabic-Indic 3, 1¹: isdigit() says yes
+def test_a_binary_length_of_non_ascii_digits_is_422_not_500(length: str) -> None:
+    with pytest.raises(ApiError) as e:
+        split_binary(b'{"inputs": []}', length)
+    assert e.value.status == 422 and "is not the length" in e.value.detail
 
 
 def test_v2_infer_binary_needs_the_bytes_and_not_data_too(client: TestClient) -> None:

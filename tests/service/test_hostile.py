@@ -156,7 +156,10 @@ CASES: dict[str, Hostile] = {
     "zero-width key": Hostile(predict_with(json.dumps(ZEROS), ', "qua\u200blity": 1'), "qua\u200blity"),
     "emoji quality": Hostile(predict_with(json.dumps(ZEROS), ', "quality": "\U0001f525"'), "quality"),
     # -- base64 and image bytes --
-    "base64 with newlines": Hostile('{"inputs": ["' + b64_png(4, 4)[:8] + '\\n"]}', "not valid base64"),
+    "base64 cut short, with a newline": Hostile(
+        '{"inputs": ["' + b64_png(4, 4)[:8] + '\\n"]}', "not a readable PNG or JPEG"
+    ),
+    "base64 with a stray character": Hostile('{"inputs": ["' + b64_png(4, 4)[:8] + '*"]}', "not valid base64"),
     "empty string": Hostile('{"inputs": [""]}', "not a readable PNG or JPEG"),
     "data URL without a comma": Hostile('{"inputs": ["data:image/png;base64"]}', "not a readable PNG or JPEG"),
     "PDF bytes": Hostile(

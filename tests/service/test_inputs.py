@@ -216,6 +216,37 @@ def test_image_over_max_pixels_is_refused_before_decoding(monkeypatch: pytest.Mo
     assert decoded == []
 
 
+def test_the_pixel_limit_covers_all_of_a_requests_images_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image fits the limit alone; the third takes the request over it, refused from its header."""
+    image = b64(Image.new("L", (20, 20)), "PNG")  # 400 pixels
+    assert run([image, image], max_pixels=1000).shape == (2, 1, 6, 5)
+    with pytest.raises(InputError, match=r"^inputs\[2\]: .* earlier images over the limit of 1000 pixels per request"):
+        run([image, image, image], max_pixels=1000)
+
+
+def test_wrapped_base64_is_read() -> None:
+    """GNU base64 wraps at 76 characters; the line breaks are not part of the data."""
+    pixels = ramp(6, 5).astype(np.uint8)
+    flat = b64(Image.fromarray(pixels, "L"), "PNG")
+    wrapped = "\n".join(flat[i : i + 76] for i in range(0, len(flat), 76)) + "\n"
+    assert "\n" in wrapped.strip()
+    assert np.array_equal(run([wrapped])[0, 0], pixels)
+
+
+@pytest.mark.parametrize("spec", [GRAY, RGB], ids=["grey model", "colour model"])
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(spec: InputSpec) -> None:
+    pixels = (ramp(spec.height, spec.width) * 3).astype(np.uint8)  # 0..255 in steps of 3, wrapping
+    wide = Image.fromarray(pixels.astype(np.uint16) * 257)  # the same image in 16 bits: 0..65535
+    assert wide.mode.startswith("I")
+    buf = io.BytesIO()
+    wide.save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")  # read back as 16-bit
+    out = run([base64.b64encode(buf.getvalue()).decode()], spec)
+    assert out.shape == (1, spec.channels, spec.height, spec.width)
+    for c in range(spec.channels):
+        np.testing.assert_allclose(out[0, c], pixels, atol=1e-3)
+
+
 def test_normaliser_maps_pixels_like_training() -> None:
     scale, shift = normaliser(RGB)
     x = np.broadcast_to(np.array([0.0, 127.5, 255.0], dtype=np.float32).reshape(1, 1, 3, 1), (1, 3, 3, 1))
