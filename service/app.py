@@ -85,7 +85,8 @@ class State:
         self.parsing = 0  # inference requests past Shed whose body is not yet decoded
         self._computed = 0.0  # model seconds since the last control step
         self._computed_since = time.monotonic()
-        self.draining = False
+        # SIGTERM (or shutdown) time: requests received before it are still served, later ones get 503
+        self.draining_since: float | None = None
         self.drain_deadline: float | None = None  # set by SIGTERM: monotonic time by which to be done
         self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
         # fleet figures from Prometheus, refreshed in the background each control interval; a value
@@ -101,6 +102,14 @@ class State:
             if settings.prometheus_url
             else None
         )
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def start_draining(self) -> None:
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
 
     def refusal_before_body(self) -> tuple[str, str] | None:
         """(reason, message) if an inference request must be refused before its body is read: the queue
@@ -416,6 +425,7 @@ def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, d
         401: "No API key",
         403: "Wrong API key",
         404: "Not found (or admin endpoints off)",
+        408: "The body did not arrive within LCS_BODY_TIMEOUT_SECONDS",
         413: "Body too large",
         415: "Not JSON",
         422: "Invalid request or input",
@@ -458,8 +468,8 @@ async def _infer(
     st.parsed(state)
     arrived: float = state.get("arrived", time.monotonic())
     rt = st.runtime
-    if not rt.ready or st.draining:
-        st.metrics.shed.labels("not_ready").inc()
+    if not rt.ready or (st.draining_since is not None and arrived >= st.draining_since):
+        st.metrics.shed.labels("not_ready").inc()  # received before SIGTERM, it is still served (below)
         raise ApiError(503, "the service is starting or shutting down; retry shortly", {"Retry-After": "1"})
     want = _alpha(quality, 1.0, "quality")
     floor_req = _alpha(min_quality, 0.0, "min_quality")
@@ -561,12 +571,13 @@ def create_app(
             def on_term(signum: int, frame: Any) -> None:
                 # What SIGTERM guarantees: at once, readiness answers 503 and new work 503 + Retry-After, while
                 # the server still accepts connections (so probes and clients get an answer, not a refusal).
-                # Work accepted before the signal is answered; only then (or after LCS_DRAIN_SECONDS) does
+                # Requests received before the signal are answered, those whose body is still arriving or
+                # decoding too (`_infer` compares arrival times); only then (or after LCS_DRAIN_SECONDS) does
                 # uvicorn's handler run, close the listener and shut down. A second SIGTERM skips the wait.
                 if st.draining:
                     previous(signum, frame)
                     return
-                st.draining = True
+                st.start_draining()
                 st.drain_deadline = time.monotonic() + s.drain_seconds
                 loop.call_soon_threadsafe(  # a signal handler must not touch the loop's internals directly
                     lambda: tasks.append(loop.create_task(_drain_then(st, lambda: previous(signum, frame))))
@@ -577,7 +588,7 @@ def create_app(
         try:
             yield
         finally:
-            st.draining = True
+            st.start_draining()
             left = s.drain_seconds if st.drain_deadline is None else max(0.0, st.drain_deadline - time.monotonic())
             if not await st.batcher.drain(left):
                 log.warning("drain timed out with work left; refused %d queued requests", st.batcher.abandon())
@@ -610,6 +621,7 @@ def create_app(
                     paths=_LANE_PATHS,
                     binary=(_V2_INFER,),
                     state=lambda scope: getattr(scope["app"].state, "lcs", None),
+                    body_timeout=s.body_timeout_seconds,
                 ),
                 limit=s.max_body_bytes,
             )
@@ -638,7 +650,7 @@ def create_app(
     @app.post(
         "/predict",
         response_model=PredictResponse,
-        responses=_errors(415, 422, 429, 503, retry_after=(429, 503)),
+        responses=_errors(408, 415, 422, 429, 503, retry_after=(429, 503)),
     )
     async def predict(body: PredictRequest, st: StateDep, request: Request) -> JSONResponse:
         """Classify one or more images at an alpha chosen from `quality`, the load and the deadline."""
@@ -770,11 +782,12 @@ def create_app(
     @app.get("/v2/models/{name}/ready", responses=_errors(404, 422, 503))
     async def v2_model_ready(name: str, st: StateDep) -> JSONResponse:
         rt = _model(st, name)
-        return JSONResponse({"name": rt.name, "ready": rt.ready}, status_code=200 if rt.ready else 503)
+        ok = rt.ready and not st.draining  # as /v2/health/ready: a draining server takes no new work
+        return JSONResponse({"name": rt.name, "ready": ok}, status_code=200 if ok else 503)
 
     @app.post(
         "/v2/models/{name}/infer",
-        responses=_errors(404, 415, 422, 429, 503, retry_after=(429, 503)),
+        responses=_errors(404, 408, 415, 422, 429, 503, retry_after=(429, 503)),
     )
     async def v2_infer(name: str, body: V2InferRequest, st: StateDep, request: Request) -> dict[str, object]:
         """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms."""

@@ -100,7 +100,7 @@ class Batcher:
         self._behind = behind  # (images, requests) queued -> seconds to serve them at the cheapest alpha
         self.reserve = reserve  # share of each request's time budget kept out of the slack
         self._pending = pending  # requests received but not yet queued (being read or decoded)
-        self.draining = False
+        self.closed = False  # set when a drain ends: no job is taken after it
         self.running = 0  # jobs in the batch being computed
         self.stats = BatchStats()
         self._current: list[Job] = []  # the batch being served, failed as a whole on an unexpected error
@@ -114,7 +114,7 @@ class Batcher:
         return self._queued_images
 
     def submit(self, job: Job) -> asyncio.Future[Result]:
-        if self.draining:
+        if self.closed:
             raise Draining
         if len(self._queue) >= self.queue_max:
             raise QueueFull
@@ -224,9 +224,15 @@ class Batcher:
         return n
 
     async def drain(self, timeout: float) -> bool:
-        """Stop taking work and wait (up to `timeout` s) until every accepted job is answered."""
-        self.draining = True
+        """Wait (up to `timeout` s) until every job is answered, those still being received (`pending`)
+        included, then close: `submit` refuses from then on. Which requests may still submit meanwhile is
+        the caller's to decide (the app: those received before SIGTERM). True if nothing was left."""
+
+        def left() -> bool:
+            return bool(self._queue or self.running or (self._pending is not None and self._pending()))
+
         end = time.monotonic() + timeout
-        while (self._queue or self.running) and time.monotonic() < end:
+        while left() and time.monotonic() < end:
             await asyncio.sleep(0.01)
+        self.closed = True
         return not self._queue and not self.running

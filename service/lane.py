@@ -13,6 +13,7 @@ to FastAPI, whose handlers answer with the same functions below.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, get_type_hints
@@ -33,6 +34,7 @@ _REASONS = {
     403: "forbidden",
     404: "not found",
     405: "method not allowed",
+    408: "request timeout",
     413: "payload too large",
     415: "unsupported media type",
     422: "invalid request",
@@ -114,7 +116,7 @@ class Lane:
     to `paths` (route path templates) by calling their route functions as `endpoint(body=..., st=...,
     request=..., **path_params)`, where `body` is validated against the function's `body` annotation and
     `st` is `state(scope)`. Routes in `binary` also take the v2 binary tensor extension; its bytes wait in
-    the request state under "binary"."""
+    the request state under "binary". A body that takes longer than `body_timeout` seconds to arrive gets 408."""
 
     def __init__(
         self,
@@ -123,9 +125,10 @@ class Lane:
         paths: Sequence[str],
         binary: Sequence[str],
         state: Callable[[Scope], Any],
+        body_timeout: float,
     ) -> None:
         # built at the first request, after every route is declared
-        self.app, self.binary, self.state = app, set(binary), state
+        self.app, self.binary, self.state, self.body_timeout = app, set(binary), state, body_timeout
         self.routes = [
             (r, get_type_hints(r.endpoint)["body"])
             for r in routes
@@ -167,7 +170,12 @@ class Lane:
         length = request.headers.get(BINARY_HEADER) if route.path in self.binary else None
         if length is None:
             require_json(request.headers.get("content-type", ""))
-        raw = await request.body()
+        try:  # a request past the pre-body gate counts as queued until its body is read: bound the wait
+            raw = await asyncio.wait_for(request.body(), self.body_timeout)
+        except TimeoutError:
+            raise ApiError(
+                408, f"the body did not arrive within {self.body_timeout:g} s; send the whole request at once"
+            ) from None
         if length is not None:
             raw, request.scope.setdefault("state", {})["binary"] = split_binary(raw, length)
         if not raw:

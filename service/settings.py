@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     queue_max: int = Field(256, ge=1)  # queued requests; beyond it: 429 + Retry-After
     max_inputs: int = Field(64, ge=1)  # images per request
     max_body_bytes: int = Field(8 * 2**20, ge=1024)  # larger bodies get 413
+    # an inference request's body must arrive within this: a stalled upload holds a place in the queue
+    body_timeout_seconds: float = Field(10.0, gt=0.0)
     max_image_pixels: int = Field(4096 * 4096, ge=1)  # pixels a request's encoded images decode to, all together
     top_k: int = Field(3, ge=1)
     profile_batches: Annotated[list[int], NoDecode] = [1, 8, 32]  # batch sizes in the latency profile

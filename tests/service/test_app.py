@@ -553,9 +553,12 @@ def test_everything_that_needs_the_model_is_503_before_warm_up(structured: TinyC
 
 def test_draining_turns_readiness_off_and_refuses_new_work(structured: TinyCheckpoint) -> None:
     with serve(make_settings(structured.path)) as c:
-        app_state(c).draining = True
+        app_state(c).start_draining()
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json() == {"status": "draining"}
+        assert c.get("/v2/health/ready").status_code == 503
+        r = c.get(f"/v2/models/{NAME}/ready")
+        assert r.status_code == 503 and r.json() == {"name": NAME, "ready": False}
         r = c.post("/predict", json={"inputs": [ZEROS]})
         assert r.status_code == 503 and "retry-after" in r.headers
         assert c.get("/healthz").status_code == 200  # still alive while it drains

@@ -376,21 +376,29 @@ def test_cancelled_requests_are_dropped_before_running() -> None:
     run_async(scenario)
 
 
-def test_drain_finishes_accepted_work_and_refuses_new_work() -> None:
+def test_drain_finishes_all_work_including_requests_still_arriving_then_closes() -> None:
+    """Which requests may still submit during a drain is the app's call (those received before SIGTERM);
+    the drain waits for them (`pending`: received, not yet queued) and for everything queued or running."""
+
     async def scenario() -> None:
         model = FakeModel(hold_first=True)
-        batcher, executor = make_batcher(model)
+        arriving = [1]  # one request whose body is still being read
+        batcher, executor = make_batcher(model, pending=lambda: arriving[0])
         task = await started(batcher)
         accepted = [batcher.submit(job(float(i))) for i in range(3)]
         await until(lambda: len(model.batches) == 1, what="the first batch to start")
         drain = asyncio.create_task(batcher.drain(timeout=10.0))
         await asyncio.sleep(0)
-        with pytest.raises(Draining):
-            batcher.submit(job(9.0))
-        assert not drain.done()
         model.gate.set()
+        await asyncio.gather(*accepted)
+        await asyncio.sleep(0.05)
+        assert not drain.done()  # the request still arriving has not been queued yet
+        arriving[0] = 0
+        accepted.append(batcher.submit(job(9.0)))  # it arrives and is queued, during the drain
         assert await drain is True
-        assert all(f.done() and not f.cancelled() for f in accepted)
+        assert all(f.done() and not f.cancelled() and f.exception() is None for f in accepted)
+        with pytest.raises(Draining):  # closed once the drain is over
+            batcher.submit(job(10.0))
         await stop(task, executor)
 
     run_async(scenario)

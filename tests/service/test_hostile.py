@@ -47,7 +47,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from tests.service.service_support import IMAGE, TinyCheckpoint, make_settings, post_scope, real_server, serve
+from tests.service.service_support import (
+    IMAGE,
+    TinyCheckpoint,
+    app_state,
+    make_settings,
+    post_scope,
+    real_server,
+    serve,
+)
 
 NAME = "tiny_structured"
 V2 = f"/v2/models/{NAME}/infer"
@@ -344,3 +352,32 @@ def test_framing_attacks_on_a_real_server(structured: TinyCheckpoint, tmp_path: 
         assert _status(_exchange(server.port, head + b"content-length: %d\r\n\r\n" % len(ok) + ok)) == 200
         assert server.proc.poll() is None
     assert "Traceback" not in server.log.read_text()
+
+
+def test_a_stalled_upload_gets_408_and_leaves_the_queue(structured: TinyCheckpoint) -> None:
+    """A client that sends the headers and part of the body, then nothing: 408 after LCS_BODY_TIMEOUT_SECONDS,
+    instead of holding its place in the pre-body gate's count for as long as the connection stays open."""
+    with serve(make_settings(structured.path, body_timeout_seconds=0.05)) as c:
+        st = app_state(c)
+        sent: list[dict[str, Any]] = []
+        parts = [{"type": "http.request", "body": b'{"inputs": [', "more_body": True}]
+
+        async def receive() -> dict[str, Any]:
+            if parts:
+                return parts.pop(0)
+            await asyncio.Event().wait()  # the rest never comes
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def stalled() -> None:
+            app = c.app(post_scope("/predict", []), receive, send)  # type: ignore[arg-type]
+            await asyncio.wait_for(app, 10)  # without the bound it would wait for ever
+
+        c.portal.call(stalled)  # type: ignore[union-attr]  # on the app's own event loop
+        assert next(m["status"] for m in sent if m["type"] == "http.response.start") == 408
+        answer = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+        assert answer["error"] == "request timeout" and "within 0.05 s" in answer["detail"]
+        assert st.parsing == 0
+        assert c.post("/predict", json={"inputs": [ZEROS]}).status_code == 200

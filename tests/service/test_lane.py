@@ -43,7 +43,7 @@ def test_inference_routes_skip_fastapis_dependency_machinery(
 
 def test_a_lane_without_its_route_fails_at_start_up() -> None:
     with pytest.raises(RuntimeError, match="no POST route declared for \\['/predict'\\]"):
-        Lane(None, routes=[], paths=("/predict",), binary=(), state=lambda scope: None)  # type: ignore[arg-type]
+        Lane(None, routes=[], paths=("/predict",), binary=(), state=lambda scope: None, body_timeout=1.0)  # type: ignore[arg-type]
 
 
 def test_the_error_shape_is_the_same_through_the_lane_and_through_fastapi(client: TestClient) -> None:

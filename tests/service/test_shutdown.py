@@ -2,22 +2,24 @@
 
 What SIGTERM guarantees (service/app.py, lifespan): at once, /readyz and /v2/health/ready answer 503 and
 new inference requests 503 + Retry-After, while the server keeps accepting connections, so probes and
-clients get an answer rather than a refused connection. Every request admitted before the signal is
-answered with its result. Only when none is left (or LCS_DRAIN_SECONDS have passed; requests still queued
-then get 503 + Retry-After) is uvicorn's own handler called: it closes the listener (from then on new
-connections are refused), closes idle keep-alive connections and exits.
+clients get an answer rather than a refused connection. Every request received before the signal is
+answered with its result, one whose body is still arriving then included. Only when none is left (or
+LCS_DRAIN_SECONDS have passed; requests still queued then get 503 + Retry-After) is uvicorn's own
+handler called: it closes the listener (from then on new connections are refused), closes idle keep-alive
+connections and exits.
 
-The first two tests drive the handler in process, with a stand-in for uvicorn's handler; the last runs a
+The first three tests drive the handler in process, with a stand-in for uvicorn's handler; the last runs a
 real `python -m service` on 127.0.0.1 under a steady stream of requests (~6 s).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -78,6 +80,39 @@ def test_sigterm_refuses_new_work_at_once_and_hands_over_after_the_drain(
             assert [a.status_code for a in answers] == [200] * 4
             await until(lambda: len(uvicorn_handler) == 1, what="the hand-over to uvicorn")
             assert st.inflight == 0 and st.batcher.depth == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_request_still_arriving_at_sigterm_is_served_and_the_drain_waits_for_it(
+    structured: TinyCheckpoint, uvicorn_handler: list[float]
+) -> None:
+    """Received before the signal (past the pre-body gate, its body still arriving or decoding): answered
+    with its result, not refused as new work, and uvicorn is not handed over until it is."""
+
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, max_wait_ms=0.0, drain_seconds=10.0)) as (client, st):
+            body = json.dumps({"inputs": [ZEROS]}).encode()
+            rest = asyncio.Event()
+
+            async def arriving() -> AsyncIterator[bytes]:
+                yield body[:10]
+                await rest.wait()
+                yield body[10:]
+
+            headers = {"content-type": "application/json"}
+            early = asyncio.create_task(client.post("/predict", content=arriving(), headers=headers))
+            await until(lambda: st.parsing == 1, what="the first request's body to start arriving")
+            os.kill(os.getpid(), signal.SIGTERM)
+            await until(lambda: st.draining, what="the signal")
+            refused = await client.post("/predict", json={"inputs": [ZEROS]})  # sent after it: new work
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            await asyncio.sleep(0.1)
+            assert uvicorn_handler == []  # the early request is still arriving
+            rest.set()
+            answer = await early
+            assert answer.status_code == 200, answer.text
+            await until(lambda: len(uvicorn_handler) == 1, what="the hand-over to uvicorn")
 
     asyncio.run(scenario())
 
