@@ -35,7 +35,7 @@ from service.batcher import Batcher, Draining, Job, QueueFull
 from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.inputs import decode, has_images
-from service.lane import BINARY_HEADER, ApiError, Lane, error_response, parse_json, problems
+from service.lane import BINARY_HEADER, ApiError, Lane, error_response, parse_json, problems, require_json
 from service.metrics import Metrics
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
 from service.schemas import (
@@ -286,6 +286,7 @@ class Shed:
         st: State | None = getattr(scope["app"].state, "lcs", None)
         if route is None or st is None:
             return await self.app(scope, receive, send)
+        scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint, a 413 included
         refusal = st.refusal_before_body()
         if refusal is None:
             st.parsing += 1
@@ -297,7 +298,6 @@ class Shed:
                 st.parsed(state)  # if the route never got as far (a 4xx on the body, say)
         reason, detail = refusal
         st.metrics.shed.labels(reason).inc()
-        scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint
         rid = scope.get("state", {}).get("request_id")
         await JSONResponse(
             {"error": "overloaded", "detail": detail, "request_id": rid},
@@ -487,10 +487,11 @@ async def _infer(
     retry = _retry_after(st.settings)
     if floor > ceiling:
         st.metrics.shed.labels("min_quality").inc()
+        cap = {"pinned": "an operator has pinned alpha at", "battery": "on low battery the service serves alpha"}
+        why = cap.get(rt.controller.mode, "under current load the service serves alpha")
         raise ApiError(
             429,
-            f"under current load the service serves alpha <= {ceiling:g}, below min_quality "
-            f"{floor_req:g}; retry later or lower min_quality",
+            f"{why} <= {ceiling:g}, below min_quality {floor_req:g}; retry later or lower min_quality",
             {"Retry-After": retry},
         )
     now = time.monotonic()
@@ -717,7 +718,8 @@ def create_app(
         key = st.settings.api_key
         if key is None:
             raise ApiError(404, "admin endpoints are off: set LCS_API_KEY to enable them")
-        given = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else None)
+        scheme, _, token = (authorization or "").partition(" ")
+        given = x_api_key or (token.strip() if scheme.lower() == "bearer" and token.strip() else None)
         if given is None:
             raise ApiError(
                 401,
@@ -727,7 +729,12 @@ def create_app(
         if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
             raise ApiError(403, "admin endpoint: wrong API key")
 
-    @app.put("/admin/pin", dependencies=[Depends(_admin)], responses=_errors(401, 403, 404, 422))
+    async def _json_content(content_type: Annotated[str, Header()] = "") -> None:
+        require_json(content_type)  # FastAPI itself would read any content type as JSON, or answer 422
+
+    @app.put(
+        "/admin/pin", dependencies=[Depends(_admin), Depends(_json_content)], responses=_errors(401, 403, 404, 415, 422)
+    )
     async def pin(body: PinRequest, st: StateDep) -> dict[str, object]:
         """Pin the ceiling to an alpha (snapped down to the grid) until released."""
         st.runtime.controller.pin(body.alpha, time.monotonic())

@@ -597,9 +597,13 @@ def test_pin_needs_the_right_key_and_pins_what_predict_serves(structured: TinyCh
         r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": 1.0})
         assert r.status_code == 429
         assert int(r.headers["retry-after"]) >= 1
-        assert "alpha <= 0.5" in r.json()["detail"]
+        assert r.json()["detail"].startswith("an operator has pinned alpha at <= 0.5, below min_quality 1")
 
-        r = c.delete("/admin/pin", headers={"authorization": "Bearer s3cret"})
+        r = c.put(
+            "/admin/pin", content=b'{"alpha": 0.5}', headers={"x-api-key": "s3cret", "content-type": "text/plain"}
+        )
+        assert r.status_code == 415 and "send application/json" in r.json()["detail"]
+        r = c.delete("/admin/pin", headers={"authorization": "bearer s3cret"})  # the scheme is case-insensitive
         assert r.status_code == 200
         assert r.json()["pinned"] is None and r.json()["mode"] == "recovering"
         assert [d["reason"] for d in r.json()["decisions"]] == ["pinned", "pin released"]

@@ -17,12 +17,15 @@ ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
 
 @pytest.fixture(scope="module")
 def scraped(structured: TinyCheckpoint) -> Iterator[dict[str, tuple[str, list[Sample]]]]:
-    """{family name: (type, samples)} after 3 good predictions (4 images), 1 invalid one and 2 other calls."""
-    with serve(make_settings(structured.path)) as c:
+    """{family name: (type, samples)} after 3 good predictions (4 images), 1 invalid one, 1 too large and 3
+    other calls."""
+    with serve(make_settings(structured.path, max_body_bytes=4096)) as c:
         assert c.post("/predict", json={"inputs": [ZEROS, ZEROS]}).status_code == 200
         assert c.post("/predict", json={"inputs": [ZEROS], "quality": 0.5}).status_code == 200
         assert c.post("/predict", json={"inputs": [ZEROS], "quality": "fastest"}).status_code == 200
         assert c.post("/predict", json={"inputs": []}).status_code == 422
+        big = b"{" + b" " * 5000 + b"}"  # refused from its Content-Length, before any route runs
+        assert c.post("/predict", content=big, headers={"content-type": "application/json"}).status_code == 413
         assert c.get("/healthz").status_code == 200
         assert c.get("/v2/models/some-other-model").status_code == 404
         assert c.get("/no/such/path/42").status_code == 404
@@ -75,6 +78,7 @@ def test_requests_are_counted_by_route_template_and_status(scraped: dict[str, tu
     samples = scraped["lcs_requests"][1]
     assert value(samples, "lcs_requests_total", endpoint="/predict", status="200") == 3
     assert value(samples, "lcs_requests_total", endpoint="/predict", status="422") == 1
+    assert value(samples, "lcs_requests_total", endpoint="/predict", status="413") == 1  # not "unmatched"
     assert value(samples, "lcs_requests_total", endpoint="/healthz", status="200") == 1
     # no per-request label values: the route template, never the raw path
     assert value(samples, "lcs_requests_total", endpoint="/v2/models/{name}", status="404") == 1
@@ -89,9 +93,9 @@ def test_latency_histogram_has_a_bucket_at_the_slo(scraped: dict[str, tuple[str,
     edges = {float(s.labels["le"]) for s in samples if s.name.endswith("_bucket")}
     assert SLO in edges
     assert SLO not in latency_buckets(0.1)  # i.e. the edge is there because of the setting
-    assert value(samples, "lcs_request_duration_seconds_count", endpoint="/predict") == 4
+    assert value(samples, "lcs_request_duration_seconds_count", endpoint="/predict") == 5  # 3 x 200, 422, 413
     inf = value(samples, "lcs_request_duration_seconds_bucket", endpoint="/predict", le="+Inf")
-    assert inf == 4
+    assert inf == 5
 
 
 def test_served_alpha_histogram(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
