@@ -754,6 +754,11 @@ def create_app(
 
     # -- Open Inference Protocol v2 ----------------------------------------------------------------
 
+    @app.get("/v2")
+    async def v2_server() -> dict[str, object]:
+        """OIP v2 server metadata."""
+        return {"name": "lcs-serve", "version": VERSION, "extensions": ["binary_tensor_data"]}
+
     @app.get("/v2/health/live")
     async def v2_live() -> dict[str, bool]:
         return {"live": True}
@@ -801,11 +806,20 @@ def create_app(
         rt = _model(st, name)
         t = body.inputs[0]
         if t.datatype not in _BINARY_DTYPES:  # the datatypes this route reads, as JSON data or binary
-            raise ApiError(422, f"inputs[0].datatype {t.datatype!r} is not supported; use FP32 or UINT8")
+            raise ApiError(
+                422, f"inputs[0].datatype {t.datatype!r} is not supported; use one of {', '.join(_BINARY_DTYPES)}"
+            )
+        unknown = [o.get("name") for o in body.outputs or [] if o.get("name") != "probabilities"]
+        if unknown:
+            raise ApiError(422, f"outputs: {unknown} not produced; this model's one output is 'probabilities'")
+        if any(d < 1 for d in t.shape):
+            raise ApiError(422, f"inputs[0].shape {t.shape}: every dimension must be a positive number")
         i = rt.meta.input
         per = i.channels * i.height * i.width
         n = t.shape[0] if t.shape else 0
         binary = request.scope["state"].get("binary")
+        if binary is not None and not len(binary):  # the whole body is JSON
+            binary = None
         if t.data is not None and binary is not None:
             raise ApiError(422, "inputs[0]: send the values either in data or as binary data, not both")
         if t.data is None and binary is None:
@@ -832,6 +846,8 @@ def create_app(
                 raise ApiError(422, "inputs[0].data must be a flat list of numbers") from None
         if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
             raise ApiError(422, "inputs[0].data: pixel values must be finite and in 0-255")
+        if t.datatype in _INTEGER_DTYPES and t.data is not None and (x != np.floor(x)).any():
+            raise ApiError(422, f"inputs[0].data: {t.datatype} values must be whole numbers")
         p = body.parameters or {}
         deadline_ms = p.get("deadline_ms")
         if deadline_ms is not None and (
@@ -868,6 +884,7 @@ def create_app(
 
 
 _BINARY_DTYPES = {"UINT8": "u1", "FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
+_INTEGER_DTYPES = {"UINT8", "INT32", "INT64"}
 
 
 def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> np.ndarray:

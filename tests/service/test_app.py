@@ -469,6 +469,27 @@ def test_v2_infer_binary_needs_the_bytes_and_not_data_too(client: TestClient) ->
     assert r.status_code == 422 and "not both" in r.json()["detail"]
 
 
+def test_v2_infer_data_in_json_with_the_binary_header_spanning_the_whole_body(client: TestClient) -> None:
+    raw = json.dumps(v2_body(IMAGES[:1])).encode()
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(raw))}
+    r = client.post(f"/v2/models/{NAME}/infer", content=raw, headers=headers)
+    assert r.status_code == 200, r.text
+
+
+def test_v2_infer_asking_for_an_output_it_does_not_have_is_422(client: TestClient) -> None:
+    body = {**v2_body(IMAGES[:1]), "outputs": [{"name": "logits"}]}
+    r = client.post(f"/v2/models/{NAME}/infer", json=body)
+    assert r.status_code == 422 and "'probabilities'" in r.json()["detail"]
+    body["outputs"] = [{"name": "probabilities"}]
+    assert client.post(f"/v2/models/{NAME}/infer", json=body).status_code == 200
+
+
+def test_v2_server_metadata(client: TestClient) -> None:
+    r = client.get("/v2")
+    assert r.status_code == 200
+    assert r.json()["name"] == "lcs-serve" and "binary_tensor_data" in r.json()["extensions"]
+
+
 def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
     r = client.post("/v2/models/other/infer", json=v2_body(IMAGES[:1]))
     assert r.status_code == 404
@@ -485,6 +506,9 @@ def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
         ({"data": [300] * (IMAGE * IMAGE)}, "0-255"),
         ({"data": ["x"] * (IMAGE * IMAGE)}, "flat list of numbers"),
         ({"shape": [5, IMAGE * IMAGE], "data": [0] * (5 * IMAGE * IMAGE)}, "the limit is 4"),
+        ({"shape": [1, -1, -IMAGE, IMAGE]}, "every dimension must be a positive number"),  # the product matches
+        ({"data": [2.5] * (IMAGE * IMAGE)}, "UINT8 values must be whole numbers"),
+        ({"datatype": "FP16"}, "use one of UINT8, FP32, FP64, INT32, INT64"),
     ],
 )
 def test_v2_infer_bad_tensors_are_422(client: TestClient, change: dict[str, Any], detail: str) -> None:
