@@ -11,12 +11,15 @@ Loading never unpickles: safetensors holds raw tensors only, and anything else i
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -56,6 +59,17 @@ class InputSpec(_Strict):
     mean: list[float]  # per channel, applied to pixels scaled to [0, 1]
     std: list[float]
 
+    @model_validator(mode="after")
+    def _per_channel(self) -> InputSpec:
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != self.channels:
+                raise ValueError(f"input.{name} has {len(values)} values for {self.channels} channel(s)")
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"input.{name} must be finite numbers, got {values}")
+        if not all(v > 0 for v in self.std):
+            raise ValueError(f"input.std must be positive (it divides), got {self.std}")
+        return self
+
 
 class AccuracyPoint(_Strict):
     alpha: float = Field(ge=0.0, le=1.0)
@@ -80,6 +94,45 @@ class CheckpointMeta(_Strict):
     split: str = "test"  # where `accuracy` was measured
     accuracy: list[AccuracyPoint] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict)  # command, effective config, wall time
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            Schedule(**v)
+        except TypeError as e:  # an unknown or missing field
+            raise ValueError(f"not a schedule ({e}); its fields are those of lcs.alpha.Schedule") from None
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        if len(v) < 2 or len(set(v)) != len(v):
+            raise ValueError(f"need two or more distinct class names (responses name the class), got {v}")
+        return v
+
+    @field_validator("stat_alphas")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not all(0.0 <= a <= 1.0 for a in v):
+            raise ValueError(f"alphas must be in [0, 1], got {v}")
+        if any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError(f"must be strictly increasing (row i of each statistics tensor is alpha i), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CheckpointMeta:
+        if self.schedule.get("kind") != self.kind:
+            raise ValueError(f"schedule.kind {self.schedule.get('kind')!r} differs from kind {self.kind!r}")
+        if self.norm == "batch":
+            if not self.stat_alphas:
+                raise ValueError("stat_alphas is empty: a model with BatchNorm needs statistics for some alpha")
+            grid = self.stat_alphas
+            wanted = [a for a in [self.fixed_alpha, *(p.alpha for p in self.accuracy)] if a is not None]
+            off = [a for a in wanted if not any(abs(a - g) < 1e-9 for g in grid)]
+            if off:
+                raise ValueError(f"fixed_alpha or accuracy[].alpha {off} not in stat_alphas {grid}")
+        return self
 
     def schedule_obj(self) -> Schedule:
         return Schedule(**self.schedule)
@@ -121,14 +174,19 @@ def save(
     if samples is not None:
         tensors[SAMPLES + "images"] = samples[0].to(torch.uint8).contiguous()
         tensors[SAMPLES + "labels"] = samples[1].to(torch.int64).contiguous()
+        _check_samples(path, meta, tensors)  # refused here rather than by every later load
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={META_KEY: meta.model_dump_json()})
+    tmp.chmod(0o644)  # safetensors creates 0600 files: the service (another user in the image) must read it
     tmp.replace(path)
 
 
 def _sniff(path: Path) -> str:
-    with path.open("rb") as f:
-        head = f.read(8)
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError:
+        return ""
     if head[:2] == b"PK":
         return " It is a zip archive (a torch.save/pickle checkpoint?); this service never unpickles."
     if head[:1] == b"\x80":
@@ -145,6 +203,10 @@ def _open(path: Path) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
     fix = "Point LCS_CHECKPOINT (or the command's argument) at a checkpoint written by `python -m training train`."
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file. {fix}")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(
+            f"{path}: not readable by this process (uid {os.getuid()}); make it readable, e.g. chmod a+r."
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -168,7 +230,11 @@ def _open(path: Path) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
             f"expected {FORMAT!r}. {fix}"
         )
     version = raw.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is not a version number (1, 2, ...). {fix}"
+        )
+    if version > VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {version!r} is newer than this build supports ({VERSION}); "
             "upgrade lcs-serve to load it."
@@ -176,9 +242,37 @@ def _open(path: Path) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
     try:
         meta = CheckpointMeta.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"field '{'.'.join(map(str, err['loc']))}': {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"field '{'.'.join(map(str, err['loc']))}': {err['msg']}" if err["loc"] else err["msg"]
+            for err in e.errors()
+        )
         raise CheckpointError(f"{path}: invalid metadata: {problems}. {fix}") from None
+    _check_samples(path, meta, tensors)
     return meta, tensors
+
+
+def _check_samples(path: Path, meta: CheckpointMeta, tensors: dict[str, torch.Tensor]) -> None:
+    """The sample images calibrate int8 and self-check the model at start-up: they must fit the input spec."""
+    images, labels = tensors.get(SAMPLES + "images"), tensors.get(SAMPLES + "labels")
+    if images is None and labels is None:
+        return
+    i = meta.input
+    shape = ("N", i.channels, i.height, i.width)
+    if images is None or images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != shape[1:]:
+        got = "missing" if images is None else f"{tuple(images.shape)} {images.dtype}"
+        raise CheckpointError(
+            f"{path}: tensor 'samples.images' is {got}, input needs uint8 {shape}; the file is corrupt or was edited."
+        )
+    if labels is None or labels.dtype != torch.int64 or tuple(labels.shape) != (len(images),):
+        got = "missing" if labels is None else f"{tuple(labels.shape)} {labels.dtype}"
+        raise CheckpointError(
+            f"{path}: tensor 'samples.labels' is {got}, needs int64 ({len(images)},); "
+            "the file is corrupt or was edited."
+        )
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(meta.classes):
+        raise CheckpointError(
+            f"{path}: tensor 'samples.labels' holds classes outside 0..{len(meta.classes) - 1}; the file is corrupt."
+        )
 
 
 def read_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:

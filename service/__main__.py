@@ -96,14 +96,26 @@ def main(args: list[str] | None = None) -> int:
     # served 2,022-2,155 single-image requests/s against 1,906-2,093 (wrk -c64, 2 threads, interleaved).
     gc.set_threshold(100_000, 10, 10)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings, runtime=runtime, executor=executor),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
-        access_log=False,
+
+    def stop() -> None:  # the warm-up failed: exit rather than stay unready for ever
+        server.should_exit = True
+
+    app = create_app(settings, runtime=runtime, executor=executor, stop=stop)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
+            access_log=False,
+        )
     )
+    server.run()
+    failure = getattr(getattr(app.state, "lcs", None), "failure", None)
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 2
     return 0
 
 

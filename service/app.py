@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lcs.checkpoint import CheckpointError
 from service.batcher import Batcher, Draining, Job, QueueFull
 from service.controller import Signals
 from service.fleet import PrometheusFleet
@@ -87,6 +88,7 @@ class State:
         self._computed_since = time.monotonic()
         # SIGTERM (or shutdown) time: requests received before it are still served, later ones get 503
         self.draining_since: float | None = None
+        self.failure: str | None = None  # why the warm-up failed: the service never becomes ready
         self.drain_deadline: float | None = None  # set by SIGTERM: monotonic time by which to be done
         self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
         # fleet figures from Prometheus, refreshed in the background each control interval; a value
@@ -532,10 +534,12 @@ def create_app(
     warm_up: bool = True,
     runtime: Runtime | None = None,
     executor: ThreadPoolExecutor | None = None,
+    stop: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The ASGI app. Settings default to the LCS_* environment; a bad checkpoint fails start-up. `runtime`:
     one already loaded from these settings on `executor`, the inference thread (`python -m service` loads
-    it before binding the port)."""
+    it before binding the port). `stop`: asks the server to exit, called if the warm-up fails (the reason
+    is then in `app.state.lcs.failure`); without it the app stays unready."""
 
     s = settings or Settings()
     preloaded, given = runtime, executor
@@ -563,7 +567,7 @@ def create_app(
         )
         tasks = [asyncio.create_task(st.batcher.run_forever(), name="batcher")]
         if warm_up:
-            tasks.append(asyncio.create_task(_warm(st), name="warm-up"))
+            tasks.append(asyncio.create_task(_warm(st, stop), name="warm-up"))
         tasks.append(asyncio.create_task(_control_loop(st), name="controller"))
         loop = asyncio.get_running_loop()
         previous = signal.getsignal(signal.SIGTERM)
@@ -697,6 +701,8 @@ def create_app(
         """Readiness: models built and profiled, not draining. Load never makes this fail."""
         ok = st.runtime.ready and not st.draining
         st.metrics.ready.set(1 if ok else 0)
+        if st.failure is not None:
+            return JSONResponse({"status": "failed", "detail": st.failure}, status_code=503)
         status = "ready" if ok else ("draining" if st.draining else "starting")
         return JSONResponse({"status": status}, status_code=200 if ok else 503)
 
@@ -904,17 +910,28 @@ def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> np.ndarray:
     return np.frombuffer(binary, dtype=dtype).astype(np.float32)
 
 
-async def _warm(st: State) -> None:
+async def _warm(st: State, stop: Callable[[], None] | None) -> None:
+    """Build, profile and self-check; then ready. If that fails the service cannot serve this checkpoint:
+    the reason goes to the log and `st.failure`, and `stop` ends the process (an orchestrator sees a crash
+    with the message, not a pod that stays unready for ever)."""
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(st.executor, st.runtime.warm_up)
+    except CheckpointError as e:  # the self-check: the message says it all
+        st.failure = str(e)
+        log.error("%s", e)
+    except Exception as e:
+        st.failure = f"{st.settings.checkpoint}: warm-up failed ({type(e).__name__}: {e}); the log has the trace"
+        log.exception("warm-up failed")
+    else:
         # the model, torch and every module are loaded for good: move them out of the collector's view, so
         # a full collection (every few thousand requests) no longer walks them and stalls the loop ~100 ms
         gc.freeze()
         st.metrics.ready.set(1)
         log.info("ready: %s, alphas %s built", st.runtime.name, st.runtime.cache.cached())
-    except Exception:
-        log.exception("warm-up failed; the service stays unready")
+        return
+    if stop is not None:
+        stop()
 
 
 async def _drain_then(st: State, stop: Callable[[], None]) -> None:

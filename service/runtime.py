@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lcs import checkpoint
-from lcs.checkpoint import CheckpointMeta
+from lcs.checkpoint import CheckpointError, CheckpointMeta
 from lcs.models import SubspaceResNet
 from service.cache import Grid, ModelCache
 from service.controller import Controller
@@ -176,10 +176,31 @@ class Runtime:
             for alpha in prebuild:
                 pred = self.logits(alpha, self.samples.numpy()).argmax(1)
                 self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
+            self._verify_self_check(prebuild)
         # building, profiling and checking every alpha fragment the heap: measured after warm-up, 404-434 MiB
         # resident before handing the freed part back, 346 after
         release_freed_heap()
         self.ready = True
+
+    def _verify_self_check(self, alphas: list[float]) -> None:
+        """Raise CheckpointError if the model at some alpha is far worse on its own sample images than the
+        checkpoint says it is on the test set: weights or statistics corrupted in a way loading cannot see
+        (safetensors keeps no checksum). A bit-flipped conv weight gave 5-12 % where 89.7-91.9 was recorded."""
+        margin = self.settings.self_check_margin
+        low = [
+            (a, self.self_check[f"{a:g}"], self.accuracy[a])
+            for a in alphas
+            if a in self.accuracy and self.self_check[f"{a:g}"] < self.accuracy[a] - margin
+        ]
+        if low:
+            assert self.samples is not None
+            worst = ", ".join(f"alpha {a:g}: {got:.1f} % against {want:.1f} %" for a, got, want in low[:4])
+            raise CheckpointError(
+                f"{self.settings.checkpoint}: start-up self-check failed: on its {len(self.samples)} sample images "
+                f"the model scores more than {margin:g} points (LCS_SELF_CHECK_MARGIN) below the test accuracy "
+                f"it records ({worst}{', ...' if len(low) > 4 else ''}); its weights or statistics are corrupt. "
+                "Restore or retrain the checkpoint."
+            )
 
     def _measure_profile(self, built: dict[float, Compiled], probe: torch.Tensor) -> None:
         """Seconds per batch at each (alpha, profiled batch size) in the steady state of repeated calls: the

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(10.0, gt=0.0)
     max_image_pixels: int = Field(4096 * 4096, ge=1)  # pixels a request's encoded images decode to, all together
     top_k: int = Field(3, ge=1)
+    # start-up fails if, at any prebuilt alpha, the model classifies the checkpoint's sample images this many
+    # points worse than the test accuracy the checkpoint records there: corrupt weights or statistics that
+    # still load. Measured: every shipped checkpoint at every grid alpha at most 4.0 points below; 200 bytes
+    # flipped in one endpoint of a conv weight, up to 87 below; statistics rows reversed, 59 below at 1. 100: off
+    self_check_margin: float = Field(15.0, ge=0.0, le=100.0)
     profile_batches: Annotated[list[int], NoDecode] = [1, 8, 32]  # batch sizes in the latency profile
     slo_p99_seconds: float = Field(0.1, gt=0.0)  # latency objective, a histogram bucket edge
     control_interval_seconds: float = Field(0.5, gt=0.0)

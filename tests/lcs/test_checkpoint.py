@@ -123,7 +123,7 @@ def test_samples_travel_with_the_checkpoint_if_supported(saved_checkpoint: Saved
     path, model, meta = saved_checkpoint
     assert checkpoint.read_samples(path) is None
     images = torch.randint(0, 256, (5, 1, 12, 12), dtype=torch.uint8)
-    labels = torch.arange(5)
+    labels = torch.arange(5) % len(meta.classes)
     with_samples = tmp_path / "s.safetensors"
     checkpoint.save(with_samples, model, meta, samples=(images, labels))
     got = checkpoint.read_samples(with_samples)
@@ -279,6 +279,22 @@ def test_bad_arch_kwargs(saved_checkpoint: Saved, tmp_path: Path) -> None:
         (lambda m: m["accuracy"][0].update(accuracy=101), "'accuracy.0.accuracy'"),
         (lambda m: m.update(surprise=1), "'surprise'"),
         (lambda m: m.pop("classes"), "'classes'"),
+        # each of these loaded and then served wrong answers, or failed only once the service warmed up
+        (lambda m: m["input"].update(mean=[]), "input.mean has 0 values for 1 channel(s)"),
+        (lambda m: m["input"].update(std=[0.2, 0.2, 0.2]), "input.std has 3 values"),
+        (lambda m: m["input"].update(std=[0.0]), "input.std must be positive"),
+        (lambda m: m.update(stat_alphas=m["stat_alphas"][::-1]), "'stat_alphas': Value error, must be strictly"),
+        (lambda m: m.update(stat_alphas=[m["stat_alphas"][0]] * 2), "must be strictly increasing"),
+        (lambda m: m.update(stat_alphas=[*m["stat_alphas"][:-1], 1.5]), "'stat_alphas': Value error, alphas must"),
+        (lambda m: m["schedule"].update(kind="quantized"), "schedule.kind 'quantized' differs from kind"),
+        (lambda m: m["schedule"].update(width_min=0), "'schedule': Value error, width_min must be in"),
+        (lambda m: m["schedule"].update(foo=1), "'schedule': Value error, not a schedule"),
+        (lambda m: m.update(fixed_alpha=0.123), "[0.123] not in stat_alphas"),
+        (lambda m: m["accuracy"][0].update(alpha=0.123), "[0.123] not in stat_alphas"),
+        (
+            lambda m: m.update(classes=["a", "a", *m["classes"][2:]]),
+            "'classes': Value error, need two or more distinct",
+        ),
     ],
 )
 def test_invalid_metadata_names_the_field(
@@ -290,3 +306,48 @@ def test_invalid_metadata_names_the_field(
 
 def test_checkpoint_error_is_a_value_error() -> None:
     assert issubclass(CheckpointError, ValueError)  # the CLI and the service catch ValueError
+
+
+@pytest.mark.parametrize("version", ["1", 0, True, None])
+def test_a_version_that_is_not_a_version_number(saved_checkpoint: Saved, tmp_path: Path, version: object) -> None:
+    path = _resave(saved_checkpoint[0], tmp_path / "v.safetensors", meta=lambda m: m.update(version=version))
+    _refused(path, f"version {version!r} is not a version number")
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda ts: ts.update({"samples.images": ts["samples.images"].to(torch.int8)}), "'samples.images' is"),
+        (lambda ts: ts.update({"samples.images": ts["samples.images"][:, :, :6].contiguous()}), "input needs uint8"),
+        (lambda ts: ts.update({"samples.labels": ts["samples.labels"][:3]}), "'samples.labels' is (3,)"),
+        (lambda ts: ts.update({"samples.labels": ts["samples.labels"] + 100}), "classes outside"),
+        (lambda ts: ts.pop("samples.labels"), "'samples.labels' is missing"),
+    ],
+)
+def test_sample_images_that_do_not_fit_the_input(
+    saved_checkpoint: Saved, tmp_path: Path, edit: Callable[[dict[str, torch.Tensor]], None], fragment: str
+) -> None:
+    """The service calibrates int8 and self-checks on these: a mismatch would fail (or mislead) after start-up."""
+    _, model, meta = saved_checkpoint
+    with_samples = tmp_path / "s.safetensors"
+    images = torch.randint(0, 256, (5, meta.input.channels, meta.input.height, meta.input.width), dtype=torch.uint8)
+    checkpoint.save(with_samples, model, meta, samples=(images, torch.arange(5) % len(meta.classes)))
+    _refused(_resave(with_samples, tmp_path / "bad.safetensors", tensors=edit), fragment)
+
+
+def test_saving_refuses_samples_that_do_not_fit(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    _, model, meta = saved_checkpoint
+    with pytest.raises(CheckpointError, match="input needs uint8"):
+        checkpoint.save(tmp_path / "x.safetensors", model, meta, samples=(torch.zeros(2, 1, 3, 3), torch.zeros(2)))
+
+
+def test_saved_checkpoints_are_readable_by_other_users(saved_checkpoint: Saved) -> None:
+    """safetensors writes 0600; the image's service user (not the one who trained) must read the file."""
+    assert saved_checkpoint[0].stat().st_mode & 0o777 == 0o644
+
+
+def test_an_unreadable_file_is_named_with_the_fix(saved_checkpoint: Saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(As root, which CI runs as, every file is readable: the permission check is simulated.) It used to end in
+    a PermissionError traceback from the error handler's own second look at the file."""
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)
+    _refused(saved_checkpoint[0], "not readable by this process", "chmod a+r")

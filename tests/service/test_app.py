@@ -35,6 +35,7 @@ from tests.service.service_support import (
     serve,
     serve_async,
     until,
+    wait_for,
 )
 
 NAME = "tiny_structured"  # the checkpoint's file stem
@@ -573,6 +574,15 @@ def test_everything_that_needs_the_model_is_503_before_warm_up(structured: TinyC
         assert c.get(f"/v2/models/{NAME}").status_code == 404  # LCS_MODEL_NAME renames the model
         # input errors are still reported as such
         assert c.post("/predict", json={"inputs": []}).status_code == 422
+
+
+def test_a_failed_self_check_keeps_the_app_unready_and_says_why(structured: TinyCheckpoint) -> None:
+    with serve(make_settings(structured.path, self_check_margin=15.0), ready=False) as c:
+        wait_for(lambda: app_state(c).failure is not None, what="the warm-up to fail")
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert "start-up self-check failed" in r.json()["detail"]
+        assert c.post("/predict", json={"inputs": [ZEROS]}).status_code == 503
 
 
 def test_draining_turns_readiness_off_and_refuses_new_work(structured: TinyCheckpoint) -> None:
