@@ -65,7 +65,9 @@ def _check_range(arr: np.ndarray, where: str) -> None:
     if lo >= 0 and hi <= 255:
         return
     if not np.isfinite(arr).all():
-        raise InputError(f"{where}: contains NaN or Infinity; pixel values must be finite numbers in 0-255")
+        raise InputError(
+            f"{where}: contains NaN, Infinity or a number too large to read; pixel values must be numbers in 0-255"
+        )
     raise InputError(f"{where}: pixel values must be in 0-255, got {lo:g}..{hi:g}")
 
 
@@ -134,7 +136,8 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
         raise InputError(f"inputs: {len(inputs)} images in one request, the limit is {max_inputs}; split the request")
     if all(isinstance(x, list) for x in inputs):  # fast path: one numpy conversion for the whole batch
         try:
-            batch = np.asarray(inputs, dtype=np.float32)
+            with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused by _check_range
+                batch = np.asarray(inputs, dtype=np.float32)
             if batch.ndim >= 3:
                 _check_numbers(inputs, batch.ndim, "inputs")
         except (ValueError, TypeError, OverflowError):  # InputError is a ValueError
@@ -158,7 +161,8 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
             items.append(image[None])
         elif isinstance(x, list):
             try:
-                arr = np.asarray(x, dtype=np.float32)
+                with np.errstate(over="ignore"):
+                    arr = np.asarray(x, dtype=np.float32)
             except OverflowError:  # an integer beyond float range
                 raise InputError(f"{where}: pixel values must be in 0-255, got a number too large to read") from None
             except (ValueError, TypeError):

@@ -168,6 +168,9 @@ class Lane:
 
     async def _body(self, route: APIRoute, model: type[BaseModel], request: Request) -> BaseModel:
         length = request.headers.get(BINARY_HEADER) if route.path in self.binary else None
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise ApiError(415, f"content encoding {encoding!r} is not supported; send the body uncompressed")
         if length is None:
             require_json(request.headers.get("content-type", ""))
         try:  # a request past the pre-body gate counts as queued until its body is read: bound the wait

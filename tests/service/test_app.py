@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import json
 import threading
@@ -242,7 +243,7 @@ def test_non_finite_pixels_are_refused(client: TestClient, token: str) -> None:
     image = "[" + ", ".join(f"[{r}]" for r in rows) + "]"
     r = post_raw(client, '{"inputs": [' + ", ".join([json.dumps(ZEROS), image]) + "]}")
     assert r.status_code == 422, r.text
-    assert "inputs[1]: contains NaN or Infinity" in r.json()["detail"]
+    assert "inputs[1]: contains NaN, Infinity" in r.json()["detail"]
 
 
 def test_nan_quality_is_refused(client: TestClient) -> None:
@@ -536,6 +537,13 @@ def test_v2_infer_bad_tensors_are_422(client: TestClient, change: dict[str, Any]
 def test_v2_infer_bad_parameters_are_422(client: TestClient, parameters: dict[str, Any]) -> None:
     r = client.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:1], **parameters))
     assert r.status_code == 422, r.text
+
+
+@pytest.mark.parametrize("path", ["/predict", f"/v2/models/{NAME}/infer"])
+def test_a_compressed_body_is_415_not_invalid_json(client: TestClient, path: str) -> None:
+    body = gzip.compress(json.dumps({"inputs": [ZEROS]}).encode())
+    r = client.post(path, content=body, headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415 and "content encoding 'gzip' is not supported" in r.json()["detail"]
 
 
 def test_v2_infer_needs_json(client: TestClient) -> None:

@@ -135,8 +135,9 @@ CASES: dict[str, Hostile] = {
     "number as input": Hostile('{"inputs": [7]}', "inputs.0"),
     "object as input": Hostile('{"inputs": [{"image": []}]}', "inputs.0"),
     # -- numbers too large for a float, or for Python's int parser --
-    "1e309 pixel": Hostile(predict_with(image_with("1e309")), "NaN or Infinity"),
-    "-1e309 pixel": Hostile(predict_with(image_with("-1e309")), "NaN or Infinity"),
+    "1e309 pixel": Hostile(predict_with(image_with("1e309")), "NaN, Infinity"),
+    "-1e309 pixel": Hostile(predict_with(image_with("-1e309")), "NaN, Infinity"),
+    "1e300 pixel (finite, over float32)": Hostile(predict_with(image_with("1e300")), "a number too large to read"),
     "1e38 pixel": Hostile(predict_with(image_with("1e38")), "pixel values must be in 0-255"),
     "400-digit integer pixel": Hostile(predict_with(image_with("9" * 400)), "a number too large to read"),
     "5000-digit integer": Hostile(predict_with(image_with("9" * 5000)), "invalid JSON (Exceeds the limit"),

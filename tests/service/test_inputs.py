@@ -72,7 +72,7 @@ def test_errors_name_the_offending_input() -> None:
 
 @pytest.mark.parametrize(
     ("bad_value", "message"),
-    [(float("nan"), "NaN or Infinity"), (float("inf"), "NaN or Infinity"), (256.0, "0-255"), (-1.0, "0-255")],
+    [(float("nan"), "NaN, Infinity"), (float("inf"), "NaN, Infinity"), (256.0, "0-255"), (-1.0, "0-255")],
 )
 def test_non_finite_or_out_of_range_pixels_are_refused_with_the_index(bad_value: float, message: str) -> None:
     good = ramp(6, 5)
