@@ -162,6 +162,8 @@ class Batcher:
         wait = head.enqueued + self.max_wait - time.monotonic()
         if wait > 0 and self.queued_images < self.max_batch:
             await asyncio.sleep(wait)  # give a partial batch a moment to fill
+            if not self._queue:  # a drain that timed out abandoned it meanwhile
+                return
         batch = [j for j in self._take() if not j.future.done()]  # cancelled clients drop out
         self._current = batch
         if not batch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -417,6 +418,26 @@ def test_drain_times_out_when_work_is_stuck() -> None:
         await stop(task, executor)
 
     run_async(scenario)
+
+
+def test_a_queue_abandoned_while_a_partial_batch_waits_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """With max_wait, the batcher sleeps before taking a partial batch; a drain that times out may empty the
+    queue meanwhile (`abandon`). It used to take from the empty queue: IndexError, logged as a batcher error."""
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(FakeModel(), max_wait=0.2)
+        task = await started(batcher)
+        fut = batcher.submit(job(0.0))
+        await asyncio.sleep(0.02)  # the batcher is waiting for company
+        assert batcher.abandon() == 1
+        with pytest.raises(Draining):
+            await fut
+        await asyncio.sleep(0.3)  # past the wait
+        await stop(task, executor)
+
+    with caplog.at_level(logging.ERROR):
+        run_async(scenario)
+    assert "batcher error" not in caplog.text
 
 
 def test_on_batch_reports_alpha_size_and_jobs() -> None:
