@@ -6,6 +6,8 @@ Every knob is here with a one-line why. The effective config is saved inside eve
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,8 @@ class TrainConfig:
     eval_batch_size: int = 500
 
     def __post_init__(self) -> None:
+        """Refuse every out-of-range value here, at load time: each one used to surface only deep inside
+        training (eval_batch_size=0 after the last epoch), or never (end_bias=5 trained alpha 0 only)."""
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
         if self.subspace not in SUBSPACES:
@@ -71,10 +75,33 @@ class TrainConfig:
                 raise ValueError(f"fixed_alpha must be in [0, 1]; got {self.fixed_alpha}")
             self.subspace = "point"  # a baseline is one network: nothing to interpolate
             self.stat_alphas = [self.fixed_alpha]
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
+        finite = math.isfinite
+        _require(self.val_size >= 0, "val_size", self.val_size, "val_size >= 0 (0: train on every image)")
+        _require(finite(self.beta) and self.beta >= 0, "beta", self.beta, "beta >= 0 (0: no line regulariser)")
+        _require(  # u < end_bias puts a sample on an end: above 1, every sample lands on alpha 0
+            0.0 <= self.end_bias <= 1.0, "end_bias", self.end_bias, "0 <= end_bias <= 1 (a share of the samples)"
+        )
+        _require(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction, "0 <= warmup_fraction < 1")
+        _require(self.act_quant_warmup >= 0, "act_quant_warmup", self.act_quant_warmup, "act_quant_warmup >= 0")
+        _require(
+            _is_grid(self.stat_alphas),
+            "stat_alphas",
+            self.stat_alphas,
+            "a non-empty list of distinct alphas in [0, 1], e.g. stat_alphas=[0, 0.5, 1]",
+        )
+        _require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "calib_batches >= 1")
+        _require(self.epochs >= 1, "epochs", self.epochs, "a positive number of epochs")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "a positive batch_size")
+        _require(finite(self.lr) and self.lr > 0, "lr", self.lr, "a learning rate lr > 0")
+        _require(  # nesterov=True: torch refuses momentum 0 when it builds the optimiser
+            0.0 < self.momentum < 1.0, "momentum", self.momentum, "0 < momentum < 1 (Nesterov needs momentum)"
+        )
+        wd = self.weight_decay
+        _require(finite(wd) and wd >= 0, "weight_decay", wd, "weight_decay >= 0")
+        _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing, "0 <= label_smoothing < 1")
+        _require(0 <= self.seed < 2**32, "seed", self.seed, "0 <= seed < 2**32")
+        _require(self.threads >= 1, "threads", self.threads, "threads >= 1 (torch refuses 0)")
+        _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "eval_batch_size >= 1")
         self.schedule()  # validates the schedule fields
 
     def schedule(self) -> Schedule:
@@ -88,6 +115,20 @@ class TrainConfig:
         """Resumable training state, written every epoch next to `out`."""
         out = Path(self.out)
         return out.with_name(out.stem + ".state.safetensors")
+
+
+def _require(ok: bool, name: str, value: object, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is out of range; use {valid}")
+
+
+def _is_grid(alphas: list[float]) -> bool:
+    """Non-empty, numbers in [0, 1], no two within 1e-6 (stats_index matches an alpha to a row within
+    1e-6, so a second one that close would get a statistics row nothing can ever select)."""
+    if not alphas or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in alphas):
+        return False
+    grid = sorted(alphas)
+    return all(0.0 <= a <= 1.0 for a in grid) and all(b - a >= 1e-6 for a, b in itertools.pairwise(grid))
 
 
 def _coerce(name: str, raw: str, typ: Any) -> Any:

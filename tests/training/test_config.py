@@ -101,6 +101,50 @@ def test_bad_values(override: str, match: str) -> None:
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "use"),
+    [
+        ("val_size=-1", "val_size >= 0"),
+        ("beta=-0.5", "beta >= 0"),
+        ("end_bias=5", "0 <= end_bias <= 1"),  # every sample was alpha 0
+        ("end_bias=-0.1", "0 <= end_bias <= 1"),
+        ("act_quant_warmup=-1", "act_quant_warmup >= 0"),
+        ("stat_alphas=[]", "non-empty"),  # an IndexError after the first epoch
+        ("stat_alphas=[0, 1.5]", "in [0, 1]"),
+        ("stat_alphas=[0, 0.5, 0.5]", "distinct"),
+        ("stat_alphas=[0, true]", "stat_alphas"),
+        ("calib_batches=0", "calib_batches >= 1"),
+        ("lr=0", "lr > 0"),
+        ("lr=.nan", "lr > 0"),
+        ("lr=.inf", "lr > 0"),
+        ("momentum=0", "0 < momentum < 1"),  # torch refuses Nesterov without momentum, after data loading
+        ("momentum=1", "0 < momentum < 1"),
+        ("weight_decay=-1", "weight_decay >= 0"),
+        ("label_smoothing=1", "0 <= label_smoothing < 1"),
+        ("seed=-1", "0 <= seed"),
+        ("threads=0", "threads >= 1"),  # a RuntimeError from torch.set_num_threads
+        ("eval_batch_size=0", "eval_batch_size >= 1"),  # "range() arg 3 must not be zero" after the last epoch
+    ],
+)
+def test_out_of_range_values_name_the_option_the_value_and_the_fix(override: str, use: str) -> None:
+    name, _, raw = override.partition("=")
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(f"{name}=") and "out of range; use" in message and use in message
+    assert raw.strip(".").lower() in message.lower()  # the value as given ("nan" for .nan)
+
+
+def test_fixed_alpha_replaces_an_empty_grid() -> None:
+    """stat_alphas is checked as used: a baseline's grid is its own alpha, whatever was given."""
+    assert load_config(None, ["fixed_alpha=0.5", "stat_alphas=[]"]).stat_alphas == [0.5]
+
+
+def test_shipped_configs_load() -> None:
+    for path in sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml")):
+        assert isinstance(load_config(path, []), TrainConfig), path
+
+
 def test_bad_yaml_value_type(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("epochs: ten\n")

@@ -84,6 +84,8 @@ def test_train_from_yaml_and_overrides(
         (["train", "kind=bogus"], "kind"),
         (["train", "dataset=imagenet", "epochs=1"], "unknown dataset"),
         (["train", "dataset=folder", "epochs=1"], "data_dir"),
+        (["train", "eval_batch_size=0"], "eval_batch_size=0 is out of range; use eval_batch_size >= 1"),
+        (["train", "threads=0"], "threads=0 is out of range; use threads >= 1"),
     ],
 )
 def test_train_errors_are_clean(args: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
