@@ -13,13 +13,16 @@ global batch (training/distributed.py); rank 0 prints and writes every file.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import random
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,7 @@ from tqdm import tqdm
 
 from lcs import checkpoint
 from lcs.layers import Setting
-from lcs.models import SubspaceResNet, build_model
+from lcs.models import SubspaceResNet, build_model, model_names
 from training.config import TrainConfig
 from training.data import Dataset, Split, augment, hold_out, load_dataset, normalise
 from training.distributed import Ranks
@@ -70,17 +73,53 @@ def sample_images(split: Split, seed: int, n: int = 256) -> tuple[torch.Tensor, 
     return split.images[idx].clone(), split.labels[idx].clone()
 
 
+def _model_args(cfg: TrainConfig, in_channels: int, num_classes: int) -> dict[str, Any]:
+    """The architecture arguments training sets itself; arch_kwargs may set the others."""
+    return {
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "line": cfg.subspace == "line",
+        "norm": cfg.norm,
+        "stat_alphas": cfg.stat_alphas,
+        "schedule": cfg.schedule(),
+    }
+
+
 def make_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> SubspaceResNet:
-    return build_model(
-        cfg.arch,
-        **cfg.arch_kwargs,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        line=cfg.subspace == "line",
-        norm=cfg.norm,
-        stat_alphas=cfg.stat_alphas,
-        schedule=cfg.schedule(),
-    )  # type: ignore[arg-type]
+    return build_model(cfg.arch, **cfg.arch_kwargs, **_model_args(cfg, in_channels, num_classes))
+
+
+def check_arch(cfg: TrainConfig) -> None:
+    """Build the model once (a few ms) before loading any data, so that a misspelt arch or arch_kwargs is a
+    one-line error at the start instead of a TypeError traceback after the data has loaded."""
+    if cfg.arch not in model_names():
+        raise ValueError(f"arch={cfg.arch!r} is not a registered architecture; use one of {model_names()}")
+    try:
+        make_model(cfg, in_channels=1, num_classes=2)
+    except (TypeError, ValueError, RuntimeError) as e:
+        settable = [n for n in inspect.signature(SubspaceResNet).parameters if n not in _model_args(cfg, 1, 2)]
+        raise ValueError(
+            f"arch_kwargs={cfg.arch_kwargs!r} does not build {cfg.arch!r} ({e}); arch_kwargs may set {settable}"
+        ) from None
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Refuse a checkpoint location that cannot be written before training rather than after it (the
+    whole run was lost): a directory, a path under a regular file, a place where no file can be created."""
+    out = Path(cfg.out)
+    for path in (out, cfg.state_path) if out.name else (out,):  # "." has no name, hence no state path
+        if path.is_dir():
+            raise ValueError(f"out={cfg.out}: {path} is a directory; name a file, e.g. out={out / 'model.safetensors'}")
+    folder = next(p for p in out.absolute().parents if p.exists())  # out's folder, or what will hold it
+    if not folder.is_dir():
+        raise ValueError(f"out={cfg.out}: {folder} is a file, not a directory; choose another place for out")
+    try:  # what _save_state and checkpoint.save will do (after creating any missing folders): create a file
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lcs-out-", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"out={cfg.out}: cannot create files in {folder} ({e.strerror or e}); choose a writable place for out"
+        ) from None
 
 
 def _save_state(
@@ -141,14 +180,22 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
 
 def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str | None) -> Path:
     ranks.check_batch(cfg.batch_size)
+    check_out(cfg)
+    check_arch(cfg)  # before the seed: its random initial weights are thrown away
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)  # denormal activations made fake-quantised layers 10-100x slower here
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
     train_split, val_split = hold_out(data.train, cfg.val_size, cfg.seed)
-    mean, std = data.mean_std()
     n_img, c, h, w = train_split.images.shape
+    steps_per_epoch = n_img // cfg.batch_size  # drop the last partial batch
+    if steps_per_epoch == 0:  # this once wrote an untrained checkpoint and exited 0
+        raise ValueError(
+            f"batch_size={cfg.batch_size} and val_size={cfg.val_size} leave no training step: {data.name} has "
+            f"{len(data.train)} training images, {n_img} after holding out val_size; lower batch_size or val_size"
+        )
+    mean, std = data.mean_std()
 
     model = make_model(cfg, c, len(data.classes))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -161,7 +208,6 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         momentum=cfg.momentum,
         nesterov=True,
     )
-    steps_per_epoch = n_img // cfg.batch_size  # drop the last partial batch
     total = steps_per_epoch * cfg.epochs
     start_epoch, elapsed = _load_state(cfg, model, opt, rng)  # every rank reads the same state file
     if start_epoch and ranks.main:

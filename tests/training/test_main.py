@@ -86,9 +86,14 @@ def test_train_from_yaml_and_overrides(
         (["train", "dataset=folder", "epochs=1"], "data_dir"),
         (["train", "eval_batch_size=0"], "eval_batch_size=0 is out of range; use eval_batch_size >= 1"),
         (["train", "threads=0"], "threads=0 is out of range; use threads >= 1"),
+        (["train", "arch_kwargs={foo: 1}"], "arch_kwargs={'foo': 1} does not build 'preact_resnet'"),
+        (["train", "out=."], "out=.: . is a directory"),
     ],
 )
-def test_train_errors_are_clean(args: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_errors_are_clean(
+    args: list[str], match: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default out, runs/model.safetensors, is probed for writing
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and match in err

@@ -163,6 +163,57 @@ def _run(cfg: TrainConfig, data: Dataset, capsys: pytest.CaptureFixture[str]) ->
     return capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("where", "extra", "match"),
+    [
+        ("dir", {}, "dir is a directory; name a file"),  # was an IsADirectoryError after training, dir.tmp left
+        ("under_file", {}, "file is a file, not a directory"),  # was a FileExistsError after the first epoch
+        ("new/deep", {}, None),  # missing folders are fine: they are created when the first file is written
+        ("model", {"arch_kwargs": "{foo: 1}"}, r"arch_kwargs=\{'foo': 1\} does not build .* may set \['widths'"),
+        ("model", {"arch": "resnet50"}, "arch='resnet50' is not a registered architecture"),
+        ("model", {"batch_size": 300}, "batch_size=300 and val_size=0 leave no training step"),  # 256 images
+        ("model", {"val_size": 250}, "256 training images, 6 after holding out val_size"),
+    ],
+)
+def test_refused_before_training(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    extra: dict[str, object],
+    match: str | None,
+) -> None:
+    """Each of these once failed only after training (or trained nothing and exited 0); now the run stops
+    before its first step and leaves no file behind."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    out = {"dir": tmp_path / "dir", "under_file": tmp_path / "file" / "m.safetensors"}.get(
+        where, tmp_path / where / "m.safetensors"
+    )
+    cfg = load_config(None, tiny_overrides(out, epochs=1, **extra))
+    if match is None:
+        _run(cfg, synthetic_data, capsys)
+        assert out.is_file()
+        return
+    with pytest.raises(ValueError, match=match):
+        _run(cfg, synthetic_data, capsys)
+    assert "epoch" not in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir", "file"]  # no .tmp, no state, no probe
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_out_where_no_file_can_be_created(
+    synthetic_data: Dataset, tiny_overrides: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/proc exists and is a directory, but creating a file there fails: a SafetensorError traceback after
+    the first epoch, before the output location was probed."""
+    cfg = load_config(None, tiny_overrides(Path("/proc/x.safetensors")))
+    with pytest.raises(ValueError, match=re.escape("out=/proc/x.safetensors: cannot create files in /proc")):
+        _run(cfg, synthetic_data, capsys)
+    assert "epoch" not in capsys.readouterr().out
+
+
 def test_resume_after_an_interruption_continues_exactly(
     tmp_path: Path,
     synthetic_data: Dataset,
