@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             reports = {args.checkpoint.stem: rep, **{c.stem: json.loads(c.read_text()) for c in args.compare}}
             plot(reports, baselines, args.plot, f"{rep['kind']} ({rep['dataset']})")
         return 0
-    except (CheckpointError, DataError, ValueError) as err:
+    except (CheckpointError, DataError, ValueError, OSError) as err:  # OSError: a file named here is missing
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ Every knob is here with a one-line why. The effective config is saved inside eve
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import math
 import types
@@ -132,9 +133,15 @@ def _is_grid(alphas: list[float]) -> bool:
 
 
 def _coerce(name: str, raw: str, typ: Any) -> Any:
-    value = yaml.safe_load(raw)  # "0.5" -> 0.5, "[1,2]" -> [1, 2], "true" -> True, "null" -> None
     if typ is str or typ == "str":
-        return raw
+        return raw  # as typed: out=[x is a file name, not broken YAML
+    try:
+        value = yaml.safe_load(raw)  # "0.5" -> 0.5, "[1,2]" -> [1, 2], "true" -> True, "null" -> None
+    except yaml.YAMLError as e:
+        raise ValueError(
+            f"option {name!r}: {raw!r} is not a YAML value ({_yaml_problem(e)}); "
+            f"a value with spaces needs quotes in the shell: '{name}=...'"
+        ) from None
     if typ is float and isinstance(value, int):
         return float(value)
     return value
@@ -158,11 +165,40 @@ def _check_type(name: str, value: Any, typ: Any) -> None:
     raise ValueError(f"option {name!r} must be of type {typ}; got {value!r}")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from PyYAML's several: what is wrong and where (1-based, as editors count)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _did_you_mean(path: Path) -> str:
+    """A hint for a config file that is not there: configs/structured_line.yml -> configs/structured_line.yaml."""
+    if path.exists():
+        return ""
+    try:
+        names = [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f"; did you mean {path.parent / close[0]}?" if close else ""
+
+
 def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
     """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{path}: cannot read this config file ({getattr(e, 'strerror', None) or e}){_did_you_mean(path)}"
+            ) from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a YAML mapping of option: value")
         values.update(loaded)

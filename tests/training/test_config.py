@@ -70,6 +70,37 @@ def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
         load_config(path, [])
 
 
+def test_missing_config_file_suggests_the_near_name(tmp_path: Path) -> None:
+    (tmp_path / "structured_line.yaml").write_text("epochs: 2\n")
+    missing = tmp_path / "structured_line.yml"  # was a FileNotFoundError traceback
+    with pytest.raises(ValueError, match="No such file") as err:
+        load_config(missing, [])
+    assert str(err.value).startswith(f"{missing}: cannot read this config file")
+    assert str(err.value).endswith(f"did you mean {tmp_path / 'structured_line.yaml'}?")
+    with pytest.raises(ValueError, match="Is a directory"):
+        load_config(tmp_path, [])
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [("kind: [unclosed\n", "line 2, column 1"), ("kind: structured\n  epochs: 3\n", "line 2, column 9")],
+)
+def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)  # was a yaml ScannerError / ParserError traceback
+    with pytest.raises(ValueError) as err:
+        load_config(path, [])
+    message = str(err.value)
+    assert message.startswith(f"{path}: not valid YAML (") and where in message and "\n" not in message
+
+
+def test_override_that_is_not_yaml() -> None:
+    """`arch_kwargs={foo: 1}` unquoted reaches Python as two arguments, the first "arch_kwargs={foo:"."""
+    with pytest.raises(ValueError, match=r"option 'arch_kwargs': '\{foo:' is not a YAML value .* needs quotes"):
+        load_config(None, ["arch_kwargs={foo:", "1}"])
+    assert load_config(None, ["out=[x.safetensors"]).out == "[x.safetensors"  # a string option is taken as typed
+
+
 def test_override_without_equals() -> None:
     with pytest.raises(ValueError, match="key=value"):
         load_config(None, ["epochs"])

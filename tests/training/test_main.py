@@ -99,6 +99,30 @@ def test_train_errors_are_clean(
     assert err.startswith("error:") and match in err
 
 
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ("configs/structured_line.yml", "did you mean configs/structured_line.yaml?"),  # FileNotFoundError
+        ("bad.yaml", "bad.yaml: not valid YAML"),  # a yaml ScannerError
+    ],
+)
+def test_config_file_errors_are_one_line(
+    config: str, match: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "structured_line.yaml").write_text("kind: structured\n")
+    (tmp_path / "bad.yaml").write_text("kind: [unclosed\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and match in err and err.count("\n") == 1
+
+
+def test_a_missing_report_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["plot", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.png")])
+    assert rc == 2 and capsys.readouterr().err.startswith("error: [Errno 2] No such file or directory")
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([])
