@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import json
 import math
 import types
 from dataclasses import dataclass, field
@@ -20,6 +21,19 @@ from lcs.alpha import KINDS, SUBSPACES, Schedule
 
 # 21 evenly spaced alphas: the grid that gets BatchNorm statistics and an accuracy measurement
 DEFAULT_GRID = [round(i / 20, 4) for i in range(21)]
+
+
+# Options a resumed run may change: they alter the speed of the training steps or what happens after the
+# last one, never the steps themselves. Every other option, and any added later, must match the state's.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "threads",  # torch intra-op threads: speed (and float summation order at most)
+        "channels_last",  # memory layout of activations: speed (and float summation order at most)
+        "out",  # where the files go; the state file is the one next to it
+        "eval_batch_size",  # accuracy measurement, which never feeds back into training
+        "calib_batches",  # BatchNorm statistics, estimated after the last epoch (training uses batch statistics)
+    }
+)
 
 
 @dataclass
@@ -110,6 +124,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
+        """The options outside RESUME_MAY_CHANGE whose values differ from `saved` (a state file's config), as
+        "name: VALUE in the state, VALUE now"; none means the state can be resumed."""
+        now = json.loads(json.dumps(self.to_dict()))  # as the state file stores it: lists, not tuples
+
+        def show(config: dict[str, Any], key: str) -> str:
+            return json.dumps(config[key]) if key in config else "(absent)"
+
+        return [
+            f"{k}: {show(saved, k)} in the state, {show(now, k)} now"
+            for k in sorted((now.keys() | saved.keys()) - RESUME_MAY_CHANGE)
+            if k not in saved or k not in now or saved[k] != now[k]  # 1 == 1.0: stat_alphas=[0, 1] is [0.0, 1.0]
+        ]
 
     @property
     def state_path(self) -> Path:

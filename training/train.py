@@ -4,7 +4,8 @@
          -> BatchNorm statistics per grid alpha -> test accuracy per grid alpha -> checkpoint
 
 Resumable: the model, optimiser buffers and RNG are saved every epoch to `<out>.state.safetensors`
-(safetensors, no pickle); re-running the same command continues from the last finished epoch.
+(safetensors, no pickle); re-running the same command continues from the last finished epoch (options
+that leave the training steps alone, config.RESUME_MAY_CHANGE, may differ).
 
 Several processes: `torchrun --nproc_per_node N -m training train ...` trains data-parallel on the same
 global batch (training/distributed.py); rank 0 prints and writes every file.
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -145,25 +147,36 @@ def _save_state(
 
 def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, rng: random.Random) -> tuple[int, float]:
     """Resume from the state file if there is one: returns (epochs done, seconds spent so far)."""
-    if not cfg.state_path.is_file():
+    path = cfg.state_path
+    if not path.is_file():
         return 0, 0.0
-    from safetensors import safe_open
-
-    with safe_open(str(cfg.state_path), framework="pt") as f:
-        meta = f.metadata()
-    if meta["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
-        raise SystemExit(
-            f"{cfg.state_path}: saved by a run with a different config; "
-            "delete it to start over, or rerun with the same config to resume."
+    damaged = (
+        f"{path}: not a readable training state ({{}}); it is damaged (cut short by a full disk or a copy?): "
+        "delete it to start over"
+    )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        saved, epoch = json.loads(meta["config"]), int(meta["epoch"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:  # TypeError: no metadata at all
+        raise ValueError(damaged.format(e)) from None
+    conflicts = cfg.resume_conflicts(saved)
+    if conflicts:
+        raise ValueError(
+            f"{path}: saved by a run with other training options ({'; '.join(conflicts)}); rerun with the "
+            "state's values to resume, or delete it to start over"
         )
-    tensors = load_file(str(cfg.state_path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    for i, p in enumerate(model.parameters()):
-        if f"optim.{i}" in tensors:
-            opt.state[p]["momentum_buffer"] = tensors[f"optim.{i}"]
-    torch.set_rng_state(tensors["rng.torch"])
-    rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
-    return int(meta["epoch"]), float(meta.get("elapsed", 0))
+    try:
+        tensors = load_file(str(path))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for i, p in enumerate(model.parameters()):
+            if f"optim.{i}" in tensors:
+                opt.state[p]["momentum_buffer"] = tensors[f"optim.{i}"]
+        torch.set_rng_state(tensors["rng.torch"])
+        rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(damaged.format(e)) from None
+    return epoch, float(meta.get("elapsed", 0))
 
 
 def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None = None) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import DEFAULT_GRID, TrainConfig, load_config
+from training.config import DEFAULT_GRID, RESUME_MAY_CHANGE, TrainConfig, load_config
 
 
 def test_defaults() -> None:
@@ -197,3 +197,13 @@ def test_state_path_sits_next_to_the_checkpoint() -> None:
 def test_to_dict_round_trips() -> None:
     cfg = load_config(None, ["kind=unstructured", "keep_min=0.05"])
     assert TrainConfig(**cfg.to_dict()) == cfg
+
+
+def test_resume_conflicts_name_only_options_that_change_the_training_steps() -> None:
+    cfg = load_config(None, ["stat_alphas=[0, 1]"])
+    saved = {**cfg.to_dict(), "stat_alphas": [0.0, 1.0]}  # 1 == 1.0: the same grid
+    assert cfg.resume_conflicts(saved) == []
+    assert set(saved) > RESUME_MAY_CHANGE  # every name in it is an option
+    saved.update({k: "other" for k in RESUME_MAY_CHANGE}, seed=3)
+    del saved["beta"]  # a state written before an option existed
+    assert cfg.resume_conflicts(saved) == ["beta: (absent) in the state, 1.0 now", "seed: 3 in the state, 0 now"]

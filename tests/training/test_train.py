@@ -258,12 +258,52 @@ def test_resume_refuses_a_state_from_another_config(
     one = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=1, kind="quantized"))
     _run(one, synthetic_data, capsys)
     assert Path(one.out).is_file()
-    two = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=2, kind="quantized"))
-    with pytest.raises(SystemExit, match="different config"):
+    two = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=2, kind="quantized", lr=0.05, threads=2))
+    with pytest.raises(ValueError) as err:
         _run(two, synthetic_data, capsys)
+    message = str(err.value)  # names each differing option with both values; threads may differ
+    assert message.startswith(f"{one.state_path}: saved by a run with other training options (")
+    assert "epochs: 1 in the state, 2 now; lr: 0.1 in the state, 0.05 now)" in message
+    assert "threads" not in message and "delete it to start over" in message
     # the same command again resumes after its last epoch (nothing left to train) and rewrites the file
     log = _run(one, synthetic_data, capsys)
     assert "resuming" in log and "after epoch 1/1" in log and "epoch 1:" not in log
+
+
+def test_resume_accepts_options_that_leave_the_training_steps_alone(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """threads, channels_last, eval_batch_size and calib_batches (and out) once made a finished epoch
+    unresumable: the whole config JSON was compared."""
+    out = tmp_path / "m.safetensors"
+    _run(load_config(None, tiny_overrides(out, epochs=1)), synthetic_data, capsys)
+    changed = tiny_overrides(out, epochs=1, threads=2, channels_last="false", eval_batch_size=7, calib_batches=1)
+    log = _run(load_config(None, changed), synthetic_data, capsys)
+    assert "after epoch 1/1" in log and "epoch 1:" not in log
+    assert checkpoint.read_meta(out).training["config"]["calib_batches"] == 1  # the new values were used
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.01, 0.0])
+def test_a_damaged_state_file_says_to_delete_it(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+    keep: float,
+) -> None:
+    """A state cut short (keep: the share of bytes left) was a SafetensorError traceback."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=1))
+    _run(cfg, synthetic_data, capsys)
+    raw = cfg.state_path.read_bytes()
+    cfg.state_path.write_bytes(raw[: int(len(raw) * keep)])
+    with pytest.raises(ValueError) as err:
+        _run(cfg, synthetic_data, capsys)
+    message = str(err.value)
+    assert message.startswith(f"{cfg.state_path}: not a readable training state (")
+    assert message.endswith("delete it to start over") and "\n" not in message
 
 
 def test_fixed_alpha_baseline_with_validation(
