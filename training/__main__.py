@@ -11,13 +11,20 @@ import sys
 from pathlib import Path
 
 from lcs.checkpoint import CheckpointError
+from training.config import options_help
 from training.data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a compressible subspace (or a fixed-alpha baseline)")
+    t = sub.add_parser(
+        "train",
+        help="train a compressible subspace (or a fixed-alpha baseline)",
+        description="Train a compressible subspace (or a fixed-alpha baseline) and write its checkpoint.",
+        epilog=options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument(
         "items",
         nargs="*",

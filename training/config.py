@@ -146,6 +146,41 @@ class TrainConfig:
         return out.with_name(out.stem + ".state.safetensors")
 
 
+def options_help(width: int = 100) -> str:
+    """Every option with its default, for `python -m training train --help`: generated from TrainConfig, so
+    it cannot fall behind it. What each one does: the comment beside it above."""
+
+    def show(v: Any) -> str:
+        if v is None or isinstance(v, bool):
+            return yaml.safe_dump(v).split("\n")[0]  # null, true, false
+        if isinstance(v, list):
+            items = [show(x) for x in v]
+            return "[" + ", ".join(items if len(items) <= 4 else [*items[:2], "...", items[-1]]) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {show(x)}" for k, x in v.items()) + "}"
+        return str(v)
+
+    defaults = TrainConfig()
+    lines = [""]
+    for f in dataclasses.fields(TrainConfig):
+        item = f"  {f.name}={show(getattr(defaults, f.name))}"  # two spaces apart: some values hold one
+        if len(lines[-1]) + len(item) > width:
+            lines.append("")
+        lines[-1] += item
+    return "\n".join(
+        [
+            "Options are key=value arguments after an optional YAML config file that maps the same keys to values",
+            "(configs/*.yaml); a key=value wins over the file. Values are YAML: 0.5, true, null, [0, 0.5, 1],",
+            "'arch_kwargs={widths: [16, 32], blocks: [1, 1]}'. What each option does: training/config.py.",
+            "",
+            "options and their defaults:",
+            *lines,
+            "",
+            "example: python -m training train configs/structured_line.yaml epochs=2 out=runs/try.safetensors",
+        ]
+    )
+
+
 def _require(ok: bool, name: str, value: object, valid: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is out of range; use {valid}")

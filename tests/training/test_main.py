@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from lcs import checkpoint
 from training.__main__ import main
+from training.config import TrainConfig, load_config
 
 
 def test_evaluate_writes_the_report_and_a_plot(
@@ -121,6 +123,23 @@ def test_config_file_errors_are_one_line(
 def test_a_missing_report_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["plot", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.png")])
     assert rc == 2 and capsys.readouterr().err.startswith("error: [Errno 2] No such file or directory")
+
+
+def test_train_help_lists_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help once listed no options: their names appeared only in an "unknown option" error."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "key=value" in out and "YAML config file" in out
+    block = out.split("options and their defaults:\n")[1].split("\n\n")[0]
+    items = [item for line in block.splitlines() for item in line.split("  ") if item]  # two spaces apart
+    shown = dict(item.split("=", 1) for item in items)
+    assert list(shown) == [f.name for f in dataclasses.fields(TrainConfig)]  # all of them, in class order
+    for name, value in shown.items():  # each default, read back as an override, is the default
+        if "..." not in value:
+            assert load_config(None, [f"{name}={value}"]) == TrainConfig(), name
+    assert shown["stat_alphas"] == "[0.0, 0.05, ..., 1.0]"
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
