@@ -65,7 +65,7 @@ class TrainConfig:
     # -- optimisation --
     epochs: int = 15
     batch_size: int = 128
-    lr: float = 0.1  # peak learning rate; cosine decay to zero after a one-epoch linear warm-up
+    lr: float = 0.1  # peak learning rate: linear warm-up for one epoch (at most half the steps), cosine decay to 0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0

@@ -69,6 +69,12 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def warmup_steps(steps_per_epoch: int, total: int) -> int:
+    """One epoch of warm-up, but at most half of all steps: with epochs=1 a whole epoch of warm-up left no
+    steps to decay over, and the run ended at the peak learning rate. Two or more epochs: one epoch."""
+    return min(steps_per_epoch, total // 2)
+
+
 def sample_images(split: Split, seed: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random subset of training images that travels in the checkpoint (calibration, self-test)."""
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
@@ -222,6 +228,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         nesterov=True,
     )
     total = steps_per_epoch * cfg.epochs
+    warmup = warmup_steps(steps_per_epoch, total)
     start_epoch, elapsed = _load_state(cfg, model, opt, rng)  # every rank reads the same state file
     if start_epoch and ranks.main:
         print(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}", flush=True)
@@ -245,7 +252,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         for i in bar:
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, steps_per_epoch, cfg.lr)
+                group["lr"] = lr_at(step, total, warmup, cfg.lr)
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x = normalise(train_split.images[idx], mean, std)
             if cfg.augment:

@@ -173,7 +173,7 @@ def test_fixed_alpha_replaces_an_empty_grid() -> None:
 
 def test_shipped_configs_load() -> None:
     for path in sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml")):
-        assert isinstance(load_config(path, []), TrainConfig), path
+        assert load_config(path, []).epochs >= 2, path  # so warmup_steps leaves their one-epoch warm-up as it was
 
 
 def test_bad_yaml_value_type(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from lcs.layers import Setting
 from training import train as train_module
 from training.config import TrainConfig, load_config
 from training.data import Dataset
-from training.train import compression_alpha, lr_at, make_model, sample_alphas, train
+from training.train import compression_alpha, lr_at, make_model, sample_alphas, train, warmup_steps
 
 # -- alpha sampling --------------------------------------------------------------------------------
 
@@ -109,6 +109,39 @@ def test_lr_warmup_then_cosine_to_zero() -> None:
     assert lr_at(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
     assert max(lrs) <= peak + 1e-12
     assert math.isfinite(lr_at(0, 1, 1, peak))
+
+
+def test_warmup_is_one_epoch_but_at_most_half_the_run() -> None:
+    assert warmup_steps(100, 100) == 50  # epochs=1: half warm-up, half decay
+    assert warmup_steps(100, 200) == 100  # epochs=2 and more: one epoch, as before
+    assert warmup_steps(100, 1500) == 100
+    assert warmup_steps(1, 1) == 0 and math.isfinite(lr_at(0, 1, 0, 0.1))
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_one_epoch_run_decays_the_learning_rate(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    epochs: int,
+) -> None:
+    """With epochs=1 the warm-up was the whole run: the last step trained at the peak lr, never decayed."""
+    calls: list[tuple[int, int, int, float]] = []
+
+    def recording_lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+        calls.append((step, total, warmup, lr_at(step, total, warmup, peak)))
+        return calls[-1][3]
+
+    monkeypatch.setattr(train_module, "lr_at", recording_lr_at)
+    _run(load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=epochs)), synthetic_data, capsys)
+    steps_per_epoch = 256 // 32
+    lr_of_step = {step: lr for step, _, _, lr in calls}  # set once per parameter group
+    assert list(lr_of_step) == list(range(steps_per_epoch * epochs))
+    assert {warmup for _, _, warmup, _ in calls} == {steps_per_epoch // 2 if epochs == 1 else steps_per_epoch}
+    lrs = list(lr_of_step.values())
+    assert max(lrs) == pytest.approx(0.1) and lrs[-1] < 0.2 * 0.1  # up to the peak, then down
 
 
 def test_make_model_follows_the_config() -> None:
