@@ -6,7 +6,11 @@ Data parallel with the same *global* batch as one process: every rank draws the 
 permutation, alphas and augmentation (same seeds), builds the global batch of `batch_size` images and
 keeps its own contiguous shard of `batch_size / world` (a DistributedSampler that also keeps the
 augmentation RNG stream identical to a single process). Gradients are averaged by
-DistributedDataParallel, so a step is the single-process step up to floating-point summation order.
+DistributedDataParallel. With norm=group a step is then the single-process step up to floating-point
+summation order (tests/training/test_distributed.py measures it). Not with the default norm=batch: in
+training each rank normalises by the batch statistics of its own shard, not of the global batch (what
+data-parallel BatchNorm without SyncBatchNorm does); nor with kind=quantized, whose activation ranges
+each rank updates from its own shard and DDP re-broadcasts from rank 0 before every forward.
 Rank 0 alone prints, writes the resumable state and the checkpoint; every rank resumes from the
 same state file (a shared file system across nodes).
 
