@@ -11,13 +11,20 @@ import sys
 from pathlib import Path
 
 from lcs.checkpoint import CheckpointError
+from training.config import options_help
 from training.data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a compressible subspace (or a fixed-alpha baseline)")
+    t = sub.add_parser(
+        "train",
+        help="train a compressible subspace (or a fixed-alpha baseline)",
+        description="Train a compressible subspace (or a fixed-alpha baseline) and write its checkpoint.",
+        epilog=options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument(
         "items",
         nargs="*",
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             reports = {args.checkpoint.stem: rep, **{c.stem: json.loads(c.read_text()) for c in args.compare}}
             plot(reports, baselines, args.plot, f"{rep['kind']} ({rep['dataset']})")
         return 0
-    except (CheckpointError, DataError, ValueError) as err:
+    except (CheckpointError, DataError, ValueError, OSError) as err:  # OSError: a file named here is missing
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,10 @@ Every knob is here with a one-line why. The effective config is saved inside eve
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import itertools
+import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,19 @@ from lcs.alpha import KINDS, SUBSPACES, Schedule
 
 # 21 evenly spaced alphas: the grid that gets BatchNorm statistics and an accuracy measurement
 DEFAULT_GRID = [round(i / 20, 4) for i in range(21)]
+
+
+# Options a resumed run may change: they alter the speed of the training steps or what happens after the
+# last one, never the steps themselves. Every other option, and any added later, must match the state's.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "threads",  # torch intra-op threads: speed (and float summation order at most)
+        "channels_last",  # memory layout of activations: speed (and float summation order at most)
+        "out",  # where the files go; the state file is the one next to it
+        "eval_batch_size",  # accuracy measurement, which never feeds back into training
+        "calib_batches",  # BatchNorm statistics, estimated after the last epoch (training uses batch statistics)
+    }
+)
 
 
 @dataclass
@@ -48,7 +65,7 @@ class TrainConfig:
     # -- optimisation --
     epochs: int = 15
     batch_size: int = 128
-    lr: float = 0.1  # peak learning rate; cosine decay to zero after a one-epoch linear warm-up
+    lr: float = 0.1  # peak learning rate: linear warm-up for one epoch (at most half the steps), cosine decay to 0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
@@ -60,6 +77,8 @@ class TrainConfig:
     eval_batch_size: int = 500
 
     def __post_init__(self) -> None:
+        """Refuse every out-of-range value here, at load time: each one used to surface only deep inside
+        training (eval_batch_size=0 after the last epoch), or never (end_bias=5 trained alpha 0 only)."""
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
         if self.subspace not in SUBSPACES:
@@ -71,10 +90,33 @@ class TrainConfig:
                 raise ValueError(f"fixed_alpha must be in [0, 1]; got {self.fixed_alpha}")
             self.subspace = "point"  # a baseline is one network: nothing to interpolate
             self.stat_alphas = [self.fixed_alpha]
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
+        finite = math.isfinite
+        _require(self.val_size >= 0, "val_size", self.val_size, "val_size >= 0 (0: train on every image)")
+        _require(finite(self.beta) and self.beta >= 0, "beta", self.beta, "beta >= 0 (0: no line regulariser)")
+        _require(  # u < end_bias puts a sample on an end: above 1, every sample lands on alpha 0
+            0.0 <= self.end_bias <= 1.0, "end_bias", self.end_bias, "0 <= end_bias <= 1 (a share of the samples)"
+        )
+        _require(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction, "0 <= warmup_fraction < 1")
+        _require(self.act_quant_warmup >= 0, "act_quant_warmup", self.act_quant_warmup, "act_quant_warmup >= 0")
+        _require(
+            _is_grid(self.stat_alphas),
+            "stat_alphas",
+            self.stat_alphas,
+            "a non-empty list of distinct alphas in [0, 1], e.g. stat_alphas=[0, 0.5, 1]",
+        )
+        _require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "calib_batches >= 1")
+        _require(self.epochs >= 1, "epochs", self.epochs, "a positive number of epochs")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "a positive batch_size")
+        _require(finite(self.lr) and self.lr > 0, "lr", self.lr, "a learning rate lr > 0")
+        _require(  # nesterov=True: torch refuses momentum 0 when it builds the optimiser
+            0.0 < self.momentum < 1.0, "momentum", self.momentum, "0 < momentum < 1 (Nesterov needs momentum)"
+        )
+        wd = self.weight_decay
+        _require(finite(wd) and wd >= 0, "weight_decay", wd, "weight_decay >= 0")
+        _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing, "0 <= label_smoothing < 1")
+        _require(0 <= self.seed < 2**32, "seed", self.seed, "0 <= seed < 2**32")
+        _require(self.threads >= 1, "threads", self.threads, "threads >= 1 (torch refuses 0)")
+        _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "eval_batch_size >= 1")
         self.schedule()  # validates the schedule fields
 
     def schedule(self) -> Schedule:
@@ -83,6 +125,20 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
+        """The options outside RESUME_MAY_CHANGE whose values differ from `saved` (a state file's config), as
+        "name: VALUE in the state, VALUE now"; none means the state can be resumed."""
+        now = json.loads(json.dumps(self.to_dict()))  # as the state file stores it: lists, not tuples
+
+        def show(config: dict[str, Any], key: str) -> str:
+            return json.dumps(config[key]) if key in config else "(absent)"
+
+        return [
+            f"{k}: {show(saved, k)} in the state, {show(now, k)} now"
+            for k in sorted((now.keys() | saved.keys()) - RESUME_MAY_CHANGE)
+            if k not in saved or k not in now or saved[k] != now[k]  # 1 == 1.0: stat_alphas=[0, 1] is [0.0, 1.0]
+        ]
+
     @property
     def state_path(self) -> Path:
         """Resumable training state, written every epoch next to `out`."""
@@ -90,10 +146,65 @@ class TrainConfig:
         return out.with_name(out.stem + ".state.safetensors")
 
 
+def options_help(width: int = 100) -> str:
+    """Every option with its default, for `python -m training train --help`: generated from TrainConfig, so
+    it cannot fall behind it. What each one does: the comment beside it above."""
+
+    def show(v: Any) -> str:
+        if v is None or isinstance(v, bool):
+            return yaml.safe_dump(v).split("\n")[0]  # null, true, false
+        if isinstance(v, list):
+            items = [show(x) for x in v]
+            return "[" + ", ".join(items if len(items) <= 4 else [*items[:2], "...", items[-1]]) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {show(x)}" for k, x in v.items()) + "}"
+        return str(v)
+
+    defaults = TrainConfig()
+    lines = [""]
+    for f in dataclasses.fields(TrainConfig):
+        item = f"  {f.name}={show(getattr(defaults, f.name))}"  # two spaces apart: some values hold one
+        if len(lines[-1]) + len(item) > width:
+            lines.append("")
+        lines[-1] += item
+    return "\n".join(
+        [
+            "Options are key=value arguments after an optional YAML config file that maps the same keys to values",
+            "(configs/*.yaml); a key=value wins over the file. Values are YAML: 0.5, true, null, [0, 0.5, 1],",
+            "'arch_kwargs={widths: [16, 32], blocks: [1, 1]}'. What each option does: training/config.py.",
+            "",
+            "options and their defaults:",
+            *lines,
+            "",
+            "example: python -m training train configs/structured_line.yaml epochs=2 out=runs/try.safetensors",
+        ]
+    )
+
+
+def _require(ok: bool, name: str, value: object, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is out of range; use {valid}")
+
+
+def _is_grid(alphas: list[float]) -> bool:
+    """Non-empty, numbers in [0, 1], no two within 1e-6 (stats_index matches an alpha to a row within
+    1e-6, so a second one that close would get a statistics row nothing can ever select)."""
+    if not alphas or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in alphas):
+        return False
+    grid = sorted(alphas)
+    return all(0.0 <= a <= 1.0 for a in grid) and all(b - a >= 1e-6 for a, b in itertools.pairwise(grid))
+
+
 def _coerce(name: str, raw: str, typ: Any) -> Any:
-    value = yaml.safe_load(raw)  # "0.5" -> 0.5, "[1,2]" -> [1, 2], "true" -> True, "null" -> None
     if typ is str or typ == "str":
-        return raw
+        return raw  # as typed: out=[x is a file name, not broken YAML
+    try:
+        value = yaml.safe_load(raw)  # "0.5" -> 0.5, "[1,2]" -> [1, 2], "true" -> True, "null" -> None
+    except yaml.YAMLError as e:
+        raise ValueError(
+            f"option {name!r}: {raw!r} is not a YAML value ({_yaml_problem(e)}); "
+            f"a value with spaces needs quotes in the shell: '{name}=...'"
+        ) from None
     if typ is float and isinstance(value, int):
         return float(value)
     return value
@@ -117,11 +228,40 @@ def _check_type(name: str, value: Any, typ: Any) -> None:
     raise ValueError(f"option {name!r} must be of type {typ}; got {value!r}")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from PyYAML's several: what is wrong and where (1-based, as editors count)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _did_you_mean(path: Path) -> str:
+    """A hint for a config file that is not there: configs/structured_line.yml -> configs/structured_line.yaml."""
+    if path.exists():
+        return ""
+    try:
+        names = [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f"; did you mean {path.parent / close[0]}?" if close else ""
+
+
 def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
     """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{path}: cannot read this config file ({getattr(e, 'strerror', None) or e}){_did_you_mean(path)}"
+            ) from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a YAML mapping of option: value")
         values.update(loaded)

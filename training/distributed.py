@@ -6,12 +6,19 @@ Data parallel with the same *global* batch as one process: every rank draws the 
 permutation, alphas and augmentation (same seeds), builds the global batch of `batch_size` images and
 keeps its own contiguous shard of `batch_size / world` (a DistributedSampler that also keeps the
 augmentation RNG stream identical to a single process). Gradients are averaged by
-DistributedDataParallel, so a step is the single-process step up to floating-point summation order.
+DistributedDataParallel. With norm=group a step is then the single-process step up to floating-point
+summation order (tests/training/test_distributed.py measures it). Not with the default norm=batch: in
+training each rank normalises by the batch statistics of its own shard, not of the global batch (what
+data-parallel BatchNorm without SyncBatchNorm does); nor with kind=quantized, whose activation ranges
+each rank updates from its own shard and DDP re-broadcasts from rank 0 before every forward.
 Rank 0 alone prints, writes the resumable state and the checkpoint; every rank resumes from the
 same state file (a shared file system across nodes).
 
-Without torchrun (no RANK/WORLD_SIZE in the environment) or with one process, nothing here changes
-anything: `wrap` returns the model itself, `shard` the batch itself, `no_sync` does nothing.
+Device: cuda:LOCAL_RANK when CUDA is available and this node has a GPU for each of its processes, else
+the CPU for all of them (NCCL cannot take CPU ranks); CUDA_VISIBLE_DEVICES= keeps a run on the CPU.
+Without torchrun (no RANK/WORLD_SIZE in the environment) or with one process there is no process group:
+`wrap` returns the model itself and `shard` the batch itself (each moved to the GPU if one was chosen),
+`no_sync` does nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +33,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+
+def pick_device(local_rank: int, local_world: int) -> torch.device:
+    """cuda:<local rank> when there is a GPU for every one of the `local_world` processes on this node, else
+    the CPU for all of them: NCCL takes neither CPU ranks nor two ranks on one GPU."""
+    if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _use(device: torch.device) -> torch.device:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 @dataclass(frozen=True)
@@ -43,18 +64,20 @@ class Ranks:
     @classmethod
     def from_env(cls) -> Ranks:
         """Join the torchrun job described by the environment, or a single process without one."""
-        if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls()
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-            backend = "nccl"
-        else:
-            device, backend = torch.device("cpu"), "gloo"
+        world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+        if world == 1:  # no torchrun, or torchrun with one process: no process group
+            return cls(device=_use(pick_device(0, 1)))
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # torchrun sets it
+        device = _use(pick_device(local, local_world))
+        if device.type == "cpu" and torch.cuda.is_available() and local == 0:
+            warnings.warn(
+                f"{local_world} processes on this node but {torch.cuda.device_count()} GPU(s): every process "
+                f"trains on the CPU; start at most {torch.cuda.device_count()} per node to use the GPUs",
+                stacklevel=2,
+            )
         if not dist.is_initialized():
-            dist.init_process_group(backend, rank=rank, world_size=world)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
         return cls(rank, world, local, device)
 
     def check_batch(self, batch_size: int) -> None:
@@ -65,15 +88,16 @@ class Ranks:
             )
 
     def wrap(self, model: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
-        """DistributedDataParallel around the model (moved to this rank's device, with the optimiser's
-        resumed buffers), or the model itself."""
+        """The model moved to this rank's device (with the optimiser's resumed buffers), inside
+        DistributedDataParallel when there are several processes."""
+        if self.device.type != "cpu":  # the model is built and resumed on the CPU
+            model.to(self.device)
+            for state in opt.state.values():
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor):
+                        state[k] = v.to(self.device)
         if self.world == 1:
             return model
-        model.to(self.device)
-        for state in opt.state.values():
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor):
-                    state[k] = v.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
         # every parameter takes part in every forward (line endpoints are lerped at any alpha, slices
         # keep the whole tensor in the graph), so no search for unused parameters is needed; buffers
@@ -86,7 +110,7 @@ class Ranks:
     def shard(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous share of a global batch [B, ...] -> [B / world, ...] on its device."""
         if self.world == 1:
-            return t
+            return t.to(self.device)  # the batch itself on the CPU
         n = len(t) // self.world
         return t[self.rank * n : (self.rank + 1) * n].to(self.device)
 

@@ -4,7 +4,8 @@
          -> BatchNorm statistics per grid alpha -> test accuracy per grid alpha -> checkpoint
 
 Resumable: the model, optimiser buffers and RNG are saved every epoch to `<out>.state.safetensors`
-(safetensors, no pickle); re-running the same command continues from the last finished epoch.
+(safetensors, no pickle); re-running the same command continues from the last finished epoch (options
+that leave the training steps alone, config.RESUME_MAY_CHANGE, may differ).
 
 Several processes: `torchrun --nproc_per_node N -m training train ...` trains data-parallel on the same
 global batch (training/distributed.py); rank 0 prints and writes every file.
@@ -13,22 +14,26 @@ global batch (training/distributed.py); rank 0 prints and writes every file.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import random
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from lcs import checkpoint
 from lcs.layers import Setting
-from lcs.models import SubspaceResNet, build_model
+from lcs.models import SubspaceResNet, build_model, model_names
 from training.config import TrainConfig
 from training.data import Dataset, Split, augment, hold_out, load_dataset, normalise
 from training.distributed import Ranks
@@ -64,23 +69,65 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def warmup_steps(steps_per_epoch: int, total: int) -> int:
+    """One epoch of warm-up, but at most half of all steps: with epochs=1 a whole epoch of warm-up left no
+    steps to decay over, and the run ended at the peak learning rate. Two or more epochs: one epoch."""
+    return min(steps_per_epoch, total // 2)
+
+
 def sample_images(split: Split, seed: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random subset of training images that travels in the checkpoint (calibration, self-test)."""
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
     return split.images[idx].clone(), split.labels[idx].clone()
 
 
+def _model_args(cfg: TrainConfig, in_channels: int, num_classes: int) -> dict[str, Any]:
+    """The architecture arguments training sets itself; arch_kwargs may set the others."""
+    return {
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "line": cfg.subspace == "line",
+        "norm": cfg.norm,
+        "stat_alphas": cfg.stat_alphas,
+        "schedule": cfg.schedule(),
+    }
+
+
 def make_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> SubspaceResNet:
-    return build_model(
-        cfg.arch,
-        **cfg.arch_kwargs,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        line=cfg.subspace == "line",
-        norm=cfg.norm,
-        stat_alphas=cfg.stat_alphas,
-        schedule=cfg.schedule(),
-    )  # type: ignore[arg-type]
+    return build_model(cfg.arch, **cfg.arch_kwargs, **_model_args(cfg, in_channels, num_classes))
+
+
+def check_arch(cfg: TrainConfig) -> None:
+    """Build the model once (a few ms) before loading any data, so that a misspelt arch or arch_kwargs is a
+    one-line error at the start instead of a TypeError traceback after the data has loaded."""
+    if cfg.arch not in model_names():
+        raise ValueError(f"arch={cfg.arch!r} is not a registered architecture; use one of {model_names()}")
+    try:
+        make_model(cfg, in_channels=1, num_classes=2)
+    except (TypeError, ValueError, RuntimeError) as e:
+        settable = [n for n in inspect.signature(SubspaceResNet).parameters if n not in _model_args(cfg, 1, 2)]
+        raise ValueError(
+            f"arch_kwargs={cfg.arch_kwargs!r} does not build {cfg.arch!r} ({e}); arch_kwargs may set {settable}"
+        ) from None
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Refuse a checkpoint location that cannot be written before training rather than after it (the
+    whole run was lost): a directory, a path under a regular file, a place where no file can be created."""
+    out = Path(cfg.out)
+    for path in (out, cfg.state_path) if out.name else (out,):  # "." has no name, hence no state path
+        if path.is_dir():
+            raise ValueError(f"out={cfg.out}: {path} is a directory; name a file, e.g. out={out / 'model.safetensors'}")
+    folder = next(p for p in out.absolute().parents if p.exists())  # out's folder, or what will hold it
+    if not folder.is_dir():
+        raise ValueError(f"out={cfg.out}: {folder} is a file, not a directory; choose another place for out")
+    try:  # what _save_state and checkpoint.save will do (after creating any missing folders): create a file
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lcs-out-", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"out={cfg.out}: cannot create files in {folder} ({e.strerror or e}); choose a writable place for out"
+        ) from None
 
 
 def _save_state(
@@ -106,25 +153,36 @@ def _save_state(
 
 def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, rng: random.Random) -> tuple[int, float]:
     """Resume from the state file if there is one: returns (epochs done, seconds spent so far)."""
-    if not cfg.state_path.is_file():
+    path = cfg.state_path
+    if not path.is_file():
         return 0, 0.0
-    from safetensors import safe_open
-
-    with safe_open(str(cfg.state_path), framework="pt") as f:
-        meta = f.metadata()
-    if meta["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
-        raise SystemExit(
-            f"{cfg.state_path}: saved by a run with a different config; "
-            "delete it to start over, or rerun with the same config to resume."
+    damaged = (
+        f"{path}: not a readable training state ({{}}); it is damaged (cut short by a full disk or a copy?): "
+        "delete it to start over"
+    )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        saved, epoch = json.loads(meta["config"]), int(meta["epoch"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:  # TypeError: no metadata at all
+        raise ValueError(damaged.format(e)) from None
+    conflicts = cfg.resume_conflicts(saved)
+    if conflicts:
+        raise ValueError(
+            f"{path}: saved by a run with other training options ({'; '.join(conflicts)}); rerun with the "
+            "state's values to resume, or delete it to start over"
         )
-    tensors = load_file(str(cfg.state_path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    for i, p in enumerate(model.parameters()):
-        if f"optim.{i}" in tensors:
-            opt.state[p]["momentum_buffer"] = tensors[f"optim.{i}"]
-    torch.set_rng_state(tensors["rng.torch"])
-    rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
-    return int(meta["epoch"]), float(meta.get("elapsed", 0))
+    try:
+        tensors = load_file(str(path))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for i, p in enumerate(model.parameters()):
+            if f"optim.{i}" in tensors:
+                opt.state[p]["momentum_buffer"] = tensors[f"optim.{i}"]
+        torch.set_rng_state(tensors["rng.torch"])
+        rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(damaged.format(e)) from None
+    return epoch, float(meta.get("elapsed", 0))
 
 
 def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None = None) -> Path:
@@ -141,14 +199,22 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
 
 def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str | None) -> Path:
     ranks.check_batch(cfg.batch_size)
+    check_out(cfg)
+    check_arch(cfg)  # before the seed: its random initial weights are thrown away
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)  # denormal activations made fake-quantised layers 10-100x slower here
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
     train_split, val_split = hold_out(data.train, cfg.val_size, cfg.seed)
-    mean, std = data.mean_std()
     n_img, c, h, w = train_split.images.shape
+    steps_per_epoch = n_img // cfg.batch_size  # drop the last partial batch
+    if steps_per_epoch == 0:  # this once wrote an untrained checkpoint and exited 0
+        raise ValueError(
+            f"batch_size={cfg.batch_size} and val_size={cfg.val_size} leave no training step: {data.name} has "
+            f"{len(data.train)} training images, {n_img} after holding out val_size; lower batch_size or val_size"
+        )
+    mean, std = data.mean_std()
 
     model = make_model(cfg, c, len(data.classes))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -161,8 +227,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         momentum=cfg.momentum,
         nesterov=True,
     )
-    steps_per_epoch = n_img // cfg.batch_size  # drop the last partial batch
     total = steps_per_epoch * cfg.epochs
+    warmup = warmup_steps(steps_per_epoch, total)
     start_epoch, elapsed = _load_state(cfg, model, opt, rng)  # every rank reads the same state file
     if start_epoch and ranks.main:
         print(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}", flush=True)
@@ -186,7 +252,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         for i in bar:
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, steps_per_epoch, cfg.lr)
+                group["lr"] = lr_at(step, total, warmup, cfg.lr)
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x = normalise(train_split.images[idx], mean, std)
             if cfg.augment:

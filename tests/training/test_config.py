@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import DEFAULT_GRID, TrainConfig, load_config
+from training.config import DEFAULT_GRID, RESUME_MAY_CHANGE, TrainConfig, load_config
 
 
 def test_defaults() -> None:
@@ -70,6 +70,37 @@ def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
         load_config(path, [])
 
 
+def test_missing_config_file_suggests_the_near_name(tmp_path: Path) -> None:
+    (tmp_path / "structured_line.yaml").write_text("epochs: 2\n")
+    missing = tmp_path / "structured_line.yml"  # was a FileNotFoundError traceback
+    with pytest.raises(ValueError, match="No such file") as err:
+        load_config(missing, [])
+    assert str(err.value).startswith(f"{missing}: cannot read this config file")
+    assert str(err.value).endswith(f"did you mean {tmp_path / 'structured_line.yaml'}?")
+    with pytest.raises(ValueError, match="Is a directory"):
+        load_config(tmp_path, [])
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [("kind: [unclosed\n", "line 2, column 1"), ("kind: structured\n  epochs: 3\n", "line 2, column 9")],
+)
+def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)  # was a yaml ScannerError / ParserError traceback
+    with pytest.raises(ValueError) as err:
+        load_config(path, [])
+    message = str(err.value)
+    assert message.startswith(f"{path}: not valid YAML (") and where in message and "\n" not in message
+
+
+def test_override_that_is_not_yaml() -> None:
+    """`arch_kwargs={foo: 1}` unquoted reaches Python as two arguments, the first "arch_kwargs={foo:"."""
+    with pytest.raises(ValueError, match=r"option 'arch_kwargs': '\{foo:' is not a YAML value .* needs quotes"):
+        load_config(None, ["arch_kwargs={foo:", "1}"])
+    assert load_config(None, ["out=[x.safetensors"]).out == "[x.safetensors"  # a string option is taken as typed
+
+
 def test_override_without_equals() -> None:
     with pytest.raises(ValueError, match="key=value"):
         load_config(None, ["epochs"])
@@ -101,6 +132,50 @@ def test_bad_values(override: str, match: str) -> None:
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "use"),
+    [
+        ("val_size=-1", "val_size >= 0"),
+        ("beta=-0.5", "beta >= 0"),
+        ("end_bias=5", "0 <= end_bias <= 1"),  # every sample was alpha 0
+        ("end_bias=-0.1", "0 <= end_bias <= 1"),
+        ("act_quant_warmup=-1", "act_quant_warmup >= 0"),
+        ("stat_alphas=[]", "non-empty"),  # an IndexError after the first epoch
+        ("stat_alphas=[0, 1.5]", "in [0, 1]"),
+        ("stat_alphas=[0, 0.5, 0.5]", "distinct"),
+        ("stat_alphas=[0, true]", "stat_alphas"),
+        ("calib_batches=0", "calib_batches >= 1"),
+        ("lr=0", "lr > 0"),
+        ("lr=.nan", "lr > 0"),
+        ("lr=.inf", "lr > 0"),
+        ("momentum=0", "0 < momentum < 1"),  # torch refuses Nesterov without momentum, after data loading
+        ("momentum=1", "0 < momentum < 1"),
+        ("weight_decay=-1", "weight_decay >= 0"),
+        ("label_smoothing=1", "0 <= label_smoothing < 1"),
+        ("seed=-1", "0 <= seed"),
+        ("threads=0", "threads >= 1"),  # a RuntimeError from torch.set_num_threads
+        ("eval_batch_size=0", "eval_batch_size >= 1"),  # "range() arg 3 must not be zero" after the last epoch
+    ],
+)
+def test_out_of_range_values_name_the_option_the_value_and_the_fix(override: str, use: str) -> None:
+    name, _, raw = override.partition("=")
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(f"{name}=") and "out of range; use" in message and use in message
+    assert raw.strip(".").lower() in message.lower()  # the value as given ("nan" for .nan)
+
+
+def test_fixed_alpha_replaces_an_empty_grid() -> None:
+    """stat_alphas is checked as used: a baseline's grid is its own alpha, whatever was given."""
+    assert load_config(None, ["fixed_alpha=0.5", "stat_alphas=[]"]).stat_alphas == [0.5]
+
+
+def test_shipped_configs_load() -> None:
+    for path in sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml")):
+        assert load_config(path, []).epochs >= 2, path  # so warmup_steps leaves their one-epoch warm-up as it was
+
+
 def test_bad_yaml_value_type(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("epochs: ten\n")
@@ -122,3 +197,13 @@ def test_state_path_sits_next_to_the_checkpoint() -> None:
 def test_to_dict_round_trips() -> None:
     cfg = load_config(None, ["kind=unstructured", "keep_min=0.05"])
     assert TrainConfig(**cfg.to_dict()) == cfg
+
+
+def test_resume_conflicts_name_only_options_that_change_the_training_steps() -> None:
+    cfg = load_config(None, ["stat_alphas=[0, 1]"])
+    saved = {**cfg.to_dict(), "stat_alphas": [0.0, 1.0]}  # 1 == 1.0: the same grid
+    assert cfg.resume_conflicts(saved) == []
+    assert set(saved) > RESUME_MAY_CHANGE  # every name in it is an option
+    saved.update({k: "other" for k in RESUME_MAY_CHANGE}, seed=3)
+    del saved["beta"]  # a state written before an option existed
+    assert cfg.resume_conflicts(saved) == ["beta: (absent) in the state, 1.0 now", "seed: 3 in the state, 0 now"]

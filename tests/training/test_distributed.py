@@ -17,10 +17,13 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from training.config import load_config
@@ -30,13 +33,20 @@ ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4  # max abs difference of any weight after 2 epochs (16 steps of a 32-image global batch)
 
 
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sides on the CPU, also on a machine with a GPU: one process would take cuda:0 while two
+    processes (gloo) compute on the CPU, and the comparison would be about devices, not DDP."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def torchrun(overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.run(
         [*cmd, "-m", "training", "train", *overrides],
         cwd=ROOT,
-        env={**env, "OMP_NUM_THREADS": "1"},
+        env={**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -82,6 +92,75 @@ def test_odd_global_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="multiple of 2"):
         Ranks(rank=0, world=2).check_batch(33)
     Ranks().check_batch(33)  # one process: any batch
+
+
+@pytest.mark.parametrize(
+    ("env", "gpus", "device", "backend"),
+    [
+        ({}, 0, "cpu", None),
+        ({}, 1, "cuda:0", None),  # one process: trained on the CPU next to an idle GPU
+        ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, 1, "cuda:0", None),  # ditto
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 2, "cuda:1", "nccl"),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 1, "cpu", "gloo"),  # cuda:1
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}, 1, "cpu", "gloo"),  # ...with it
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 0, "cpu", "gloo"),
+    ],
+)
+def test_device_choice(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], gpus: int, device: str, backend: str | None
+) -> None:
+    """A GPU per process on the node, or the CPU for all (a fake device count: there is no GPU here)."""
+    import torch.distributed as dist
+
+    from training.distributed import Ranks
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    chosen: list[torch.device] = []
+    groups: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda b, rank, world_size: groups.append((b, rank, world_size)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ranks = Ranks.from_env()
+    assert ranks.device == torch.device(device)
+    assert chosen == ([torch.device(device)] if device.startswith("cuda") else [])
+    world = int(env.get("WORLD_SIZE", "1"))
+    assert groups == ([(backend, int(env["RANK"]), world)] if backend else [])
+    assert (ranks.rank, ranks.world) == ((int(env["RANK"]), world) if backend else (0, 1))
+    # more processes than GPUs: local rank 0 says why they all train on the CPU
+    said = [str(w.message) for w in caught if "GPU(s)" in str(w.message)]
+    assert len(said) == (1 if gpus and device == "cpu" and env.get("LOCAL_RANK") == "0" else 0)
+
+
+def test_one_process_trains_on_its_device() -> None:
+    """wrap and shard move the model, the resumed optimiser buffers and each batch to the chosen device, and
+    leave them alone on the CPU. "meta" stands in for a GPU; the model records the move (a move to meta
+    would replace its parameters, which a move to CUDA keeps)."""
+    from training.distributed import Ranks
+
+    moved: list[object] = []
+
+    class Model(torch.nn.Linear):
+        def to(self, *args: Any, **kwargs: Any) -> Model:
+            moved.append(args[0])
+            return self
+
+    model = Model(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.state[model.weight]["momentum_buffer"] = torch.zeros(2, 3)
+    x = torch.ones(4, 3)
+    cpu = Ranks()
+    assert cpu.wrap(model, opt) is model and cpu.shard(x) is x and moved == []
+    meta = Ranks(device=torch.device("meta"))
+    assert meta.wrap(model, opt) is model  # no DistributedDataParallel for one process
+    assert moved == [torch.device("meta")] and meta.shard(x).device.type == "meta"
+    assert opt.state[model.weight]["momentum_buffer"].device.type == "meta"
 
 
 @pytest.mark.slow

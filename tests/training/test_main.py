@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from lcs import checkpoint
 from training.__main__ import main
+from training.config import TrainConfig, load_config
 
 
 def test_evaluate_writes_the_report_and_a_plot(
@@ -84,12 +86,60 @@ def test_train_from_yaml_and_overrides(
         (["train", "kind=bogus"], "kind"),
         (["train", "dataset=imagenet", "epochs=1"], "unknown dataset"),
         (["train", "dataset=folder", "epochs=1"], "data_dir"),
+        (["train", "eval_batch_size=0"], "eval_batch_size=0 is out of range; use eval_batch_size >= 1"),
+        (["train", "threads=0"], "threads=0 is out of range; use threads >= 1"),
+        (["train", "arch_kwargs={foo: 1}"], "arch_kwargs={'foo': 1} does not build 'preact_resnet'"),
+        (["train", "out=."], "out=.: . is a directory"),
     ],
 )
-def test_train_errors_are_clean(args: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_errors_are_clean(
+    args: list[str], match: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default out, runs/model.safetensors, is probed for writing
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and match in err
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ("configs/structured_line.yml", "did you mean configs/structured_line.yaml?"),  # FileNotFoundError
+        ("bad.yaml", "bad.yaml: not valid YAML"),  # a yaml ScannerError
+    ],
+)
+def test_config_file_errors_are_one_line(
+    config: str, match: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "structured_line.yaml").write_text("kind: structured\n")
+    (tmp_path / "bad.yaml").write_text("kind: [unclosed\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and match in err and err.count("\n") == 1
+
+
+def test_a_missing_report_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["plot", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.png")])
+    assert rc == 2 and capsys.readouterr().err.startswith("error: [Errno 2] No such file or directory")
+
+
+def test_train_help_lists_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help once listed no options: their names appeared only in an "unknown option" error."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "key=value" in out and "YAML config file" in out
+    block = out.split("options and their defaults:\n")[1].split("\n\n")[0]
+    items = [item for line in block.splitlines() for item in line.split("  ") if item]  # two spaces apart
+    shown = dict(item.split("=", 1) for item in items)
+    assert list(shown) == [f.name for f in dataclasses.fields(TrainConfig)]  # all of them, in class order
+    for name, value in shown.items():  # each default, read back as an override, is the default
+        if "..." not in value:
+            assert load_config(None, [f"{name}={value}"]) == TrainConfig(), name
+    assert shown["stat_alphas"] == "[0.0, 0.05, ..., 1.0]"
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,7 +19,7 @@ from lcs.layers import Setting
 from training import train as train_module
 from training.config import TrainConfig, load_config
 from training.data import Dataset
-from training.train import compression_alpha, lr_at, make_model, sample_alphas, train
+from training.train import compression_alpha, lr_at, make_model, sample_alphas, train, warmup_steps
 
 # -- alpha sampling --------------------------------------------------------------------------------
 
@@ -111,6 +111,39 @@ def test_lr_warmup_then_cosine_to_zero() -> None:
     assert math.isfinite(lr_at(0, 1, 1, peak))
 
 
+def test_warmup_is_one_epoch_but_at_most_half_the_run() -> None:
+    assert warmup_steps(100, 100) == 50  # epochs=1: half warm-up, half decay
+    assert warmup_steps(100, 200) == 100  # epochs=2 and more: one epoch, as before
+    assert warmup_steps(100, 1500) == 100
+    assert warmup_steps(1, 1) == 0 and math.isfinite(lr_at(0, 1, 0, 0.1))
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_one_epoch_run_decays_the_learning_rate(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    epochs: int,
+) -> None:
+    """With epochs=1 the warm-up was the whole run: the last step trained at the peak lr, never decayed."""
+    calls: list[tuple[int, int, int, float]] = []
+
+    def recording_lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+        calls.append((step, total, warmup, lr_at(step, total, warmup, peak)))
+        return calls[-1][3]
+
+    monkeypatch.setattr(train_module, "lr_at", recording_lr_at)
+    _run(load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=epochs)), synthetic_data, capsys)
+    steps_per_epoch = 256 // 32
+    lr_of_step = {step: lr for step, _, _, lr in calls}  # set once per parameter group
+    assert list(lr_of_step) == list(range(steps_per_epoch * epochs))
+    assert {warmup for _, _, warmup, _ in calls} == {steps_per_epoch // 2 if epochs == 1 else steps_per_epoch}
+    lrs = list(lr_of_step.values())
+    assert max(lrs) == pytest.approx(0.1) and lrs[-1] < 0.2 * 0.1  # up to the peak, then down
+
+
 def test_make_model_follows_the_config() -> None:
     cfg = TrainConfig(arch="tiny_resnet", kind="quantized", subspace="point", norm="group", stat_alphas=[0.0, 1.0])
     model = make_model(cfg, in_channels=3, num_classes=7)
@@ -163,6 +196,57 @@ def _run(cfg: TrainConfig, data: Dataset, capsys: pytest.CaptureFixture[str]) ->
     return capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("where", "extra", "match"),
+    [
+        ("dir", {}, "dir is a directory; name a file"),  # was an IsADirectoryError after training, dir.tmp left
+        ("under_file", {}, "file is a file, not a directory"),  # was a FileExistsError after the first epoch
+        ("new/deep", {}, None),  # missing folders are fine: they are created when the first file is written
+        ("model", {"arch_kwargs": "{foo: 1}"}, r"arch_kwargs=\{'foo': 1\} does not build .* may set \['widths'"),
+        ("model", {"arch": "resnet50"}, "arch='resnet50' is not a registered architecture"),
+        ("model", {"batch_size": 300}, "batch_size=300 and val_size=0 leave no training step"),  # 256 images
+        ("model", {"val_size": 250}, "256 training images, 6 after holding out val_size"),
+    ],
+)
+def test_refused_before_training(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    extra: dict[str, object],
+    match: str | None,
+) -> None:
+    """Each of these once failed only after training (or trained nothing and exited 0); now the run stops
+    before its first step and leaves no file behind."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    out = {"dir": tmp_path / "dir", "under_file": tmp_path / "file" / "m.safetensors"}.get(
+        where, tmp_path / where / "m.safetensors"
+    )
+    cfg = load_config(None, tiny_overrides(out, epochs=1, **extra))
+    if match is None:
+        _run(cfg, synthetic_data, capsys)
+        assert out.is_file()
+        return
+    with pytest.raises(ValueError, match=match):
+        _run(cfg, synthetic_data, capsys)
+    assert "epoch" not in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir", "file"]  # no .tmp, no state, no probe
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_out_where_no_file_can_be_created(
+    synthetic_data: Dataset, tiny_overrides: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/proc exists and is a directory, but creating a file there fails: a SafetensorError traceback after
+    the first epoch, before the output location was probed."""
+    cfg = load_config(None, tiny_overrides(Path("/proc/x.safetensors")))
+    with pytest.raises(ValueError, match=re.escape("out=/proc/x.safetensors: cannot create files in /proc")):
+        _run(cfg, synthetic_data, capsys)
+    assert "epoch" not in capsys.readouterr().out
+
+
 def test_resume_after_an_interruption_continues_exactly(
     tmp_path: Path,
     synthetic_data: Dataset,
@@ -207,12 +291,52 @@ def test_resume_refuses_a_state_from_another_config(
     one = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=1, kind="quantized"))
     _run(one, synthetic_data, capsys)
     assert Path(one.out).is_file()
-    two = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=2, kind="quantized"))
-    with pytest.raises(SystemExit, match="different config"):
+    two = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=2, kind="quantized", lr=0.05, threads=2))
+    with pytest.raises(ValueError) as err:
         _run(two, synthetic_data, capsys)
+    message = str(err.value)  # names each differing option with both values; threads may differ
+    assert message.startswith(f"{one.state_path}: saved by a run with other training options (")
+    assert "epochs: 1 in the state, 2 now; lr: 0.1 in the state, 0.05 now)" in message
+    assert "threads" not in message and "delete it to start over" in message
     # the same command again resumes after its last epoch (nothing left to train) and rewrites the file
     log = _run(one, synthetic_data, capsys)
     assert "resuming" in log and "after epoch 1/1" in log and "epoch 1:" not in log
+
+
+def test_resume_accepts_options_that_leave_the_training_steps_alone(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """threads, channels_last, eval_batch_size and calib_batches (and out) once made a finished epoch
+    unresumable: the whole config JSON was compared."""
+    out = tmp_path / "m.safetensors"
+    _run(load_config(None, tiny_overrides(out, epochs=1)), synthetic_data, capsys)
+    changed = tiny_overrides(out, epochs=1, threads=2, channels_last="false", eval_batch_size=7, calib_batches=1)
+    log = _run(load_config(None, changed), synthetic_data, capsys)
+    assert "after epoch 1/1" in log and "epoch 1:" not in log
+    assert checkpoint.read_meta(out).training["config"]["calib_batches"] == 1  # the new values were used
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.01, 0.0])
+def test_a_damaged_state_file_says_to_delete_it(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+    keep: float,
+) -> None:
+    """A state cut short (keep: the share of bytes left) was a SafetensorError traceback."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=1))
+    _run(cfg, synthetic_data, capsys)
+    raw = cfg.state_path.read_bytes()
+    cfg.state_path.write_bytes(raw[: int(len(raw) * keep)])
+    with pytest.raises(ValueError) as err:
+        _run(cfg, synthetic_data, capsys)
+    message = str(err.value)
+    assert message.startswith(f"{cfg.state_path}: not a readable training state (")
+    assert message.endswith("delete it to start over") and "\n" not in message
 
 
 def test_fixed_alpha_baseline_with_validation(
