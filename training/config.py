@@ -104,6 +104,7 @@ class TrainConfig:
             self.stat_alphas,
             "a non-empty list of distinct alphas in [0, 1], e.g. stat_alphas=[0, 0.5, 1]",
         )
+        self.stat_alphas = sorted(self.stat_alphas)  # a checkpoint's grid is ascending (lcs.checkpoint)
         _require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "calib_batches >= 1")
         _require(self.epochs >= 1, "epochs", self.epochs, "a positive number of epochs")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "a positive batch_size")

@@ -207,3 +207,9 @@ def test_resume_conflicts_name_only_options_that_change_the_training_steps() -> 
     saved.update({k: "other" for k in RESUME_MAY_CHANGE}, seed=3)
     del saved["beta"]  # a state written before an option existed
     assert cfg.resume_conflicts(saved) == ["beta: (absent) in the state, 1.0 now", "seed: 3 in the state, 0 now"]
+
+
+def test_stat_alphas_are_kept_ascending() -> None:
+    """Row i of every statistics tensor is alpha i of an ascending grid: a checkpoint with another order is
+    refused (lcs.checkpoint), so the config sorts it rather than fail at the end of the run."""
+    assert load_config(None, ["stat_alphas=[1, 0, 0.5]"]).stat_alphas == [0.0, 0.5, 1.0]
