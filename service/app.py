@@ -627,6 +627,7 @@ def create_app(
                     binary=(_V2_INFER,),
                     state=lambda scope: getattr(scope["app"].state, "lcs", None),
                     body_timeout=s.body_timeout_seconds,
+                    check=lambda scope, st: _model(st, scope["path_params"].get("name", st.runtime.name)),
                 ),
                 limit=s.max_body_bytes,
             )
@@ -774,11 +775,6 @@ def create_app(
         ok = st.runtime.ready and not st.draining
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    def _model(st: State, name: str) -> Runtime:
-        if name != st.runtime.name:
-            raise ApiError(404, f"model {name!r} not found; this server serves {st.runtime.name!r}")
-        return st.runtime
-
     @app.get("/v2/models/{name}", responses=_errors(404, 422))
     async def v2_model(name: str, st: StateDep) -> dict[str, object]:
         rt = _model(st, name)
@@ -887,6 +883,13 @@ def create_app(
         }
 
     return app
+
+
+def _model(st: State, name: str) -> Runtime:
+    """The runtime serving model `name`, or 404 (checked before an inference body is read, `Lane`)."""
+    if name != st.runtime.name:
+        raise ApiError(404, f"model {name!r} not found; this server serves {st.runtime.name!r}")
+    return st.runtime
 
 
 _BINARY_DTYPES = {"UINT8": "u1", "FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}

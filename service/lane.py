@@ -116,7 +116,8 @@ class Lane:
     to `paths` (route path templates) by calling their route functions as `endpoint(body=..., st=...,
     request=..., **path_params)`, where `body` is validated against the function's `body` annotation and
     `st` is `state(scope)`. Routes in `binary` also take the v2 binary tensor extension; its bytes wait in
-    the request state under "binary". A body that takes longer than `body_timeout` seconds to arrive gets 408."""
+    the request state under "binary". A body that takes longer than `body_timeout` seconds to arrive gets 408;
+    `check(scope, st)` may refuse a request before its body is read."""
 
     def __init__(
         self,
@@ -126,9 +127,11 @@ class Lane:
         binary: Sequence[str],
         state: Callable[[Scope], Any],
         body_timeout: float,
+        check: Callable[[Scope, Any], object] | None = None,
     ) -> None:
         # built at the first request, after every route is declared
         self.app, self.binary, self.state, self.body_timeout = app, set(binary), state, body_timeout
+        self.check = check  # (scope, st) -> None or ApiError, before the body is read: an unknown model, say
         self.routes = [
             (r, get_type_hints(r.endpoint)["body"])
             for r in routes
@@ -155,8 +158,10 @@ class Lane:
     async def _serve(self, route: APIRoute, model: type[BaseModel], request: Request) -> Response:
         scope = request.scope
         try:
-            body = await self._body(route, model, request)
             st = self.state(scope)
+            if st is not None and self.check is not None:
+                self.check(scope, st)
+            body = await self._body(route, model, request)
             if st is None:
                 raise ApiError(503, "the service is starting; retry shortly", {"Retry-After": "1"})
             result = await route.endpoint(body=body, st=st, request=request, **scope["path_params"])

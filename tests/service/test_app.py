@@ -495,6 +495,9 @@ def test_v2_server_metadata(client: TestClient) -> None:
 def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
     r = client.post("/v2/models/other/infer", json=v2_body(IMAGES[:1]))
     assert r.status_code == 404
+    # before the body is read: the name is what is wrong, whatever the body holds
+    r = client.post("/v2/models/other/infer", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 404 and NAME in r.json()["detail"]
 
 
 @pytest.mark.parametrize(
