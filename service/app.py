@@ -692,11 +692,14 @@ def create_app(
             }
         )
 
+    # GET or HEAD (some load balancers probe with HEAD, which answered 405); HEAD left out of the schema
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: the process is up and its event loop answers."""
         return {"status": "alive"}
 
+    @app.head("/readyz", include_in_schema=False)
     @app.get("/readyz", responses={503: {"description": "Starting or draining"}})
     async def readyz(st: StateDep) -> JSONResponse:
         """Readiness: models built and profiled, not draining. Load never makes this fail."""

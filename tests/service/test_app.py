@@ -596,6 +596,12 @@ def test_a_failed_self_check_keeps_the_app_unready_and_says_why(structured: Tiny
         assert c.post("/predict", json={"inputs": [ZEROS]}).status_code == 503
 
 
+def test_probes_answer_head_too(client: TestClient) -> None:
+    for path in ("/healthz", "/readyz"):
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b"", path
+
+
 def test_draining_turns_readiness_off_and_refuses_new_work(structured: TinyCheckpoint) -> None:
     with serve(make_settings(structured.path)) as c:
         app_state(c).start_draining()
