@@ -213,11 +213,22 @@ class Controller:
         return keep[::-1]
 
     def _fits(self, s: Signals, frontier: list[float]) -> float:
-        """Largest frontier alpha whose predicted utilisation stays under the target."""
-        for a in reversed(frontier):
+        """Largest profiled frontier alpha whose predicted utilisation stays under the target. An alpha with
+        no profile (LCS_PREBUILD short of the grid) has no prediction and is not chosen by it: it used to
+        count as fitting any load, so the ceiling never left an unprofiled top alpha."""
+        known = [a for a in frontier if self._model_seconds(a, s.images_per_request, s) is not None] or frontier
+        for a in reversed(known):
             if self.utilisation(a, s) <= self.target:
                 return a
-        return frontier[0]
+        return known[0]
+
+    def _held_mode(self, ceiling: float) -> str:
+        """The mode while the ceiling holds: the causes of "shedding", "battery" and "pinned" are re-judged
+        every interval, so an interval that holds for another reason leaves them; "degraded" (by load) and
+        "recovering" carry on until the ceiling is back at the top."""
+        if ceiling >= self.grid.alphas[-1]:
+            return "full"
+        return self.mode if self.mode in ("degraded", "recovering") else "degraded"
 
     def update(self, s: Signals) -> float:
         """One control interval: returns the new ceiling and records why it moved."""
@@ -225,6 +236,7 @@ class Controller:
         self._learn_calm(s)
         old = self.ceiling
         if self.pinned is not None:
+            self._calm = 0  # a calm spell counts from the release, not across the pin
             return self._set(self.pinned, "pinned", s.now, "pinned by an operator")
         if self.policy[0] != "lcs":
             return self._baseline_update(s)
@@ -239,6 +251,7 @@ class Controller:
             # the load offered (refused requests included) overloads even the lowest alpha, and alpha is
             # not the lever (or is spent): keep accuracy and let admission shed the excess
             new, reason, mode = old, "overload not relieved by alpha: shedding", "shedding"
+            self._calm = 0  # an overloaded interval is not calm: a spell counts only unbroken calm
         elif relieves and feasible < old:
             new, reason, mode = feasible, "queueing estimate over target", "degraded"
         elif relieves and p99 is not None and p99 > self.slo and old > lowest:
@@ -254,15 +267,19 @@ class Controller:
                 mode = "full" if new >= self.grid.alphas[-1] else "recovering"
                 self._calm = 0
             else:
-                new, reason, mode = old, "headroom: waiting", self.mode
+                new, reason, mode = old, "headroom: waiting", self._held_mode(old)
         else:
             self._calm = 0
-            new, reason, mode = old, "steady", ("full" if old >= self.grid.alphas[-1] else self.mode)
+            new, reason, mode = old, "steady", self._held_mode(old)
         if new < old:
             self._calm = 0
         low_battery = s.on_battery and s.battery_percent is not None and s.battery_percent < self.battery_low
-        if low_battery and new > self.battery_cap:
-            new, reason, mode = self.grid.down(self.battery_cap), "low battery cap", "battery"
+        # the cap: the largest frontier alpha within it (a grid alpha below it that is slower than one above
+        # would cost more CPU and accuracy both); the mode says "battery" for as long as the cap binds
+        cap = max((a for a in frontier if a <= self.battery_cap + 1e-9), default=lowest)
+        if low_battery and new >= cap:
+            reason = "low battery cap" if new > cap else reason
+            new, mode = cap, "battery"
         self.mode = mode
         return self._set(new, mode, s.now, reason)
 

@@ -5,9 +5,11 @@ for the controller: a replica that just joined, or one the balancer favours for 
 alpha for the load the fleet carries, not for its last few requests. Prometheus already scrapes every
 replica, so the controller asks it (HTTP API, `GET /api/v1/query`):
 
-    rate per replica = sum(rate(lcs_requests_total{endpoint="/predict"}[W])) / count(lcs_build_info)
+    rate per replica = sum(rate(lcs_requests_total{INFERENCE,status="200"}[W])) / count(lcs_build_info)
     p99              = histogram_quantile(0.99, sum by (le) (rate(lcs_request_duration_seconds_bucket
-                                                                  {endpoint="/predict"}[W])))
+                                                                  {INFERENCE}[W])))
+
+where INFERENCE matches both inference routes, /predict and /v2/models/{name}/infer.
 
 `lcs_build_info` is exported by every replica from start-up, so the count includes idle ones.
 
@@ -42,10 +44,16 @@ def queries(selector: str = "", window_seconds: float = 30.0) -> dict[str, str]:
     extra = f",{selector}" if selector else ""
     only = f"{{{selector}}}" if selector else ""
     return {
-        "rate": f'sum(rate(lcs_requests_total{{endpoint="/predict"{extra}}}[{w}])) / count(lcs_build_info{only})',
+        "rate": f'sum(rate(lcs_requests_total{{{INFERENCE},status="200"{extra}}}[{w}])) / count(lcs_build_info{only})',
         "p99": "histogram_quantile(0.99, sum by (le) "
-        f'(rate(lcs_request_duration_seconds_bucket{{endpoint="/predict"{extra}}}[{w}])))',
+        f"(rate(lcs_request_duration_seconds_bucket{{{INFERENCE}{extra}}}[{w}])))",
     }
+
+
+INFERENCE = 'endpoint=~"/predict|/v2/models/.+/infer"'
+"""Both inference routes (labelled by route template). Until session 12 the queries read /predict alone, so
+a fleet serving OIP v2 clients read as idle and its zero rate stood in for the local one; the rate counts
+answered requests (200), as the local arrival rate counts admitted ones, not the refused."""
 
 
 def parse_value(payload: object) -> float | None:

@@ -66,10 +66,11 @@ def test_reads_rate_per_replica_and_p99() -> None:
 
 def test_queries_carry_the_selector_and_window() -> None:
     q = queries('job="lcs"', 30)
+    inference = 'endpoint=~"/predict|/v2/models/.+/infer"'  # both inference routes, v2 included
     assert q["rate"] == (
-        'sum(rate(lcs_requests_total{endpoint="/predict",job="lcs"}[30s])) / count(lcs_build_info{job="lcs"})'
+        f'sum(rate(lcs_requests_total{{{inference},status="200",job="lcs"}}[30s])) / count(lcs_build_info{{job="lcs"}})'
     )
-    assert 'lcs_request_duration_seconds_bucket{endpoint="/predict",job="lcs"}[30s]' in q["p99"]
+    assert f'lcs_request_duration_seconds_bucket{{{inference},job="lcs"}}[30s]' in q["p99"]
     assert "{}" not in queries("", 30)["rate"]  # no empty matcher braces without a selector
 
 

@@ -22,15 +22,15 @@ def per_image(alpha: float) -> float:
     return 0.001 * (0.2 + 0.8 * alpha)
 
 
-def profile() -> LatencyProfile:
+def profile(alphas: list[float] = ALPHAS) -> LatencyProfile:
     p = LatencyProfile()
-    for a in ALPHAS:
+    for a in alphas:
         p.add(a, 1, 0.002 * (0.2 + 0.8 * a))  # batch 1 pays a fixed overhead
         p.add(a, MAX_BATCH, MAX_BATCH * per_image(a))
     return p
 
 
-def controller(**kwargs: object) -> Controller:
+def controller(prof: LatencyProfile | None = None, **kwargs: object) -> Controller:
     options: dict[str, object] = {
         "slo_seconds": SLO,
         "max_batch": MAX_BATCH,
@@ -41,7 +41,7 @@ def controller(**kwargs: object) -> Controller:
         "overlap": False,  # the arithmetic in these tests adds the model's and the handling's time
         **kwargs,
     }
-    return Controller(Grid(ALPHAS), profile(), **options)  # type: ignore[arg-type]
+    return Controller(Grid(ALPHAS), prof or profile(), **options)  # type: ignore[arg-type]
 
 
 class Clock:
@@ -374,3 +374,62 @@ def test_the_ceiling_skips_alphas_slower_than_a_higher_one() -> None:
     assert c.ceiling == 0.0
     seen = {c.update(clock(arrival_rate=rate, p99=0.01)) for rate in (900.0, 700.0, 500.0) for _ in range(6)}
     assert seen == {0.0, 0.5, 1.0} and c.ceiling == 1.0
+
+
+# -- found by review (session 12): each failed before its fix -----------------------------------------
+
+SHEDDING = {"arrival_rate": 3000.0, "offered_rate": 5000.0, "p99": 0.01}  # beyond even alpha 0: shed
+
+
+def test_an_overloaded_interval_breaks_the_calm_spell() -> None:
+    """Three calm intervals, five seconds of shedding, one calm interval: the ceiling stays at the bottom.
+    The shedding branch kept the calm count, so the fourth calm interval raised it 0 -> 1."""
+    c, clock = controller(), Clock()
+    c.update(clock(**SHEDDING))
+    for kind in "CCC" + "S" * 10 + "C":
+        c.update(clock(**(CALM if kind == "C" else SHEDDING)))
+    assert c.ceiling == 0.0
+
+
+def test_a_pin_breaks_the_calm_spell() -> None:
+    c, clock = controller(), Clock()
+    c.update(clock(**BURST))
+    low = c.ceiling
+    for _ in range(3):
+        c.update(clock(**CALM))
+    c.pin(low, 0.0)
+    for _ in range(5):
+        c.update(clock(**BURST))
+    c.pin(None, 0.0)
+    assert c.update(clock(**CALM)) == low  # one calm interval after the release is not a spell
+
+
+def test_an_unprofiled_alpha_is_not_assumed_to_fit() -> None:
+    """LCS_PREBUILD short of the grid profiles only some alphas; the others have no prediction and used to
+    count as fitting any load, so the ceiling stayed at an unprofiled alpha 1 under 5,000 requests/s."""
+    c, clock = controller(profile([0.0, 0.25, 0.5])), Clock()
+    assert c.update(clock(arrival_rate=5000.0)) <= 0.5
+
+
+def test_the_mode_follows_its_cause() -> None:
+    c, clock = controller(), Clock()
+    c.update(clock(**CALM, battery_percent=10.0, on_battery=True))
+    assert c.mode == "battery"
+    for _ in range(3):  # plugged in, load holding the ceiling where it is
+        c.update(clock(**BURST, battery_percent=10.0, on_battery=False))
+    assert c.mode != "battery"
+    c2, clock2 = controller(), Clock()
+    c2.update(clock2(**SHEDDING))  # lowers to the bottom first
+    c2.update(clock2(**SHEDDING))
+    assert c2.mode == "shedding"
+    c2.update(clock2(arrival_rate=500.0, offered_rate=500.0, p99=0.05))  # no longer beyond the lowest alpha
+    assert c2.mode != "shedding"
+
+
+def test_the_battery_cap_takes_the_largest_frontier_alpha_within_it() -> None:
+    """With 0.5 profiled slower than 0.75 (padding), a cap of 0.6 lands on 0.25, not on the slower 0.5."""
+    p = profile()
+    p.add(0.5, MAX_BATCH, MAX_BATCH * per_image(0.8))
+    c, clock = controller(p, battery_alpha_cap=0.6), Clock()
+    assert 0.5 not in c.frontier()
+    assert c.update(clock(**CALM, battery_percent=10.0, on_battery=True)) == 0.25
