@@ -115,6 +115,7 @@ class PrometheusFleet:
     async def refresh(self) -> FleetFigures:
         """Query every figure at once, bounded by `timeout` overall; never raises."""
         names = list(self.queries)
+        asked = self._clock()  # a value's age counts from the question, not the answer (below)
         try:
             async with asyncio.timeout(self.timeout):
                 values = await asyncio.gather(*(self._query(self.queries[n]) for n in names))
@@ -123,7 +124,9 @@ class PrometheusFleet:
         now = self._clock()
         for name, value in zip(names, values, strict=True):
             if value is not None:
-                self._good[name] = (value, now)
+                # stamped when it answered, a slow answer (half an interval or more) outlived the failure of
+                # the refresh after it and served two steps; stamped when asked, it serves one
+                self._good[name] = (value, asked)
         if any(v is None for v in values):
             self.failures += 1
         return self.current(now)

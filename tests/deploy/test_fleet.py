@@ -140,6 +140,36 @@ def test_last_good_values_last_at_most_max_age() -> None:
     asyncio.run(go())
 
 
+def test_a_slow_answer_serves_one_step_not_two() -> None:
+    """Control steps 0.5 s apart (max_age 0.75). A refresh asked at step 0 and answered 0.3 s later serves
+    step 1; if the refresh after it fails, step 2 must fall back to local signals. Stamped when it
+    answered, the value was 0.7 s old at step 2 and still served."""
+    clock = Clock()
+    start = clock.t
+    up = True
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        if not up:
+            raise httpx.ConnectError("down", request=request)
+        clock.t = max(clock.t, start + 0.3)  # answered 0.3 s after the question
+        return await answering()(request)
+
+    f = fleet(slow, clock, timeout=0.4)
+
+    async def go() -> None:
+        nonlocal up
+        await f.refresh()  # asked at step 0
+        clock.t = start + 0.5
+        assert f.current() == FleetFigures(12.5, 0.042)  # step 1
+        up = False
+        await f.refresh()  # asked after step 1: fails
+        clock.t = start + 1.0
+        assert f.current() == FleetFigures(None, None)  # step 2: local signals
+        await f.aclose()
+
+    asyncio.run(go())
+
+
 def test_poll_never_waits_for_prometheus() -> None:
     release = asyncio.Event()
     calls = 0
