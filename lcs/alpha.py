@@ -47,7 +47,7 @@ class Level:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Maps alpha to a compression level for one kind (DESIGN.md, "Compression level")."""
+    """Maps alpha to a compression level for one kind (README.md, "The method, as implemented")."""
 
     kind: Kind
     keep_min: float = 0.025  # unstructured: up to 97.5 % sparsity at alpha = 0 (reference)

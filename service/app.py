@@ -578,7 +578,7 @@ def create_app(
                 # the server still accepts connections (so probes and clients get an answer, not a refusal).
                 # Requests received before the signal are answered, those whose body is still arriving or
                 # decoding too (`_infer` compares arrival times); only then (or after LCS_DRAIN_SECONDS) does
-                # uvicorn's handler run, close the listener and shut down. A second SIGTERM skips the wait.
+                # uvicorn's handler run, close the listener and shut down. A second SIGTERM hands over at once.
                 if st.draining:
                     previous(signum, frame)
                     return

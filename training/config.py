@@ -47,7 +47,7 @@ class TrainConfig:
     arch: str = "preact_resnet"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     norm: str = "batch"  # batch (per-alpha statistics, calibrated after training) | group (alpha-free)
-    # -- method (DESIGN.md) --
+    # -- method (README.md, "The method, as implemented") --
     kind: str = "structured"  # unstructured | structured | quantized
     subspace: str = "line"  # line (LCS+L) | point (LCS+P)
     fixed_alpha: float | None = None  # train one compression level only: the independent baseline

@@ -1,4 +1,4 @@
-"""The alpha convention and the alpha -> level schedule (DESIGN.md, "Compression level")."""
+"""The alpha convention and the alpha -> level schedule (README.md, "The method, as implemented")."""
 
 from __future__ import annotations
 
