@@ -507,7 +507,7 @@ async def _infer(
         st.metrics.shed.labels("predicted_late").inc()
         raise ApiError(429, _late(wait, budget), {"Retry-After": retry})
     x = x_raw * rt.scale + rt.shift
-    job = Job(x, target, floor, deadline, now)
+    job = Job(x, target, floor, deadline, now, arrived=arrived)
     try:
         fut = st.batcher.submit(job)
     except QueueFull:

@@ -46,14 +46,19 @@ class Job:
     deadline: float | None  # absolute time.monotonic() by which the answer is due, if any
     enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future[Result] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    arrived: float | None = None  # when the request arrived, from which its budget counts (default: enqueued)
     images: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.images = int(self.x.shape[0])
 
     def due(self, reserve: float) -> float | None:
-        """The time to aim for: the deadline less `reserve` (a share) of the request's time budget."""
-        return None if self.deadline is None else self.deadline - reserve * (self.deadline - self.enqueued)
+        """The time to aim for: the deadline less `reserve` (a share) of the request's whole time budget,
+        counted from its arrival (from its enqueueing, the reserve shrank by the time spent parsing)."""
+        if self.deadline is None:
+            return None
+        start = self.enqueued if self.arrived is None else self.arrived
+        return self.deadline - reserve * (self.deadline - start)
 
 
 @dataclass(frozen=True)

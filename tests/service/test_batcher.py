@@ -440,6 +440,20 @@ def test_a_queue_abandoned_while_a_partial_batch_waits_is_not_an_error(caplog: p
     assert "batcher error" not in caplog.text
 
 
+def test_the_reserve_is_a_share_of_the_whole_budget_counted_from_arrival() -> None:
+    """100 ms budget, reserve 0.4: due 40 ms before the deadline however long the body took to parse (it
+    was 40 / 28 / 16 / 4 ms for 0 / 30 / 60 / 90 ms of parsing, counted from the enqueueing)."""
+
+    async def scenario() -> None:
+        for parsed_after in (0.0, 0.03, 0.06, 0.09):
+            j = Job(np.zeros((1, 1, 2, 2), np.float32), 1.0, 0.0, 100.1, 100.0 + parsed_after, arrived=100.0)
+            assert j.due(0.4) == pytest.approx(100.1 - 0.04)
+        legacy = Job(np.zeros((1, 1, 2, 2), np.float32), 1.0, 0.0, 100.1, 100.0)  # no arrival given
+        assert legacy.due(0.4) == pytest.approx(100.1 - 0.04)
+
+    run_async(scenario)
+
+
 def test_on_batch_reports_alpha_size_and_jobs() -> None:
     reports: list[tuple[float, int, int]] = []
 
