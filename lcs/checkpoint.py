@@ -176,9 +176,12 @@ def save(
         tensors[SAMPLES + "labels"] = samples[1].to(torch.int64).contiguous()
         _check_samples(path, meta, tensors)  # refused here rather than by every later load
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: meta.model_dump_json()})
-    tmp.chmod(0o644)  # safetensors creates 0600 files: the service (another user in the image) must read it
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: meta.model_dump_json()})
+        tmp.chmod(0o644)  # safetensors creates 0600 files: the service (another user in the image) must read it
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after a replace; after a failure, no stray half-written file
 
 
 def _sniff(path: Path) -> str:

@@ -95,6 +95,27 @@ def test_round_trip_reproduces_outputs_exactly(
             assert torch.equal(loaded.export(loaded.at(alpha))(x), model.export(model.at(alpha))(x))
 
 
+def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temp_file(
+    tmp_path: Path,
+    settled_model: Callable[..., SubspaceResNet],
+    make_meta: Callable[..., CheckpointMeta],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = settled_model("structured", "line", "batch", GRID)
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(path, model, make_meta(model, "structured"))
+    before = path.read_bytes()
+
+    def full_disk(self: Path, target: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(path, model, make_meta(model, "structured", dataset="another"))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
 def test_round_trip_with_groupnorm(
     tmp_path: Path, settled_model: Callable[..., SubspaceResNet], make_meta: Callable[..., CheckpointMeta]
 ) -> None:
