@@ -15,7 +15,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Annotated, Any
@@ -25,7 +25,6 @@ import torch
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
@@ -36,7 +35,7 @@ from service.batcher import Batcher, Draining, Job, QueueFull
 from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.inputs import decode, has_images
-from service.lane import BINARY_HEADER, ApiError, Lane, error_response, parse_json, problems, require_json
+from service.lane import BINARY_HEADER, ApiError, Lane, error_response, problems, require_json, validate
 from service.metrics import Metrics
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
 from service.schemas import (
@@ -308,8 +307,8 @@ class Shed:
         )(scope, receive, send)
 
 
-_V2_INFER = "/v2/models/{name}/infer"
-_LANE_PATHS = ("/predict", _V2_INFER)
+_V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+_LANE_PATHS = ("/predict", *_V2_INFER)
 _LANE_MATCHERS = [(template, compile_path(template)[0]) for template in _LANE_PATHS]  # as the routes match them
 
 
@@ -400,25 +399,6 @@ class _Edge(FastAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         return self.wrap(super().build_middleware_stack())
-
-
-class _JSONRequest(Request):
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = parse_json(await self.body())
-        return self._json
-
-
-class _JSONRoute(APIRoute):
-    """Routes whose JSON body FastAPI parses (the inference routes go through `Lane`) parse it strictly."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def strict_json(request: Request) -> Response:
-            return await handler(_JSONRequest(request.scope, request.receive))
-
-        return strict_json
 
 
 def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
@@ -615,7 +595,6 @@ def create_app(
             500: {"model": ErrorResponse, "description": "Internal error; quote the request_id"},
         },
     )
-    app.router.route_class = _JSONRoute
     lane_routes = app.router.routes  # filled below; Lane reads it when the stack is built, at the first request
     app.wrap = lambda inner: Observe(
         Shed(
@@ -624,10 +603,12 @@ def create_app(
                     inner,
                     routes=lane_routes,
                     paths=_LANE_PATHS,
-                    binary=(_V2_INFER,),
+                    binary=_V2_INFER,
                     state=lambda scope: getattr(scope["app"].state, "lcs", None),
                     body_timeout=s.body_timeout_seconds,
-                    check=lambda scope, st: _model(st, scope["path_params"].get("name", st.runtime.name)),
+                    check=lambda scope, st: _model(
+                        st, scope["path_params"].get("name", st.runtime.name), scope["path_params"].get("version")
+                    ),
                 ),
                 limit=s.max_body_bytes,
             )
@@ -742,11 +723,22 @@ def create_app(
     async def _json_content(content_type: Annotated[str, Header()] = "") -> None:
         require_json(content_type)  # FastAPI itself would read any content type as JSON, or answer 422
 
+    # The body is read here, after the key is checked: had FastAPI read it, a malformed body would have got a
+    # 422 before the 401 (FastAPI parses JSON before it resolves dependencies).
     @app.put(
-        "/admin/pin", dependencies=[Depends(_admin), Depends(_json_content)], responses=_errors(401, 403, 404, 415, 422)
+        "/admin/pin",
+        dependencies=[Depends(_admin), Depends(_json_content)],
+        responses=_errors(401, 403, 404, 415, 422),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PinRequest.model_json_schema()}},
+            }
+        },
     )
-    async def pin(body: PinRequest, st: StateDep) -> dict[str, object]:
+    async def pin(request: Request, st: StateDep) -> dict[str, object]:
         """Pin the ceiling to an alpha (snapped down to the grid) until released."""
+        body = validate(PinRequest, await request.body())
         st.runtime.controller.pin(body.alpha, time.monotonic())
         st.metrics.ceiling.set(st.runtime.controller.ceiling)
         return st.runtime.controller.state()
@@ -778,13 +770,20 @@ def create_app(
         ok = st.runtime.ready and not st.draining
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
+    # A model has one version, "1": each /v2/models/{name} path is also served at /v2/models/{name}/versions/1
     @app.get("/v2/models/{name}", responses=_errors(404, 422))
     async def v2_model(name: str, st: StateDep) -> dict[str, object]:
-        rt = _model(st, name)
+        return _v2_metadata(_model(st, name))
+
+    @app.get("/v2/models/{name}/versions/{version}", responses=_errors(404, 422))
+    async def v2_model_version(name: str, version: str, st: StateDep) -> dict[str, object]:
+        return _v2_metadata(_model(st, name, version))
+
+    def _v2_metadata(rt: Runtime) -> dict[str, object]:
         i = rt.meta.input
         return {
             "name": rt.name,
-            "versions": ["1"],
+            "versions": [_VERSION],
             "platform": "pytorch",
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, i.channels, i.height, i.width]}],
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(rt.meta.classes)]}],
@@ -798,17 +797,23 @@ def create_app(
 
     @app.get("/v2/models/{name}/ready", responses=_errors(404, 422, 503))
     async def v2_model_ready(name: str, st: StateDep) -> JSONResponse:
-        rt = _model(st, name)
+        return _v2_ready(st, _model(st, name))
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", responses=_errors(404, 422, 503))
+    async def v2_model_version_ready(name: str, version: str, st: StateDep) -> JSONResponse:
+        return _v2_ready(st, _model(st, name, version))
+
+    def _v2_ready(st: State, rt: Runtime) -> JSONResponse:
         ok = rt.ready and not st.draining  # as /v2/health/ready: a draining server takes no new work
         return JSONResponse({"name": rt.name, "ready": ok}, status_code=200 if ok else 503)
 
-    @app.post(
-        "/v2/models/{name}/infer",
-        responses=_errors(404, 408, 415, 422, 429, 503, retry_after=(429, 503)),
-    )
+    # Lane checks the model's name and version before it reads the body (its `check`), then calls these.
+    _infer_errors = _errors(404, 408, 415, 422, 429, 503, retry_after=(429, 503))
+
+    @app.post(_V2_INFER[0], responses=_infer_errors)
     async def v2_infer(name: str, body: V2InferRequest, st: StateDep, request: Request) -> dict[str, object]:
         """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms."""
-        rt = _model(st, name)
+        rt = st.runtime
         t = body.inputs[0]
         if t.datatype not in _BINARY_DTYPES:  # the datatypes this route reads, as JSON data or binary
             raise ApiError(
@@ -866,7 +871,7 @@ def create_app(
         )
         return {
             "model_name": rt.name,
-            "model_version": "1",
+            "model_version": _VERSION,
             "id": body.id or uuid.uuid4().hex,
             "parameters": {
                 "alpha": res.alpha,
@@ -885,13 +890,26 @@ def create_app(
             ],
         }
 
+    @app.post(_V2_INFER[1], responses=_infer_errors)
+    async def v2_infer_version(
+        name: str, version: str, body: V2InferRequest, st: StateDep, request: Request
+    ) -> dict[str, object]:
+        """OIP v2 inference at the model's one version, "1": the same as without a version."""
+        return await v2_infer(name, body, st, request)
+
     return app
 
 
-def _model(st: State, name: str) -> Runtime:
-    """The runtime serving model `name`, or 404 (checked before an inference body is read, `Lane`)."""
+_VERSION = "1"  # OIP v2: the one version of the one model a server serves
+
+
+def _model(st: State, name: str, version: str | None = None) -> Runtime:
+    """The runtime serving model `name` (at `version`, if given), or 404 (checked before an inference body is
+    read, `Lane`)."""
     if name != st.runtime.name:
         raise ApiError(404, f"model {name!r} not found; this server serves {st.runtime.name!r}")
+    if version is not None and version != _VERSION:
+        raise ApiError(404, f"model {name!r} has no version {version!r}; its one version is {_VERSION!r}")
     return st.runtime
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
@@ -26,6 +26,8 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.inputs import InputError
+
+M = TypeVar("M", bound=BaseModel)
 
 BINARY_HEADER = "inference-header-content-length"
 
@@ -94,6 +96,18 @@ def parse_json(body: bytes) -> Any:
         raise json.JSONDecodeError("nested too deeply", "", 0) from None
     except ValueError as e:  # duplicate keys, too many digits, UnicodeDecodeError
         raise json.JSONDecodeError(str(e).split(";")[0][:200], "", 0) from None
+
+
+def validate(model: type[M], raw: bytes) -> M:
+    """A JSON body, strictly parsed and validated against `model`; a 422 naming each problem otherwise."""
+    if not raw:
+        raise ApiError(422, "body: Field required")
+    try:
+        return model.model_validate(parse_json(raw))
+    except json.JSONDecodeError as e:
+        raise ApiError(422, _invalid_json(e.msg)) from None
+    except ValidationError as e:
+        raise ApiError(422, problems({**err, "loc": ("body", *err["loc"])} for err in e.errors())) from None
 
 
 def require_json(content_type: str) -> None:
@@ -186,11 +200,4 @@ class Lane:
             ) from None
         if length is not None:
             raw, request.scope.setdefault("state", {})["binary"] = split_binary(raw, length)
-        if not raw:
-            raise ApiError(422, "body: Field required")
-        try:
-            return model.model_validate(parse_json(raw))
-        except json.JSONDecodeError as e:
-            raise ApiError(422, _invalid_json(e.msg)) from None
-        except ValidationError as e:
-            raise ApiError(422, problems({**err, "loc": ("body", *err["loc"])} for err in e.errors())) from None
+        return validate(model, raw)

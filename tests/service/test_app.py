@@ -486,6 +486,30 @@ def test_v2_infer_asking_for_an_output_it_does_not_have_is_422(client: TestClien
     assert client.post(f"/v2/models/{NAME}/infer", json=body).status_code == 200
 
 
+def test_v2_versioned_paths_serve_version_1_only(client: TestClient, structured: TinyCheckpoint) -> None:
+    # OIP v2 clients may name the version (/versions/1/...): the same answers as the unversioned paths
+    versioned = f"/v2/models/{NAME}/versions/1"
+    assert client.get(versioned).json() == client.get(f"/v2/models/{NAME}").json()
+    assert client.get(versioned).json()["versions"] == ["1"]
+    assert client.get(versioned + "/ready").json() == {"name": NAME, "ready": True}
+    r = client.post(versioned + "/infer", json=v2_body(IMAGES[:2], quality=0.5))
+    assert r.status_code == 200, r.text
+    assert r.json()["model_version"] == "1" and r.json()["parameters"]["alpha"] == 0.5
+    got = torch.tensor(r.json()["outputs"][0]["data"]).view(2, len(CLASSES))
+    assert torch.allclose(got, reference(structured, IMAGES[:2], 0.5), atol=1e-5)
+    content, headers = binary_body(IMAGES[:1], "UINT8")
+    assert client.post(versioned + "/infer", content=content, headers=headers).status_code == 200  # binary too
+    # another version is a 404 naming the one there is, before the body is read
+    for method, path in [("GET", ""), ("GET", "/ready"), ("POST", "/infer")]:
+        r = client.request(
+            method, f"/v2/models/{NAME}/versions/2{path}", content=b"{", headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 404, (method, path)
+        assert "has no version '2'; its one version is '1'" in r.json()["detail"]
+    r = client.post("/v2/models/other/versions/1/infer", json=v2_body(IMAGES[:1]))
+    assert r.status_code == 404 and NAME in r.json()["detail"]
+
+
 def test_v2_server_metadata(client: TestClient) -> None:
     r = client.get("/v2")
     assert r.status_code == 200
@@ -623,6 +647,8 @@ def test_admin_is_off_without_an_api_key(client: TestClient) -> None:
         r = client.request(method, "/admin/pin", json={"alpha": 0.5}, headers={"x-api-key": "anything"})
         assert r.status_code == 404
         assert "LCS_API_KEY" in r.json()["detail"]
+    r = client.put("/admin/pin", content=b"{", headers={"content-type": "application/json"})  # off before the body
+    assert r.status_code == 404
 
 
 def test_pin_needs_the_right_key_and_pins_what_predict_serves(structured: TinyCheckpoint) -> None:
@@ -635,6 +661,12 @@ def test_pin_needs_the_right_key_and_pins_what_predict_serves(structured: TinyCh
         assert c.delete("/admin/pin", headers={"x-api-key": "s3cret-but-longer"}).status_code == 403
         assert c.get("/controller").json()["pinned"] is None  # nothing changed so far
         assert c.put("/admin/pin", json={"alpha": 2.0}, headers={"x-api-key": "s3cret"}).status_code == 422
+        # the key is checked before the body is read: a malformed body without the key is a 401, not a 422
+        assert c.put("/admin/pin", content=b"{", headers={"content-type": "application/json"}).status_code == 401
+        r = c.put("/admin/pin", content=b"{", headers={"content-type": "application/json", "x-api-key": "s3cret"})
+        assert r.status_code == 422 and r.json()["detail"].startswith("body: invalid JSON")
+        r = c.put("/admin/pin", json={"alpha": 0.5, "force": True}, headers={"x-api-key": "s3cret"})
+        assert r.status_code == 422 and "body.force" in r.json()["detail"]
 
         r = c.put("/admin/pin", json={"alpha": 0.7}, headers={"x-api-key": "s3cret"})
         assert r.status_code == 200, r.text

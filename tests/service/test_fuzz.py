@@ -129,7 +129,7 @@ def _fuzz(schema: OpenApiSchema, method: str, path: str, examples: int, stats: S
     mode = GenerationMode.NEGATIVE if variant == "negative" else GenerationMode.POSITIVE
     kwargs: dict[str, Any] = {}
     if variant in ("known model", "well-formed") and "{name}" in path:
-        kwargs["path_parameters"] = {"name": NAME}
+        kwargs["path_parameters"] = {"name": NAME, **({"version": "1"} if "{version}" in path else {})}
     if variant == "well-formed" and path == "/admin/pin":
         kwargs["headers"] = {"X-API-Key": KEY}
     checks = [*CHECKS, negative_data_rejection] if mode is GenerationMode.NEGATIVE else CHECKS
@@ -170,6 +170,9 @@ def campaign(schema: OpenApiSchema, scale: int) -> Stats:
         ("DELETE", "/admin/pin"): {"positive": 1, "well-formed": 1},
         ("GET", "/v2/models/{name}"): {"positive": 1, "known model": 1},
         ("GET", "/v2/models/{name}/ready"): {"positive": 1, "known model": 1},
+        ("POST", "/v2/models/{name}/versions/{version}/infer"): {"positive": 1, "negative": 1, "well-formed": 2},
+        ("GET", "/v2/models/{name}/versions/{version}"): {"positive": 1, "known model": 1},
+        ("GET", "/v2/models/{name}/versions/{version}/ready"): {"positive": 1, "known model": 1},
     }
     operations = [(op.ok().method.upper(), op.ok().path) for op in schema.get_all_operations()]
     assert ("POST", "/predict") in operations and ("POST", "/v2/models/{name}/infer") in operations
@@ -198,7 +201,8 @@ def test_fuzz_every_operation(api: OpenApiSchema) -> None:
     assert sum(stats.values()) >= 250
     assert not [s for (_, s) in stats if s >= 500]
     served = {op for (op, s) in stats if s == 200}
-    assert {"POST /predict", "POST /v2/models/{name}/infer", "PUT /admin/pin"} <= served  # the deep paths ran
+    deep = {"POST /predict", "POST /v2/models/{name}/infer", "POST /v2/models/{name}/versions/{version}/infer"}
+    assert deep | {"PUT /admin/pin"} <= served  # the deep paths ran
 
 
 @pytest.mark.slow
