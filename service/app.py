@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import hmac
@@ -177,22 +178,7 @@ class State:
         if (c.ceiling, len(c.decisions)) != before and c.decisions:
             self.metrics.ceiling_changes.labels(c.decisions[-1].reason).inc()
         self.metrics.ceiling.set(c.ceiling)
-        for name in (
-            "queue_depth",
-            "inflight",
-            "arrival_rate",
-            "images_per_request",
-            "p99",
-            "cpu_other",
-            "memory_available",
-            "battery_percent",
-            "fleet_rate",
-            "fleet_p99",
-            "request_cost",
-            "offered_rate",
-            "loop_busy",
-            "model_busy",
-        ):
+        for name in _SIGNAL_NAMES:  # every signal, from the one definition of what they are
             v = getattr(s, name)
             if v is not None:
                 self.metrics.signal.labels(name).set(float(v))
@@ -307,6 +293,7 @@ class Shed:
         )(scope, receive, send)
 
 
+_SIGNAL_NAMES = [f.name for f in dataclasses.fields(Signals) if f.name != "now"]  # lcs_signal{signal}
 _V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 _LANE_PATHS = ("/predict", *_V2_INFER)
 _LANE_MATCHERS = [(template, compile_path(template)[0]) for template in _LANE_PATHS]  # as the routes match them

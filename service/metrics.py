@@ -33,6 +33,7 @@ class _CacheCollector(Collector):
             ("lcs_cache_misses", "Model cache misses (builds or waits for a build).", st.misses),
             ("lcs_cache_evictions", "Models evicted from the cache to stay under its byte bound.", st.evictions),
             ("lcs_cache_builds", "Models materialised.", st.builds),
+            ("lcs_cache_build_seconds", "Seconds spent materialising models.", st.build_seconds),
         ]:
             yield CounterMetricFamily(name, doc, value=value)
         yield GaugeMetricFamily("lcs_cache_bytes", "Resident bytes of cached models.", value=cache.bytes)
@@ -72,13 +73,7 @@ class Metrics:
         self.ceiling = Gauge("lcs_alpha_ceiling", "Current controller ceiling on alpha.", registry=r)
         self.shed = Counter("lcs_shed", "Requests refused with 429/503, by reason.", ["reason"], registry=r)
         self.ceiling_changes = Counter("lcs_alpha_ceiling_changes", "Ceiling moves, by reason.", ["reason"], registry=r)
-        self.signal = Gauge("lcs_signal", "Controller input signals.", ["signal"], registry=r)
-        self.build_seconds = Histogram(
-            "lcs_model_build_seconds",
-            "Time to materialise one alpha.",
-            buckets=[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-            registry=r,
-        )
+        self.signal = Gauge("lcs_signal", "Signals the controller observes (GET /controller).", ["signal"], registry=r)
         self.ready = Gauge("lcs_ready", "1 when the service is ready for traffic.", registry=r)
         self.info = Info("lcs_build", "Service and model build information.", registry=r)
         r.register(_CacheCollector(cache))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -9,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from service.metrics import latency_buckets
-from tests.service.service_support import IMAGE, TinyCheckpoint, make_settings, serve
+from tests.service.service_support import IMAGE, TinyCheckpoint, app_state, make_settings, serve
 
 SLO = 0.2  # make_settings' slo_p99_seconds
 ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
@@ -57,6 +58,7 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
         ("lcs_cache_misses", "counter"),
         ("lcs_cache_evictions", "counter"),
         ("lcs_cache_bytes", "gauge"),
+        ("lcs_cache_build_seconds", "counter"),
         ("lcs_build_info", "gauge"),  # an Info metric: the text format exposes it as a gauge valued 1
     ],
 )
@@ -129,6 +131,19 @@ def test_cache_figures(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
     assert hits >= 3  # warm-up self-checks and the three requests
     assert value(scraped["lcs_cache_evictions"][1], "lcs_cache_evictions_total") == 0
     assert value(scraped["lcs_cache_bytes"][1], "lcs_cache_bytes") > 0
+    assert value(scraped["lcs_cache_builds"][1], "lcs_cache_builds_total") == 3
+    assert value(scraped["lcs_cache_build_seconds"][1], "lcs_cache_build_seconds_total") > 0
+
+
+def test_every_signal_is_exported_after_a_control_step(structured: TinyCheckpoint) -> None:
+    with serve(make_settings(structured.path)) as c:
+        st = app_state(c)
+        st.control_step(time.monotonic())
+        families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+    exported = {sample.labels["signal"] for sample in families["lcs_signal"].samples}
+    observed = {k for k, v in st.runtime.controller.state()["signals"].items() if v is not None and k != "now"}
+    assert "on_battery" in observed  # a boolean, exported as 0 or 1
+    assert exported == observed
 
 
 def test_build_info(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
