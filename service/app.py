@@ -37,7 +37,7 @@ from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.inputs import decode, has_images
 from service.lane import BINARY_HEADER, ApiError, Lane, error_response, problems, require_json, validate
-from service.metrics import Metrics
+from service.metrics import INFERENCE_ROUTES, Metrics
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
 from service.schemas import (
     PRESETS,
@@ -243,7 +243,7 @@ class Observe:
         if st is not None and endpoint != "/metrics":
             elapsed = time.monotonic() - t0
             st.metrics.request_done(endpoint, status, elapsed)
-            if endpoint.endswith(("/predict", "/infer")):
+            if endpoint in INFERENCE_ROUTES:
                 st.loop_cost.count()
                 if status == 200:
                     st.requests.finished(elapsed)
@@ -294,8 +294,8 @@ class Shed:
 
 
 _SIGNAL_NAMES = [f.name for f in dataclasses.fields(Signals) if f.name != "now"]  # lcs_signal{signal}
-_V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
-_LANE_PATHS = ("/predict", *_V2_INFER)
+_LANE_PATHS = INFERENCE_ROUTES
+_V2_INFER = INFERENCE_ROUTES[1:]
 _LANE_MATCHERS = [(template, compile_path(template)[0]) for template in _LANE_PATHS]  # as the routes match them
 
 

@@ -9,7 +9,7 @@ replica, so the controller asks it (HTTP API, `GET /api/v1/query`):
     p99              = histogram_quantile(0.99, sum by (le) (rate(lcs_request_duration_seconds_bucket
                                                                   {INFERENCE}[W])))
 
-where INFERENCE matches both inference routes, /predict and /v2/models/{name}/infer.
+where INFERENCE matches the inference routes: /predict and the OIP v2 infer paths.
 
 `lcs_build_info` is exported by every replica from start-up, so the count includes idle ones.
 
@@ -51,9 +51,11 @@ def queries(selector: str = "", window_seconds: float = 30.0) -> dict[str, str]:
 
 
 INFERENCE = 'endpoint=~"/predict|/v2/models/.+/infer"'
-"""Both inference routes (labelled by route template). Until session 12 the queries read /predict alone, so
-a fleet serving OIP v2 clients read as idle and its zero rate stood in for the local one; the rate counts
-answered requests (200), as the local arrival rate counts admitted ones, not the refused."""
+"""The inference routes (`service.metrics.INFERENCE_ROUTES`, labelled by route template); the deploy rules
+use the same regex, and tests/deploy checks that it selects those routes and no other. Until session 12 the
+queries read /predict alone, so a fleet serving OIP v2 clients read as idle and its zero rate stood in for
+the local one; the rate counts answered requests (200), as the local arrival rate counts admitted ones,
+not the refused."""
 
 
 def parse_value(payload: object) -> float | None:

@@ -11,6 +11,10 @@ from prometheus_client.registry import Collector
 
 from service.cache import ModelCache
 
+INFERENCE_ROUTES = ("/predict", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+"""The inference routes, as the `endpoint` label spells them (route templates). Queries over them (the
+fleet's, the deploy rules') match them with one regex; tests/deploy checks it selects exactly these."""
+
 
 def latency_buckets(slo: float) -> list[float]:
     base = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]

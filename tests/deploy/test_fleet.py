@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine
 import httpx
 import pytest
 
-from service.fleet import FleetFigures, PrometheusFleet, parse_value, queries
+from service.fleet import INFERENCE, FleetFigures, PrometheusFleet, parse_value, queries
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
@@ -66,7 +66,7 @@ def test_reads_rate_per_replica_and_p99() -> None:
 
 def test_queries_carry_the_selector_and_window() -> None:
     q = queries('job="lcs"', 30)
-    inference = 'endpoint=~"/predict|/v2/models/.+/infer"'  # both inference routes, v2 included
+    inference = INFERENCE
     assert q["rate"] == (
         f'sum(rate(lcs_requests_total{{{inference},status="200",job="lcs"}}[30s])) / count(lcs_build_info{{job="lcs"}})'
     )

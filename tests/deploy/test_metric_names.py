@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import fleet
 from service.app import create_app
 from service.controller import Signals
+from service.metrics import INFERENCE_ROUTES
 from service.settings import Settings
 from tests.deploy.deploy_support import COMPOSE_DIR, K8S, equality_matchers, metric_names, tiny_image
 
@@ -138,3 +142,15 @@ def test_the_checker_catches_a_wrong_name(exposition: Exposition) -> None:
     assert metric_names(e) == {"lcs_request_duration_seconds"}
     assert "lcs_request_duration_seconds" not in exposition.names  # the bare histogram name is no series
     assert equality_matchers('lcs_a{x="1",y!="2",z=~"3"}') == {("lcs_a", "x", "1")}
+
+
+def test_every_endpoint_regex_selects_exactly_the_inference_routes(tiny_checkpoint: Path) -> None:
+    """Queries match the inference routes with a regex on the endpoint label (a route template): in the
+    fleet's queries and in every deploy file, it must select those routes and no other the app declares."""
+    routes = {r.path for r in create_app(Settings(checkpoint=tiny_checkpoint)).routes if isinstance(r, APIRoute)}
+    assert set(INFERENCE_ROUTES) <= routes
+    exprs = [fleet.INFERENCE, *(e for found in sources().values() for e in found)]
+    regexes = {m for e in exprs for m in re.findall(r'endpoint=~"([^"]+)"', e)}
+    assert regexes  # the deploy files do select by endpoint
+    for rx in regexes:
+        assert {path for path in routes if re.fullmatch(rx, path)} == set(INFERENCE_ROUTES), rx
