@@ -114,12 +114,12 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_flush_denormal(True)
-    model, meta = checkpoint.load(args.checkpoint)
+    model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
     grid = list(model.stat_alphas)
     wanted = args.alphas or [0.0, 0.25, 0.5, 0.75, 1.0]
     alphas = sorted({max(a for a in grid if a <= w + 1e-9) for w in wanted})
     scale, shift = normaliser(meta.input)
-    samples = normalised_samples(args.checkpoint, meta.input)
+    samples = normalised_samples(raw_samples, meta.input)
     calib = None if samples is None else samples[0]
     test = None
     try:

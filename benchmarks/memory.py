@@ -40,8 +40,8 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    model, meta = checkpoint.load(args.checkpoint)
-    stored = normalised_samples(args.checkpoint, meta.input)
+    model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
+    stored = normalised_samples(raw_samples, meta.input)
     samples = None if stored is None else stored[0]
     batch = torch.zeros(32, meta.input.channels, meta.input.height, meta.input.width).numpy()
     rows = []

@@ -85,9 +85,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    model, meta = checkpoint.load(args.checkpoint)
+    model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
     alpha = model.at(args.alpha).alpha
-    samples = normalised_samples(args.checkpoint, meta.input)
+    samples = normalised_samples(raw_samples, meta.input)
     calib = None if samples is None else samples[0]
     compiled = build(model, meta, alpha, samples=calib, channels_last=True)
     x = np.random.default_rng(0).standard_normal(

@@ -198,7 +198,7 @@ def _sniff(path: Path) -> str:
 
 
 def read_meta(path: str | Path) -> CheckpointMeta:
-    """Read and validate only the metadata of a checkpoint."""
+    """The metadata of a checkpoint, validated with the rest of the file (the whole file is read)."""
     return _open(Path(path))[0]
 
 
@@ -278,19 +278,21 @@ def _check_samples(path: Path, meta: CheckpointMeta, tensors: dict[str, torch.Te
         )
 
 
-def read_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The sample (images, labels) stored with a checkpoint, or None if it has none."""
-    _, tensors = _open(Path(path))
-    if SAMPLES + "images" not in tensors or SAMPLES + "labels" not in tensors:
-        return None
-    return tensors[SAMPLES + "images"], tensors[SAMPLES + "labels"]
-
-
 def load(path: str | Path) -> tuple[SubspaceResNet, CheckpointMeta]:
     """Load, validate and rebuild a checkpoint: an eval-mode model and its metadata."""
+    model, meta, _ = load_with_samples(path)
+    return model, meta
+
+
+def load_with_samples(
+    path: str | Path,
+) -> tuple[SubspaceResNet, CheckpointMeta, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`load`, and the sample (uint8 images, int64 labels) stored with the model, or None: one read of the
+    file, so the samples always come from the same checkpoint as the model."""
     path = Path(path)
     meta, tensors = _open(path)
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(SAMPLES)}
+    images, labels = tensors.pop(SAMPLES + "images", None), tensors.pop(SAMPLES + "labels", None)
+    samples = None if images is None or labels is None else (images, labels)
     try:
         model = build(meta)
     except (TypeError, ValueError) as e:
@@ -312,4 +314,4 @@ def load(path: str | Path) -> tuple[SubspaceResNet, CheckpointMeta]:
         if v.is_floating_point() and not torch.isfinite(tensors[k]).all():
             raise CheckpointError(f"{path}: tensor {k!r} contains NaN or Inf; the checkpoint is corrupt.")
     model.load_state_dict(tensors)
-    return model.eval(), meta
+    return model.eval(), meta, samples

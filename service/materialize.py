@@ -42,7 +42,6 @@ import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import numpy as np
@@ -51,7 +50,6 @@ import psutil
 import torch
 from torch import nn
 
-from lcs import checkpoint
 from lcs.alpha import Level
 from lcs.checkpoint import CheckpointMeta, InputSpec
 from lcs.layers import Setting, SubspaceConv2d
@@ -186,10 +184,11 @@ def _stored_bytes(model: SubspaceResNet, plain: nn.Module, s: Setting) -> int:
     return max(0, total - hidden) + compressed
 
 
-def normalised_samples(path: str | Path, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The checkpoint's sample images normalised as requests are (float32 [N, C, H, W]), with their labels:
-    what `build` calibrates int8 on. None if the checkpoint stores none."""
-    samples = checkpoint.read_samples(path)
+def normalised_samples(
+    samples: tuple[torch.Tensor, torch.Tensor] | None, spec: InputSpec
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A checkpoint's sample images (`checkpoint.load_with_samples`) normalised as requests are (float32
+    [N, C, H, W]), with their labels: what `build` calibrates int8 on. None if the checkpoint stores none."""
     if samples is None:
         return None
     scale, shift = normaliser(spec)

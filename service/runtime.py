@@ -85,7 +85,7 @@ class Runtime:
         # serving random (alpha, batch) pairs cost 276.9 us per image against 142.9 at one alpha, and 160.4
         # with this cache (benchmarks.switching). Read when the first conv runs.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
-        model, meta = checkpoint.load(settings.checkpoint)
+        model, meta, stored = checkpoint.load_with_samples(settings.checkpoint)
         grid_alphas = settings.alpha_grid or list(model.stat_alphas)
         if meta.norm == "batch":
             missing = [a for a in grid_alphas if not any(abs(a - s) < 1e-6 for s in model.stat_alphas)]
@@ -96,7 +96,7 @@ class Runtime:
                 )
         grid = Grid(grid_alphas)
         scale, shift = normaliser(meta.input)
-        samples = normalised_samples(settings.checkpoint, meta.input)
+        samples = normalised_samples(stored, meta.input)
         rt = cls(
             settings=settings,
             model=model,

@@ -138,19 +138,18 @@ def test_metadata_is_self_describing(saved_checkpoint: Saved) -> None:
     assert checkpoint.build(meta).state_dict().keys() == model.state_dict().keys()
 
 
-def test_samples_travel_with_the_checkpoint_if_supported(saved_checkpoint: Saved, tmp_path: Path) -> None:
-    if not hasattr(checkpoint, "read_samples"):
-        pytest.skip("this build stores no sample images")
+def test_samples_travel_with_the_checkpoint(saved_checkpoint: Saved, tmp_path: Path) -> None:
     path, model, meta = saved_checkpoint
-    assert checkpoint.read_samples(path) is None
+    assert checkpoint.load_with_samples(path)[2] is None
     images = torch.randint(0, 256, (5, 1, 12, 12), dtype=torch.uint8)
     labels = torch.arange(5) % len(meta.classes)
     with_samples = tmp_path / "s.safetensors"
     checkpoint.save(with_samples, model, meta, samples=(images, labels))
-    got = checkpoint.read_samples(with_samples)
+    loaded, loaded_meta, got = checkpoint.load_with_samples(with_samples)
     assert got is not None and torch.equal(got[0], images) and torch.equal(got[1], labels)
-    loaded, _ = checkpoint.load(with_samples)  # the samples are not model state
-    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert loaded_meta == meta
+    assert loaded.state_dict().keys() == model.state_dict().keys()  # the samples are not model state
+    assert checkpoint.load(with_samples)[0].state_dict().keys() == model.state_dict().keys()
 
 
 # -- refusals --------------------------------------------------------------------------------------

@@ -33,8 +33,7 @@ X = normalise(random_images(200, seed=1234))
 
 def _served(ck: TinyCheckpoint, alpha: float, **kwargs: object) -> Compiled:
     """What the service builds: the model and samples read back from the file, not the objects in memory."""
-    model, meta = checkpoint.load(ck.path)
-    stored = checkpoint.read_samples(ck.path)
+    model, meta, stored = checkpoint.load_with_samples(ck.path)
     assert stored is not None
     samples = normalise(stored[0])
     return build(model, meta, alpha, samples=samples, **{"channels_last": False, "backend": "onnxruntime", **kwargs})  # type: ignore[arg-type]
@@ -376,9 +375,8 @@ def test_int8_kernels_agree_with_the_shipped_models_training_side(name: str) -> 
     from training.data import DataError, load_dataset
 
     path = f"models/{name}.safetensors"
-    model, meta = checkpoint.load(path)
+    model, meta, stored = checkpoint.load_with_samples(path)
     scale, shift = normaliser(meta.input)
-    stored = checkpoint.read_samples(path)
     assert stored is not None
     try:
         images = load_dataset(meta.dataset).test.images[:2000]
