@@ -216,7 +216,7 @@ class Controller:
         """Largest profiled frontier alpha whose predicted utilisation stays under the target. An alpha with
         no profile (LCS_PREBUILD short of the grid) has no prediction and is not chosen by it: it used to
         count as fitting any load, so the ceiling never left an unprofiled top alpha."""
-        known = [a for a in frontier if self._model_seconds(a, s.images_per_request, s) is not None] or frontier
+        known = [a for a in frontier if self.profile.profiled(a)] or frontier
         for a in reversed(known):
             if self.utilisation(a, s) <= self.target:
                 return a

@@ -15,11 +15,14 @@ class LatencyProfile:
     def add(self, alpha: float, batch: int, seconds: float) -> None:
         self.seconds.setdefault(alpha, {})[batch] = seconds
 
+    def profiled(self, alpha: float) -> bool:
+        return bool(self.seconds.get(alpha))
+
     def predict(self, alpha: float, batch: int) -> float | None:
         """Predicted compute seconds for `batch` images at `alpha`, or None if alpha was not profiled."""
-        row = self.seconds.get(alpha)
-        if not row:
+        if not self.profiled(alpha):
             return None
+        row = self.seconds[alpha]
         sizes = sorted(row)
         if batch <= sizes[0]:
             return row[sizes[0]]
@@ -30,7 +33,7 @@ class LatencyProfile:
         f = (batch - lo) / (hi - lo)
         return row[lo] + f * (row[hi] - row[lo])
 
-    def per_image(self, alpha: float, batch: int = 32) -> float | None:
+    def per_image(self, alpha: float, batch: int) -> float | None:
         p = self.predict(alpha, batch)
         return None if p is None else p / batch
 

@@ -39,12 +39,12 @@ def test_beyond_the_largest_batch_scales_per_image_and_below_the_smallest_is_fla
 def test_unprofiled_alpha_has_no_prediction() -> None:
     p = table()
     assert p.predict(0.25, 8) is None
-    assert p.per_image(0.25) is None
+    assert p.per_image(0.25, 32) is None
+    assert p.profiled(1.0) and not p.profiled(0.25)
 
 
 def test_per_image() -> None:
     assert table().per_image(1.0, 32) == pytest.approx(0.001)
-    assert table().per_image(1.0) == pytest.approx(0.001)  # the default batch is 32
 
 
 def test_as_dict_is_milliseconds_keyed_by_strings() -> None:
