@@ -35,17 +35,19 @@ from lcs.checkpoint import CheckpointError
 from service.batcher import Batcher, Draining, Job, QueueFull
 from service.controller import Signals
 from service.fleet import PrometheusFleet
-from service.inputs import decode, has_images
+from service.inputs import check_count, check_range, decode, has_images, numbers
 from service.lane import BINARY_HEADER, ApiError, Lane, error_response, problems, require_json, validate
 from service.metrics import INFERENCE_ROUTES, Metrics
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
 from service.schemas import (
     PRESETS,
     ErrorResponse,
+    Hint,
     PinRequest,
     PredictRequest,
     PredictResponse,
     V2InferRequest,
+    V2Parameters,
     V2Tensor,
 )
 from service.settings import Settings
@@ -415,21 +417,15 @@ def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, d
     return out
 
 
-def _alpha(value: float | str | None, default: float, field: str) -> float:
+def _alpha(value: float | str | None, default: float) -> float:
+    """A validated `quality` or `min_quality` (schemas.Quality) as an alpha."""
     if value is None:
         return default
-    if isinstance(value, str):
-        if value not in PRESETS:
-            raise ApiError(422, f"{field}: unknown preset {value!r}; use a number in [0, 1] or one of {list(PRESETS)}")
-        return PRESETS[value]
-    # the v2 path passes `parameters` through unvalidated: anything but a number in [0, 1] is the client's error
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise ApiError(422, f"{field}: {value!r} is not a number in [0, 1] or one of {list(PRESETS)}")
-    return float(value)
+    return PRESETS[value] if isinstance(value, str) else float(value)
 
 
 async def _infer(
-    st: State, state: dict[str, Any], x_raw: np.ndarray, quality: Any, min_quality: Any, deadline_ms: float | None
+    st: State, state: dict[str, Any], x_raw: np.ndarray, hint: Hint
 ) -> tuple[np.ndarray, Any, float | None]:
     """Admission, queueing and inference shared by /predict and the v2 infer path, once the body is decoded.
     `state`: the request's scope state (its arrival time, from which its deadline counts; its place in the
@@ -440,8 +436,8 @@ async def _infer(
     if not rt.ready or (st.draining_since is not None and arrived >= st.draining_since):
         st.metrics.shed.labels("not_ready").inc()  # received before SIGTERM, it is still served (below)
         raise ApiError(503, "the service is starting or shutting down; retry shortly", {"Retry-After": "1"})
-    want = _alpha(quality, 1.0, "quality")
-    floor_req = _alpha(min_quality, 0.0, "min_quality")
+    want = _alpha(hint.quality, 1.0)
+    floor_req = _alpha(hint.min_quality, 0.0)
     if floor_req > want:
         raise ApiError(422, f"min_quality ({floor_req:g}) is above quality ({want:g}); lower min_quality")
     target = rt.grid.down(want)
@@ -465,7 +461,7 @@ async def _infer(
         )
     now = time.monotonic()
     # every request has a deadline: its own, or the SLO; the batcher's slack rule works from it
-    budget = deadline_ms / 1000.0 if deadline_ms is not None else st.settings.slo_p99_seconds
+    budget = hint.deadline_ms / 1000.0 if hint.deadline_ms is not None else st.settings.slo_p99_seconds
     deadline = arrived + budget
     images = int(x_raw.shape[0])
     wait = rt.controller.predicted_wait(st.batcher.queued_images + images, st.batcher.depth + 1)
@@ -635,7 +631,7 @@ def create_app(
         # request of large images does not stall the event loop: 64 blank 4096x4096 PNGs (4 MB of base64) held
         # every other request and /healthz for 11 s when they decoded on it. Arrays stay on the loop (~0.1 ms).
         x = await asyncio.to_thread(read) if has_images(body.inputs) else read()
-        probs, res, acc = await _infer(st, request.scope["state"], x, body.quality, body.min_quality, body.deadline_ms)
+        probs, res, acc = await _infer(st, request.scope["state"], x, body)
         k = body.top_k or st.settings.top_k
         classes = rt.meta.classes
         preds = []
@@ -830,32 +826,15 @@ def create_app(
                 f"inputs[0]: shape {t.shape} with {values if values is not None else 'binary'} values does not "
                 f"hold whole {i.channels}x{i.height}x{i.width} images",
             )
-        if n > st.settings.max_inputs:
-            raise ApiError(422, f"inputs[0]: {n} images, the limit is {st.settings.max_inputs}")
+        check_count(n, st.settings.max_inputs, "inputs[0]")
         if t.data is None:
             x = _binary_tensor(binary, t, n * per).reshape(n, i.channels, i.height, i.width)
         else:
-            if not set(map(type, t.data)) <= {int, float}:  # numpy would take true as 1 and [1] as 1
-                raise ApiError(422, "inputs[0].data must be a flat list of numbers")
-            try:
-                x = np.asarray(t.data, dtype=np.float32).reshape(n, i.channels, i.height, i.width)
-            except (TypeError, ValueError, OverflowError):
-                raise ApiError(422, "inputs[0].data must be a flat list of numbers") from None
-        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
-            raise ApiError(422, "inputs[0].data: pixel values must be finite and in 0-255")
+            x = numbers(t.data, "inputs[0].data").reshape(n, i.channels, i.height, i.width)
+        check_range(x, "inputs[0]")
         if t.datatype in _INTEGER_DTYPES and t.data is not None and (x != np.floor(x)).any():
             raise ApiError(422, f"inputs[0].data: {t.datatype} values must be whole numbers")
-        p = body.parameters or {}
-        deadline_ms = p.get("deadline_ms")
-        if deadline_ms is not None and (
-            isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int | float) or not 0 < deadline_ms <= 60_000
-        ):
-            raise ApiError(
-                422, f"parameters.deadline_ms: {deadline_ms!r} is not a number of milliseconds in (0, 60000]"
-            )
-        probs, res, acc = await _infer(
-            st, request.scope["state"], x, p.get("quality"), p.get("min_quality"), deadline_ms
-        )
+        probs, res, acc = await _infer(st, request.scope["state"], x, body.parameters or V2Parameters())
         return {
             "model_name": rt.name,
             "model_version": _VERSION,

@@ -46,7 +46,7 @@ def _from_arrays(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
 _JSON_NAMES = {str: "strings", bool: "true/false", type(None): "null", dict: "objects", list: "arrays"}
 
 
-def _check_numbers(nested: Sequence[object], depth: int, where: str) -> None:
+def check_numbers(nested: Sequence[object], depth: int, where: str) -> None:
     """numpy reads "12" as 12, true as 1 and null as NaN: refuse anything but JSON numbers in a rectangular
     array `depth` levels deep. One pass over the leaves (~15 us per 28x28 image)."""
     leaves: Iterable[object] = nested
@@ -58,7 +58,7 @@ def _check_numbers(nested: Sequence[object], depth: int, where: str) -> None:
         raise InputError(f"{where}: pixel values must be JSON numbers (0-255), got {', '.join(names)}")
 
 
-def _check_range(arr: np.ndarray, where: str) -> None:
+def check_range(arr: np.ndarray, where: str) -> None:
     if not arr.size:
         return
     lo, hi = arr.min(), arr.max()  # a NaN makes both NaN, and an infinity is one of them: both fail below
@@ -120,6 +120,21 @@ def _too_many_pixels(where: str, width: int, height: int, limit: int, *, alone: 
     )
 
 
+def check_count(n: int, limit: int, where: str) -> None:
+    if n > limit:
+        raise InputError(f"{where}: {n} images in one request, the limit is {limit}; split the request")
+
+
+def numbers(flat: Sequence[object], where: str) -> np.ndarray:
+    """A flat list of JSON numbers (OIP v2 `data`) as float32, checked as nested arrays are."""
+    check_numbers(flat, 1, where)
+    with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused by check_range
+        try:
+            return np.asarray(flat, dtype=np.float32)
+        except OverflowError:  # an integer beyond float range
+            raise InputError(f"{where}: pixel values must be in 0-255, got a number too large to read") from None
+
+
 def has_images(inputs: Sequence[object]) -> bool:
     """Whether any input is an encoded image, whose decoding is worth taking off the event loop."""
     return any(isinstance(x, str) for x in inputs)
@@ -132,23 +147,22 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
     header is checked before it is decoded, so a request costs at most that much decoding."""
     if not isinstance(inputs, list | tuple) or len(inputs) == 0:
         raise InputError("inputs: send a non-empty list of images")
-    if len(inputs) > max_inputs:
-        raise InputError(f"inputs: {len(inputs)} images in one request, the limit is {max_inputs}; split the request")
+    check_count(len(inputs), max_inputs, "inputs")
     if all(isinstance(x, list) for x in inputs):  # fast path: one numpy conversion for the whole batch
         try:
             with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused by _check_range
                 batch = np.asarray(inputs, dtype=np.float32)
             if batch.ndim >= 3:
-                _check_numbers(inputs, batch.ndim, "inputs")
+                check_numbers(inputs, batch.ndim, "inputs")
         except (ValueError, TypeError, OverflowError):  # InputError is a ValueError
             batch = None  # ragged, non-numeric or too large: fall through to per-item errors
         if batch is not None and batch.ndim >= 3:
             out = _from_arrays(batch, spec, "inputs[0]")  # one shape for all: the first is as wrong as any
             try:
-                _check_range(out, "inputs")
+                check_range(out, "inputs")
             except InputError:  # say which input: the client has to find it among up to max_inputs
                 for i, a in enumerate(out):
-                    _check_range(a, f"inputs[{i}]")
+                    check_range(a, f"inputs[{i}]")
                 raise
             return out
     items = []
@@ -167,9 +181,9 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
                 raise InputError(f"{where}: pixel values must be in 0-255, got a number too large to read") from None
             except (ValueError, TypeError):
                 raise InputError(f"{where}: not a rectangular array of numbers") from None
-            _check_numbers(x, arr.ndim, where)
+            check_numbers(x, arr.ndim, where)
             arr = _from_arrays(arr[None], spec, where)
-            _check_range(arr, where)
+            check_range(arr, where)
             items.append(arr)
         else:
             raise InputError(f"{where}: expected a nested array of pixel values or a base64 PNG/JPEG string")

@@ -7,23 +7,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 PRESETS: dict[str, float] = {"best": 1.0, "high": 0.75, "balanced": 0.5, "fast": 0.25, "fastest": 0.0}
-Quality = Annotated[float, Field(ge=0.0, le=1.0)] | Literal["best", "high", "balanced", "fast", "fastest"]
+Preset = Literal["best", "high", "balanced", "fast", "fastest"]  # PRESETS' names (a test keeps them equal)
+Quality = Annotated[float, Field(ge=0.0, le=1.0)] | Preset
 
 _EXAMPLE_IMAGE: list[Any] = [[0] * 28 for _ in range(28)]
 
 
-class PredictRequest(BaseModel):
-    # strict: JSON true is not 1 and "50" is not 50; a client that sends the wrong type hears about it
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={"examples": [{"inputs": [_EXAMPLE_IMAGE], "quality": "balanced", "deadline_ms": 50}]},
-    )
+class Hint(BaseModel):
+    """How a request may be served: /predict takes these at the top of its body, OIP v2 in `parameters`.
+    Strict: JSON true is not 1 and "50" is not 50; a client that sends the wrong type hears about it."""
 
-    inputs: list[list[Any] | str] = Field(
-        description="Images: nested arrays of raw pixel values 0-255 in the model's input shape "
-        "([H, W], [C, H, W] or [H, W, C]), or base64 PNG/JPEG strings.",
-    )
+    model_config = ConfigDict(strict=True)
+
     quality: Quality | None = Field(
         None,
         description="Preferred alpha, 0..1 (1 = most accurate) or a preset; the server never serves "
@@ -35,6 +30,19 @@ class PredictRequest(BaseModel):
         "with 429 and Retry-After.",
     )
     deadline_ms: float | None = Field(None, gt=0, le=60_000, description="Latency budget for this request.")
+
+
+class PredictRequest(Hint):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"inputs": [_EXAMPLE_IMAGE], "quality": "balanced", "deadline_ms": 50}]},
+    )
+
+    inputs: list[list[Any] | str] = Field(
+        description="Images: nested arrays of raw pixel values 0-255 in the model's input shape "
+        "([H, W], [C, H, W] or [H, W, C]), or base64 PNG/JPEG strings.",
+    )
     top_k: int | None = Field(None, ge=1, le=1000, description="How many classes to return per input.")
 
 
@@ -108,6 +116,12 @@ class V2Tensor(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
+class V2Parameters(Hint):
+    """OIP v2 request parameters: the hint, and any others a client sends (ignored)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
 class V2InferRequest(BaseModel):
     model_config = ConfigDict(
         strict=True,
@@ -122,7 +136,7 @@ class V2InferRequest(BaseModel):
     )
     id: str | None = None
     inputs: list[V2Tensor] = Field(min_length=1, max_length=1)
-    parameters: dict[str, Any] | None = None
+    parameters: V2Parameters | None = None
     outputs: list[dict[str, Any]] | None = None
 
 

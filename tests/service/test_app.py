@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import threading
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 from service.lane import ApiError, split_binary
 from service.profile import LatencyProfile
+from service.schemas import PRESETS, Preset
 from tests.service.service_support import (
     ACCURACY,
     CLASSES,
@@ -533,7 +535,9 @@ def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
         ({"shape": []}, "does not hold whole"),
         ({"datatype": "BYTES"}, "datatype 'BYTES' is not supported"),
         ({"data": [300] * (IMAGE * IMAGE)}, "0-255"),
-        ({"data": ["x"] * (IMAGE * IMAGE)}, "flat list of numbers"),
+        ({"data": ["x"] * (IMAGE * IMAGE)}, "pixel values must be JSON numbers (0-255), got strings"),
+        ({"data": [[0]] * (IMAGE * IMAGE)}, "got arrays"),
+        ({"data": [10**400] * (IMAGE * IMAGE)}, "a number too large to read"),
         ({"shape": [5, IMAGE * IMAGE], "data": [0] * (5 * IMAGE * IMAGE)}, "the limit is 4"),
         ({"shape": [1, -1, -IMAGE, IMAGE]}, "every dimension must be a positive number"),  # the product matches
         ({"data": [2.5] * (IMAGE * IMAGE)}, "UINT8 values must be whole numbers"),
@@ -564,6 +568,19 @@ def test_v2_infer_bad_tensors_are_422(client: TestClient, change: dict[str, Any]
 def test_v2_infer_bad_parameters_are_422(client: TestClient, parameters: dict[str, Any]) -> None:
     r = client.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:1], **parameters))
     assert r.status_code == 422, r.text
+
+
+def test_v2_parameters_take_the_hint_as_predict_does_and_ignore_others(client: TestClient) -> None:
+    body = v2_body(IMAGES[:1], quality="fast", deadline_ms=500, binary_data_output=False)  # a Triton client's
+    r = client.post(f"/v2/models/{NAME}/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["alpha"] == 0.0  # "fast" is 0.25, snapped down to the grid
+    r = client.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:1], deadline_ms=True))
+    assert r.status_code == 422 and r.json()["detail"].startswith("body.parameters.deadline_ms:")
+
+
+def test_the_quality_presets_are_one_list() -> None:
+    assert tuple(PRESETS) == typing.get_args(Preset)
 
 
 @pytest.mark.parametrize("path", ["/predict", f"/v2/models/{NAME}/infer"])
