@@ -104,9 +104,9 @@ class Controller:
         # overlap and the slower sets the pace; otherwise they share the cores and their times add up
         self.overlap = overlap
         # measured / profiled batch time, in two factors. The profile is taken back to back on an idle
-        # machine; in service each alpha runs at its own ratio to it (alpha 0's short batches pay more for
-        # cold caches and hand-offs: 1.1-1.45 against 1.0-1.13 at alpha 1 in benchmarks.load), so a
-        # single ratio measured at one alpha is wrong for the others. `calm_ratio` is each alpha's ratio
+        # machine; in service each alpha runs at its own ratio to it (0.61-0.80 at alpha 0 against
+        # 0.83-0.95 at alpha 1 in the controller timelines of benchmarks.load on b409f09), so a single
+        # ratio measured at one alpha is wrong for the others. `calm_ratio` is each alpha's ratio
         # while no other process takes the CPU (EWMA, learned in service); `drift` is how much slower the
         # model runs now than its calm self, whichever alpha runs (EWMA): the machine's factor, for all.
         self.calm_ratio: dict[float, float] = {}

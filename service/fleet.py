@@ -15,7 +15,8 @@ where INFERENCE matches the inference routes: /predict and the OIP v2 infer path
 
 Prometheus must never slow the request path down: a refresh runs as its own asyncio task with an
 overall timeout, errors of any kind (down, slow, garbage) give None, and values are kept for at most
-`max_age` seconds (one control interval), after which the controller falls back to local signals.
+`max_age` seconds (the app sets 1.5 control intervals), after which the controller falls back to local
+signals.
 """
 
 from __future__ import annotations
