@@ -9,7 +9,6 @@ import functools
 import gc
 import hmac
 import itertools
-import json
 import logging
 import math
 import os
@@ -63,7 +62,7 @@ class State:
     def __init__(self, settings: Settings, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.metrics = Metrics(settings.slo_p99_seconds, lambda: runtime.cache)
+        self.metrics = Metrics(settings.slo_p99_seconds, runtime.grid.alphas, lambda: runtime.cache)
         self.metrics.ceiling.set(runtime.controller.ceiling)
         self.executor = executor  # the inference thread: all torch work runs on it
         self.batcher = Batcher(
@@ -287,12 +286,7 @@ class Shed:
                 st.parsed(state)  # if the route never got as far (a 4xx on the body, say)
         reason, detail = refusal
         st.metrics.shed.labels(reason).inc()
-        rid = scope.get("state", {}).get("request_id")
-        await JSONResponse(
-            {"error": "overloaded", "detail": detail, "request_id": rid},
-            status_code=429,
-            headers={"Retry-After": _retry_after(st.settings)},
-        )(scope, receive, send)
+        await error_response(scope, 429, detail, {"Retry-After": _retry_after(st.settings)})(scope, receive, send)
 
 
 _SIGNAL_NAMES = [f.name for f in dataclasses.fields(Signals) if f.name != "now"]  # lcs_signal{signal}
@@ -327,7 +321,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _too_large(scope, send, self.limit)
+            return await _too_large(scope, receive, send, self.limit)
         seen, tripped, answered = 0, False, False
 
         async def limited() -> Message:
@@ -347,36 +341,23 @@ class BodyLimit:
                 return await send(message)
             if not answered:
                 answered = True
-                await _too_large(scope, send, self.limit)
+                await _too_large(scope, receive, send, self.limit)
 
         try:
             await self.app(scope, limited, guarded)
         except _BodyTooLarge:
             if not answered:
                 answered = True
-                await _too_large(scope, send, self.limit)
+                await _too_large(scope, receive, send, self.limit)
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _too_large(scope: Scope, send: Send, limit: int) -> None:
-    body = json.dumps(
-        {
-            "error": "payload too large",
-            "detail": f"request body over {limit} bytes; send fewer or smaller images",
-            "request_id": scope.get("state", {}).get("request_id"),
-        }
-    )
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body.encode()})
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    detail = f"request body over {limit} bytes; send fewer or smaller images"
+    await error_response(scope, 413, detail)(scope, receive, send)
 
 
 class _Edge(FastAPI):

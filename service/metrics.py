@@ -46,7 +46,8 @@ class _CacheCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, slo: float, cache: Callable[[], ModelCache | None]) -> None:
+    def __init__(self, slo: float, alphas: list[float], cache: Callable[[], ModelCache | None]) -> None:
+        """`alphas`: the grid the service serves, one bucket each in lcs_served_alpha."""
         self.registry = r = CollectorRegistry()
         buckets = latency_buckets(slo)
         self.requests = Counter(
@@ -69,7 +70,7 @@ class Metrics:
         self.alpha = Histogram(
             "lcs_served_alpha",
             "Alpha that served each request (1 = most accurate).",
-            buckets=[round(i / 20, 2) for i in range(21)],
+            buckets=alphas,
             registry=r,
         )
         self.queue_depth = Gauge("lcs_queue_depth_requests", "Requests waiting for a batch.", registry=r)

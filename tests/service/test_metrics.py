@@ -106,6 +106,8 @@ def test_served_alpha_histogram(scraped: dict[str, tuple[str, list[Sample]]]) ->
     assert value(samples, "lcs_served_alpha_sum") == pytest.approx(1.0 + 0.5 + 0.0)
     assert value(samples, "lcs_served_alpha_bucket", le="0.5") == 2
     assert all(set(s.labels) <= {"le"} for s in samples)  # alpha is a value, never a label
+    buckets = [s.labels["le"] for s in samples if s.name == "lcs_served_alpha_bucket"]
+    assert buckets == ["0.0", "0.5", "1.0", "+Inf"]  # one per served grid alpha (GRID), not a fixed 0.05 grid
 
 
 def test_batch_histograms(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
