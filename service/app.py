@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import gc
 import hmac
+import importlib.metadata
 import itertools
 import logging
 import math
@@ -53,7 +54,10 @@ from service.settings import Settings
 from service.signals import LoopCost, MachineProbe, RequestStats
 
 log = logging.getLogger("lcs.service")
-VERSION = "0.1.0"
+try:
+    VERSION = importlib.metadata.version("lcs-serve")  # pyproject.toml's, as installed
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    VERSION = "unknown"
 
 
 class State:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -154,6 +156,8 @@ def test_build_info(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
     assert sample.labels["model"] == "tiny_structured"
     assert sample.labels["kind"] == "structured" and sample.labels["subspace"] == "line"
     assert {"version", "torch"} <= set(sample.labels)
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    assert sample.labels["version"] == project["version"]  # the installed package's, not a copy
 
 
 def test_latency_buckets_keep_the_slo_sorted_and_unique() -> None:
