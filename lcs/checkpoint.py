@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from lcs.alpha import ALPHA_CONVENTION, Kind, Schedule, SubspaceType
 from lcs.layers import NormType
-from lcs.models import SubspaceResNet, build_model, model_names
+from lcs.models import SubspaceResNet, build_model, model_names, subspace_kwargs
 
 FORMAT = "lcs-serve.checkpoint"
 VERSION = 1
@@ -138,15 +138,16 @@ class CheckpointMeta(_Strict):
         return Schedule(**self.schedule)
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {
-            **self.arch.kwargs,
-            "in_channels": self.input.channels,
-            "num_classes": len(self.classes),
-            "line": self.subspace == "line",
-            "norm": self.norm,
-            "stat_alphas": self.stat_alphas,
-            "schedule": self.schedule_obj(),
-        }
+        """build_model's arguments; ValueError if arch.kwargs sets one that the other fields set."""
+        return subspace_kwargs(
+            self.arch.kwargs,
+            in_channels=self.input.channels,
+            num_classes=len(self.classes),
+            subspace=self.subspace,
+            norm=self.norm,
+            stat_alphas=self.stat_alphas,
+            schedule=self.schedule_obj(),
+        )
 
 
 def build(meta: CheckpointMeta) -> SubspaceResNet:

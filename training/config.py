@@ -18,6 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from lcs.alpha import KINDS, SUBSPACES, Schedule
+from lcs.models import check_arch_kwargs
 
 # 21 evenly spaced alphas: the grid that gets BatchNorm statistics and an accuracy measurement
 DEFAULT_GRID = [round(i / 20, 4) for i in range(21)]
@@ -45,7 +46,7 @@ class TrainConfig:
     augment: bool = True  # random crop (pad 2) + horizontal flip
     # -- model --
     arch: str = "preact_resnet"
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # widths, blocks, stem_stride (lcs.models.arch_args)
     norm: str = "batch"  # batch (per-alpha statistics, calibrated after training) | group (alpha-free)
     # -- method (README.md, "The method, as implemented") --
     kind: str = "structured"  # unstructured | structured | quantized
@@ -85,6 +86,14 @@ class TrainConfig:
             raise ValueError(f"subspace must be one of {SUBSPACES}; got {self.subspace!r}")
         if self.norm not in ("batch", "group"):
             raise ValueError(f"norm must be 'batch' or 'group'; got {self.norm!r}")
+        try:
+            check_arch_kwargs(self.arch_kwargs)
+        except ValueError as e:  # at load time, not as a TypeError from the first model build
+            raise ValueError(
+                f"arch_kwargs={self.arch_kwargs!r}: {e}. Training sets them from the dataset (in_channels, "
+                "num_classes) and its options subspace (line), norm, stat_alphas and kind, keep_min, width_min, "
+                "bits_min, bits_max (schedule): set those options instead"
+            ) from None
         if self.fixed_alpha is not None:
             if not 0.0 <= self.fixed_alpha <= 1.0:
                 raise ValueError(f"fixed_alpha must be in [0, 1]; got {self.fixed_alpha}")

@@ -288,6 +288,16 @@ def test_bad_arch_kwargs(saved_checkpoint: Saved, tmp_path: Path) -> None:
     assert str(path) in str(err.value)
 
 
+def test_arch_kwargs_that_set_a_field_of_the_metadata_are_refused(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    """This loaded, the norm field silently overriding arch.kwargs, while training refused the same kwargs."""
+    path = _resave(
+        saved_checkpoint[0], tmp_path / "n.safetensors", meta=lambda m: m["arch"].update(kwargs={"norm": "group"})
+    )
+    with pytest.raises(CheckpointError, match=r"arch\.kwargs.*set \['norm'\]") as err:
+        checkpoint.load(path)
+    assert str(path) in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("edit", "field"),
     [

@@ -166,6 +166,17 @@ def test_out_of_range_values_name_the_option_the_value_and_the_fix(override: str
     assert raw.strip(".").lower() in message.lower()  # the value as given ("nan" for .nan)
 
 
+@pytest.mark.parametrize("kwarg", ["norm", "line", "schedule", "in_channels"])
+def test_arch_kwargs_may_not_set_what_the_options_set(kwarg: str) -> None:
+    """arch_kwargs={norm: group} loaded, then failed with a TypeError when the model was built."""
+    with pytest.raises(ValueError) as err:
+        load_config(None, [f"arch_kwargs={{widths: [8, 16], {kwarg}: 1}}"])
+    message = str(err.value)
+    assert message.startswith(f"arch_kwargs={{'widths': [8, 16], '{kwarg}': 1}}: architecture kwargs set ['{kwarg}']")
+    assert "subspace (line), norm, stat_alphas and kind, keep_min" in message  # the options that set them
+    assert message.endswith("set those options instead")
+
+
 def test_fixed_alpha_replaces_an_empty_grid() -> None:
     """stat_alphas is checked as used: a baseline's grid is its own alpha, whatever was given."""
     assert load_config(None, ["fixed_alpha=0.5", "stat_alphas=[]"]).stat_alphas == [0.5]
