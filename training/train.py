@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import random
-import shlex
 import sys
 import tempfile
 import time
@@ -179,9 +178,10 @@ def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, r
     return epoch, float(meta.get("elapsed", 0))
 
 
-def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None = None) -> Path:
-    """Train, calibrate, evaluate and write the checkpoint `cfg.out`; returns its path. Under torchrun,
-    every rank calls this; rank 0 writes the files."""
+def train(cfg: TrainConfig, *, command: str, data: Dataset | None = None) -> Path:
+    """Train, calibrate, evaluate and write the checkpoint `cfg.out`; returns its path. `command` is recorded
+    in the checkpoint as the command that trained it. Under torchrun, every rank calls this; rank 0 writes
+    the files."""
     ranks = Ranks.from_env()  # one process (rank 0 of 1) unless started by torchrun
     try:
         out = _train(cfg, ranks, data=data, command=command)
@@ -191,7 +191,7 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
         ranks.close()
 
 
-def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str | None) -> Path:
+def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str) -> Path:
     ranks.check_batch(cfg.batch_size)
     check_out(cfg)
     check_arch(cfg)  # before the seed: its random initial weights are thrown away
@@ -320,7 +320,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         split="test",
         accuracy=[checkpoint.AccuracyPoint(**p) for p in table],
         training={
-            "command": command or "python -m training train " + shlex.join(sys.argv[2:]),
+            "command": command,
             "config": cfg.to_dict(),
             "train_seconds": round(elapsed, 1),
             "torch": torch.__version__,
