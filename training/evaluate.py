@@ -1,8 +1,8 @@
 """After training: estimate BatchNorm statistics per alpha, measure accuracy per alpha, report and plot.
 
 Report JSON (one per checkpoint, `models/<name>.json`):
-    {"kind": ..., "subspace": "point" | "line", "fixed_alpha": null | a,
-     "points": [{"alpha": a, "level": sparsity | width | bits, "accuracy": percent}, ...]}
+    {"kind": ..., "subspace": "point" | "line", "fixed_alpha": null | a, "dataset": name, "split": "test",
+     "points": [{"alpha": a, "level": sparsity | width | bits, "accuracy": percent on split}, ...]}
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def test_evaluate_writes_the_report_and_a_plot(
     rc = main(["evaluate", str(trained_run.path), "--json", str(out), "--plot", str(png), "--baseline", str(baseline)])
     assert rc == 0
     rep = json.loads(out.read_text())
-    assert {"kind", "subspace", "points"} <= set(rep)
+    assert set(rep) == {"kind", "subspace", "fixed_alpha", "dataset", "split", "points"}  # evaluate.py's docstring
     assert rep["kind"] == "structured" and rep["subspace"] == "line"
     assert isinstance(rep["points"], list) and len(rep["points"]) == 3
     for p in rep["points"]:
