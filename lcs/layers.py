@@ -19,7 +19,7 @@ from torch import nn
 from lcs.alpha import Level
 from lcs.compress import fake_quantize, fake_quantize_weight, kept_channels, topk_mask
 
-Role = Literal["first", "hidden", "last"]  # first conv and classifier are never pruned or quantised
+Role = Literal["first", "hidden"]  # the first conv is never pruned or quantised (nor is SubspaceLinear, the classifier)
 NormType = Literal["batch", "group"]
 
 

@@ -122,7 +122,7 @@ def plot(reports: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]
 
 
 def evaluate_checkpoint(
-    path: Path, split_name: str = "test", data_dir: str | None = None, alphas: list[float] | None = None
+    path: Path, *, data_dir: str | None = None, alphas: list[float] | None = None
 ) -> dict[str, Any]:
     """Re-measure a checkpoint on its dataset's test split at every grid alpha."""
     from training.data import load_dataset
@@ -130,8 +130,7 @@ def evaluate_checkpoint(
     torch.set_flush_denormal(True)  # denormals make fake-quantised layers 10-100x slower
     model, meta = checkpoint.load(path)
     data = load_dataset(meta.dataset, data_dir or meta.training.get("config", {}).get("data_dir"))
-    split = data.test if split_name == "test" else data.train
-    pts = accuracy_table(model, split, meta.input.mean, meta.input.std, alphas or list(model.stat_alphas))
+    pts = accuracy_table(model, data.test, meta.input.mean, meta.input.std, alphas or list(model.stat_alphas))
     return report(meta, pts)
 
 

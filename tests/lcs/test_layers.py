@@ -99,9 +99,8 @@ def test_unstructured_hidden_conv_is_masked_and_masked_weights_get_no_gradient(k
         assert grad[w != 0].abs().max() > 0.0
 
 
-@pytest.mark.parametrize("role", ["first", "last"])
-def test_first_layer_is_never_pruned_or_quantised(role: str) -> None:
-    conv = _line_conv(role)
+def test_first_layer_is_never_pruned_or_quantised() -> None:
+    conv = _line_conv("first")
     for level in (Level("unstructured", keep=0.05), Level("quantized", bits=3)):
         torch.testing.assert_close(conv.weight_at(Setting(0.4, level), 4), 0.6 * conv.weight0 + 0.4 * conv.weight1)
     assert conv.act is None
