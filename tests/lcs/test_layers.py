@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lcs.alpha import Level, Schedule
-from lcs.compress import kept_channels, kept_count
+from lcs.compress import kept_count
 from lcs.layers import ActRange, Setting, SubspaceConv2d, SubspaceLinear, SubspaceNorm2d, cos2
 
 DENSE = Level("structured", width=1.0)  # full width: the weight is w(alpha) untouched
@@ -110,7 +110,7 @@ def test_first_layer_is_never_pruned_or_quantised() -> None:
 def test_structured_conv_slices_leading_channels(width: float) -> None:
     conv = _line_conv()
     s = Setting(0.0, Level("structured", width=width))
-    c_out = kept_channels(6, width)
+    c_out = kept_count(6, width)
     w = conv.weight_at(s, 2)
     assert w.shape == (c_out, 2, 3, 3)
     assert torch.equal(w, conv.weight0[:c_out, :2])  # the first channels, no re-ordering

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lcs.alpha import Schedule
-from lcs.compress import kept_channels, kept_count
+from lcs.compress import kept_count
 from lcs.layers import Setting, SubspaceConv2d, SubspaceLinear, cos2
 from lcs.models import SUBSPACE_ARGS, PlainBlock, SubspaceResNet, arch_args, build_model, model_names, subspace_kwargs
 
@@ -109,7 +109,7 @@ def test_structured_shapes_at_several_widths(settled_model: Factory, subspace: s
     model = settled_model("structured", subspace, "batch", GRID)
     s = model.at(alpha)
     width = s.level.width
-    c1, c2 = kept_channels(8, width), kept_channels(16, width)
+    c1, c2 = kept_count(8, width), kept_count(16, width)
     x = _x(2)
     with torch.no_grad():
         assert model.features(x, s).shape == (2, c2)
