@@ -16,7 +16,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,7 +27,8 @@ from lcs.alpha import ALPHA_CONVENTION, Kind, Schedule, SubspaceType
 from lcs.layers import NormType
 from lcs.models import SubspaceResNet, build_model, model_names, subspace_kwargs
 
-FORMAT = "lcs-serve.checkpoint"
+Format = Literal["lcs-serve.checkpoint"]  # the metadata's "format" value, spelt once
+FORMAT: Format = get_args(Format)[0]
 VERSION = 1
 META_KEY = "lcs"
 
@@ -78,7 +79,7 @@ class AccuracyPoint(_Strict):
 
 
 class CheckpointMeta(_Strict):
-    format: Literal["lcs-serve.checkpoint"] = "lcs-serve.checkpoint"
+    format: Format = FORMAT
     version: int = VERSION
     alpha_convention: str = ALPHA_CONVENTION
     arch: Arch

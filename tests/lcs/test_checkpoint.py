@@ -130,7 +130,7 @@ def test_round_trip_with_groupnorm(
 def test_metadata_is_self_describing(saved_checkpoint: Saved) -> None:
     path, model, meta = saved_checkpoint
     raw, tensors = _parts(path)
-    assert raw["format"] == "lcs-serve.checkpoint" and raw["version"] == checkpoint.VERSION
+    assert raw["format"] == checkpoint.FORMAT == "lcs-serve.checkpoint" and raw["version"] == checkpoint.VERSION
     assert "alpha" in raw["alpha_convention"]
     assert raw["arch"]["name"] == "tiny_resnet" and raw["kind"] == "structured"
     assert set(model.state_dict()) <= set(tensors)
