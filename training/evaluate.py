@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lcs import checkpoint
+from lcs.alpha import LEVEL_LABELS
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet
 from training.data import Split, normalise
@@ -81,10 +82,6 @@ def report(meta: checkpoint.CheckpointMeta, points: list[dict[str, float]]) -> d
     }
 
 
-def level_label(kind: str) -> str:
-    return {"unstructured": "sparsity of pruned layers", "structured": "width fraction", "quantized": "bits"}[kind]
-
-
 def plot(reports: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]], out: Path, title: str) -> None:
     """Accuracy against compression level: one line per subspace report, one marker per baseline."""
     import matplotlib
@@ -110,7 +107,7 @@ def plot(reports: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]
             continue
         for p in b["points"]:
             ax.scatter([p["level"]], [p["accuracy"]], marker="*", s=120, zorder=3, label=f"{name} (trained alone)")
-    ax.set_xlabel(level_label(kind))
+    ax.set_xlabel(LEVEL_LABELS[kind])
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
