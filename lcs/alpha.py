@@ -17,6 +17,14 @@ SUBSPACES: tuple[str, ...] = get_args(SubspaceType)
 
 ALPHA_CONVENTION = "alpha in [0, 1]; 1 = least compressed (most accurate), 0 = most compressed"
 
+# What Level.value measures for each kind: its name (the service's level_name) and its label on a plot axis
+LEVEL_NAMES: dict[str, str] = {"unstructured": "sparsity", "structured": "width", "quantized": "bits"}
+LEVEL_LABELS: dict[str, str] = {
+    "unstructured": "sparsity of pruned layers",
+    "structured": "width fraction",
+    "quantized": "bits",
+}
+
 
 def check_alpha(alpha: float) -> float:
     """Return alpha as a float, or raise ValueError if it is outside [0, 1] or not finite."""
@@ -37,7 +45,7 @@ class Level:
 
     @property
     def value(self) -> float:
-        """The level as reported: sparsity fraction, width fraction or bits."""
+        """The level as reported, the quantity LEVEL_NAMES names for the kind (a fraction, or bits)."""
         if self.kind == "unstructured":
             return round(1.0 - self.keep, 6)
         if self.kind == "structured":

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,9 +25,10 @@ from safetensors.torch import save_file
 
 from lcs.alpha import ALPHA_CONVENTION, Kind, Schedule, SubspaceType
 from lcs.layers import NormType
-from lcs.models import SubspaceResNet, build_model, model_names
+from lcs.models import SubspaceResNet, build_model, model_names, subspace_kwargs
 
-FORMAT = "lcs-serve.checkpoint"
+Format = Literal["lcs-serve.checkpoint"]  # the metadata's "format" value, spelt once
+FORMAT: Format = get_args(Format)[0]
 VERSION = 1
 META_KEY = "lcs"
 
@@ -78,7 +79,7 @@ class AccuracyPoint(_Strict):
 
 
 class CheckpointMeta(_Strict):
-    format: Literal["lcs-serve.checkpoint"] = "lcs-serve.checkpoint"
+    format: Format = FORMAT
     version: int = VERSION
     alpha_convention: str = ALPHA_CONVENTION
     arch: Arch
@@ -138,15 +139,16 @@ class CheckpointMeta(_Strict):
         return Schedule(**self.schedule)
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {
-            **self.arch.kwargs,
-            "in_channels": self.input.channels,
-            "num_classes": len(self.classes),
-            "line": self.subspace == "line",
-            "norm": self.norm,
-            "stat_alphas": self.stat_alphas,
-            "schedule": self.schedule_obj(),
-        }
+        """build_model's arguments; ValueError if arch.kwargs sets one that the other fields set."""
+        return subspace_kwargs(
+            self.arch.kwargs,
+            in_channels=self.input.channels,
+            num_classes=len(self.classes),
+            subspace=self.subspace,
+            norm=self.norm,
+            stat_alphas=self.stat_alphas,
+            schedule=self.schedule_obj(),
+        )
 
 
 def build(meta: CheckpointMeta) -> SubspaceResNet:

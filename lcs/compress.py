@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 
-def kept_count(numel: int, keep: float) -> int:
-    """How many weights a layer of `numel` keeps at keep fraction `keep` (at least one)."""
-    return max(1, min(numel, round(keep * numel)))
+def kept_count(n: int, keep: float) -> int:
+    """How many of `n` a keep fraction keeps, at least one: a layer's weights under pruning (keep) or a
+    conv's output channels under slicing (width, which keeps the first kept_count(C_out, width))."""
+    return max(1, min(n, round(keep * n)))
 
 
 def topk_mask(weight: torch.Tensor, keep: float) -> torch.Tensor:
@@ -25,11 +26,6 @@ def topk_mask(weight: torch.Tensor, keep: float) -> torch.Tensor:
         return mask.fill_(1.0).view_as(weight)
     mask.scatter_(0, torch.topk(flat, k, sorted=False).indices, 1.0)
     return mask.view_as(weight)
-
-
-def kept_channels(channels: int, width: float) -> int:
-    """Channel slicing keeps the first round(width * C) channels (at least one)."""
-    return max(1, min(channels, round(width * channels)))
 
 
 def quant_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcs.alpha import Level
-from lcs.compress import fake_quantize, fake_quantize_weight, kept_channels, topk_mask
+from lcs.compress import fake_quantize, fake_quantize_weight, kept_count, topk_mask
 
-Role = Literal["first", "hidden", "last"]  # first conv and classifier are never pruned or quantised
+Role = Literal["first", "hidden"]  # the first conv is never pruned or quantised (nor is SubspaceLinear, the classifier)
 NormType = Literal["batch", "group"]
 
 
@@ -119,7 +119,7 @@ class SubspaceConv2d(_Endpoints):
         self.act = ActRange() if role == "hidden" else None
 
     def out_channels(self, level: Level) -> int:
-        return kept_channels(self.c_out, level.width) if level.kind == "structured" else self.c_out
+        return kept_count(self.c_out, level.width) if level.kind == "structured" else self.c_out
 
     def weight_at(self, s: Setting, c_in: int) -> torch.Tensor:
         """The effective weight [C_out', c_in, k, k] at this setting (sliced, masked or fake-quantised)."""

@@ -8,15 +8,16 @@ Shapes: inputs [N, C, H, W], logits [N, num_classes].
 
 from __future__ import annotations
 
+import inspect
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcs.alpha import Schedule, check_alpha
+from lcs.alpha import Schedule, SubspaceType, check_alpha
 from lcs.compress import fake_quantize
 from lcs.layers import NormType, Setting, SubspaceConv2d, SubspaceLinear, SubspaceNorm2d, cos2, groups
 
@@ -282,6 +283,51 @@ def register(fn: Callable[..., SubspaceResNet]) -> Callable[..., SubspaceResNet]
 
 def model_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+# The SubspaceResNet arguments that the data (image channels, classes) and the method (subspace, normalisation,
+# statistics grid, schedule) set: an architecture's own kwargs (training's arch_kwargs, a checkpoint's
+# arch.kwargs) may set only the others, `arch_args()`.
+SUBSPACE_ARGS = ("in_channels", "num_classes", "line", "norm", "stat_alphas", "schedule")
+
+
+def arch_args() -> list[str]:
+    """The arguments an architecture's kwargs may set: widths, blocks, stem_stride."""
+    return [n for n in inspect.signature(SubspaceResNet).parameters if n not in SUBSPACE_ARGS]
+
+
+def check_arch_kwargs(arch_kwargs: Mapping[str, Any]) -> None:
+    """Refuse architecture kwargs that set one of SUBSPACE_ARGS (ValueError), rather than let either side win."""
+    clash = [k for k in SUBSPACE_ARGS if k in arch_kwargs]
+    if clash:
+        raise ValueError(
+            f"architecture kwargs set {clash}, which the data and the compression method set; "
+            f"they may set only {arch_args()}"
+        )
+
+
+def subspace_kwargs(
+    arch_kwargs: Mapping[str, Any],
+    *,
+    in_channels: int,
+    num_classes: int,
+    subspace: SubspaceType,
+    norm: NormType,
+    stat_alphas: Sequence[float],
+    schedule: Schedule,
+) -> dict[str, Any]:
+    """Every keyword argument of `build_model`: the architecture's own, then those the data and the method
+    set (SUBSPACE_ARGS). What training builds and what a checkpoint rebuilds, so the two cannot differ."""
+    check_arch_kwargs(arch_kwargs)
+    return {
+        **arch_kwargs,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "line": subspace == "line",
+        "norm": norm,
+        "stat_alphas": stat_alphas,
+        "schedule": schedule,
+    }
 
 
 def build_model(name: str, **kwargs: Any) -> SubspaceResNet:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lcs import checkpoint
+from lcs.alpha import LEVEL_NAMES
 from lcs.checkpoint import CheckpointError, CheckpointMeta
 from lcs.models import SubspaceResNet
 from service.cache import Grid, ModelCache
@@ -51,7 +52,6 @@ def inference_executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcs-infer")
 
 
-LEVEL_NAMES = {"unstructured": "sparsity", "structured": "width", "quantized": "bits"}
 PROFILE_ROUNDS = 7  # timings per (alpha, batch size) in the start-up profile, one per round
 
 

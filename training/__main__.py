@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             items = list(args.items)
             config_path = items.pop(0) if items and "=" not in items[0] else None
             cfg = load_config(config_path, items)
-            train(cfg, command="python -m training train " + " ".join(args.items))
+            train(cfg, command="python -m training train " + shlex.join(args.items))  # re-runs as recorded
             return 0
         if args.cmd == "plot":
             from training.evaluate import plot

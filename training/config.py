@@ -17,7 +17,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from lcs.alpha import KINDS, SUBSPACES, Schedule
+from lcs.alpha import SUBSPACES, Schedule, check_alpha
+from lcs.layers import NormType
+from lcs.models import check_arch_kwargs
 
 # 21 evenly spaced alphas: the grid that gets BatchNorm statistics and an accuracy measurement
 DEFAULT_GRID = [round(i / 20, 4) for i in range(21)]
@@ -45,16 +47,16 @@ class TrainConfig:
     augment: bool = True  # random crop (pad 2) + horizontal flip
     # -- model --
     arch: str = "preact_resnet"
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # widths, blocks, stem_stride (lcs.models.arch_args)
     norm: str = "batch"  # batch (per-alpha statistics, calibrated after training) | group (alpha-free)
     # -- method (README.md, "The method, as implemented") --
     kind: str = "structured"  # unstructured | structured | quantized
     subspace: str = "line"  # line (LCS+L) | point (LCS+P)
     fixed_alpha: float | None = None  # train one compression level only: the independent baseline
-    keep_min: float = 0.025  # unstructured: keep fraction at alpha = 0
-    width_min: float = 0.25  # structured: width at alpha = 0
-    bits_min: int = 3  # quantized: bits at alpha = 0
-    bits_max: int = 8  # quantized: bits at alpha = 1
+    keep_min: float = Schedule.keep_min  # unstructured: keep fraction at alpha = 0
+    width_min: float = Schedule.width_min  # structured: width at alpha = 0
+    bits_min: int = Schedule.bits_min  # quantized: bits at alpha = 0
+    bits_max: int = Schedule.bits_max  # quantized: bits at alpha = 1
     beta: float = 1.0  # weight of the cos^2(w0, w1) line regulariser
     end_bias: float = 0.5  # share of alpha samples put on the two ends of [0, 1]
     warmup_fraction: float = 0.8  # compression is phased in over this share of the steps
@@ -79,15 +81,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse every out-of-range value here, at load time: each one used to surface only deep inside
         training (eval_batch_size=0 after the last epoch), or never (end_bias=5 trained alpha 0 only)."""
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
+        self.schedule()  # lcs.alpha.Schedule refuses a bad kind, keep_min, width_min, bits_min or bits_max
         if self.subspace not in SUBSPACES:
             raise ValueError(f"subspace must be one of {SUBSPACES}; got {self.subspace!r}")
-        if self.norm not in ("batch", "group"):
-            raise ValueError(f"norm must be 'batch' or 'group'; got {self.norm!r}")
+        if self.norm not in get_args(NormType):
+            raise ValueError(f"norm must be one of {get_args(NormType)}; got {self.norm!r}")
+        try:
+            check_arch_kwargs(self.arch_kwargs)
+        except ValueError as e:  # at load time, not as a TypeError from the first model build
+            raise ValueError(
+                f"arch_kwargs={self.arch_kwargs!r}: {e}. Training sets them from the dataset (in_channels, "
+                "num_classes) and its options subspace (line), norm, stat_alphas and kind, keep_min, width_min, "
+                "bits_min, bits_max (schedule): set those options instead"
+            ) from None
         if self.fixed_alpha is not None:
-            if not 0.0 <= self.fixed_alpha <= 1.0:
-                raise ValueError(f"fixed_alpha must be in [0, 1]; got {self.fixed_alpha}")
+            try:
+                check_alpha(self.fixed_alpha)
+            except ValueError as e:
+                raise ValueError(f"fixed_alpha={self.fixed_alpha!r}: {e}") from None
             self.subspace = "point"  # a baseline is one network: nothing to interpolate
             self.stat_alphas = [self.fixed_alpha]
         finite = math.isfinite
@@ -118,7 +129,6 @@ class TrainConfig:
         _require(0 <= self.seed < 2**32, "seed", self.seed, "0 <= seed < 2**32")
         _require(self.threads >= 1, "threads", self.threads, "threads >= 1 (torch refuses 0)")
         _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "eval_batch_size >= 1")
-        self.schedule()  # validates the schedule fields
 
     def schedule(self) -> Schedule:
         return Schedule(self.kind, self.keep_min, self.width_min, self.bits_min, self.bits_max)  # type: ignore[arg-type]

@@ -1,8 +1,8 @@
 """After training: estimate BatchNorm statistics per alpha, measure accuracy per alpha, report and plot.
 
 Report JSON (one per checkpoint, `models/<name>.json`):
-    {"kind": ..., "subspace": "point" | "line", "fixed_alpha": null | a,
-     "points": [{"alpha": a, "level": sparsity | width | bits, "accuracy": percent}, ...]}
+    {"kind": ..., "subspace": "point" | "line", "fixed_alpha": null | a, "dataset": name, "split": "test",
+     "points": [{"alpha": a, "level": sparsity | width | bits, "accuracy": percent on split}, ...]}
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lcs import checkpoint
+from lcs.alpha import LEVEL_LABELS
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet
 from training.data import Split, normalise
@@ -81,10 +82,6 @@ def report(meta: checkpoint.CheckpointMeta, points: list[dict[str, float]]) -> d
     }
 
 
-def level_label(kind: str) -> str:
-    return {"unstructured": "sparsity of pruned layers", "structured": "width fraction", "quantized": "bits"}[kind]
-
-
 def plot(reports: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]], out: Path, title: str) -> None:
     """Accuracy against compression level: one line per subspace report, one marker per baseline."""
     import matplotlib
@@ -110,7 +107,7 @@ def plot(reports: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]
             continue
         for p in b["points"]:
             ax.scatter([p["level"]], [p["accuracy"]], marker="*", s=120, zorder=3, label=f"{name} (trained alone)")
-    ax.set_xlabel(level_label(kind))
+    ax.set_xlabel(LEVEL_LABELS[kind])
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -122,7 +119,7 @@ def plot(reports: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]
 
 
 def evaluate_checkpoint(
-    path: Path, split_name: str = "test", data_dir: str | None = None, alphas: list[float] | None = None
+    path: Path, *, data_dir: str | None = None, alphas: list[float] | None = None
 ) -> dict[str, Any]:
     """Re-measure a checkpoint on its dataset's test split at every grid alpha."""
     from training.data import load_dataset
@@ -130,8 +127,7 @@ def evaluate_checkpoint(
     torch.set_flush_denormal(True)  # denormals make fake-quantised layers 10-100x slower
     model, meta = checkpoint.load(path)
     data = load_dataset(meta.dataset, data_dir or meta.training.get("config", {}).get("data_dir"))
-    split = data.test if split_name == "test" else data.train
-    pts = accuracy_table(model, split, meta.input.mean, meta.input.std, alphas or list(model.stat_alphas))
+    pts = accuracy_table(model, data.test, meta.input.mean, meta.input.std, alphas or list(model.stat_alphas))
     return report(meta, pts)
 
 

@@ -14,16 +14,13 @@ global batch (training/distributed.py); rank 0 prints and writes every file.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import random
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +30,7 @@ from tqdm import tqdm
 
 from lcs import checkpoint
 from lcs.layers import Setting
-from lcs.models import SubspaceResNet, build_model, model_names
+from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subspace_kwargs
 from training.config import TrainConfig
 from training.data import Dataset, Split, augment, hold_out, load_dataset, normalise
 from training.distributed import Ranks
@@ -81,20 +78,17 @@ def sample_images(split: Split, seed: int, n: int = 256) -> tuple[torch.Tensor, 
     return split.images[idx].clone(), split.labels[idx].clone()
 
 
-def _model_args(cfg: TrainConfig, in_channels: int, num_classes: int) -> dict[str, Any]:
-    """The architecture arguments training sets itself; arch_kwargs may set the others."""
-    return {
-        "in_channels": in_channels,
-        "num_classes": num_classes,
-        "line": cfg.subspace == "line",
-        "norm": cfg.norm,
-        "stat_alphas": cfg.stat_alphas,
-        "schedule": cfg.schedule(),
-    }
-
-
 def make_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> SubspaceResNet:
-    return build_model(cfg.arch, **cfg.arch_kwargs, **_model_args(cfg, in_channels, num_classes))
+    kwargs = subspace_kwargs(
+        cfg.arch_kwargs,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        subspace=cfg.subspace,  # type: ignore[arg-type]
+        norm=cfg.norm,  # type: ignore[arg-type]
+        stat_alphas=cfg.stat_alphas,
+        schedule=cfg.schedule(),
+    )
+    return build_model(cfg.arch, **kwargs)
 
 
 def check_arch(cfg: TrainConfig) -> None:
@@ -105,9 +99,8 @@ def check_arch(cfg: TrainConfig) -> None:
     try:
         make_model(cfg, in_channels=1, num_classes=2)
     except (TypeError, ValueError, RuntimeError) as e:
-        settable = [n for n in inspect.signature(SubspaceResNet).parameters if n not in _model_args(cfg, 1, 2)]
         raise ValueError(
-            f"arch_kwargs={cfg.arch_kwargs!r} does not build {cfg.arch!r} ({e}); arch_kwargs may set {settable}"
+            f"arch_kwargs={cfg.arch_kwargs!r} does not build {cfg.arch!r} ({e}); arch_kwargs may set {arch_args()}"
         ) from None
 
 
@@ -185,9 +178,10 @@ def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, r
     return epoch, float(meta.get("elapsed", 0))
 
 
-def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None = None) -> Path:
-    """Train, calibrate, evaluate and write the checkpoint `cfg.out`; returns its path. Under torchrun,
-    every rank calls this; rank 0 writes the files."""
+def train(cfg: TrainConfig, *, command: str, data: Dataset | None = None) -> Path:
+    """Train, calibrate, evaluate and write the checkpoint `cfg.out`; returns its path. `command` is recorded
+    in the checkpoint as the command that trained it. Under torchrun, every rank calls this; rank 0 writes
+    the files."""
     ranks = Ranks.from_env()  # one process (rank 0 of 1) unless started by torchrun
     try:
         out = _train(cfg, ranks, data=data, command=command)
@@ -197,7 +191,7 @@ def train(cfg: TrainConfig, *, data: Dataset | None = None, command: str | None 
         ranks.close()
 
 
-def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str | None) -> Path:
+def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str) -> Path:
     ranks.check_batch(cfg.batch_size)
     check_out(cfg)
     check_arch(cfg)  # before the seed: its random initial weights are thrown away
@@ -326,7 +320,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         split="test",
         accuracy=[checkpoint.AccuracyPoint(**p) for p in table],
         training={
-            "command": command or "python -m training train " + shlex.join(sys.argv[2:]),
+            "command": command,
             "config": cfg.to_dict(),
             "train_seconds": round(elapsed, 1),
             "torch": torch.__version__,

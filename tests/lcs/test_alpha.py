@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lcs.alpha import Level, Schedule, check_alpha
+from lcs.alpha import KINDS, LEVEL_LABELS, LEVEL_NAMES, Level, Schedule, check_alpha
 
 ALPHAS = [i / 40 for i in range(41)]
 BAD_ALPHAS = [float("nan"), -0.1, 1.1, float("inf"), -float("inf")]
@@ -140,3 +140,11 @@ def test_level_value_per_kind() -> None:
     assert Level("unstructured", keep=0.1).value == pytest.approx(0.9)
     assert Level("structured", width=0.5).value == 0.5
     assert Level("quantized", bits=4).value == 4.0
+
+
+def test_level_names_and_labels_of_every_kind() -> None:
+    """lcs owns them: the service's level_name is LEVEL_NAMES, training's plot axis LEVEL_LABELS."""
+    assert set(LEVEL_NAMES) == set(LEVEL_LABELS) == set(KINDS)
+    assert LEVEL_NAMES == {"unstructured": "sparsity", "structured": "width", "quantized": "bits"}
+    assert LEVEL_LABELS["unstructured"].startswith("sparsity") and LEVEL_LABELS["structured"] == "width fraction"
+    assert LEVEL_LABELS["quantized"] == "bits"

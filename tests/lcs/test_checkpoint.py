@@ -130,7 +130,7 @@ def test_round_trip_with_groupnorm(
 def test_metadata_is_self_describing(saved_checkpoint: Saved) -> None:
     path, model, meta = saved_checkpoint
     raw, tensors = _parts(path)
-    assert raw["format"] == "lcs-serve.checkpoint" and raw["version"] == checkpoint.VERSION
+    assert raw["format"] == checkpoint.FORMAT == "lcs-serve.checkpoint" and raw["version"] == checkpoint.VERSION
     assert "alpha" in raw["alpha_convention"]
     assert raw["arch"]["name"] == "tiny_resnet" and raw["kind"] == "structured"
     assert set(model.state_dict()) <= set(tensors)
@@ -283,6 +283,16 @@ def test_bad_arch_kwargs(saved_checkpoint: Saved, tmp_path: Path) -> None:
         saved_checkpoint[0], tmp_path / "k.safetensors", meta=lambda m: m["arch"].update(kwargs={"depth": 3})
     )
     with pytest.raises(CheckpointError, match=r"arch\.kwargs") as err:
+        checkpoint.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_arch_kwargs_that_set_a_field_of_the_metadata_are_refused(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    """This loaded, the norm field silently overriding arch.kwargs, while training refused the same kwargs."""
+    path = _resave(
+        saved_checkpoint[0], tmp_path / "n.safetensors", meta=lambda m: m["arch"].update(kwargs={"norm": "group"})
+    )
+    with pytest.raises(CheckpointError, match=r"arch\.kwargs.*set \['norm'\]") as err:
         checkpoint.load(path)
     assert str(path) in str(err.value)
 

@@ -8,7 +8,6 @@ import torch
 from lcs.compress import (
     fake_quantize,
     fake_quantize_weight,
-    kept_channels,
     kept_count,
     quant_grid,
     quantize_codes,
@@ -52,25 +51,30 @@ def test_topk_mask_has_no_gradient_path_and_keeps_at_least_one() -> None:
 
 
 @pytest.mark.parametrize(
-    ("numel", "keep", "expected"), [(1000, 0.025, 25), (100, 0.5, 50), (3, 0.01, 1), (10, 1.0, 10)]
+    ("n", "keep", "expected"),
+    [
+        (1000, 0.025, 25),  # weights of a pruned layer
+        (100, 0.5, 50),
+        (3, 0.01, 1),
+        (10, 1.0, 10),
+        (8, 1.0, 8),  # output channels of a sliced conv at a width
+        (8, 0.25, 2),
+        (16, 0.25, 4),
+        (16, 0.625, 10),
+        (128, 0.25, 32),
+        (3, 0.1, 1),
+        (8, 0.0, 1),
+    ],
 )
-def test_kept_count(numel: int, keep: float, expected: int) -> None:
-    assert kept_count(numel, keep) == expected
+def test_kept_count(n: int, keep: float, expected: int) -> None:
+    assert kept_count(n, keep) == expected
 
 
 # -- channel slicing ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("channels", "width", "expected"),
-    [(8, 1.0, 8), (8, 0.25, 2), (16, 0.25, 4), (16, 0.625, 10), (128, 0.25, 32), (3, 0.1, 1), (8, 0.0, 1)],
-)
-def test_kept_channels(channels: int, width: float, expected: int) -> None:
-    assert kept_channels(channels, width) == expected
-
-
-def test_kept_channels_monotonic_in_width() -> None:
-    counts = [kept_channels(64, w / 100) for w in range(25, 101)]
+def test_kept_count_of_channels_is_monotonic_in_width() -> None:
+    counts = [kept_count(64, w / 100) for w in range(25, 101)]
     assert counts == sorted(counts) and counts[-1] == 64
 
 

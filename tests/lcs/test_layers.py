@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lcs.alpha import Level, Schedule
-from lcs.compress import kept_channels, kept_count
+from lcs.compress import kept_count
 from lcs.layers import ActRange, Setting, SubspaceConv2d, SubspaceLinear, SubspaceNorm2d, cos2
 
 DENSE = Level("structured", width=1.0)  # full width: the weight is w(alpha) untouched
@@ -99,9 +99,8 @@ def test_unstructured_hidden_conv_is_masked_and_masked_weights_get_no_gradient(k
         assert grad[w != 0].abs().max() > 0.0
 
 
-@pytest.mark.parametrize("role", ["first", "last"])
-def test_first_layer_is_never_pruned_or_quantised(role: str) -> None:
-    conv = _line_conv(role)
+def test_first_layer_is_never_pruned_or_quantised() -> None:
+    conv = _line_conv("first")
     for level in (Level("unstructured", keep=0.05), Level("quantized", bits=3)):
         torch.testing.assert_close(conv.weight_at(Setting(0.4, level), 4), 0.6 * conv.weight0 + 0.4 * conv.weight1)
     assert conv.act is None
@@ -111,7 +110,7 @@ def test_first_layer_is_never_pruned_or_quantised(role: str) -> None:
 def test_structured_conv_slices_leading_channels(width: float) -> None:
     conv = _line_conv()
     s = Setting(0.0, Level("structured", width=width))
-    c_out = kept_channels(6, width)
+    c_out = kept_count(6, width)
     w = conv.weight_at(s, 2)
     assert w.shape == (c_out, 2, 3, 3)
     assert torch.equal(w, conv.weight0[:c_out, :2])  # the first channels, no re-ordering

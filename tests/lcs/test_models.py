@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
-from lcs.compress import kept_channels, kept_count
+from lcs.alpha import Schedule
+from lcs.compress import kept_count
 from lcs.layers import Setting, SubspaceConv2d, SubspaceLinear, cos2
-from lcs.models import PlainBlock, SubspaceResNet, build_model, model_names
+from lcs.models import SUBSPACE_ARGS, PlainBlock, SubspaceResNet, arch_args, build_model, model_names, subspace_kwargs
 
 GRID = (0.0, 0.3, 0.7, 1.0)  # statistics grid of the test models: 3/4/7/8 bits, widths 0.25..1
 IMAGE = 12
@@ -107,7 +109,7 @@ def test_structured_shapes_at_several_widths(settled_model: Factory, subspace: s
     model = settled_model("structured", subspace, "batch", GRID)
     s = model.at(alpha)
     width = s.level.width
-    c1, c2 = kept_channels(8, width), kept_channels(16, width)
+    c1, c2 = kept_count(8, width), kept_count(16, width)
     x = _x(2)
     with torch.no_grad():
         assert model.features(x, s).shape == (2, c2)
@@ -223,6 +225,30 @@ def test_registry() -> None:
         build_model("tiny_resnet", widths=(8, 16), blocks=(1,))
     big = build_model("preact_resnet", line=False)
     assert big.fc.c_in == 128
+
+
+def _subspace_kwargs(arch_kwargs: dict[str, object]) -> dict[str, object]:
+    schedule = Schedule("quantized")
+    return subspace_kwargs(
+        arch_kwargs, in_channels=3, num_classes=7, subspace="point", norm="group", stat_alphas=[0, 1], schedule=schedule
+    )
+
+
+def test_subspace_kwargs_add_the_data_and_the_method_to_the_architecture_s_own() -> None:
+    kwargs = _subspace_kwargs({"widths": (8, 16), "blocks": (1, 1)})
+    assert set(kwargs) == {"widths", "blocks", *SUBSPACE_ARGS}
+    assert set(arch_args()) | set(SUBSPACE_ARGS) == set(inspect.signature(SubspaceResNet).parameters)
+    model = build_model("tiny_resnet", **kwargs)
+    assert (model.stem.c_in, model.fc.c_out, model.line, model.norm_type) == (3, 7, False, "group")
+    assert model.stat_alphas == (0.0, 1.0) and model.schedule == Schedule("quantized")
+
+
+@pytest.mark.parametrize("name", SUBSPACE_ARGS)
+def test_architecture_kwargs_may_not_set_what_the_data_or_the_method_sets(name: str) -> None:
+    """Training's make_model raised a TypeError for arch_kwargs={norm: group}; a checkpoint with the same
+    arch.kwargs loaded with its norm field silently winning. Both build through subspace_kwargs, which refuses."""
+    with pytest.raises(ValueError, match=rf"set \['{name}'\], which the data and the compression method set"):
+        _subspace_kwargs({"widths": (8, 16), name: None})
 
 
 def test_param_count_of_a_line_is_twice_a_point(tiny_model: Factory) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lcs.alpha import KINDS, Schedule
 from training.config import DEFAULT_GRID, RESUME_MAY_CHANGE, TrainConfig, load_config
 
 
@@ -15,6 +16,11 @@ def test_defaults() -> None:
     assert cfg.kind == "structured" and cfg.subspace == "line" and cfg.fixed_alpha is None
     assert cfg.stat_alphas == DEFAULT_GRID and len(DEFAULT_GRID) == 21
     assert DEFAULT_GRID[0] == 0.0 and DEFAULT_GRID[-1] == 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_schedule_defaults_are_lcs_s(kind: str) -> None:
+    assert TrainConfig(kind=kind).schedule() == Schedule(kind)  # type: ignore[arg-type]
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
@@ -133,6 +139,26 @@ def test_bad_values(override: str, match: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("kind=bogus", "kind must be one of ('unstructured', 'structured', 'quantized'); got 'bogus'"),
+        ("norm=layer", "norm must be one of ('batch', 'group'); got 'layer'"),
+        ("fixed_alpha=1.5", "fixed_alpha=1.5: alpha must be in [0, 1] (alpha in [0, 1]; 1 = least compressed"),
+        ("fixed_alpha=.nan", "fixed_alpha=nan: alpha must be in [0, 1]"),
+        ("keep_min=0", "keep_min must be in (0, 1]; got 0"),
+        ("width_min=2", "width_min must be in (0, 1]; got 2"),
+        ("bits_min=9", "need 1 <= bits_min <= bits_max <= 16; got 9..8"),
+    ],
+)
+def test_values_lcs_checks_name_the_option_and_what_is_valid(override: str, message: str) -> None:
+    """kind, the schedule fields, norm's values and the alpha range are lcs's (Schedule, NormType,
+    check_alpha): the config asks lcs instead of repeating its checks, and says which option is wrong."""
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(
     ("override", "use"),
     [
         ("val_size=-1", "val_size >= 0"),
@@ -164,6 +190,17 @@ def test_out_of_range_values_name_the_option_the_value_and_the_fix(override: str
     message = str(err.value)
     assert message.startswith(f"{name}=") and "out of range; use" in message and use in message
     assert raw.strip(".").lower() in message.lower()  # the value as given ("nan" for .nan)
+
+
+@pytest.mark.parametrize("kwarg", ["norm", "line", "schedule", "in_channels"])
+def test_arch_kwargs_may_not_set_what_the_options_set(kwarg: str) -> None:
+    """arch_kwargs={norm: group} loaded, then failed with a TypeError when the model was built."""
+    with pytest.raises(ValueError) as err:
+        load_config(None, [f"arch_kwargs={{widths: [8, 16], {kwarg}: 1}}"])
+    message = str(err.value)
+    assert message.startswith(f"arch_kwargs={{'widths': [8, 16], '{kwarg}': 1}}: architecture kwargs set ['{kwarg}']")
+    assert "subspace (line), norm, stat_alphas and kind, keep_min" in message  # the options that set them
+    assert message.endswith("set those options instead")
 
 
 def test_fixed_alpha_replaces_an_empty_grid() -> None:

@@ -12,7 +12,7 @@ import torch
 from lcs import checkpoint
 from lcs.models import SubspaceResNet
 from training.data import Dataset, normalise
-from training.evaluate import accuracy, accuracy_table, calibrate, evaluate_checkpoint, level_label, plot, report
+from training.evaluate import accuracy, accuracy_table, calibrate, evaluate_checkpoint, plot, report
 
 GRID = (0.0, 0.5, 1.0)
 
@@ -87,9 +87,3 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     out = tmp_path / "plots" / "q.png"
     plot({"q_line": line}, {"q_a0": base}, out, "quantized")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_level_labels() -> None:
-    assert level_label("unstructured").startswith("sparsity")
-    assert level_label("structured") == "width fraction"
-    assert level_label("quantized") == "bits"

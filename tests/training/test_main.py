@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ def test_evaluate_writes_the_report_and_a_plot(
     rc = main(["evaluate", str(trained_run.path), "--json", str(out), "--plot", str(png), "--baseline", str(baseline)])
     assert rc == 0
     rep = json.loads(out.read_text())
-    assert {"kind", "subspace", "points"} <= set(rep)
+    assert set(rep) == {"kind", "subspace", "fixed_alpha", "dataset", "split", "points"}  # evaluate.py's docstring
     assert rep["kind"] == "structured" and rep["subspace"] == "line"
     assert isinstance(rep["points"], list) and len(rep["points"]) == 3
     for p in rep["points"]:
@@ -70,12 +71,15 @@ def test_train_from_yaml_and_overrides(
     config = tmp_path / "c.yaml"
     config.write_text("# python -m training train c.yaml\nkind: unstructured\nsubspace: point\n")
     out = tmp_path / "cli.safetensors"
-    overrides = tiny_overrides(out, epochs=1, dataset="folder", data_dir=image_folder)
+    overrides = tiny_overrides(
+        out, epochs=1, dataset="folder", data_dir=image_folder, arch_kwargs="{widths: [8, 16], blocks: [1, 1]}"
+    )
     assert main(["train", str(config), *overrides]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     meta = checkpoint.read_meta(out)
     assert meta.kind == "unstructured" and meta.subspace == "point" and meta.dataset == "folder"
-    assert meta.training["command"].startswith(f"python -m training train {config}")
+    # shell-quoted, so it re-runs as recorded: the arch_kwargs value with spaces stays one argument
+    assert shlex.split(meta.training["command"]) == ["python", "-m", "training", "train", str(config), *overrides]
     assert meta.training["config"]["epochs"] == 1
 
 
