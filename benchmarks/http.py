@@ -29,7 +29,8 @@ from typing import Any
 
 import httpx
 
-HOST = "127.0.0.1"
+from benchmarks.openloop import HOST
+
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,8 @@ from typing import Any
 import httpx
 
 from benchmarks import openloop
-from benchmarks.http import _wait_ready
-from benchmarks.overload import capacity
-
-HOST = "127.0.0.1"
+from benchmarks.openloop import HOST
+from benchmarks.overload import capacity, percentile, start_server, stop_server
 
 
 def _burn(stop: Any) -> None:
@@ -187,7 +184,7 @@ def summarise(rows: list[dict[str, Any]], slo: float, accuracy: dict[float, floa
     within = [r for r in ok if r["latency"] <= slo]
 
     def pct(p: float) -> float:
-        return round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else float("nan")
+        return round(1000 * percentile(lat, p), 2) if lat else float("nan")
 
     return {
         "sent": sent,
@@ -246,7 +243,7 @@ def plot(all_runs: dict[str, dict[str, Any]], out: Path, slo: float) -> None:
             p99 = []
             for t in ts:
                 lat = sorted(r["latency"] for r in ok if t <= r["t"] < t + win)
-                p99.append(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"))
+                p99.append(1000 * percentile(lat, 0.99) if lat else float("nan"))
             axes[1][j].plot(ts, p99, label=policy)
         axes[0][j].set_title(tr)
         axes[0][j].set_ylabel("mean served alpha")
@@ -290,20 +287,10 @@ def main() -> None:
     port = 18100
     req = request(args.images, args.format, port, Path(args.checkpoint).stem)
     base = f"http://{HOST}:{port}"
-    env = {
-        **os.environ,
-        "LCS_CHECKPOINT": args.checkpoint,
-        "LCS_PORT": str(port),
-        "LCS_LOG_LEVEL": "warning",
-        "LCS_SLO_P99_SECONDS": str(args.slo),
-        "LCS_QUEUE_MAX": "64",
-        "LCS_API_KEY": "bench",
-    }
 
     def start(policy: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], env={**env, "LCS_POLICY": policy})
-        _wait_ready(base + "/readyz", proc)
-        return proc
+        settings = {"LCS_QUEUE_MAX": "64", "LCS_API_KEY": "bench", "LCS_POLICY": policy}
+        return start_server(args.checkpoint, port, args.slo, **settings)
 
     result: dict[str, Any] = {
         "checkpoint": args.checkpoint,
@@ -320,8 +307,7 @@ def main() -> None:
             result["capacity_rps"][a] = round(capacity(port, req, 4.0, warmup=2.0), 1)
             accuracy = {q["alpha"]: q["accuracy"] for q in httpx.get(base + "/model").json()["accuracy"]}
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_server(proc)
     cap1 = args.capacity or result["capacity_rps"]["1"]
     result["traces_scaled_to_rps"] = cap1
     print(
@@ -344,8 +330,7 @@ def main() -> None:
                 print(f"{policy:>10} {tr:>7}: {summary}", flush=True)
                 time.sleep(2.0)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_server(proc)
         result["policies"][policy] = {"traces": runs}
 
     print(

@@ -50,8 +50,7 @@ import psutil
 
 from benchmarks import openloop
 from benchmarks.http import _wait_ready
-
-HOST = "127.0.0.1"
+from benchmarks.openloop import HOST
 
 
 def free_port() -> int:
