@@ -94,6 +94,8 @@ class Runtime:
                     f"LCS_ALPHA_GRID: alphas {missing} have no BatchNorm statistics in {settings.checkpoint}; "
                     f"choose from {list(model.stat_alphas)}"
                 )
+            # each as the checkpoint spells it (0.30000001 -> 0.3), so that the accuracy recorded for it is found
+            grid_alphas = [next(s for s in model.stat_alphas if abs(a - s) < 1e-6) for a in grid_alphas]
         grid = Grid(grid_alphas)
         scale, shift = normaliser(meta.input)
         samples = normalised_samples(stored, meta.input)

@@ -10,7 +10,7 @@ import torch
 
 from service.materialize import Compiled
 from service.runtime import PROFILE_ROUNDS, Runtime, softmax
-from tests.service.service_support import GRID, TinyCheckpoint, make_settings, normalise, random_images
+from tests.service.service_support import ACCURACY, GRID, TinyCheckpoint, make_settings, normalise, random_images
 
 
 def test_load_reads_the_grid_samples_and_accuracy(structured: TinyCheckpoint) -> None:
@@ -81,6 +81,12 @@ def test_start_up_warns_when_the_models_it_keeps_exceed_the_cache_bound(
     assert rt.cache.cached() == (list(GRID) if room > 1 else [0.0, 1.0])
     warned = "over LCS_CACHE_BYTES" in caplog.text
     assert warned == (room == 1)
+
+
+def test_grid_alphas_take_the_checkpoints_spelling(structured: TinyCheckpoint) -> None:
+    rt = Runtime.load(make_settings(structured.path, alpha_grid=[0.50000001, 1.0], prebuild=[0.5]))
+    assert rt.grid.alphas == [0.5, 1.0]
+    assert rt.accuracy[rt.grid.down(0.7)] == ACCURACY[0.5]  # found: the response reports it
 
 
 def test_a_grid_alpha_without_batchnorm_statistics_is_refused(structured: TinyCheckpoint) -> None:
