@@ -293,8 +293,9 @@ def load_with_samples(
     file, so the samples always come from the same checkpoint as the model."""
     path = Path(path)
     meta, tensors = _open(path)
-    images, labels = tensors.pop(SAMPLES + "images", None), tensors.pop(SAMPLES + "labels", None)
+    images, labels = tensors.get(SAMPLES + "images"), tensors.get(SAMPLES + "labels")
     samples = None if images is None or labels is None else (images, labels)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(SAMPLES)}  # not model state
     try:
         model = build(meta)
     except (TypeError, ValueError) as e:
