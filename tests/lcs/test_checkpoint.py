@@ -151,7 +151,12 @@ def test_samples_travel_with_the_checkpoint(saved_checkpoint: Saved, tmp_path: P
     assert loaded.state_dict().keys() == model.state_dict().keys()  # the samples are not model state
     assert checkpoint.load(with_samples)[0].state_dict().keys() == model.state_dict().keys()
     # whatever else travels under samples. is not model state either (a later format may add some)
-    tensors = {**model.state_dict(), "samples.images": images, "samples.labels": labels, "samples.names": labels.clone()}
+    tensors = {
+        **model.state_dict(),
+        "samples.images": images,
+        "samples.labels": labels,
+        "samples.names": labels.clone(),
+    }
     save_file(tensors, str(with_samples), metadata={checkpoint.META_KEY: meta.model_dump_json()})
     assert checkpoint.load_with_samples(with_samples)[2] is not None
 
