@@ -8,6 +8,9 @@ count and time. Traces: steady (0.6x the alpha = 1 capacity), step (0.5x -> 1.5x
 CPU-hungry neighbour process runs through the middle third). Capacity is measured first, closed loop,
 for the request mix at alpha = 1 and alpha = 0.
 
+Service settings in the environment (`LCS_THREADS=2`, `LCS_BACKEND=torchscript`) apply to every server it
+starts, except those it sets itself (checkpoint, host, port, SLO, policy, queue bound, API key).
+
 Per policy and trace: p50/p99 latency of answered requests, SLO attainment (answered 200 within the
 SLO / sent), shed rate (429 + 503 / sent), mean served alpha, and effective accuracy (sum over requests
 answered within the SLO of the accuracy measured for the alpha that served them / sent). Writes
@@ -24,6 +27,7 @@ import os
 import random
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +99,14 @@ def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]
         if t < duration:
             times.append(t)
     return times
+
+
+def server_settings(environ: Mapping[str, str], policy: str) -> dict[str, str]:
+    """What each server gets on top of `start_server`'s checkpoint, host, port and SLO: the caller's service
+    settings (LCS_THREADS=2, LCS_BACKEND=torchscript), then the benchmark's own."""
+    own = {"LCS_CHECKPOINT", "LCS_HOST", "LCS_PORT", "LCS_SLO_P99_SECONDS"}
+    passed = {k: v for k, v in environ.items() if k.startswith("LCS_") and k not in own}
+    return {**passed, "LCS_QUEUE_MAX": "64", "LCS_API_KEY": "bench", "LCS_POLICY": policy}
 
 
 async def run_trace(port: int, req: bytes, arrivals: list[float], timeout: float) -> list[dict[str, Any]]:
@@ -289,8 +301,7 @@ def main() -> None:
     base = f"http://{HOST}:{port}"
 
     def start(policy: str) -> subprocess.Popen[bytes]:
-        settings = {"LCS_QUEUE_MAX": "64", "LCS_API_KEY": "bench", "LCS_POLICY": policy}
-        return start_server(args.checkpoint, port, args.slo, **settings)
+        return start_server(args.checkpoint, port, args.slo, **server_settings(os.environ, policy))
 
     result: dict[str, Any] = {
         "checkpoint": args.checkpoint,

@@ -1,8 +1,8 @@
-"""benchmarks.load: the noisy-neighbour reaction read from a controller timeline."""
+"""benchmarks.load: the noisy-neighbour reaction read from a controller timeline; the settings its servers get."""
 
 from __future__ import annotations
 
-from benchmarks.load import neighbour_reaction
+from benchmarks.load import neighbour_reaction, server_settings
 
 
 def test_neighbour_reaction_reports_the_drop_the_first_return_and_the_return_for_good() -> None:
@@ -26,4 +26,15 @@ def test_neighbour_reaction_without_a_return_says_none() -> None:
         "ceiling_drop_after_start_s": 0.5,
         "full_quality_first_after_stop_s": None,
         "full_quality_after_stop_s": None,
+    }
+
+
+def test_the_callers_service_settings_reach_every_server_but_not_those_the_benchmark_sets() -> None:
+    environ = {"LCS_THREADS": "2", "LCS_BACKEND": "torchscript", "LCS_PORT": "9000", "LCS_POLICY": "aimd", "HOME": "/"}
+    assert server_settings(environ, "lcs") == {
+        "LCS_THREADS": "2",
+        "LCS_BACKEND": "torchscript",
+        "LCS_QUEUE_MAX": "64",
+        "LCS_API_KEY": "bench",
+        "LCS_POLICY": "lcs",
     }
