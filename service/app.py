@@ -35,7 +35,7 @@ from lcs.checkpoint import CheckpointError
 from service.batcher import Batcher, Draining, Job, QueueFull
 from service.controller import Signals
 from service.fleet import PrometheusFleet
-from service.inputs import check_count, check_range, decode, has_images, numbers
+from service.inputs import InputError, check_count, check_range, decode, has_images, numbers
 from service.lane import BINARY_HEADER, ApiError, Lane, error_response, problems, require_json, validate
 from service.metrics import INFERENCE_ROUTES, Metrics
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
@@ -600,8 +600,8 @@ def create_app(
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(request.scope, 422, problems(exc.errors()))
 
-    # The two inference routes are served through Lane (content type, strict JSON, body validation, errors);
-    # FastAPI documents them from these declarations.
+    # The inference routes (metrics.INFERENCE_ROUTES) are served through Lane (content type, strict JSON, body
+    # validation, errors); FastAPI documents them from these declarations.
     @app.post(
         "/predict",
         response_model=PredictResponse,
@@ -784,14 +784,14 @@ def create_app(
         rt = st.runtime
         t = body.inputs[0]
         if t.datatype not in _BINARY_DTYPES:  # the datatypes this route reads, as JSON data or binary
-            raise ApiError(
-                422, f"inputs[0].datatype {t.datatype!r} is not supported; use one of {', '.join(_BINARY_DTYPES)}"
+            raise InputError(
+                f"inputs[0].datatype {t.datatype!r} is not supported; use one of {', '.join(_BINARY_DTYPES)}"
             )
         unknown = [o.get("name") for o in body.outputs or [] if o.get("name") != "probabilities"]
         if unknown:
             raise ApiError(422, f"outputs: {unknown} not produced; this model's one output is 'probabilities'")
         if any(d < 1 for d in t.shape):
-            raise ApiError(422, f"inputs[0].shape {t.shape}: every dimension must be a positive number")
+            raise InputError(f"inputs[0].shape {t.shape}: every dimension must be a positive number")
         i = rt.meta.input
         per = i.channels * i.height * i.width
         n = t.shape[0] if t.shape else 0
@@ -799,15 +799,12 @@ def create_app(
         if binary is not None and not len(binary):  # the whole body is JSON
             binary = None
         if t.data is not None and binary is not None:
-            raise ApiError(422, "inputs[0]: send the values either in data or as binary data, not both")
+            raise InputError("inputs[0]: send the values either in data or as binary data, not both")
         if t.data is None and binary is None:
-            raise ApiError(
-                422, f"inputs[0] has no data: send data, or binary_data_size with the {BINARY_HEADER} header"
-            )
+            raise InputError(f"inputs[0] has no data: send data, or binary_data_size with the {BINARY_HEADER} header")
         values = len(t.data) if t.data is not None else None
         if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
-            raise ApiError(
-                422,
+            raise InputError(
                 f"inputs[0]: shape {t.shape} with {values if values is not None else 'binary'} values does not "
                 f"hold whole {i.channels}x{i.height}x{i.width} images",
             )
@@ -816,9 +813,9 @@ def create_app(
             x = _binary_tensor(binary, t, n * per).reshape(n, i.channels, i.height, i.width)
         else:
             x = numbers(t.data, "inputs[0].data").reshape(n, i.channels, i.height, i.width)
-        check_range(x, "inputs[0]")
+        check_range(x, "inputs[0].data" if t.data is not None else "inputs[0]")
         if t.datatype in _INTEGER_DTYPES and t.data is not None and (x != np.floor(x)).any():
-            raise ApiError(422, f"inputs[0].data: {t.datatype} values must be whole numbers")
+            raise InputError(f"inputs[0].data: {t.datatype} values must be whole numbers")
         probs, res, acc = await _infer(st, request.scope["state"], x, body.parameters or V2Parameters())
         return {
             "model_name": rt.name,
@@ -872,13 +869,12 @@ def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> np.ndarray:
     """`count` little-endian values of t.datatype from the binary part of the body, as float32."""
     size = (t.parameters or {}).get("binary_data_size")
     if isinstance(size, bool) or not isinstance(size, int) or size != len(binary):
-        raise ApiError(
-            422, f"inputs[0].parameters.binary_data_size must be the {len(binary)} bytes after the JSON, got {size!r}"
+        raise InputError(
+            f"inputs[0].parameters.binary_data_size must be the {len(binary)} bytes after the JSON, got {size!r}"
         )
     dtype = np.dtype(_BINARY_DTYPES[t.datatype])
     if size != count * dtype.itemsize:
-        raise ApiError(
-            422,
+        raise InputError(
             f"inputs[0]: {size} bytes of {t.datatype} hold {size / dtype.itemsize:g} values, not the {count} "
             "the shape needs",
         )

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 PRESETS: dict[str, float] = {"best": 1.0, "high": 0.75, "balanced": 0.5, "fast": 0.25, "fastest": 0.0}
 Preset = Literal["best", "high", "balanced", "fast", "fastest"]  # PRESETS' names (a test keeps them equal)
-Quality = Annotated[float, Field(ge=0.0, le=1.0)] | Preset
+
+
+def _quality(value: object) -> object:
+    """One message for a bad quality, naming both forms (pydantic would report each member of the union)."""
+    if isinstance(value, str) and value not in PRESETS:
+        raise ValueError(f"unknown preset {value[:40]!r}; use a number in [0, 1] or one of {list(PRESETS)}")
+    if not isinstance(value, str) and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0
+    ):
+        raise ValueError(f"{str(value)[:40]} is not a number in [0, 1] or one of {list(PRESETS)}")
+    return value
+
+
+Quality = Annotated[Annotated[float, Field(ge=0.0, le=1.0)] | Preset, BeforeValidator(_quality)]
 
 _EXAMPLE_IMAGE: list[Any] = [[0] * 28 for _ in range(28)]
 

@@ -550,24 +550,26 @@ def test_v2_infer_bad_tensors_are_422(client: TestClient, change: dict[str, Any]
     r = client.post(f"/v2/models/{NAME}/infer", json=body)
     assert r.status_code == 422, r.text
     assert detail in r.json()["detail"]
+    assert r.json()["error"] == "invalid input"  # as /predict labels what is wrong with its images
 
 
 @pytest.mark.parametrize(
-    "parameters",
+    ("parameters", "detail"),
     [
-        {"quality": "ultra"},
-        {"quality": [1]},
-        {"quality": 7},
-        {"quality": True},
-        {"min_quality": -1},
-        {"deadline_ms": "soon"},
-        {"deadline_ms": -5},
-        {"quality": 0.5, "min_quality": 1.0},
+        ({"quality": "ultra"}, "body.parameters.quality: Value error, unknown preset 'ultra'; use a number in [0, 1]"),
+        ({"quality": [1]}, "body.parameters.quality: Value error, [1] is not a number in [0, 1] or one of ['best'"),
+        ({"quality": 7}, "body.parameters.quality: Value error, 7 is not a number in [0, 1]"),
+        ({"quality": True}, "body.parameters.quality: Value error, True is not a number"),
+        ({"min_quality": -1}, "body.parameters.min_quality: Value error, -1 is not a number in [0, 1]"),
+        ({"deadline_ms": "soon"}, "body.parameters.deadline_ms: Input should be a valid number"),
+        ({"deadline_ms": -5}, "body.parameters.deadline_ms: Input should be greater than 0"),
+        ({"quality": 0.5, "min_quality": 1.0}, "min_quality (1) is above quality (0.5); lower min_quality"),
     ],
 )
-def test_v2_infer_bad_parameters_are_422(client: TestClient, parameters: dict[str, Any]) -> None:
+def test_v2_infer_bad_parameters_are_422(client: TestClient, parameters: dict[str, Any], detail: str) -> None:
     r = client.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:1], **parameters))
     assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(detail), r.json()["detail"]  # one line per field, naming the fix
 
 
 def test_v2_parameters_take_the_hint_as_predict_does_and_ignore_others(client: TestClient) -> None:
@@ -707,6 +709,15 @@ def test_pin_needs_the_right_key_and_pins_what_predict_serves(structured: TinyCh
         assert r.status_code == 200
         assert r.json()["pinned"] is None and r.json()["mode"] == "recovering"
         assert [d["reason"] for d in r.json()["decisions"]] == ["pinned", "pin released"]
+
+
+def test_the_pin_body_is_documented(client: TestClient) -> None:
+    """PUT /admin/pin reads its own body (after the key check), so its schema is declared by hand."""
+    body = client.get("/openapi.json").json()["paths"]["/admin/pin"]["put"]["requestBody"]
+    assert body["required"] is True
+    schema = body["content"]["application/json"]["schema"]
+    assert schema["required"] == ["alpha"] and schema["additionalProperties"] is False
+    assert schema["properties"]["alpha"] == {"maximum": 1.0, "minimum": 0.0, "title": "Alpha", "type": "number"}
 
 
 def test_pin_to_the_lowest_alpha_refuses_min_quality(structured: TinyCheckpoint) -> None:
