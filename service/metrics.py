@@ -47,7 +47,8 @@ class _CacheCollector(Collector):
 
 class Metrics:
     def __init__(self, slo: float, alphas: list[float], cache: Callable[[], ModelCache | None]) -> None:
-        """`alphas`: the grid the service serves, one bucket each in lcs_served_alpha."""
+        """`alphas`: the grid the service serves, each a bucket of lcs_served_alpha beside fixed ones every 0.05
+        (fixed, so that replicas with other grids add up, and quantiles interpolate within narrow buckets)."""
         self.registry = r = CollectorRegistry()
         buckets = latency_buckets(slo)
         self.requests = Counter(
@@ -70,7 +71,7 @@ class Metrics:
         self.alpha = Histogram(
             "lcs_served_alpha",
             "Alpha that served each request (1 = most accurate).",
-            buckets=alphas,
+            buckets=sorted({*(round(i / 20, 2) for i in range(21)), *alphas}),
             registry=r,
         )
         self.queue_depth = Gauge("lcs_queue_depth_requests", "Requests waiting for a batch.", registry=r)

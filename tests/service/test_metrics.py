@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from service.metrics import latency_buckets
+from service.metrics import Metrics, latency_buckets
 from tests.service.service_support import IMAGE, TinyCheckpoint, app_state, make_settings, serve
 
 SLO = 0.2  # make_settings' slo_p99_seconds
@@ -108,8 +109,16 @@ def test_served_alpha_histogram(scraped: dict[str, tuple[str, list[Sample]]]) ->
     assert value(samples, "lcs_served_alpha_sum") == pytest.approx(1.0 + 0.5 + 0.0)
     assert value(samples, "lcs_served_alpha_bucket", le="0.5") == 2
     assert all(set(s.labels) <= {"le"} for s in samples)  # alpha is a value, never a label
-    buckets = [s.labels["le"] for s in samples if s.name == "lcs_served_alpha_bucket"]
-    assert buckets == ["0.0", "0.5", "1.0", "+Inf"]  # one per served grid alpha (GRID), not a fixed 0.05 grid
+    buckets = [float(s.labels["le"]) for s in samples if s.name == "lcs_served_alpha_bucket"]
+    assert buckets == [*(round(i / 20, 2) for i in range(21)), float("inf")]  # every 0.05, GRID among them
+
+
+def test_served_alpha_buckets_include_a_grid_off_the_twentieths() -> None:
+    metrics = Metrics(0.1, [0.33, 1.0], lambda: None)
+    metrics.alpha.observe(0.33)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    edges = [float(s.labels["le"]) for s in families["lcs_served_alpha"].samples if s.name.endswith("_bucket")]
+    assert 0.33 in edges and 0.3 in edges and 0.35 in edges
 
 
 def test_batch_histograms(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
@@ -156,7 +165,7 @@ def test_build_info(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
     assert sample.labels["model"] == "tiny_structured"
     assert sample.labels["kind"] == "structured" and sample.labels["subspace"] == "line"
     assert {"version", "torch"} <= set(sample.labels)
-    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     assert sample.labels["version"] == project["version"]  # the installed package's, not a copy
 
 
