@@ -150,7 +150,7 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
     check_count(len(inputs), max_inputs, "inputs")
     if all(isinstance(x, list) for x in inputs):  # fast path: one numpy conversion for the whole batch
         try:
-            with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused by _check_range
+            with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused by check_range
                 batch = np.asarray(inputs, dtype=np.float32)
             if batch.ndim >= 3:
                 check_numbers(inputs, batch.ndim, "inputs")

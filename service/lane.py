@@ -1,6 +1,6 @@
 """The inference routes' way through the HTTP edge, around FastAPI's per-request machinery; the error shape.
 
-POST /predict and POST /v2/models/{name}/infer are declared as FastAPI routes: their functions hold the
+The inference routes (POST /predict and the OIP v2 infer paths) are declared as FastAPI routes: their functions hold the
 logic and their signatures the OpenAPI schema. Around each call FastAPI adds its router, exception and
 dependency layers, a large share of a request's event-loop time on this model (single-image JSON at
 saturation, 2 threads, wrk -c64, one-off): 1,072-1,394 requests/s through them; interleaved, 1,629-1,784

@@ -94,9 +94,9 @@ class Runtime:
                     f"LCS_ALPHA_GRID: alphas {missing} have no BatchNorm statistics in {settings.checkpoint}; "
                     f"choose from {list(model.stat_alphas)}"
                 )
-            # each as the checkpoint spells it (0.30000001 -> 0.3), so that the accuracy recorded for it is found
-            grid_alphas = [next(s for s in model.stat_alphas if abs(a - s) < 1e-6) for a in grid_alphas]
-        grid = Grid(grid_alphas)
+        # each as the checkpoint spells it (0.50000001 -> 0.5), so that the accuracy recorded for it is found
+        named = [*model.stat_alphas, *(p.alpha for p in meta.accuracy)]
+        grid = Grid([next((n for n in named if abs(a - n) < 1e-6), a) for a in grid_alphas])
         scale, shift = normaliser(meta.input)
         samples = normalised_samples(stored, meta.input)
         rt = cls(
