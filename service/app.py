@@ -295,7 +295,7 @@ class Shed:
 
 _SIGNAL_NAMES = [f.name for f in dataclasses.fields(Signals) if f.name != "now"]  # lcs_signal{signal}
 _LANE_PATHS = INFERENCE_ROUTES
-_V2_INFER = INFERENCE_ROUTES[1:]
+_V2_INFER = tuple(r for r in INFERENCE_ROUTES if r.startswith("/v2/"))  # the binary tensor extension: OIP only
 _LANE_MATCHERS = [(template, compile_path(template)[0]) for template in _LANE_PATHS]  # as the routes match them
 
 
@@ -778,7 +778,7 @@ def create_app(
     # Lane checks the model's name and version before it reads the body (its `check`), then calls these.
     _infer_errors = _errors(404, 408, 415, 422, 429, 503, retry_after=(429, 503))
 
-    @app.post(_V2_INFER[0], responses=_infer_errors)
+    @app.post("/v2/models/{name}/infer", responses=_infer_errors)  # Lane checks each route is declared
     async def v2_infer(name: str, body: V2InferRequest, st: StateDep, request: Request) -> dict[str, object]:
         """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms."""
         rt = st.runtime
@@ -838,7 +838,7 @@ def create_app(
             ],
         }
 
-    @app.post(_V2_INFER[1], responses=_infer_errors)
+    @app.post("/v2/models/{name}/versions/{version}/infer", responses=_infer_errors)
     async def v2_infer_version(
         name: str, version: str, body: V2InferRequest, st: StateDep, request: Request
     ) -> dict[str, object]:
