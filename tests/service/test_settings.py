@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,15 @@ def test_settings_are_frozen(structured: TinyCheckpoint) -> None:
     s = Settings(checkpoint=structured.path)
     with pytest.raises(ValidationError):
         s.max_batch = 4  # type: ignore[misc]
+
+
+def test_the_docs_name_every_setting_and_only_real_ones() -> None:
+    """The README's configuration table is kept by hand (`python -m service --help` is generated): every
+    setting is in it, and no document names an LCS_ variable the service does not read."""
+    root = Path(__file__).parents[2]
+    settings = {"LCS_" + name.upper() for name in Settings.model_fields}
+    readme = (root / "README.md").read_text()
+    assert settings <= set(re.findall(r"`(LCS_[A-Z0-9_]+)`", readme)), settings - set(re.findall(r"LCS_\w+", readme))
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        unknown = set(re.findall(r"LCS_[A-Z0-9_]+", doc.read_text())) - settings
+        assert not unknown, f"{doc.name} names {sorted(unknown)}, which are not service settings"
