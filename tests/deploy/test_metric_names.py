@@ -37,6 +37,7 @@ SUFFIXES = {
 @dataclasses.dataclass(frozen=True)
 class Exposition:
     names: set[str]  # every sample name a query may use (from the # TYPE lines, with suffixes)
+    families: dict[str, str]  # family name -> type
     labels: dict[str, set[tuple[str, str]]]  # sample name -> (label, value) pairs seen on samples
 
 
@@ -61,11 +62,13 @@ def exposition(tiny_checkpoint: Path) -> Iterator[Exposition]:
             time.sleep(0.05)
     names: set[str] = set()
     labels: dict[str, set[tuple[str, str]]] = {}
+    families: dict[str, str] = {}
     for family in text_string_to_metric_families(text):
+        families[family.name] = family.type
         names.update(family.name + s for s in SUFFIXES[family.type])
         for sample in family.samples:
             labels.setdefault(sample.name, set()).update(sample.labels.items())
-    yield Exposition(names, labels)
+    yield Exposition(names=names, families=families, labels=labels)
 
 
 def dashboard_exprs() -> list[str]:
@@ -154,3 +157,29 @@ def test_every_endpoint_regex_selects_exactly_the_inference_routes(tiny_checkpoi
     assert regexes  # the deploy files do select by endpoint
     for rx in regexes:
         assert {path for path in routes if re.fullmatch(rx, path)} == set(INFERENCE_ROUTES), rx
+
+
+def readme_metrics() -> set[str]:
+    """The metric names the README's Metrics section gives, `lcs_cache_{hits,misses}_total` expanded and
+    label lists (`lcs_shed_total{reason}`) dropped."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text[text.index("### Metrics") : text.index("## Results")]
+    names = set()
+    for head, alternatives, tail in re.findall(r"`(lcs_[a-z0-9_]*)(?:\{([a-z0-9_,]+)\})?([a-z0-9_]*)", section):
+        if alternatives and tail:  # lcs_cache_{hits,misses}_total
+            names.update(head + a + tail for a in alternatives.split(","))
+        else:  # lcs_shed_total{reason}: labels
+            names.add(head + tail)
+    return names
+
+
+def test_the_readme_lists_every_metric_and_only_real_ones(exposition: Exposition) -> None:
+    listed = readme_metrics()
+    unknown = sorted(n for n in listed if n not in exposition.names and n not in exposition.families)
+    assert not unknown, f"the README lists metrics the service does not export: {unknown}"
+    exported = {
+        name + ("_total" if kind == "counter" else "")
+        for name, kind in exposition.families.items()
+        if not name.endswith("_created")  # creation timestamps, which the text format lists as families
+    }
+    assert not exported - listed, f"exported but not in the README: {sorted(exported - listed)}"
