@@ -1,6 +1,6 @@
 """Every lcs_ metric the dashboard, the alert rules and the autoscaler read exists in the service's
 real /metrics output (the app run in-process on a tiny checkpoint, after one /predict and a few control
-steps), with the label values they match on."""
+steps), with the label values they match on; the README lists exactly the families exported."""
 
 from __future__ import annotations
 
