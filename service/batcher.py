@@ -70,12 +70,6 @@ class Result:
     batch_images: int
 
 
-@dataclass
-class BatchStats:
-    batches: int = 0
-    images: int = 0
-
-
 class Batcher:
     def __init__(
         self,
@@ -107,7 +101,6 @@ class Batcher:
         self._pending = pending  # requests received but not yet queued (being read or decoded)
         self.closed = False  # set when a drain ends: no job is taken after it
         self.running = 0  # jobs in the batch being computed
-        self.stats = BatchStats()
         self._current: list[Job] = []  # the batch being served, failed as a whole on an unexpected error
 
     @property
@@ -201,8 +194,6 @@ class Batcher:
         finally:
             self.running = 0
         compute = time.monotonic() - t0
-        self.stats.batches += 1
-        self.stats.images += images
         if self._on_batch:
             self._on_batch(alpha, images, model_seconds, compute - model_seconds, batch)
         i = 0

@@ -141,8 +141,6 @@ def test_concurrent_requests_each_get_their_own_rows() -> None:
         # every result knows the size of the batch it rode in
         for r in results[1:]:
             assert r.batch_images in sizes and r.batch_images <= MAX_BATCH
-        assert batcher.stats.batches == len(model.batches)
-        assert batcher.stats.images == sum(sizes)
 
     run_async(scenario)
 
