@@ -114,6 +114,11 @@ class State:
     def draining(self) -> bool:
         return self.draining_since is not None
 
+    @property
+    def ready(self) -> bool:
+        """What every readiness endpoint answers: models built and profiled, and not draining."""
+        return self.runtime.ready and not self.draining
+
     def start_draining(self) -> None:
         if self.draining_since is None:
             self.draining_since = time.monotonic()
@@ -652,7 +657,7 @@ def create_app(
     @app.get("/readyz", responses={503: {"description": "Starting or draining"}})
     async def readyz(st: StateDep) -> JSONResponse:
         """Readiness: models built and profiled, not draining. Load never makes this fail."""
-        ok = st.runtime.ready and not st.draining
+        ok = st.ready
         st.metrics.ready.set(1 if ok else 0)
         if st.failure is not None:
             return JSONResponse({"status": "failed", "detail": st.failure}, status_code=503)
@@ -735,8 +740,7 @@ def create_app(
 
     @app.get("/v2/health/ready", responses={503: {"description": "Not ready"}})
     async def v2_ready(st: StateDep) -> JSONResponse:
-        ok = st.runtime.ready and not st.draining
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"ready": st.ready}, status_code=200 if st.ready else 503)
 
     # A model has one version, "1": each /v2/models/{name} path is also served at /v2/models/{name}/versions/1
     @app.get("/v2/models/{name}", responses=_errors(404, 422))
@@ -772,8 +776,7 @@ def create_app(
         return _v2_ready(st, _model(st, name, version))
 
     def _v2_ready(st: State, rt: Runtime) -> JSONResponse:
-        ok = rt.ready and not st.draining  # as /v2/health/ready: a draining server takes no new work
-        return JSONResponse({"name": rt.name, "ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"name": rt.name, "ready": st.ready}, status_code=200 if st.ready else 503)
 
     # Lane checks the model's name and version before it reads the body (its `check`), then calls these.
     _infer_errors = _errors(404, 408, 415, 422, 429, 503, retry_after=(429, 503))
