@@ -125,14 +125,20 @@ def check_count(n: int, limit: int, where: str) -> None:
         raise InputError(f"{where}: {n} images in one request, the limit is {limit}; split the request")
 
 
+def _float32(values: Sequence[object], where: str) -> np.ndarray:
+    """`values` as float32: a number beyond float32 becomes inf (refused by check_range), an integer beyond
+    any float an InputError; ValueError or TypeError if they are not a rectangular array of numbers."""
+    with np.errstate(over="ignore"):
+        try:
+            return np.asarray(values, dtype=np.float32)
+        except OverflowError:
+            raise InputError(f"{where}: pixel values must be in 0-255, got a number too large to read") from None
+
+
 def numbers(flat: Sequence[object], where: str) -> np.ndarray:
     """A flat list of JSON numbers (OIP v2 `data`) as float32, checked as nested arrays are."""
     check_numbers(flat, 1, where)
-    with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused by check_range
-        try:
-            return np.asarray(flat, dtype=np.float32)
-        except OverflowError:  # an integer beyond float range
-            raise InputError(f"{where}: pixel values must be in 0-255, got a number too large to read") from None
+    return _float32(flat, where)
 
 
 def has_images(inputs: Sequence[object]) -> bool:
@@ -150,11 +156,10 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
     check_count(len(inputs), max_inputs, "inputs")
     if all(isinstance(x, list) for x in inputs):  # fast path: one numpy conversion for the whole batch
         try:
-            with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused by check_range
-                batch = np.asarray(inputs, dtype=np.float32)
+            batch = _float32(inputs, "inputs")
             if batch.ndim >= 3:
                 check_numbers(inputs, batch.ndim, "inputs")
-        except (ValueError, TypeError, OverflowError):  # InputError is a ValueError
+        except (ValueError, TypeError):  # InputError is a ValueError
             batch = None  # ragged, non-numeric or too large: fall through to per-item errors
         if batch is not None and batch.ndim >= 3:
             out = _from_arrays(batch, spec, "inputs[0]")  # one shape for all: the first is as wrong as any
@@ -175,10 +180,9 @@ def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pi
             items.append(image[None])
         elif isinstance(x, list):
             try:
-                with np.errstate(over="ignore"):
-                    arr = np.asarray(x, dtype=np.float32)
-            except OverflowError:  # an integer beyond float range
-                raise InputError(f"{where}: pixel values must be in 0-255, got a number too large to read") from None
+                arr = _float32(x, where)
+            except InputError:
+                raise
             except (ValueError, TypeError):
                 raise InputError(f"{where}: not a rectangular array of numbers") from None
             check_numbers(x, arr.ndim, where)
