@@ -86,17 +86,18 @@ class Runtime:
         # with this cache (benchmarks.switching). Read when the first conv runs.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
         model, meta, stored = checkpoint.load_with_samples(settings.checkpoint)
-        grid_alphas = settings.alpha_grid or list(model.stat_alphas)
-        if meta.norm == "batch":
-            missing = [a for a in grid_alphas if not any(abs(a - s) < 1e-6 for s in model.stat_alphas)]
+        # each grid alpha as the checkpoint spells it (0.50000001 -> 0.5), so that the accuracy it records is found
+        named = [*model.stat_alphas, *(p.alpha for p in meta.accuracy)]
+        asked = settings.alpha_grid or model.stat_alphas
+        grid_alphas = [next((n for n in named if abs(a - n) < 1e-6), a) for a in asked]
+        if meta.norm == "batch":  # its accuracy alphas are among stat_alphas (CheckpointMeta checks)
+            missing = [a for a in grid_alphas if a not in model.stat_alphas]
             if missing:
                 raise ValueError(
                     f"LCS_ALPHA_GRID: alphas {missing} have no BatchNorm statistics in {settings.checkpoint}; "
                     f"choose from {list(model.stat_alphas)}"
                 )
-        # each as the checkpoint spells it (0.50000001 -> 0.5), so that the accuracy recorded for it is found
-        named = [*model.stat_alphas, *(p.alpha for p in meta.accuracy)]
-        grid = Grid([next((n for n in named if abs(a - n) < 1e-6), a) for a in grid_alphas])
+        grid = Grid(grid_alphas)
         scale, shift = normaliser(meta.input)
         samples = normalised_samples(stored, meta.input)
         rt = cls(
