@@ -224,7 +224,8 @@ class Batcher:
     async def drain(self, timeout: float) -> bool:
         """Wait (up to `timeout` s) until every job is answered, those still being received (`pending`)
         included, then close: `submit` refuses from then on. Which requests may still submit meanwhile is
-        the caller's to decide (the app: those received before SIGTERM). True if nothing was left."""
+        the caller's to decide (the app: those received before SIGTERM). True if nothing was left, nor
+        still being received."""
 
         def left() -> bool:
             return bool(self._queue or self.running or (self._pending is not None and self._pending()))
@@ -233,4 +234,4 @@ class Batcher:
         while left() and time.monotonic() < end:
             await asyncio.sleep(0.01)
         self.closed = True
-        return not self._queue and not self.running
+        return not left()

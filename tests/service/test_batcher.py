@@ -418,6 +418,21 @@ def test_drain_times_out_when_work_is_stuck() -> None:
     run_async(scenario)
 
 
+def test_drain_times_out_while_a_request_is_still_being_received() -> None:
+    """Nothing queued or running, but a request still being read at the deadline: the drain did not
+    finish (the app logs it), and that request is refused when it tries to queue."""
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(FakeModel(), pending=lambda: 1)
+        task = await started(batcher)
+        assert await batcher.drain(timeout=0.05) is False
+        with pytest.raises(Draining):
+            batcher.submit(job(0.0))
+        await stop(task, executor)
+
+    run_async(scenario)
+
+
 def test_a_queue_abandoned_while_a_partial_batch_waits_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
     """With max_wait, the batcher sleeps before taking a partial batch; a drain that times out may empty the
     queue meanwhile (`abandon`). It used to take from the empty queue: IndexError, logged as a batcher error."""
