@@ -454,11 +454,15 @@ async def _infer(
     budget = hint.deadline_ms / 1000.0 if hint.deadline_ms is not None else st.settings.slo_p99_seconds
     deadline = arrived + budget
     images = int(x_raw.shape[0])
-    wait = rt.controller.predicted_wait(st.batcher.queued_images + images, st.batcher.depth + 1)
+    queued, depth = st.batcher.queued_images + images, st.batcher.depth + 1
+    wait = rt.controller.predicted_wait(queued, depth, own=images, floor=floor)
     if st.batcher.depth > 0 and wait is not None and wait > deadline - now:
-        # it would be answered late even at the cheapest alpha allowed: refuse now rather than serve late
+        # it would be answered late even at the cheapest alpha it allows: refuse now rather than serve late
         st.metrics.shed.labels("predicted_late").inc()
-        raise ApiError(429, _late(wait, budget), {"Retry-After": retry})
+        detail = _late(wait, budget)
+        if (cheapest := rt.controller.predicted_wait(queued, depth)) is not None and cheapest <= deadline - now:
+            detail += f", or lower min_quality ({floor_req:g}): at the cheapest alpha it would be in time"
+        raise ApiError(429, detail, {"Retry-After": retry})
     x = x_raw * rt.scale + rt.shift
     job = Job(x, target, floor, deadline, now, arrived=arrived)
     try:

@@ -166,19 +166,23 @@ class Controller:
                 self.calm_ratio[alpha] = ratio if calm is None else 0.9 * calm + 0.1 * ratio
         self._unjudged.clear()
 
-    def predicted_wait(self, images: int, requests: int) -> float | None:
+    def predicted_wait(self, images: int, requests: int, *, own: int = 0, floor: float = 0.0) -> float | None:
         """Seconds until `images` queued images (in `requests` requests) are answered, at the lowest alpha
         this policy may use for them (ours: the bottom of the grid, via the slack rule, except while
-        shedding, when batches run at the ceiling; others: the ceiling). The model's time and the event
-        loop's are paced as in the utilisation (`_pace`): where the model has cores of its own the slower
-        sets the wait. (Bursty trace, seeds 8-15: 99 % / 1 % held in 7 of 8 runs with this, 5 of 8 with the
-        sum, which counted the loop's time for requests already parsed as if it came after the model's.)"""
+        shedding, when batches run at the ceiling; others: the ceiling). The last `own` of those images
+        (the request being admitted) run at `floor` (its min_quality on the grid) or above: a batch never
+        runs below a floor of its requests. The model's time and the event loop's are paced as in the
+        utilisation (`_pace`): where the model has cores of its own the slower sets the wait. (Bursty
+        trace, seeds 8-15: 99 % / 1 % held in 7 of 8 runs with this, 5 of 8 with the sum, which counted
+        the loop's time for requests already parsed as if it came after the model's.)"""
         lowest = self.policy[0] == "lcs" and self.mode != "shedding"
         alpha = self.grid.alphas[0] if lowest else self.ceiling
         s = self.last_signals
-        model = self._model_seconds(alpha, images, s)
+        model = self._model_seconds(alpha, images - own, s)
         if model is None:
             return None
+        own_model = self._model_seconds(max(alpha, floor), own, s)  # None: the floor is not profiled
+        model += own_model if own_model is not None else self._model_seconds(alpha, own, s) or 0.0
         batches = min(requests, -(-images // self.max_batch))  # at least one batch per max_batch images
         return self._pace(model + batches * self.handoff, requests * self._request_cost(s))
 

@@ -52,6 +52,9 @@ def test_predicted_wait_uses_the_cheapest_alpha_for_our_policy_and_the_ceiling_f
     fixed.update(Signals(now=0.0))
     assert abs(ours.predicted_wait(10, 1) - 0.010) < 1e-9  # type: ignore[operator]
     assert abs(fixed.predicted_wait(10, 1) - 0.100) < 1e-9  # type: ignore[operator]
+    # the request being admitted (its last 4 images) never runs below its min_quality's alpha
+    assert ours.predicted_wait(10, 2, own=4, floor=1.0) == pytest.approx(6 * 0.001 + 4 * 0.010)
+    assert fixed.predicted_wait(10, 2, own=4, floor=0.5) == pytest.approx(0.100)  # at the ceiling already
 
 
 def test_measured_request_cost_counts_in_the_utilisation() -> None:
@@ -95,6 +98,34 @@ def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyC
             assert ok.status_code == 200
             metrics = (await client.get("/metrics")).text
             assert 'lcs_shed_total{reason="predicted_late"} 1.0' in metrics
+
+    asyncio.run(scenario())
+
+
+def test_a_request_is_judged_at_its_min_quality_since_its_batch_never_runs_below_it(
+    structured: TinyCheckpoint,
+) -> None:
+    """1 queued image + 4 new ones fit the 200 ms budget at alpha 0 (5 ms per image), but not with the 4 at
+    alpha 1 (50 ms each), where min_quality 1 puts them: that request is refused, and told why."""
+
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
+            st.runtime.profile.seconds = _profile(0.05, 0.005).seconds
+            four = [image_list(x) for x in random_images(4, seed=3)]
+            with paused(st) as gate:
+                first = asyncio.create_task(client.post("/predict", json={"inputs": four}))
+                await until(lambda: st.inflight == 1, what="the first request to be admitted")
+                second = asyncio.create_task(client.post("/predict", json={"inputs": four[:1]}))
+                await until(lambda: st.batcher.depth >= 1, what="a queued request")
+                late = await client.post("/predict", json={"inputs": four, "min_quality": 1})
+                ok_task = asyncio.create_task(client.post("/predict", json={"inputs": four}))
+                await until(lambda: st.batcher.depth >= 2, what="the same request without min_quality")
+                gate.set()
+                assert (await first).status_code == 200 and (await second).status_code == 200
+                ok = await ok_task
+            assert late.status_code == 429 and late.headers["retry-after"]
+            assert "lower min_quality (1)" in late.json()["detail"]
+            assert ok.status_code == 200
 
     asyncio.run(scenario())
 
