@@ -32,7 +32,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lcs.checkpoint import CheckpointError
-from service.batcher import Batcher, Draining, Job, QueueFull
+from service.batcher import Batcher, Draining, Job, QueueFull, Result
 from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.inputs import InputError, check_count, check_range, decode, has_images, numbers
@@ -248,7 +248,10 @@ class Observe:
         else:
             if not started:
                 status = 499  # the client left before its answer (nginx's code for it)
-        endpoint = getattr(scope.get("route"), "path", "unmatched")
+        # FastAPI's own pages (/docs, /openapi.json, ...) are plain Starlette routes: matched, with no route
+        # object; their paths have no parameters, so each is its own label
+        route = scope.get("route")
+        endpoint = route.path if route is not None else scope["path"] if "endpoint" in scope else "unmatched"
         st: State | None = getattr(scope["app"].state, "lcs", None)
         if st is not None and endpoint != "/metrics":
             elapsed = time.monotonic() - t0
@@ -312,7 +315,7 @@ def _late(wait: float, budget: float) -> str:
 
 
 def _queue_full(queue_max: int) -> str:
-    return f"the queue is full ({queue_max} requests); retry after a moment"
+    return f"the queue is full ({queue_max} request{'s' if queue_max != 1 else ''}); retry after a moment"
 
 
 def _retry_after(settings: Settings) -> str:
@@ -416,7 +419,7 @@ def _alpha(value: float | str | None, default: float) -> float:
 
 async def _infer(
     st: State, state: dict[str, Any], x_raw: np.ndarray, hint: Hint
-) -> tuple[np.ndarray, Any, float | None]:
+) -> tuple[np.ndarray, Result, float | None]:
     """Admission, queueing and inference shared by /predict and the v2 infer path, once the body is decoded.
     `state`: the request's scope state (its arrival time, from which its deadline counts; its place in the
     pre-body gate's count, which it leaves here)."""
@@ -448,6 +451,7 @@ async def _infer(
             429,
             f"{why} <= {ceiling:g}, below min_quality {floor_req:g}; retry later or lower min_quality",
             {"Retry-After": retry},
+            kind="min_quality unavailable",
         )
     now = time.monotonic()
     # every request has a deadline: its own, or the SLO; the batcher's slack rule works from it
@@ -456,6 +460,13 @@ async def _infer(
     images = int(x_raw.shape[0])
     queued, depth = st.batcher.queued_images + images, st.batcher.depth + 1
     wait = rt.controller.predicted_wait(queued, depth, own=images, floor=floor)
+    if wait is not None and wait > deadline - now and st.batcher.depth == 0 and hint.deadline_ms is not None:
+        # nothing queued, and still late by the client's own budget: waiting would not help
+        raise ApiError(
+            422,
+            f"this request needs about {wait * 1000:.0f} ms even with nothing queued, over its deadline_ms "
+            f"({hint.deadline_ms:g}); raise deadline_ms or send fewer images",
+        )
     if st.batcher.depth > 0 and wait is not None and wait > deadline - now:
         # it would be answered late even at the cheapest alpha it allows: refuse now rather than serve late
         st.metrics.shed.labels("predicted_late").inc()
@@ -594,7 +605,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(request.scope, exc.status, exc.detail, exc.headers)
+        return error_response(request.scope, exc.status, exc.detail, exc.headers, exc.kind)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -638,13 +649,7 @@ def create_app(
             {
                 "predictions": preds,
                 "model": rt.name,
-                "alpha": res.alpha,
-                "kind": rt.meta.kind,
-                "level": rt.level(res.alpha),
-                "level_name": LEVEL_NAMES[rt.meta.kind],
-                "accuracy": acc,
-                "queue_ms": round(res.queue_seconds * 1000, 3),
-                "compute_ms": round(res.compute_seconds * 1000, 3),
+                **_served(rt, res, acc),
                 "batch_images": res.batch_images,
                 "request_id": request.state.request_id,
             }
@@ -761,7 +766,7 @@ def create_app(
             "name": rt.name,
             "versions": [_VERSION],
             "platform": "pytorch",
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, i.channels, i.height, i.width]}],
+            "inputs": [{"name": _V2_INPUT, "datatype": "FP32", "shape": [-1, i.channels, i.height, i.width]}],
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(rt.meta.classes)]}],
             "parameters": {
                 "kind": rt.meta.kind,
@@ -790,6 +795,10 @@ def create_app(
         """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms."""
         rt = st.runtime
         t = body.inputs[0]
+        if t.name != _V2_INPUT:
+            raise InputError(
+                f"inputs[0].name {t.name[:40]!r} is not an input of this model; its one input is {_V2_INPUT!r}"
+            )
         if t.datatype not in _BINARY_DTYPES:  # the datatypes this route reads, as JSON data or binary
             raise InputError(
                 f"inputs[0].datatype {t.datatype!r} is not supported; use one of {', '.join(_BINARY_DTYPES)}"
@@ -809,6 +818,8 @@ def create_app(
             raise InputError("inputs[0]: send the values either in data or as binary data, not both")
         if t.data is None and binary is None:
             raise InputError(f"inputs[0] has no data: send data, or binary_data_size with the {BINARY_HEADER} header")
+        if t.data is not None and any(isinstance(v, list) for v in t.data):
+            raise InputError("inputs[0].data: send the values as one flat list in row-major order, not nested lists")
         values = len(t.data) if t.data is not None else None
         if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
             raise InputError(
@@ -828,13 +839,7 @@ def create_app(
             "model_name": rt.name,
             "model_version": _VERSION,
             "id": body.id or uuid.uuid4().hex,
-            "parameters": {
-                "alpha": res.alpha,
-                "level": rt.level(res.alpha),
-                "accuracy": acc,
-                "queue_ms": res.queue_seconds * 1000,
-                "compute_ms": res.compute_seconds * 1000,
-            },
+            "parameters": _served(rt, res, acc),
             "outputs": [
                 {
                     "name": "probabilities",
@@ -856,6 +861,20 @@ def create_app(
 
 
 _VERSION = "1"  # OIP v2: the one version of the one model a server serves
+_V2_INPUT = "input"  # the name of its one input tensor
+
+
+def _served(rt: Runtime, res: Result, accuracy: float | None) -> dict[str, object]:
+    """How a request was served, as /predict's body and OIP v2's response parameters report it."""
+    return {
+        "alpha": res.alpha,
+        "kind": rt.meta.kind,
+        "level": rt.level(res.alpha),
+        "level_name": LEVEL_NAMES[rt.meta.kind],
+        "accuracy": accuracy,
+        "queue_ms": round(res.queue_seconds * 1000, 3),
+        "compute_ms": round(res.compute_seconds * 1000, 3),
+    }
 
 
 def _model(st: State, name: str, version: str | None = None) -> Runtime:

@@ -48,8 +48,10 @@ _REASONS = {
 class ApiError(Exception):
     """An error answered as JSON {"error": ..., "detail": ...} with a status and optional headers."""
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        self.status, self.detail, self.headers = status, detail, headers or {}
+    def __init__(
+        self, status: int, detail: str, headers: dict[str, str] | None = None, kind: str | None = None
+    ) -> None:
+        self.status, self.detail, self.headers, self.kind = status, detail, headers or {}, kind
 
 
 def error_response(
@@ -66,7 +68,7 @@ def problems(errors: Iterable[Mapping[str, Any]]) -> str:
     return "; ".join(
         _invalid_json(e.get("ctx", {}).get("error", "unreadable"))
         if e["type"] == "json_invalid"
-        else f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+        else f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
         for e in list(errors)[:10]
     )
 
@@ -110,9 +112,19 @@ def validate(model: type[M], raw: bytes) -> M:
         raise ApiError(422, problems({**err, "loc": ("body", *err["loc"])} for err in e.errors())) from None
 
 
-def require_json(content_type: str) -> None:
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, f"content type {content_type or 'missing'!r} is not supported; send application/json")
+def require_json(content_type: str, binary: bool = False) -> None:
+    """415 unless the body is JSON. `binary`: the route also takes the v2 binary tensor extension, which a
+    body without its length header is not using."""
+    media = content_type.split(";")[0].strip().lower()
+    if media == "application/json":
+        return
+    if binary and media == "application/octet-stream":
+        raise ApiError(
+            415,
+            f"a binary body needs the {BINARY_HEADER} header (the length of its JSON part, for the binary tensor "
+            "extension); or send the tensors as JSON with content type application/json",
+        )
+    raise ApiError(415, f"content type {content_type or 'missing'!r} is not supported; send application/json")
 
 
 def split_binary(body: bytes, length: str) -> tuple[bytes, memoryview]:
@@ -180,7 +192,7 @@ class Lane:
                 raise ApiError(503, "the service is starting; retry shortly", {"Retry-After": "1"})
             result = await route.endpoint(body=body, st=st, request=request, **scope["path_params"])
         except ApiError as e:
-            return error_response(scope, e.status, e.detail, e.headers)
+            return error_response(scope, e.status, e.detail, e.headers, e.kind)
         except InputError as e:
             return error_response(scope, 422, str(e), kind="invalid input")
         return result if isinstance(result, Response) else JSONResponse(result)
@@ -191,7 +203,7 @@ class Lane:
         if encoding != "identity":
             raise ApiError(415, f"content encoding {encoding!r} is not supported; send the body uncompressed")
         if length is None:
-            require_json(request.headers.get("content-type", ""))
+            require_json(request.headers.get("content-type", ""), binary=route.path in self.binary)
         try:  # a request past the pre-body gate counts as queued until its body is read: bound the wait
             raw = await asyncio.wait_for(request.body(), self.body_timeout)
         except TimeoutError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -11,13 +12,19 @@ Preset = Literal["best", "high", "balanced", "fast", "fastest"]  # PRESETS' name
 
 
 def _quality(value: object) -> object:
-    """One message for a bad quality, naming both forms (pydantic would report each member of the union)."""
+    """One message for a bad quality, naming both forms (pydantic would report each member of the union),
+    with the value as the client wrote it (JSON: true, not Python's True)."""
     if isinstance(value, str) and value not in PRESETS:
-        raise ValueError(f"unknown preset {value[:40]!r}; use a number in [0, 1] or one of {list(PRESETS)}")
+        try:
+            float(value)
+            hint = "; send a number as a JSON number, not a string"
+        except ValueError:
+            hint = f"; use a number in [0, 1] or one of {list(PRESETS)}"
+        raise ValueError(f"unknown preset {value[:40]!r}{hint}")
     if not isinstance(value, str) and (
         isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0
     ):
-        raise ValueError(f"{str(value)[:40]} is not a number in [0, 1] or one of {list(PRESETS)}")
+        raise ValueError(f"{json.dumps(value, default=str)[:40]} is not a number in [0, 1] or one of {list(PRESETS)}")
     return value
 
 
@@ -56,7 +63,9 @@ class PredictRequest(Hint):
         description="Images: nested arrays of raw pixel values 0-255 in the model's input shape "
         "([H, W], [C, H, W] or [H, W, C]), or base64 PNG/JPEG strings.",
     )
-    top_k: int | None = Field(None, ge=1, le=1000, description="How many classes to return per input.")
+    top_k: int | None = Field(
+        None, ge=1, le=1000, description="How many classes to return per input (at most every class)."
+    )
 
 
 class ClassScore(BaseModel):

@@ -9,7 +9,7 @@ import io
 import json
 import threading
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -164,21 +164,50 @@ def test_min_quality_that_can_be_met_is_served(client: TestClient) -> None:
     assert r.status_code == 200 and r.json()["alpha"] == 1.0
 
 
-@pytest.mark.parametrize(("min_quality", "alpha"), [(None, 0.0), (0.5, 0.5), (1.0, 1.0)])
-def test_a_deadline_that_cannot_be_met_lowers_alpha_down_to_the_floor(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, min_quality: float | None, alpha: float
-) -> None:
-    # a profile where the model is the cost (the tiny model's own is dwarfed by request handling, where
-    # the controller keeps alpha); 1 microsecond: no alpha fits, so the batch runs at the request's floor
+def _model_is_the_cost(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Callable[[float], float]:
+    """A made-up profile where the model is the cost (the tiny model's own is dwarfed by request handling,
+    where the controller keeps alpha): 10 ms + 1 s x alpha an image, and nothing learned by earlier tests
+    (the client is shared) about how the machine runs against its profile. Returns it, as alpha -> seconds."""
     runtime = app_state(client).runtime
     made_up = LatencyProfile()
     for a in runtime.grid.alphas:
-        made_up.add(a, 1, 0.001 + 0.1 * a)
-    monkeypatch.setattr(runtime.controller, "profile", made_up)
-    body: dict[str, Any] = {"inputs": [image_list(IMAGES[0])], "deadline_ms": 0.001, "min_quality": min_quality}
+        made_up.add(a, 1, 0.010 + a)
+    c = runtime.controller
+    for name, fresh in (
+        ("profile", made_up),
+        ("calm_ratio", {}),
+        ("drift", 1.0),
+        ("handoff", 0.0),
+        ("last_signals", None),
+    ):
+        monkeypatch.setattr(c, name, fresh)
+    return lambda a: 0.010 + a
+
+
+@pytest.mark.parametrize(("min_quality", "alpha"), [(None, 0.0), (0.5, 0.5), (1.0, 1.0)])
+def test_a_tight_deadline_lowers_alpha_but_never_below_the_floor(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, min_quality: float | None, alpha: float
+) -> None:
+    # three times the floor's time: the floor fits, the next grid alpha up (0.25 s more) does not
+    cost = _model_is_the_cost(client, monkeypatch)
+    deadline_ms = 3000 * cost(min_quality or 0.0)
+    body: dict[str, Any] = {"inputs": [image_list(IMAGES[0])], "deadline_ms": deadline_ms, "min_quality": min_quality}
     r = client.post("/predict", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["alpha"] == alpha
+
+
+@pytest.mark.parametrize("min_quality", [None, 0.5])
+def test_a_deadline_even_the_floor_cannot_meet_with_nothing_queued_is_422(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, min_quality: float | None
+) -> None:
+    """Waiting would not help: the client is told to raise its deadline_ms, not to retry (429)."""
+    cost = _model_is_the_cost(client, monkeypatch)
+    deadline_ms = 500 * cost(min_quality or 0.0)  # half the floor's time
+    body: dict[str, Any] = {"inputs": [image_list(IMAGES[0])], "deadline_ms": deadline_ms, "min_quality": min_quality}
+    r = client.post("/predict", json=body)
+    assert r.status_code == 422, r.text
+    assert "even with nothing queued" in r.json()["detail"] and "raise deadline_ms" in r.json()["detail"]
 
 
 def test_a_generous_deadline_keeps_full_quality(client: TestClient) -> None:
@@ -536,12 +565,13 @@ def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
         ({"datatype": "BYTES"}, "datatype 'BYTES' is not supported"),
         ({"data": [300] * (IMAGE * IMAGE)}, "0-255"),
         ({"data": ["x"] * (IMAGE * IMAGE)}, "pixel values must be JSON numbers (0-255), got strings"),
-        ({"data": [[0]] * (IMAGE * IMAGE)}, "got arrays"),
+        ({"data": [[0]] * (IMAGE * IMAGE)}, "one flat list in row-major order, not nested lists"),
         ({"data": [10**400] * (IMAGE * IMAGE)}, "a number too large to read"),
         ({"shape": [5, IMAGE * IMAGE], "data": [0] * (5 * IMAGE * IMAGE)}, "the limit is 4"),
         ({"shape": [1, -1, -IMAGE, IMAGE]}, "every dimension must be a positive number"),  # the product matches
         ({"data": [2.5] * (IMAGE * IMAGE)}, "UINT8 values must be whole numbers"),
         ({"datatype": "FP16"}, "use one of UINT8, FP32, FP64, INT32, INT64"),
+        ({"name": "x"}, "inputs[0].name 'x' is not an input of this model; its one input is 'input'"),
     ],
 )
 def test_v2_infer_bad_tensors_are_422(client: TestClient, change: dict[str, Any], detail: str) -> None:
@@ -556,11 +586,12 @@ def test_v2_infer_bad_tensors_are_422(client: TestClient, change: dict[str, Any]
 @pytest.mark.parametrize(
     ("parameters", "detail"),
     [
-        ({"quality": "ultra"}, "body.parameters.quality: Value error, unknown preset 'ultra'; use a number in [0, 1]"),
-        ({"quality": [1]}, "body.parameters.quality: Value error, [1] is not a number in [0, 1] or one of ['best'"),
-        ({"quality": 7}, "body.parameters.quality: Value error, 7 is not a number in [0, 1]"),
-        ({"quality": True}, "body.parameters.quality: Value error, True is not a number"),
-        ({"min_quality": -1}, "body.parameters.min_quality: Value error, -1 is not a number in [0, 1]"),
+        ({"quality": "ultra"}, "body.parameters.quality: unknown preset 'ultra'; use a number in [0, 1]"),
+        ({"quality": [1]}, "body.parameters.quality: [1] is not a number in [0, 1] or one of ['best'"),
+        ({"quality": 7}, "body.parameters.quality: 7 is not a number in [0, 1]"),
+        ({"quality": "0.5"}, "body.parameters.quality: unknown preset '0.5'; send a number as a JSON number, not"),
+        ({"quality": True}, "body.parameters.quality: true is not a number"),
+        ({"min_quality": -1}, "body.parameters.min_quality: -1 is not a number in [0, 1]"),
         ({"deadline_ms": "soon"}, "body.parameters.deadline_ms: Input should be a valid number"),
         ({"deadline_ms": -5}, "body.parameters.deadline_ms: Input should be greater than 0"),
         ({"quality": 0.5, "min_quality": 1.0}, "min_quality (1) is above quality (0.5); lower min_quality"),
@@ -597,6 +628,9 @@ def test_v2_infer_needs_json(client: TestClient) -> None:
         f"/v2/models/{NAME}/infer", content=json.dumps(v2_body(IMAGES[:1])), headers={"content-type": "text/plain"}
     )
     assert r.status_code == 415
+    # a binary body without the extension's length header: that header is what is missing
+    r = client.post(f"/v2/models/{NAME}/infer", content=b"{}", headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 415 and "needs the inference-header-content-length header" in r.json()["detail"]
 
 
 def test_v2_infer_needs_exactly_one_input(client: TestClient) -> None:
@@ -724,7 +758,8 @@ def test_pin_to_the_lowest_alpha_refuses_min_quality(structured: TinyCheckpoint)
     with serve(make_settings(structured.path, api_key="k")) as c:
         assert c.put("/admin/pin", json={"alpha": 0.0}, headers={"x-api-key": "k"}).status_code == 200
         r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": "balanced"})
-        assert r.status_code == 429 and r.json()["error"] == "overloaded"
+        assert r.status_code == 429 and r.json()["error"] == "min_quality unavailable"  # not load: the pin
+        assert "an operator has pinned alpha" in r.json()["detail"]
         assert c.post("/predict", json={"inputs": [ZEROS], "min_quality": 0.0}).json()["alpha"] == 0.0
 
 
@@ -772,7 +807,7 @@ def test_full_queue_answers_429_with_retry_after(structured: TinyCheckpoint) -> 
                 refused = await client.post("/predict", json=body)
                 assert refused.status_code == 429
                 assert int(refused.headers["retry-after"]) >= 1
-                assert "queue is full (1 requests)" in refused.json()["detail"]
+                assert "queue is full (1 request)" in refused.json()["detail"]
                 assert st.inflight == 2
                 gate.set()
                 done = await asyncio.gather(first, second)

@@ -185,7 +185,9 @@ CASES: dict[str, Hostile] = {
     "multipart": Hostile(b"--x\r\n\r\n{}\r\n--x--", "send application/json", 415, "multipart/form-data; boundary=x"),
     "json-patch": Hostile("{}", "send application/json", status=415, content_type="application/json-patch+json"),
     "xml": Hostile("<inputs/>", "send application/json", status=415, content_type="application/xml"),
-    "v2 octet-stream": Hostile(b"\x00" * 16, "send application/json", 415, "application/octet-stream", V2),
+    "v2 octet-stream": Hostile(
+        b"\x00" * 16, "needs the inference-header-content-length header", 415, "application/octet-stream", V2
+    ),
     # -- request parameters: out of range or wrongly typed --
     "quality -0.1": Hostile(predict_with(json.dumps(ZEROS), ', "quality": -0.1'), "quality"),
     "quality 1.0001": Hostile(predict_with(json.dumps(ZEROS), ', "quality": 1.0001'), "quality"),
@@ -208,7 +210,7 @@ CASES: dict[str, Hostile] = {
     # -- the v2 tensor --
     "v2 booleans": v2(v2_data("true"), "must be JSON numbers (0-255), got true/false"),
     "v2 digit strings": v2(v2_data('"1"'), "got strings"),
-    "v2 nested data": v2(v2_data("[1]"), "got arrays"),
+    "v2 nested data": v2(v2_data("[1]"), "one flat list in row-major order, not nested lists"),
     "v2 null data": v2(v2_data("null"), "got null"),
     "v2 400-digit integer": v2(v2_data("9" * 400), "a number too large to read"),
     "v2 1e309": v2(v2_data("1e309"), "contains NaN, Infinity or a number too large"),

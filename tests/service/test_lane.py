@@ -35,7 +35,7 @@ def test_inference_routes_skip_fastapis_dependency_machinery(
     name = client.get("/model").json()["name"]
     monkeypatch.setattr("fastapi.routing.solve_dependencies", broken)
     assert client.post("/predict", json={"inputs": [ZEROS]}).status_code == 200
-    v2 = {"inputs": [{"name": "x", "shape": [1, IMAGE, IMAGE], "datatype": "UINT8", "data": [0] * IMAGE * IMAGE}]}
+    v2 = {"inputs": [{"name": "input", "shape": [1, IMAGE, IMAGE], "datatype": "UINT8", "data": [0] * IMAGE * IMAGE}]}
     assert client.post(f"/v2/models/{name}/infer", json=v2).status_code == 200
     # every other route still goes through FastAPI (here, into the broken resolver: a 500)
     assert client.put("/admin/pin", json={"alpha": 1.0}, headers={"x-api-key": "k"}).status_code == 500

@@ -21,7 +21,7 @@ ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
 
 @pytest.fixture(scope="module")
 def scraped(structured: TinyCheckpoint) -> Iterator[dict[str, tuple[str, list[Sample]]]]:
-    """{family name: (type, samples)} after 3 good predictions (4 images), 1 invalid one, 1 too large and 3
+    """{family name: (type, samples)} after 3 good predictions (4 images), 1 invalid one, 1 too large and 4
     other calls."""
     with serve(make_settings(structured.path, max_body_bytes=4096)) as c:
         assert c.post("/predict", json={"inputs": [ZEROS, ZEROS]}).status_code == 200
@@ -33,6 +33,7 @@ def scraped(structured: TinyCheckpoint) -> Iterator[dict[str, tuple[str, list[Sa
         assert c.get("/healthz").status_code == 200
         assert c.get("/v2/models/some-other-model").status_code == 404
         assert c.get("/no/such/path/42").status_code == 404
+        assert c.get("/openapi.json").status_code == 200
         r = c.get("/metrics")
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/plain")
@@ -85,6 +86,8 @@ def test_requests_are_counted_by_route_template_and_status(scraped: dict[str, tu
     assert value(samples, "lcs_requests_total", endpoint="/predict", status="422") == 1
     assert value(samples, "lcs_requests_total", endpoint="/predict", status="413") == 1  # not "unmatched"
     assert value(samples, "lcs_requests_total", endpoint="/healthz", status="200") == 1
+    assert value(samples, "lcs_requests_total", endpoint="/openapi.json", status="200") == 1  # FastAPI's own page
+    assert value(samples, "lcs_requests_total", endpoint="unmatched", status="404") == 1  # no route at all
     # no per-request label values: the route template, never the raw path
     assert value(samples, "lcs_requests_total", endpoint="/v2/models/{name}", status="404") == 1
     endpoints = {s.labels["endpoint"] for s in samples}
