@@ -87,10 +87,11 @@ wheels() {
     || { say "pip download needs Python 3.11 on x86_64 here (the image's)"; exit 1; }
   local req
   req=$(mktemp)
-  python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' >"$req"
+  # the dependencies and the build backend (pip builds /src in the image from these wheels alone)
+  python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))
+print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' >"$req"
   say "pip download into $wheels"
-  # setuptools: the project's build backend (pip builds /src in the image from these wheels alone)
-  "$pip" download --only-binary=:all: -d "$wheels" -r "$req" "setuptools>=68"
+  "$pip" download --only-binary=:all: -d "$wheels" -r "$req"
   rm -f "$req"
 }
 
