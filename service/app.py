@@ -32,6 +32,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lcs.checkpoint import CheckpointError
+from service import docs
 from service.batcher import Batcher, Draining, Job, QueueFull, Result
 from service.controller import Signals
 from service.fleet import PrometheusFleet
@@ -582,7 +583,10 @@ def create_app(
             413: {"model": ErrorResponse, "description": "Body too large (any route)"},
             500: {"model": ErrorResponse, "description": "Internal error; quote the request_id"},
         },
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN; docs.add serves them from here
+        redoc_url=None,
     )
+    docs.add(app)
     lane_routes = app.router.routes  # filled below; Lane reads it when the stack is built, at the first request
     app.wrap = lambda inner: Observe(
         Shed(

@@ -7,6 +7,7 @@ import base64
 import gzip
 import io
 import json
+import re
 import threading
 import typing
 from collections.abc import Callable, Iterator
@@ -874,3 +875,21 @@ def test_all_torch_work_runs_on_the_inference_thread(
         assert r.status_code == 200
     assert all(names and all(n.startswith("lcs-infer") for n in names) for names in seen.values()), seen
     assert inputs and set(inputs) == {np.ndarray}
+
+
+@pytest.mark.parametrize(
+    ("page", "assets"), [("/docs", ["swagger-ui-bundle.js", "swagger-ui.css"]), ("/redoc", ["redoc.standalone.js"])]
+)
+def test_the_documentation_pages_load_nothing_from_outside(client: TestClient, page: str, assets: list[str]) -> None:
+    """FastAPI's own pages load Swagger UI and ReDoc from a CDN: blank on a machine without internet access."""
+    r = client.get(page)
+    assert r.status_code == 200 and "/openapi.json" in r.text
+    remote = [u for u in re.findall(r"""(?:src|href)=["']([^"']+)""", r.text) if "://" in u]
+    assert remote == [], remote
+    for name in assets:
+        assert f"/docs/assets/{name}" in r.text
+        served = client.get(f"/docs/assets/{name}")
+        assert served.status_code == 200 and len(served.content) > 100_000
+    missing = client.get("/docs/assets/app.py")  # only the pages' own files, by name
+    assert missing.status_code == 404 and "no documentation asset" in missing.json()["detail"]
+    assert client.get("/docs/assets/..%2F..%2Fpyproject.toml").status_code == 404
