@@ -822,7 +822,7 @@ def create_app(
             raise InputError("inputs[0]: send the values either in data or as binary data, not both")
         if t.data is None and binary is None:
             raise InputError(f"inputs[0] has no data: send data, or binary_data_size with the {BINARY_HEADER} header")
-        if t.data is not None and any(isinstance(v, list) for v in t.data):
+        if t.data and isinstance(t.data[0], list):  # the first says it (a later array: numbers() names it)
             raise InputError("inputs[0].data: send the values as one flat list in row-major order, not nested lists")
         values = len(t.data) if t.data is not None else None
         if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
