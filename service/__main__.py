@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from lcs.checkpoint import CheckpointError
 from service.app import create_app
 from service.runtime import Runtime, inference_executor
-from service.settings import ROOT, Settings
+from service.settings import ROOT, Settings, settings_errors
 
 
 def usage() -> str:
@@ -77,9 +77,8 @@ def main(args: list[str] | None = None) -> int:
         # fail fast, before binding the port, with a message naming the problem
         runtime = executor.submit(Runtime.load, settings).result()
     except ValidationError as e:
-        for err in e.errors():
-            field = "LCS_" + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else "settings"
-            print(f"error: {field}: {err['msg']}", file=sys.stderr)
+        for line in settings_errors(e):
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

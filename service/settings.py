@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
@@ -124,3 +125,22 @@ class Settings(BaseSettings):
                 "written by `python -m training train` (the default is models/structured_line.safetensors)"
             )
         return self
+
+
+def settings_errors(e: ValidationError) -> list[str]:
+    """One line per refused setting, naming the variable and the value it had (`LCS_PORT=abc: ...`); a
+    check across settings (no location) names its variables itself. Secrets are never shown."""
+    lines = []
+    for err in e.errors():
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        if not err["loc"]:
+            lines.append(msg)
+            continue
+        name = str(err["loc"][0])
+        field = Settings.model_fields.get(name)
+        secret = field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
+        value = err.get("input")
+        # the value as the environment spelled it (an item of a list given in Python: the item alone)
+        shown = "" if value is None or secret or len(err["loc"]) > 1 else "=" + shlex.quote(str(value))
+        lines.append(f"LCS_{name.upper()}{shown}: {msg}")
+    return lines

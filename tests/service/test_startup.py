@@ -75,7 +75,29 @@ def test_a_bad_setting_is_named(
 ) -> None:
     code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_MAX_BATCH="0")
     assert code == 2
-    assert err.startswith("error: LCS_MAX_BATCH:")
+    assert err.startswith("error: LCS_MAX_BATCH=0: Input should be greater than or equal to 1")
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        # a validator's own message, without pydantic's "Value error, " before it
+        ({"LCS_ALPHA_GRID": "0 1.5"}, "error: LCS_ALPHA_GRID='0 1.5': alphas must be in [0, 1]"),
+        # a check across settings names its variable itself, not as "settings: ..."
+        ({"LCS_CHECKPOINT": "/nonexistent/x.safetensors"}, "error: LCS_CHECKPOINT=/nonexistent/x.safetensors: no such"),
+    ],
+)
+def test_settings_errors_name_the_variable_and_its_value_and_nothing_else(
+    structured: TinyCheckpoint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    line: str,
+) -> None:
+    code, err = _main_with(monkeypatch, capsys, **{"LCS_CHECKPOINT": str(structured.path), **env})
+    assert code == 2
+    assert err.startswith(line), err
+    assert len(err.strip().splitlines()) == 1 and "Value error" not in err
 
 
 def test_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
