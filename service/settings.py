@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, TypeVar, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -14,6 +15,18 @@ Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks 
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
+N = TypeVar("N", int, float)
+
+
+def _numbers(v: str, parse: Callable[[str], N], expected: str) -> list[N]:
+    """Comma- or space-separated numbers; one that does not parse is refused saying what is expected."""
+    out = []
+    for x in v.replace(",", " ").split():
+        try:
+            out.append(parse(x))
+        except ValueError:
+            raise ValueError(f"cannot read {x!r}; expected {expected}") from None
+    return out
 
 
 def _floats(v: object) -> object:
@@ -21,7 +34,7 @@ def _floats(v: object) -> object:
         v = v.strip()
         if v in ("", "all", "checkpoint"):
             return None
-        return [float(x) for x in v.replace(",", " ").split()]
+        return _numbers(v, float, "comma-separated alphas in [0, 1], e.g. 0,0.25,0.5,0.75,1")
     return v
 
 
@@ -103,7 +116,7 @@ class Settings(BaseSettings):
     @classmethod
     def _ints(cls, v: object) -> object:
         if isinstance(v, str):
-            return [int(x) for x in v.replace(",", " ").split()]
+            return _numbers(v, int, "comma-separated whole numbers (batch sizes), e.g. 1,8,32")
         return v
 
     @field_validator("alpha_grid", "prebuild")
