@@ -112,6 +112,22 @@ class Settings(BaseSettings):
         parse_policy(v)
         return v
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _usable_key(cls, v: object) -> object:
+        # the admin check compares the key with a request header's value, which HTTP strips of
+        # surrounding whitespace: an empty key, or one with a trailing newline, could never match
+        key = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if isinstance(key, str):
+            if not key.strip():
+                raise ValueError("empty; unset it to turn the admin endpoints off, or set a key")
+            if key != key.strip():
+                raise ValueError(
+                    "the key starts or ends with whitespace (a trailing newline from the file it came from?), "
+                    "which no request header can carry, so no request could match it; remove the whitespace"
+                )
+        return v
+
     @field_validator("profile_batches", mode="before")
     @classmethod
     def _ints(cls, v: object) -> object:

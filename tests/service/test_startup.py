@@ -46,6 +46,7 @@ def test_bad_checkpoints_stop_start_up_with_exit_code_2(tmp_path: Path) -> None:
 
 def _main_with(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], **env: str) -> tuple[int, str]:
     monkeypatch.setenv("LCS_THREADS", "1")
+    monkeypatch.setenv("LCS_PORT", str(free_port()))  # a case that starts the server by mistake binds no known port
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     code = main()
@@ -98,6 +99,20 @@ def test_settings_errors_name_the_variable_and_its_value_and_nothing_else(
     assert code == 2
     assert err.startswith(line), err
     assert len(err.strip().splitlines()) == 1 and "Value error" not in err
+
+
+@pytest.mark.parametrize("key", ["", "  ", "s3cret\n"])
+def test_an_api_key_no_request_can_match_is_refused_without_showing_it(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    """An empty key turned the admin endpoints on with a key no request could send (every call 401); a
+    header's value arrives stripped of surrounding whitespace, so a key read with its file's newline
+    could never match either."""
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_API_KEY=key)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: LCS_API_KEY: ")
+    assert ("unset it to turn the admin endpoints off, or set a key" if not key.strip() else "whitespace") in err
+    assert "s3cret" not in err
 
 
 def test_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
