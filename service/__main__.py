@@ -22,8 +22,9 @@ from service.settings import ROOT, Settings, settings_errors
 def usage() -> str:
     """The settings as environment variables with their defaults, from `Settings` itself."""
     rows = []
+    defaults: dict[str, object] = {}  # a default that follows another setting's (profile_batches) sees it
     for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
+        default = defaults[name] = field.get_default(call_default_factory=True, validated_data=defaults)
         if default is None:
             shown = "unset"
         elif default == "":

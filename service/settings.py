@@ -6,9 +6,9 @@ import os
 import shlex
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
@@ -36,6 +36,13 @@ def _floats(v: object) -> object:
             return None
         return _numbers(v, float, "comma-separated alphas in [0, 1], e.g. 0,0.25,0.5,0.75,1")
     return v
+
+
+PROFILE_BATCHES = (1, 8, 32)  # the default profile's batch sizes, those above LCS_MAX_BATCH replaced by it
+
+
+def _default_profile_batches(data: dict[str, Any]) -> list[int]:
+    return sorted({min(b, data["max_batch"]) for b in PROFILE_BATCHES})  # not called if max_batch was refused
 
 
 def usable_cpus() -> int:
@@ -84,7 +91,9 @@ class Settings(BaseSettings):
     # still load. Measured: every shipped checkpoint at every grid alpha at most 4.0 points below; 200 bytes
     # flipped in one endpoint of a conv weight, up to 87 below; statistics rows reversed, 59 below at 1. 100: off
     self_check_margin: float = Field(15.0, ge=0.0, le=100.0)
-    profile_batches: Annotated[list[int], NoDecode] = [1, 8, 32]  # batch sizes in the latency profile
+    # batch sizes in the latency profile, each at most max_batch: larger batches (one request of more
+    # images) are predicted in proportion to the largest size (the int8 network runs them in chunks of it)
+    profile_batches: Annotated[list[int], NoDecode] = Field(default_factory=_default_profile_batches)
     slo_p99_seconds: float = Field(0.1, gt=0.0)  # latency objective, a histogram bucket edge
     control_interval_seconds: float = Field(0.5, gt=0.0)
     # share of each request's time budget the batcher keeps in reserve when it picks a batch's alpha: room
@@ -135,6 +144,21 @@ class Settings(BaseSettings):
             return _numbers(v, int, "comma-separated whole numbers (batch sizes), e.g. 1,8,32")
         return v
 
+    @field_validator("profile_batches")
+    @classmethod
+    def _batch_sizes(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        if not v:
+            raise ValueError("no batch sizes; give some, e.g. 1,8,32, or unset it for the default")
+        if small := [b for b in v if b < 1]:
+            raise ValueError(f"batch sizes must be at least 1; got {small}")
+        largest = info.data.get("max_batch")  # absent if LCS_MAX_BATCH was refused
+        if largest is not None and (big := [b for b in v if b > largest]):
+            raise ValueError(
+                f"batch sizes {big} are larger than LCS_MAX_BATCH={largest}, the largest batch the service forms; "
+                "profile sizes up to it, or raise LCS_MAX_BATCH"
+            )
+        return sorted(set(v))
+
     @field_validator("alpha_grid", "prebuild")
     @classmethod
     def _in_unit_interval(cls, v: list[float] | None) -> list[float] | None:
@@ -161,6 +185,8 @@ def settings_errors(e: ValidationError) -> list[str]:
     check across settings (no location) names its variables itself. Secrets are never shown."""
     lines = []
     for err in e.errors():
+        if err["type"] == "default_factory_not_called":
+            continue  # a default that follows a refused setting (profile_batches): that one is reported
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
         if not err["loc"]:
             lines.append(msg)

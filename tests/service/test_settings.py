@@ -53,6 +53,8 @@ def test_grid_defaults_to_the_checkpoint(
         ("LCS_PREBUILD", "0.5;1", "cannot read '0.5;1'; expected comma-separated alphas"),
         ("LCS_PROFILE_BATCHES", "x", "cannot read 'x'; expected comma-separated whole numbers (batch sizes), e.g. 1,8"),
         ("LCS_PROFILE_BATCHES", "1,2.5", "cannot read '2.5'; expected comma-separated whole numbers"),
+        ("LCS_PROFILE_BATCHES", "0,8", "batch sizes must be at least 1; got [0]"),
+        ("LCS_PROFILE_BATCHES", " ", "no batch sizes; give some, e.g. 1,8,32, or unset it for the default"),
     ],
 )
 def test_bad_values_are_refused(
@@ -61,6 +63,23 @@ def test_bad_values_are_refused(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=re.escape(message)):
         Settings(checkpoint=structured.path)
+
+
+def test_profiled_batch_sizes_stop_at_the_largest_batch(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint
+) -> None:
+    """A batch size above LCS_MAX_BATCH was profiled (at start-up, on a probe that large) though no batch
+    is formed that large; asked for, it is refused, and the default's sizes stop at LCS_MAX_BATCH."""
+    monkeypatch.setenv("LCS_MAX_BATCH", "8")
+    monkeypatch.setenv("LCS_PROFILE_BATCHES", "1,32")
+    with pytest.raises(ValidationError, match=re.escape("batch sizes [32] are larger than LCS_MAX_BATCH=8")):
+        Settings(checkpoint=structured.path)
+    monkeypatch.delenv("LCS_PROFILE_BATCHES")
+    defaults = {}
+    for largest in ["1", "8", "16", "32", "64"]:
+        monkeypatch.setenv("LCS_MAX_BATCH", largest)
+        defaults[largest] = Settings(checkpoint=structured.path).profile_batches
+    assert defaults == {"1": [1], "8": [1, 8], "16": [1, 8, 16], "32": [1, 8, 32], "64": [1, 8, 32]}
 
 
 def test_missing_checkpoint_is_refused_with_the_path_and_the_fix(tmp_path: Path) -> None:
