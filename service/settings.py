@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,10 @@ Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
 N = TypeVar("N", int, float)
+# a model name is a path segment of the v2 API (/v2/models/{name}/infer): no '/', nothing to escape,
+# and no leading '.' ('.', '..' and hidden-file look-alikes)
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+MODEL_NAME_RULE = "letters, digits, '_', '-' and '.', not starting with '.' (it is a URL path segment)"
 
 
 def _numbers(v: str, parse: Callable[[str], N], expected: str) -> list[N]:
@@ -121,6 +126,16 @@ class Settings(BaseSettings):
         parse_policy(v)
         return v
 
+    @field_validator("model_name", mode="before")
+    @classmethod
+    def _path_safe_name(cls, v: object) -> object:
+        if isinstance(v, str):
+            if not v.strip():
+                return None  # empty: the default (the checkpoint's file stem), as when unset
+            if not MODEL_NAME.fullmatch(v):
+                raise ValueError(f"not a usable model name: use {MODEL_NAME_RULE}, e.g. fashion-v2")
+        return v
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _usable_key(cls, v: object) -> object:
@@ -176,6 +191,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"LCS_CHECKPOINT={self.checkpoint}: no such file; point it at a .safetensors checkpoint "
                 "written by `python -m training train` (the default is models/structured_line.safetensors)"
+            )
+        if self.model_name is None and not MODEL_NAME.fullmatch(self.checkpoint.stem):
+            raise ValueError(
+                f"LCS_MODEL_NAME is unset, and the name it defaults to, the file stem of LCS_CHECKPOINT="
+                f"{self.checkpoint} ({self.checkpoint.stem!r}), is not a usable model name: set LCS_MODEL_NAME "
+                f"({MODEL_NAME_RULE}), or rename the file"
             )
         return self
 

@@ -82,6 +82,33 @@ def test_profiled_batch_sizes_stop_at_the_largest_batch(
     assert defaults == {"1": [1], "8": [1, 8], "16": [1, 8, 16], "32": [1, 8, 32], "64": [1, 8, 32]}
 
 
+@pytest.mark.parametrize("name", ["a/b", ".hidden", "..", "two words", "caf\u00e9", "a%2Fb"])
+def test_a_model_name_no_v2_path_can_address_is_refused(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, name: str
+) -> None:
+    monkeypatch.setenv("LCS_MODEL_NAME", name)
+    with pytest.raises(
+        ValidationError, match=re.escape("not a usable model name: use letters, digits, '_', '-' and '.'")
+    ):
+        Settings(checkpoint=structured.path)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("fashion-v2.1_b", "fashion-v2.1_b"), ("", None)])
+def test_usable_model_names_are_kept_and_empty_means_the_default(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, name: str, expected: str | None
+) -> None:
+    monkeypatch.setenv("LCS_MODEL_NAME", name)
+    assert Settings(checkpoint=structured.path).model_name == expected
+
+
+def test_a_checkpoint_whose_file_stem_is_no_model_name_needs_one(structured: TinyCheckpoint, tmp_path: Path) -> None:
+    spaced = tmp_path / "my model.safetensors"
+    spaced.write_bytes(structured.path.read_bytes())
+    with pytest.raises(ValidationError, match=r"LCS_MODEL_NAME is unset.*'my model'.*set LCS_MODEL_NAME"):
+        Settings(checkpoint=spaced)
+    assert Settings(checkpoint=spaced, model_name="mine").model_name == "mine"
+
+
 def test_missing_checkpoint_is_refused_with_the_path_and_the_fix(tmp_path: Path) -> None:
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(ValidationError) as e:
