@@ -8,6 +8,7 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -134,6 +135,23 @@ class Settings(BaseSettings):
                 return None  # empty: the default (the checkpoint's file stem), as when unset
             if not MODEL_NAME.fullmatch(v):
                 raise ValueError(f"not a usable model name: use {MODEL_NAME_RULE}, e.g. fashion-v2")
+        return v
+
+    @field_validator("prometheus_url", mode="before")
+    @classmethod
+    def _http_url(cls, v: object) -> object:
+        if isinstance(v, str):
+            if not v.strip():
+                return None  # empty: no fleet signals, as when unset
+            expected = "expected an http(s) URL with a host, e.g. http://prometheus:9090 (unset: local signals only)"
+            try:
+                url = urlsplit(v.strip())
+                url.port  # noqa: B018 (raises ValueError for a port that is not a number in 0-65535)
+            except ValueError as e:
+                raise ValueError(f"{e}; {expected}") from None
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(expected)
+            return v.strip()
         return v
 
     @field_validator("api_key", mode="before")

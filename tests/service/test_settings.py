@@ -109,6 +109,33 @@ def test_a_checkpoint_whose_file_stem_is_no_model_name_needs_one(structured: Tin
     assert Settings(checkpoint=spaced, model_name="mine").model_name == "mine"
 
 
+@pytest.mark.parametrize(
+    "url", ["notaurl", "prometheus:9090", "ftp://prometheus", "http://", "http://:9090", "http://h:x"]
+)
+def test_a_prometheus_url_that_is_not_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, url: str
+) -> None:
+    """It started, and every query failed (logged at debug level): the controller ran on local signals."""
+    monkeypatch.setenv("LCS_PROMETHEUS_URL", url)
+    with pytest.raises(ValidationError, match=re.escape("expected an http(s) URL with a host, e.g. http://prometheus")):
+        Settings(checkpoint=structured.path)
+
+
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [
+        ("http://prometheus:9090", "http://prometheus:9090"),
+        ("https://p.example/prom/ ", "https://p.example/prom/"),
+        (" ", None),
+    ],
+)
+def test_prometheus_urls_that_are_kept(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, url: str, kept: str | None
+) -> None:
+    monkeypatch.setenv("LCS_PROMETHEUS_URL", url)
+    assert Settings(checkpoint=structured.path).prometheus_url == kept
+
+
 def test_missing_checkpoint_is_refused_with_the_path_and_the_fix(tmp_path: Path) -> None:
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(ValidationError) as e:
