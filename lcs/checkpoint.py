@@ -199,6 +199,19 @@ def _sniff(path: Path) -> str:
     return ""
 
 
+def file_problem(path: Path) -> str | None:
+    """Why `path` is not a file a checkpoint can be read from ("no such file", "a directory, ..."), or None."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        holds = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        return f"a directory, not a checkpoint file{holds}"
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "not a regular file"
+    return None
+
+
 def read_meta(path: str | Path) -> CheckpointMeta:
     """The metadata of a checkpoint, validated with the rest of the file (the whole file is read)."""
     return _open(Path(path))[0]
@@ -206,8 +219,8 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 
 def _open(path: Path) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
     fix = "Point LCS_CHECKPOINT (or the command's argument) at a checkpoint written by `python -m training train`."
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file. {fix}")
+    if (problem := file_problem(path)) is not None:
+        raise CheckpointError(f"{path}: {problem}. {fix}")
     if not os.access(path, os.R_OK):
         raise CheckpointError(
             f"{path}: not readable by this process (uid {os.getuid()}); make it readable, e.g. chmod a+r."

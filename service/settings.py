@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lcs.checkpoint import file_problem
+
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,9 +207,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _checkpoint_exists(self) -> Settings:
-        if not self.checkpoint.is_file():
+        if (problem := file_problem(self.checkpoint)) is not None:
             raise ValueError(
-                f"LCS_CHECKPOINT={self.checkpoint}: no such file; point it at a .safetensors checkpoint "
+                f"LCS_CHECKPOINT={self.checkpoint}: {problem}; point it at a .safetensors checkpoint "
                 "written by `python -m training train` (the default is models/structured_line.safetensors)"
             )
         if self.model_name is None and not MODEL_NAME.fullmatch(self.checkpoint.stem):

@@ -143,6 +143,19 @@ def test_missing_checkpoint_is_refused_with_the_path_and_the_fix(tmp_path: Path)
     assert str(missing) in str(e.value) and "python -m training train" in str(e.value)
 
 
+def test_a_directory_as_the_checkpoint_is_said_to_be_one(tmp_path: Path) -> None:
+    """It was refused as 'no such file', which sends one looking for a typo in a path that exists."""
+    folder = tmp_path / "model.safetensors"
+    folder.mkdir()
+    (folder / "structured_line.safetensors").write_bytes(b"")
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=folder)
+    assert f"LCS_CHECKPOINT={folder}: a directory, not a checkpoint file (it holds structured_line.safetensors)" in str(
+        e.value
+    )
+    assert "no such file" not in str(e.value)
+
+
 def test_settings_are_frozen(structured: TinyCheckpoint) -> None:
     s = Settings(checkpoint=structured.path)
     with pytest.raises(ValidationError):
