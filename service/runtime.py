@@ -85,7 +85,7 @@ class Runtime:
         # serving random (alpha, batch) pairs cost 276.9 us per image against 142.9 at one alpha, and 160.4
         # with this cache (benchmarks.switching). Read when the first conv runs.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
-        model, meta, stored = checkpoint.load_with_samples(settings.checkpoint)
+        model, meta, stored = checkpoint.load_with_samples(settings.checkpoint, named_by="LCS_CHECKPOINT")
         # each grid alpha as the checkpoint spells it (0.50000001 -> 0.5), so that the accuracy it records is found
         named = [*model.stat_alphas, *(p.alpha for p in meta.accuracy)]
         asked = settings.alpha_grid or model.stat_alphas

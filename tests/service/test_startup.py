@@ -61,6 +61,9 @@ def test_a_pickle_is_refused_without_unpickling(
     code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(pickled))
     assert code == 2
     assert str(pickled) in err and "never unpickles" in err
+    # the service takes no argument: the fix names the variable alone (a command-line tool's names its argument)
+    assert "Point LCS_CHECKPOINT at a checkpoint written by `python -m training train`." in err
+    assert "argument" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_grid_the_checkpoint_cannot_serve_is_refused(
