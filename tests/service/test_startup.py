@@ -74,6 +74,32 @@ def test_a_grid_the_checkpoint_cannot_serve_is_refused(
     assert "LCS_ALPHA_GRID" in err and "[0.3]" in err and str(structured.path) in err
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LCS_PREBUILD": "0.33"}, "LCS_PREBUILD: alphas [0.33] are not on the served grid [0, 0.5, 1] (the grid of "),
+        (
+            {"LCS_ALPHA_GRID": "0,1", "LCS_PREBUILD": "0.5"},
+            "LCS_PREBUILD: alphas [0.5] are not on the served grid [0, 1] (LCS_ALPHA_GRID); choose prebuilt alphas "
+            "from it, or unset LCS_PREBUILD to build the whole grid",
+        ),
+    ],
+)
+def test_prebuilt_alphas_off_the_served_grid_are_refused(
+    structured: TinyCheckpoint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    """They were snapped down to the grid without a word (0.33 built 0.3; on the grid 0,1, 0.5 built 0),
+    while the same alphas in LCS_ALPHA_GRID were refused."""
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), **env)
+    assert code == 2
+    assert err.startswith(f"error: {message}"), err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_bad_setting_is_named(
     structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
