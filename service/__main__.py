@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from pydantic import ValidationError
 from lcs.checkpoint import CheckpointError
 from service.app import create_app
 from service.runtime import Runtime, inference_executor
-from service.settings import ROOT, Settings, settings_errors
+from service.settings import ROOT, Settings, settings_errors, unknown_variables
+
+log = logging.getLogger("lcs.service")
 
 
 def usage() -> str:
@@ -72,15 +75,22 @@ def main(args: list[str] | None = None) -> int:
             return 0
         print(_refuse_arguments(args), file=sys.stderr)
         return 2
-    executor = inference_executor()  # torch work runs on this thread only
+    unknown = unknown_variables(os.environ)  # a typo (LCS_PROT) would leave its setting at the default
     try:
         settings = Settings()
-        # fail fast, before binding the port, with a message naming the problem
-        runtime = executor.submit(Runtime.load, settings).result()
     except ValidationError as e:
+        if unknown:  # perhaps why a setting has the value refused
+            print(f"warning: {unknown}", file=sys.stderr)
         for line in settings_errors(e):
             print(f"error: {line}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if unknown:
+        log.warning(unknown)
+    executor = inference_executor()  # torch work runs on this thread only
+    try:
+        # fail fast, before binding the port, with a message naming the problem
+        runtime = executor.submit(Runtime.load, settings).result()
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -95,7 +105,6 @@ def main(args: list[str] | None = None) -> int:
     # the event loop. Nearly all of it is freed by reference counting; collecting every 100k allocations
     # served 2,022-2,155 single-image requests/s against 1,906-2,093 (wrk -c64, 2 threads, interleaved).
     gc.set_threshold(100_000, 10, 10)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def stop() -> None:  # the warm-up failed: exit rather than stay unready for ever
         server.should_exit = True

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
@@ -219,6 +220,26 @@ class Settings(BaseSettings):
                 f"({MODEL_NAME_RULE}), or rename the file"
             )
         return self
+
+
+def unknown_variables(environ: Mapping[str, str]) -> str | None:
+    """One line naming each LCS_ variable that is no setting, with the setting it is closest to (a typo:
+    LCS_PROT), or None. Not refused: a variable of another tool may share the prefix. LCS_SERVE_* are
+    Kubernetes' service links for a Service named lcs-serve (LCS_SERVE_PORT=tcp://..., ...)."""
+    names = sorted(
+        n
+        for n in environ
+        if n.upper().startswith("LCS_")
+        and not n.upper().startswith("LCS_SERVE_")
+        and n[4:].lower() not in Settings.model_fields  # read case-insensitively, as pydantic-settings does
+    )
+    if not names:
+        return None
+    hints = []
+    for n in names:
+        close = difflib.get_close_matches(n[4:].lower(), Settings.model_fields, n=1)
+        hints.append(f"{n} (did you mean LCS_{close[0].upper()}?)" if close else n)
+    return f"ignoring LCS_ variables that are not settings: {', '.join(hints)}; `python -m service --help` lists them"
 
 
 def settings_errors(e: ValidationError) -> list[str]:

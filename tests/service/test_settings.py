@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import Settings, unknown_variables
 from tests.service.service_support import TinyCheckpoint
 
 
@@ -154,6 +154,24 @@ def test_a_directory_as_the_checkpoint_is_said_to_be_one(tmp_path: Path) -> None
         e.value
     )
     assert "no such file" not in str(e.value)
+
+
+def test_unknown_lcs_variables_are_named_with_the_setting_they_are_closest_to() -> None:
+    env = {
+        "LCS_PROT": "9000",  # a typo: ignored, so LCS_PORT kept its default without a word
+        "LCS_CHEKPOINT": "/models/x.safetensors",
+        "LCS_FOO": "1",  # close to no setting
+        "lcs_port": "9000",  # pydantic-settings reads names in any case: a setting
+        "LCS_MAX_BATCH": "8",
+        "LCS_SERVE_PORT": "tcp://10.0.0.1:8000",  # Kubernetes' service links for the Service lcs-serve
+        "LCS_SERVE_SERVICE_HOST": "10.0.0.1",
+        "HOME": "/root",
+    }
+    assert unknown_variables(env) == (
+        "ignoring LCS_ variables that are not settings: LCS_CHEKPOINT (did you mean LCS_CHECKPOINT?), LCS_FOO, "
+        "LCS_PROT (did you mean LCS_PORT?); `python -m service --help` lists them"
+    )
+    assert unknown_variables({"LCS_PORT": "1", "LCS_SERVE_PORT": "tcp://x", "PATH": "/bin"}) is None
 
 
 def test_settings_are_frozen(structured: TinyCheckpoint) -> None:

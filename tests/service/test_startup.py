@@ -66,6 +66,34 @@ def test_a_pickle_is_refused_without_unpickling(
     assert "argument" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_unknown_lcs_variable_is_a_warning_not_a_refusal(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Logged once at start-up, which then goes on (here as far as the checkpoint, which is refused)."""
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(pickled), LCS_PROT="9000", LCS_SERVE_PORT="tcp://x")
+    assert code == 2 and "never unpickles" in err  # it got as far as loading the checkpoint
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "ignoring LCS_ variables that are not settings: LCS_PROT (did you mean LCS_PORT?); "
+        "`python -m service --help` lists them"
+    ]
+
+
+def test_an_unknown_variable_is_named_beside_the_error_it_may_explain(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT="/nonexistent/x.safetensors", LCS_CHEKPOINT="/m/x")
+    assert code == 2
+    first, second = err.strip().splitlines()
+    assert first.startswith("warning: ignoring LCS_ variables that are not settings: LCS_CHEKPOINT (did you mean")
+    assert second.startswith("error: LCS_CHECKPOINT=/nonexistent/x.safetensors: no such file")
+
+
 def test_a_grid_the_checkpoint_cannot_serve_is_refused(
     structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
