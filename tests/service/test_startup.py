@@ -5,6 +5,7 @@ the other cases call the same `main()` in process."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_bad_checkpoints_stop_start_up_with_exit_code_2(tmp_path: Path) -> None:
     cases = {missing: "no such file", garbage: "not a readable safetensors file"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("LCS_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
-    env["LCS_PORT"] = "1"  # a privileged port: it would fail loudly if it ever got as far as binding
+    env["LCS_PORT"] = str(free_port())  # the bind is checked (and let go) before the checkpoint is read
     procs = {
         path: subprocess.Popen(
             [sys.executable, "-m", "service"],
@@ -92,6 +93,46 @@ def test_an_unknown_variable_is_named_beside_the_error_it_may_explain(
     first, second = err.strip().splitlines()
     assert first.startswith("warning: ignoring LCS_ variables that are not settings: LCS_CHEKPOINT (did you mean")
     assert second.startswith("error: LCS_CHECKPOINT=/nonexistent/x.safetensors: no such file")
+
+
+def test_a_port_in_use_is_found_before_the_model_loads_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn found it after the whole start-up (7-8 s with a shipped model), saying only '[Errno 98]
+    address already in use'. The checkpoint here is refusable: the bind error coming instead shows the
+    bind was checked first."""
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(pickled), LCS_PORT=str(port))
+    assert code == 2
+    assert err == (
+        f"error: LCS_HOST=127.0.0.1 LCS_PORT={port}: address already in use (another process listens there); "
+        "stop it or change LCS_PORT\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("999.1.1.1", "LCS_HOST=999.1.1.1: not an address or a name this machine resolves"),
+        ("192.0.2.1", "LCS_HOST=192.0.2.1 LCS_PORT="),  # TEST-NET-1: an address, of no machine here
+    ],
+)
+def test_a_host_the_server_cannot_listen_on_is_named(
+    structured: TinyCheckpoint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    host: str,
+    problem: str,
+) -> None:
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_HOST=host)
+    assert code == 2
+    assert err.startswith(f"error: {problem}"), err
+    assert "use one of this machine's addresses, e.g. 127.0.0.1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_grid_the_checkpoint_cannot_serve_is_refused(
