@@ -127,7 +127,7 @@ def main(args: list[str] | None = None) -> int:
         return 2
     executor = inference_executor()  # torch work runs on this thread only
     try:
-        # fail fast, before binding the port, with a message naming the problem
+        # fail fast, before the server starts, with a message naming the problem
         runtime = executor.submit(Runtime.load, settings).result()
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -207,7 +207,7 @@ class Settings(BaseSettings):
         return sorted(set(v)) if v is not None else None
 
     @model_validator(mode="after")
-    def _checkpoint_exists(self) -> Settings:
+    def _checkpoint_and_name(self) -> Settings:
         if (problem := file_problem(self.checkpoint)) is not None:
             raise ValueError(
                 f"LCS_CHECKPOINT={self.checkpoint}: {problem}; point it at a .safetensors checkpoint "
