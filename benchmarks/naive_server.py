@@ -23,7 +23,7 @@ from service.materialize import build, normalised_samples
 torch.set_num_threads(int(os.environ.get("LCS_THREADS", "2")))
 torch.set_flush_denormal(True)
 _path = Path(os.environ.get("LCS_CHECKPOINT", "models/structured_line.safetensors"))
-_model, _meta, _stored = checkpoint.load_with_samples(_path)
+_model, _meta, _stored = checkpoint.load_with_samples(_path, named_by="LCS_CHECKPOINT")
 _samples = normalised_samples(_stored, _meta.input)
 _scale, _shift = normaliser(_meta.input)
 _calib = None if _samples is None else _samples[0]

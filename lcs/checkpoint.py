@@ -199,15 +199,31 @@ def _sniff(path: Path) -> str:
     return ""
 
 
-def read_meta(path: str | Path) -> CheckpointMeta:
-    """The metadata of a checkpoint, validated with the rest of the file (the whole file is read)."""
-    return _open(Path(path))[0]
-
-
-def _open(path: Path) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
-    fix = "Point LCS_CHECKPOINT (or the command's argument) at a checkpoint written by `python -m training train`."
+def file_problem(path: Path) -> str | None:
+    """Why `path` is not a file a checkpoint can be read from ("no such file", "a directory, ..."), or None."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        holds = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        return f"a directory, not a checkpoint file{holds}"
+    if not path.exists():
+        return "no such file"
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file. {fix}")
+        return "not a regular file"
+    return None
+
+
+COMMAND_ARGUMENT = "the command's argument"  # what names the checkpoint path, for a command-line tool
+
+
+def read_meta(path: str | Path, *, named_by: str = COMMAND_ARGUMENT) -> CheckpointMeta:
+    """The metadata of a checkpoint, validated with the rest of the file (the whole file is read)."""
+    return _open(Path(path), named_by)[0]
+
+
+def _open(path: Path, named_by: str) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
+    fix = f"Point {named_by} at a checkpoint written by `python -m training train`."
+    if (problem := file_problem(path)) is not None:
+        raise CheckpointError(f"{path}: {problem}. {fix}")
     if not os.access(path, os.R_OK):
         raise CheckpointError(
             f"{path}: not readable by this process (uid {os.getuid()}); make it readable, e.g. chmod a+r."
@@ -280,19 +296,20 @@ def _check_samples(path: Path, meta: CheckpointMeta, tensors: dict[str, torch.Te
         )
 
 
-def load(path: str | Path) -> tuple[SubspaceResNet, CheckpointMeta]:
-    """Load, validate and rebuild a checkpoint: an eval-mode model and its metadata."""
-    model, meta, _ = load_with_samples(path)
+def load(path: str | Path, *, named_by: str = COMMAND_ARGUMENT) -> tuple[SubspaceResNet, CheckpointMeta]:
+    """Load, validate and rebuild a checkpoint: an eval-mode model and its metadata. `named_by`: what the
+    fix in an error message tells the user to point at another file (the service: LCS_CHECKPOINT)."""
+    model, meta, _ = load_with_samples(path, named_by=named_by)
     return model, meta
 
 
 def load_with_samples(
-    path: str | Path,
+    path: str | Path, *, named_by: str = COMMAND_ARGUMENT
 ) -> tuple[SubspaceResNet, CheckpointMeta, tuple[torch.Tensor, torch.Tensor] | None]:
     """`load`, and the sample (uint8 images, int64 labels) stored with the model, or None: one read of the
     file, so the samples always come from the same checkpoint as the model."""
     path = Path(path)
-    meta, tensors = _open(path)
+    meta, tensors = _open(path, named_by)
     images, labels = tensors.get(SAMPLES + "images"), tensors.get(SAMPLES + "labels")
     samples = None if images is None or labels is None else (images, labels)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(SAMPLES)}  # not model state

@@ -5,8 +5,11 @@ defaults; README.md's Configuration table says what each does)."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -16,14 +19,17 @@ from pydantic import ValidationError
 from lcs.checkpoint import CheckpointError
 from service.app import create_app
 from service.runtime import Runtime, inference_executor
-from service.settings import ROOT, Settings
+from service.settings import ROOT, Settings, settings_errors, unknown_variables
+
+log = logging.getLogger("lcs.service")
 
 
 def usage() -> str:
     """The settings as environment variables with their defaults, from `Settings` itself."""
     rows = []
+    defaults: dict[str, object] = {}  # a default that follows another setting's (profile_batches) sees it
     for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
+        default = defaults[name] = field.get_default(call_default_factory=True, validated_data=defaults)
         if default is None:
             shown = "unset"
         elif default == "":
@@ -64,6 +70,39 @@ def _refuse_arguments(args: list[str]) -> str:
     return f"error: python -m service takes no arguments (got: {got}); {fix}; `python -m service --help` lists them"
 
 
+def bind_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, or None; found in milliseconds, before the model loads
+    (uvicorn finds out seconds later, with a bare '[Errno 98] address already in use'). Binds as uvicorn's
+    asyncio server will (every address the host resolves to, SO_REUSEADDR, IPv6 sockets IPv6-only), then
+    lets go. Something may take the port in between; uvicorn still reports that."""
+    elsewhere = "use one of this machine's addresses, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"LCS_HOST={host}: not an address or a name this machine resolves ({e.strerror}); {elsewhere}"
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this machine lacks (IPv6 off): asyncio skips it too
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                at = f"LCS_HOST={host} LCS_PORT={port}" + (f" (address {address[0]})" if address[0] != host else "")
+                if e.errno == errno.EADDRINUSE:
+                    return f"{at}: address already in use (another process listens there); stop it or change LCS_PORT"
+                if e.errno == errno.EADDRNOTAVAIL:
+                    return f"{at}: not an address of this machine; {elsewhere}"
+                if e.errno == errno.EACCES and port < 1024:
+                    return f"{at}: permission denied, ports below 1024 need privileges; choose LCS_PORT=1024 or above"
+                return f"{at}: cannot listen there ({e.strerror})"
+    return None
+
+
 def main(args: list[str] | None = None) -> int:
     if args:
         if args[0] in ("-h", "--help"):
@@ -71,16 +110,25 @@ def main(args: list[str] | None = None) -> int:
             return 0
         print(_refuse_arguments(args), file=sys.stderr)
         return 2
-    executor = inference_executor()  # torch work runs on this thread only
+    unknown = unknown_variables(os.environ)  # a typo (LCS_PROT) would leave its setting at the default
     try:
         settings = Settings()
-        # fail fast, before binding the port, with a message naming the problem
-        runtime = executor.submit(Runtime.load, settings).result()
     except ValidationError as e:
-        for err in e.errors():
-            field = "LCS_" + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else "settings"
-            print(f"error: {field}: {err['msg']}", file=sys.stderr)
+        if unknown:  # perhaps why a setting has the value refused
+            print(f"warning: {unknown}", file=sys.stderr)
+        for line in settings_errors(e):
+            print(f"error: {line}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if unknown:
+        log.warning(unknown)
+    if (problem := bind_problem(settings.host, settings.port)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    executor = inference_executor()  # torch work runs on this thread only
+    try:
+        # fail fast, before the server starts, with a message naming the problem
+        runtime = executor.submit(Runtime.load, settings).result()
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -95,7 +143,6 @@ def main(args: list[str] | None = None) -> int:
     # the event loop. Nearly all of it is freed by reference counting; collecting every 100k allocations
     # served 2,022-2,155 single-image requests/s against 1,906-2,093 (wrk -c64, 2 threads, interleaved).
     gc.set_threshold(100_000, 10, 10)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def stop() -> None:  # the warm-up failed: exit rather than stay unready for ever
         server.should_exit = True

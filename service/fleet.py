@@ -16,7 +16,8 @@ where INFERENCE matches the inference routes: /predict and the OIP v2 infer path
 Prometheus must never slow the request path down: a refresh runs as its own asyncio task with an
 overall timeout, errors of any kind (down, slow, garbage) give None, and values are kept for at most
 `max_age` seconds (the app sets 1.5 control intervals), after which the controller falls back to local
-signals.
+signals. The source going down is logged once, as a warning, and its coming back once, at info; each
+failed query only at debug level (a refresh runs every control interval).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -106,24 +108,32 @@ class PrometheusFleet:
         self._good: dict[str, tuple[float, float]] = {}  # name -> (value, monotonic time it was read)
         self._task: asyncio.Task[FleetFigures] | None = None
         self.failures = 0  # refreshes that got no value for at least one query
+        self.up = True  # whether the last refresh had every query answered (an answer may hold no value)
+        where = urlsplit(self.url)  # as logged: without a user or password the URL may carry
+        self._shown = where._replace(netloc=where.netloc.rpartition("@")[2]).geturl()
 
     async def _query(self, promql: str) -> float | None:
-        try:
-            r = await self._client.get("/api/v1/query", params={"query": promql})
-            return parse_value(r.json())
-        except Exception as e:  # down, refused, bad URL, not JSON: the controller falls back to local signals
-            log.debug("prometheus query failed: %r", e)
-            return None
+        """The query's value, or None where the answer holds none (e.g. no traffic yet); raises where there
+        is no answer: Prometheus down, refusing, an error status, or something else answering."""
+        r = await self._client.get("/api/v1/query", params={"query": promql})
+        payload = r.json()  # ValueError if it is not JSON
+        if not isinstance(payload, dict) or payload.get("status") != "success":
+            error = payload.get("error") if isinstance(payload, dict) else None
+            raise ValueError(f"HTTP {r.status_code}: {error or 'not a Prometheus query answer'}")
+        return parse_value(payload)
 
     async def refresh(self) -> FleetFigures:
         """Query every figure at once, bounded by `timeout` overall; never raises."""
         names = list(self.queries)
         asked = self._clock()  # a value's age counts from the question, not the answer (below)
+        answers: list[float | BaseException | None]
         try:
             async with asyncio.timeout(self.timeout):
-                values = await asyncio.gather(*(self._query(self.queries[n]) for n in names))
+                answers = await asyncio.gather(*(self._query(self.queries[n]) for n in names), return_exceptions=True)
         except TimeoutError:
-            values = [None] * len(names)
+            answers = [TimeoutError(f"no answer within LCS_PROMETHEUS_TIMEOUT_SECONDS={self.timeout:g}")] * len(names)
+        values = [None if isinstance(a, BaseException) else a for a in answers]
+        self._note(next((a for a in answers if isinstance(a, BaseException)), None))
         now = self._clock()
         for name, value in zip(names, values, strict=True):
             if value is not None:
@@ -133,6 +143,23 @@ class PrometheusFleet:
         if any(v is None for v in values):
             self.failures += 1
         return self.current(now)
+
+    def _note(self, problem: BaseException | None) -> None:
+        """Log the source going down (a warning) and coming back (info), not every failed query."""
+        if problem is not None:
+            # down, refused, bad URL, not JSON: the controller falls back to local signals
+            log.debug("prometheus query failed: %r", problem)
+            if self.up:
+                log.warning(
+                    "fleet signals: Prometheus at %s did not answer (%s: %s); the controller uses this "
+                    "replica's own signals until it does",
+                    self._shown,
+                    type(problem).__name__,
+                    problem,
+                )
+        elif not self.up:
+            log.info("fleet signals: Prometheus at %s answers again", self._shown)
+        self.up = problem is None
 
     def poll(self) -> None:
         """Start a background refresh unless one is still running; returns at once (needs a running loop)."""

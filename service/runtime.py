@@ -53,6 +53,12 @@ def inference_executor() -> ThreadPoolExecutor:
 
 
 PROFILE_ROUNDS = 7  # timings per (alpha, batch size) in the start-up profile, one per round
+SAME_ALPHA = 1e-6  # two spellings of one alpha: a setting's 0.50000001 is the checkpoint's 0.5
+
+
+def spelled(alpha: float, names: list[float]) -> float | None:
+    """`alpha` as `names` spell it (within SAME_ALPHA), or None if it is none of them."""
+    return next((n for n in names if abs(alpha - n) < SAME_ALPHA), None)
 
 
 @dataclass
@@ -72,6 +78,7 @@ class Runtime:
     channels_last: bool = False
     accuracy: dict[float, float] = field(default_factory=dict)
     self_check: dict[str, float] = field(default_factory=dict)
+    prebuild: list[float] = field(default_factory=list)  # grid alphas built and profiled at start-up
     ready: bool = False
     loaded_at: float = field(default_factory=time.time)  # wall clock, for /model
 
@@ -85,11 +92,11 @@ class Runtime:
         # serving random (alpha, batch) pairs cost 276.9 us per image against 142.9 at one alpha, and 160.4
         # with this cache (benchmarks.switching). Read when the first conv runs.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
-        model, meta, stored = checkpoint.load_with_samples(settings.checkpoint)
+        model, meta, stored = checkpoint.load_with_samples(settings.checkpoint, named_by="LCS_CHECKPOINT")
         # each grid alpha as the checkpoint spells it (0.50000001 -> 0.5), so that the accuracy it records is found
         named = [*model.stat_alphas, *(p.alpha for p in meta.accuracy)]
         asked = settings.alpha_grid or model.stat_alphas
-        grid_alphas = [next((n for n in named if abs(a - n) < 1e-6), a) for a in asked]
+        grid_alphas = [a if (n := spelled(a, named)) is None else n for a in asked]
         if meta.norm == "batch":  # its accuracy alphas are among stat_alphas (CheckpointMeta checks)
             missing = [a for a in grid_alphas if a not in model.stat_alphas]
             if missing:
@@ -98,6 +105,15 @@ class Runtime:
                     f"choose from {list(model.stat_alphas)}"
                 )
         grid = Grid(grid_alphas)
+        # prebuilt alphas are grid alphas, as the grid spells them (one off the grid was once snapped down
+        # without a word: LCS_PREBUILD=0.33 built 0.3)
+        prebuild = {a: spelled(a, grid.alphas) for a in settings.prebuild or grid.alphas}
+        if off := [a for a, on in prebuild.items() if on is None]:
+            served = "LCS_ALPHA_GRID" if settings.alpha_grid else f"the grid of {settings.checkpoint}"
+            raise ValueError(
+                f"LCS_PREBUILD: alphas {off} are not on the served grid [{', '.join(f'{a:g}' for a in grid.alphas)}] "
+                f"({served}); choose prebuilt alphas from it, or unset LCS_PREBUILD to build the whole grid"
+            )
         scale, shift = normaliser(meta.input)
         samples = normalised_samples(stored, meta.input)
         rt = cls(
@@ -111,6 +127,7 @@ class Runtime:
             scale=scale,
             shift=shift,
         )
+        rt.prebuild = sorted({a for a in prebuild.values() if a is not None}, reverse=True)
         rt.accuracy = {p.alpha: p.accuracy for p in meta.accuracy}
         rt.cache = ModelCache(rt._build, grid, settings.cache_bytes)
         rt.controller = Controller(
@@ -164,7 +181,7 @@ class Runtime:
             )
         else:  # "auto" under ONNX Runtime: only a TorchScript fallback would use it
             self.channels_last = s.channels_last == "on"
-        prebuild = sorted({self.grid.down(a) for a in (s.prebuild or self.grid.alphas)}, reverse=True)
+        prebuild = self.prebuild
         self._measure_profile({alpha: self.cache.get(alpha) for alpha in prebuild}, probe)
         if self.cache.bytes > s.cache_bytes:
             log.warning(

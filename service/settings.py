@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import shlex
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from lcs.checkpoint import file_problem
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
+N = TypeVar("N", int, float)
+# a model name is a path segment of the v2 API (/v2/models/{name}/infer): no '/', nothing to escape,
+# and no leading '.' ('.', '..' and hidden-file look-alikes)
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+MODEL_NAME_RULE = "letters, digits, '_', '-' and '.', not starting with '.' (it is a URL path segment)"
+
+
+def _numbers(v: str, parse: Callable[[str], N], expected: str) -> list[N]:
+    """Comma- or space-separated numbers; one that does not parse is refused saying what is expected."""
+    out = []
+    for x in v.replace(",", " ").split():
+        try:
+            out.append(parse(x))
+        except ValueError:
+            raise ValueError(f"cannot read {x!r}; expected {expected}") from None
+    return out
 
 
 def _floats(v: object) -> object:
@@ -20,8 +43,15 @@ def _floats(v: object) -> object:
         v = v.strip()
         if v in ("", "all", "checkpoint"):
             return None
-        return [float(x) for x in v.replace(",", " ").split()]
+        return _numbers(v, float, "comma-separated alphas in [0, 1], e.g. 0,0.25,0.5,0.75,1")
     return v
+
+
+PROFILE_BATCHES = (1, 8, 32)  # the default profile's batch sizes, those above LCS_MAX_BATCH replaced by it
+
+
+def _default_profile_batches(data: dict[str, Any]) -> list[int]:
+    return sorted({min(b, data["max_batch"]) for b in PROFILE_BATCHES})  # not called if max_batch was refused
 
 
 def usable_cpus() -> int:
@@ -70,7 +100,9 @@ class Settings(BaseSettings):
     # still load. Measured: every shipped checkpoint at every grid alpha at most 4.0 points below; 200 bytes
     # flipped in one endpoint of a conv weight, up to 87 below; statistics rows reversed, 59 below at 1. 100: off
     self_check_margin: float = Field(15.0, ge=0.0, le=100.0)
-    profile_batches: Annotated[list[int], NoDecode] = [1, 8, 32]  # batch sizes in the latency profile
+    # batch sizes in the latency profile, each at most max_batch: larger batches (one request of more
+    # images) are predicted in proportion to the largest size (the int8 network runs them in chunks of it)
+    profile_batches: Annotated[list[int], NoDecode] = Field(default_factory=_default_profile_batches)
     slo_p99_seconds: float = Field(0.1, gt=0.0)  # latency objective, a histogram bucket edge
     control_interval_seconds: float = Field(0.5, gt=0.0)
     # share of each request's time budget the batcher keeps in reserve when it picks a batch's alpha: room
@@ -98,12 +130,70 @@ class Settings(BaseSettings):
         parse_policy(v)
         return v
 
+    @field_validator("model_name", mode="before")
+    @classmethod
+    def _path_safe_name(cls, v: object) -> object:
+        if isinstance(v, str):
+            if not v.strip():
+                return None  # empty: the default (the checkpoint's file stem), as when unset
+            if not MODEL_NAME.fullmatch(v):
+                raise ValueError(f"not a usable model name: use {MODEL_NAME_RULE}, e.g. fashion-v2")
+        return v
+
+    @field_validator("prometheus_url", mode="before")
+    @classmethod
+    def _http_url(cls, v: object) -> object:
+        if isinstance(v, str):
+            if not v.strip():
+                return None  # empty: no fleet signals, as when unset
+            expected = "expected an http(s) URL with a host, e.g. http://prometheus:9090 (unset: local signals only)"
+            try:
+                url = urlsplit(v.strip())
+                url.port  # noqa: B018 (raises ValueError for a port that is not a number in 0-65535)
+            except ValueError as e:
+                raise ValueError(f"{e}; {expected}") from None
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(expected)
+            return v.strip()
+        return v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _usable_key(cls, v: object) -> object:
+        # the admin check compares the key with a request header's value, which HTTP strips of
+        # surrounding whitespace: an empty key, or one with a trailing newline, could never match
+        key = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if isinstance(key, str):
+            if not key.strip():
+                raise ValueError("empty; unset it to turn the admin endpoints off, or set a key")
+            if key != key.strip():
+                raise ValueError(
+                    "the key starts or ends with whitespace (a trailing newline from the file it came from?), "
+                    "which no request header can carry, so no request could match it; remove the whitespace"
+                )
+        return v
+
     @field_validator("profile_batches", mode="before")
     @classmethod
     def _ints(cls, v: object) -> object:
         if isinstance(v, str):
-            return [int(x) for x in v.replace(",", " ").split()]
+            return _numbers(v, int, "comma-separated whole numbers (batch sizes), e.g. 1,8,32")
         return v
+
+    @field_validator("profile_batches")
+    @classmethod
+    def _batch_sizes(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        if not v:
+            raise ValueError("no batch sizes; give some, e.g. 1,8,32, or unset it for the default")
+        if small := [b for b in v if b < 1]:
+            raise ValueError(f"batch sizes must be at least 1; got {small}")
+        largest = info.data.get("max_batch")  # absent if LCS_MAX_BATCH was refused
+        if largest is not None and (big := [b for b in v if b > largest]):
+            raise ValueError(
+                f"batch sizes {big} are larger than LCS_MAX_BATCH={largest}, the largest batch the service forms; "
+                "profile sizes up to it, or raise LCS_MAX_BATCH"
+            )
+        return sorted(set(v))
 
     @field_validator("alpha_grid", "prebuild")
     @classmethod
@@ -117,10 +207,57 @@ class Settings(BaseSettings):
         return sorted(set(v)) if v is not None else None
 
     @model_validator(mode="after")
-    def _checkpoint_exists(self) -> Settings:
-        if not self.checkpoint.is_file():
+    def _checkpoint_and_name(self) -> Settings:
+        if (problem := file_problem(self.checkpoint)) is not None:
             raise ValueError(
-                f"LCS_CHECKPOINT={self.checkpoint}: no such file; point it at a .safetensors checkpoint "
+                f"LCS_CHECKPOINT={self.checkpoint}: {problem}; point it at a .safetensors checkpoint "
                 "written by `python -m training train` (the default is models/structured_line.safetensors)"
             )
+        if self.model_name is None and not MODEL_NAME.fullmatch(self.checkpoint.stem):
+            raise ValueError(
+                f"LCS_MODEL_NAME is unset, and the name it defaults to, the file stem of LCS_CHECKPOINT="
+                f"{self.checkpoint} ({self.checkpoint.stem!r}), is not a usable model name: set LCS_MODEL_NAME "
+                f"({MODEL_NAME_RULE}), or rename the file"
+            )
         return self
+
+
+def unknown_variables(environ: Mapping[str, str]) -> str | None:
+    """One line naming each LCS_ variable that is no setting, with the setting it is closest to (a typo:
+    LCS_PROT), or None. Not refused: a variable of another tool may share the prefix. LCS_SERVE_* are
+    Kubernetes' service links for a Service named lcs-serve (LCS_SERVE_PORT=tcp://..., ...)."""
+    names = sorted(
+        n
+        for n in environ
+        if n.upper().startswith("LCS_")
+        and not n.upper().startswith("LCS_SERVE_")
+        and n[4:].lower() not in Settings.model_fields  # read case-insensitively, as pydantic-settings does
+    )
+    if not names:
+        return None
+    hints = []
+    for n in names:
+        close = difflib.get_close_matches(n[4:].lower(), Settings.model_fields, n=1)
+        hints.append(f"{n} (did you mean LCS_{close[0].upper()}?)" if close else n)
+    return f"ignoring LCS_ variables that are not settings: {', '.join(hints)}; `python -m service --help` lists them"
+
+
+def settings_errors(e: ValidationError) -> list[str]:
+    """One line per refused setting, naming the variable and the value it had (`LCS_PORT=abc: ...`); a
+    check across settings (no location) names its variables itself. Secrets are never shown."""
+    lines = []
+    for err in e.errors():
+        if err["type"] == "default_factory_not_called":
+            continue  # a default that follows a refused setting (profile_batches): that one is reported
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        if not err["loc"]:
+            lines.append(msg)
+            continue
+        name = str(err["loc"][0])
+        field = Settings.model_fields.get(name)
+        secret = field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
+        value = err.get("input")
+        # the value as the environment spelled it (an item of a list given in Python: the item alone)
+        shown = "" if value is None or secret or len(err["loc"]) > 1 else "=" + shlex.quote(str(value))
+        lines.append(f"LCS_{name.upper()}{shown}: {msg}")
+    return lines

@@ -200,3 +200,50 @@ def test_poll_never_waits_for_prometheus() -> None:
 def test_a_bad_url_gives_none_not_an_error() -> None:
     f = PrometheusFleet("prometheus:9090", timeout=0.2, max_age=1.0)  # no scheme
     assert refresh(f) == FleetFigures(None, None)
+
+
+def test_going_down_is_a_warning_once_and_coming_back_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Failed queries were logged at debug level only, so a Prometheus that went away (or a selector it
+    refuses) left no trace at the default level. Now: one warning when the source goes down, whatever
+    the number of refreshes that fail, and one info line when it answers again. An answer without a
+    value (no traffic yet) is an answer: the source is up."""
+    state = "up"
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if state == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        if state == "refusing":  # a selector Prometheus cannot parse
+            return httpx.Response(400, json={"status": "error", "errorType": "bad_data", "error": "parse error"})
+        if state == "idle":
+            return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": []}})
+        return await answering()(request)
+
+    f = fleet(handle)
+
+    async def go() -> None:
+        nonlocal state
+        for now in ["up", "idle", "down", "down", "down", "up", "refusing", "refusing", "idle"]:
+            state = now
+            await f.refresh()
+        await f.aclose()
+
+    caplog.set_level("DEBUG", logger="lcs.fleet")
+    asyncio.run(go())
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelname != "DEBUG"]
+    assert [level for level, _ in logged] == ["WARNING", "INFO", "WARNING", "INFO"], logged
+    assert "Prometheus at http://prometheus:9090 did not answer (ConnectError: connection refused)" in logged[0][1]
+    assert "this replica's own signals" in logged[0][1]
+    assert logged[1][1] == "fleet signals: Prometheus at http://prometheus:9090 answers again"
+    assert "HTTP 400: parse error" in logged[2][1]
+    assert sum(r.levelname == "DEBUG" for r in caplog.records) >= 4  # each failed refresh, at debug level
+
+
+def test_the_logged_url_carries_no_credentials(caplog: pytest.LogCaptureFixture) -> None:
+    async def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    f = PrometheusFleet(
+        "https://lcs:s3cret@prometheus:9090", timeout=0.2, max_age=1.0, transport=httpx.MockTransport(down)
+    )
+    refresh(f)
+    assert "Prometheus at https://prometheus:9090 did not answer" in caplog.text and "s3cret" not in caplog.text

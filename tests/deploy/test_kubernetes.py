@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from service.settings import unknown_variables
 from tests.deploy.deploy_support import K8S, missing
 
 KUBERNETES_VERSIONS = ["1.29.0", "1.37.0"]  # oldest supported here (native sidecars, v2 HPA) and newest
@@ -136,6 +137,9 @@ def test_deployment_follows_the_rules(overlay: str) -> None:
     assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # writable scratch on a read-only root
     assert cm["data"]["LCS_HOST"] == "0.0.0.0"
     assert all(k.startswith("LCS_") for k in cm["data"])
+    assert unknown_variables({**cm["data"], **{e["name"]: "" for e in c["env"]}}) is None  # each one a setting
+    # the Service lcs-serve would otherwise inject LCS_SERVE_PORT=tcp://... and the like beside the settings
+    assert pod["enableServiceLinks"] is False
     assert "LCS_API_KEY" not in cm["data"]  # the key lives in a Secret
     (key,) = [e for e in c["env"] if e["name"] == "LCS_API_KEY"]
     assert key["valueFrom"]["secretKeyRef"]["name"] == "lcs-serve-api-key"

@@ -165,8 +165,11 @@ def test_samples_travel_with_the_checkpoint(saved_checkpoint: Saved, tmp_path: P
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    _refused(tmp_path / "nope.safetensors", "no such checkpoint file")
-    _refused(tmp_path, "no such checkpoint file")  # a directory is not a checkpoint file
+    _refused(tmp_path / "nope.safetensors", "no such file", "Point the command's argument at a checkpoint written by")
+    (tmp_path / "a.safetensors").mkdir()  # a directory with a checkpoint's name: said to be one
+    (tmp_path / "inner.safetensors").write_bytes(b"")
+    _refused(tmp_path / "a.safetensors", "a directory, not a checkpoint file")
+    _refused(tmp_path, "a directory, not a checkpoint file (it holds a.safetensors, inner.safetensors)")
 
 
 @pytest.mark.parametrize("keep", ["none", "4 bytes", "length only", "half the header", "header only", "all but 1"])

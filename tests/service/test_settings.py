@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import Settings, unknown_variables
 from tests.service.service_support import TinyCheckpoint
 
 
@@ -48,14 +48,92 @@ def test_grid_defaults_to_the_checkpoint(
         ("LCS_MAX_BODY_BYTES", "10", "greater than or equal to 1024"),
         ("LCS_SLO_P99_SECONDS", "0", "greater than 0"),
         ("LCS_LOG_LEVEL", "loud", "debug"),
+        # lists say what they are made of, with an example
+        ("LCS_ALPHA_GRID", "abc", "cannot read 'abc'; expected comma-separated alphas in [0, 1], e.g. 0,0.25,0.5"),
+        ("LCS_PREBUILD", "0.5;1", "cannot read '0.5;1'; expected comma-separated alphas"),
+        ("LCS_PROFILE_BATCHES", "x", "cannot read 'x'; expected comma-separated whole numbers (batch sizes), e.g. 1,8"),
+        ("LCS_PROFILE_BATCHES", "1,2.5", "cannot read '2.5'; expected comma-separated whole numbers"),
+        ("LCS_PROFILE_BATCHES", "0,8", "batch sizes must be at least 1; got [0]"),
+        ("LCS_PROFILE_BATCHES", " ", "no batch sizes; give some, e.g. 1,8,32, or unset it for the default"),
     ],
 )
 def test_bad_values_are_refused(
     monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, name: str, value: str, message: str
 ) -> None:
     monkeypatch.setenv(name, value)
-    with pytest.raises(ValidationError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValidationError, match=re.escape(message)):
         Settings(checkpoint=structured.path)
+
+
+def test_profiled_batch_sizes_stop_at_the_largest_batch(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint
+) -> None:
+    """A batch size above LCS_MAX_BATCH was profiled (at start-up, on a probe that large) though no batch
+    is formed that large; asked for, it is refused, and the default's sizes stop at LCS_MAX_BATCH."""
+    monkeypatch.setenv("LCS_MAX_BATCH", "8")
+    monkeypatch.setenv("LCS_PROFILE_BATCHES", "1,32")
+    with pytest.raises(ValidationError, match=re.escape("batch sizes [32] are larger than LCS_MAX_BATCH=8")):
+        Settings(checkpoint=structured.path)
+    monkeypatch.delenv("LCS_PROFILE_BATCHES")
+    defaults = {}
+    for largest in ["1", "8", "16", "32", "64"]:
+        monkeypatch.setenv("LCS_MAX_BATCH", largest)
+        defaults[largest] = Settings(checkpoint=structured.path).profile_batches
+    assert defaults == {"1": [1], "8": [1, 8], "16": [1, 8, 16], "32": [1, 8, 32], "64": [1, 8, 32]}
+
+
+@pytest.mark.parametrize("name", ["a/b", ".hidden", "..", "two words", "caf\u00e9", "a%2Fb"])
+def test_a_model_name_no_v2_path_can_address_is_refused(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, name: str
+) -> None:
+    monkeypatch.setenv("LCS_MODEL_NAME", name)
+    with pytest.raises(
+        ValidationError, match=re.escape("not a usable model name: use letters, digits, '_', '-' and '.'")
+    ):
+        Settings(checkpoint=structured.path)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("fashion-v2.1_b", "fashion-v2.1_b"), ("", None)])
+def test_usable_model_names_are_kept_and_empty_means_the_default(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, name: str, expected: str | None
+) -> None:
+    monkeypatch.setenv("LCS_MODEL_NAME", name)
+    assert Settings(checkpoint=structured.path).model_name == expected
+
+
+def test_a_checkpoint_whose_file_stem_is_no_model_name_needs_one(structured: TinyCheckpoint, tmp_path: Path) -> None:
+    spaced = tmp_path / "my model.safetensors"
+    spaced.write_bytes(structured.path.read_bytes())
+    with pytest.raises(ValidationError, match=r"LCS_MODEL_NAME is unset.*'my model'.*set LCS_MODEL_NAME"):
+        Settings(checkpoint=spaced)
+    assert Settings(checkpoint=spaced, model_name="mine").model_name == "mine"
+
+
+@pytest.mark.parametrize(
+    "url", ["notaurl", "prometheus:9090", "ftp://prometheus", "http://", "http://:9090", "http://h:x"]
+)
+def test_a_prometheus_url_that_is_not_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, url: str
+) -> None:
+    """It started, and every query failed (logged at debug level): the controller ran on local signals."""
+    monkeypatch.setenv("LCS_PROMETHEUS_URL", url)
+    with pytest.raises(ValidationError, match=re.escape("expected an http(s) URL with a host, e.g. http://prometheus")):
+        Settings(checkpoint=structured.path)
+
+
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [
+        ("http://prometheus:9090", "http://prometheus:9090"),
+        ("https://p.example/prom/ ", "https://p.example/prom/"),
+        (" ", None),
+    ],
+)
+def test_prometheus_urls_that_are_kept(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, url: str, kept: str | None
+) -> None:
+    monkeypatch.setenv("LCS_PROMETHEUS_URL", url)
+    assert Settings(checkpoint=structured.path).prometheus_url == kept
 
 
 def test_missing_checkpoint_is_refused_with_the_path_and_the_fix(tmp_path: Path) -> None:
@@ -63,6 +141,37 @@ def test_missing_checkpoint_is_refused_with_the_path_and_the_fix(tmp_path: Path)
     with pytest.raises(ValidationError) as e:
         Settings(checkpoint=missing)
     assert str(missing) in str(e.value) and "python -m training train" in str(e.value)
+
+
+def test_a_directory_as_the_checkpoint_is_said_to_be_one(tmp_path: Path) -> None:
+    """It was refused as 'no such file', which sends one looking for a typo in a path that exists."""
+    folder = tmp_path / "model.safetensors"
+    folder.mkdir()
+    (folder / "structured_line.safetensors").write_bytes(b"")
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=folder)
+    assert f"LCS_CHECKPOINT={folder}: a directory, not a checkpoint file (it holds structured_line.safetensors)" in str(
+        e.value
+    )
+    assert "no such file" not in str(e.value)
+
+
+def test_unknown_lcs_variables_are_named_with_the_setting_they_are_closest_to() -> None:
+    env = {
+        "LCS_PROT": "9000",  # a typo: ignored, so LCS_PORT kept its default without a word
+        "LCS_CHEKPOINT": "/models/x.safetensors",
+        "LCS_FOO": "1",  # close to no setting
+        "lcs_port": "9000",  # pydantic-settings reads names in any case: a setting
+        "LCS_MAX_BATCH": "8",
+        "LCS_SERVE_PORT": "tcp://10.0.0.1:8000",  # Kubernetes' service links for the Service lcs-serve
+        "LCS_SERVE_SERVICE_HOST": "10.0.0.1",
+        "HOME": "/root",
+    }
+    assert unknown_variables(env) == (
+        "ignoring LCS_ variables that are not settings: LCS_CHEKPOINT (did you mean LCS_CHECKPOINT?), LCS_FOO, "
+        "LCS_PROT (did you mean LCS_PORT?); `python -m service --help` lists them"
+    )
+    assert unknown_variables({"LCS_PORT": "1", "LCS_SERVE_PORT": "tcp://x", "PATH": "/bin"}) is None
 
 
 def test_settings_are_frozen(structured: TinyCheckpoint) -> None:

@@ -5,6 +5,7 @@ the other cases call the same `main()` in process."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_bad_checkpoints_stop_start_up_with_exit_code_2(tmp_path: Path) -> None:
     cases = {missing: "no such file", garbage: "not a readable safetensors file"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("LCS_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
-    env["LCS_PORT"] = "1"  # a privileged port: it would fail loudly if it ever got as far as binding
+    env["LCS_PORT"] = str(free_port())  # the bind is checked (and let go) before the checkpoint is read
     procs = {
         path: subprocess.Popen(
             [sys.executable, "-m", "service"],
@@ -46,6 +47,7 @@ def test_bad_checkpoints_stop_start_up_with_exit_code_2(tmp_path: Path) -> None:
 
 def _main_with(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], **env: str) -> tuple[int, str]:
     monkeypatch.setenv("LCS_THREADS", "1")
+    monkeypatch.setenv("LCS_PORT", str(free_port()))  # a case that starts the server by mistake binds no known port
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     code = main()
@@ -60,6 +62,77 @@ def test_a_pickle_is_refused_without_unpickling(
     code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(pickled))
     assert code == 2
     assert str(pickled) in err and "never unpickles" in err
+    # the service takes no argument: the fix names the variable alone (a command-line tool's names its argument)
+    assert "Point LCS_CHECKPOINT at a checkpoint written by `python -m training train`." in err
+    assert "argument" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_lcs_variable_is_a_warning_not_a_refusal(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Logged once at start-up, which then goes on (here as far as the checkpoint, which is refused)."""
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(pickled), LCS_PROT="9000", LCS_SERVE_PORT="tcp://x")
+    assert code == 2 and "never unpickles" in err  # it got as far as loading the checkpoint
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "ignoring LCS_ variables that are not settings: LCS_PROT (did you mean LCS_PORT?); "
+        "`python -m service --help` lists them"
+    ]
+
+
+def test_an_unknown_variable_is_named_beside_the_error_it_may_explain(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT="/nonexistent/x.safetensors", LCS_CHEKPOINT="/m/x")
+    assert code == 2
+    first, second = err.strip().splitlines()
+    assert first.startswith("warning: ignoring LCS_ variables that are not settings: LCS_CHEKPOINT (did you mean")
+    assert second.startswith("error: LCS_CHECKPOINT=/nonexistent/x.safetensors: no such file")
+
+
+def test_a_port_in_use_is_found_before_the_model_loads_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn found it after the whole start-up (7-8 s with a shipped model), saying only '[Errno 98]
+    address already in use'. The checkpoint here is refusable: the bind error coming instead shows the
+    bind was checked first."""
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(pickled), LCS_PORT=str(port))
+    assert code == 2
+    assert err == (
+        f"error: LCS_HOST=127.0.0.1 LCS_PORT={port}: address already in use (another process listens there); "
+        "stop it or change LCS_PORT\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("999.1.1.1", "LCS_HOST=999.1.1.1: not an address or a name this machine resolves"),
+        ("192.0.2.1", "LCS_HOST=192.0.2.1 LCS_PORT="),  # TEST-NET-1: an address, of no machine here
+    ],
+)
+def test_a_host_the_server_cannot_listen_on_is_named(
+    structured: TinyCheckpoint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    host: str,
+    problem: str,
+) -> None:
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_HOST=host)
+    assert code == 2
+    assert err.startswith(f"error: {problem}"), err
+    assert "use one of this machine's addresses, e.g. 127.0.0.1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_grid_the_checkpoint_cannot_serve_is_refused(
@@ -70,12 +143,74 @@ def test_a_grid_the_checkpoint_cannot_serve_is_refused(
     assert "LCS_ALPHA_GRID" in err and "[0.3]" in err and str(structured.path) in err
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LCS_PREBUILD": "0.33"}, "LCS_PREBUILD: alphas [0.33] are not on the served grid [0, 0.5, 1] (the grid of "),
+        (
+            {"LCS_ALPHA_GRID": "0,1", "LCS_PREBUILD": "0.5"},
+            "LCS_PREBUILD: alphas [0.5] are not on the served grid [0, 1] (LCS_ALPHA_GRID); choose prebuilt alphas "
+            "from it, or unset LCS_PREBUILD to build the whole grid",
+        ),
+    ],
+)
+def test_prebuilt_alphas_off_the_served_grid_are_refused(
+    structured: TinyCheckpoint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    """They were snapped down to the grid without a word (0.33 built 0.3; on the grid 0,1, 0.5 built 0),
+    while the same alphas in LCS_ALPHA_GRID were refused."""
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), **env)
+    assert code == 2
+    assert err.startswith(f"error: {message}"), err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_bad_setting_is_named(
     structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_MAX_BATCH="0")
     assert code == 2
-    assert err.startswith("error: LCS_MAX_BATCH:")
+    assert err.startswith("error: LCS_MAX_BATCH=0: Input should be greater than or equal to 1")
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        # a validator's own message, without pydantic's "Value error, " before it
+        ({"LCS_ALPHA_GRID": "0 1.5"}, "error: LCS_ALPHA_GRID='0 1.5': alphas must be in [0, 1]"),
+        # a check across settings names its variable itself, not as "settings: ..."
+        ({"LCS_CHECKPOINT": "/nonexistent/x.safetensors"}, "error: LCS_CHECKPOINT=/nonexistent/x.safetensors: no such"),
+    ],
+)
+def test_settings_errors_name_the_variable_and_its_value_and_nothing_else(
+    structured: TinyCheckpoint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    line: str,
+) -> None:
+    code, err = _main_with(monkeypatch, capsys, **{"LCS_CHECKPOINT": str(structured.path), **env})
+    assert code == 2
+    assert err.startswith(line), err
+    assert len(err.strip().splitlines()) == 1 and "Value error" not in err
+
+
+@pytest.mark.parametrize("key", ["", "  ", "s3cret\n"])
+def test_an_api_key_no_request_can_match_is_refused_without_showing_it(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    """An empty key turned the admin endpoints on with a key no request could send (every call 401); a
+    header's value arrives stripped of surrounding whitespace, so a key read with its file's newline
+    could never match either."""
+    code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_API_KEY=key)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: LCS_API_KEY: ")
+    assert ("unset it to turn the admin endpoints off, or set a key" if not key.strip() else "whitespace") in err
+    assert "s3cret" not in err
 
 
 def test_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
