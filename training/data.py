@@ -96,15 +96,29 @@ def load_fashion_mnist(root: Path | None = None) -> Dataset:
             "`apt-get install dataset-fashion-mnist`, or set data_dir to a folder holding the IDX files."
         )
     arr = {k: read_idx(root / v) for k, v in files.items()}
+    for key, name in files.items():  # a labels file under an images file's name once trained on garbage, rc 0
+        split_name = "training" if key.startswith("train") else "test"
+        want, ndim = ("images [N, height, width]", 3) if key.endswith("_x") else ("labels [N]", 1)
+        if arr[key].ndim != ndim:
+            other = "a labels" if ndim == 3 else "an images"
+            raise DataError(
+                f"{root / name}: holds an array of shape {arr[key].shape}, not {want} (is it {other} file?); "
+                f"put the Fashion-MNIST {split_name} {want.split()[0]} file under this name"
+            )
 
     def split(x: np.ndarray, y: np.ndarray) -> Split:
         return Split(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
 
-    return Dataset(
+    data = Dataset(
         "fashion-mnist",
         split(arr["train_x"], arr["train_y"]),
         split(arr["test_x"], arr["test_y"]),
         list(FASHION_MNIST_CLASSES),
+    )
+    return check_dataset(
+        data,
+        train=Sources(str(root / files["train_x"]), str(root / files["train_y"])),
+        test=Sources(str(root / files["test_x"]), str(root / files["test_y"])),
     )
 
 
@@ -134,6 +148,11 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
         raise DataError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    if labels.shape != (len(data),):
+        raise DataError(
+            f"{path}: {labels.size} labels for {len(data)} images; each image needs exactly one label "
+            "(the batch is damaged: extract it again)"
+        )
     return data, labels
 
 
@@ -151,13 +170,17 @@ def load_cifar10(root: Path) -> Dataset:
     train = Split(
         torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(np.concatenate([p[1] for p in parts]))
     )
-    return Dataset("cifar10", train, Split(torch.from_numpy(tx), torch.from_numpy(ty)), list(CIFAR10_CLASSES))
+    data = Dataset("cifar10", train, Split(torch.from_numpy(tx), torch.from_numpy(ty)), list(CIFAR10_CLASSES))
+    batches = str(root / "data_batch_{1..5}")
+    test = str(root / "test_batch")
+    return check_dataset(data, train=Sources(batches, batches), test=Sources(test, test))
 
 
-def _read_folder_split(root: Path, classes: list[str]) -> Split:
+def _read_folder_split(root: Path, classes: list[str]) -> tuple[Split, Path]:
+    """The split's images and labels, and its first image file (to name in messages)."""
     from PIL import Image, UnidentifiedImageError
 
-    images, labels = [], []
+    images, labels, files = [], [], []
     for label, cls in enumerate(classes):
         if not (root / cls).is_dir():  # a class may have no images in this split
             continue
@@ -170,6 +193,7 @@ def _read_folder_split(root: Path, classes: list[str]) -> Split:
             except (OSError, UnidentifiedImageError) as e:
                 raise DataError(f"{f}: not a readable image ({e})") from None
             labels.append(label)
+            files.append(f)
     if not images:
         raise DataError(f"{root}: no images found under its class folders")
     shapes = {im.shape for im in images}
@@ -177,7 +201,7 @@ def _read_folder_split(root: Path, classes: list[str]) -> Split:
         raise DataError(f"{root}: images have different shapes {sorted(shapes)[:4]}; resize them to one size")
     x = np.stack(images)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64))
+    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64)), files[0]
 
 
 def load_folder(root: Path) -> Dataset:
@@ -187,8 +211,23 @@ def load_folder(root: Path) -> Dataset:
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root / 'train'}: no class folders")
-    return Dataset(  # named by its loader, so `evaluate` can reload it from the checkpoint's metadata
-        "folder", _read_folder_split(root / "train", classes), _read_folder_split(root / "test", classes), classes
+    if len(classes) < 2:  # this once trained, then failed on the checkpoint's metadata with a pydantic dump
+        raise DataError(
+            f"{root / 'train'}: one class folder ({classes[0]}); a classifier needs at least two: "
+            f"add a folder of images for each class under {root / 'train'}"
+        )
+    extra = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name not in classes)
+    if extra:  # its images would be skipped without a word
+        raise DataError(
+            f"{root / 'test' / extra[0]}: a test class with no training folder {root / 'train' / extra[0]}; "
+            "add training images for it or move it out of test/"
+        )
+    (train, train_file), (test, test_file) = (_read_folder_split(root / s, classes) for s in ("train", "test"))
+    data = Dataset("folder", train, test, classes)  # named by its loader: `evaluate` reloads it from the metadata
+    return check_dataset(
+        data,
+        train=Sources(f"{root / 'train'} (e.g. {train_file})", f"{root / 'train'}'s class folders"),
+        test=Sources(f"{root / 'test'} (e.g. {test_file})", f"{root / 'test'}'s class folders"),
     )
 
 
@@ -205,6 +244,60 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
             raise DataError("folder needs data_dir=<path with train/ and test/ class folders>")
         return load_folder(root)
     raise DataError(f"unknown dataset {name!r}; choose fashion-mnist, cifar10 or folder")
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a split's images and labels came from, as error messages name them (files or folders)."""
+
+    images: str
+    labels: str
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "x".join(map(str, x.shape[1:]))  # [N, C, H, W] -> "CxHxW"
+
+
+def check_dataset(data: Dataset, *, train: Sources | None = None, test: Sources | None = None) -> Dataset:
+    """Return `data` if it can be trained and evaluated on; otherwise raise DataError naming the file(s) and
+    what is inconsistent. Checked at load time: each of these once surfaced only after (or deep into)
+    training: image and label counts per split, train and test image shape and channels, labels in
+    [0, number of classes), at least two classes."""
+    sources = {"training": train, "test": test}
+    n_classes = len(data.classes)
+    if n_classes < 2:
+        where = train.labels if train else f"{data.name} training labels"
+        raise DataError(f"{where}: {n_classes} class(es) {data.classes}; a classifier needs at least two classes")
+    for name, split in (("training", data.train), ("test", data.test)):
+        src = sources[name] or Sources(f"{data.name} {name} images", f"{data.name} {name} labels")
+        if split.images.ndim != 4 or split.labels.ndim != 1:
+            raise DataError(
+                f"{src.images}: {name} images of shape {tuple(split.images.shape)} and labels of shape "
+                f"{tuple(split.labels.shape)}; need images [N, C, H, W] and labels [N]"
+            )
+        n_img, n_lab = len(split.images), len(split.labels)
+        if n_img != n_lab:  # a mismatch once trained the whole run, then raised IndexError
+            raise DataError(
+                f"{src.labels}: {n_lab} labels for {n_img} {name} images in {src.images}; each image needs exactly "
+                "one label: use the labels and images files that belong together"
+            )
+        if n_img == 0:
+            raise DataError(f"{src.images}: no {name} images; the {name} split needs some")
+        bad = ((split.labels < 0) | (split.labels >= n_classes)).nonzero()
+        if len(bad):  # an out-of-range label once raised IndexError mid-epoch
+            i = int(bad[0])
+            raise DataError(
+                f"{src.labels}: label {int(split.labels[i])} (image {i}) is outside 0..{n_classes - 1}, the "
+                f"{n_classes} classes of {data.name}; the file is damaged or belongs to another dataset"
+            )
+    if data.train.images.shape[1:] != data.test.images.shape[1:]:  # once trained, then gave wrong accuracy
+        tr, te = train or Sources("training images", ""), test or Sources(f"{data.name} test images", "")
+        raise DataError(
+            f"{te.images}: test images are {_shape(data.test.images)} (channels x height x width) but the training "
+            f"images ({tr.images}) are {_shape(data.train.images)}; the network takes one input shape: give both "
+            "splits images of the same size and channels"
+        )
+    return data
 
 
 # -- splitting, batching, augmentation -------------------------------------------------------------

@@ -32,7 +32,7 @@ from lcs import checkpoint
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subspace_kwargs
 from training.config import TrainConfig
-from training.data import Dataset, Split, augment, hold_out, load_dataset, normalise
+from training.data import Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
 from training.distributed import Ranks
 from training.evaluate import accuracy, accuracy_table, calibrate
 
@@ -199,7 +199,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
     torch.set_flush_denormal(True)  # denormal activations made fake-quantised layers 10-100x slower here
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    data = data or load_dataset(cfg.dataset, cfg.data_dir)
+    data = load_dataset(cfg.dataset, cfg.data_dir) if data is None else check_dataset(data)  # before any step
     train_split, val_split = hold_out(data.train, cfg.val_size, cfg.seed)
     n_img, c, h, w = train_split.images.shape
     steps_per_epoch = n_img // cfg.batch_size  # drop the last partial batch
