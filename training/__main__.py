@@ -69,7 +69,21 @@ def main(argv: list[str] | None = None) -> int:
             items = list(args.items)
             config_path = items.pop(0) if items and "=" not in items[0] else None
             cfg = load_config(config_path, items)
-            train(cfg, command="python -m training train " + shlex.join(args.items))  # re-runs as recorded
+            try:
+                train(cfg, command="python -m training train " + shlex.join(args.items))  # re-runs as recorded
+            except KeyboardInterrupt:  # Ctrl-C: every finished epoch is saved, and the same command resumes
+                from training.train import saved_epoch
+
+                if sys.stdout.isatty():
+                    print()  # end the progress bar's line
+                done = saved_epoch(cfg)
+                print(
+                    "interrupted; no epoch finished yet, nothing saved; rerun the same command to start over"
+                    if done is None
+                    else f"interrupted; state saved after epoch {done}; rerun the same command to resume",
+                    file=sys.stderr,
+                )
+                return 130
             return 0
         if args.cmd == "plot":
             from training.evaluate import plot
@@ -104,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, ValueError, OSError) as err:  # OSError: a file named here is missing
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -13,13 +13,16 @@ global batch (training/distributed.py); rank 0 prints and writes every file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import random
+import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -123,6 +126,49 @@ def check_out(cfg: TrainConfig) -> None:
         ) from None
 
 
+class SaveError(OSError):
+    """A file training writes could not be written (a full disk); the message names it, the cause and the fix."""
+
+
+def saved_epoch(cfg: TrainConfig) -> int | None:
+    """The epochs done according to the state file on disk (what a rerun resumes from); None if none can be read."""
+    try:
+        with safe_open(str(cfg.state_path), framework="pt") as f:
+            return int(f.metadata()["epoch"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def resume_point(cfg: TrainConfig) -> str:
+    """What a rerun of the same command starts from, in words."""
+    done = saved_epoch(cfg)
+    return "no epoch finished yet" if done is None else f"state saved after epoch {done}"
+
+
+def _cause(e: Exception) -> str:
+    """An OSError's strerror, or the OS message inside safetensors' SafetensorError ('... message: "No space
+    left on device" })'), else the error's text."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    found = re.search(r'message: "([^"]+)"', str(e))
+    return found.group(1) if found else str(e)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, cfg: TrainConfig) -> Iterator[None]:
+    """Turn a failed write (safetensors' SafetensorError or an OSError: a full disk) into SaveError. The
+    files are written to a temporary name and then renamed, so the state of the last finished epoch
+    survives, and the same command resumes from it."""
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        cause = _cause(e)
+        fix = "free space" if "space" in cause.lower() else "fix that"
+        raise SaveError(
+            f"{path}: cannot write it ({cause}); {fix} and rerun the same command to resume ({resume_point(cfg)})"
+        ) from None
+
+
 def _save_state(
     cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, epoch: int, rng: random.Random, elapsed: float
 ) -> None:
@@ -139,9 +185,13 @@ def _save_state(
         "elapsed": str(elapsed),
     }
     tmp = cfg.state_path.with_suffix(".tmp")
-    cfg.state_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(cfg.state_path)
+    try:
+        with _writing(cfg.state_path, cfg):
+            cfg.state_path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata=meta)
+            tmp.replace(cfg.state_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure (a full disk, Ctrl-C): no half-written file left taking space
 
 
 def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, rng: random.Random) -> tuple[int, float]:
@@ -326,7 +376,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             "torch": torch.__version__,
         },
     )
-    checkpoint.save(cfg.out, model, meta, samples=sample_images(train_split, cfg.seed))
+    with _writing(Path(cfg.out), cfg):
+        checkpoint.save(cfg.out, model, meta, samples=sample_images(train_split, cfg.seed))
     for p in table:
         print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  test accuracy {p['accuracy']:.2f} %", flush=True)
     print(f"wrote {cfg.out}", flush=True)

@@ -153,3 +153,98 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["evaluate", "x.safetensors"])  # --json is required
     assert "--json" in capsys.readouterr().err
+
+
+# -- a full disk and Ctrl-C: one line, and the last finished epoch survives ------------------------------
+
+NO_SPACE = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def test_disk_full_while_saving_the_state(
+    tmp_path: Path,
+    image_folder: Path,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """safetensors' SafetensorError was not among the errors caught: a traceback. Now one line, and the state
+    of the last finished epoch is kept, so the same command resumes."""
+    from safetensors import SafetensorError
+
+    from training import train as train_module
+
+    out = tmp_path / "m.safetensors"
+    args = ["train", *tiny_overrides(out, dataset="folder", data_dir=image_folder)]
+    real_save_file = train_module.save_file
+    calls = []
+
+    def fills_the_disk_at_the_second_epoch(*a: Any, **kw: Any) -> None:
+        calls.append(a[1])
+        if len(calls) == 2:
+            Path(a[1]).write_bytes(b"half a file")  # what a full disk leaves behind
+            raise SafetensorError(NO_SPACE)
+        real_save_file(*a, **kw)
+
+    monkeypatch.setattr(train_module, "save_file", fills_the_disk_at_the_second_epoch)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    state = out.with_name("m.state.safetensors")
+    assert err == (
+        f"error: {state}: cannot write it (No space left on device); free space and rerun the same command to "
+        "resume (state saved after epoch 1)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [state.name]  # epoch 1's state; no .tmp left
+    monkeypatch.setattr(train_module, "save_file", real_save_file)
+    assert main(args) == 0
+    assert "after epoch 1/2" in capsys.readouterr().out and out.is_file()
+
+
+def test_disk_full_while_writing_the_checkpoint(
+    tmp_path: Path,
+    image_folder: Path,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from safetensors import SafetensorError
+
+    def no_space(*a: Any, **kw: Any) -> None:
+        raise SafetensorError(NO_SPACE)
+
+    out = tmp_path / "m.safetensors"
+    monkeypatch.setattr(checkpoint, "save_file", no_space)
+    assert main(["train", *tiny_overrides(out, epochs=1, dataset="folder", data_dir=image_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: cannot write it (No space left on device); free space and rerun")
+    assert err.endswith("(state saved after epoch 1)\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("when", ["after the first epoch", "before the first epoch"])
+def test_ctrl_c_says_what_was_saved(
+    tmp_path: Path,
+    image_folder: Path,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    when: str,
+) -> None:
+    """Ctrl-C was a KeyboardInterrupt traceback."""
+    from training import train as train_module
+
+    save_state = train_module._save_state
+
+    def save_then_ctrl_c(*a: Any) -> None:
+        save_state(*a)
+        raise KeyboardInterrupt
+
+    def ctrl_c(*a: Any) -> None:
+        raise KeyboardInterrupt
+
+    if when == "after the first epoch":
+        monkeypatch.setattr(train_module, "_save_state", save_then_ctrl_c)
+        expected = "interrupted; state saved after epoch 1; rerun the same command to resume\n"
+    else:
+        monkeypatch.setattr(train_module, "load_dataset", ctrl_c)
+        expected = "interrupted; no epoch finished yet, nothing saved; rerun the same command to start over\n"
+    assert main(["train", *tiny_overrides(tmp_path / "m.safetensors", dataset="folder", data_dir=image_folder)]) == 130
+    assert capsys.readouterr().err == expected
