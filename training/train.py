@@ -20,7 +20,6 @@ import math
 import random
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subs
 from training.config import TrainConfig
 from training.data import Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
 from training.distributed import Ranks
-from training.evaluate import accuracy, accuracy_table, calibrate
+from training.evaluate import accuracy, accuracy_table, calibrate, check_writable
 
 
 def sample_alphas(cfg: TrainConfig, rng: random.Random) -> list[float]:
@@ -112,18 +111,7 @@ def check_out(cfg: TrainConfig) -> None:
     whole run was lost): a directory, a path under a regular file, a place where no file can be created."""
     out = Path(cfg.out)
     for path in (out, cfg.state_path) if out.name else (out,):  # "." has no name, hence no state path
-        if path.is_dir():
-            raise ValueError(f"out={cfg.out}: {path} is a directory; name a file, e.g. out={out / 'model.safetensors'}")
-    folder = next(p for p in out.absolute().parents if p.exists())  # out's folder, or what will hold it
-    if not folder.is_dir():
-        raise ValueError(f"out={cfg.out}: {folder} is a file, not a directory; choose another place for out")
-    try:  # what _save_state and checkpoint.save will do (after creating any missing folders): create a file
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lcs-out-", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise ValueError(
-            f"out={cfg.out}: cannot create files in {folder} ({e.strerror or e}); choose a writable place for out"
-        ) from None
+        check_writable(path, option="out", shown=f"out={cfg.out}", example=f"out={out / 'model.safetensors'}")
 
 
 class SaveError(OSError):

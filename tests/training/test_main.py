@@ -124,9 +124,120 @@ def test_config_file_errors_are_one_line(
     assert err.startswith("error:") and match in err and err.count("\n") == 1
 
 
-def test_a_missing_report_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["plot", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.png")])
-    assert rc == 2 and capsys.readouterr().err.startswith("error: [Errno 2] No such file or directory")
+REPORT = {"kind": "structured", "subspace": "line", "dataset": "folder", "points": [{"level": 1, "accuracy": 9}]}
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot read it (No such file or directory)"),
+        ("{", "not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
+        ("[1, 2]", 'a JSON list, not a report object {"kind": ..., "points": [...]}'),  # was a TypeError
+        (json.dumps({"points": []}), '"kind" is missing'),  # was a KeyError traceback
+        (json.dumps({**REPORT, "kind": "pruned"}), '"kind" is "pruned", not one of'),
+        (json.dumps({k: v for k, v in REPORT.items() if k != "subspace"}), '"subspace" is missing'),
+        (json.dumps({**REPORT, "points": {}}), '"points" is an object, not a non-empty list'),
+        (json.dumps({**REPORT, "points": [{"level": 1}]}), '"points"[0] is {"level": 1}, not {"level": number'),
+    ],
+)
+def test_plot_names_the_report_and_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, problem: str
+) -> None:
+    """A report that was not JSON said only the decoder's message; one without "kind" or a JSON list was a
+    KeyError or TypeError traceback."""
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    assert main(["plot", str(bad), "--out", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: report {bad}: {problem}") and err.count("\n") == 1
+    assert err.endswith("give a report written by `python -m training evaluate --json`\n")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_with_a_bad_baseline_and_reports_of_two_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, other, base = tmp_path / "s.json", tmp_path / "q.json", tmp_path / "b.json"
+    good.write_text(json.dumps(REPORT))
+    other.write_text(json.dumps({**REPORT, "kind": "quantized"}))
+    base.write_text('{"kind": "structured"}')
+    assert main(["plot", str(good), "--baseline", str(base), "--out", str(tmp_path / "p.png")]) == 2
+    assert capsys.readouterr().err.startswith(f'error: --baseline {base}: "points" is missing')
+    assert main(["plot", str(good), str(other), "--out", str(tmp_path / "p.png")]) == 2
+    assert f"report {other}: a quantized report, but {good} is structured" in capsys.readouterr().err
+    base.write_text(json.dumps({"kind": "quantized", "points": [{"level": 8, "accuracy": 9}]}))  # a reference line
+    assert main(["plot", str(good), "--baseline", str(base), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _no_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.evaluate
+
+    def evaluate_checkpoint(*a: Any, **kw: Any) -> None:
+        raise AssertionError("evaluated before the arguments were checked")
+
+    monkeypatch.setattr(training.evaluate, "evaluate_checkpoint", evaluate_checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [  # each was found only after the evaluation (minutes on Fashion-MNIST), and its accuracies were lost
+        (["--json", "{tmp}/file/r.json"], "--json {tmp}/file/r.json: {tmp}/file is a file, not a directory"),
+        (["--json", "{tmp}"], "--json {tmp}: {tmp} is a directory; name a file, e.g. --json {tmp}/report.json"),
+        pytest.param(
+            ["--json", "/proc/r.json"],
+            "--json /proc/r.json: cannot create files in /proc",  # a folder where no file can be created
+            marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc"),
+        ),
+        (["--json", "{tmp}/r.json", "--plot", "{tmp}/file/p.png"], "--plot {tmp}/file/p.png: {tmp}/file is a file"),
+        (
+            ["--json", "{tmp}/r.json", "--plot", "{tmp}/p.png", "--baseline", "{tmp}/none.json"],
+            "--baseline {tmp}/none.json: cannot read it (No such file or directory)",
+        ),
+        (
+            ["--json", "{tmp}/r.json", "--plot", "{tmp}/p.png", "--baseline", "{tmp}/file"],
+            "--baseline {tmp}/file: not valid JSON (Expecting value at line 1, column 1)",
+        ),
+        (
+            ["--json", "{tmp}/r.json", "--plot", "{tmp}/p.png", "--compare", "{tmp}/q.json"],
+            "--compare {tmp}/q.json: a quantized report, but {ckpt} is structured",
+        ),
+        # silently ignored without --plot
+        (["--json", "{tmp}/r.json", "--baseline", "{tmp}/q.json"], "--baseline only draws on the plot; add --plot"),
+        (["--json", "{tmp}/r.json", "--compare", "{tmp}/q.json"], "--compare only draws on the plot; add --plot"),
+    ],
+)
+def test_evaluate_checks_its_arguments_before_evaluating(
+    trained_run: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    (tmp_path / "file").write_text("not a folder, not JSON")
+    (tmp_path / "q.json").write_text(json.dumps({**REPORT, "kind": "quantized"}))
+    _no_evaluation(monkeypatch)
+    fill = {"tmp": str(tmp_path), "ckpt": str(trained_run.path)}
+    rc = main(["evaluate", str(trained_run.path), *(a.format(**fill) for a in args)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: " + message.format(**fill)) and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "q.json"]  # nothing written, no probe left
+
+
+def test_evaluate_prints_the_accuracies_before_writing_files(
+    trained_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """write_json ran before the print: a write that failed after the evaluation lost every number."""
+    import training.evaluate
+
+    def disk_full(*a: Any) -> None:
+        raise OSError(28, "No space left on device", str(tmp_path / "r.json"))
+
+    monkeypatch.setattr(training.evaluate, "write_json", disk_full)
+    assert main(["evaluate", str(trained_run.path), "--json", str(tmp_path / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert out.count("accuracy") == 3 and "alpha 1.000" in out
+    assert "No space left on device" in err
 
 
 def test_train_help_lists_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
