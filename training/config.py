@@ -19,7 +19,7 @@ import yaml
 
 from lcs.alpha import SUBSPACES, Schedule, check_alpha
 from lcs.layers import NormType
-from lcs.models import check_arch_kwargs
+from lcs.models import SUBSPACE_ARGS, check_arch_kwargs
 
 # 21 evenly spaced alphas: the grid that gets BatchNorm statistics and an accuracy measurement
 DEFAULT_GRID = [round(i / 20, 4) for i in range(21)]
@@ -88,12 +88,15 @@ class TrainConfig:
             raise ValueError(f"norm must be one of {get_args(NormType)}; got {self.norm!r}")
         try:
             check_arch_kwargs(self.arch_kwargs)
-        except ValueError as e:  # at load time, not as a TypeError from the first model build
-            raise ValueError(
-                f"arch_kwargs={self.arch_kwargs!r}: {e}. Training sets them from the dataset (in_channels, "
-                "num_classes) and its options subspace (line), norm, stat_alphas and kind, keep_min, width_min, "
-                "bits_min, bits_max (schedule): set those options instead"
-            ) from None
+        except ValueError as e:  # at load time, not as a TypeError or RuntimeError from the first model build or step
+            hint = (
+                ". Training sets them from the dataset (in_channels, num_classes) and its options subspace (line), "
+                "norm, stat_alphas and kind, keep_min, width_min, bits_min, bits_max (schedule): set those options "
+                "instead"
+                if any(k in SUBSPACE_ARGS for k in self.arch_kwargs)
+                else ""
+            )
+            raise ValueError(f"arch_kwargs={self.arch_kwargs!r}: {e}{hint}") from None
         if self.fixed_alpha is not None:
             try:
                 check_alpha(self.fixed_alpha)

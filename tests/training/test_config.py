@@ -203,6 +203,35 @@ def test_arch_kwargs_may_not_set_what_the_options_set(kwarg: str) -> None:
     assert message.endswith("set those options instead")
 
 
+@pytest.mark.parametrize(
+    ("arch_kwargs", "problem"),
+    [  # the first three built, then failed at the first training step with a RuntimeError traceback
+        ("{stem_stride: 0}", "stem_stride must be a positive integer (1: full resolution, 2: half), got 0"),
+        ("{stem_stride: -1}", "stem_stride must be a positive integer (1: full resolution, 2: half), got -1"),
+        ("{widths: [0, 16]}", "widths must be a non-empty list of positive integers (the channels of each stage)"),
+        ("{blocks: [-1, 1]}", "blocks must be a non-empty list of positive integers"),  # was accepted silently
+        ("{blocks: []}", "blocks must be a non-empty list"),
+        ("{widths: 16}", "widths must be a non-empty list"),
+        ("{stem_stride: true}", "stem_stride must be a positive integer"),
+    ],
+)
+def test_arch_kwargs_that_build_but_cannot_run(arch_kwargs: str, problem: str) -> None:
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["arch=tiny_resnet", f"arch_kwargs={arch_kwargs}"])
+    message = str(err.value)
+    assert message.startswith("arch_kwargs={") and problem in message and "set those options" not in message
+
+
+def test_models_refuse_stage_sizes_that_cannot_run() -> None:
+    """The same check guards a model built directly, or from a checkpoint's arch.kwargs (lcs.checkpoint)."""
+    from lcs.models import build_model
+
+    with pytest.raises(ValueError, match="stem_stride must be a positive integer"):
+        build_model("tiny_resnet", stem_stride=0)
+    with pytest.raises(ValueError, match="widths must be a non-empty list of positive integers"):
+        build_model("tiny_resnet", widths=(8, 0))
+
+
 def test_fixed_alpha_replaces_an_empty_grid() -> None:
     """stat_alphas is checked as used: a baseline's grid is its own alpha, whatever was given."""
     assert load_config(None, ["fixed_alpha=0.5", "stat_alphas=[]"]).stat_alphas == [0.5]
