@@ -38,6 +38,15 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
+class OptionError(ValueError):
+    """A bad option value. `options` are the option(s) it concerns, so that load_config can name the config
+    file a value came from."""
+
+    def __init__(self, message: str, *options: str) -> None:
+        super().__init__(message)
+        self.options = options
+
+
 @dataclass
 class TrainConfig:
     # -- data --
@@ -81,11 +90,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse every out-of-range value here, at load time: each one used to surface only deep inside
         training (eval_batch_size=0 after the last epoch), or never (end_bias=5 trained alpha 0 only)."""
-        self.schedule()  # lcs.alpha.Schedule refuses a bad kind, keep_min, width_min, bits_min or bits_max
+        try:
+            self.schedule()  # lcs.alpha.Schedule refuses a bad kind, keep_min, width_min, bits_min or bits_max
+        except ValueError as e:  # its message names the field(s)
+            fields = [f.name for f in dataclasses.fields(Schedule) if f.name in str(e)]
+            raise OptionError(str(e), *fields) from None
         if self.subspace not in SUBSPACES:
-            raise ValueError(f"subspace must be one of {SUBSPACES}; got {self.subspace!r}")
+            raise OptionError(f"subspace must be one of {SUBSPACES}; got {self.subspace!r}", "subspace")
         if self.norm not in get_args(NormType):
-            raise ValueError(f"norm must be one of {get_args(NormType)}; got {self.norm!r}")
+            raise OptionError(f"norm must be one of {get_args(NormType)}; got {self.norm!r}", "norm")
         try:
             check_arch_kwargs(self.arch_kwargs)
         except ValueError as e:  # at load time, not as a TypeError or RuntimeError from the first model build or step
@@ -96,12 +109,12 @@ class TrainConfig:
                 if any(k in SUBSPACE_ARGS for k in self.arch_kwargs)
                 else ""
             )
-            raise ValueError(f"arch_kwargs={self.arch_kwargs!r}: {e}{hint}") from None
+            raise OptionError(f"arch_kwargs={self.arch_kwargs!r}: {e}{hint}", "arch_kwargs") from None
         if self.fixed_alpha is not None:
             try:
                 check_alpha(self.fixed_alpha)
             except ValueError as e:
-                raise ValueError(f"fixed_alpha={self.fixed_alpha!r}: {e}") from None
+                raise OptionError(f"fixed_alpha={self.fixed_alpha!r}: {e}", "fixed_alpha") from None
             self.subspace = "point"  # a baseline is one network: nothing to interpolate
             self.stat_alphas = [self.fixed_alpha]
         finite = math.isfinite
@@ -197,7 +210,7 @@ def options_help(width: int = 100) -> str:
 
 def _require(ok: bool, name: str, value: object, valid: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r} is out of range; use {valid}")
+        raise OptionError(f"{name}={value!r} is out of range; use {valid}", name)
 
 
 def _is_grid(alphas: list[float]) -> bool:
@@ -219,15 +232,55 @@ def _coerce(name: str, raw: str, typ: Any) -> Any:
             f"option {name!r}: {raw!r} is not a YAML value ({_yaml_problem(e)}); "
             f"a value with spaces needs quotes in the shell: '{name}=...'"
         ) from None
-    if typ is float and isinstance(value, int):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
 
+def _alternatives(typ: Any) -> tuple[Any, ...]:
+    return get_args(typ) if get_origin(typ) in (Union, types.UnionType) else (typ,)
+
+
+def _numbers(value: Any, typ: Any) -> Any:
+    """A number written as a string, for an option that takes numbers: YAML 1.1 (PyYAML) reads 1e-3, having no
+    dot, as the string '1e-3', so lr=1e-3 and `lr: 1e-3` were refused as not a number."""
+
+    def number(x: Any) -> Any:
+        if isinstance(x, str):
+            try:
+                return float(x)
+            except ValueError:
+                return x  # not a number: refused by _check_type, by name
+        return x
+
+    for t in _alternatives(typ):
+        if t is float:
+            return number(value)
+        if get_origin(t) is list and get_args(t) == (float,) and isinstance(value, list):
+            return [number(x) for x in value]
+    return value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _type_name(typ: Any) -> str:
+    """How an option's type reads in an error: 'a number or null', 'a list of numbers', 'a mapping'."""
+    names = []
+    for t in _alternatives(typ):
+        base = get_origin(t) or t
+        if base is list:
+            names.append(f"a list of {_type_name(get_args(t)[0]).split(' ', 1)[1]}s" if get_args(t) else "a list")
+        elif base is dict:
+            names.append("a mapping (e.g. {widths: [16, 32]})")
+        else:
+            names.append(_TYPE_NAMES.get(base, str(base)))
+    return " or ".join(names)
+
+
 def _check_type(name: str, value: Any, typ: Any) -> None:
     """Raise ValueError unless value has the option's type (an int is a float; a bool is not an int)."""
-    options = get_args(typ) if get_origin(typ) in (Union, types.UnionType) else (typ,)
-    for t in options:
+    for t in _alternatives(typ):
         base = get_origin(t) or t  # list[float] -> list, dict[str, Any] -> dict
         if base is type(None):
             ok = value is None
@@ -239,7 +292,7 @@ def _check_type(name: str, value: Any, typ: Any) -> None:
             ok = isinstance(value, base)
         if ok:
             return
-    raise ValueError(f"option {name!r} must be of type {typ}; got {value!r}")
+    raise OptionError(f"option {name!r} must be {_type_name(typ)}; got {value!r}", name)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -262,8 +315,10 @@ def _did_you_mean(path: Path) -> str:
 
 
 def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
-    """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides."""
+    """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides. An error about a value
+    read from the file names the file."""
     values: dict[str, Any] = {}
+    from_file: set[str] = set()  # the options whose value came from the file (not overridden)
     if path is not None:
         path = Path(path)
         try:
@@ -279,6 +334,7 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a YAML mapping of option: value")
         values.update(loaded)
+        from_file = set(loaded)
     hints = get_type_hints(TrainConfig)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -287,9 +343,16 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
         if key not in hints:
             raise ValueError(f"unknown option {key!r}; options: {sorted(hints)}")
         values[key] = _coerce(key, raw, hints[key])
+        from_file.discard(key)
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} in {path}; options: {sorted(hints)}")
-    for key, value in values.items():
-        _check_type(key, value, hints[key])
-    return TrainConfig(**values)
+    try:
+        for key, value in values.items():
+            values[key] = _numbers(value, hints[key])
+            _check_type(key, values[key], hints[key])
+        return TrainConfig(**values)
+    except OptionError as e:
+        if from_file & set(e.options):  # `lr: -1` in a file said only "lr=-1 is out of range"
+            raise OptionError(f"{path}: {e}", *e.options) from None
+        raise

@@ -242,6 +242,65 @@ def test_shipped_configs_load() -> None:
         assert load_config(path, []).epochs >= 2, path  # so warmup_steps leaves their one-epoch warm-up as it was
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "override", "message"),
+    [  # each said only the part after "FILE: ", so the file with the bad value had to be guessed
+        ("lr: -1\n", None, "{path}: lr=-1 is out of range; use a learning rate lr > 0"),
+        ("kind: bogus\n", None, "{path}: kind must be one of"),
+        ("bits_max: 2\n", None, "{path}: need 1 <= bits_min <= bits_max <= 16; got 3..2"),
+        ("subspace: plane\n", None, "{path}: subspace must be one of"),
+        ("fixed_alpha: 2\n", None, "{path}: fixed_alpha=2: alpha must be in [0, 1]"),
+        ("arch_kwargs: {stem_stride: 0}\n", None, "{path}: arch_kwargs={{'stem_stride': 0}}: stem_stride must be"),
+        ("epochs: ten\n", None, "{path}: option 'epochs' must be an integer; got 'ten'"),
+        # a value from the command line is not the file's fault
+        ("lr: 0.1\n", "lr=-1", "lr=-1.0 is out of range"),
+        ("lr: -1\n", "lr=0.2", None),
+    ],
+)
+def test_errors_name_the_config_file_a_value_came_from(
+    tmp_path: Path, yaml_text: str, override: str | None, message: str | None
+) -> None:
+    path = tmp_path / "neglr.yaml"
+    path.write_text(yaml_text)
+    overrides = [override] if override else []
+    if message is None:
+        assert load_config(path, overrides).lr == 0.2
+        return
+    with pytest.raises(ValueError) as err:
+        load_config(path, overrides)
+    assert str(err.value).startswith(message.format(path=path)), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [  # they said "must be of type <class 'int'>" and "dict[str, typing.Any]"
+        ("epochs=ten", "option 'epochs' must be an integer; got 'ten'"),
+        ("lr=fast", "option 'lr' must be a number; got 'fast'"),
+        ("augment=maybe", "option 'augment' must be true or false; got 'maybe'"),
+        ("fixed_alpha=half", "option 'fixed_alpha' must be a number or null; got 'half'"),
+        ("stat_alphas=0.5", "option 'stat_alphas' must be a list of numbers; got 0.5"),
+        ("arch_kwargs=[1]", "option 'arch_kwargs' must be a mapping (e.g. {widths: [16, 32]}); got [1]"),
+        ("data_dir=[1]", "option 'data_dir' must be a string or null; got [1]"),
+    ],
+)
+def test_type_errors_say_what_is_expected_in_words(override: str, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path) -> None:
+    """PyYAML reads 1e-3 (no dot) as a string: lr=1e-3 was refused as not a float."""
+    cfg = load_config(None, ["lr=1e-3", "fixed_alpha=5e-1", "stat_alphas=[0, 5e-1, 1]"])
+    assert cfg.lr == 0.001 and cfg.fixed_alpha == 0.5 and cfg.stat_alphas == [0.5]
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5E-4\nstat_alphas: [0, 2.5e-2, 1]\n")
+    cfg = load_config(path, [])
+    assert cfg.lr == 0.001 and cfg.weight_decay == 0.0005 and cfg.stat_alphas == [0, 0.025, 1]
+    with pytest.raises(ValueError, match="option 'epochs' must be an integer; got '1e1'"):
+        load_config(None, ["epochs=1e1"])  # integers stay integers
+
+
 def test_bad_yaml_value_type(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("epochs: ten\n")
