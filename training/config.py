@@ -226,7 +226,9 @@ def _coerce(name: str, raw: str, typ: Any) -> Any:
     if typ is str or typ == "str":
         return raw  # as typed: out=[x is a file name, not broken YAML
     try:
-        value = yaml.safe_load(raw)  # "0.5" -> 0.5, "[1,2]" -> [1, 2], "true" -> True, "null" -> None
+        value = _load_yaml(raw)  # "0.5" -> 0.5, "[1,2]" -> [1, 2], "true" -> True, "null" -> None
+    except _DuplicateKey as e:
+        raise ValueError(f"option {name!r}: {raw!r} sets {e.key!r} twice; keep one") from None
     except yaml.YAMLError as e:
         raise ValueError(
             f"option {name!r}: {raw!r} is not a YAML value ({_yaml_problem(e)}); "
@@ -295,6 +297,31 @@ def _check_type(name: str, value: Any, typ: Any) -> None:
     raise OptionError(f"option {name!r} must be {_type_name(typ)}; got {value!r}", name)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, second: int) -> None:
+        super().__init__(f"{key!r} is set twice (lines {first} and {second}); keep one")
+        self.key = key
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the last one
+    without a word, so `lr: 0.1` ten lines above `lr: 0.01` trained at 0.01."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise _DuplicateKey(key_node.value, seen[key_node.value], line)
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: plain data only
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """One line from PyYAML's several: what is wrong and where (1-based, as editors count)."""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -328,7 +355,9 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
                 f"{path}: cannot read this config file ({getattr(e, 'strerror', None) or e}){_did_you_mean(path)}"
             ) from None
         try:
-            loaded = yaml.safe_load(text) or {}
+            loaded = _load_yaml(text) or {}
+        except _DuplicateKey as e:
+            raise ValueError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(loaded, dict):

@@ -301,6 +301,21 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path) -> None:
         load_config(None, ["epochs=1e1"])  # integers stay integers
 
 
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys without a word: the run trained with the other value."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.1\nepochs: 2\nlr: 0.01\n")
+    with pytest.raises(ValueError) as err:
+        load_config(path, [])
+    assert str(err.value) == f"{path}: 'lr' is set twice (lines 1 and 3); keep one"
+    path.write_text("arch_kwargs:\n  widths: [8, 16]\n  widths: [4, 8]\n")
+    with pytest.raises(ValueError, match=r"'widths' is set twice \(lines 2 and 3\)"):
+        load_config(path, [])
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["arch_kwargs={widths: [8], widths: [9]}"])
+    assert str(err.value) == "option 'arch_kwargs': '{widths: [8], widths: [9]}' sets 'widths' twice; keep one"
+
+
 def test_bad_yaml_value_type(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("epochs: ten\n")
