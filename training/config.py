@@ -341,6 +341,25 @@ def _did_you_mean(path: Path) -> str:
     return f"; did you mean {path.parent / close[0]}?" if close else ""
 
 
+def _check_baseline(values: dict[str, Any], from_file: set[str]) -> None:
+    """fixed_alpha trains one network at one alpha: TrainConfig sets subspace point and stat_alphas [alpha].
+    A subspace or stat_alphas given to the contrary, in the same file or on the command line, was overridden
+    without a word: refused. A subspace config's own values give way to fixed_alpha on the command line
+    (`configs/structured_line.yaml fixed_alpha=0.5`: that config's baseline, as scripts/train_shipped.sh runs)."""
+    alpha = values.get("fixed_alpha")
+    if alpha is None:
+        return
+    for key, implied, wants in (("subspace", "point", "a line"), ("stat_alphas", [alpha], "other alphas")):
+        if key not in values or values[key] == implied or (key in from_file and "fixed_alpha" not in from_file):
+            continue
+        raise OptionError(
+            f"fixed_alpha={alpha} trains one network at that alpha (subspace point, stat_alphas [{alpha}]), but "
+            f"{key}={json.dumps(values[key])} asks for {wants}; leave out {key} or fixed_alpha",
+            "fixed_alpha",
+            key,
+        )
+
+
 def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
     """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides. An error about a value
     read from the file names the file."""
@@ -380,6 +399,7 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
         for key, value in values.items():
             values[key] = _numbers(value, hints[key])
             _check_type(key, values[key], hints[key])
+        _check_baseline(values, from_file)
         return TrainConfig(**values)
     except OptionError as e:
         if from_file & set(e.options):  # `lr: -1` in a file said only "lr=-1 is out of range"

@@ -232,14 +232,19 @@ def test_models_refuse_stage_sizes_that_cannot_run() -> None:
         build_model("tiny_resnet", widths=(8, 0))
 
 
-def test_fixed_alpha_replaces_an_empty_grid() -> None:
-    """stat_alphas is checked as used: a baseline's grid is its own alpha, whatever was given."""
-    assert load_config(None, ["fixed_alpha=0.5", "stat_alphas=[]"]).stat_alphas == [0.5]
+def test_fixed_alpha_replaces_the_config_file_s_grid(tmp_path: Path) -> None:
+    """A baseline's grid is its own alpha: a subspace config's stat_alphas (here empty) give way to fixed_alpha
+    on the command line, as scripts/train_shipped.sh trains each config's baselines."""
+    path = tmp_path / "c.yaml"
+    path.write_text("subspace: line\nstat_alphas: []\n")
+    cfg = load_config(path, ["fixed_alpha=0.5"])
+    assert cfg.stat_alphas == [0.5] and cfg.subspace == "point"
 
 
 def test_shipped_configs_load() -> None:
     for path in sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml")):
         assert load_config(path, []).epochs >= 2, path  # so warmup_steps leaves their one-epoch warm-up as it was
+        assert load_config(path, ["fixed_alpha=0.5"]).stat_alphas == [0.5], path  # their baselines (train_shipped)
 
 
 @pytest.mark.parametrize(
@@ -291,8 +296,9 @@ def test_type_errors_say_what_is_expected_in_words(override: str, message: str) 
 
 def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path) -> None:
     """PyYAML reads 1e-3 (no dot) as a string: lr=1e-3 was refused as not a float."""
-    cfg = load_config(None, ["lr=1e-3", "fixed_alpha=5e-1", "stat_alphas=[0, 5e-1, 1]"])
+    cfg = load_config(None, ["lr=1e-3", "fixed_alpha=5e-1", "stat_alphas=[5e-1]"])
     assert cfg.lr == 0.001 and cfg.fixed_alpha == 0.5 and cfg.stat_alphas == [0.5]
+    assert load_config(None, ["stat_alphas=[0, 5e-1, 1]"]).stat_alphas == [0, 0.5, 1]
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1e-3\nweight_decay: 5E-4\nstat_alphas: [0, 2.5e-2, 1]\n")
     cfg = load_config(path, [])
@@ -324,9 +330,31 @@ def test_bad_yaml_value_type(tmp_path: Path) -> None:
 
 
 def test_fixed_alpha_forces_a_point_and_its_own_statistics_row() -> None:
-    cfg = load_config(None, ["fixed_alpha=0.3", "subspace=line", "stat_alphas=[0, 1]"])
+    cfg = load_config(None, ["fixed_alpha=0.3"])
     assert cfg.subspace == "point"
     assert cfg.stat_alphas == [0.3]
+    assert load_config(None, ["fixed_alpha=0.3", "subspace=point", "stat_alphas=[0.3]"]) == cfg  # saying so is fine
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "message"),
+    [  # each was overridden without a word: the run trained a point at one alpha
+        (None, ["fixed_alpha=0.3", "subspace=line"], "fixed_alpha=0.3 trains one network at that alpha"),
+        (None, ["subspace=line", "fixed_alpha=0.3"], 'but subspace="line" asks for a line; leave out subspace or'),
+        (None, ["fixed_alpha=0.3", "stat_alphas=[0, 1]"], "but stat_alphas=[0, 1] asks for other alphas"),
+        ("fixed_alpha: 0.3\nsubspace: line\n", [], "{path}: fixed_alpha=0.3 trains one network"),
+        ("fixed_alpha: 0.3\n", ["subspace=line"], "{path}: fixed_alpha=0.3 trains one network"),
+    ],
+)
+def test_fixed_alpha_against_an_explicit_subspace_or_grid(
+    tmp_path: Path, yaml_text: str | None, overrides: list[str], message: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    if yaml_text is not None:
+        path.write_text(yaml_text)
+    with pytest.raises(ValueError) as err:
+        load_config(path if yaml_text is not None else None, overrides)
+    assert message.format(path=path) in str(err.value)
 
 
 def test_state_path_sits_next_to_the_checkpoint() -> None:

@@ -362,7 +362,10 @@ def test_fixed_alpha_baseline_with_validation(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     cfg = load_config(
-        None, tiny_overrides(tmp_path / "b.safetensors", kind="unstructured", fixed_alpha=0.5, val_size=32, epochs=1)
+        None,
+        tiny_overrides(
+            tmp_path / "b.safetensors", kind="unstructured", fixed_alpha=0.5, stat_alphas="[0.5]", val_size=32, epochs=1
+        ),
     )
     log = _run(cfg, synthetic_data, capsys)
     assert "| val a=0.5:" in log
