@@ -63,12 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.cmd == "train":
-            from training.config import load_config
+            from training.config import load_config, split_config
             from training.train import train
 
-            items = list(args.items)
-            config_path = items.pop(0) if items and "=" not in items[0] else None
-            cfg = load_config(config_path, items)
+            cfg = load_config(*split_config(args.items))
             try:
                 train(cfg, command="python -m training train " + shlex.join(args.items))  # re-runs as recorded
             except KeyboardInterrupt:  # Ctrl-C: every finished epoch is saved, and the same command resumes

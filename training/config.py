@@ -360,6 +360,20 @@ def _check_baseline(values: dict[str, Any], from_file: set[str]) -> None:
         )
 
 
+def split_config(items: list[str]) -> tuple[str | None, list[str]]:
+    """The command line's optional config file and its key=value overrides. The first item is the config unless
+    it is an override: key=value with an option's name for key, or with an '=' and no sign of being a file
+    (cfg/lr=0.1.yaml was taken for an override and refused as an unknown option 'cfg/lr')."""
+    if not items:
+        return None, []
+    first = items[0]
+    key, sep, _ = first.partition("=")
+    looks_like_a_file = Path(first).is_file() or first.endswith((".yaml", ".yml"))
+    if sep and (key in get_type_hints(TrainConfig) or not looks_like_a_file):
+        return None, list(items)
+    return first, list(items[1:])
+
+
 def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
     """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides. An error about a value
     read from the file names the file."""

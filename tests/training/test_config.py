@@ -322,6 +322,23 @@ def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
     assert str(err.value) == "option 'arch_kwargs': '{widths: [8], widths: [9]}' sets 'widths' twice; keep one"
 
 
+def test_a_config_path_with_an_equals_sign(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cfg/lr=0.1.yaml was taken for an override and refused as the unknown option 'cfg/lr'."""
+    from training.config import split_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "lr=0.1.yaml").write_text("lr: 0.1\n")
+    (tmp_path / "lr=0.5").write_text("a file named like an override")
+    assert split_config(["cfg/lr=0.1.yaml", "epochs=2"]) == ("cfg/lr=0.1.yaml", ["epochs=2"])
+    assert split_config(["cfg/missing=1.yaml"]) == ("cfg/missing=1.yaml", [])  # refused as a missing config
+    assert split_config(["lr=0.5", "epochs=2"]) == (None, ["lr=0.5", "epochs=2"])  # an option's name: an override
+    assert split_config(["c.yaml", "lr=0.5"]) == ("c.yaml", ["lr=0.5"])
+    assert split_config(["foo=1"]) == (None, ["foo=1"])  # refused as an unknown option
+    assert split_config([]) == (None, [])
+    assert load_config(*split_config(["cfg/lr=0.1.yaml", "epochs=2"])).epochs == 2
+
+
 def test_bad_yaml_value_type(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("epochs: ten\n")
