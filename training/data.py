@@ -81,7 +81,8 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_fashion_mnist(root: Path | None = None) -> Dataset:
+def load_fashion_mnist(root: Path | None = None, *, option: str = "data_dir") -> Dataset:
+    """`option` is what sets the folder, as the fix in an error names it (`evaluate`: --data-dir)."""
     root = root or FASHION_MNIST_DIR
     files = {
         "train_x": "train-images-idx3-ubyte.gz",
@@ -93,7 +94,7 @@ def load_fashion_mnist(root: Path | None = None) -> Dataset:
     if missing:
         raise DataError(
             f"Fashion-MNIST not found in {root} (missing {missing}). Install it with "
-            "`apt-get install dataset-fashion-mnist`, or set data_dir to a folder holding the IDX files."
+            f"`apt-get install dataset-fashion-mnist`, or set {option} to a folder holding the IDX files."
         )
     arr = {k: read_idx(root / v) for k, v in files.items()}
     for key, name in files.items():  # a labels file under an images file's name once trained on garbage, rc 0
@@ -156,14 +157,14 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def load_cifar10(root: Path) -> Dataset:
+def load_cifar10(root: Path, *, option: str = "data_dir") -> Dataset:
     """The standard `cifar-10-batches-py` folder: data_batch_1..5 and test_batch."""
     names = [f"data_batch_{i}" for i in range(1, 6)]
     missing = [n for n in [*names, "test_batch"] if not (root / n).is_file()]
     if missing:
         raise DataError(
             f"CIFAR-10 python batches not found in {root} (missing {missing}); "
-            "set data_dir to the extracted cifar-10-batches-py folder."
+            f"set {option} to the extracted cifar-10-batches-py folder."
         )
     parts = [_cifar_batch(root / n) for n in names]
     tx, ty = _cifar_batch(root / "test_batch")
@@ -204,10 +205,13 @@ def _read_folder_split(root: Path, classes: list[str]) -> tuple[Split, Path]:
     return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64)), files[0]
 
 
-def load_folder(root: Path) -> Dataset:
+def load_folder(root: Path, *, option: str = "data_dir") -> Dataset:
     """`root/train/<class>/*.png` and `root/test/<class>/*.png`; class names from the train folders."""
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise DataError(f"{root}: an image-folder dataset needs train/<class>/ and test/<class>/ folders")
+        raise DataError(
+            f"{root}: an image-folder dataset needs train/<class>/ and test/<class>/ folders; "
+            f"set {option} to a folder that has them"
+        )
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root / 'train'}: no class folders")
@@ -231,18 +235,20 @@ def load_folder(root: Path) -> Dataset:
     )
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None, *, option: str = "data_dir") -> Dataset:
+    """The dataset `name` from `data_dir` (None: its standard location). `option` is what sets data_dir, as the
+    fix in an error names it: the training option data_dir, or evaluate's --data-dir."""
     root = Path(data_dir) if data_dir else None
     if name == "fashion-mnist":
-        return load_fashion_mnist(root)
+        return load_fashion_mnist(root, option=option)
     if name == "cifar10":
         if root is None:
-            raise DataError("cifar10 needs data_dir=<path to cifar-10-batches-py>")
-        return load_cifar10(root)
+            raise DataError(f"cifar10 needs {option}=<path to cifar-10-batches-py>")
+        return load_cifar10(root, option=option)
     if name == "folder":
         if root is None:
-            raise DataError("folder needs data_dir=<path with train/ and test/ class folders>")
-        return load_folder(root)
+            raise DataError(f"folder needs {option}=<path with train/ and test/ class folders>")
+        return load_folder(root, option=option)
     raise DataError(f"unknown dataset {name!r}; choose fashion-mnist, cifar10 or folder")
 
 

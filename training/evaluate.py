@@ -19,7 +19,7 @@ from lcs import checkpoint
 from lcs.alpha import KINDS, LEVEL_LABELS, SUBSPACES
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet
-from training.data import Split, normalise
+from training.data import DataError, Split, normalise
 
 
 @torch.no_grad()
@@ -128,9 +128,35 @@ def evaluate_checkpoint(
 
     torch.set_flush_denormal(True)  # denormals make fake-quantised layers 10-100x slower
     model, meta = checkpoint.load(path)
-    data = load_dataset(meta.dataset, data_dir or meta.training.get("config", {}).get("data_dir"))
+    data_dir = data_dir or recorded_data_dir(path, meta)
+    data = load_dataset(meta.dataset, data_dir, option="--data-dir")  # the fix is evaluate's option
+    where = data_dir or f"{meta.dataset}'s standard location"
+    shape, trained = tuple(data.test.images.shape[1:]), (meta.input.channels, meta.input.height, meta.input.width)
+    if shape != trained:  # a RuntimeError traceback, or (same size, other pixels) a plausible wrong accuracy
+        raise DataError(
+            f"{where}: test images are {'x'.join(map(str, shape))}, but {path} takes "
+            f"{'x'.join(map(str, trained))} (channels x height x width); pass --data-dir with the dataset it was "
+            "trained on"
+        )
+    if data.classes != meta.classes:  # the accuracy compares label numbers: another class list makes it wrong
+        raise DataError(
+            f"{where}: classes {data.classes[:12]}, but {path} was trained on {meta.classes[:12]}; pass --data-dir "
+            "with the dataset it was trained on"
+        )
     pts = accuracy_table(model, data.test, meta.input.mean, meta.input.std, alphas or list(model.stat_alphas))
     return report(meta, pts)
+
+
+def recorded_data_dir(path: Path | str, meta: checkpoint.CheckpointMeta) -> str | None:
+    """The data_dir a checkpoint was trained with (its metadata's training.config), or None for the dataset's
+    standard location. A value that is not a path (data_dir: 123 was a TypeError traceback) is refused."""
+    config = meta.training.get("config", {})
+    value = config.get("data_dir") if isinstance(config, dict) else None
+    if value is not None and not isinstance(value, str):
+        raise checkpoint.CheckpointError(
+            f"{path}: field 'training.config.data_dir' is {value!r}, not a folder; pass --data-dir with the dataset"
+        )
+    return value
 
 
 def _json_type(value: object) -> str:

@@ -36,7 +36,7 @@ from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subs
 from training.config import TrainConfig
 from training.data import Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
 from training.distributed import Ranks
-from training.evaluate import accuracy, accuracy_table, calibrate, check_writable
+from training.evaluate import accuracy, accuracy_table, calibrate, check_writable, recorded_data_dir
 
 
 def sample_alphas(cfg: TrainConfig, rng: random.Random) -> list[float]:
@@ -376,6 +376,6 @@ def attach_samples(path: Path | str) -> None:
     """Add the sample images `train` stores today to a checkpoint written before checkpoints carried them."""
     model, meta = checkpoint.load(path)
     cfg = meta.training.get("config", {})
-    data = load_dataset(meta.dataset, cfg.get("data_dir"))
+    data = load_dataset(meta.dataset, recorded_data_dir(path, meta))
     train_split, _ = hold_out(data.train, int(cfg.get("val_size", 0)), int(cfg.get("seed", 0)))
     checkpoint.save(path, model, meta, samples=sample_images(train_split, int(cfg.get("seed", 0))))

@@ -359,3 +359,61 @@ def test_ctrl_c_says_what_was_saved(
         expected = "interrupted; no epoch finished yet, nothing saved; rerun the same command to start over\n"
     assert main(["train", *tiny_overrides(tmp_path / "m.safetensors", dataset="folder", data_dir=image_folder)]) == 130
     assert capsys.readouterr().err == expected
+
+
+# -- evaluate and the dataset a checkpoint records ---------------------------------------------------------
+
+
+def _checkpoint_trained_on(
+    tmp_path: Path, settled_model: Callable[..., Any], make_meta: Callable[..., Any], data_dir: object
+) -> Path:
+    """A tiny 4-class, 12x12 checkpoint whose metadata records `data_dir` as the one it was trained with."""
+    model = settled_model()
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(path, model, make_meta(model, "structured", training={"config": {"data_dir": data_dir}}))
+    return path
+
+
+def _folder(root: Path, classes: list[str], size: int) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            Image.new("L", (size, size)).save(root / split / cls / "0.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("recorded", "args", "message"),
+    [  # the recorded folder is gone: the fix named the training option data_dir, not --data-dir
+        (
+            "{tmp}/gone",
+            [],
+            "{tmp}/gone: an image-folder dataset needs train/<class>/ and test/<class>/ folders; set "
+            "--data-dir to a folder that has them",
+        ),
+        (123, [], "{ckpt}: field 'training.config.data_dir' is 123, not a folder; pass --data-dir"),  # was a TypeError
+        (123, ["--data-dir", "{tmp}/small"], "{tmp}/small: test images are 1x6x6, but {ckpt} takes 1x12x12"),
+        ("{tmp}/two", [], "{tmp}/two: classes ['c0', 'c1'], but {ckpt} was trained on ['c0', 'c1', 'c2', 'c3']"),
+    ],
+)
+def test_evaluate_names_the_dataset_problem_and_its_option(
+    tmp_path: Path,
+    settled_model: Callable[..., Any],
+    make_meta: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    recorded: object,
+    args: list[str],
+    message: str,
+) -> None:
+    _folder(tmp_path / "small", ["c0", "c1", "c2", "c3"], 6)
+    _folder(tmp_path / "two", ["c0", "c1"], 12)
+    fill = {"tmp": str(tmp_path)}
+    recorded = recorded.format(**fill) if isinstance(recorded, str) else recorded
+    ckpt = _checkpoint_trained_on(tmp_path, settled_model, make_meta, recorded)
+    fill["ckpt"] = str(ckpt)
+    rc = main(["evaluate", str(ckpt), "--json", str(tmp_path / "r.json"), *(a.format(**fill) for a in args)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: " + message.format(**fill)) and err.count("\n") == 1, err
+    assert not (tmp_path / "r.json").exists()
