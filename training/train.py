@@ -134,12 +134,14 @@ def resume_point(cfg: TrainConfig) -> str:
 
 
 def _cause(e: Exception) -> str:
-    """An OSError's strerror, or the OS message inside safetensors' SafetensorError ('... message: "No space
-    left on device" })'), else the error's text."""
+    """An OSError's strerror, or the OS message inside safetensors' SafetensorError (safetensors 0.4:
+    'Error while serializing: I/O error: No space left on device (os error 28)'; older: '... message: "No
+    space left on device" })'), else the error's text."""
     if isinstance(e, OSError):
         return e.strerror or str(e)
-    found = re.search(r'message: "([^"]+)"', str(e))
-    return found.group(1) if found else str(e)
+    text = str(e)
+    found = re.search(r'message: "([^"]+)"', text) or re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    return found.group(1) if found else text
 
 
 @contextlib.contextmanager
