@@ -159,6 +159,7 @@ class SubspaceResNet(nn.Module):
         schedule: Schedule | None = None,
     ) -> None:
         super().__init__()
+        check_arch_kwargs({"widths": widths, "blocks": blocks, "stem_stride": stem_stride})
         if len(widths) != len(blocks):
             raise ValueError(f"widths {widths} and blocks {blocks} need the same length (one per stage)")
         self.line, self.norm_type = line, norm
@@ -297,13 +298,28 @@ def arch_args() -> list[str]:
 
 
 def check_arch_kwargs(arch_kwargs: Mapping[str, Any]) -> None:
-    """Refuse architecture kwargs that set one of SUBSPACE_ARGS (ValueError), rather than let either side win."""
+    """Refuse (ValueError) architecture kwargs that set one of SUBSPACE_ARGS, rather than let either side win,
+    and stage sizes that build a network that cannot run: widths and blocks must be non-empty lists of positive
+    integers, stem_stride a positive integer (0 or -1 built, then failed at the first step with a RuntimeError;
+    a negative block count built a stage with no blocks without a word). SubspaceResNet checks its own."""
     clash = [k for k in SUBSPACE_ARGS if k in arch_kwargs]
     if clash:
         raise ValueError(
             f"architecture kwargs set {clash}, which the data and the compression method set; "
             f"they may set only {arch_args()}"
         )
+    for name, what in (("widths", "channels"), ("blocks", "residual blocks")):
+        v = arch_kwargs.get(name, [1])
+        if isinstance(v, str | bytes) or not isinstance(v, Sequence) or not v or not all(map(_positive_int, v)):
+            raise ValueError(
+                f"{name} must be a non-empty list of positive integers (the {what} of each stage), got {v!r}"
+            )
+    if not _positive_int(stride := arch_kwargs.get("stem_stride", 1)):
+        raise ValueError(f"stem_stride must be a positive integer (1: full resolution, 2: half), got {stride!r}")
+
+
+def _positive_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def subspace_kwargs(

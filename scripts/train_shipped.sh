@@ -3,17 +3,27 @@
 # Resumable: rerun after an interruption and finished runs are skipped, unfinished ones resume.
 # Two queues run side by side with one thread each (on 2 cores, more total throughput than one
 # queue with two threads).   Usage: scripts/train_shipped.sh [A|B|all]   logs: runs/*.log
+# A queue stops at its first failed run (the other queue carries on); the exit status is non-zero if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-mkdir -p runs models/baselines
+
+usage() {
+  echo "usage: scripts/train_shipped.sh [A|B|all]   (default all: queues A and B side by side; logs in runs/)"
+}
 
 run() {  # run NAME OUT ARGS... : train unless OUT exists, then evaluate into OUT's .json
-  local name=$1 out=$2; shift 2
+  local name=$1 out=$2 rc=0; shift 2
   if [[ ! -f $out ]]; then
-    $PY -m training train "$@" threads=1 out="$out" >>"runs/$name.log" 2>&1
+    $PY -m training train "$@" threads=1 out="$out" >>"runs/$name.log" 2>&1 || rc=$?
   fi
-  $PY -m training evaluate "$out" --json "${out%.safetensors}.json" >>"runs/$name.log" 2>&1
+  if ((rc == 0)); then
+    $PY -m training evaluate "$out" --json "${out%.safetensors}.json" >>"runs/$name.log" 2>&1 || rc=$?
+  fi
+  if ((rc != 0)); then
+    echo "train_shipped.sh: $name failed (exit $rc); see runs/$name.log, then rerun to resume" >&2
+    return "$rc"
+  fi
 }
 
 queue_a() {
@@ -34,8 +44,34 @@ queue_b() {
   run quantized_a0.5 models/baselines/quantized_a0.5.safetensors configs/quantized_line.yaml fixed_alpha=0.5
 }
 
+if (($# > 1)); then
+  usage >&2
+  exit 2
+fi
+case ${1:-all} in
+  A | B | all) ;;
+  -h | --help)
+    usage
+    exit 0
+    ;;
+  *)
+    echo "train_shipped.sh: unknown argument '$1'" >&2
+    usage >&2
+    exit 2
+    ;;
+esac
+mkdir -p runs models/baselines
 case ${1:-all} in
   A) queue_a ;;
   B) queue_b ;;
-  all) queue_a & queue_b & wait ;;
+  all)  # a bare `wait` returned 0 whatever the queues did: wait for each and keep the worst status
+    queue_a &
+    a=$!
+    queue_b &
+    b=$!
+    rc=0
+    wait "$a" || rc=$?
+    wait "$b" || rc=$?
+    exit "$rc"
+    ;;
 esac

@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from lcs.checkpoint import CheckpointError
 from training.config import options_help
@@ -63,25 +63,38 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.cmd == "train":
-            from training.config import load_config
+            from training.config import load_config, split_config
             from training.train import train
 
-            items = list(args.items)
-            config_path = items.pop(0) if items and "=" not in items[0] else None
-            cfg = load_config(config_path, items)
-            train(cfg, command="python -m training train " + shlex.join(args.items))  # re-runs as recorded
+            cfg = load_config(*split_config(args.items))
+            try:
+                train(cfg, command="python -m training train " + shlex.join(args.items))  # re-runs as recorded
+            except KeyboardInterrupt:  # Ctrl-C: every finished epoch is saved, and the same command resumes
+                from training.train import saved_epoch
+
+                if sys.stdout.isatty():
+                    print()  # end the progress bar's line
+                done = saved_epoch(cfg)
+                print(
+                    "interrupted; no epoch finished yet, nothing saved; rerun the same command to start over"
+                    if done is None
+                    else f"interrupted; state saved after epoch {done}; rerun the same command to resume",
+                    file=sys.stderr,
+                )
+                return 130
             return 0
         if args.cmd == "plot":
-            from training.evaluate import plot
+            from training.evaluate import check_writable, plot, read_report
 
-            reps = {r.stem: json.loads(r.read_text()) for r in args.reports}
-            first = next(iter(reps.values()))
-            plot(
-                reps,
-                {b.stem: json.loads(b.read_text()) for b in args.baseline},
-                args.out,
-                f"{first['kind']} ({first['dataset']})",
+            check_writable(
+                args.out, option="--out", shown=f"--out {args.out}", example=f"--out {args.out / 'plot.png'}"
             )
+            reports = {r: read_report(r, "report", subspace=True) for r in args.reports}
+            baselines = {b: read_report(b, "--baseline", subspace=False) for b in args.baseline}
+            _same_kind(reports, "report")
+            reps = _by_name(reports)
+            first = next(iter(reps.values()))
+            plot(reps, _by_name(baselines), args.out, _title(first))
             print(f"wrote {args.out}")
             return 0
         if args.cmd == "samples":
@@ -90,20 +103,76 @@ def main(argv: list[str] | None = None) -> int:
             attach_samples(args.checkpoint)
             print(f"stored sample images in {args.checkpoint}")
             return 0
-        from training.evaluate import evaluate_checkpoint, plot, write_json
-
-        rep = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir)
-        write_json(rep, args.json)
-        for p in rep["points"]:
-            print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  accuracy {p['accuracy']:.2f} %")
-        if args.plot:
-            baselines = {b.stem: json.loads(b.read_text()) for b in args.baseline}
-            reports = {args.checkpoint.stem: rep, **{c.stem: json.loads(c.read_text()) for c in args.compare}}
-            plot(reports, baselines, args.plot, f"{rep['kind']} ({rep['dataset']})")
-        return 0
+        return _evaluate(args)
     except (CheckpointError, DataError, ValueError, OSError) as err:  # OSError: a file named here is missing
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """`evaluate`: every file argument is checked before the evaluation (minutes on the real test set), and
+    the accuracies are printed before any file is written, so a bad path never costs the measurement."""
+    from lcs import checkpoint
+    from training.evaluate import check_writable, evaluate_checkpoint, plot, read_report, write_json
+
+    if (args.baseline or args.compare) and not args.plot:  # they only draw on the plot: ignoring them hid a typo
+        given = "--baseline" if args.baseline else "--compare"
+        print(f"error: {given} only draws on the plot; add --plot OUT.png, or leave {given} out", file=sys.stderr)
+        return 2
+    check_writable(
+        args.json, option="--json", shown=f"--json {args.json}", example=f"--json {args.json / 'report.json'}"
+    )
+    if args.plot:
+        check_writable(
+            args.plot, option="--plot", shown=f"--plot {args.plot}", example=f"--plot {args.plot / 'plot.png'}"
+        )
+    baselines = _by_name({b: read_report(b, "--baseline", subspace=False) for b in args.baseline})
+    compare = {c: read_report(c, "--compare", subspace=True) for c in args.compare}
+    if compare:  # drawn on this checkpoint's axis (its kind's compression level)
+        _same_kind({args.checkpoint: {"kind": checkpoint.read_meta(args.checkpoint).kind}, **compare}, "--compare")
+        _by_name({args.checkpoint: {}, **compare})
+
+    rep = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir)
+    for p in rep["points"]:
+        print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  accuracy {p['accuracy']:.2f} %", flush=True)
+    write_json(rep, args.json)
+    print(f"wrote {args.json}")
+    if args.plot:
+        plot(_by_name({args.checkpoint: rep, **compare}), baselines, args.plot, _title(rep))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _same_kind(reports: dict[Path, dict[str, Any]], what: str) -> None:
+    """Lines on one plot share its x axis, the compression level of one kind (sparsity, width or bits)."""
+    (first, rep), *rest = reports.items()
+    for path, other in rest:
+        if other["kind"] != rep["kind"]:
+            raise ValueError(
+                f"{what} {path}: a {other['kind']} report, but {first} is {rep['kind']}; lines on one plot share "
+                "its compression axis: plot reports of one kind together"
+            )
+
+
+def _by_name(reports: dict[Path, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Reports by file name without its suffix, as the plot's legend names them; two of one name would share a
+    legend entry (and one would be lost): refused."""
+    named: dict[str, Path] = {}
+    for path in reports:
+        if path.stem in named and named[path.stem] != path:
+            raise ValueError(
+                f"{path} and {named[path.stem]}: the plot's legend names lines by file name, and both are "
+                f"{path.stem!r}: copy one to another name"
+            )
+        named[path.stem] = path
+    return {stem: reports[path] for stem, path in named.items()}
+
+
+def _title(rep: dict[str, Any]) -> str:
+    return f"{rep['kind']} ({rep['dataset']})" if rep.get("dataset") else str(rep["kind"])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import yaml
 
 from lcs.alpha import SUBSPACES, Schedule, check_alpha
 from lcs.layers import NormType
-from lcs.models import check_arch_kwargs
+from lcs.models import SUBSPACE_ARGS, check_arch_kwargs
 
 # 21 evenly spaced alphas: the grid that gets BatchNorm statistics and an accuracy measurement
 DEFAULT_GRID = [round(i / 20, 4) for i in range(21)]
@@ -36,6 +36,15 @@ RESUME_MAY_CHANGE = frozenset(
         "calib_batches",  # BatchNorm statistics, estimated after the last epoch (training uses batch statistics)
     }
 )
+
+
+class OptionError(ValueError):
+    """A bad option value. `options` are the option(s) it concerns, so that load_config can name the config
+    file a value came from."""
+
+    def __init__(self, message: str, *options: str) -> None:
+        super().__init__(message)
+        self.options = options
 
 
 @dataclass
@@ -81,24 +90,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse every out-of-range value here, at load time: each one used to surface only deep inside
         training (eval_batch_size=0 after the last epoch), or never (end_bias=5 trained alpha 0 only)."""
-        self.schedule()  # lcs.alpha.Schedule refuses a bad kind, keep_min, width_min, bits_min or bits_max
+        try:
+            self.schedule()  # lcs.alpha.Schedule refuses a bad kind, keep_min, width_min, bits_min or bits_max
+        except ValueError as e:  # its message names the field(s)
+            fields = [f.name for f in dataclasses.fields(Schedule) if f.name in str(e)]
+            raise OptionError(str(e), *fields) from None
         if self.subspace not in SUBSPACES:
-            raise ValueError(f"subspace must be one of {SUBSPACES}; got {self.subspace!r}")
+            raise OptionError(f"subspace must be one of {SUBSPACES}; got {self.subspace!r}", "subspace")
         if self.norm not in get_args(NormType):
-            raise ValueError(f"norm must be one of {get_args(NormType)}; got {self.norm!r}")
+            raise OptionError(f"norm must be one of {get_args(NormType)}; got {self.norm!r}", "norm")
         try:
             check_arch_kwargs(self.arch_kwargs)
-        except ValueError as e:  # at load time, not as a TypeError from the first model build
-            raise ValueError(
-                f"arch_kwargs={self.arch_kwargs!r}: {e}. Training sets them from the dataset (in_channels, "
-                "num_classes) and its options subspace (line), norm, stat_alphas and kind, keep_min, width_min, "
-                "bits_min, bits_max (schedule): set those options instead"
-            ) from None
+        except ValueError as e:  # at load time, not as a TypeError or RuntimeError from the first model build or step
+            hint = (
+                ". Training sets them from the dataset (in_channels, num_classes) and its options subspace (line), "
+                "norm, stat_alphas and kind, keep_min, width_min, bits_min, bits_max (schedule): set those options "
+                "instead"
+                if any(k in SUBSPACE_ARGS for k in self.arch_kwargs)
+                else ""
+            )
+            raise OptionError(f"arch_kwargs={self.arch_kwargs!r}: {e}{hint}", "arch_kwargs") from None
         if self.fixed_alpha is not None:
             try:
                 check_alpha(self.fixed_alpha)
             except ValueError as e:
-                raise ValueError(f"fixed_alpha={self.fixed_alpha!r}: {e}") from None
+                raise OptionError(f"fixed_alpha={self.fixed_alpha!r}: {e}", "fixed_alpha") from None
             self.subspace = "point"  # a baseline is one network: nothing to interpolate
             self.stat_alphas = [self.fixed_alpha]
         finite = math.isfinite
@@ -194,7 +210,7 @@ def options_help(width: int = 100) -> str:
 
 def _require(ok: bool, name: str, value: object, valid: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r} is out of range; use {valid}")
+        raise OptionError(f"{name}={value!r} is out of range; use {valid}", name)
 
 
 def _is_grid(alphas: list[float]) -> bool:
@@ -210,21 +226,63 @@ def _coerce(name: str, raw: str, typ: Any) -> Any:
     if typ is str or typ == "str":
         return raw  # as typed: out=[x is a file name, not broken YAML
     try:
-        value = yaml.safe_load(raw)  # "0.5" -> 0.5, "[1,2]" -> [1, 2], "true" -> True, "null" -> None
+        value = _load_yaml(raw)  # "0.5" -> 0.5, "[1,2]" -> [1, 2], "true" -> True, "null" -> None
+    except _DuplicateKey as e:
+        raise ValueError(f"option {name!r}: {raw!r} sets {e.key!r} twice; keep one") from None
     except yaml.YAMLError as e:
         raise ValueError(
             f"option {name!r}: {raw!r} is not a YAML value ({_yaml_problem(e)}); "
             f"a value with spaces needs quotes in the shell: '{name}=...'"
         ) from None
-    if typ is float and isinstance(value, int):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
 
+def _alternatives(typ: Any) -> tuple[Any, ...]:
+    return get_args(typ) if get_origin(typ) in (Union, types.UnionType) else (typ,)
+
+
+def _numbers(value: Any, typ: Any) -> Any:
+    """A number written as a string, for an option that takes numbers: YAML 1.1 (PyYAML) reads 1e-3, having no
+    dot, as the string '1e-3', so lr=1e-3 and `lr: 1e-3` were refused as not a number."""
+
+    def number(x: Any) -> Any:
+        if isinstance(x, str):
+            try:
+                return float(x)
+            except ValueError:
+                return x  # not a number: refused by _check_type, by name
+        return x
+
+    for t in _alternatives(typ):
+        if t is float:
+            return number(value)
+        if get_origin(t) is list and get_args(t) == (float,) and isinstance(value, list):
+            return [number(x) for x in value]
+    return value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _type_name(typ: Any) -> str:
+    """How an option's type reads in an error: 'a number or null', 'a list of numbers', 'a mapping'."""
+    names = []
+    for t in _alternatives(typ):
+        base = get_origin(t) or t
+        if base is list:
+            names.append(f"a list of {_type_name(get_args(t)[0]).split(' ', 1)[1]}s" if get_args(t) else "a list")
+        elif base is dict:
+            names.append("a mapping (e.g. {widths: [16, 32]})")
+        else:
+            names.append(_TYPE_NAMES.get(base, str(base)))
+    return " or ".join(names)
+
+
 def _check_type(name: str, value: Any, typ: Any) -> None:
     """Raise ValueError unless value has the option's type (an int is a float; a bool is not an int)."""
-    options = get_args(typ) if get_origin(typ) in (Union, types.UnionType) else (typ,)
-    for t in options:
+    for t in _alternatives(typ):
         base = get_origin(t) or t  # list[float] -> list, dict[str, Any] -> dict
         if base is type(None):
             ok = value is None
@@ -236,7 +294,36 @@ def _check_type(name: str, value: Any, typ: Any) -> None:
             ok = isinstance(value, base)
         if ok:
             return
-    raise ValueError(f"option {name!r} must be of type {typ}; got {value!r}")
+    raise OptionError(f"option {name!r} must be {_type_name(typ)}; got {value!r}", name)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, second: int) -> None:
+        super().__init__(f"{key!r} is set twice (lines {first} and {second}); keep one")
+        self.key = key
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, but a key given twice in one mapping is an error (_DuplicateKey): PyYAML keeps the last
+    one without a word, so `lr: 0.1` ten lines above `lr: 0.01` trained at 0.01. The text is composed into
+    nodes first (cheap: a config is a few lines) to find the lines of both keys."""
+    stack, seen_nodes = [yaml.compose(text, Loader=yaml.SafeLoader)], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen_nodes:  # an alias is the node it names: visit each once
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in lines:
+                        raise _DuplicateKey(key.value, lines[key.value], key.start_mark.line + 1)
+                    lines[key.value] = key.start_mark.line + 1
+                stack += [key, value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+    return yaml.safe_load(text)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -258,9 +345,44 @@ def _did_you_mean(path: Path) -> str:
     return f"; did you mean {path.parent / close[0]}?" if close else ""
 
 
+def _check_baseline(values: dict[str, Any], from_file: set[str]) -> None:
+    """fixed_alpha trains one network at one alpha: TrainConfig sets subspace point and stat_alphas [alpha].
+    A subspace or stat_alphas given to the contrary, in the same file or on the command line, was overridden
+    without a word: refused. A subspace config's own values give way to fixed_alpha on the command line
+    (`configs/structured_line.yaml fixed_alpha=0.5`: that config's baseline, as scripts/train_shipped.sh runs)."""
+    alpha = values.get("fixed_alpha")
+    if alpha is None:
+        return
+    for key, implied, wants in (("subspace", "point", "a line"), ("stat_alphas", [alpha], "other alphas")):
+        if key not in values or values[key] == implied or (key in from_file and "fixed_alpha" not in from_file):
+            continue
+        raise OptionError(
+            f"fixed_alpha={alpha} trains one network at that alpha (subspace point, stat_alphas [{alpha}]), but "
+            f"{key}={json.dumps(values[key])} asks for {wants}; leave out {key} or fixed_alpha",
+            "fixed_alpha",
+            key,
+        )
+
+
+def split_config(items: list[str]) -> tuple[str | None, list[str]]:
+    """The command line's optional config file and its key=value overrides. The first item is the config unless
+    it is an override: key=value with an option's name for key, or with an '=' and no sign of being a file
+    (cfg/lr=0.1.yaml was taken for an override and refused as an unknown option 'cfg/lr')."""
+    if not items:
+        return None, []
+    first = items[0]
+    key, sep, _ = first.partition("=")
+    looks_like_a_file = Path(first).is_file() or first.endswith((".yaml", ".yml"))
+    if sep and (key in get_type_hints(TrainConfig) or not looks_like_a_file):
+        return None, list(items)
+    return first, list(items[1:])
+
+
 def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
-    """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides."""
+    """A TrainConfig from a YAML file (or the defaults) plus `key=value` overrides. An error about a value
+    read from the file names the file."""
     values: dict[str, Any] = {}
+    from_file: set[str] = set()  # the options whose value came from the file (not overridden)
     if path is not None:
         path = Path(path)
         try:
@@ -270,12 +392,15 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
                 f"{path}: cannot read this config file ({getattr(e, 'strerror', None) or e}){_did_you_mean(path)}"
             ) from None
         try:
-            loaded = yaml.safe_load(text) or {}
+            loaded = _load_yaml(text) or {}
+        except _DuplicateKey as e:
+            raise ValueError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a YAML mapping of option: value")
         values.update(loaded)
+        from_file = set(loaded)
     hints = get_type_hints(TrainConfig)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -284,9 +409,17 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
         if key not in hints:
             raise ValueError(f"unknown option {key!r}; options: {sorted(hints)}")
         values[key] = _coerce(key, raw, hints[key])
+        from_file.discard(key)
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} in {path}; options: {sorted(hints)}")
-    for key, value in values.items():
-        _check_type(key, value, hints[key])
-    return TrainConfig(**values)
+    try:
+        for key, value in values.items():
+            values[key] = _numbers(value, hints[key])
+            _check_type(key, values[key], hints[key])
+        _check_baseline(values, from_file)
+        return TrainConfig(**values)
+    except OptionError as e:
+        if from_file & set(e.options):  # `lr: -1` in a file said only "lr=-1 is out of range"
+            raise OptionError(f"{path}: {e}", *e.options) from None
+        raise

@@ -81,7 +81,8 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_fashion_mnist(root: Path | None = None) -> Dataset:
+def load_fashion_mnist(root: Path | None = None, *, option: str = "data_dir") -> Dataset:
+    """`option` is what sets the folder, as the fix in an error names it (`evaluate`: --data-dir)."""
     root = root or FASHION_MNIST_DIR
     files = {
         "train_x": "train-images-idx3-ubyte.gz",
@@ -93,18 +94,32 @@ def load_fashion_mnist(root: Path | None = None) -> Dataset:
     if missing:
         raise DataError(
             f"Fashion-MNIST not found in {root} (missing {missing}). Install it with "
-            "`apt-get install dataset-fashion-mnist`, or set data_dir to a folder holding the IDX files."
+            f"`apt-get install dataset-fashion-mnist`, or set {option} to a folder holding the IDX files."
         )
     arr = {k: read_idx(root / v) for k, v in files.items()}
+    for key, name in files.items():  # a labels file under an images file's name once trained on garbage, rc 0
+        split_name = "training" if key.startswith("train") else "test"
+        want, ndim = ("images [N, height, width]", 3) if key.endswith("_x") else ("labels [N]", 1)
+        if arr[key].ndim != ndim:
+            other = "a labels" if ndim == 3 else "an images"
+            raise DataError(
+                f"{root / name}: holds an array of shape {arr[key].shape}, not {want} (is it {other} file?); "
+                f"put the Fashion-MNIST {split_name} {want.split()[0]} file under this name"
+            )
 
     def split(x: np.ndarray, y: np.ndarray) -> Split:
         return Split(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
 
-    return Dataset(
+    data = Dataset(
         "fashion-mnist",
         split(arr["train_x"], arr["train_y"]),
         split(arr["test_x"], arr["test_y"]),
         list(FASHION_MNIST_CLASSES),
+    )
+    return check_dataset(
+        data,
+        train=Sources(str(root / files["train_x"]), str(root / files["train_y"])),
+        test=Sources(str(root / files["test_x"]), str(root / files["test_y"])),
     )
 
 
@@ -134,30 +149,39 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
         raise DataError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    if labels.shape != (len(data),):
+        raise DataError(
+            f"{path}: {labels.size} labels for {len(data)} images; each image needs exactly one label "
+            "(the batch is damaged: extract it again)"
+        )
     return data, labels
 
 
-def load_cifar10(root: Path) -> Dataset:
+def load_cifar10(root: Path, *, option: str = "data_dir") -> Dataset:
     """The standard `cifar-10-batches-py` folder: data_batch_1..5 and test_batch."""
     names = [f"data_batch_{i}" for i in range(1, 6)]
     missing = [n for n in [*names, "test_batch"] if not (root / n).is_file()]
     if missing:
         raise DataError(
             f"CIFAR-10 python batches not found in {root} (missing {missing}); "
-            "set data_dir to the extracted cifar-10-batches-py folder."
+            f"set {option} to the extracted cifar-10-batches-py folder."
         )
     parts = [_cifar_batch(root / n) for n in names]
     tx, ty = _cifar_batch(root / "test_batch")
     train = Split(
         torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(np.concatenate([p[1] for p in parts]))
     )
-    return Dataset("cifar10", train, Split(torch.from_numpy(tx), torch.from_numpy(ty)), list(CIFAR10_CLASSES))
+    data = Dataset("cifar10", train, Split(torch.from_numpy(tx), torch.from_numpy(ty)), list(CIFAR10_CLASSES))
+    batches = str(root / "data_batch_{1..5}")
+    test = str(root / "test_batch")
+    return check_dataset(data, train=Sources(batches, batches), test=Sources(test, test))
 
 
-def _read_folder_split(root: Path, classes: list[str]) -> Split:
+def _read_folder_split(root: Path, classes: list[str]) -> tuple[Split, Path]:
+    """The split's images and labels, and its first image file (to name in messages)."""
     from PIL import Image, UnidentifiedImageError
 
-    images, labels = [], []
+    images, labels, files = [], [], []
     for label, cls in enumerate(classes):
         if not (root / cls).is_dir():  # a class may have no images in this split
             continue
@@ -170,6 +194,7 @@ def _read_folder_split(root: Path, classes: list[str]) -> Split:
             except (OSError, UnidentifiedImageError) as e:
                 raise DataError(f"{f}: not a readable image ({e})") from None
             labels.append(label)
+            files.append(f)
     if not images:
         raise DataError(f"{root}: no images found under its class folders")
     shapes = {im.shape for im in images}
@@ -177,34 +202,108 @@ def _read_folder_split(root: Path, classes: list[str]) -> Split:
         raise DataError(f"{root}: images have different shapes {sorted(shapes)[:4]}; resize them to one size")
     x = np.stack(images)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64))
+    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64)), files[0]
 
 
-def load_folder(root: Path) -> Dataset:
+def load_folder(root: Path, *, option: str = "data_dir") -> Dataset:
     """`root/train/<class>/*.png` and `root/test/<class>/*.png`; class names from the train folders."""
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise DataError(f"{root}: an image-folder dataset needs train/<class>/ and test/<class>/ folders")
+        raise DataError(
+            f"{root}: an image-folder dataset needs train/<class>/ and test/<class>/ folders; "
+            f"set {option} to a folder that has them"
+        )
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root / 'train'}: no class folders")
-    return Dataset(  # named by its loader, so `evaluate` can reload it from the checkpoint's metadata
-        "folder", _read_folder_split(root / "train", classes), _read_folder_split(root / "test", classes), classes
+    if len(classes) < 2:  # this once trained, then failed on the checkpoint's metadata with a pydantic dump
+        raise DataError(
+            f"{root / 'train'}: one class folder ({classes[0]}); a classifier needs at least two: "
+            f"add a folder of images for each class under {root / 'train'}"
+        )
+    extra = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name not in classes)
+    if extra:  # its images would be skipped without a word
+        raise DataError(
+            f"{root / 'test' / extra[0]}: a test class with no training folder {root / 'train' / extra[0]}; "
+            "add training images for it or move it out of test/"
+        )
+    (train, train_file), (test, test_file) = (_read_folder_split(root / s, classes) for s in ("train", "test"))
+    data = Dataset("folder", train, test, classes)  # named by its loader: `evaluate` reloads it from the metadata
+    return check_dataset(
+        data,
+        train=Sources(f"{root / 'train'} (e.g. {train_file})", f"{root / 'train'}'s class folders"),
+        test=Sources(f"{root / 'test'} (e.g. {test_file})", f"{root / 'test'}'s class folders"),
     )
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None, *, option: str = "data_dir") -> Dataset:
+    """The dataset `name` from `data_dir` (None: its standard location). `option` is what sets data_dir, as the
+    fix in an error names it: the training option data_dir, or evaluate's --data-dir."""
     root = Path(data_dir) if data_dir else None
     if name == "fashion-mnist":
-        return load_fashion_mnist(root)
+        return load_fashion_mnist(root, option=option)
     if name == "cifar10":
         if root is None:
-            raise DataError("cifar10 needs data_dir=<path to cifar-10-batches-py>")
-        return load_cifar10(root)
+            raise DataError(f"cifar10 needs {option}=<path to cifar-10-batches-py>")
+        return load_cifar10(root, option=option)
     if name == "folder":
         if root is None:
-            raise DataError("folder needs data_dir=<path with train/ and test/ class folders>")
-        return load_folder(root)
+            raise DataError(f"folder needs {option}=<path with train/ and test/ class folders>")
+        return load_folder(root, option=option)
     raise DataError(f"unknown dataset {name!r}; choose fashion-mnist, cifar10 or folder")
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a split's images and labels came from, as error messages name them (files or folders)."""
+
+    images: str
+    labels: str
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "x".join(map(str, x.shape[1:]))  # [N, C, H, W] -> "CxHxW"
+
+
+def check_dataset(data: Dataset, *, train: Sources | None = None, test: Sources | None = None) -> Dataset:
+    """Return `data` if it can be trained and evaluated on; otherwise raise DataError naming the file(s) and
+    what is inconsistent. Checked at load time: each of these once surfaced only after (or deep into)
+    training: image and label counts per split, train and test image shape and channels, labels in
+    [0, number of classes), at least two classes."""
+    sources = {"training": train, "test": test}
+    n_classes = len(data.classes)
+    if n_classes < 2:
+        where = train.labels if train else f"{data.name} training labels"
+        raise DataError(f"{where}: {n_classes} class(es) {data.classes}; a classifier needs at least two classes")
+    for name, split in (("training", data.train), ("test", data.test)):
+        src = sources[name] or Sources(f"{data.name} {name} images", f"{data.name} {name} labels")
+        if split.images.ndim != 4 or split.labels.ndim != 1:
+            raise DataError(
+                f"{src.images}: {name} images of shape {tuple(split.images.shape)} and labels of shape "
+                f"{tuple(split.labels.shape)}; need images [N, C, H, W] and labels [N]"
+            )
+        n_img, n_lab = len(split.images), len(split.labels)
+        if n_img != n_lab:  # a mismatch once trained the whole run, then raised IndexError
+            raise DataError(
+                f"{src.labels}: {n_lab} labels for {n_img} {name} images in {src.images}; each image needs exactly "
+                "one label: use the labels and images files that belong together"
+            )
+        if n_img == 0:
+            raise DataError(f"{src.images}: no {name} images; the {name} split needs some")
+        bad = ((split.labels < 0) | (split.labels >= n_classes)).nonzero()
+        if len(bad):  # an out-of-range label once raised IndexError mid-epoch
+            i = int(bad[0])
+            raise DataError(
+                f"{src.labels}: label {int(split.labels[i])} (image {i}) is outside 0..{n_classes - 1}, the "
+                f"{n_classes} classes of {data.name}; the file is damaged or belongs to another dataset"
+            )
+    if data.train.images.shape[1:] != data.test.images.shape[1:]:  # once trained, then gave wrong accuracy
+        tr, te = train or Sources("training images", ""), test or Sources(f"{data.name} test images", "")
+        raise DataError(
+            f"{te.images}: test images are {_shape(data.test.images)} (channels x height x width) but the training "
+            f"images ({tr.images}) are {_shape(data.train.images)}; the network takes one input shape: give both "
+            "splits images of the same size and channels"
+        )
+    return data
 
 
 # -- splitting, batching, augmentation -------------------------------------------------------------

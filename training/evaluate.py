@@ -8,16 +8,18 @@ Report JSON (one per checkpoint, `models/<name>.json`):
 from __future__ import annotations
 
 import json
+import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lcs import checkpoint
-from lcs.alpha import LEVEL_LABELS
+from lcs.alpha import KINDS, LEVEL_LABELS, SUBSPACES
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet
-from training.data import Split, normalise
+from training.data import DataError, Split, normalise
 
 
 @torch.no_grad()
@@ -126,9 +128,108 @@ def evaluate_checkpoint(
 
     torch.set_flush_denormal(True)  # denormals make fake-quantised layers 10-100x slower
     model, meta = checkpoint.load(path)
-    data = load_dataset(meta.dataset, data_dir or meta.training.get("config", {}).get("data_dir"))
+    data_dir = data_dir or recorded_data_dir(path, meta)
+    data = load_dataset(meta.dataset, data_dir, option="--data-dir")  # the fix is evaluate's option
+    where = data_dir or f"{meta.dataset}'s standard location"
+    shape, trained = tuple(data.test.images.shape[1:]), (meta.input.channels, meta.input.height, meta.input.width)
+    if shape != trained:  # a RuntimeError traceback, or (same size, other pixels) a plausible wrong accuracy
+        raise DataError(
+            f"{where}: test images are {'x'.join(map(str, shape))}, but {path} takes "
+            f"{'x'.join(map(str, trained))} (channels x height x width); pass --data-dir with the dataset it was "
+            "trained on"
+        )
+    if data.classes != meta.classes:  # the accuracy compares label numbers: another class list makes it wrong
+        raise DataError(
+            f"{where}: classes {data.classes[:12]}, but {path} was trained on {meta.classes[:12]}; pass --data-dir "
+            "with the dataset it was trained on"
+        )
     pts = accuracy_table(model, data.test, meta.input.mean, meta.input.std, alphas or list(model.stat_alphas))
     return report(meta, pts)
+
+
+def recorded_data_dir(path: Path | str, meta: checkpoint.CheckpointMeta) -> str | None:
+    """The data_dir a checkpoint was trained with (its metadata's training.config), or None for the dataset's
+    standard location. A value that is not a path (data_dir: 123 was a TypeError traceback) is refused."""
+    config = meta.training.get("config", {})
+    value = config.get("data_dir") if isinstance(config, dict) else None
+    if value is not None and not isinstance(value, str):
+        raise checkpoint.CheckpointError(
+            f"{path}: field 'training.config.data_dir' is {value!r}, not a folder; pass --data-dir with the dataset"
+        )
+    return value
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def read_report(path: Path, what: str, *, subspace: bool) -> dict[str, Any]:
+    """A report JSON (this module's docstring), checked for what `plot` reads: "kind", "points" with numeric
+    "level" and "accuracy", and for a subspace report (one drawn as a line) "subspace". `what` names it in
+    errors ("--baseline", "report"); ValueError names the file and what is wrong."""
+    fix = "give a report written by `python -m training evaluate --json`"
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot read it ({e.strerror or e}); {fix}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path}: not a text file; {fix}") from None
+    try:
+        rep = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{what} {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}"
+        ) from None
+    if not isinstance(rep, dict):
+        raise ValueError(
+            f'{what} {path}: a JSON {_json_type(rep)[2:]}, not a report object {{"kind": ..., "points": [...]}}; {fix}'
+        )
+    problem = None
+    points = rep.get("points")
+    if rep.get("kind") not in KINDS:
+        problem = (
+            f'"kind" is {json.dumps(rep["kind"])}, not one of {list(KINDS)}' if "kind" in rep else '"kind" is missing'
+        )
+    elif subspace and rep.get("subspace") not in SUBSPACES:
+        problem = (
+            f'"subspace" is {json.dumps(rep["subspace"])}, not one of {list(SUBSPACES)}'
+            if "subspace" in rep
+            else '"subspace" is missing'
+        )
+    elif not isinstance(points, list) or not points:
+        problem = '"points" is missing' if points is None else f'"points" is {_json_type(points)}, not a non-empty list'
+    else:
+        for i, p in enumerate(points):
+            bad = not isinstance(p, dict) or [k for k in ("level", "accuracy") if not _finite_number(p.get(k))]
+            if bad:
+                problem = f'"points"[{i}] is {json.dumps(p)[:80]}, not {{"level": number, "accuracy": number, ...}}'
+                break
+    if problem:
+        raise ValueError(f"{what} {path}: {problem}; {fix}")
+    return rep
+
+
+def _finite_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_writable(path: Path, *, option: str, shown: str, example: str) -> None:
+    """Refuse, with ValueError, a place where no file can be written, before the work that produces the file
+    rather than after it: a directory (`example` suggests a file), a path under a regular file, a folder
+    where no file can be created. `shown` is how the option was given ("--json out.json", "out=m.safetensors")."""
+    if path.is_dir():
+        raise ValueError(f"{shown}: {path} is a directory; name a file, e.g. {example}")
+    folder = next(p for p in path.absolute().parents if p.exists())  # its folder, or what will hold it
+    if not folder.is_dir():
+        raise ValueError(f"{shown}: {folder} is a file, not a directory; choose another place for {option}")
+    try:  # what writing will do (after creating any missing folders): create a file
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lcs-out-", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{shown}: cannot create files in {folder} ({e.strerror or e}); choose a writable place for {option}"
+        ) from None
 
 
 def write_json(obj: dict[str, Any], out: Path) -> None:

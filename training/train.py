@@ -13,13 +13,15 @@ global batch (training/distributed.py); rank 0 prints and writes every file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import random
+import re
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,9 +34,9 @@ from lcs import checkpoint
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subspace_kwargs
 from training.config import TrainConfig
-from training.data import Dataset, Split, augment, hold_out, load_dataset, normalise
+from training.data import Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
 from training.distributed import Ranks
-from training.evaluate import accuracy, accuracy_table, calibrate
+from training.evaluate import accuracy, accuracy_table, calibrate, check_writable, recorded_data_dir
 
 
 def sample_alphas(cfg: TrainConfig, rng: random.Random) -> list[float]:
@@ -109,17 +111,51 @@ def check_out(cfg: TrainConfig) -> None:
     whole run was lost): a directory, a path under a regular file, a place where no file can be created."""
     out = Path(cfg.out)
     for path in (out, cfg.state_path) if out.name else (out,):  # "." has no name, hence no state path
-        if path.is_dir():
-            raise ValueError(f"out={cfg.out}: {path} is a directory; name a file, e.g. out={out / 'model.safetensors'}")
-    folder = next(p for p in out.absolute().parents if p.exists())  # out's folder, or what will hold it
-    if not folder.is_dir():
-        raise ValueError(f"out={cfg.out}: {folder} is a file, not a directory; choose another place for out")
-    try:  # what _save_state and checkpoint.save will do (after creating any missing folders): create a file
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lcs-out-", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise ValueError(
-            f"out={cfg.out}: cannot create files in {folder} ({e.strerror or e}); choose a writable place for out"
+        check_writable(path, option="out", shown=f"out={cfg.out}", example=f"out={out / 'model.safetensors'}")
+
+
+class SaveError(OSError):
+    """A file training writes could not be written (a full disk); the message names it, the cause and the fix."""
+
+
+def saved_epoch(cfg: TrainConfig) -> int | None:
+    """The epochs done according to the state file on disk (what a rerun resumes from); None if none can be read."""
+    try:
+        with safe_open(str(cfg.state_path), framework="pt") as f:
+            return int(f.metadata()["epoch"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def resume_point(cfg: TrainConfig) -> str:
+    """What a rerun of the same command starts from, in words."""
+    done = saved_epoch(cfg)
+    return "no epoch finished yet" if done is None else f"state saved after epoch {done}"
+
+
+def _cause(e: Exception) -> str:
+    """An OSError's strerror, or the OS message inside safetensors' SafetensorError (safetensors 0.4:
+    'Error while serializing: I/O error: No space left on device (os error 28)'; older: '... message: "No
+    space left on device" })'), else the error's text."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)
+    found = re.search(r'message: "([^"]+)"', text) or re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    return found.group(1) if found else text
+
+
+@contextlib.contextmanager
+def _writing(path: Path, cfg: TrainConfig) -> Iterator[None]:
+    """Turn a failed write (safetensors' SafetensorError or an OSError: a full disk) into SaveError. The
+    files are written to a temporary name and then renamed, so the state of the last finished epoch
+    survives, and the same command resumes from it."""
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        cause = _cause(e)
+        fix = "free space" if "space" in cause.lower() else "fix that"
+        raise SaveError(
+            f"{path}: cannot write it ({cause}); {fix} and rerun the same command to resume ({resume_point(cfg)})"
         ) from None
 
 
@@ -139,9 +175,13 @@ def _save_state(
         "elapsed": str(elapsed),
     }
     tmp = cfg.state_path.with_suffix(".tmp")
-    cfg.state_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(cfg.state_path)
+    try:
+        with _writing(cfg.state_path, cfg):
+            cfg.state_path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata=meta)
+            tmp.replace(cfg.state_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure (a full disk, Ctrl-C): no half-written file left taking space
 
 
 def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, rng: random.Random) -> tuple[int, float]:
@@ -199,7 +239,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
     torch.set_flush_denormal(True)  # denormal activations made fake-quantised layers 10-100x slower here
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    data = data or load_dataset(cfg.dataset, cfg.data_dir)
+    data = load_dataset(cfg.dataset, cfg.data_dir) if data is None else check_dataset(data)  # before any step
     train_split, val_split = hold_out(data.train, cfg.val_size, cfg.seed)
     n_img, c, h, w = train_split.images.shape
     steps_per_epoch = n_img // cfg.batch_size  # drop the last partial batch
@@ -326,7 +366,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             "torch": torch.__version__,
         },
     )
-    checkpoint.save(cfg.out, model, meta, samples=sample_images(train_split, cfg.seed))
+    with _writing(Path(cfg.out), cfg):
+        checkpoint.save(cfg.out, model, meta, samples=sample_images(train_split, cfg.seed))
     for p in table:
         print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  test accuracy {p['accuracy']:.2f} %", flush=True)
     print(f"wrote {cfg.out}", flush=True)
@@ -337,6 +378,6 @@ def attach_samples(path: Path | str) -> None:
     """Add the sample images `train` stores today to a checkpoint written before checkpoints carried them."""
     model, meta = checkpoint.load(path)
     cfg = meta.training.get("config", {})
-    data = load_dataset(meta.dataset, cfg.get("data_dir"))
+    data = load_dataset(meta.dataset, recorded_data_dir(path, meta))
     train_split, _ = hold_out(data.train, int(cfg.get("val_size", 0)), int(cfg.get("seed", 0)))
     checkpoint.save(path, model, meta, samples=sample_images(train_split, int(cfg.get("seed", 0))))

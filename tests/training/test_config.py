@@ -203,14 +203,140 @@ def test_arch_kwargs_may_not_set_what_the_options_set(kwarg: str) -> None:
     assert message.endswith("set those options instead")
 
 
-def test_fixed_alpha_replaces_an_empty_grid() -> None:
-    """stat_alphas is checked as used: a baseline's grid is its own alpha, whatever was given."""
-    assert load_config(None, ["fixed_alpha=0.5", "stat_alphas=[]"]).stat_alphas == [0.5]
+@pytest.mark.parametrize(
+    ("arch_kwargs", "problem"),
+    [  # the first three built, then failed at the first training step with a RuntimeError traceback
+        ("{stem_stride: 0}", "stem_stride must be a positive integer (1: full resolution, 2: half), got 0"),
+        ("{stem_stride: -1}", "stem_stride must be a positive integer (1: full resolution, 2: half), got -1"),
+        ("{widths: [0, 16]}", "widths must be a non-empty list of positive integers (the channels of each stage)"),
+        ("{blocks: [-1, 1]}", "blocks must be a non-empty list of positive integers"),  # was accepted silently
+        ("{blocks: []}", "blocks must be a non-empty list"),
+        ("{widths: 16}", "widths must be a non-empty list"),
+        ("{stem_stride: true}", "stem_stride must be a positive integer"),
+    ],
+)
+def test_arch_kwargs_that_build_but_cannot_run(arch_kwargs: str, problem: str) -> None:
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["arch=tiny_resnet", f"arch_kwargs={arch_kwargs}"])
+    message = str(err.value)
+    assert message.startswith("arch_kwargs={") and problem in message and "set those options" not in message
+
+
+def test_models_refuse_stage_sizes_that_cannot_run() -> None:
+    """The same check guards a model built directly, or from a checkpoint's arch.kwargs (lcs.checkpoint)."""
+    from lcs.models import build_model
+
+    with pytest.raises(ValueError, match="stem_stride must be a positive integer"):
+        build_model("tiny_resnet", stem_stride=0)
+    with pytest.raises(ValueError, match="widths must be a non-empty list of positive integers"):
+        build_model("tiny_resnet", widths=(8, 0))
+
+
+def test_fixed_alpha_replaces_the_config_file_s_grid(tmp_path: Path) -> None:
+    """A baseline's grid is its own alpha: a subspace config's stat_alphas (here empty) give way to fixed_alpha
+    on the command line, as scripts/train_shipped.sh trains each config's baselines."""
+    path = tmp_path / "c.yaml"
+    path.write_text("subspace: line\nstat_alphas: []\n")
+    cfg = load_config(path, ["fixed_alpha=0.5"])
+    assert cfg.stat_alphas == [0.5] and cfg.subspace == "point"
 
 
 def test_shipped_configs_load() -> None:
     for path in sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml")):
         assert load_config(path, []).epochs >= 2, path  # so warmup_steps leaves their one-epoch warm-up as it was
+        assert load_config(path, ["fixed_alpha=0.5"]).stat_alphas == [0.5], path  # their baselines (train_shipped)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "override", "message"),
+    [  # each said only the part after "FILE: ", so the file with the bad value had to be guessed
+        ("lr: -1\n", None, "{path}: lr=-1 is out of range; use a learning rate lr > 0"),
+        ("kind: bogus\n", None, "{path}: kind must be one of"),
+        ("bits_max: 2\n", None, "{path}: need 1 <= bits_min <= bits_max <= 16; got 3..2"),
+        ("subspace: plane\n", None, "{path}: subspace must be one of"),
+        ("fixed_alpha: 2\n", None, "{path}: fixed_alpha=2: alpha must be in [0, 1]"),
+        ("arch_kwargs: {stem_stride: 0}\n", None, "{path}: arch_kwargs={{'stem_stride': 0}}: stem_stride must be"),
+        ("epochs: ten\n", None, "{path}: option 'epochs' must be an integer; got 'ten'"),
+        # a value from the command line is not the file's fault
+        ("lr: 0.1\n", "lr=-1", "lr=-1.0 is out of range"),
+        ("lr: -1\n", "lr=0.2", None),
+    ],
+)
+def test_errors_name_the_config_file_a_value_came_from(
+    tmp_path: Path, yaml_text: str, override: str | None, message: str | None
+) -> None:
+    path = tmp_path / "neglr.yaml"
+    path.write_text(yaml_text)
+    overrides = [override] if override else []
+    if message is None:
+        assert load_config(path, overrides).lr == 0.2
+        return
+    with pytest.raises(ValueError) as err:
+        load_config(path, overrides)
+    assert str(err.value).startswith(message.format(path=path)), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [  # they said "must be of type <class 'int'>" and "dict[str, typing.Any]"
+        ("epochs=ten", "option 'epochs' must be an integer; got 'ten'"),
+        ("lr=fast", "option 'lr' must be a number; got 'fast'"),
+        ("augment=maybe", "option 'augment' must be true or false; got 'maybe'"),
+        ("fixed_alpha=half", "option 'fixed_alpha' must be a number or null; got 'half'"),
+        ("stat_alphas=0.5", "option 'stat_alphas' must be a list of numbers; got 0.5"),
+        ("arch_kwargs=[1]", "option 'arch_kwargs' must be a mapping (e.g. {widths: [16, 32]}); got [1]"),
+        ("data_dir=[1]", "option 'data_dir' must be a string or null; got [1]"),
+    ],
+)
+def test_type_errors_say_what_is_expected_in_words(override: str, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path) -> None:
+    """PyYAML reads 1e-3 (no dot) as a string: lr=1e-3 was refused as not a float."""
+    cfg = load_config(None, ["lr=1e-3", "fixed_alpha=5e-1", "stat_alphas=[5e-1]"])
+    assert cfg.lr == 0.001 and cfg.fixed_alpha == 0.5 and cfg.stat_alphas == [0.5]
+    assert load_config(None, ["stat_alphas=[0, 5e-1, 1]"]).stat_alphas == [0, 0.5, 1]
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5E-4\nstat_alphas: [0, 2.5e-2, 1]\n")
+    cfg = load_config(path, [])
+    assert cfg.lr == 0.001 and cfg.weight_decay == 0.0005 and cfg.stat_alphas == [0, 0.025, 1]
+    with pytest.raises(ValueError, match="option 'epochs' must be an integer; got '1e1'"):
+        load_config(None, ["epochs=1e1"])  # integers stay integers
+
+
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys without a word: the run trained with the other value."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.1\nepochs: 2\nlr: 0.01\n")
+    with pytest.raises(ValueError) as err:
+        load_config(path, [])
+    assert str(err.value) == f"{path}: 'lr' is set twice (lines 1 and 3); keep one"
+    path.write_text("arch_kwargs:\n  widths: [8, 16]\n  widths: [4, 8]\n")
+    with pytest.raises(ValueError, match=r"'widths' is set twice \(lines 2 and 3\)"):
+        load_config(path, [])
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["arch_kwargs={widths: [8], widths: [9]}"])
+    assert str(err.value) == "option 'arch_kwargs': '{widths: [8], widths: [9]}' sets 'widths' twice; keep one"
+
+
+def test_a_config_path_with_an_equals_sign(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cfg/lr=0.1.yaml was taken for an override and refused as the unknown option 'cfg/lr'."""
+    from training.config import split_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "lr=0.1.yaml").write_text("lr: 0.1\n")
+    (tmp_path / "lr=0.5").write_text("a file named like an override")
+    assert split_config(["cfg/lr=0.1.yaml", "epochs=2"]) == ("cfg/lr=0.1.yaml", ["epochs=2"])
+    assert split_config(["cfg/missing=1.yaml"]) == ("cfg/missing=1.yaml", [])  # refused as a missing config
+    assert split_config(["lr=0.5", "epochs=2"]) == (None, ["lr=0.5", "epochs=2"])  # an option's name: an override
+    assert split_config(["c.yaml", "lr=0.5"]) == ("c.yaml", ["lr=0.5"])
+    assert split_config(["foo=1"]) == (None, ["foo=1"])  # refused as an unknown option
+    assert split_config([]) == (None, [])
+    assert load_config(*split_config(["cfg/lr=0.1.yaml", "epochs=2"])).epochs == 2
 
 
 def test_bad_yaml_value_type(tmp_path: Path) -> None:
@@ -221,9 +347,31 @@ def test_bad_yaml_value_type(tmp_path: Path) -> None:
 
 
 def test_fixed_alpha_forces_a_point_and_its_own_statistics_row() -> None:
-    cfg = load_config(None, ["fixed_alpha=0.3", "subspace=line", "stat_alphas=[0, 1]"])
+    cfg = load_config(None, ["fixed_alpha=0.3"])
     assert cfg.subspace == "point"
     assert cfg.stat_alphas == [0.3]
+    assert load_config(None, ["fixed_alpha=0.3", "subspace=point", "stat_alphas=[0.3]"]) == cfg  # saying so is fine
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "message"),
+    [  # each was overridden without a word: the run trained a point at one alpha
+        (None, ["fixed_alpha=0.3", "subspace=line"], "fixed_alpha=0.3 trains one network at that alpha"),
+        (None, ["subspace=line", "fixed_alpha=0.3"], 'but subspace="line" asks for a line; leave out subspace or'),
+        (None, ["fixed_alpha=0.3", "stat_alphas=[0, 1]"], "but stat_alphas=[0, 1] asks for other alphas"),
+        ("fixed_alpha: 0.3\nsubspace: line\n", [], "{path}: fixed_alpha=0.3 trains one network"),
+        ("fixed_alpha: 0.3\n", ["subspace=line"], "{path}: fixed_alpha=0.3 trains one network"),
+    ],
+)
+def test_fixed_alpha_against_an_explicit_subspace_or_grid(
+    tmp_path: Path, yaml_text: str | None, overrides: list[str], message: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    if yaml_text is not None:
+        path.write_text(yaml_text)
+    with pytest.raises(ValueError) as err:
+        load_config(path if yaml_text is not None else None, overrides)
+    assert message.format(path=path) in str(err.value)
 
 
 def test_state_path_sits_next_to_the_checkpoint() -> None:

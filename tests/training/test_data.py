@@ -258,6 +258,9 @@ def test_load_folder_refusals(tmp_path: Path) -> None:
         load_folder(tmp_path)
     (tmp_path / "train" / "a").mkdir()
     (tmp_path / "test" / "a").mkdir()
+    with pytest.raises(DataError, match="one class folder"):
+        load_folder(tmp_path)
+    (tmp_path / "train" / "b").mkdir()
     with pytest.raises(DataError, match="no images"):
         load_folder(tmp_path)
     _png(tmp_path / "train" / "a" / "0.png", np.zeros((4, 4), np.uint8))
@@ -270,6 +273,90 @@ def test_load_folder_refusals(tmp_path: Path) -> None:
         load_folder(tmp_path)
     with pytest.raises(DataError, match="data_dir"):
         load_dataset("folder")
+
+
+# -- cross-checks at load time: each of these once trained (rc 0 or a traceback after the run) ----------
+
+
+def _rewrite(root: Path, name: str, arr: np.ndarray) -> Path:
+    (root / name).write_bytes(gzip.compress(_idx(arr)))
+    return root / name
+
+
+@pytest.mark.parametrize(
+    ("name", "arr", "match"),
+    [  # the test images file replaced by a labels file: once trained and wrote garbage accuracy
+        ("t10k-images-idx3-ubyte.gz", np.zeros(4, np.uint8), r"shape \(4,\), not images .* a labels file"),
+        ("train-labels-idx1-ubyte.gz", np.zeros((6, 28, 28), np.uint8), r"not labels \[N\] \(is it an images file"),
+        # 32x32 test images for 28x28 training images: once rc 0 with wrong results
+        ("t10k-images-idx3-ubyte.gz", np.zeros((4, 32, 32), np.uint8), r"test images are 1x32x32 .* are 1x28x28"),
+        # more labels than images: once trained the whole run, then IndexError
+        ("train-labels-idx1-ubyte.gz", np.zeros(7, np.uint8), r"7 labels for 6 training images in .*train-images"),
+        # a label of 200: once IndexError mid-epoch
+        ("t10k-labels-idx1-ubyte.gz", np.array([1, 2, 200, 3], np.uint8), r"label 200 \(image 2\) is outside 0\.\.9"),
+    ],
+)
+def test_fashion_mnist_files_are_cross_checked(tmp_path: Path, name: str, arr: np.ndarray, match: str) -> None:
+    _write_fashion(tmp_path)
+    path = _rewrite(tmp_path, name, arr)
+    with pytest.raises(DataError, match=match) as err:
+        load_dataset("fashion-mnist", str(tmp_path))
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_cifar_batch_with_labels_for_other_images(tmp_path: Path) -> None:
+    root = tmp_path / "cifar"
+    _write_cifar(root)
+    batch = _cifar_batch(3, 4) | {b"labels": [0, 1, 2, 3]}
+    (root / "data_batch_4").write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError, match=r"data_batch_4: 4 labels for 3 images"):
+        load_cifar10(root)
+
+
+def _two_class_folder(root: Path, test_image: np.ndarray) -> None:
+    gray = np.zeros((6, 6), np.uint8)
+    for cls in ("a", "b"):
+        _png(root / "train" / cls / "0.png", gray)
+        _png(root / "test" / cls / "0.png", test_image)
+
+
+def test_folder_with_rgb_test_and_grayscale_train_images(tmp_path: Path) -> None:
+    """Once trained, then raised a RuntimeError traceback when it measured test accuracy."""
+    _two_class_folder(tmp_path, np.zeros((6, 6, 3), np.uint8))
+    with pytest.raises(DataError, match=r"test images are 3x6x6 .* training images .* are 1x6x6") as err:
+        load_folder(tmp_path)
+    assert str(tmp_path / "test" / "a" / "0.png") in str(err.value)
+    assert str(tmp_path / "train" / "a" / "0.png") in str(err.value)
+
+
+def test_folder_with_one_class(tmp_path: Path) -> None:
+    """Once trained, then failed with a multi-line pydantic dump writing the checkpoint."""
+    _png(tmp_path / "train" / "only" / "0.png", np.zeros((4, 4), np.uint8))
+    _png(tmp_path / "test" / "only" / "0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"one class folder .*at least two") as err:
+        load_dataset("folder", str(tmp_path))
+    assert str(err.value).startswith(str(tmp_path / "train")) and "\n" not in str(err.value)
+
+
+def test_folder_test_class_without_training_images(tmp_path: Path) -> None:
+    _two_class_folder(tmp_path, np.zeros((6, 6), np.uint8))
+    _png(tmp_path / "test" / "c" / "0.png", np.zeros((6, 6), np.uint8))  # was skipped without a word
+    with pytest.raises(DataError, match="no training folder"):
+        load_folder(tmp_path)
+
+
+def test_in_memory_data_is_checked_too() -> None:
+    from training.data import check_dataset
+
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    ok = Split(images, torch.tensor([0, 1, 0]))
+    assert check_dataset(Dataset("x", ok, ok, ["a", "b"])).train is ok
+    with pytest.raises(DataError, match=r"x training labels: 1 class\(es\)"):
+        check_dataset(Dataset("x", ok, ok, ["a"]))
+    with pytest.raises(DataError, match=r"label -1 \(image 1\)"):
+        check_dataset(Dataset("x", ok, Split(images, torch.tensor([0, -1, 0])), ["a", "b"]))
+    with pytest.raises(DataError, match="x test images: no test images"):
+        check_dataset(Dataset("x", ok, Split(images[:0], ok.labels[:0]), ["a", "b"]))
 
 
 def test_unknown_dataset() -> None:

@@ -124,9 +124,120 @@ def test_config_file_errors_are_one_line(
     assert err.startswith("error:") and match in err and err.count("\n") == 1
 
 
-def test_a_missing_report_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["plot", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.png")])
-    assert rc == 2 and capsys.readouterr().err.startswith("error: [Errno 2] No such file or directory")
+REPORT = {"kind": "structured", "subspace": "line", "dataset": "folder", "points": [{"level": 1, "accuracy": 9}]}
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot read it (No such file or directory)"),
+        ("{", "not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
+        ("[1, 2]", 'a JSON list, not a report object {"kind": ..., "points": [...]}'),  # was a TypeError
+        (json.dumps({"points": []}), '"kind" is missing'),  # was a KeyError traceback
+        (json.dumps({**REPORT, "kind": "pruned"}), '"kind" is "pruned", not one of'),
+        (json.dumps({k: v for k, v in REPORT.items() if k != "subspace"}), '"subspace" is missing'),
+        (json.dumps({**REPORT, "points": {}}), '"points" is an object, not a non-empty list'),
+        (json.dumps({**REPORT, "points": [{"level": 1}]}), '"points"[0] is {"level": 1}, not {"level": number'),
+    ],
+)
+def test_plot_names_the_report_and_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, problem: str
+) -> None:
+    """A report that was not JSON said only the decoder's message; one without "kind" or a JSON list was a
+    KeyError or TypeError traceback."""
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    assert main(["plot", str(bad), "--out", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: report {bad}: {problem}") and err.count("\n") == 1
+    assert err.endswith("give a report written by `python -m training evaluate --json`\n")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_with_a_bad_baseline_and_reports_of_two_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, other, base = tmp_path / "s.json", tmp_path / "q.json", tmp_path / "b.json"
+    good.write_text(json.dumps(REPORT))
+    other.write_text(json.dumps({**REPORT, "kind": "quantized"}))
+    base.write_text('{"kind": "structured"}')
+    assert main(["plot", str(good), "--baseline", str(base), "--out", str(tmp_path / "p.png")]) == 2
+    assert capsys.readouterr().err.startswith(f'error: --baseline {base}: "points" is missing')
+    assert main(["plot", str(good), str(other), "--out", str(tmp_path / "p.png")]) == 2
+    assert f"report {other}: a quantized report, but {good} is structured" in capsys.readouterr().err
+    base.write_text(json.dumps({"kind": "quantized", "points": [{"level": 8, "accuracy": 9}]}))  # a reference line
+    assert main(["plot", str(good), "--baseline", str(base), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _no_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.evaluate
+
+    def evaluate_checkpoint(*a: Any, **kw: Any) -> None:
+        raise AssertionError("evaluated before the arguments were checked")
+
+    monkeypatch.setattr(training.evaluate, "evaluate_checkpoint", evaluate_checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [  # each was found only after the evaluation (minutes on Fashion-MNIST), and its accuracies were lost
+        (["--json", "{tmp}/file/r.json"], "--json {tmp}/file/r.json: {tmp}/file is a file, not a directory"),
+        (["--json", "{tmp}"], "--json {tmp}: {tmp} is a directory; name a file, e.g. --json {tmp}/report.json"),
+        pytest.param(
+            ["--json", "/proc/r.json"],
+            "--json /proc/r.json: cannot create files in /proc",  # a folder where no file can be created
+            marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc"),
+        ),
+        (["--json", "{tmp}/r.json", "--plot", "{tmp}/file/p.png"], "--plot {tmp}/file/p.png: {tmp}/file is a file"),
+        (
+            ["--json", "{tmp}/r.json", "--plot", "{tmp}/p.png", "--baseline", "{tmp}/none.json"],
+            "--baseline {tmp}/none.json: cannot read it (No such file or directory)",
+        ),
+        (
+            ["--json", "{tmp}/r.json", "--plot", "{tmp}/p.png", "--baseline", "{tmp}/file"],
+            "--baseline {tmp}/file: not valid JSON (Expecting value at line 1, column 1)",
+        ),
+        (
+            ["--json", "{tmp}/r.json", "--plot", "{tmp}/p.png", "--compare", "{tmp}/q.json"],
+            "--compare {tmp}/q.json: a quantized report, but {ckpt} is structured",
+        ),
+        # silently ignored without --plot
+        (["--json", "{tmp}/r.json", "--baseline", "{tmp}/q.json"], "--baseline only draws on the plot; add --plot"),
+        (["--json", "{tmp}/r.json", "--compare", "{tmp}/q.json"], "--compare only draws on the plot; add --plot"),
+    ],
+)
+def test_evaluate_checks_its_arguments_before_evaluating(
+    trained_run: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    (tmp_path / "file").write_text("not a folder, not JSON")
+    (tmp_path / "q.json").write_text(json.dumps({**REPORT, "kind": "quantized"}))
+    _no_evaluation(monkeypatch)
+    fill = {"tmp": str(tmp_path), "ckpt": str(trained_run.path)}
+    rc = main(["evaluate", str(trained_run.path), *(a.format(**fill) for a in args)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: " + message.format(**fill)) and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "q.json"]  # nothing written, no probe left
+
+
+def test_evaluate_prints_the_accuracies_before_writing_files(
+    trained_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """write_json ran before the print: a write that failed after the evaluation lost every number."""
+    import training.evaluate
+
+    def disk_full(*a: Any) -> None:
+        raise OSError(28, "No space left on device", str(tmp_path / "r.json"))
+
+    monkeypatch.setattr(training.evaluate, "write_json", disk_full)
+    assert main(["evaluate", str(trained_run.path), "--json", str(tmp_path / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert out.count("accuracy") == 3 and "alpha 1.000" in out
+    assert "No space left on device" in err
 
 
 def test_train_help_lists_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
@@ -153,3 +264,161 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["evaluate", "x.safetensors"])  # --json is required
     assert "--json" in capsys.readouterr().err
+
+
+# -- a full disk and Ctrl-C: one line, and the last finished epoch survives ------------------------------
+
+NO_SPACE = (
+    "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors 0.4+, on a full tmpfs
+)
+NO_SPACE_OLD = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+
+
+def test_disk_full_while_saving_the_state(
+    tmp_path: Path,
+    image_folder: Path,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """safetensors' SafetensorError was not among the errors caught: a traceback. Now one line, and the state
+    of the last finished epoch is kept, so the same command resumes."""
+    from safetensors import SafetensorError
+
+    from training import train as train_module
+
+    out = tmp_path / "m.safetensors"
+    args = ["train", *tiny_overrides(out, dataset="folder", data_dir=image_folder)]
+    real_save_file = train_module.save_file
+    calls = []
+
+    def fills_the_disk_at_the_second_epoch(*a: Any, **kw: Any) -> None:
+        calls.append(a[1])
+        if len(calls) == 2:
+            Path(a[1]).write_bytes(b"half a file")  # what a full disk leaves behind
+            raise SafetensorError(NO_SPACE)
+        real_save_file(*a, **kw)
+
+    monkeypatch.setattr(train_module, "save_file", fills_the_disk_at_the_second_epoch)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    state = out.with_name("m.state.safetensors")
+    assert err == (
+        f"error: {state}: cannot write it (No space left on device); free space and rerun the same command to "
+        "resume (state saved after epoch 1)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [state.name]  # epoch 1's state; no .tmp left
+    monkeypatch.setattr(train_module, "save_file", real_save_file)
+    assert main(args) == 0
+    assert "after epoch 1/2" in capsys.readouterr().out and out.is_file()
+
+
+def test_disk_full_while_writing_the_checkpoint(
+    tmp_path: Path,
+    image_folder: Path,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from safetensors import SafetensorError
+
+    def no_space(*a: Any, **kw: Any) -> None:
+        raise SafetensorError(NO_SPACE_OLD)
+
+    out = tmp_path / "m.safetensors"
+    monkeypatch.setattr(checkpoint, "save_file", no_space)
+    assert main(["train", *tiny_overrides(out, epochs=1, dataset="folder", data_dir=image_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: cannot write it (No space left on device); free space and rerun")
+    assert err.endswith("(state saved after epoch 1)\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("when", ["after the first epoch", "before the first epoch"])
+def test_ctrl_c_says_what_was_saved(
+    tmp_path: Path,
+    image_folder: Path,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    when: str,
+) -> None:
+    """Ctrl-C was a KeyboardInterrupt traceback."""
+    from training import train as train_module
+
+    save_state = train_module._save_state
+
+    def save_then_ctrl_c(*a: Any) -> None:
+        save_state(*a)
+        raise KeyboardInterrupt
+
+    def ctrl_c(*a: Any) -> None:
+        raise KeyboardInterrupt
+
+    if when == "after the first epoch":
+        monkeypatch.setattr(train_module, "_save_state", save_then_ctrl_c)
+        expected = "interrupted; state saved after epoch 1; rerun the same command to resume\n"
+    else:
+        monkeypatch.setattr(train_module, "load_dataset", ctrl_c)
+        expected = "interrupted; no epoch finished yet, nothing saved; rerun the same command to start over\n"
+    assert main(["train", *tiny_overrides(tmp_path / "m.safetensors", dataset="folder", data_dir=image_folder)]) == 130
+    assert capsys.readouterr().err == expected
+
+
+# -- evaluate and the dataset a checkpoint records ---------------------------------------------------------
+
+
+def _checkpoint_trained_on(
+    tmp_path: Path, settled_model: Callable[..., Any], make_meta: Callable[..., Any], data_dir: object
+) -> Path:
+    """A tiny 4-class, 12x12 checkpoint whose metadata records `data_dir` as the one it was trained with."""
+    model = settled_model()
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(path, model, make_meta(model, "structured", training={"config": {"data_dir": data_dir}}))
+    return path
+
+
+def _folder(root: Path, classes: list[str], size: int) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            Image.new("L", (size, size)).save(root / split / cls / "0.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("recorded", "args", "message"),
+    [  # the recorded folder is gone: the fix named the training option data_dir, not --data-dir
+        (
+            "{tmp}/gone",
+            [],
+            "{tmp}/gone: an image-folder dataset needs train/<class>/ and test/<class>/ folders; set "
+            "--data-dir to a folder that has them",
+        ),
+        (123, [], "{ckpt}: field 'training.config.data_dir' is 123, not a folder; pass --data-dir"),  # was a TypeError
+        (123, ["--data-dir", "{tmp}/small"], "{tmp}/small: test images are 1x6x6, but {ckpt} takes 1x12x12"),
+        ("{tmp}/two", [], "{tmp}/two: classes ['c0', 'c1'], but {ckpt} was trained on ['c0', 'c1', 'c2', 'c3']"),
+    ],
+)
+def test_evaluate_names_the_dataset_problem_and_its_option(
+    tmp_path: Path,
+    settled_model: Callable[..., Any],
+    make_meta: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    recorded: object,
+    args: list[str],
+    message: str,
+) -> None:
+    _folder(tmp_path / "small", ["c0", "c1", "c2", "c3"], 6)
+    _folder(tmp_path / "two", ["c0", "c1"], 12)
+    fill = {"tmp": str(tmp_path)}
+    recorded = recorded.format(**fill) if isinstance(recorded, str) else recorded
+    ckpt = _checkpoint_trained_on(tmp_path, settled_model, make_meta, recorded)
+    fill["ckpt"] = str(ckpt)
+    rc = main(["evaluate", str(ckpt), "--json", str(tmp_path / "r.json"), *(a.format(**fill) for a in args)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: " + message.format(**fill)) and err.count("\n") == 1, err
+    assert not (tmp_path / "r.json").exists()

@@ -18,7 +18,7 @@ from lcs import checkpoint
 from lcs.layers import Setting
 from training import train as train_module
 from training.config import TrainConfig, load_config
-from training.data import Dataset
+from training.data import DataError, Dataset, Split
 from training.train import compression_alpha, lr_at, make_model, sample_alphas, train, warmup_steps
 
 # -- alpha sampling --------------------------------------------------------------------------------
@@ -235,6 +235,22 @@ def test_refused_before_training(
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir", "file"]  # no .tmp, no state, no probe
 
 
+def test_inconsistent_data_is_refused_before_training(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A label outside the classes once raised IndexError mid-epoch; now nothing trains."""
+    labels = synthetic_data.train.labels.clone()
+    labels[5] = 200
+    bad = Dataset("bad", Split(synthetic_data.train.images, labels), synthetic_data.test, synthetic_data.classes)
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=1))
+    with pytest.raises(DataError, match=r"bad training labels: label 200 \(image 5\) is outside 0\.\.1"):
+        _run(cfg, bad, capsys)
+    assert "epoch" not in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 def test_out_where_no_file_can_be_created(
     synthetic_data: Dataset, tiny_overrides: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
@@ -346,7 +362,10 @@ def test_fixed_alpha_baseline_with_validation(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     cfg = load_config(
-        None, tiny_overrides(tmp_path / "b.safetensors", kind="unstructured", fixed_alpha=0.5, val_size=32, epochs=1)
+        None,
+        tiny_overrides(
+            tmp_path / "b.safetensors", kind="unstructured", fixed_alpha=0.5, stat_alphas="[0.5]", val_size=32, epochs=1
+        ),
     )
     log = _run(cfg, synthetic_data, capsys)
     assert "| val a=0.5:" in log
