@@ -79,9 +79,6 @@ prometheus() {
 }
 
 wheels() {
-  if [[ -z ${FORCE:-} ]] && ls "$wheels"/*.whl >/dev/null 2>&1; then
-    say "$wheels already holds wheels (FORCE=1 downloads again)"; return
-  fi
   # the image's Python is bookworm's 3.11 on x86_64: download on a host with the same, binary wheels only
   python3 -c 'import sys, platform; assert sys.version_info[:2] == (3, 11) and platform.machine() == "x86_64"' \
     || { say "pip download needs Python 3.11 on x86_64 here (the image's)"; exit 1; }
@@ -90,6 +87,17 @@ wheels() {
   # the dependencies and the build backend (pip builds /src in the image from these wheels alone)
   python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))
 print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' >"$req"
+  # existing wheels are kept only while they still resolve every requirement on their own, as the image's
+  # `pip install --no-index` will (a dependency added to pyproject.toml since they were downloaded would
+  # fail the build); no pip configuration here, so that no other wheel directory or index fills the gaps
+  if [[ -z ${FORCE:-} ]] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+    if PIP_CONFIG_FILE=/dev/null "$pip" --isolated install -q --dry-run --ignore-installed --no-index \
+      --only-binary=:all: --find-links "$wheels" -r "$req" >/dev/null 2>&1; then
+      rm -f "$req"
+      say "$wheels already holds every wheel pyproject.toml needs (FORCE=1 downloads again)"; return
+    fi
+    say "$wheels lacks wheels pyproject.toml now needs: downloading the missing ones"
+  fi
   say "pip download into $wheels"
   "$pip" download --only-binary=:all: -d "$wheels" -r "$req"
   rm -f "$req"
