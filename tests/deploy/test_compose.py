@@ -114,7 +114,10 @@ def test_compose_config_with_docker_compose() -> None:
     version = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30, check=False)
     if version.returncode != 0:
         pytest.skip("docker compose plugin not found: docker-compose.yml was checked from its YAML only")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LCS_", "COMPOSE_", "BASE_IMAGE", "WHEELS"))}
+    # the file's own defaults: none of its variables from this shell (deploy/README.md's offline run exports
+    # BASE_IMAGE, WHEELS and PROMETHEUS_IMAGE, which would replace the pinned images checked below)
+    prefixes = ("LCS_", "COMPOSE_", "BASE_IMAGE", "WHEELS", "PROMETHEUS_", "GRAFANA_")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     for profile in ([], ["--profile", "train"]):
         run = subprocess.run(
             [docker, "compose", "-f", str(COMPOSE), *profile, "config", "--format", "json"],
