@@ -459,15 +459,18 @@ async def _infer(
     budget = hint.deadline_ms / 1000.0 if hint.deadline_ms is not None else st.settings.slo_p99_seconds
     deadline = arrived + budget
     images = int(x_raw.shape[0])
-    queued, depth = st.batcher.queued_images + images, st.batcher.depth + 1
-    wait = rt.controller.predicted_wait(queued, depth, own=images, floor=floor)
-    if wait is not None and wait > deadline - now and st.batcher.depth == 0 and hint.deadline_ms is not None:
-        # nothing queued, and still late by the client's own budget: waiting would not help
+    need = rt.controller.least_seconds(images, floor) if hint.deadline_ms is not None else None
+    if need is not None and need > budget:  # even an idle machine could not: waiting would not help, so not a 429
+        cheapest = rt.controller.least_seconds(images, 0.0)
+        lower = f", or lower min_quality ({floor_req:g})" if cheapest is not None and cheapest <= budget else ""
         raise ApiError(
             422,
-            f"this request needs about {wait * 1000:.0f} ms even with nothing queued, over its deadline_ms "
-            f"({hint.deadline_ms:g}); raise deadline_ms or send fewer images",
+            f"these {images} image(s) take about {need * 1000:.1f} ms to compute at the cheapest alpha this "
+            f"request allows, on an idle machine: over its deadline_ms ({hint.deadline_ms:g}); raise "
+            f"deadline_ms{lower}, or send fewer images",
         )
+    queued, depth = st.batcher.queued_images + images, st.batcher.depth + 1
+    wait = rt.controller.predicted_wait(queued, depth, own=images, floor=floor)
     if st.batcher.depth > 0 and wait is not None and wait > deadline - now:
         # it would be answered late even at the cheapest alpha it allows: refuse now rather than serve late
         st.metrics.shed.labels("predicted_late").inc()

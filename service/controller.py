@@ -186,6 +186,11 @@ class Controller:
         batches = min(requests, -(-images // self.max_batch))  # at least one batch per max_batch images
         return self._pace(model + batches * self.handoff, requests * self._request_cost(s))
 
+    def least_seconds(self, images: int, floor: float) -> float | None:
+        """The profile's time (an idle machine's) for `images` images at the cheapest alpha a request with
+        this floor may run at: a bound that no queue, load or slowdown lowers. None: not profiled."""
+        return self.profile.predict(max(self.grid.alphas[0], floor), images)
+
     def _model_seconds(self, alpha: float, images: float, s: Signals | None) -> float | None:
         """Predicted model time for `images` images at `alpha` in full batches (None: not profiled)."""
         per_image = self.profile.per_image(alpha, self.max_batch)
