@@ -28,9 +28,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import httpx
+
+from service.settings import redact_url
 
 log = logging.getLogger("lcs.fleet")
 
@@ -109,8 +110,7 @@ class PrometheusFleet:
         self._task: asyncio.Task[FleetFigures] | None = None
         self.failures = 0  # refreshes that got no value for at least one query
         self.up = True  # whether the last refresh had every query answered (an answer may hold no value)
-        where = urlsplit(self.url)  # as logged: without a user or password the URL may carry
-        self._shown = where._replace(netloc=where.netloc.rpartition("@")[2]).geturl()
+        self._shown = redact_url(self.url)  # as logged
 
     async def _query(self, promql: str) -> float | None:
         """The query's value, or None where the answer holds none (e.g. no traffic yet); raises where there

@@ -21,10 +21,11 @@ Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
 N = TypeVar("N", int, float)
-# a model name is a path segment of the v2 API (/v2/models/{name}/infer): no '/', nothing to escape,
-# and no leading '.' ('.', '..' and hidden-file look-alikes)
-MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-MODEL_NAME_RULE = "letters, digits, '_', '-' and '.', not starting with '.' (it is a URL path segment)"
+# a model name is a path segment of the v2 API (/v2/models/{name}/infer), which a client percent-encodes
+# and the server decodes before matching: any name is addressable but one holding '/' (it decodes into two
+# segments), '.' and '..' (clients resolve them away), control characters and surrounding spaces
+MODEL_NAME = re.compile(r"(?!\.{1,2}$)[^/\x00-\x1f\x7f\s](?:[^/\x00-\x1f\x7f]*[^/\x00-\x1f\x7f\s])?")
+MODEL_NAME_RULE = "no '/', control characters or surrounding spaces, and not '.' or '..' (it is a URL path segment)"
 
 
 def _numbers(v: str, parse: Callable[[str], N], expected: str) -> list[N]:
@@ -100,7 +101,7 @@ class Settings(BaseSettings):
     # still load. Measured: every shipped checkpoint at every grid alpha at most 4.0 points below; 200 bytes
     # flipped in one endpoint of a conv weight, up to 87 below; statistics rows reversed, 59 below at 1. 100: off
     self_check_margin: float = Field(15.0, ge=0.0, le=100.0)
-    # batch sizes in the latency profile, each at most max_batch: larger batches (one request of more
+    # batch sizes in the latency profile (default: each at most max_batch); larger batches (one request of more
     # images) are predicted in proportion to the largest size (the int8 network runs them in chunks of it)
     profile_batches: Annotated[list[int], NoDecode] = Field(default_factory=_default_profile_batches)
     slo_p99_seconds: float = Field(0.1, gt=0.0)  # latency objective, a histogram bucket edge
@@ -187,11 +188,13 @@ class Settings(BaseSettings):
             raise ValueError("no batch sizes; give some, e.g. 1,8,32, or unset it for the default")
         if small := [b for b in v if b < 1]:
             raise ValueError(f"batch sizes must be at least 1; got {small}")
-        largest = info.data.get("max_batch")  # absent if LCS_MAX_BATCH was refused
-        if largest is not None and (big := [b for b in v if b > largest]):
+        # the largest batch the service runs: LCS_MAX_BATCH images gathered from several requests, or one
+        # request of up to LCS_MAX_INPUTS, which runs as a batch of its own (either absent: it was refused)
+        batch, inputs = info.data.get("max_batch"), info.data.get("max_inputs")
+        if batch is not None and inputs is not None and (big := [b for b in v if b > max(batch, inputs)]):
             raise ValueError(
-                f"batch sizes {big} are larger than LCS_MAX_BATCH={largest}, the largest batch the service forms; "
-                "profile sizes up to it, or raise LCS_MAX_BATCH"
+                f"batch sizes {big} are larger than any batch the service runs (LCS_MAX_BATCH={batch} images from "
+                f"several requests, LCS_MAX_INPUTS={inputs} in one); profile sizes up to the larger"
             )
         return sorted(set(v))
 
@@ -242,6 +245,16 @@ def unknown_variables(environ: Mapping[str, str]) -> str | None:
     return f"ignoring LCS_ variables that are not settings: {', '.join(hints)}; `python -m service --help` lists them"
 
 
+def redact_url(url: str) -> str:
+    """`url` without the user and password it may carry (scheme://user:password@host/...), as it may be
+    shown in logs and errors; by text, so a URL too malformed to parse is redacted too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{path}"
+
+
 def settings_errors(e: ValidationError) -> list[str]:
     """One line per refused setting, naming the variable and the value it had (`LCS_PORT=abc: ...`); a
     check across settings (no location) names its variables itself. Secrets are never shown."""
@@ -257,6 +270,8 @@ def settings_errors(e: ValidationError) -> list[str]:
         field = Settings.model_fields.get(name)
         secret = field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
         value = err.get("input")
+        if name == "prometheus_url" and isinstance(value, str):
+            value = redact_url(value)
         # the value as the environment spelled it (an item of a list given in Python: the item alone)
         shown = "" if value is None or secret or len(err["loc"]) > 1 else "=" + shlex.quote(str(value))
         lines.append(f"LCS_{name.upper()}{shown}: {msg}")

@@ -10,6 +10,7 @@ import json
 import re
 import threading
 import typing
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -913,3 +914,13 @@ def test_the_documentation_pages_load_nothing_from_outside(client: TestClient, p
     missing = client.get("/docs/assets/app.py")  # only the pages' own files, by name
     assert missing.status_code == 404 and "no documentation asset" in missing.json()["detail"]
     assert client.get("/docs/assets/..%2F..%2Fpyproject.toml").status_code == 404
+
+
+@pytest.mark.parametrize("name", ["two words", "caf\u00e9", "v~2", "lcs+l", "50%"])
+def test_a_model_name_that_needs_percent_encoding_is_addressable(structured: TinyCheckpoint, name: str) -> None:
+    """Such names were served before the name rule and were refused by its first version (found in review)."""
+    with serve(make_settings(structured.path, model_name=name)) as c:
+        quoted = urllib.parse.quote(name, safe="")
+        assert c.get(f"/v2/models/{quoted}/ready").status_code == 200
+        r = c.post(f"/v2/models/{quoted}/infer", json=v2_body(IMAGES[:1]))
+        assert r.status_code == 200 and r.json()["model_name"] == name, r.text

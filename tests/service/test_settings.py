@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings, unknown_variables
+from service.settings import Settings, redact_url, settings_errors, unknown_variables
 from tests.service.service_support import TinyCheckpoint
 
 
@@ -68,13 +68,18 @@ def test_bad_values_are_refused(
 def test_profiled_batch_sizes_stop_at_the_largest_batch(
     monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint
 ) -> None:
-    """A batch size above LCS_MAX_BATCH was profiled (at start-up, on a probe that large) though no batch
-    is formed that large; asked for, it is refused, and the default's sizes stop at LCS_MAX_BATCH."""
+    """A batch size above any batch the service runs was profiled (at start-up, on a probe that large);
+    asked for, it is refused, and the default's sizes stop at LCS_MAX_BATCH. One request of up to
+    LCS_MAX_INPUTS images runs as a batch of its own, so sizes up to that may be profiled."""
     monkeypatch.setenv("LCS_MAX_BATCH", "8")
+    monkeypatch.setenv("LCS_MAX_INPUTS", "16")
     monkeypatch.setenv("LCS_PROFILE_BATCHES", "1,32")
-    with pytest.raises(ValidationError, match=re.escape("batch sizes [32] are larger than LCS_MAX_BATCH=8")):
+    with pytest.raises(ValidationError, match=re.escape("batch sizes [32] are larger than any batch the service")):
         Settings(checkpoint=structured.path)
+    monkeypatch.setenv("LCS_PROFILE_BATCHES", "1,8,16")
+    assert Settings(checkpoint=structured.path).profile_batches == [1, 8, 16]
     monkeypatch.delenv("LCS_PROFILE_BATCHES")
+    monkeypatch.delenv("LCS_MAX_INPUTS")
     defaults = {}
     for largest in ["1", "8", "16", "32", "64"]:
         monkeypatch.setenv("LCS_MAX_BATCH", largest)
@@ -82,18 +87,19 @@ def test_profiled_batch_sizes_stop_at_the_largest_batch(
     assert defaults == {"1": [1], "8": [1, 8], "16": [1, 8, 16], "32": [1, 8, 32], "64": [1, 8, 32]}
 
 
-@pytest.mark.parametrize("name", ["a/b", ".hidden", "..", "two words", "caf\u00e9", "a%2Fb"])
+@pytest.mark.parametrize("name", ["a/b", ".", "..", " lead", "trail ", "tab\there"])
 def test_a_model_name_no_v2_path_can_address_is_refused(
     monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, name: str
 ) -> None:
     monkeypatch.setenv("LCS_MODEL_NAME", name)
-    with pytest.raises(
-        ValidationError, match=re.escape("not a usable model name: use letters, digits, '_', '-' and '.'")
-    ):
+    with pytest.raises(ValidationError, match=re.escape("not a usable model name: use no '/', control characters")):
         Settings(checkpoint=structured.path)
 
 
-@pytest.mark.parametrize(("name", "expected"), [("fashion-v2.1_b", "fashion-v2.1_b"), ("", None)])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("fashion-v2.1_b", "fashion-v2.1_b"), ("two words", "two words"), ("v~2", "v~2"), ("", None)],
+)
 def test_usable_model_names_are_kept_and_empty_means_the_default(
     monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, name: str, expected: str | None
 ) -> None:
@@ -102,11 +108,11 @@ def test_usable_model_names_are_kept_and_empty_means_the_default(
 
 
 def test_a_checkpoint_whose_file_stem_is_no_model_name_needs_one(structured: TinyCheckpoint, tmp_path: Path) -> None:
-    spaced = tmp_path / "my model.safetensors"
-    spaced.write_bytes(structured.path.read_bytes())
-    with pytest.raises(ValidationError, match=r"LCS_MODEL_NAME is unset.*'my model'.*set LCS_MODEL_NAME"):
-        Settings(checkpoint=spaced)
-    assert Settings(checkpoint=spaced, model_name="mine").model_name == "mine"
+    tabbed = tmp_path / "my\tmodel.safetensors"
+    tabbed.write_bytes(structured.path.read_bytes())
+    with pytest.raises(ValidationError, match=r"LCS_MODEL_NAME is unset.*'my\\tmodel'.*set LCS_MODEL_NAME"):
+        Settings(checkpoint=tabbed)
+    assert Settings(checkpoint=tabbed, model_name="mine").model_name == "mine"
 
 
 @pytest.mark.parametrize(
@@ -134,6 +140,32 @@ def test_prometheus_urls_that_are_kept(
 ) -> None:
     monkeypatch.setenv("LCS_PROMETHEUS_URL", url)
     assert Settings(checkpoint=structured.path).prometheus_url == kept
+
+
+@pytest.mark.parametrize(
+    "url", ["https://admin:hunter2@prom.example.com:9O90", "ftp://admin:hunter2@prom", "admin:hunter2@[::1"]
+)
+def test_a_refused_prometheus_url_is_shown_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, url: str
+) -> None:
+    """The error printed at start-up named the whole value, password included (found in review)."""
+    monkeypatch.setenv("LCS_PROMETHEUS_URL", url)
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=structured.path)
+    (line,) = settings_errors(e.value)
+    assert line.startswith("LCS_PROMETHEUS_URL=") and "hunter2" not in line and "admin" not in line, line
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://u:p@prom:9090/x/y@z", "http://prom:9090/x/y@z"),  # an @ in the path is not the user's
+        ("http://prom:9090", "http://prom:9090"),
+        ("u:p@prom", "prom"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
 
 
 def test_missing_checkpoint_is_refused_with_the_path_and_the_fix(tmp_path: Path) -> None:
