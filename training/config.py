@@ -365,15 +365,16 @@ def _check_baseline(values: dict[str, Any], from_file: set[str]) -> None:
 
 
 def split_config(items: list[str]) -> tuple[str | None, list[str]]:
-    """The command line's optional config file and its key=value overrides. The first item is the config unless
-    it is an override: key=value with an option's name for key, or with an '=' and no sign of being a file
-    (cfg/lr=0.1.yaml was taken for an override and refused as an unknown option 'cfg/lr')."""
+    """The command line's optional config file and its key=value overrides. The first item is the config if
+    it is an existing .yaml/.yml file, else unless it is an override: key=value with an option's name for
+    key, or with an '=' and no .yaml suffix (cfg/lr=0.1.yaml was taken for an override and refused as an
+    unknown option 'cfg/lr'; an existing lr=0.5.yaml as an lr that is no number)."""
     if not items:
         return None, []
     first = items[0]
     key, sep, _ = first.partition("=")
-    looks_like_a_file = Path(first).is_file() or first.endswith((".yaml", ".yml"))
-    if sep and (key in get_type_hints(TrainConfig) or not looks_like_a_file):
+    yaml_file = first.endswith((".yaml", ".yml"))
+    if sep and not (yaml_file and Path(first).is_file()) and (key in get_type_hints(TrainConfig) or not yaml_file):
         return None, list(items)
     return first, list(items[1:])
 

@@ -205,22 +205,35 @@ def _read_folder_split(root: Path, classes: list[str]) -> tuple[Split, Path]:
     return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64)), files[0]
 
 
+def _class_folders(split: Path) -> list[str]:
+    """The class folders of a split: its folders that hold images, hidden ones (.ipynb_checkpoints) aside."""
+    return sorted(
+        p.name
+        for p in split.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir())
+    )
+
+
 def load_folder(root: Path, *, option: str = "data_dir") -> Dataset:
-    """`root/train/<class>/*.png` and `root/test/<class>/*.png`; class names from the train folders."""
+    """`root/train/<class>/*.png` and `root/test/<class>/*.png`; class names from the train folders that
+    hold images (hidden and empty folders are not classes)."""
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise DataError(
             f"{root}: an image-folder dataset needs train/<class>/ and test/<class>/ folders; "
             f"set {option} to a folder that has them"
         )
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    classes = _class_folders(root / "train")
     if not classes:
-        raise DataError(f"{root / 'train'}: no class folders")
+        raise DataError(
+            f"{root / 'train'}: no class folders holding images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "put each class's images in a folder of its own"
+        )
     if len(classes) < 2:  # this once trained, then failed on the checkpoint's metadata with a pydantic dump
         raise DataError(
             f"{root / 'train'}: one class folder ({classes[0]}); a classifier needs at least two: "
             f"add a folder of images for each class under {root / 'train'}"
         )
-    extra = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name not in classes)
+    extra = [c for c in _class_folders(root / "test") if c not in classes]
     if extra:  # its images would be skipped without a word
         raise DataError(
             f"{root / 'test' / extra[0]}: a test class with no training folder {root / 'train' / extra[0]}; "

@@ -333,6 +333,12 @@ def test_a_config_path_with_an_equals_sign(tmp_path: Path, monkeypatch: pytest.M
     assert split_config(["cfg/lr=0.1.yaml", "epochs=2"]) == ("cfg/lr=0.1.yaml", ["epochs=2"])
     assert split_config(["cfg/missing=1.yaml"]) == ("cfg/missing=1.yaml", [])  # refused as a missing config
     assert split_config(["lr=0.5", "epochs=2"]) == (None, ["lr=0.5", "epochs=2"])  # an option's name: an override
+    (tmp_path / "lr=0.5.yaml").write_text("lr: 0.5\n")  # an option's name, but an existing YAML file
+    (tmp_path / "lr=0.1").mkdir()
+    (tmp_path / "lr=0.1" / "cfg.yaml").write_text("lr: 0.1\n")
+    assert split_config(["lr=0.5.yaml"]) == ("lr=0.5.yaml", [])
+    assert load_config(*split_config(["lr=0.1/cfg.yaml"])).lr == 0.1
+    assert split_config(["lr=0.7.yaml"]) == (None, ["lr=0.7.yaml"])  # no such file: an lr, refused as no number
     assert split_config(["c.yaml", "lr=0.5"]) == ("c.yaml", ["lr=0.5"])
     assert split_config(["foo=1"]) == (None, ["foo=1"])  # refused as an unknown option
     assert split_config([]) == (None, [])

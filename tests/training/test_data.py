@@ -249,6 +249,20 @@ def test_load_folder_class_missing_from_test(tmp_path: Path) -> None:
     assert data.classes == ["a", "b"] and data.test.labels.tolist() == [0]
 
 
+def test_hidden_and_empty_folders_are_no_classes(tmp_path: Path) -> None:
+    """A notebook's .ipynb_checkpoints or an empty test/unlabelled/ made the dataset refused as a test class
+    with no training folder (found in review), and a hidden folder in train/ counted as a class."""
+    img = np.zeros((4, 4), np.uint8)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            _png(tmp_path / split / cls / "0.png", img)
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+        (tmp_path / split / ".ipynb_checkpoints" / "0.png").write_bytes(b"not an image")
+    (tmp_path / "test" / "unlabelled").mkdir()
+    data = load_folder(tmp_path)
+    assert data.classes == ["a", "b"] and len(data.test.labels) == 2
+
+
 def test_load_folder_refusals(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="train/<class>"):
         load_folder(tmp_path)
@@ -256,11 +270,15 @@ def test_load_folder_refusals(tmp_path: Path) -> None:
     (tmp_path / "test").mkdir()
     with pytest.raises(DataError, match="no class folders"):
         load_folder(tmp_path)
+    img = np.zeros((4, 4), np.uint8)
     (tmp_path / "train" / "a").mkdir()
+    with pytest.raises(DataError, match="no class folders holding images"):  # an empty folder is no class
+        load_folder(tmp_path)
+    _png(tmp_path / "train" / "a" / "0.png", img)
     (tmp_path / "test" / "a").mkdir()
     with pytest.raises(DataError, match="one class folder"):
         load_folder(tmp_path)
-    (tmp_path / "train" / "b").mkdir()
+    _png(tmp_path / "train" / "b" / "0.png", img)
     with pytest.raises(DataError, match="no images"):
         load_folder(tmp_path)
     _png(tmp_path / "train" / "a" / "0.png", np.zeros((4, 4), np.uint8))
