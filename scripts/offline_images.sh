@@ -4,8 +4,9 @@
 #   lcs-prometheus  bookworm minbase + Debian's prometheus package          -> PROMETHEUS_IMAGE=lcs-prometheus
 #   deploy/docker/wheels/*.whl  the runtime wheels for Python 3.11 x86_64   -> WHEELS=deploy/docker/wheels
 # Needs root, debootstrap, a Docker engine, a Debian mirror and a package index (pip's own configuration).
-# Usage: scripts/offline_images.sh [base] [prometheus] [wheels]   (default: all three; existing images and
-# a non-empty wheel directory are kept, FORCE=1 remakes them)
+# Usage: scripts/offline_images.sh [base] [prometheus] [wheels]   (default: all three; existing images are
+# kept, and a wheel directory while it resolves pyproject.toml alone, which only a Python 3.11 x86_64 host
+# can tell; FORCE=1 remakes them)
 # Environment: MIRROR (default: the first mirror in apt's sources), SUITE (bookworm), WORKDIR (rootfs and
 # the shared .deb cache, default /var/tmp/lcs-offline), PIP (default .venv/bin/pip, else pip3).
 set -euo pipefail
