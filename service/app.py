@@ -288,6 +288,11 @@ class Shed:
         if route is None or st is None:
             return await self.app(scope, receive, send)
         scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint, a 413 included
+        if st.draining:  # SIGTERM came first: read nothing, and the drain waits on no such body (while
+            # starting, bodies are read, so that a malformed one hears what is wrong with it)
+            st.metrics.shed.labels("not_ready").inc()
+            await error_response(scope, 503, _NOT_READY, {"Retry-After": "1"})(scope, receive, send)
+            return
         refusal = st.refusal_before_body()
         if refusal is None:
             st.parsing += 1
@@ -313,6 +318,9 @@ def _late(wait: float, budget: float) -> str:
         f"the queue would take about {wait * 1000:.0f} ms, over this request's {budget * 1000:.0f} ms budget; "
         "retry after a moment"
     )
+
+
+_NOT_READY = "the service is starting or shutting down; retry shortly"
 
 
 def _queue_full(queue_max: int) -> str:
@@ -429,7 +437,7 @@ async def _infer(
     rt = st.runtime
     if not rt.ready or (st.draining_since is not None and arrived >= st.draining_since):
         st.metrics.shed.labels("not_ready").inc()  # received before SIGTERM, it is still served (below)
-        raise ApiError(503, "the service is starting or shutting down; retry shortly", {"Retry-After": "1"})
+        raise ApiError(503, _NOT_READY, {"Retry-After": "1"})
     want = _alpha(hint.quality, 1.0)
     floor_req = _alpha(hint.min_quality, 0.0)
     if floor_req > want:

@@ -924,3 +924,14 @@ def test_a_model_name_that_needs_percent_encoding_is_addressable(structured: Tin
         assert c.get(f"/v2/models/{quoted}/ready").status_code == 200
         r = c.post(f"/v2/models/{quoted}/infer", json=v2_body(IMAGES[:1]))
         assert r.status_code == 200 and r.json()["model_name"] == name, r.text
+
+
+def test_after_sigterm_an_inference_body_is_not_read(structured: TinyCheckpoint) -> None:
+    """It was read and parsed only to be refused, and while it was being read the drain counted it as work
+    to wait for: a drain could end 'timed out' on requests that had arrived after SIGTERM."""
+    with serve(make_settings(structured.path)) as c:
+        st = app_state(c)
+        st.start_draining()
+        r = c.post("/predict", content=b"not json", headers={"content-type": "application/json"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text  # not the 422 a read would give
+        assert st.parsing == 0
