@@ -162,11 +162,12 @@ class Settings(BaseSettings):
     @classmethod
     def _usable_key(cls, v: object) -> object:
         # the admin check compares the key with a request header's value, which HTTP strips of
-        # surrounding whitespace: an empty key, or one with a trailing newline, could never match
+        # surrounding whitespace: an empty key (as an env file's `LCS_API_KEY=` gives) means none, as an
+        # empty LCS_MODEL_NAME or LCS_PROMETHEUS_URL does; one with a trailing newline could never match
         key = v.get_secret_value() if isinstance(v, SecretStr) else v
         if isinstance(key, str):
             if not key.strip():
-                raise ValueError("empty; unset it to turn the admin endpoints off, or set a key")
+                return None  # admin endpoints off (404), as when unset
             if key != key.strip():
                 raise ValueError(
                     "the key starts or ends with whitespace (a trailing newline from the file it came from?), "

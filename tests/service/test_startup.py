@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.__main__ import main
+from service.settings import Settings
 from tests.service.service_support import TinyCheckpoint, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,18 +200,24 @@ def test_settings_errors_name_the_variable_and_its_value_and_nothing_else(
     assert len(err.strip().splitlines()) == 1 and "Value error" not in err
 
 
-@pytest.mark.parametrize("key", ["", "  ", "s3cret\n"])
+@pytest.mark.parametrize("key", ["s3cret\n", " s3cret"])
 def test_an_api_key_no_request_can_match_is_refused_without_showing_it(
     structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], key: str
 ) -> None:
-    """An empty key turned the admin endpoints on with a key no request could send (every call 401); a
-    header's value arrives stripped of surrounding whitespace, so a key read with its file's newline
-    could never match either."""
+    """A header's value arrives stripped of surrounding whitespace, so a key read with its file's newline
+    could never match (every call 401)."""
     code, err = _main_with(monkeypatch, capsys, LCS_CHECKPOINT=str(structured.path), LCS_API_KEY=key)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: LCS_API_KEY: ")
-    assert ("unset it to turn the admin endpoints off, or set a key" if not key.strip() else "whitespace") in err
-    assert "s3cret" not in err
+    assert "whitespace" in err and "s3cret" not in err
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_means_none(structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """It turned the admin endpoints on with a key no request could send (every call 401); an env file's
+    `LCS_API_KEY=` now leaves them off, as an empty LCS_MODEL_NAME or LCS_PROMETHEUS_URL means unset."""
+    monkeypatch.setenv("LCS_API_KEY", key)
+    assert Settings(checkpoint=structured.path).api_key is None
 
 
 def test_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
