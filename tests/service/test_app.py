@@ -12,6 +12,7 @@ import threading
 import typing
 import urllib.parse
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service import docs
 from service.controller import Signals
 from service.lane import ApiError, split_binary
 from service.profile import LatencyProfile
@@ -935,3 +937,15 @@ def test_after_sigterm_an_inference_body_is_not_read(structured: TinyCheckpoint)
         r = c.post("/predict", content=b"not json", headers={"content-type": "application/json"})
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text  # not the 422 a read would give
         assert st.parsing == 0
+
+
+def test_without_the_packaged_files_the_documentation_pages_fall_back_to_the_cdn(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fastapi-offline release that moved its files would have answered 500 for each of them."""
+    monkeypatch.setattr(docs, "ASSETS", tmp_path)  # holds none of them
+    with serve(make_settings(structured.path)) as c:
+        page = c.get("/docs")
+        assert page.status_code == 200 and "cdn.jsdelivr.net" in page.text
+        assert c.get("/docs/assets/swagger-ui.css").status_code == 404
+    assert "the API pages load their scripts from a CDN instead" in caplog.text
