@@ -36,7 +36,7 @@ from service import docs
 from service.batcher import Batcher, Draining, Job, QueueFull, Result
 from service.controller import Signals
 from service.fleet import PrometheusFleet
-from service.inputs import InputError, check_count, check_range, decode, has_images, numbers
+from service.inputs import InputError, check_count, check_range, decode, has_images, nested_numbers, numbers
 from service.lane import BINARY_HEADER, ApiError, Lane, error_response, problems, require_json, validate
 from service.metrics import INFERENCE_ROUTES, Metrics
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
@@ -833,9 +833,10 @@ def create_app(
             raise InputError("inputs[0]: send the values either in data or as binary data, not both")
         if t.data is None and binary is None:
             raise InputError(f"inputs[0] has no data: send data, or binary_data_size with the {BINARY_HEADER} header")
-        if t.data and isinstance(t.data[0], list):  # the first says it (a later array: numbers() names it)
-            raise InputError("inputs[0].data: send the values as one flat list in row-major order, not nested lists")
-        values = len(t.data) if t.data is not None else None
+        flat = None  # the data, if nested (the first value says it; an array later on: numbers() names it)
+        if t.data and isinstance(t.data[0], list):
+            flat = nested_numbers(t.data, t.shape, "inputs[0].data")
+        values = flat.size if flat is not None else len(t.data) if t.data is not None else None
         if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
             raise InputError(
                 f"inputs[0]: shape {t.shape} with {values if values is not None else 'binary'} values does not "
@@ -845,7 +846,9 @@ def create_app(
         if t.data is None:
             x = _binary_tensor(binary, t, n * per).reshape(n, i.channels, i.height, i.width)
         else:
-            x = numbers(t.data, "inputs[0].data").reshape(n, i.channels, i.height, i.width)
+            x = (flat if flat is not None else numbers(t.data, "inputs[0].data")).reshape(
+                n, i.channels, i.height, i.width
+            )
         check_range(x, "inputs[0].data" if t.data is not None else "inputs[0]")
         if t.datatype in _INTEGER_DTYPES and t.data is not None and (x != np.floor(x)).any():
             raise InputError(f"inputs[0].data: {t.datatype} values must be whole numbers")

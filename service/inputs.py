@@ -141,6 +141,22 @@ def numbers(flat: Sequence[object], where: str) -> np.ndarray:
     return _float32(flat, where)
 
 
+def nested_numbers(nested: Sequence[object], shape: Sequence[int], where: str) -> np.ndarray:
+    """OIP v2 `data` in its nested form, which the protocol allows beside the flat one: JSON numbers
+    nested as `shape` says, checked as nested arrays are, flattened (float32)."""
+    try:
+        arr = _float32(nested, where)  # the nesting first: numpy reads "12" and true as numbers, checked below
+    except InputError:
+        raise
+    except (TypeError, ValueError):  # rows of different lengths
+        arr = None
+    if arr is None or list(arr.shape) != list(shape):
+        got = f"nested as {list(arr.shape)}, not" if arr is not None else "not nested"
+        raise InputError(f"{where}: {got} as its shape {list(shape)[:8]}; nest it so, or send one flat list")
+    check_numbers(nested, len(shape), where)
+    return arr.reshape(-1)
+
+
 def has_images(inputs: Sequence[object]) -> bool:
     """Whether any input is an encoded image, whose decoding is worth taking off the event loop."""
     return any(isinstance(x, str) for x in inputs)

@@ -589,7 +589,13 @@ def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
         ({"datatype": "BYTES"}, "datatype 'BYTES' is not supported"),
         ({"data": [300] * (IMAGE * IMAGE)}, "0-255"),
         ({"data": ["x"] * (IMAGE * IMAGE)}, "pixel values must be JSON numbers (0-255), got strings"),
-        ({"data": [[0]] * (IMAGE * IMAGE)}, "one flat list in row-major order, not nested lists"),
+        (
+            {"data": [[0]] * (IMAGE * IMAGE)},
+            f"data: nested as [{IMAGE * IMAGE}, 1], not as its shape [1, 1, {IMAGE}, {IMAGE}]",
+        ),
+        ({"data": [[[[0] * IMAGE] * IMAGE]], "shape": [1, IMAGE * IMAGE]}, f"nested as [1, 1, {IMAGE}, {IMAGE}], not"),
+        ({"data": [[[[0] * IMAGE] * (IMAGE - 1) + [[0] * 3]]]}, "not nested as its shape"),
+        ({"data": [[[["0"] * IMAGE] * IMAGE]]}, "must be JSON numbers (0-255), got strings"),
         ({"data": [10**400] * (IMAGE * IMAGE)}, "a number too large to read"),
         ({"shape": [5, IMAGE * IMAGE], "data": [0] * (5 * IMAGE * IMAGE)}, "the limit is 4"),
         ({"shape": [1, -1, -IMAGE, IMAGE]}, "every dimension must be a positive number"),  # the product matches
@@ -949,3 +955,14 @@ def test_without_the_packaged_files_the_documentation_pages_fall_back_to_the_cdn
         assert page.status_code == 200 and "cdn.jsdelivr.net" in page.text
         assert c.get("/docs/assets/swagger-ui.css").status_code == 404
     assert "the API pages load their scripts from a CDN instead" in caplog.text
+
+
+def test_v2_data_may_be_nested_as_its_shape(client: TestClient) -> None:
+    """The protocol allows a tensor's data flat or nested as its shape (KServe's and Triton's clients send
+    either); nested data was refused."""
+    flat = v2_body(IMAGES[:2])
+    nested = v2_body(IMAGES[:2])
+    nested["inputs"][0]["data"] = IMAGES[:2].tolist()  # [2, 1, H, W], as the shape says
+    a, b = (client.post(f"/v2/models/{NAME}/infer", json=body) for body in (flat, nested))
+    assert a.status_code == 200 and b.status_code == 200, b.text
+    assert a.json()["outputs"][0]["data"] == b.json()["outputs"][0]["data"]

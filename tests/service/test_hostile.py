@@ -210,7 +210,7 @@ CASES: dict[str, Hostile] = {
     # -- the v2 tensor --
     "v2 booleans": v2(v2_data("true"), "must be JSON numbers (0-255), got true/false"),
     "v2 digit strings": v2(v2_data('"1"'), "got strings"),
-    "v2 nested data": v2(v2_data("[1]"), "one flat list in row-major order, not nested lists"),
+    "v2 nested data": v2(v2_data("[1]"), "as its shape [1, 144]; nest it so, or send one flat list"),
     "v2 null data": v2(v2_data("null"), "got null"),
     "v2 400-digit integer": v2(v2_data("9" * 400), "a number too large to read"),
     "v2 1e309": v2(v2_data("1e309"), "contains NaN, Infinity or a number too large"),
