@@ -473,7 +473,7 @@ async def _infer(
         lower = f", or lower min_quality ({floor_req:g})" if cheapest is not None and cheapest <= budget else ""
         raise ApiError(
             422,
-            f"these {images} image(s) take about {need * 1000:.1f} ms to compute at the cheapest alpha this "
+            f"these {images} image(s) take about {need * 1000:.3g} ms to compute at the cheapest alpha this "
             f"request allows, on an idle machine: over its deadline_ms ({hint.deadline_ms:g}); raise "
             f"deadline_ms{lower}, or send fewer images",
         )
