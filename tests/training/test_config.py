@@ -287,7 +287,11 @@ def test_errors_name_the_config_file_a_value_came_from(
         ("arch_kwargs=[1]", "option 'arch_kwargs' must be a mapping (e.g. {widths: [16, 32]}); got [1]"),
         ("data_dir=[1]", "option 'data_dir' must be a string or null; got [1]"),
         ("epochs=true", "option 'epochs' must be an integer; got true"),  # YAML's spelling, not Python's True
-        ("stat_alphas=[true]", "stat_alphas=[true] is out of range"),
+        (
+            "stat_alphas=[true]",
+            "stat_alphas=[true] is out of range; use a non-empty list of distinct alphas in [0, 1], e.g. "
+            "stat_alphas=[0, 0.5, 1]",
+        ),
     ],
 )
 def test_type_errors_say_what_is_expected_in_words(override: str, message: str) -> None:
