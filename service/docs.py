@@ -39,7 +39,7 @@ def add(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") -> Non
         """The page's file arguments, pointing here; none (FastAPI's CDN defaults) if any file is missing."""
         return {} if missing else {arg: url(request, f"{assets}/{name}") for arg, name in files.items()}
 
-    @app.get(docs_url, include_in_schema=False)
+    @app.api_route(docs_url, methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: what uptime checks send
     async def swagger(request: Request) -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=url(request, app.openapi_url or "/openapi.json"),
@@ -52,7 +52,7 @@ def add(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") -> Non
             ),
         )
 
-    @app.get(redoc_url, include_in_schema=False)
+    @app.api_route(redoc_url, methods=["GET", "HEAD"], include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         return get_redoc_html(
             openapi_url=url(request, app.openapi_url or "/openapi.json"),
@@ -61,7 +61,7 @@ def add(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") -> Non
             **local(request, redoc_js_url="redoc.standalone.js", redoc_favicon_url="favicon.png"),
         )
 
-    @app.get(f"{assets}/{{name}}", include_in_schema=False)
+    @app.api_route(f"{assets}/{{name}}", methods=["GET", "HEAD"], include_in_schema=False)
     async def asset(name: str) -> FileResponse:
         if name not in _FILES or name in missing:
             raise ApiError(

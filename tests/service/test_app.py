@@ -919,6 +919,7 @@ def test_the_documentation_pages_load_nothing_from_outside(client: TestClient, p
         assert f"/docs/assets/{name}" in r.text
         served = client.get(f"/docs/assets/{name}")
         assert served.status_code == 200 and len(served.content) > 100_000
+    assert client.head(page).status_code == 200  # as load balancers and uptime checks probe (FastAPI's: 405)
     missing = client.get("/docs/assets/app.py")  # only the pages' own files, by name
     assert missing.status_code == 404 and "no documentation asset" in missing.json()["detail"]
     assert client.get("/docs/assets/..%2F..%2Fpyproject.toml").status_code == 404
