@@ -435,8 +435,8 @@ async def _infer(
     st.parsed(state)
     arrived: float = state.get("arrived", time.monotonic())
     rt = st.runtime
-    if not rt.ready or (st.draining_since is not None and arrived >= st.draining_since):
-        st.metrics.shed.labels("not_ready").inc()  # received before SIGTERM, it is still served (below)
+    if not rt.ready:  # starting (after SIGTERM, Shed refuses at arrival: what gets here came before it)
+        st.metrics.shed.labels("not_ready").inc()
         raise ApiError(503, _NOT_READY, {"Retry-After": "1"})
     want = _alpha(hint.quality, 1.0)
     floor_req = _alpha(hint.min_quality, 0.0)
@@ -557,7 +557,7 @@ def create_app(
                 # What SIGTERM guarantees: at once, readiness answers 503 and new work 503 + Retry-After, while
                 # the server still accepts connections (so probes and clients get an answer, not a refusal).
                 # Requests received before the signal are answered, those whose body is still arriving or
-                # decoding too (`_infer` compares arrival times); only then (or after LCS_DRAIN_SECONDS) does
+                # decoding too (`Shed` refuses the rest as they arrive); only then (or after LCS_DRAIN_SECONDS) does
                 # uvicorn's handler run, close the listener and shut down. A second SIGTERM hands over at once.
                 if st.draining:
                     previous(signum, frame)
