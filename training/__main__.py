@@ -84,11 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 130
             return 0
         if args.cmd == "plot":
-            from training.evaluate import check_writable, plot, read_report
+            from training.evaluate import plot, read_report
 
-            check_writable(
-                args.out, option="--out", shown=f"--out {args.out}", example=f"--out {args.out / 'plot.png'}"
-            )
+            _writable(args.out, "--out", "plot.png")
             reports = {r: read_report(r, "report", subspace=True) for r in args.reports}
             baselines = {b: read_report(b, "--baseline", subspace=False) for b in args.baseline}
             _same_kind(reports, "report")
@@ -116,19 +114,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     """`evaluate`: every file argument is checked before the evaluation (minutes on the real test set), and
     the accuracies are printed before any file is written, so a bad path never costs the measurement."""
     from lcs import checkpoint
-    from training.evaluate import check_writable, evaluate_checkpoint, plot, read_report, write_json
+    from training.evaluate import evaluate_checkpoint, plot, read_report, write_json
 
     if (args.baseline or args.compare) and not args.plot:  # they only draw on the plot: ignoring them hid a typo
         given = "--baseline" if args.baseline else "--compare"
         print(f"error: {given} only draws on the plot; add --plot OUT.png, or leave {given} out", file=sys.stderr)
         return 2
-    check_writable(
-        args.json, option="--json", shown=f"--json {args.json}", example=f"--json {args.json / 'report.json'}"
-    )
+    _writable(args.json, "--json", "report.json")
     if args.plot:
-        check_writable(
-            args.plot, option="--plot", shown=f"--plot {args.plot}", example=f"--plot {args.plot / 'plot.png'}"
-        )
+        _writable(args.plot, "--plot", "plot.png")
     baselines = _by_name({b: read_report(b, "--baseline", subspace=False) for b in args.baseline})
     compare = {c: read_report(c, "--compare", subspace=True) for c in args.compare}
     if compare:  # drawn on this checkpoint's axis (its kind's compression level)
@@ -144,6 +138,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         plot(_by_name({args.checkpoint: rep, **compare}), baselines, args.plot, _title(rep))
         print(f"wrote {args.plot}")
     return 0
+
+
+def _writable(path: Path, flag: str, example_name: str) -> None:
+    """`evaluate.check_writable` for an output flag: given as `flag path`; a directory gets the example of
+    `example_name` inside it."""
+    from training.evaluate import check_writable
+
+    check_writable(path, option=flag, shown=f"{flag} {path}", example=f"{flag} {path / example_name}")
 
 
 def _same_kind(reports: dict[Path, dict[str, Any]], what: str) -> None:
