@@ -177,10 +177,21 @@ def save(
         tensors[SAMPLES + "images"] = samples[0].to(torch.uint8).contiguous()
         tensors[SAMPLES + "labels"] = samples[1].to(torch.int64).contiguous()
         _check_samples(path, meta, tensors)  # refused here rather than by every later load
+    # safetensors creates 0600 files: the service (another user in the image) must read it
+    write_tensors(path, tensors, {META_KEY: meta.model_dump_json()}, mode=0o644)
+
+
+def write_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, mode: int | None = None
+) -> None:
+    """A safetensors file written atomically: to a temporary name beside `path`, then renamed over it, so a
+    crash or a full disk leaves the file there before untouched and no half-written one (checkpoints, and
+    training's per-epoch state). `mode`: the file's permissions, if not safetensors' 0600."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata={META_KEY: meta.model_dump_json()})
-        tmp.chmod(0o644)  # safetensors creates 0600 files: the service (another user in the image) must read it
+        save_file(tensors, str(tmp), metadata=metadata)
+        if mode is not None:
+            tmp.chmod(mode)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)  # gone after a replace; after a failure, no stray half-written file

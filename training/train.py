@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from lcs import checkpoint
@@ -174,14 +174,9 @@ def _save_state(
         "python_rng": json.dumps(rng.getstate()[1]),
         "elapsed": str(elapsed),
     }
-    tmp = cfg.state_path.with_suffix(".tmp")
-    try:
-        with _writing(cfg.state_path, cfg):
-            cfg.state_path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(tmp), metadata=meta)
-            tmp.replace(cfg.state_path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failure (a full disk, Ctrl-C): no half-written file left taking space
+    with _writing(cfg.state_path, cfg):
+        cfg.state_path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_tensors(cfg.state_path, tensors, meta)  # after a failure, no half-written file
 
 
 def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, rng: random.Random) -> tuple[int, float]:
