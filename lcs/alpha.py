@@ -6,7 +6,9 @@ alpha = 0 the most compressed. Every other module asks this one what alpha means
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
@@ -24,6 +26,21 @@ LEVEL_LABELS: dict[str, str] = {
     "structured": "width fraction",
     "quantized": "bits",
 }
+
+
+# Two alphas closer than this are one alpha spelt twice (a setting's 0.50000001 is a checkpoint's 0.5, a
+# sum's 0.30000000000000004 is 0.3); grids keep their alphas at least this far apart so none is ambiguous.
+SAME_ALPHA = 1e-6
+
+
+def spelled(alpha: float, names: Sequence[float]) -> float | None:
+    """`alpha` as `names` spell it (within SAME_ALPHA), or None if it is none of them."""
+    return next((n for n in names if abs(alpha - n) < SAME_ALPHA), None)
+
+
+def is_grid(alphas: Sequence[float]) -> bool:
+    """Strictly increasing alphas, neighbours at least SAME_ALPHA apart (each a distinct alpha)."""
+    return all(b - a >= SAME_ALPHA for a, b in itertools.pairwise(alphas))
 
 
 def check_alpha(alpha: float) -> float:

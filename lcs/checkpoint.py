@@ -11,7 +11,6 @@ Loading never unpickles: safetensors holds raw tensors only, and anything else i
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lcs.alpha import ALPHA_CONVENTION, Kind, Schedule, SubspaceType
+from lcs.alpha import ALPHA_CONVENTION, SAME_ALPHA, Kind, Schedule, SubspaceType, is_grid, spelled
 from lcs.layers import NormType
 from lcs.models import SubspaceResNet, build_model, model_names, subspace_kwargs
 
@@ -117,8 +116,11 @@ class CheckpointMeta(_Strict):
     def _grid(cls, v: list[float]) -> list[float]:
         if not all(0.0 <= a <= 1.0 for a in v):
             raise ValueError(f"alphas must be in [0, 1], got {v}")
-        if any(b <= a for a, b in itertools.pairwise(v)):
-            raise ValueError(f"must be strictly increasing (row i of each statistics tensor is alpha i), got {v}")
+        if not is_grid(v):
+            raise ValueError(
+                f"must be strictly increasing, neighbours at least {SAME_ALPHA:g} apart (row i of each statistics "
+                f"tensor is alpha i), got {v}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -130,7 +132,7 @@ class CheckpointMeta(_Strict):
                 raise ValueError("stat_alphas is empty: a model with BatchNorm needs statistics for some alpha")
             grid = self.stat_alphas
             wanted = [a for a in [self.fixed_alpha, *(p.alpha for p in self.accuracy)] if a is not None]
-            off = [a for a in wanted if not any(abs(a - g) < 1e-9 for g in grid)]
+            off = [a for a in wanted if spelled(a, grid) is None]
             if off:
                 raise ValueError(f"fixed_alpha or accuracy[].alpha {off} not in stat_alphas {grid}")
         return self

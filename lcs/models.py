@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcs.alpha import Schedule, SubspaceType, check_alpha
+from lcs.alpha import SAME_ALPHA, Schedule, SubspaceType, check_alpha
 from lcs.compress import fake_quantize
 from lcs.layers import NormType, Setting, SubspaceConv2d, SubspaceLinear, SubspaceNorm2d, cos2, groups
 
@@ -185,7 +185,7 @@ class SubspaceResNet(nn.Module):
         if self.norm_type != "batch":
             return None
         for i, a in enumerate(self.stat_alphas):
-            if abs(a - alpha) < 1e-6:
+            if abs(a - alpha) < SAME_ALPHA:
                 return i
         raise ValueError(
             f"alpha {alpha} has no BatchNorm statistics in this checkpoint; "

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from lcs.alpha import SAME_ALPHA, is_grid, spelled
 from service.materialize import Compiled
 
 
@@ -36,19 +37,21 @@ class Grid:
         if not alphas:
             raise ValueError("the alpha grid is empty")
         self.alphas = sorted(set(alphas))
+        if not is_grid(self.alphas):
+            raise ValueError(f"the alpha grid {self.alphas} has two alphas closer than {SAME_ALPHA:g}")
 
     def down(self, alpha: float) -> float:
         """Largest grid alpha <= alpha (the lowest grid alpha if alpha is below all of them)."""
-        i = bisect.bisect_right(self.alphas, alpha + 1e-9) - 1
+        i = bisect.bisect_right(self.alphas, alpha + SAME_ALPHA) - 1
         return self.alphas[max(0, i)]
 
     def up(self, alpha: float) -> float | None:
         """Smallest grid alpha >= alpha, or None if alpha is above the grid."""
-        i = bisect.bisect_left(self.alphas, alpha - 1e-9)
+        i = bisect.bisect_left(self.alphas, alpha - SAME_ALPHA)
         return self.alphas[i] if i < len(self.alphas) else None
 
     def __contains__(self, alpha: float) -> bool:
-        return any(abs(a - alpha) < 1e-9 for a in self.alphas)
+        return spelled(alpha, self.alphas) is not None
 
 
 class ModelCache:

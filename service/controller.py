@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 
+from lcs.alpha import SAME_ALPHA
 from service.cache import Grid
 from service.profile import LatencyProfile
 
@@ -285,7 +286,7 @@ class Controller:
         low_battery = s.on_battery and s.battery_percent is not None and s.battery_percent < self.battery_low
         # the cap: the largest frontier alpha within it (a grid alpha below it that is slower than one above
         # would cost more CPU and accuracy both); the mode says "battery" for as long as the cap binds
-        cap = max((a for a in frontier if a <= self.battery_cap + 1e-9), default=lowest)
+        cap = max((a for a in frontier if a <= self.battery_cap + SAME_ALPHA), default=lowest)
         if low_battery and new >= cap:
             reason = "low battery cap" if new > cap else reason
             new, mode = cap, "battery"

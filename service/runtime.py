@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lcs import checkpoint
-from lcs.alpha import LEVEL_NAMES
+from lcs.alpha import LEVEL_NAMES, spelled
 from lcs.checkpoint import CheckpointError, CheckpointMeta
 from lcs.models import SubspaceResNet
 from service.cache import Grid, ModelCache
@@ -53,12 +53,6 @@ def inference_executor() -> ThreadPoolExecutor:
 
 
 PROFILE_ROUNDS = 7  # timings per (alpha, batch size) in the start-up profile, one per round
-SAME_ALPHA = 1e-6  # two spellings of one alpha: a setting's 0.50000001 is the checkpoint's 0.5
-
-
-def spelled(alpha: float, names: list[float]) -> float | None:
-    """`alpha` as `names` spell it (within SAME_ALPHA), or None if it is none of them."""
-    return next((n for n in names if abs(alpha - n) < SAME_ALPHA), None)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import re
 import shlex
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lcs.alpha import SAME_ALPHA
 from lcs.checkpoint import file_problem
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
@@ -208,7 +210,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"alphas must be in [0, 1] (1 = least compressed); got {bad}")
             if not v:
                 raise ValueError("give at least one alpha, or leave unset for the checkpoint's grid")
-        return sorted(set(v)) if v is not None else None
+            v = sorted(set(v))
+            if twins := [(a, b) for a, b in itertools.pairwise(v) if b - a < SAME_ALPHA]:
+                a, b = twins[0]
+                raise ValueError(f"{a} and {b} are one alpha spelt twice (closer than {SAME_ALPHA:g}); give it once")
+        return v
 
     @model_validator(mode="after")
     def _checkpoint_and_name(self) -> Settings:

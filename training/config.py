@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import itertools
 import json
 import math
 import types
@@ -17,7 +16,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from lcs.alpha import SUBSPACES, Schedule, check_alpha
+from lcs.alpha import SUBSPACES, Schedule, check_alpha, is_grid
 from lcs.layers import NormType
 from lcs.models import SUBSPACE_ARGS, check_arch_kwargs
 
@@ -220,12 +219,12 @@ def _require(ok: bool, name: str, value: object, valid: str) -> None:
 
 
 def _is_grid(alphas: list[float]) -> bool:
-    """Non-empty, numbers in [0, 1], no two within 1e-6 (stats_index matches an alpha to a row within
-    1e-6, so a second one that close would get a statistics row nothing can ever select)."""
+    """Non-empty, numbers in [0, 1], no two within SAME_ALPHA (stats_index matches an alpha to a row within
+    it, so a second one that close would get a statistics row nothing can ever select)."""
     if not alphas or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in alphas):
         return False
     grid = sorted(alphas)
-    return all(0.0 <= a <= 1.0 for a in grid) and all(b - a >= 1e-6 for a, b in itertools.pairwise(grid))
+    return all(0.0 <= a <= 1.0 for a in grid) and is_grid(grid)
 
 
 def _coerce(name: str, raw: str, typ: Any) -> Any:

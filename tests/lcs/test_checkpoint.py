@@ -327,6 +327,7 @@ def test_arch_kwargs_that_set_a_field_of_the_metadata_are_refused(saved_checkpoi
         (lambda m: m["input"].update(std=[0.0]), "input.std must be positive"),
         (lambda m: m.update(stat_alphas=m["stat_alphas"][::-1]), "'stat_alphas': Value error, must be strictly"),
         (lambda m: m.update(stat_alphas=[m["stat_alphas"][0]] * 2), "must be strictly increasing"),
+        (lambda m: m.update(stat_alphas=[0.5, 0.5000001]), "neighbours at least 1e-06 apart"),
         (lambda m: m.update(stat_alphas=[*m["stat_alphas"][:-1], 1.5]), "'stat_alphas': Value error, alphas must"),
         (lambda m: m["schedule"].update(kind="quantized"), "schedule.kind 'quantized' differs from kind"),
         (lambda m: m["schedule"].update(width_min=0), "'schedule': Value error, width_min must be in"),

@@ -44,6 +44,8 @@ class Builder:
         (0.25, 0.25, 0.25),
         (0.2500000000001, 0.25, 0.25),  # float noise does not skip a grid point
         (0.2499999999999, 0.25, 0.25),
+        (0.2499995, 0.25, 0.25),  # within SAME_ALPHA: 0.25 spelt otherwise, as everywhere else alphas are compared
+        (0.2499985, 0.0, 0.25),  # beyond it: another alpha
         (0.7, 0.5, 1.0),
         (1.0, 1.0, 1.0),
     ],
@@ -58,9 +60,11 @@ def test_grid_edges() -> None:
     assert g.down(0.2) == 0.5  # below the grid: its lowest alpha
     assert g.up(1.01) is None  # above it: nothing qualifies
     assert Grid([1.0, 0.0, 0.5, 0.5]).alphas == [0.0, 0.5, 1.0]
-    assert 0.5 in g and 0.25 not in g
+    assert 0.5 in g and 0.5000005 in g and 0.25 not in g and 0.500002 not in g
     with pytest.raises(ValueError, match="empty"):
         Grid([])
+    with pytest.raises(ValueError, match="two alphas closer than 1e-06"):
+        Grid([0.5, 0.5000001])
 
 
 # -- the cache ------------------------------------------------------------------------------------

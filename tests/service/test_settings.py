@@ -42,6 +42,7 @@ def test_grid_defaults_to_the_checkpoint(
     [
         ("LCS_ALPHA_GRID", "0 1.5", "alphas must be in [0, 1]"),
         ("LCS_PREBUILD", "-0.1", "alphas must be in [0, 1]"),
+        ("LCS_ALPHA_GRID", "0,0.5,0.5000001", "0.5 and 0.5000001 are one alpha spelt twice (closer than 1e-06)"),
         ("LCS_MAX_BATCH", "0", "greater than or equal to 1"),
         ("LCS_PORT", "70000", "less than or equal to 65535"),
         ("LCS_CHANNELS_LAST", "maybe", "auto"),
