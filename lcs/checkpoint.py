@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -277,12 +278,18 @@ def _open(path: Path, named_by: str) -> tuple[CheckpointMeta, dict[str, torch.Te
         meta = CheckpointMeta.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(
-            f"field '{'.'.join(map(str, err['loc']))}': {err['msg']}" if err["loc"] else err["msg"]
+            f"field '{'.'.join(map(str, err['loc']))}': {message(err)}" if err["loc"] else message(err)
             for err in e.errors()
         )
         raise CheckpointError(f"{path}: invalid metadata: {problems}. {fix}") from None
     _check_samples(path, meta, tensors)
     return meta, tensors
+
+
+def message(err: Mapping[str, Any]) -> str:
+    """One of pydantic's errors as its validator said it, without the "Value error, " pydantic puts before a
+    validator's own ValueError (the service's request and settings errors read the same way)."""
+    return str(err["msg"]).removeprefix("Value error, ")
 
 
 def _check_samples(path: Path, meta: CheckpointMeta, tensors: dict[str, torch.Tensor]) -> None:

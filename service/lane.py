@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from lcs.checkpoint import message
 from service.inputs import InputError
 
 M = TypeVar("M", bound=BaseModel)
@@ -68,7 +69,7 @@ def problems(errors: Iterable[Mapping[str, Any]]) -> str:
     return "; ".join(
         _invalid_json(e.get("ctx", {}).get("error", "unreadable"))
         if e["type"] == "json_invalid"
-        else f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+        else f"{'.'.join(str(p) for p in e['loc'])}: {message(e)}"
         for e in list(errors)[:10]
     )
 

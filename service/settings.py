@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lcs.alpha import SAME_ALPHA
-from lcs.checkpoint import file_problem
+from lcs.checkpoint import file_problem, message
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
 
@@ -269,7 +269,7 @@ def settings_errors(e: ValidationError) -> list[str]:
     for err in e.errors():
         if err["type"] == "default_factory_not_called":
             continue  # a default that follows a refused setting (profile_batches): that one is reported
-        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        msg = message(err)
         if not err["loc"]:
             lines.append(msg)
             continue
