@@ -308,27 +308,24 @@ class _DuplicateKey(yaml.YAMLError):
         self.key = key
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (_DuplicateKey): PyYAML
+    keeps the last one without a word, so `lr: 0.1` ten lines above `lr: 0.01` trained at 0.01. The keys are
+    checked as written, before `<<` merges, so a key overriding a merged mapping's is not a duplicate."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in lines:
+                    raise _DuplicateKey(key.value, lines[key.value], key.start_mark.line + 1)
+                lines[key.value] = key.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_yaml(text: str) -> Any:
-    """yaml.safe_load, but a key given twice in one mapping is an error (_DuplicateKey): PyYAML keeps the last
-    one without a word, so `lr: 0.1` ten lines above `lr: 0.01` trained at 0.01. The text is composed into
-    nodes first (cheap: a config is a few lines) to find the lines of both keys."""
-    stack, seen_nodes = [yaml.compose(text, Loader=yaml.SafeLoader)], set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen_nodes:  # an alias is the node it names: visit each once
-            continue
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            lines: dict[str, int] = {}
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
-                    if key.value in lines:
-                        raise _DuplicateKey(key.value, lines[key.value], key.start_mark.line + 1)
-                    lines[key.value] = key.start_mark.line + 1
-                stack += [key, value]
-        elif isinstance(node, yaml.SequenceNode):
-            stack += node.value
-    return yaml.safe_load(text)
+    """yaml.safe_load, refusing duplicate keys (_UniqueKeys)."""
+    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: builds only plain data
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:

@@ -326,6 +326,14 @@ def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         load_config(None, ["arch_kwargs={widths: [8], widths: [9]}"])
     assert str(err.value) == "option 'arch_kwargs': '{widths: [8], widths: [9]}' sets 'widths' twice; keep one"
+    # a key overriding one merged in with `<<` is not given twice; an alias is read once
+    from training.config import _load_yaml
+
+    assert _load_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\nc: *a\n") == {
+        "a": {"x": 1, "y": 2},
+        "b": {"x": 3, "y": 2},
+        "c": {"x": 1, "y": 2},
+    }
 
 
 def test_a_config_path_with_an_equals_sign(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
