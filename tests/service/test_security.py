@@ -183,6 +183,13 @@ def unpickling_sites(source: str, filename: str) -> list[str]:
         full = aliases.get(head, head)
         return f"{full}.{rest}" if rest else full
 
+    # YAML loaders that construct only plain data: PyYAML's safe ones and this module's subclasses of them
+    safe_loaders = {"yaml.SafeLoader", "yaml.CSafeLoader"}
+    safe_loaders |= {
+        c.name
+        for c in ast.walk(tree)
+        if isinstance(c, ast.ClassDef) and any(resolve(b) in safe_loaders for b in c.bases)
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef):
             for base in node.bases:
@@ -204,7 +211,7 @@ def unpickling_sites(source: str, filename: str) -> list[str]:
                 found.append(where + " with allow_pickle")
         elif name in ("yaml.load", "yaml.load_all"):
             loader = _keyword(node, "Loader") or (node.args[1] if len(node.args) > 1 else None)
-            if loader is None or resolve(loader) not in ("yaml.SafeLoader", "yaml.CSafeLoader"):
+            if loader is None or resolve(loader) not in safe_loaders:
                 found.append(where + " without a SafeLoader")
     return found
 
@@ -220,16 +227,22 @@ from torch import load
 from joblib import load as jl
 pickle.load(f); pk.loads(b); l(b); load("m.pt"); torch.load("m.pt", weights_only=False)
 np.load("a.npy", allow_pickle=True); yaml.load(s); yaml.load(s, Loader=yaml.Loader); yaml.unsafe_load(s)
+class Full(yaml.FullLoader):
+    pass
+yaml.load(s, Loader=Full)
 class Mine(pickle.Unpickler):
     pass
 pickle.Unpickler(f).load()
 """
     found = unpickling_sites(unsafe, "x.py")
-    assert len(found) == 2 + 10 + 1, "\n".join(found)  # two imports, ten calls, one class
+    assert len(found) == 2 + 11 + 1, "\n".join(found)  # two imports, eleven calls, one class
     safe = """
 import numpy as np, torch, yaml, json, pickle
 torch.load("m.pt", weights_only=True); np.load("a.npy"); np.load("a.npy", allow_pickle=False)
 yaml.safe_load(s); yaml.load(s, Loader=yaml.SafeLoader); json.loads(s); pickle.dumps(x)
+class Strict(yaml.SafeLoader):
+    pass
+yaml.load(s, Loader=Strict)
 class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module, name): ...
 """
