@@ -133,48 +133,46 @@ class Settings(BaseSettings):
         parse_policy(v)
         return v
 
-    @field_validator("model_name", mode="before")
+    @field_validator("model_name", "prometheus_url", "api_key", mode="before")
     @classmethod
-    def _path_safe_name(cls, v: object) -> object:
-        if isinstance(v, str):
-            if not v.strip():
-                return None  # empty: the default (the checkpoint's file stem), as when unset
-            if not MODEL_NAME.fullmatch(v):
-                raise ValueError(f"not a usable model name: use {MODEL_NAME_RULE}, e.g. fashion-v2")
+    def _blank_is_unset(cls, v: object) -> object:
+        """An empty value, as an env file's `LCS_API_KEY=` or a compose file's `${VAR:-}` gives, is the
+        setting left unset (the default name, no fleet signals, admin off) rather than a refusal."""
+        text = v.get_secret_value() if isinstance(v, SecretStr) else v
+        return None if isinstance(text, str) and not text.strip() else v
+
+    @field_validator("model_name")
+    @classmethod
+    def _path_safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not MODEL_NAME.fullmatch(v):
+            raise ValueError(f"not a usable model name: use {MODEL_NAME_RULE}, e.g. fashion-v2")
         return v
 
-    @field_validator("prometheus_url", mode="before")
+    @field_validator("prometheus_url")
     @classmethod
-    def _http_url(cls, v: object) -> object:
-        if isinstance(v, str):
-            if not v.strip():
-                return None  # empty: no fleet signals, as when unset
-            expected = "expected an http(s) URL with a host, e.g. http://prometheus:9090 (unset: local signals only)"
-            try:
-                url = urlsplit(v.strip())
-                url.port  # noqa: B018 (raises ValueError for a port that is not a number in 0-65535)
-            except ValueError as e:
-                raise ValueError(f"{e}; {expected}") from None
-            if url.scheme not in ("http", "https") or not url.hostname:
-                raise ValueError(expected)
-            return v.strip()
-        return v
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        expected = "expected an http(s) URL with a host, e.g. http://prometheus:9090 (unset: local signals only)"
+        try:
+            url = urlsplit(v.strip())
+            url.port  # noqa: B018 (raises ValueError for a port that is not a number in 0-65535)
+        except ValueError as e:
+            raise ValueError(f"{e}; {expected}") from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(expected)
+        return v.strip()
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key")
     @classmethod
-    def _usable_key(cls, v: object) -> object:
-        # the admin check compares the key with a request header's value, which HTTP strips of
-        # surrounding whitespace: an empty key (as an env file's `LCS_API_KEY=` gives) means none, as an
-        # empty LCS_MODEL_NAME or LCS_PROMETHEUS_URL does; one with a trailing newline could never match
-        key = v.get_secret_value() if isinstance(v, SecretStr) else v
-        if isinstance(key, str):
-            if not key.strip():
-                return None  # admin endpoints off (404), as when unset
-            if key != key.strip():
-                raise ValueError(
-                    "the key starts or ends with whitespace (a trailing newline from the file it came from?), "
-                    "which no request header can carry, so no request could match it; remove the whitespace"
-                )
+    def _usable_key(cls, v: SecretStr | None) -> SecretStr | None:
+        # the admin check compares the key with a request header's value, which HTTP strips of surrounding
+        # whitespace: a key with a trailing newline could never match
+        if v is not None and (key := v.get_secret_value()) != key.strip():
+            raise ValueError(
+                "the key starts or ends with whitespace (a trailing newline from the file it came from?), "
+                "which no request header can carry, so no request could match it; remove the whitespace"
+            )
         return v
 
     @field_validator("profile_batches", mode="before")
