@@ -1,7 +1,7 @@
 """Command line: `python -m training train [CONFIG.yaml] [key=value ...]`,
-`python -m training evaluate CHECKPOINT --json OUT.json [--plot OUT.png] [--baseline B.json ...]` and
+`python -m training evaluate CHECKPOINT --json OUT.json [--plot OUT.png] [--baseline B.json ...] [--data-dir D]` and
 `python -m training plot REPORT.json ... --baseline B.json --out PLOT.png` and
-`python -m training samples CHECKPOINT`."""
+`python -m training samples CHECKPOINT [--data-dir D]`."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples", help="store sample training images in a checkpoint written before checkpoints carried them"
     )
     sm.add_argument("checkpoint", type=Path)
+    sm.add_argument("--data-dir", help="dataset location, if not the one recorded in the checkpoint")
     args = parser.parse_args(argv)
 
     try:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "samples":
             from training.train import attach_samples
 
-            attach_samples(args.checkpoint)
+            attach_samples(args.checkpoint, data_dir=args.data_dir)
             print(f"stored sample images in {args.checkpoint}")
             return 0
         return _evaluate(args)

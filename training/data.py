@@ -11,6 +11,7 @@ import io
 import pickle
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,8 +274,9 @@ class Sources:
     labels: str
 
 
-def _shape(x: torch.Tensor) -> str:
-    return "x".join(map(str, x.shape[1:]))  # [N, C, H, W] -> "CxHxW"
+def shape_text(dims: Sequence[int]) -> str:
+    """An image shape as messages write it: (C, H, W) -> "CxHxW" (say "channels x height x width" beside it)."""
+    return "x".join(map(str, dims))
 
 
 def check_dataset(data: Dataset, *, train: Sources | None = None, test: Sources | None = None) -> Dataset:
@@ -309,11 +311,12 @@ def check_dataset(data: Dataset, *, train: Sources | None = None, test: Sources 
                 f"{src.labels}: label {int(split.labels[i])} (image {i}) is outside 0..{n_classes - 1}, the "
                 f"{n_classes} classes of {data.name}; the file is damaged or belongs to another dataset"
             )
-    if data.train.images.shape[1:] != data.test.images.shape[1:]:  # once trained, then gave wrong accuracy
+    trained, tested = data.train.images.shape[1:], data.test.images.shape[1:]
+    if trained != tested:  # once trained, then gave wrong accuracy
         tr, te = train or Sources("training images", ""), test or Sources(f"{data.name} test images", "")
         raise DataError(
-            f"{te.images}: test images are {_shape(data.test.images)} (channels x height x width) but the training "
-            f"images ({tr.images}) are {_shape(data.train.images)}; the network takes one input shape: give both "
+            f"{te.images}: test images are {shape_text(tested)} (channels x height x width) but the training "
+            f"images ({tr.images}) are {shape_text(trained)}; the network takes one input shape: give both "
             "splits images of the same size and channels"
         )
     return data

@@ -19,7 +19,7 @@ from lcs import checkpoint
 from lcs.alpha import KINDS, LEVEL_LABELS, SUBSPACES
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet
-from training.data import DataError, Split, normalise
+from training.data import DataError, Dataset, Split, load_dataset, normalise, shape_text
 
 
 @torch.no_grad()
@@ -124,27 +124,32 @@ def evaluate_checkpoint(
     path: Path, *, data_dir: str | None = None, alphas: list[float] | None = None
 ) -> dict[str, Any]:
     """Re-measure a checkpoint on its dataset's test split at every grid alpha."""
-    from training.data import load_dataset
-
     torch.set_flush_denormal(True)  # denormals make fake-quantised layers 10-100x slower
     model, meta = checkpoint.load(path)
+    data = trained_dataset(path, meta, data_dir)
+    pts = accuracy_table(model, data.test, meta.input.mean, meta.input.std, alphas or list(model.stat_alphas))
+    return report(meta, pts)
+
+
+def trained_dataset(path: Path | str, meta: checkpoint.CheckpointMeta, data_dir: str | None) -> Dataset:
+    """The dataset a checkpoint was trained on: `data_dir` (the commands' --data-dir), else the folder its
+    metadata records, else the dataset's standard location; refused (DataError) if its images or classes are
+    not the checkpoint's (a RuntimeError traceback, or, same size but other pixels, a plausible wrong accuracy)."""
     data_dir = data_dir or recorded_data_dir(path, meta)
-    data = load_dataset(meta.dataset, data_dir, option="--data-dir")  # the fix is evaluate's option
+    data = load_dataset(meta.dataset, data_dir, option="--data-dir")
     where = data_dir or f"{meta.dataset}'s standard location"
     shape, trained = tuple(data.test.images.shape[1:]), (meta.input.channels, meta.input.height, meta.input.width)
-    if shape != trained:  # a RuntimeError traceback, or (same size, other pixels) a plausible wrong accuracy
+    if shape != trained:
         raise DataError(
-            f"{where}: test images are {'x'.join(map(str, shape))}, but {path} takes "
-            f"{'x'.join(map(str, trained))} (channels x height x width); pass --data-dir with the dataset it was "
-            "trained on"
+            f"{where}: test images are {shape_text(shape)}, but {path} takes {shape_text(trained)} "
+            "(channels x height x width); pass --data-dir with the dataset it was trained on"
         )
-    if data.classes != meta.classes:  # the accuracy compares label numbers: another class list makes it wrong
+    if data.classes != meta.classes:  # accuracy compares label numbers: another class list makes it wrong
         raise DataError(
             f"{where}: classes {data.classes[:12]}, but {path} was trained on {meta.classes[:12]}; pass --data-dir "
             "with the dataset it was trained on"
         )
-    pts = accuracy_table(model, data.test, meta.input.mean, meta.input.std, alphas or list(model.stat_alphas))
-    return report(meta, pts)
+    return data
 
 
 def recorded_data_dir(path: Path | str, meta: checkpoint.CheckpointMeta) -> str | None:

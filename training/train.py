@@ -36,7 +36,7 @@ from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subs
 from training.config import TrainConfig
 from training.data import Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
 from training.distributed import Ranks
-from training.evaluate import accuracy, accuracy_table, calibrate, check_writable, recorded_data_dir
+from training.evaluate import accuracy, accuracy_table, calibrate, check_writable, trained_dataset
 
 
 def sample_alphas(cfg: TrainConfig, rng: random.Random) -> list[float]:
@@ -369,10 +369,11 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
     return Path(cfg.out)
 
 
-def attach_samples(path: Path | str) -> None:
-    """Add the sample images `train` stores today to a checkpoint written before checkpoints carried them."""
+def attach_samples(path: Path | str, data_dir: str | None = None) -> None:
+    """Add the sample images `train` stores today to a checkpoint written before checkpoints carried them,
+    drawn from its training split (`data_dir`, else the one it recorded; see trained_dataset)."""
     model, meta = checkpoint.load(path)
     cfg = meta.training.get("config", {})
-    data = load_dataset(meta.dataset, recorded_data_dir(path, meta))
+    data = trained_dataset(path, meta, data_dir)
     train_split, _ = hold_out(data.train, int(cfg.get("val_size", 0)), int(cfg.get("seed", 0)))
     checkpoint.save(path, model, meta, samples=sample_images(train_split, int(cfg.get("seed", 0))))

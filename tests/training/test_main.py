@@ -405,22 +405,43 @@ def _folder(root: Path, classes: list[str], size: int) -> Path:
         ("{tmp}/two", [], "{tmp}/two: classes ['c0', 'c1'], but {ckpt} was trained on ['c0', 'c1', 'c2', 'c3']"),
     ],
 )
-def test_evaluate_names_the_dataset_problem_and_its_option(
+@pytest.mark.parametrize("command", ["evaluate", "samples"])
+def test_the_dataset_problem_and_its_option_are_named(
     tmp_path: Path,
     settled_model: Callable[..., Any],
     make_meta: Callable[..., Any],
     capsys: pytest.CaptureFixture[str],
+    command: str,
     recorded: object,
     args: list[str],
     message: str,
 ) -> None:
+    """evaluate and samples read the dataset a checkpoint was trained on (`trained_dataset`) and take
+    --data-dir when it has moved; neither writes anything when the dataset is not the checkpoint's."""
     _folder(tmp_path / "small", ["c0", "c1", "c2", "c3"], 6)
     _folder(tmp_path / "two", ["c0", "c1"], 12)
     fill = {"tmp": str(tmp_path)}
     recorded = recorded.format(**fill) if isinstance(recorded, str) else recorded
     ckpt = _checkpoint_trained_on(tmp_path, settled_model, make_meta, recorded)
     fill["ckpt"] = str(ckpt)
-    rc = main(["evaluate", str(ckpt), "--json", str(tmp_path / "r.json"), *(a.format(**fill) for a in args)])
+    before = ckpt.read_bytes()
+    report = ["--json", str(tmp_path / "r.json")] if command == "evaluate" else []
+    rc = main([command, str(ckpt), *report, *(a.format(**fill) for a in args)])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: " + message.format(**fill)) and err.count("\n") == 1, err
-    assert not (tmp_path / "r.json").exists()
+    assert not (tmp_path / "r.json").exists() and ckpt.read_bytes() == before
+
+
+def test_samples_stores_images_from_the_dataset_given(
+    tmp_path: Path, settled_model: Callable[..., Any], make_meta: Callable[..., Any]
+) -> None:
+    """`samples --data-dir` for a checkpoint whose recorded dataset has moved (it had no such option: its error
+    said to set data_dir, which only `train` takes)."""
+    ckpt = _checkpoint_trained_on(tmp_path, settled_model, make_meta, str(tmp_path / "gone"))
+    assert checkpoint.load_with_samples(ckpt)[2] is None
+    assert (
+        main(["samples", str(ckpt), "--data-dir", str(_folder(tmp_path / "moved", ["c0", "c1", "c2", "c3"], 12))]) == 0
+    )
+    images, labels = checkpoint.load_with_samples(ckpt)[2] or (None, None)
+    assert images is not None and labels is not None
+    assert images.shape[1:] == (1, 12, 12) and set(labels.tolist()) <= {0, 1, 2, 3}
