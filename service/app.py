@@ -176,6 +176,20 @@ class State:
             model_busy=self._model_busy(now),
         )
 
+    def pin(self, alpha: float | None) -> None:
+        """An operator's pin (None: release it), exported as a control step's move is."""
+        before = self.runtime.controller.ceiling
+        self.runtime.controller.pin(alpha, time.monotonic())
+        self._export_ceiling(before)
+
+    def _export_ceiling(self, before: float) -> None:
+        """lcs_alpha_ceiling, and a move from `before` counted under the reason of the decision that made it
+        (every move is one: the controller records a decision whenever its ceiling changes)."""
+        c = self.runtime.controller
+        if c.ceiling != before:
+            self.metrics.ceiling_changes.labels(c.decisions[-1].reason).inc()
+        self.metrics.ceiling.set(c.ceiling)
+
     def _model_busy(self, now: float) -> float:
         busy = min(1.0, self._computed / max(1e-6, now - self._computed_since))
         self._computed, self._computed_since = 0.0, now
@@ -183,12 +197,10 @@ class State:
 
     def control_step(self, now: float) -> None:
         c = self.runtime.controller
-        before = (c.ceiling, len(c.decisions))
+        before = c.ceiling
         s = self.signals(now)
         c.update(s)
-        if (c.ceiling, len(c.decisions)) != before and c.decisions:
-            self.metrics.ceiling_changes.labels(c.decisions[-1].reason).inc()
-        self.metrics.ceiling.set(c.ceiling)
+        self._export_ceiling(before)
         for name in _SIGNAL_NAMES:  # every signal, from the one definition of what they are
             v = getattr(s, name)
             if v is not None:
@@ -736,14 +748,13 @@ def create_app(
     async def pin(request: Request, st: StateDep) -> dict[str, object]:
         """Pin the ceiling to an alpha (snapped down to the grid) until released."""
         body = validate(PinRequest, await request.body())
-        st.runtime.controller.pin(body.alpha, time.monotonic())
-        st.metrics.ceiling.set(st.runtime.controller.ceiling)
+        st.pin(body.alpha)
         return st.runtime.controller.state()
 
     @app.delete("/admin/pin", dependencies=[Depends(_admin)], responses=_errors(401, 403, 404, 422))
     async def unpin(st: StateDep) -> dict[str, object]:
         """Release a pin; the controller takes over again."""
-        st.runtime.controller.pin(None, time.monotonic())
+        st.pin(None)
         return st.runtime.controller.state()
 
     @app.get("/metrics", response_class=PlainTextResponse)
