@@ -205,6 +205,8 @@ class State:
             v = getattr(s, name)
             if v is not None:
                 self.metrics.signal.labels(name).set(float(v))
+            else:  # unknown now (p99 of a quiet window, fleet figures without Prometheus): no stale value
+                self.metrics.signal.remove(name)
 
 
 # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request

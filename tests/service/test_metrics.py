@@ -211,3 +211,18 @@ def test_an_operators_pin_is_counted_as_a_ceiling_move(structured: TinyCheckpoin
         st = app_state(c)
         assert st.runtime.controller.ceiling == 0.0
         assert "lcs_alpha_ceiling 0.0" in c.get("/metrics").text
+
+
+def test_a_signal_that_becomes_unknown_leaves_the_metrics(structured: TinyCheckpoint) -> None:
+    """/controller shows p99 as null once its 2 s window holds under 20 requests (and the fleet figures once
+    Prometheus stops answering); lcs_signal drops the series then, rather than keep the last value for good."""
+    with serve(make_settings(structured.path)) as c:
+        st = app_state(c)
+        now = time.monotonic()
+        for _ in range(20):
+            st.requests.finished(0.05, now)
+        st.control_step(now)
+        assert 'lcs_signal{signal="p99"} 0.05' in c.get("/metrics").text
+        st.control_step(now + 3.0)  # the window has emptied
+        assert c.get("/controller").json()["signals"]["p99"] is None
+        assert 'signal="p99"' not in c.get("/metrics").text
