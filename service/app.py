@@ -89,6 +89,7 @@ class State:
         # read when scraped, not set per request
         self.metrics.inflight.set_function(lambda: self.inflight)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.metrics.ready.set_function(lambda: 1 if self.ready else 0)  # what /readyz answers, probed or not
         self.parsing = 0  # inference requests past Shed whose body is not yet decoded
         self._computed = 0.0  # model seconds since the last control step
         self._computed_since = time.monotonic()
@@ -696,7 +697,6 @@ def create_app(
     async def readyz(st: StateDep) -> JSONResponse:
         """Readiness: models built and profiled, not draining. Load never makes this fail."""
         ok = st.ready
-        st.metrics.ready.set(1 if ok else 0)
         if st.failure is not None:
             return JSONResponse({"status": "failed", "detail": st.failure}, status_code=503)
         status = "ready" if ok else ("draining" if st.draining else "starting")
@@ -955,7 +955,6 @@ async def _warm(st: State, stop: Callable[[], None] | None) -> None:
         # the model, torch and every module are loaded for good: move them out of the collector's view, so
         # a full collection (every few thousand requests) no longer walks them and stalls the loop ~100 ms
         gc.freeze()
-        st.metrics.ready.set(1)
         log.info("ready: %s, alphas %s built", st.runtime.name, st.runtime.cache.cached())
         return
     if stop is not None:

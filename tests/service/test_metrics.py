@@ -226,3 +226,18 @@ def test_a_signal_that_becomes_unknown_leaves_the_metrics(structured: TinyCheckp
         st.control_step(now + 3.0)  # the window has emptied
         assert c.get("/controller").json()["signals"]["p99"] is None
         assert 'signal="p99"' not in c.get("/metrics").text
+
+
+def test_lcs_ready_says_what_readiness_answers_without_a_probe(structured: TinyCheckpoint) -> None:
+    """lcs_ready was set only when /readyz was called: after SIGTERM a scrape before the next probe read 1
+    while /readyz answered 503 (draining). It is read from the same state as the readiness endpoints."""
+
+    def ready(client: TestClient) -> float:
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        return value(families["lcs_ready"].samples, "lcs_ready")
+
+    with serve(make_settings(structured.path)) as c:
+        assert ready(c) == 1
+        app_state(c).start_draining()  # what SIGTERM does first; no probe has run since
+        assert ready(c) == 0
+        assert c.get("/readyz").status_code == 503
