@@ -89,6 +89,7 @@ class State:
         # read when scraped, not set per request
         self.metrics.inflight.set_function(lambda: self.inflight)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.metrics.ready.set_function(lambda: 1 if self.ready else 0)  # what /readyz answers, probed or not
         self.parsing = 0  # inference requests past Shed whose body is not yet decoded
         self._computed = 0.0  # model seconds since the last control step
         self._computed_since = time.monotonic()
@@ -176,6 +177,20 @@ class State:
             model_busy=self._model_busy(now),
         )
 
+    def pin(self, alpha: float | None) -> None:
+        """An operator's pin (None: release it), exported as a control step's move is."""
+        before = self.runtime.controller.ceiling
+        self.runtime.controller.pin(alpha, time.monotonic())
+        self._export_ceiling(before)
+
+    def _export_ceiling(self, before: float) -> None:
+        """lcs_alpha_ceiling, and a move from `before` counted under the reason of the decision that made it
+        (every move is one: the controller records a decision whenever its ceiling changes)."""
+        c = self.runtime.controller
+        if c.ceiling != before:
+            self.metrics.ceiling_changes.labels(c.decisions[-1].reason).inc()
+        self.metrics.ceiling.set(c.ceiling)
+
     def _model_busy(self, now: float) -> float:
         busy = min(1.0, self._computed / max(1e-6, now - self._computed_since))
         self._computed, self._computed_since = 0.0, now
@@ -183,16 +198,16 @@ class State:
 
     def control_step(self, now: float) -> None:
         c = self.runtime.controller
-        before = (c.ceiling, len(c.decisions))
+        before = c.ceiling
         s = self.signals(now)
         c.update(s)
-        if (c.ceiling, len(c.decisions)) != before and c.decisions:
-            self.metrics.ceiling_changes.labels(c.decisions[-1].reason).inc()
-        self.metrics.ceiling.set(c.ceiling)
+        self._export_ceiling(before)
         for name in _SIGNAL_NAMES:  # every signal, from the one definition of what they are
             v = getattr(s, name)
             if v is not None:
                 self.metrics.signal.labels(name).set(float(v))
+            else:  # unknown now (p99 of a quiet window, fleet figures without Prometheus): no stale value
+                self.metrics.signal.remove(name)
 
 
 # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
@@ -682,7 +697,6 @@ def create_app(
     async def readyz(st: StateDep) -> JSONResponse:
         """Readiness: models built and profiled, not draining. Load never makes this fail."""
         ok = st.ready
-        st.metrics.ready.set(1 if ok else 0)
         if st.failure is not None:
             return JSONResponse({"status": "failed", "detail": st.failure}, status_code=503)
         status = "ready" if ok else ("draining" if st.draining else "starting")
@@ -736,14 +750,13 @@ def create_app(
     async def pin(request: Request, st: StateDep) -> dict[str, object]:
         """Pin the ceiling to an alpha (snapped down to the grid) until released."""
         body = validate(PinRequest, await request.body())
-        st.runtime.controller.pin(body.alpha, time.monotonic())
-        st.metrics.ceiling.set(st.runtime.controller.ceiling)
+        st.pin(body.alpha)
         return st.runtime.controller.state()
 
     @app.delete("/admin/pin", dependencies=[Depends(_admin)], responses=_errors(401, 403, 404, 422))
     async def unpin(st: StateDep) -> dict[str, object]:
         """Release a pin; the controller takes over again."""
-        st.runtime.controller.pin(None, time.monotonic())
+        st.pin(None)
         return st.runtime.controller.state()
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -942,7 +955,6 @@ async def _warm(st: State, stop: Callable[[], None] | None) -> None:
         # the model, torch and every module are loaded for good: move them out of the collector's view, so
         # a full collection (every few thousand requests) no longer walks them and stalls the loop ~100 ms
         gc.freeze()
-        st.metrics.ready.set(1)
         log.info("ready: %s, alphas %s built", st.runtime.name, st.runtime.cache.cached())
         return
     if stop is not None:

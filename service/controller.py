@@ -334,6 +334,10 @@ class Controller:
         return ceiling
 
     def pin(self, alpha: float | None, now: float) -> None:
+        """Pin the ceiling at `alpha` (snapped down to the grid), or release the pin (None; without one, a
+        no-op: the decisions record what happened)."""
+        if alpha is None and self.pinned is None:
+            return
         self.pinned = None if alpha is None else self.grid.down(alpha)
         self.decisions.append(
             Decision(

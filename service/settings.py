@@ -168,10 +168,20 @@ class Settings(BaseSettings):
     def _usable_key(cls, v: SecretStr | None) -> SecretStr | None:
         # the admin check compares the key with a request header's value, which HTTP strips of surrounding
         # whitespace: a key with a trailing newline could never match
-        if v is not None and (key := v.get_secret_value()) != key.strip():
+        if v is None:
+            return v
+        if (key := v.get_secret_value()) != key.strip():
             raise ValueError(
                 "the key starts or ends with whitespace (a trailing newline from the file it came from?), "
                 "which no request header can carry, so no request could match it; remove the whitespace"
+            )
+        if not (key.isascii() and key.isprintable()):
+            # header bytes are read as Latin-1, and clients encode other characters as UTF-8 (curl), Latin-1
+            # (requests) or not at all (httpx): LCS_API_KEY=clé answered 403 to the right key sent as UTF-8
+            raise ValueError(
+                "the key holds characters other than printable ASCII, which HTTP clients send in a header "
+                "in different encodings (or not at all), so requests may never match it; use printable "
+                "ASCII, e.g. the output of `openssl rand -hex 24`"
             )
         return v
 

@@ -235,6 +235,16 @@ def test_pin_overrides_the_control_law_until_released() -> None:
     assert history == [0.5, 1.0, 1.0, 1.0]
 
 
+def test_releasing_when_nothing_is_pinned_records_no_decision() -> None:
+    """DELETE /admin/pin with no pin is a no-op: it logged a "pin released" decision that had released
+    nothing (and pushed a real one out of the twenty /controller shows)."""
+    c, clock = controller(), Clock()
+    c.update(clock(**BURST))
+    before = list(c.decisions)
+    c.pin(None, now=5.0)
+    assert list(c.decisions) == before and c.pinned is None and c.mode == "degraded"
+
+
 def test_overload_from_request_handling_is_shed_not_answered_by_lowering_alpha() -> None:
     c, clock = controller(request_cost_seconds=0.01), Clock()
     s = clock(arrival_rate=200.0)  # 10 ms of handling per request: over 100 % even at alpha = 0

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -186,3 +187,57 @@ def test_two_apps_do_not_share_counters(
         families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
         endpoints = {s.labels["endpoint"] for s in families["lcs_requests"].samples}
         assert endpoints == {"/readyz"}  # only the readiness polls of serve()
+
+
+def ceiling_moves(client: TestClient) -> dict[str, float]:
+    """lcs_alpha_ceiling_changes_total by reason, as scraped."""
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    family = families.get("lcs_alpha_ceiling_changes")
+    samples = family.samples if family is not None else []
+    return {s.labels["reason"]: s.value for s in samples if s.name == "lcs_alpha_ceiling_changes_total"}
+
+
+def test_an_operators_pin_is_counted_as_a_ceiling_move(structured: TinyCheckpoint) -> None:
+    """A pin moves the ceiling as a control step does: lcs_alpha_ceiling_changes_total{reason="pinned"} counts
+    it (it counted only the control steps' moves, so a pin from 1 to 0 left no trace on the dashboard)."""
+    key = {"x-api-key": "k"}
+    with serve(make_settings(structured.path, api_key="k")) as c:
+        assert c.put("/admin/pin", json={"alpha": 0.5}, headers=key).status_code == 200
+        assert ceiling_moves(c) == {"pinned": 1}
+        assert c.put("/admin/pin", json={"alpha": 0.5}, headers=key).status_code == 200  # no move: not counted
+        assert c.put("/admin/pin", json={"alpha": 0.0}, headers=key).status_code == 200
+        assert c.delete("/admin/pin", headers=key).status_code == 200  # the ceiling stays until a control step
+        assert ceiling_moves(c) == {"pinned": 2}
+        st = app_state(c)
+        assert st.runtime.controller.ceiling == 0.0
+        assert "lcs_alpha_ceiling 0.0" in c.get("/metrics").text
+
+
+def test_a_signal_that_becomes_unknown_leaves_the_metrics(structured: TinyCheckpoint) -> None:
+    """/controller shows p99 as null once its 2 s window holds under 20 requests (and the fleet figures once
+    Prometheus stops answering); lcs_signal drops the series then, rather than keep the last value for good."""
+    with serve(make_settings(structured.path)) as c:
+        st = app_state(c)
+        now = time.monotonic()
+        for _ in range(20):
+            st.requests.finished(0.05, now)
+        st.control_step(now)
+        assert 'lcs_signal{signal="p99"} 0.05' in c.get("/metrics").text
+        st.control_step(now + 3.0)  # the window has emptied
+        assert c.get("/controller").json()["signals"]["p99"] is None
+        assert 'signal="p99"' not in c.get("/metrics").text
+
+
+def test_lcs_ready_says_what_readiness_answers_without_a_probe(structured: TinyCheckpoint) -> None:
+    """lcs_ready was set only when /readyz was called: after SIGTERM a scrape before the next probe read 1
+    while /readyz answered 503 (draining). It is read from the same state as the readiness endpoints."""
+
+    def ready(client: TestClient) -> float:
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        return value(families["lcs_ready"].samples, "lcs_ready")
+
+    with serve(make_settings(structured.path)) as c:
+        assert ready(c) == 1
+        app_state(c).start_draining()  # what SIGTERM does first; no probe has run since
+        assert ready(c) == 0
+        assert c.get("/readyz").status_code == 503

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from service.__main__ import main
-from service.settings import Settings
+from service.settings import Settings, settings_errors
 from tests.service.service_support import TinyCheckpoint, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,6 +211,22 @@ def test_an_api_key_no_request_can_match_is_refused_without_showing_it(
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: LCS_API_KEY: ")
     assert "whitespace" in err and "s3cret" not in err
+
+
+@pytest.mark.parametrize("key", ["clé-2024", "s3\tcret", "s3cr\x7ft"])
+def test_an_api_key_beyond_printable_ascii_is_refused_without_showing_it(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    """Header values reach the service as bytes read as Latin-1, and clients encode a non-ASCII key as UTF-8
+    (curl), Latin-1 (requests) or not at all (httpx): LCS_API_KEY=clé answered 403 "wrong API key" to the
+    right key sent as UTF-8. A key of printable ASCII reads the same from every client; any other is refused
+    at start-up, naming the fix (control characters too: HTTP parsers refuse most of them in a header)."""
+    monkeypatch.setenv("LCS_API_KEY", key)
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=structured.path)
+    (line,) = settings_errors(e.value)
+    assert line.startswith("LCS_API_KEY: ") and "printable ASCII" in line and "openssl rand -hex" in line
+    assert key not in line
 
 
 @pytest.mark.parametrize("key", ["", "  "])
