@@ -223,3 +223,58 @@ def test_the_docs_name_every_setting_and_only_real_ones() -> None:
     for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         unknown = set(re.findall(r"LCS_[A-Z0-9_]+", doc.read_text())) - settings
         assert not unknown, f"{doc.name} names {sorted(unknown)}, which are not service settings"
+
+
+def _cgroups(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "quota"),
+    [
+        # cgroup v2: the container's own cgroup at the mount's root (its path from /proc/self/cgroup is the host's)
+        ("0::/\n", {"cpu.max": "200000 100000\n"}, 2.0),
+        ("0::/kubepods/pod1/c1\n", {"cpu.max": "150000 100000\n"}, 1.5),
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+        # nested: the tightest quota on the way up counts
+        ("0::/a/b\n", {"a/cpu.max": "100000 100000\n", "a/b/cpu.max": "max 100000\n"}, 1.0),
+        ("0::/a/b\n", {"a/cpu.max": "400000 100000\n", "a/b/cpu.max": "50000 100000\n"}, 0.5),
+        # cgroup v1, the cpu controller mounted alone or with cpuacct; -1: no quota
+        (
+            "4:cpu,cpuacct:/docker/x\n",
+            {"cpu,cpuacct/cpu.cfs_quota_us": "300000", "cpu,cpuacct/cpu.cfs_period_us": "100000"},
+            3.0,
+        ),
+        ("1:cpu:/\n0::/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ("2:memory:/x\n", {"memory/cpu.max": "100000 100000"}, None),  # not the cpu controller
+        ("", {}, None),
+        ("garbage\n0::/\n", {"cpu.max": "oops\n"}, None),
+    ],
+)
+def test_the_cpu_quota_of_the_processs_cgroup(
+    tmp_path: Path, membership: str, files: dict[str, str], quota: float | None
+) -> None:
+    from service.settings import cpu_quota
+
+    root = _cgroups(tmp_path / "cgroup", files)
+    (tmp_path / "cgroup").mkdir(exist_ok=True)
+    (tmp_path / "self").write_text(membership)
+    assert cpu_quota(root, tmp_path / "self") == quota
+
+
+def test_usable_cpus_are_capped_by_the_quota_rounded_up(tmp_path: Path) -> None:
+    """A container's `--cpus 1.5` on a bigger machine is 2 usable CPUs (LCS_THREADS defaults to one fewer)."""
+    import os
+
+    from service.settings import usable_cpus
+
+    mine = len(os.sched_getaffinity(0))
+    (tmp_path / "self").write_text("0::/\n")
+    assert usable_cpus(tmp_path, tmp_path / "self") == mine  # no cpu.max: the affinity mask
+    for text, cpus in (("150000 100000", 2), ("100000 100000", 1), ("20000 100000", 1), ("6400000 100000", mine)):
+        (tmp_path / "cpu.max").write_text(text)
+        assert usable_cpus(tmp_path, tmp_path / "self") == min(mine, cpus)
+    assert usable_cpus(tmp_path, tmp_path / "missing") == mine  # no /proc/self/cgroup (not Linux)
