@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import gc
 import hmac
 import importlib.metadata
-import itertools
 import logging
 import math
-import os
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 from typing import Annotated, Any
 
 import numpy as np
@@ -28,17 +24,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import compile_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lcs.checkpoint import CheckpointError
 from service import docs
-from service.batcher import Batcher, Draining, Job, QueueFull, Result
-from service.controller import Signals
-from service.fleet import PrometheusFleet
+from service.batcher import Draining, Job, QueueFull, Result
 from service.inputs import InputError, check_count, check_range, decode, has_images, nested_numbers, numbers
 from service.lane import BINARY_HEADER, ApiError, Lane, error_response, problems, require_json, validate
-from service.metrics import INFERENCE_ROUTES, Metrics
+from service.metrics import INFERENCE_ROUTES
+from service.middleware import BodyLimit, Edge, Observe, Shed, internal_error_response
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
 from service.schemas import (
     PRESETS,
@@ -52,7 +45,7 @@ from service.schemas import (
     V2Tensor,
 )
 from service.settings import Settings
-from service.signals import LoopCost, MachineProbe, RequestStats
+from service.state import NOT_READY, State, StateDep, late_detail, queue_full_detail, retry_after
 
 log = logging.getLogger("lcs.service")
 try:
@@ -61,350 +54,7 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that w
     VERSION = "unknown"
 
 
-class State:
-    """Everything the routes need, created in lifespan (nothing at import time)."""
-
-    def __init__(self, settings: Settings, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
-        self.settings = settings
-        self.runtime = runtime
-        self.metrics = Metrics(settings.slo_p99_seconds, runtime.grid.alphas, lambda: runtime.cache)
-        self.metrics.ceiling.set(runtime.controller.ceiling)
-        self.executor = executor  # the inference thread: all torch work runs on it
-        self.batcher = Batcher(
-            runtime.logits,
-            runtime.controller.batch_alpha,
-            self.executor,
-            max_batch=settings.max_batch,
-            max_wait=settings.max_wait_ms / 1000.0,
-            queue_max=settings.queue_max,
-            on_batch=self._on_batch,
-            behind=runtime.controller.predicted_wait,
-            reserve=settings.slack_reserve,
-            pending=lambda: self.parsing,
-        )
-        self.requests = RequestStats()
-        self.loop_cost = LoopCost()
-        self.probe = MachineProbe()
-        self.inflight = 0
-        # read when scraped, not set per request
-        self.metrics.inflight.set_function(lambda: self.inflight)
-        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
-        self.metrics.ready.set_function(lambda: 1 if self.ready else 0)  # what /readyz answers, probed or not
-        self.parsing = 0  # inference requests past Shed whose body is not yet decoded
-        self._computed = 0.0  # model seconds since the last control step
-        self._computed_since = time.monotonic()
-        # SIGTERM (or shutdown) time: requests received before it are still served, later ones get 503
-        self.draining_since: float | None = None
-        self.failure: str | None = None  # why the warm-up failed: the service never becomes ready
-        self.drain_deadline: float | None = None  # set by SIGTERM: monotonic time by which to be done
-        self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
-        # fleet figures from Prometheus, refreshed in the background each control interval; a value
-        # serves the step after the refresh that read it and no later one (max_age 1.5 intervals)
-        self.fleet = (
-            PrometheusFleet(
-                settings.prometheus_url,
-                timeout=settings.prometheus_timeout_seconds,
-                max_age=1.5 * settings.control_interval_seconds,
-                selector=settings.prometheus_selector,
-                window_seconds=settings.prometheus_window_seconds,
-            )
-            if settings.prometheus_url
-            else None
-        )
-
-    @property
-    def draining(self) -> bool:
-        return self.draining_since is not None
-
-    @property
-    def ready(self) -> bool:
-        """What every readiness endpoint answers: models built and profiled, and not draining."""
-        return self.runtime.ready and not self.draining
-
-    def start_draining(self) -> None:
-        if self.draining_since is None:
-            self.draining_since = time.monotonic()
-
-    def refusal_before_body(self) -> tuple[str, str] | None:
-        """(reason, message) if an inference request must be refused before its body is read: the queue
-        is full, or what is queued would already take longer than the SLO (the deadline of a request
-        that names none) with this request at its smallest, one image. Requests already past this gate
-        and still being read count as queued, with the mean images per request: under overload hundreds
-        arrive while the queue is momentarily empty, and each would be parsed only to be refused.
-        None: read the body."""
-        depth = self.batcher.depth + self.parsing
-        if depth >= self.settings.queue_max:
-            return "queue_full", _queue_full(self.settings.queue_max)
-        if depth > 0:
-            slo = self.settings.slo_p99_seconds
-            images = self.batcher.queued_images + self.parsing * self.requests.images_per_request + 1
-            wait = self.runtime.controller.predicted_wait(math.ceil(images), depth + 1)
-            if wait is not None and wait > slo:
-                return "predicted_late", _late(wait, slo)
-        return None
-
-    def parsed(self, scope_state: dict[str, Any]) -> None:
-        """The request's body is read and decoded: it leaves the gate's count (once)."""
-        if scope_state.pop("lcs_parsing", False):
-            self.parsing -= 1
-
-    def _on_batch(self, alpha: float, images: int, seconds: float, handoff: float, jobs: list[Job]) -> None:
-        self._computed += seconds
-        self.metrics.batch_size.observe(images)
-        self.metrics.compute.observe(seconds)
-        self.runtime.controller.observe_batch(alpha, images, seconds, handoff)
-
-    def signals(self, now: float) -> Signals:
-        rate, per_request, p99 = self.requests.tick(now)
-        battery, on_battery = self.battery_override or self.probe.battery()
-        fleet = self.fleet.current(now) if self.fleet is not None else None
-        return Signals(
-            now=now,
-            queue_depth=self.batcher.depth,
-            inflight=self.inflight,
-            arrival_rate=rate,
-            images_per_request=per_request,
-            p99=p99,
-            cpu_other=self.probe.cpu_other(),
-            memory_available=self.probe.memory_available(),
-            battery_percent=battery,
-            on_battery=on_battery,
-            fleet_rate=fleet.rate if fleet is not None else None,
-            fleet_p99=fleet.p99 if fleet is not None else None,
-            request_cost=self.loop_cost.tick(),
-            offered_rate=self.loop_cost.rate,
-            loop_busy=self.loop_cost.busy,
-            model_busy=self._model_busy(now),
-        )
-
-    def pin(self, alpha: float | None) -> None:
-        """An operator's pin (None: release it), exported as a control step's move is."""
-        before = self.runtime.controller.ceiling
-        self.runtime.controller.pin(alpha, time.monotonic())
-        self._export_ceiling(before)
-
-    def _export_ceiling(self, before: float) -> None:
-        """lcs_alpha_ceiling, and a move from `before` counted under the reason of the decision that made it
-        (every move is one: the controller records a decision whenever its ceiling changes)."""
-        c = self.runtime.controller
-        if c.ceiling != before:
-            self.metrics.ceiling_changes.labels(c.decisions[-1].reason).inc()
-        self.metrics.ceiling.set(c.ceiling)
-
-    def _model_busy(self, now: float) -> float:
-        busy = min(1.0, self._computed / max(1e-6, now - self._computed_since))
-        self._computed, self._computed_since = 0.0, now
-        return busy
-
-    def control_step(self, now: float) -> None:
-        c = self.runtime.controller
-        before = c.ceiling
-        s = self.signals(now)
-        c.update(s)
-        self._export_ceiling(before)
-        for name in _SIGNAL_NAMES:  # every signal, from the one definition of what they are
-            v = getattr(s, name)
-            if v is not None:
-                self.metrics.signal.labels(name).set(float(v))
-            else:  # unknown now (p99 of a quiet window, fleet figures without Prometheus): no stale value
-                self.metrics.signal.remove(name)
-
-
-# async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
-async def get_state(request: Request) -> State:
-    return request.app.state.lcs  # type: ignore[no-any-return]
-
-
-StateDep = Annotated[State, Depends(get_state)]
-
-
-# Request ids: a random per-process prefix and a counter, unique across replicas and restarts in practice
-# and cheaper than uuid4 (a system call for 16 random bytes, per request)
-_ID_PREFIX = os.urandom(6).hex()
-_ID_COUNTER = itertools.count(1)
-
-
-class Observe:
-    """Pure ASGI middleware: request id, metrics by route and status, and a JSON 500 carrying the request
-    id for any unhandled error (cheaper than BaseHTTPMiddleware on the hot path)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64]
-        rid = given or f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
-        t0 = time.monotonic()
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
-        state["arrived"] = t0  # a request's deadline counts from here: reading and parsing it are part of it
-        status = 500
-        started = completed = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, started, completed
-            if message["type"] == "http.response.start":
-                started = True
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
-            elif not message.get("more_body"):
-                completed = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            log.exception("unhandled error in request %s", rid)
-            if started and not completed:
-                raise  # the server drops the connection: a half-sent answer cannot be taken back
-            if not started:  # else FastAPI's error middleware answered (with _internal_error) and re-raised
-                await _internal_error(scope)(scope, receive, send_with_id)
-        else:
-            if not started:
-                status = 499  # the client left before its answer (nginx's code for it)
-        # FastAPI's own pages (/docs, /openapi.json, ...) are plain Starlette routes: matched, with no route
-        # object; their paths have no parameters, so each is its own label
-        route = scope.get("route")
-        endpoint = route.path if route is not None else scope["path"] if "endpoint" in scope else "unmatched"
-        st: State | None = getattr(scope["app"].state, "lcs", None)
-        if st is not None and endpoint != "/metrics":
-            elapsed = time.monotonic() - t0
-            st.metrics.request_done(endpoint, status, elapsed)
-            if endpoint in INFERENCE_ROUTES:
-                st.loop_cost.count()
-                if status == 200:
-                    st.requests.finished(elapsed)
-
-
-def _internal_error(scope: Scope) -> JSONResponse:
-    return error_response(
-        scope, 500, "the request failed inside the service; report the request_id", kind="internal error"
-    )
-
-
-class Shed:
-    """Pure ASGI middleware: refuses inference requests with 429 + Retry-After *before their body is read*
-    when the queue is full, or when what is already queued would take longer than the SLO even if this
-    request held one image (so it would be refused as predicted late after parsing anyway). Parsing and
-    validating a body only to refuse it is what saturates the event loop under overload; this refusal
-    costs the HTTP parse alone. `_infer` checks again with the request's own size and deadline."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        path: str = scope["path"]
-        route = next((template for template, pattern in _LANE_MATCHERS if pattern.match(path)), None)
-        st: State | None = getattr(scope["app"].state, "lcs", None)
-        if route is None or st is None:
-            return await self.app(scope, receive, send)
-        scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint, a 413 included
-        if st.draining:  # SIGTERM came first: read nothing, and the drain waits on no such body (while
-            # starting, bodies are read, so that a malformed one hears what is wrong with it)
-            st.metrics.shed.labels("not_ready").inc()
-            await error_response(scope, 503, _NOT_READY, {"Retry-After": "1"})(scope, receive, send)
-            return
-        refusal = st.refusal_before_body()
-        if refusal is None:
-            st.parsing += 1
-            state = scope.setdefault("state", {})
-            state["lcs_parsing"] = True
-            try:
-                return await self.app(scope, receive, send)
-            finally:
-                st.parsed(state)  # if the route never got as far (a 4xx on the body, say)
-        reason, detail = refusal
-        st.metrics.shed.labels(reason).inc()
-        await error_response(scope, 429, detail, {"Retry-After": _retry_after(st.settings)})(scope, receive, send)
-
-
-_SIGNAL_NAMES = [f.name for f in dataclasses.fields(Signals) if f.name != "now"]  # lcs_signal{signal}
-_LANE_PATHS = INFERENCE_ROUTES
 _V2_INFER = tuple(r for r in INFERENCE_ROUTES if r.startswith("/v2/"))  # the binary tensor extension: OIP only
-_LANE_MATCHERS = [(template, compile_path(template)[0]) for template in _LANE_PATHS]  # as the routes match them
-
-
-def _late(wait: float, budget: float) -> str:
-    return (
-        f"the queue would take about {wait * 1000:.0f} ms, over this request's {budget * 1000:.0f} ms budget; "
-        "retry after a moment"
-    )
-
-
-_NOT_READY = "the service is starting or shutting down; retry shortly"
-
-
-def _queue_full(queue_max: int) -> str:
-    return f"the queue is full ({queue_max} request{'s' if queue_max != 1 else ''}); retry after a moment"
-
-
-def _retry_after(settings: Settings) -> str:
-    return str(max(1, round(settings.control_interval_seconds * 2)))
-
-
-class BodyLimit:
-    """Pure ASGI middleware: 413 for bodies over the limit, counted as they stream in."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _too_large(scope, receive, send, self.limit)
-        seen, tripped, answered = 0, False, False
-
-        async def limited() -> Message:
-            nonlocal seen, tripped
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    tripped = True
-                    raise _BodyTooLarge
-            return message
-
-        async def guarded(message: Message) -> None:
-            # FastAPI turns an error while reading the body into its own 400: answer 413 instead
-            nonlocal answered
-            if not tripped:
-                return await send(message)
-            if not answered:
-                answered = True
-                await _too_large(scope, receive, send, self.limit)
-
-        try:
-            await self.app(scope, limited, guarded)
-        except _BodyTooLarge:
-            if not answered:
-                answered = True
-                await _too_large(scope, receive, send, self.limit)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    detail = f"request body over {limit} bytes; send fewer or smaller images"
-    await error_response(scope, 413, detail)(scope, receive, send)
-
-
-class _Edge(FastAPI):
-    """FastAPI with the service's own pure-ASGI layers (`wrap`: the observer, the gate, the body limit and the
-    inference lane) outermost, around FastAPI's error, telemetry and body-limit middleware, which the
-    inference requests then skip: Lane answers them. Observe answers any error that escapes with a JSON 500."""
-
-    wrap: Callable[[ASGIApp], ASGIApp] = staticmethod(lambda inner: inner)
-
-    def build_middleware_stack(self) -> ASGIApp:
-        return self.wrap(super().build_middleware_stack())
 
 
 def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
@@ -452,7 +102,7 @@ async def _infer(
     rt = st.runtime
     if not rt.ready:  # starting (after SIGTERM, Shed refuses at arrival: what gets here came before it)
         st.metrics.shed.labels("not_ready").inc()
-        raise ApiError(503, _NOT_READY, {"Retry-After": "1"})
+        raise ApiError(503, NOT_READY, {"Retry-After": "1"})
     want = _alpha(hint.quality, 1.0)
     floor_req = _alpha(hint.min_quality, 0.0)
     if floor_req > want:
@@ -466,7 +116,7 @@ async def _infer(
             f"served alphas: {rt.grid.alphas}",
         )
     ceiling = rt.controller.ceiling
-    retry = _retry_after(st.settings)
+    retry = retry_after(st.settings)
     if floor > ceiling:
         st.metrics.shed.labels("min_quality").inc()
         cap = {"pinned": "an operator has pinned alpha at", "battery": "on low battery the service serves alpha"}
@@ -497,7 +147,7 @@ async def _infer(
     if st.batcher.depth > 0 and wait is not None and wait > deadline - now:
         # it would be answered late even at the cheapest alpha it allows: refuse now rather than serve late
         st.metrics.shed.labels("predicted_late").inc()
-        detail = _late(wait, budget)
+        detail = late_detail(wait, budget)
         if (cheapest := rt.controller.predicted_wait(queued, depth)) is not None and cheapest <= deadline - now:
             detail += f", or lower min_quality ({floor_req:g}): at the cheapest alpha it would be in time"
         raise ApiError(429, detail, {"Retry-After": retry})
@@ -507,7 +157,7 @@ async def _infer(
         fut = st.batcher.submit(job)
     except QueueFull:
         st.metrics.shed.labels("queue_full").inc()
-        raise ApiError(429, _queue_full(st.settings.queue_max), {"Retry-After": retry}) from None
+        raise ApiError(429, queue_full_detail(st.settings.queue_max), {"Retry-After": retry}) from None
     except Draining:
         raise ApiError(503, "the service is shutting down", {"Retry-After": "1"}) from None
     st.requests.arrived(int(x.shape[0]))
@@ -598,7 +248,7 @@ def create_app(
                 await st.fleet.aclose()
             st.executor.shutdown(wait=False, cancel_futures=True)
 
-    app = _Edge(
+    app = Edge(
         title="lcs-serve",
         version=VERSION,
         lifespan=lifespan,
@@ -620,7 +270,7 @@ def create_app(
                 Lane(
                     inner,
                     routes=lane_routes,
-                    paths=_LANE_PATHS,
+                    paths=INFERENCE_ROUTES,
                     binary=_V2_INFER,
                     state=lambda scope: getattr(scope["app"].state, "lcs", None),
                     body_timeout=s.body_timeout_seconds,
@@ -644,7 +294,7 @@ def create_app(
 
     @app.exception_handler(Exception)  # FastAPI's error middleware answers with this, then re-raises to Observe
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return _internal_error(request.scope)
+        return internal_error_response(request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

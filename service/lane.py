@@ -5,7 +5,7 @@ logic and their signatures the OpenAPI schema. Around each call FastAPI adds its
 dependency layers, a large share of a request's event-loop time on this model (single-image JSON at
 saturation, 2 threads, wrk -c64, one-off): 1,072-1,394 requests/s through them; interleaved, 1,629-1,784
 with this lane inside FastAPI's middleware and 1,834-1,848 with it and the service's other layers
-outside (`app._Edge`). `Lane` serves those routes by calling their functions itself and does what
+outside (`middleware.Edge`). `Lane` serves those routes by calling their functions itself and does what
 FastAPI would have done around them: the content type, the body read and parsed strictly, validated
 against the function's body model, and every error in the service's shape. Every other request goes on
 to FastAPI, whose handlers answer with the same functions below.

@@ -1,0 +1,192 @@
+"""The service's own pure-ASGI layers, outermost (cheaper than BaseHTTPMiddleware on the hot path): request
+ids and metrics (Observe), the gate that refuses inference before reading a body (Shed), the body limit
+(BodyLimit), and the FastAPI subclass that puts them around FastAPI's own (Edge)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.lane import error_response
+from service.metrics import INFERENCE_ROUTES
+from service.state import NOT_READY, State, retry_after
+
+log = logging.getLogger("lcs.service")
+
+
+# Request ids: a random per-process prefix and a counter, unique across replicas and restarts in practice
+# and cheaper than uuid4 (a system call for 16 random bytes, per request)
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+class Observe:
+    """Pure ASGI middleware: request id, metrics by route and status, and a JSON 500 carrying the request
+    id for any unhandled error (cheaper than BaseHTTPMiddleware on the hot path)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64]
+        rid = given or f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+        t0 = time.monotonic()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["arrived"] = t0  # a request's deadline counts from here: reading and parsing it are part of it
+        status = 500
+        started = completed = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started, completed
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            elif not message.get("more_body"):
+                completed = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", rid)
+            if started and not completed:
+                raise  # the server drops the connection: a half-sent answer cannot be taken back
+            if not started:  # else FastAPI's error middleware answered (with internal_error_response) and re-raised
+                await internal_error_response(scope)(scope, receive, send_with_id)
+        else:
+            if not started:
+                status = 499  # the client left before its answer (nginx's code for it)
+        # FastAPI's own pages (/docs, /openapi.json, ...) are plain Starlette routes: matched, with no route
+        # object; their paths have no parameters, so each is its own label
+        route = scope.get("route")
+        endpoint = route.path if route is not None else scope["path"] if "endpoint" in scope else "unmatched"
+        st: State | None = getattr(scope["app"].state, "lcs", None)
+        if st is not None and endpoint != "/metrics":
+            elapsed = time.monotonic() - t0
+            st.metrics.request_done(endpoint, status, elapsed)
+            if endpoint in INFERENCE_ROUTES:
+                st.loop_cost.count()
+                if status == 200:
+                    st.requests.finished(elapsed)
+
+
+def internal_error_response(scope: Scope) -> JSONResponse:
+    return error_response(
+        scope, 500, "the request failed inside the service; report the request_id", kind="internal error"
+    )
+
+
+class Shed:
+    """Pure ASGI middleware: refuses inference requests with 429 + Retry-After *before their body is read*
+    when the queue is full, or when what is already queued would take longer than the SLO even if this
+    request held one image (so it would be refused as predicted late after parsing anyway). Parsing and
+    validating a body only to refuse it is what saturates the event loop under overload; this refusal
+    costs the HTTP parse alone. `_infer` checks again with the request's own size and deadline."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path: str = scope["path"]
+        route = next((template for template, pattern in LANE_MATCHERS if pattern.match(path)), None)
+        st: State | None = getattr(scope["app"].state, "lcs", None)
+        if route is None or st is None:
+            return await self.app(scope, receive, send)
+        scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint, a 413 included
+        if st.draining:  # SIGTERM came first: read nothing, and the drain waits on no such body (while
+            # starting, bodies are read, so that a malformed one hears what is wrong with it)
+            st.metrics.shed.labels("not_ready").inc()
+            await error_response(scope, 503, NOT_READY, {"Retry-After": "1"})(scope, receive, send)
+            return
+        refusal = st.refusal_before_body()
+        if refusal is None:
+            st.parsing += 1
+            state = scope.setdefault("state", {})
+            state["lcs_parsing"] = True
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                st.parsed(state)  # if the route never got as far (a 4xx on the body, say)
+        reason, detail = refusal
+        st.metrics.shed.labels(reason).inc()
+        await error_response(scope, 429, detail, {"Retry-After": retry_after(st.settings)})(scope, receive, send)
+
+
+LANE_MATCHERS = [(template, compile_path(template)[0]) for template in INFERENCE_ROUTES]  # as the routes match them
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for bodies over the limit, counted as they stream in."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _too_large(scope, receive, send, self.limit)
+        seen, tripped, answered = 0, False, False
+
+        async def limited() -> Message:
+            nonlocal seen, tripped
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    tripped = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded(message: Message) -> None:
+            # FastAPI turns an error while reading the body into its own 400: answer 413 instead
+            nonlocal answered
+            if not tripped:
+                return await send(message)
+            if not answered:
+                answered = True
+                await _too_large(scope, receive, send, self.limit)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except _BodyTooLarge:
+            if not answered:
+                answered = True
+                await _too_large(scope, receive, send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    detail = f"request body over {limit} bytes; send fewer or smaller images"
+    await error_response(scope, 413, detail)(scope, receive, send)
+
+
+class Edge(FastAPI):
+    """FastAPI with the service's own pure-ASGI layers (`wrap`: the observer, the gate, the body limit and the
+    inference lane) outermost, around FastAPI's error, telemetry and body-limit middleware, which the
+    inference requests then skip: Lane answers them. Observe answers any error that escapes with a JSON 500."""
+
+    wrap: Callable[[ASGIApp], ASGIApp] = staticmethod(lambda inner: inner)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return self.wrap(super().build_middleware_stack())

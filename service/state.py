@@ -1,0 +1,198 @@
+"""The service's state: what the routes and the HTTP layers share, created in lifespan, and its words for a
+refusal under load."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from service.batcher import Batcher, Job
+from service.controller import Signals
+from service.fleet import PrometheusFleet
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.settings import Settings
+from service.signals import LoopCost, MachineProbe, RequestStats
+
+
+class State:
+    """Everything the routes need, created in lifespan (nothing at import time)."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.metrics = Metrics(settings.slo_p99_seconds, runtime.grid.alphas, lambda: runtime.cache)
+        self.metrics.ceiling.set(runtime.controller.ceiling)
+        self.executor = executor  # the inference thread: all torch work runs on it
+        self.batcher = Batcher(
+            runtime.logits,
+            runtime.controller.batch_alpha,
+            self.executor,
+            max_batch=settings.max_batch,
+            max_wait=settings.max_wait_ms / 1000.0,
+            queue_max=settings.queue_max,
+            on_batch=self._on_batch,
+            behind=runtime.controller.predicted_wait,
+            reserve=settings.slack_reserve,
+            pending=lambda: self.parsing,
+        )
+        self.requests = RequestStats()
+        self.loop_cost = LoopCost()
+        self.probe = MachineProbe()
+        self.inflight = 0
+        # read when scraped, not set per request
+        self.metrics.inflight.set_function(lambda: self.inflight)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.metrics.ready.set_function(lambda: 1 if self.ready else 0)  # what /readyz answers, probed or not
+        self.parsing = 0  # inference requests past Shed whose body is not yet decoded
+        self._computed = 0.0  # model seconds since the last control step
+        self._computed_since = time.monotonic()
+        # SIGTERM (or shutdown) time: requests received before it are still served, later ones get 503
+        self.draining_since: float | None = None
+        self.failure: str | None = None  # why the warm-up failed: the service never becomes ready
+        self.drain_deadline: float | None = None  # set by SIGTERM: monotonic time by which to be done
+        self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
+        # fleet figures from Prometheus, refreshed in the background each control interval; a value
+        # serves the step after the refresh that read it and no later one (max_age 1.5 intervals)
+        self.fleet = (
+            PrometheusFleet(
+                settings.prometheus_url,
+                timeout=settings.prometheus_timeout_seconds,
+                max_age=1.5 * settings.control_interval_seconds,
+                selector=settings.prometheus_selector,
+                window_seconds=settings.prometheus_window_seconds,
+            )
+            if settings.prometheus_url
+            else None
+        )
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    @property
+    def ready(self) -> bool:
+        """What every readiness endpoint answers: models built and profiled, and not draining."""
+        return self.runtime.ready and not self.draining
+
+    def start_draining(self) -> None:
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+
+    def refusal_before_body(self) -> tuple[str, str] | None:
+        """(reason, message) if an inference request must be refused before its body is read: the queue
+        is full, or what is queued would already take longer than the SLO (the deadline of a request
+        that names none) with this request at its smallest, one image. Requests already past this gate
+        and still being read count as queued, with the mean images per request: under overload hundreds
+        arrive while the queue is momentarily empty, and each would be parsed only to be refused.
+        None: read the body."""
+        depth = self.batcher.depth + self.parsing
+        if depth >= self.settings.queue_max:
+            return "queue_full", queue_full_detail(self.settings.queue_max)
+        if depth > 0:
+            slo = self.settings.slo_p99_seconds
+            images = self.batcher.queued_images + self.parsing * self.requests.images_per_request + 1
+            wait = self.runtime.controller.predicted_wait(math.ceil(images), depth + 1)
+            if wait is not None and wait > slo:
+                return "predicted_late", late_detail(wait, slo)
+        return None
+
+    def parsed(self, scope_state: dict[str, Any]) -> None:
+        """The request's body is read and decoded: it leaves the gate's count (once)."""
+        if scope_state.pop("lcs_parsing", False):
+            self.parsing -= 1
+
+    def _on_batch(self, alpha: float, images: int, seconds: float, handoff: float, jobs: list[Job]) -> None:
+        self._computed += seconds
+        self.metrics.batch_size.observe(images)
+        self.metrics.compute.observe(seconds)
+        self.runtime.controller.observe_batch(alpha, images, seconds, handoff)
+
+    def signals(self, now: float) -> Signals:
+        rate, per_request, p99 = self.requests.tick(now)
+        battery, on_battery = self.battery_override or self.probe.battery()
+        fleet = self.fleet.current(now) if self.fleet is not None else None
+        return Signals(
+            now=now,
+            queue_depth=self.batcher.depth,
+            inflight=self.inflight,
+            arrival_rate=rate,
+            images_per_request=per_request,
+            p99=p99,
+            cpu_other=self.probe.cpu_other(),
+            memory_available=self.probe.memory_available(),
+            battery_percent=battery,
+            on_battery=on_battery,
+            fleet_rate=fleet.rate if fleet is not None else None,
+            fleet_p99=fleet.p99 if fleet is not None else None,
+            request_cost=self.loop_cost.tick(),
+            offered_rate=self.loop_cost.rate,
+            loop_busy=self.loop_cost.busy,
+            model_busy=self._model_busy(now),
+        )
+
+    def pin(self, alpha: float | None) -> None:
+        """An operator's pin (None: release it), exported as a control step's move is."""
+        before = self.runtime.controller.ceiling
+        self.runtime.controller.pin(alpha, time.monotonic())
+        self._export_ceiling(before)
+
+    def _export_ceiling(self, before: float) -> None:
+        """lcs_alpha_ceiling, and a move from `before` counted under the reason of the decision that made it
+        (every move is one: the controller records a decision whenever its ceiling changes)."""
+        c = self.runtime.controller
+        if c.ceiling != before:
+            self.metrics.ceiling_changes.labels(c.decisions[-1].reason).inc()
+        self.metrics.ceiling.set(c.ceiling)
+
+    def _model_busy(self, now: float) -> float:
+        busy = min(1.0, self._computed / max(1e-6, now - self._computed_since))
+        self._computed, self._computed_since = 0.0, now
+        return busy
+
+    def control_step(self, now: float) -> None:
+        c = self.runtime.controller
+        before = c.ceiling
+        s = self.signals(now)
+        c.update(s)
+        self._export_ceiling(before)
+        for name in SIGNAL_NAMES:  # every signal, from the one definition of what they are
+            v = getattr(s, name)
+            if v is not None:
+                self.metrics.signal.labels(name).set(float(v))
+            else:  # unknown now (p99 of a quiet window, fleet figures without Prometheus): no stale value
+                self.metrics.signal.remove(name)
+
+
+# async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
+async def get_state(request: Request) -> State:
+    return request.app.state.lcs  # type: ignore[no-any-return]
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+SIGNAL_NAMES = [f.name for f in dataclasses.fields(Signals) if f.name != "now"]  # lcs_signal{signal}
+
+
+def late_detail(wait: float, budget: float) -> str:
+    return (
+        f"the queue would take about {wait * 1000:.0f} ms, over this request's {budget * 1000:.0f} ms budget; "
+        "retry after a moment"
+    )
+
+
+NOT_READY = "the service is starting or shutting down; retry shortly"
+
+
+def queue_full_detail(queue_max: int) -> str:
+    return f"the queue is full ({queue_max} request{'s' if queue_max != 1 else ''}); retry after a moment"
+
+
+def retry_after(settings: Settings) -> str:
+    return str(max(1, round(settings.control_interval_seconds * 2)))
