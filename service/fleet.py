@@ -17,7 +17,10 @@ Prometheus must never slow the request path down: a refresh runs as its own asyn
 overall timeout, errors of any kind (down, slow, garbage) give None, and values are kept for at most
 `max_age` seconds (the app sets 1.5 control intervals), after which the controller falls back to local
 signals. The source going down is logged once, as a warning, and its coming back once, at info; each
-failed query only at debug level (a refresh runs every control interval).
+failed query only at debug level (a refresh runs every control interval). A selector that matches no
+replica gives empty answers, as no traffic does: until `count(lcs_build_info{SELECTOR})` has answered a
+number once, it is asked too, and if it is still empty `selector_grace` seconds after Prometheus first
+answered, that is logged once, as a warning naming the selector.
 """
 
 from __future__ import annotations
@@ -99,11 +102,17 @@ class PrometheusFleet:
         window_seconds: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        selector_grace: float = 60.0,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.max_age = max_age
         self.queries = queries(selector, window_seconds)
+        self.selector = selector
+        self._replicas = f"count(lcs_build_info{{{selector}}})" if selector else "count(lcs_build_info)"
+        self._matched = False  # the replicas query has answered a number: the selector matches a replica
+        self._empty_since: float | None = None  # when it first answered with nothing
+        self._grace = selector_grace
         self._clock = clock
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
         self._good: dict[str, tuple[float, float]] = {}  # name -> (value, monotonic time it was read)
@@ -125,16 +134,19 @@ class PrometheusFleet:
     async def refresh(self) -> FleetFigures:
         """Query every figure at once, bounded by `timeout` overall; never raises."""
         names = list(self.queries)
+        promql = [self.queries[n] for n in names] + ([] if self._matched else [self._replicas])
         asked = self._clock()  # a value's age counts from the question, not the answer (below)
         answers: list[float | BaseException | None]
         try:
             async with asyncio.timeout(self.timeout):
-                answers = await asyncio.gather(*(self._query(self.queries[n]) for n in names), return_exceptions=True)
+                answers = await asyncio.gather(*map(self._query, promql), return_exceptions=True)
         except TimeoutError:
-            answers = [TimeoutError(f"no answer within LCS_PROMETHEUS_TIMEOUT_SECONDS={self.timeout:g}")] * len(names)
-        values = [None if isinstance(a, BaseException) else a for a in answers]
+            answers = [TimeoutError(f"no answer within LCS_PROMETHEUS_TIMEOUT_SECONDS={self.timeout:g}")] * len(promql)
         self._note(next((a for a in answers if isinstance(a, BaseException)), None))
         now = self._clock()
+        if not self._matched:
+            self._check_selector(answers.pop(), now)
+        values = [None if isinstance(a, BaseException) else a for a in answers]
         for name, value in zip(names, values, strict=True):
             if value is not None:
                 # stamped when it answered, a slow answer (half an interval or more) outlived the failure of
@@ -143,6 +155,28 @@ class PrometheusFleet:
         if any(v is None for v in values):
             self.failures += 1
         return self.current(now)
+
+    def _check_selector(self, replicas: float | BaseException | None, now: float) -> None:
+        """Warn once if Prometheus answers but has no replica under the selector for `selector_grace` s."""
+        if isinstance(replicas, BaseException):
+            return  # no answer: the source is down, which _note reports
+        if replicas is not None and replicas > 0:
+            self._matched = True
+            return
+        if self._empty_since is None:
+            self._empty_since = now
+        elif now - self._empty_since >= self._grace:
+            self._matched = True  # said once; not asked again
+            which = f"LCS_PROMETHEUS_SELECTOR={self.selector}" if self.selector else "no LCS_PROMETHEUS_SELECTOR"
+            log.warning(
+                "fleet signals: Prometheus at %s answers, but with %s it has no lcs_build_info series after "
+                "%g s: no replica of this service matches, so the fleet figures stay unknown and the controller "
+                "uses this replica's own signals; check the selector against the labels of this service's "
+                "series in Prometheus (and that Prometheus scrapes it)",
+                self._shown,
+                which,
+                self._grace,
+            )
 
     def _note(self, problem: BaseException | None) -> None:
         """Log the source going down (a warning) and coming back (info), not every failed query."""

@@ -188,7 +188,7 @@ def test_poll_never_waits_for_prometheus() -> None:
         assert time.monotonic() - t0 < 0.05
         assert f.current() == FleetFigures(None, None)
         await asyncio.sleep(0.05)
-        assert calls == 2  # the two queries of one refresh
+        assert calls == 3  # one refresh: the two figures and, until it has matched a replica, the selector's count
         await asyncio.sleep(0.4)  # past the timeout: the refresh gave up by itself
         assert f._task is not None and f._task.done()
         release.set()
@@ -247,3 +247,50 @@ def test_the_logged_url_carries_no_credentials(caplog: pytest.LogCaptureFixture)
     )
     refresh(f)
     assert "Prometheus at https://prometheus:9090 did not answer" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_a_selector_that_matches_no_replica_is_a_warning_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A well-formed selector that matches nothing (job="lcs-serve" where the series say job="lcs") gave
+    empty answers, as no traffic does, for good and without a word; now Prometheus is asked how many
+    replicas the selector matches until it names one, and an empty answer for selector_grace is logged."""
+    asked: list[str] = []
+    empty = {"status": "success", "data": {"resultType": "vector", "result": []}}
+
+    async def no_match(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.params["query"])
+        return httpx.Response(200, json=empty)
+
+    clock = Clock()
+    f = fleet(no_match, clock)
+
+    async def go() -> None:
+        for _ in range(4):  # 0, 30, 60, 90 s after the first answer
+            await f.refresh()
+            clock.t += 30
+        await f.aclose()
+
+    with caplog.at_level("WARNING", logger="lcs.fleet"):
+        asyncio.run(go())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and 'LCS_PROMETHEUS_SELECTOR=job="lcs"' in warnings[0], warnings
+    assert "no lcs_build_info series after 60 s" in warnings[0]
+    assert asked.count('count(lcs_build_info{job="lcs"})') == 3  # not asked again once said
+    assert f.up  # Prometheus itself answers: not "down"
+
+
+def test_the_replica_count_is_asked_until_it_answers() -> None:
+    asked: list[str] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.params["query"])
+        return await answering()(request)
+
+    f = fleet(handle)
+
+    async def go() -> None:
+        for _ in range(3):
+            assert await f.refresh() == FleetFigures(rate=12.5, p99=0.042)
+        await f.aclose()
+
+    asyncio.run(go())
+    assert asked.count('count(lcs_build_info{job="lcs"})') == 1 and len(asked) == 1 + 3 * 2
