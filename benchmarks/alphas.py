@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from benchmarks.cli import check_output
 from lcs import checkpoint
 from lcs.alpha import Level
 from lcs.layers import Setting
@@ -112,6 +113,10 @@ def main() -> None:
     p.add_argument("--backend", choices=get_args(Backend), default="onnxruntime", help="what runs the float networks")
     p.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    suffix = "" if args.backend == "onnxruntime" else f"-{args.backend}"
+    out = args.json or Path("benchmarks/results") / f"alphas-{args.checkpoint.stem}{suffix}.json"
+    if not args.child_threads:  # the children print their timings; the parent writes the file
+        check_output(out, "--json", "alphas.json")
 
     torch.set_flush_denormal(True)
     model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
@@ -255,8 +260,6 @@ def main() -> None:
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r.get(c, '')!s:>14}" for c in cols))
-    suffix = "" if args.backend == "onnxruntime" else f"-{args.backend}"
-    out = args.json or Path("benchmarks/results") / f"alphas-{args.checkpoint.stem}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(

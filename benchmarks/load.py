@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 
 from benchmarks import openloop
+from benchmarks.cli import check_output
 from benchmarks.openloop import HOST
 from benchmarks.overload import capacity, percentile, start_server, stop_server
 
@@ -294,6 +295,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="default: benchmarks/results/load-<images><format> (.json, .png)")
     args = p.parse_args()
     out = args.out or Path("benchmarks/results") / f"load-{args.images}{args.format}"
+    for suffix in (".json", ".png"):
+        check_output(Path(f"{out}{suffix}"), "--out", "load")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     port = 18100

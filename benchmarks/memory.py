@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from benchmarks.cli import check_output
 from lcs import checkpoint
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap
 
@@ -38,6 +39,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    out = args.json or Path("benchmarks/results") / f"memory-{args.checkpoint.stem}.json"
+    check_output(out, "--json", "memory.json")
 
     torch.set_num_threads(args.threads)
     model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
@@ -80,7 +83,7 @@ def main() -> None:
             f"{alpha:>5g} | {row['counted_bytes'] / 1e6:>7.2f} | {held / 1e6:>6.2f} | {kept_for_good / 1e6:>7.2f} | "
             f"{row['reclaimable']!s:>11} | {row['representation']}"
         )
-    out = args.json or Path("benchmarks/results") / f"memory-{args.checkpoint.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "builds": args.builds, "rows": rows}, indent=1))
     print(f"wrote {out}")
 

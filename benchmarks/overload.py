@@ -49,6 +49,7 @@ import httpx
 import psutil
 
 from benchmarks import openloop
+from benchmarks.cli import check_output
 from benchmarks.http import _wait_ready
 from benchmarks.openloop import HOST
 
@@ -166,6 +167,7 @@ def main() -> int:
     args = p.parse_args()
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"{args.checkpoint}: no such checkpoint (pass --checkpoint)")
+    check_output(args.out, "--out", "overload.json")
 
     port = free_port()
     base = f"http://{HOST}:{port}"

@@ -1,0 +1,73 @@
+"""The benchmarks' command lines: what a user gives them is refused before the first measurement, in one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import alphas, http, load, memory, ops, overload, switching
+
+
+def _measured(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the benchmark started measuring before checking its output path")
+
+
+# per benchmark: its main, its arguments before the output flag, the output flag, and what starts its measurement
+OUTPUTS = {
+    "alphas": (alphas.main, ["CHECKPOINT"], "--json", (alphas.checkpoint, "load_with_samples")),
+    "ops": (ops.main, ["CHECKPOINT", "--alpha", "0"], "--json", (ops, "build")),
+    "memory": (memory.main, ["CHECKPOINT"], "--json", (memory.checkpoint, "load_with_samples")),
+    "switching": (switching.main, ["CHECKPOINT"], "--json", (switching.subprocess, "run")),
+    "load": (load.main, ["--checkpoint", "CHECKPOINT"], "--out", (load, "start_server")),
+    "overload": (overload.main, ["--checkpoint", "CHECKPOINT"], "--out", (overload, "start_server")),
+    "http": (http.main, ["--checkpoint", "CHECKPOINT"], "--json", (http.subprocess, "Popen")),
+}
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_an_output_path_no_file_can_be_written_to_is_refused_before_measuring(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main, before, flag, (owner, start) = OUTPUTS[name]
+    if name == "ops":  # it names its default file after the alpha on the checkpoint's grid: it reads that first
+        from tests.service.service_support import make_checkpoint
+
+        ckpt = make_checkpoint(tmp_path, "structured").path
+    else:
+        ckpt = tmp_path / "model.safetensors"
+        ckpt.write_bytes(b"")  # never read: the output path is refused first
+    monkeypatch.setattr(owner, start, _measured)
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "result.json"  # under a regular file: no folder can hold it
+    argv = [name, *[str(ckpt) if a == "CHECKPOINT" else a for a in before], flag, str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        main()
+    message = str(e.value.code)
+    assert message.startswith(f"error: {flag} {out}") and "is a file, not a directory" in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["ops", "memory", "switching"])
+def test_the_results_folder_is_created_when_missing(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked writable (its nearest existing folder is), so it must be writable: the folder is created."""
+    from tests.service.service_support import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path, "structured").path
+    out = tmp_path / "new" / "folder" / "result.json"
+    if name == "switching":  # its children time every alpha: faked, they print what a child prints
+        timing = '{"one_alpha_us": 1.0, "random_alphas_us": 2.0}\n'
+        monkeypatch.setattr(
+            switching.subprocess, "run", lambda *a, **k: switching.subprocess.CompletedProcess(a, 0, timing, "")
+        )
+        argv = [name, str(ckpt), "--calls", "1"]
+    elif name == "ops":
+        argv = [name, str(ckpt), "--alpha", "0", "--batch", "1", "--threads", "1", "--runs", "1"]
+    else:
+        argv = [name, str(ckpt), "--alphas", "0", "--builds", "1", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
+    {"ops": ops.main, "memory": memory.main, "switching": switching.main}[name]()
+    assert out.is_file()
