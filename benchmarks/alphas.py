@@ -28,8 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import check_output
-from lcs import checkpoint
+from benchmarks.cli import check_output, load_checkpoint
 from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
@@ -119,7 +118,7 @@ def main() -> None:
         check_output(out, "--json", "alphas.json")
 
     torch.set_flush_denormal(True)
-    model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
+    model, meta, raw_samples = load_checkpoint(args.checkpoint)
     grid = list(model.stat_alphas)
     wanted = args.alphas or [0.0, 0.25, 0.5, 0.75, 1.0]
     alphas = sorted({max(a for a in grid if a <= w + 1e-9) for w in wanted})

@@ -20,8 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.cli import check_output
-from lcs import checkpoint
+from benchmarks.cli import check_output, load_checkpoint
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap
 
 
@@ -43,7 +42,7 @@ def main() -> None:
     check_output(out, "--json", "memory.json")
 
     torch.set_num_threads(args.threads)
-    model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
+    model, meta, raw_samples = load_checkpoint(args.checkpoint)
     stored = normalised_samples(raw_samples, meta.input)
     samples = None if stored is None else stored[0]
     batch = torch.zeros(32, meta.input.channels, meta.input.height, meta.input.width).numpy()

@@ -24,8 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import check_output
-from lcs import checkpoint
+from benchmarks.cli import check_output, load_checkpoint
 from service.materialize import Compiled, OnnxModule, build, normalised_samples, onnx_threads
 
 
@@ -86,7 +85,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
+    model, meta, raw_samples = load_checkpoint(args.checkpoint)
     alpha = model.at(args.alpha).alpha
     out = args.json or Path("benchmarks/results") / (
         f"ops-{args.checkpoint.stem}-{alpha:g}-b{args.batch}-t{args.threads}.json"

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from benchmarks.cli import check_output
+from benchmarks.cli import check_output, load_checkpoint
 from service.settings import Backend
 
 
@@ -64,6 +64,7 @@ def main() -> None:
         print(json.dumps(_measure(args.checkpoint, args.calls, args.child)))
         return
     check_output(args.json, "--json", "switching.json")
+    load_checkpoint(Path(args.checkpoint))  # refused here, in one line, rather than by each child
     rows = {}
     # ONNX Runtime; TorchScript with oneDNN's default primitive cache and with what service.runtime sets
     for backend, capacity in (("onnxruntime", "16384"), ("torchscript", "1024"), ("torchscript", "16384")):

@@ -17,9 +17,9 @@ def _measured(*args: Any, **kwargs: Any) -> Any:
 
 # per benchmark: its main, its arguments before the output flag, the output flag, and what starts its measurement
 OUTPUTS = {
-    "alphas": (alphas.main, ["CHECKPOINT"], "--json", (alphas.checkpoint, "load_with_samples")),
+    "alphas": (alphas.main, ["CHECKPOINT"], "--json", (alphas, "load_checkpoint")),
     "ops": (ops.main, ["CHECKPOINT", "--alpha", "0"], "--json", (ops, "build")),
-    "memory": (memory.main, ["CHECKPOINT"], "--json", (memory.checkpoint, "load_with_samples")),
+    "memory": (memory.main, ["CHECKPOINT"], "--json", (memory, "load_checkpoint")),
     "switching": (switching.main, ["CHECKPOINT"], "--json", (switching.subprocess, "run")),
     "load": (load.main, ["--checkpoint", "CHECKPOINT"], "--out", (load, "start_server")),
     "overload": (overload.main, ["--checkpoint", "CHECKPOINT"], "--out", (overload, "start_server")),
@@ -71,3 +71,32 @@ def test_the_results_folder_is_created_when_missing(name: str, tmp_path: Path, m
     monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
     {"ops": ops.main, "memory": memory.main, "switching": switching.main}[name]()
     assert out.is_file()
+
+
+CHECKPOINT_FIRST = {  # the benchmarks that read the checkpoint themselves, with arguments that would run them
+    "alphas": (alphas.main, []),
+    "ops": (ops.main, ["--alpha", "0"]),
+    "memory": (memory.main, []),
+    "switching": (switching.main, []),
+}
+
+
+@pytest.mark.parametrize("problem", ["no such file", "a directory", "not a safetensors file"])
+@pytest.mark.parametrize("name", CHECKPOINT_FIRST)
+def test_a_checkpoint_that_cannot_be_read_is_refused_in_one_line(
+    name: str, problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    main, rest = CHECKPOINT_FIRST[name]
+    ckpt = tmp_path / "model.safetensors"
+    if problem == "a directory":
+        ckpt.mkdir()
+    elif problem == "not a safetensors file":
+        ckpt.write_text("hello")
+    monkeypatch.setattr(switching.subprocess, "run", _measured)  # switching's children: never started
+    monkeypatch.setattr(sys, "argv", [name, str(ckpt), *rest, "--json", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    message = str(e.value.code)
+    assert message.startswith(f"error: {ckpt}: ") and "\n" not in message, message
+    assert "written by `python -m training train`" in message  # the fix
+    assert not (tmp_path / "out.json").exists()
