@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import check_output, load_checkpoint
+from benchmarks.cli import alpha_value, check_output, load_checkpoint, positive
 from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
@@ -106,8 +106,8 @@ def _timings(variants: list[tuple[str, float, Compiled]], x32: torch.Tensor, rep
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--alphas", type=float, nargs="*", help="default: 0, 0.25, 0.5, 0.75, 1 snapped to the grid")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--alphas", type=alpha_value, nargs="*", help="default: 0, 0.25, 0.5, 0.75, 1 snapped to the grid")
+    p.add_argument("--repeats", type=positive(int), default=20)
     p.add_argument("--json", type=Path, help="default: benchmarks/results/alphas-<checkpoint>[-<backend>].json")
     p.add_argument("--backend", choices=get_args(Backend), default="onnxruntime", help="what runs the float networks")
     p.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)

@@ -3,9 +3,13 @@ checked before the first measurement, and a refusal is one line naming the flag,
 
 from __future__ import annotations
 
+import argparse
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+from lcs.alpha import ALPHA_CONVENTION
 from lcs.outputs import check_flag
 
 if TYPE_CHECKING:
@@ -13,6 +17,36 @@ if TYPE_CHECKING:
 
     from lcs.checkpoint import CheckpointMeta
     from lcs.models import SubspaceResNet
+
+N = TypeVar("N", int, float)
+
+
+def positive(kind: Callable[[str], N]) -> Callable[[str], N]:
+    """An argparse type: a finite number of `kind` (int or float) above 0, for counts, durations and rates
+    (0 or less measured nothing, or divided by it after the run). argparse names the flag in the error."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {what} above 0") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text} is not above 0; give {what} above 0")
+        return value
+
+    return parse
+
+
+def alpha_value(text: str) -> float:
+    """An argparse type: an alpha, a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; {ALPHA_CONVENTION}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]; {ALPHA_CONVENTION}")
+    return value
 
 
 def check_output(path: Path, flag: str, example_name: str) -> None:

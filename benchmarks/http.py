@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.cli import check_output
+from benchmarks.cli import check_output, positive
 from benchmarks.openloop import HOST
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -121,11 +121,13 @@ def time_breakdown(base: str, body: dict[str, Any], n: int = 300) -> dict[str, f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="models/structured_line.safetensors")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per load level")
-    p.add_argument("--connections", type=int, nargs="*", default=[1, 4, 16, 64])
+    p.add_argument(
+        "--duration", type=positive(int), default=5, help="seconds per load level (wrk counts whole seconds)"
+    )
+    p.add_argument("--connections", type=positive(int), nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-wait-ms", default="0")
-    p.add_argument("--threads", default="2", help="LCS_THREADS for both servers")
-    p.add_argument("--rounds", type=int, default=3, help="the two servers in turn, this many times")
+    p.add_argument("--threads", type=positive(int), default=2, help="LCS_THREADS for both servers")
+    p.add_argument("--rounds", type=positive(int), default=3, help="the two servers in turn, this many times")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/http.json"))
     args = p.parse_args()
     check_output(args.json, "--json", "http.json")
@@ -141,7 +143,7 @@ def main() -> None:
     env = {
         **os.environ,
         "LCS_CHECKPOINT": args.checkpoint,
-        "LCS_THREADS": args.threads,
+        "LCS_THREADS": str(args.threads),
         "LCS_API_KEY": "bench",
         "LCS_LOG_LEVEL": "warning",
         "LCS_MAX_WAIT_MS": args.max_wait_ms,

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from benchmarks import openloop
-from benchmarks.cli import check_output
+from benchmarks.cli import check_output, positive
 from benchmarks.openloop import HOST
 from benchmarks.overload import capacity, percentile, start_server, stop_server
 
@@ -273,7 +273,7 @@ def plot(all_runs: dict[str, dict[str, Any]], out: Path, slo: float) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="models/structured_line.safetensors")
-    p.add_argument("--images", type=int, default=16, help="images per request (the mix)")
+    p.add_argument("--images", type=positive(int), default=16, help="images per request (the mix)")
     p.add_argument(
         "--format",
         choices=["png", "json", "binary"],
@@ -281,14 +281,14 @@ def main() -> None:
         help="inputs as base64 PNGs or raw JSON arrays to /predict, or raw bytes to the OIP v2 path (binary "
         "tensor extension: no parsing, so model compute dominates)",
     )
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per trace")
+    p.add_argument("--duration", type=positive(float), default=15.0, help="seconds per trace")
     p.add_argument("--traces", nargs="*", default=["steady", "step", "ramp", "bursty", "noisy"])
     p.add_argument("--policies", nargs="*", default=["fixed:1", "fixed:0.5", "fixed:0", "step", "aimd", "lcs"])
-    p.add_argument("--slo", type=float, default=0.1, help="p99 latency objective, seconds")
+    p.add_argument("--slo", type=positive(float), default=0.1, help="p99 latency objective, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--capacity",
-        type=float,
+        type=positive(float),
         help="scale the traces to this alpha = 1 capacity (req/s) instead of the one measured, to compare "
         "two versions at the same offered load (both capacities are still measured and reported)",
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.cli import check_output, load_checkpoint
+from benchmarks.cli import alpha_value, check_output, load_checkpoint, positive
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap
 
 
@@ -33,9 +33,9 @@ def _resident() -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.0])
-    p.add_argument("--builds", type=int, default=4, help="copies kept per alpha")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--alphas", type=alpha_value, nargs="+", default=[1.0, 0.0])
+    p.add_argument("--builds", type=positive(int), default=4, help="copies kept per alpha")
+    p.add_argument("--threads", type=positive(int), default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     out = args.json or Path("benchmarks/results") / f"memory-{args.checkpoint.stem}.json"

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import check_output, load_checkpoint
+from benchmarks.cli import alpha_value, check_output, load_checkpoint, positive
 from service.materialize import Compiled, OnnxModule, build, normalised_samples, onnx_threads
 
 
@@ -76,10 +76,10 @@ def _torch_nodes(compiled: Compiled, x: np.ndarray, runs: int) -> dict[str, floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--alpha", type=float, required=True)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--alpha", type=alpha_value, required=True)
+    p.add_argument("--batch", type=positive(int), default=32)
+    p.add_argument("--threads", type=positive(int), default=2)
+    p.add_argument("--runs", type=positive(int), default=300)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from benchmarks.cli import check_output, load_checkpoint
+from benchmarks.cli import check_output, load_checkpoint, positive
 from service.settings import Backend
 
 
@@ -56,7 +56,7 @@ def _measure(checkpoint_path: str, calls: int, backend: Backend) -> dict[str, fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="models/structured_line.safetensors")
-    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--calls", type=positive(int), default=3000)
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/switching.json"))
     p.add_argument("--child", choices=get_args(Backend), help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -12,7 +12,7 @@ from benchmarks import alphas, http, load, memory, ops, overload, switching
 
 
 def _measured(*args: Any, **kwargs: Any) -> Any:
-    raise AssertionError("the benchmark started measuring before checking its output path")
+    raise AssertionError("the benchmark started measuring before checking what it was given")
 
 
 # per benchmark: its main, its arguments before the output flag, the output flag, and what starts its measurement
@@ -100,3 +100,54 @@ def test_a_checkpoint_that_cannot_be_read_is_refused_in_one_line(
     assert message.startswith(f"error: {ckpt}: ") and "\n" not in message, message
     assert "written by `python -m training train`" in message  # the fix
     assert not (tmp_path / "out.json").exists()
+
+
+NUMBERS = [  # (benchmark, flag, a value it refuses): counts, durations and rates above 0, alphas in [0, 1]
+    *[("alphas", "--repeats", v) for v in ("0", "-3")],
+    ("alphas", "--alphas", "-1"),
+    ("alphas", "--alphas", "1.5"),
+    *[("ops", flag, "0") for flag in ("--batch", "--threads", "--runs")],
+    ("ops", "--alpha", "2"),
+    ("ops", "--alpha", "nan"),
+    *[("memory", flag, "0") for flag in ("--builds", "--threads")],
+    ("memory", "--alphas", "-0.5"),
+    ("switching", "--calls", "0"),
+    *[("load", flag, "0") for flag in ("--images", "--duration", "--slo", "--capacity")],
+    ("load", "--duration", "-2"),
+    ("load", "--duration", "inf"),
+    *[
+        ("overload", flag, "0")
+        for flag in ("--duration", "--factor", "--max-rate", "--capacity-seconds", "--images", "--slo")
+    ],
+    *[
+        ("overload", flag, "-1")
+        for flag in ("--rss-bound-mib", "--timeout", "--connections", "--max-lag", "--queue-max")
+    ],
+    *[("http", flag, "0") for flag in ("--duration", "--rounds", "--threads", "--connections")],
+    ("http", "--duration", "2.5"),  # wrk counts whole seconds
+]
+MAINS = {
+    "alphas": alphas.main,
+    "ops": ops.main,
+    "memory": memory.main,
+    "switching": switching.main,
+    "load": load.main,
+    "overload": overload.main,
+    "http": http.main,
+}
+
+
+@pytest.mark.parametrize(("name", "flag", "value"), NUMBERS)
+def test_a_number_out_of_range_is_refused_as_the_flag_is_parsed(
+    name: str, flag: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    owner, start = OUTPUTS[name][3]
+    monkeypatch.setattr(owner, start, _measured)
+    positional = ["model.safetensors"] if name in ("alphas", "ops", "memory", "switching") else []
+    alpha = ["--alpha", "0"] if name == "ops" and flag != "--alpha" else []
+    monkeypatch.setattr(sys, "argv", [name, *positional, *alpha, f"{flag}={value}"])
+    with pytest.raises(SystemExit) as e:
+        MAINS[name]()
+    assert e.value.code == 2  # argparse's refusal, before anything is read or started
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert f"argument {flag}: " in error and value in error, error
