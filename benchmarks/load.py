@@ -74,6 +74,9 @@ def request(images: int, fmt: str, port: int, model: str) -> bytes:
     return openloop.post("/predict", body, port)
 
 
+TRACES = ("steady", "step", "ramp", "bursty", "noisy")
+
+
 def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]:
     """Arrival times in seconds from the start, precomputed."""
     rng = random.Random(seed)
@@ -282,7 +285,7 @@ def main() -> None:
         "tensor extension: no parsing, so model compute dominates)",
     )
     p.add_argument("--duration", type=positive(float), default=15.0, help="seconds per trace")
-    p.add_argument("--traces", nargs="*", default=["steady", "step", "ramp", "bursty", "noisy"])
+    p.add_argument("--traces", nargs="+", choices=TRACES, default=list(TRACES))
     p.add_argument("--policies", nargs="*", default=["fixed:1", "fixed:0.5", "fixed:0", "step", "aimd", "lcs"])
     p.add_argument("--slo", type=positive(float), default=0.1, help="p99 latency objective, seconds")
     p.add_argument("--seed", type=int, default=0)

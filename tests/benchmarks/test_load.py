@@ -1,7 +1,14 @@
-"""benchmarks.load: the noisy-neighbour reaction read from a controller timeline; the settings its servers get."""
+"""benchmarks.load: the noisy-neighbour reaction read from a controller timeline; the settings its servers get;
+flags refused before any server starts."""
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
+import pytest
+
+from benchmarks import load
 from benchmarks.load import neighbour_reaction, server_settings
 
 
@@ -38,3 +45,19 @@ def test_the_callers_service_settings_reach_every_server_but_not_those_the_bench
         "LCS_API_KEY": "bench",
         "LCS_POLICY": "lcs",
     }
+
+
+@pytest.mark.parametrize("traces", [["stedy"], ["steady", "spike"], []])
+def test_an_unknown_or_missing_trace_is_refused_before_any_server_starts(
+    traces: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def started(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a server started before the traces were checked")
+
+    monkeypatch.setattr(load, "start_server", started)
+    monkeypatch.setattr(sys, "argv", ["load", "--traces", *traces])
+    with pytest.raises(SystemExit) as e:
+        load.main()
+    assert e.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "argument --traces: " in error and (not traces or "choose from 'steady', 'step'" in error), error
