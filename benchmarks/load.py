@@ -37,6 +37,7 @@ from benchmarks import openloop
 from benchmarks.cli import check_output, positive
 from benchmarks.openloop import HOST
 from benchmarks.overload import capacity, percentile, start_server, stop_server
+from service.controller import parse_policy
 
 
 def _burn(stop: Any) -> None:
@@ -103,6 +104,16 @@ def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]
         if t < duration:
             times.append(t)
     return times
+
+
+def known_policy(text: str) -> str:
+    """An argparse type: a policy the service takes as LCS_POLICY, refused here rather than by its server,
+    after the capacity runs."""
+    try:
+        parse_policy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def server_settings(environ: Mapping[str, str], policy: str) -> dict[str, str]:
@@ -286,7 +297,9 @@ def main() -> None:
     )
     p.add_argument("--duration", type=positive(float), default=15.0, help="seconds per trace")
     p.add_argument("--traces", nargs="+", choices=TRACES, default=list(TRACES))
-    p.add_argument("--policies", nargs="*", default=["fixed:1", "fixed:0.5", "fixed:0", "step", "aimd", "lcs"])
+    p.add_argument(
+        "--policies", type=known_policy, nargs="+", default=["fixed:1", "fixed:0.5", "fixed:0", "step", "aimd", "lcs"]
+    )
     p.add_argument("--slo", type=positive(float), default=0.1, help="p99 latency objective, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

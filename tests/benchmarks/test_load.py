@@ -61,3 +61,21 @@ def test_an_unknown_or_missing_trace_is_refused_before_any_server_starts(
     assert e.value.code == 2
     error = capsys.readouterr().err.splitlines()[-1]
     assert "argument --traces: " in error and (not traces or "choose from 'steady', 'step'" in error), error
+
+
+@pytest.mark.parametrize("policies", [["lcss"], ["lcs", "fixed:2"], []])
+def test_an_unknown_or_missing_policy_is_refused_before_any_server_starts(
+    policies: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def started(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a server started before the policies were checked")
+
+    monkeypatch.setattr(load, "start_server", started)
+    monkeypatch.setattr(sys, "argv", ["load", "--policies", *policies])
+    with pytest.raises(SystemExit) as e:
+        load.main()
+    assert e.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "argument --policies: " in error, error
+    if policies:  # the service's own words: what it takes instead
+        assert "use lcs, fixed:<alpha>, step or aimd" in error or "use fixed:<alpha in [0, 1]>" in error, error
