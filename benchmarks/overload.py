@@ -71,7 +71,11 @@ def start_server(checkpoint: str, port: int, slo: float, **env: str) -> subproce
         **env,
     }
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=full)
-    _wait_ready(f"http://{HOST}:{port}/readyz", proc)
+    try:
+        _wait_ready(f"http://{HOST}:{port}/readyz", proc)
+    except BaseException:  # not ready in time, or Ctrl-C while starting: the caller never gets it to stop
+        stop_server(proc)
+        raise
     return proc
 
 
