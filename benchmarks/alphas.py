@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive
 from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
@@ -283,4 +283,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

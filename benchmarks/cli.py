@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from lcs.alpha import ALPHA_CONVENTION
 from lcs.outputs import check_flag
@@ -70,3 +71,14 @@ def load_checkpoint(
         return load_with_samples(path)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def command(main: Callable[[], int | None]) -> NoReturn:
+    """A benchmark's `main` as a command: its exit code, and Ctrl-C as one line and exit code 130 (128 + SIGINT,
+    as a shell reports it, and as `python -m training`), once its `finally` blocks have stopped what it started."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("interrupted; no results written", file=sys.stderr)
+        code = 130
+    sys.exit(code)

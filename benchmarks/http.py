@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.cli import check_output, positive
+from benchmarks.cli import check_output, command, positive
 from benchmarks.openloop import HOST
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -210,4 +210,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from benchmarks import openloop
-from benchmarks.cli import check_output, positive
+from benchmarks.cli import check_output, command, positive
 from benchmarks.openloop import HOST
 from benchmarks.overload import capacity, percentile, start_server, stop_server
 from service.controller import parse_policy
@@ -380,4 +380,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

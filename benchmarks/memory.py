@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.cli import alpha_value, check_output, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap
 
 
@@ -88,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive
 from service.materialize import Compiled, OnnxModule, build, normalised_samples, onnx_threads
 
 
@@ -127,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

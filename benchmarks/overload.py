@@ -49,7 +49,7 @@ import httpx
 import psutil
 
 from benchmarks import openloop
-from benchmarks.cli import check_output, positive
+from benchmarks.cli import check_output, command, positive
 from benchmarks.http import _wait_ready
 from benchmarks.openloop import HOST
 
@@ -330,4 +330,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command(main)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from benchmarks.cli import check_output, load_checkpoint, positive
+from benchmarks.cli import check_output, command, load_checkpoint, positive
 from service.settings import Backend
 
 
@@ -82,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

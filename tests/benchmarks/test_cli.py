@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import runpy
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +154,26 @@ def test_a_number_out_of_range_is_refused_as_the_flag_is_parsed(
     assert e.value.code == 2  # argparse's refusal, before anything is read or started
     error = capsys.readouterr().err.splitlines()[-1]
     assert f"argument {flag}: " in error and value in error, error
+
+
+@pytest.mark.parametrize("name", MAINS)
+def test_ctrl_c_ends_a_benchmark_with_one_line_and_exit_code_130(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m benchmarks.<name>`, interrupted (here as it parses its flags): no traceback."""
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    with warnings.catch_warnings():  # run again as __main__, though imported above: nothing here depends on it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            runpy.run_module(f"benchmarks.{name}", run_name="__main__")
+        except KeyboardInterrupt:  # caught here: escaping, it would stop the whole test session
+            pytest.fail("Ctrl-C escaped the benchmark: a traceback")
+        except SystemExit as e:
+            assert e.code == 130
+        else:
+            pytest.fail("the benchmark went on after Ctrl-C")
+    assert capsys.readouterr().err == "interrupted; no results written\n"
