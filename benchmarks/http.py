@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from benchmarks.cli import check_output, command, positive
-from benchmarks.openloop import HOST
+from benchmarks.openloop import HOST, free_port
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -149,29 +149,20 @@ def main() -> None:
         "LCS_MAX_WAIT_MS": args.max_wait_ms,
         "LCS_QUEUE_MAX": "1024",
     }
-    servers = {
-        "lcs-serve": ([sys.executable, "-m", "service"], 18000, "/readyz", {"LCS_PORT": "18000"}),
-        "one-at-a-time": (
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "benchmarks.naive_server:app",
-                "--port",
-                "18001",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            18001,
-            "/docs",
-            {},
-        ),
-    }
+
+    def server(name: str, port: int) -> tuple[list[str], str, dict[str, str]]:
+        """One of the two servers on `port`: (command, readiness path, environment on top of `env`)."""
+        if name == "lcs-serve":
+            return [sys.executable, "-m", "service"], "/readyz", {"LCS_PORT": str(port)}
+        plain = ["uvicorn", "benchmarks.naive_server:app", "--port", str(port), "--log-level", "warning"]
+        return [sys.executable, "-m", *plain, "--no-access-log"], "/docs", {}
+
     results: dict[str, Any] = {"checkpoint": args.checkpoint, "duration_s": args.duration, "rounds": []}
     for round_ in range(args.rounds):  # the servers take turns, so each round sees the machine's pace of the moment
         levels: dict[str, list[dict[str, Any]]] = {}
-        for name, (cmd, port, ready, extra) in servers.items():
+        for name in ("lcs-serve", "one-at-a-time"):
+            port = free_port()
+            cmd, ready, extra = server(name, port)
             proc = subprocess.Popen(cmd, env={**env, **extra})
             try:
                 base = f"http://{HOST}:{port}"

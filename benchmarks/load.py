@@ -35,7 +35,7 @@ import httpx
 
 from benchmarks import openloop
 from benchmarks.cli import check_output, command, positive
-from benchmarks.openloop import HOST
+from benchmarks.openloop import HOST, free_port
 from benchmarks.overload import capacity, percentile, start_server, stop_server
 from service.controller import parse_policy
 
@@ -315,7 +315,7 @@ def main() -> None:
         check_output(Path(f"{out}{suffix}"), "--out", "load")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    port = 18100
+    port = free_port()
     req = request(args.images, args.format, port, Path(args.checkpoint).stem)
     base = f"http://{HOST}:{port}"
 

@@ -37,7 +37,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,13 +50,7 @@ import psutil
 from benchmarks import openloop
 from benchmarks.cli import check_output, command, positive
 from benchmarks.http import _wait_ready
-from benchmarks.openloop import HOST
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+from benchmarks.openloop import HOST, free_port
 
 
 def start_server(checkpoint: str, port: int, slo: float, **env: str) -> subprocess.Popen[bytes]:

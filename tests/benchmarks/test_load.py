@@ -4,6 +4,7 @@ flags refused before any server starts."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,3 +80,22 @@ def test_an_unknown_or_missing_policy_is_refused_before_any_server_starts(
     assert "argument --policies: " in error, error
     if policies:  # the service's own words: what it takes instead
         assert "use lcs, fixed:<alpha>, step or aimd" in error or "use fixed:<alpha in [0, 1]>" in error, error
+
+
+def test_its_servers_start_on_a_port_found_free_not_a_fixed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fixed port (18100) could be taken: the first server then failed to bind, or, if the process there
+    answered /readyz (a server left running, a second run), the benchmark measured that server instead."""
+    ports: list[int] = []
+
+    def start_server(checkpoint: str, port: int, slo: float, **env: str) -> Any:
+        ports.append(port)
+        raise KeyboardInterrupt  # enough: the first server's port is what this is about
+
+    monkeypatch.setattr(load, "free_port", lambda: 54321)
+    monkeypatch.setattr(load, "start_server", start_server)
+    monkeypatch.setattr(sys, "argv", ["load", "--out", str(tmp_path / "load")])
+    with pytest.raises(KeyboardInterrupt):
+        load.main()
+    assert ports == [54321]
