@@ -99,3 +99,28 @@ def test_its_servers_start_on_a_port_found_free_not_a_fixed_one(
     with pytest.raises(KeyboardInterrupt):
         load.main()
     assert ports == [54321]
+
+
+def test_a_mix_the_server_refuses_is_reported_before_its_capacity_is_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """65 images with the service's limit of 64: every request got 422, capacity was measured as 0 and the
+    traces divided by it (ZeroDivisionError)."""
+    stopped: list[object] = []
+    refusal = b'{"error": "invalid input", "detail": "inputs: 65 images in one request, the limit is 64"}'
+
+    async def answer(port: int, req: bytes) -> tuple[int, bytes]:
+        return 422, refusal
+
+    monkeypatch.setattr(load, "start_server", lambda *a, **k: "server")
+    monkeypatch.setattr(load, "stop_server", stopped.append)
+    monkeypatch.setattr(load, "answer", answer, raising=False)
+    monkeypatch.setattr(load, "capacity", lambda *a, **k: 0.0)  # what measuring it gave
+    monkeypatch.setattr(sys, "argv", ["load", "--images", "65", "--format", "json", "--out", str(tmp_path / "l")])
+    with pytest.raises(SystemExit) as e:
+        load.main()
+    assert e.value.code == (
+        "error: --images 65 --format json: the server refuses it (422: inputs: 65 images in one request, the "
+        "limit is 64); change the mix"
+    )
+    assert stopped == ["server"]
