@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -73,12 +74,22 @@ def load_checkpoint(
         raise SystemExit(f"error: {e}") from None
 
 
+def _terminated(signum: int, frame: object) -> None:
+    print("terminated; no results written", file=sys.stderr)
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, through the `finally` blocks
+
+
 def command(main: Callable[[], int | None]) -> NoReturn:
     """A benchmark's `main` as a command: its exit code, and Ctrl-C as one line and exit code 130 (128 + SIGINT,
-    as a shell reports it, and as `python -m training`), once its `finally` blocks have stopped what it started."""
+    as a shell reports it, and as `python -m training`), once its `finally` blocks have stopped what it started.
+    SIGTERM (`timeout`, a cancelled job) too, with 143: by default it ends Python at once, and the servers and
+    CPU burners a benchmark started ran on without it."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = main()
     except KeyboardInterrupt:
         print("interrupted; no results written", file=sys.stderr)
         code = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code)

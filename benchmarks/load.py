@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -40,9 +41,11 @@ from benchmarks.overload import capacity, percentile, start_server, stop_server
 from service.controller import parse_policy
 
 
-def _burn(stop: Any) -> None:
+def _burn(stop: Any, parent: int) -> None:
+    """A CPU-hungry neighbour, until `stop` is set or the benchmark (`parent`) is gone, however it ended."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the benchmark's handler (benchmarks.cli): terminate() ends it
     x = 0
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent:
         for i in range(100_000):
             x += i * i
 
@@ -209,7 +212,7 @@ async def drive(
     async def neighbour() -> None:
         await asyncio.sleep(duration / 3)
         for _ in range(os.cpu_count() or 2):
-            b = multiprocessing.Process(target=_burn, args=(stop_burn,), daemon=True)
+            b = multiprocessing.Process(target=_burn, args=(stop_burn, os.getpid()), daemon=True)
             b.start()
             burners.append(b)
         await asyncio.sleep(duration / 3)

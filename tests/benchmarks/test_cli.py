@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
+import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import pytest
 
 from benchmarks import alphas, http, load, memory, ops, overload, switching
+from benchmarks.cli import command
 
 
 def _measured(*args: Any, **kwargs: Any) -> Any:
@@ -177,3 +181,30 @@ def test_ctrl_c_ends_a_benchmark_with_one_line_and_exit_code_130(
         else:
             pytest.fail("the benchmark went on after Ctrl-C")
     assert capsys.readouterr().err == "interrupted; no results written\n"
+
+
+def test_sigterm_unwinds_a_benchmark_like_ctrl_c_with_exit_code_143(capsys: pytest.CaptureFixture[str]) -> None:
+    """`timeout 60 python -m benchmarks.load ...` sends SIGTERM: by default Python ended at once, leaving the
+    servers and CPU burners it had started running. Now the `finally` blocks that stop them run."""
+    cleaned: list[str] = []
+
+    def main() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # not reached: the handler raises as soon as the signal arrives
+            return 0
+        finally:
+            cleaned.append("servers stopped")
+
+    def ignored(signum: int, frame: object) -> None:  # this test session's, in place of dying by SIGTERM
+        cleaned.append("SIGTERM not handled by the benchmark")
+
+    before = signal.signal(signal.SIGTERM, ignored)
+    try:
+        with pytest.raises(SystemExit) as e:
+            command(main)
+        assert signal.getsignal(signal.SIGTERM) == ignored  # put back: the caller carries on as it was
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert e.value.code == 143 and cleaned == ["servers stopped"]
+    assert capsys.readouterr().err == "terminated; no results written\n"

@@ -3,6 +3,9 @@ flags refused before any server starts."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,3 +127,23 @@ def test_a_mix_the_server_refuses_is_reported_before_its_capacity_is_measured(
         "limit is 64); change the mix"
     )
     assert stopped == ["server"]
+
+
+def test_a_cpu_burner_stops_when_the_benchmark_is_gone_even_if_it_never_said_so() -> None:
+    """Killed outright (SIGKILL, an OOM kill), the benchmark never sets the burners' stop event: they ran on,
+    at 100 % of every core, until someone found them."""
+    stop = multiprocessing.Event()
+    load._burn(stop, parent=os.getppid() + 1)  # not its parent: returns at once, though `stop` is not set
+
+
+def test_a_cpu_burner_leaves_sigterm_to_its_default_so_terminate_ends_it_quietly() -> None:
+    """multiprocessing terminates leftover burners with SIGTERM as the benchmark exits; a burner forked from it
+    would otherwise run the benchmark's handler (benchmarks.cli): one "terminated" line per burner."""
+    before = signal.signal(signal.SIGTERM, lambda *a: None)  # what a forked burner inherits
+    try:
+        stop = multiprocessing.Event()
+        stop.set()
+        load._burn(stop, parent=os.getppid())
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
