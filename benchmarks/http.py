@@ -136,7 +136,8 @@ def main() -> None:
 
     image = [[(7 * r + 3 * c) % 256 for c in range(28)] for r in range(28)]
     body = {"inputs": [image]}
-    script = Path(tempfile.mkdtemp()) / "post.lua"
+    scratch = tempfile.TemporaryDirectory(prefix="lcs-http-")  # removed when the run ends, however it ends
+    script = Path(scratch.name) / "post.lua"
     script.write_text(
         f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = \'{json.dumps(body)}\'\n'
     )
