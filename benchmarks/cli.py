@@ -79,6 +79,15 @@ def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C, through the `finally` blocks
 
 
+def grid_alpha(model: SubspaceResNet, alpha: float, flag: str) -> float:
+    """`alpha`, if the checkpoint has BatchNorm statistics for it (its grid: a baseline's is one alpha);
+    otherwise `error: ...` naming the flag and the grid, and exit code 1."""
+    try:
+        return model.at(alpha).alpha
+    except ValueError as e:
+        raise SystemExit(f"error: {flag} {alpha:g}: {e}") from None
+
+
 def command(main: Callable[[], int | None]) -> NoReturn:
     """A benchmark's `main` as a command: its exit code, and Ctrl-C as one line and exit code 130 (128 + SIGINT,
     as a shell reports it, and as `python -m training`), once its `finally` blocks have stopped what it started.

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap
 
 
@@ -43,14 +43,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model, meta, raw_samples = load_checkpoint(args.checkpoint)
+    alphas = [grid_alpha(model, a, "--alphas") for a in args.alphas]  # all, before the first is measured
     stored = normalised_samples(raw_samples, meta.input)
     samples = None if stored is None else stored[0]
     batch = torch.zeros(32, meta.input.channels, meta.input.height, meta.input.width).numpy()
     rows = []
     print(f"{args.checkpoint.name}: MB per model ({args.builds} kept), and per build-and-drop ({args.builds} cycles)")
     print(f"{'alpha':>5} | {'counted':>7} | {'held':>6} | {'rebuild':>7} | reclaimable | representation")
-    for requested in args.alphas:
-        alpha = model.at(requested).alpha
+    for alpha in alphas:
 
         def built(alpha: float = alpha) -> Compiled:
             compiled = build(model, meta, alpha, samples=samples, channels_last=False)

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive
 from service.materialize import Compiled, OnnxModule, build, normalised_samples, onnx_threads
 
 
@@ -86,7 +86,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     model, meta, raw_samples = load_checkpoint(args.checkpoint)
-    alpha = model.at(args.alpha).alpha
+    alpha = grid_alpha(model, args.alpha, "--alpha")
     out = args.json or Path("benchmarks/results") / (
         f"ops-{args.checkpoint.stem}-{alpha:g}-b{args.batch}-t{args.threads}.json"
     )

@@ -208,3 +208,24 @@ def test_sigterm_unwinds_a_benchmark_like_ctrl_c_with_exit_code_143(capsys: pyte
         signal.signal(signal.SIGTERM, before)
     assert e.value.code == 143 and cleaned == ["servers stopped"]
     assert capsys.readouterr().err == "terminated; no results written\n"
+
+
+@pytest.mark.parametrize(("name", "rest"), [("ops", ["--alpha", "0.3"]), ("memory", ["--alphas", "1", "0.3"])])
+def test_an_alpha_off_the_checkpoints_grid_is_refused_in_one_line_before_any_is_measured(
+    name: str, rest: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grid of a checkpoint has the BatchNorm statistics: a ValueError traceback before (memory: after
+    measuring the alphas before it); a baseline's grid is its one alpha."""
+    from tests.service.service_support import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path, "structured").path  # grid 0, 0.5, 1
+    module = {"ops": ops, "memory": memory}[name]
+    monkeypatch.setattr(module, "build", _measured)
+    monkeypatch.setattr(sys, "argv", [name, str(ckpt), *rest, "--json", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    flag = rest[0]
+    assert e.value.code == (
+        f"error: {flag} 0.3: alpha 0.3 has no BatchNorm statistics in this checkpoint; use one of its grid alphas "
+        "[0.0, 0.5, 1.0]"
+    )
