@@ -1,4 +1,4 @@
-"""Per-alpha benchmark of materialised models: accuracy, bytes, latency, speed-up over alpha = 1.
+"""Per-alpha benchmark of materialised models: accuracy, bytes, latency, speed-up over the highest alpha.
 
     .venv/bin/python -m benchmarks.alphas models/structured_line.safetensors [--alphas 0 0.5 1] [--json OUT]
         [--backend onnxruntime|torchscript]
@@ -7,8 +7,9 @@ For every alpha: the representation the service runs, resident and stored bytes,
 accuracy of *that materialised model* on the checkpoint's dataset (when the dataset is installed) and its
 top-1 agreement with the training-side model at the same alpha (the parity the int8 kernels must keep),
 and median latency at batch 1 and 32 with 1 and 2 threads, measured in interleaved rounds (every variant
-once per round) so that all see the same machine. The quantized kind adds a float row (the
-alpha = 1 weights, unquantised) as the reference for the int8 speed-up. Prints a table, writes JSON.
+once per round) so that all see the same machine. Speed-ups are relative to the highest alpha measured
+(1 by default); the quantized kind adds a float row (the weights of the grid's highest alpha, 1 but in a
+baseline, unquantised) as the reference for the int8 speed-up. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from lcs import checkpoint
+from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive
 from lcs.alpha import Level
 from lcs.layers import Setting
 from service.inputs import normaliser
@@ -106,18 +107,28 @@ def _timings(variants: list[tuple[str, float, Compiled]], x32: torch.Tensor, rep
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--alphas", type=float, nargs="*", help="default: 0, 0.25, 0.5, 0.75, 1 snapped to the grid")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--alphas",
+        type=alpha_value,
+        nargs="*",
+        help="default: 0, 0.25, 0.5, 0.75, 1; each snapped down to the checkpoint's grid (below it: its lowest)",
+    )
+    p.add_argument("--repeats", type=positive(int), default=20)
     p.add_argument("--json", type=Path, help="default: benchmarks/results/alphas-<checkpoint>[-<backend>].json")
     p.add_argument("--backend", choices=get_args(Backend), default="onnxruntime", help="what runs the float networks")
     p.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    suffix = "" if args.backend == "onnxruntime" else f"-{args.backend}"
+    out = args.json or Path("benchmarks/results") / f"alphas-{args.checkpoint.stem}{suffix}.json"
+    if not args.child_threads:  # the children print their timings; the parent writes the file
+        check_output(out, "--json", "alphas.json")
 
     torch.set_flush_denormal(True)
-    model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
+    model, meta, raw_samples = load_checkpoint(args.checkpoint)
     grid = list(model.stat_alphas)
     wanted = args.alphas or [0.0, 0.25, 0.5, 0.75, 1.0]
-    alphas = sorted({max(a for a in grid if a <= w + 1e-9) for w in wanted})
+    # snapped down, as the service snaps `quality`; below the grid (a baseline's is one alpha) to its lowest
+    alphas = sorted({max((a for a in grid if a <= w + 1e-9), default=min(grid)) for w in wanted})
     scale, shift = normaliser(meta.input)
     samples = normalised_samples(raw_samples, meta.input)
     calib = None if samples is None else samples[0]
@@ -157,15 +168,16 @@ def main() -> None:
             )
             variants.append((f"{a0:g} csr", a0, csr))
         if meta.kind == "quantized":  # the float reference for the int8 speed-up, run as served floats are
-            s = model.at(1.0)
+            top = max(grid)  # 1, but in a baseline trained at one alpha
+            s = model.at(top)
             t0 = time.perf_counter()
-            plain = model.export(Setting(1.0, Level("structured", width=1.0), s.stats)).to(
+            plain = model.export(Setting(top, Level("structured", width=1.0), s.stats)).to(
                 memory_format=torch.channels_last  # type: ignore[call-overload]
             )
             size = sum(q.numel() * 4 for q in plain.parameters())
             network = compile_module(plain, x32, backend=args.backend, channels_last=True)
             ref = Compiled(
-                1.0,
+                top,
                 Level("quantized", bits=32),
                 network.run,
                 f"fp32 float reference (unquantised), {network.how}",
@@ -175,7 +187,7 @@ def main() -> None:
                 network.how == "TorchScript",
                 network.reclaimable,
             )
-            variants.append(("float", 1.0, ref))
+            variants.append(("float", top, ref))
         return variants
 
     if args.child_threads:  # time what a service with this many threads builds, print JSON, stop
@@ -211,7 +223,8 @@ def main() -> None:
         for row, t in zip(rows, timed, strict=True):
             row[f"representation_t{threads}"] = t["representation"]
             row[f"ms_b1_t{threads}"], row[f"ms_b32_t{threads}"] = t["ms_b1"], t["ms_b32"]
-    base = next(r for r in rows if r["alpha"] == ("float" if meta.kind == "quantized" else "1"))
+    reference = "float" if meta.kind == "quantized" else f"{alphas[-1]:g}"  # 1, unless --alphas leaves it out
+    base = next(r for r in rows if r["alpha"] == reference)
     for r in rows:
         for key in [k for k in r if k.startswith("ms_")]:
             r["speedup_" + key[3:]] = round(float(base[key]) / float(r[key]), 2)  # type: ignore[arg-type]
@@ -248,15 +261,10 @@ def main() -> None:
     short = {"ONNX Runtime": "ORT", "TorchScript": "TS", "eager": "eager"}
     for r in rows:  # what ran the model, per thread count
         r["runs_t1/t2"] = "/".join(short[str(r[f"representation_t{t}"]).split(", ")[-1]] for t in (1, 2))
-    print(
-        f"{args.checkpoint.name}: {meta.kind}, speed-up relative to alpha "
-        f"{'float' if meta.kind == 'quantized' else '1'}"
-    )
+    print(f"{args.checkpoint.name}: {meta.kind}, speed-up relative to alpha {reference}")
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r.get(c, '')!s:>14}" for c in cols))
-    suffix = "" if args.backend == "onnxruntime" else f"-{args.backend}"
-    out = args.json or Path("benchmarks/results") / f"alphas-{args.checkpoint.stem}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
@@ -268,6 +276,7 @@ def main() -> None:
                 "onnxruntime": ort.__version__,
                 "machine": platform.processor() or platform.machine(),
                 "cache": cache_cost,
+                "speedup_relative_to": reference,
                 "rows": rows,
             },
             indent=1,
@@ -281,4 +290,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -29,7 +29,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.openloop import HOST
+from benchmarks.cli import check_output, command, positive
+from benchmarks.openloop import HOST, free_port
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -120,54 +121,49 @@ def time_breakdown(base: str, body: dict[str, Any], n: int = 300) -> dict[str, f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="models/structured_line.safetensors")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per load level")
-    p.add_argument("--connections", type=int, nargs="*", default=[1, 4, 16, 64])
+    p.add_argument(
+        "--duration", type=positive(int), default=5, help="seconds per load level (wrk counts whole seconds)"
+    )
+    p.add_argument("--connections", type=positive(int), nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-wait-ms", default="0")
-    p.add_argument("--threads", default="2", help="LCS_THREADS for both servers")
-    p.add_argument("--rounds", type=int, default=3, help="the two servers in turn, this many times")
+    p.add_argument("--threads", type=positive(int), default=2, help="LCS_THREADS for both servers")
+    p.add_argument("--rounds", type=positive(int), default=3, help="the two servers in turn, this many times")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/http.json"))
     args = p.parse_args()
+    check_output(args.json, "--json", "http.json")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
 
     image = [[(7 * r + 3 * c) % 256 for c in range(28)] for r in range(28)]
     body = {"inputs": [image]}
-    script = Path(tempfile.mkdtemp()) / "post.lua"
+    scratch = tempfile.TemporaryDirectory(prefix="lcs-http-")  # removed when the run ends, however it ends
+    script = Path(scratch.name) / "post.lua"
     script.write_text(
         f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = \'{json.dumps(body)}\'\n'
     )
     env = {
         **os.environ,
         "LCS_CHECKPOINT": args.checkpoint,
-        "LCS_THREADS": args.threads,
+        "LCS_THREADS": str(args.threads),
         "LCS_API_KEY": "bench",
         "LCS_LOG_LEVEL": "warning",
         "LCS_MAX_WAIT_MS": args.max_wait_ms,
         "LCS_QUEUE_MAX": "1024",
     }
-    servers = {
-        "lcs-serve": ([sys.executable, "-m", "service"], 18000, "/readyz", {"LCS_PORT": "18000"}),
-        "one-at-a-time": (
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "benchmarks.naive_server:app",
-                "--port",
-                "18001",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            18001,
-            "/docs",
-            {},
-        ),
-    }
+
+    def server(name: str, port: int) -> tuple[list[str], str, dict[str, str]]:
+        """One of the two servers on `port`: (command, readiness path, environment on top of `env`)."""
+        if name == "lcs-serve":
+            return [sys.executable, "-m", "service"], "/readyz", {"LCS_PORT": str(port)}
+        plain = ["uvicorn", "benchmarks.naive_server:app", "--port", str(port), "--log-level", "warning"]
+        return [sys.executable, "-m", *plain, "--no-access-log"], "/docs", {}
+
     results: dict[str, Any] = {"checkpoint": args.checkpoint, "duration_s": args.duration, "rounds": []}
     for round_ in range(args.rounds):  # the servers take turns, so each round sees the machine's pace of the moment
         levels: dict[str, list[dict[str, Any]]] = {}
-        for name, (cmd, port, ready, extra) in servers.items():
+        for name in ("lcs-serve", "one-at-a-time"):
+            port = free_port()
+            cmd, ready, extra = server(name, port)
             proc = subprocess.Popen(cmd, env={**env, **extra})
             try:
                 base = f"http://{HOST}:{port}"
@@ -206,4 +202,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -34,13 +35,17 @@ from typing import Any
 import httpx
 
 from benchmarks import openloop
-from benchmarks.openloop import HOST
+from benchmarks.cli import check_output, command, positive
+from benchmarks.openloop import HOST, free_port
 from benchmarks.overload import capacity, percentile, start_server, stop_server
+from service.controller import parse_policy
 
 
-def _burn(stop: Any) -> None:
+def _burn(stop: Any, parent: int) -> None:
+    """A CPU-hungry neighbour, until `stop` is set or the benchmark (`parent`) is gone, however it ended."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the benchmark's handler (benchmarks.cli): terminate() ends it
     x = 0
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent:
         for i in range(100_000):
             x += i * i
 
@@ -73,6 +78,31 @@ def request(images: int, fmt: str, port: int, model: str) -> bytes:
     return openloop.post("/predict", body, port)
 
 
+TRACES = ("steady", "step", "ramp", "bursty", "noisy")
+
+
+async def answer(port: int, req: bytes) -> tuple[int, bytes]:
+    """The status and body of one `req` sent to the server on `port`."""
+    pool = openloop.Pool(port, 1)
+    try:
+        status, _, body = await pool.request(req, 10.0)
+    finally:
+        pool.close()
+    return status, body
+
+
+def check_accepted(port: int, req: bytes, mix: str) -> None:
+    """Refuse a mix the server refuses (more images than its LCS_MAX_INPUTS, say) before measuring it: every
+    request would be refused, capacity measured as 0 and the traces scaled to nothing."""
+    status, body = openloop.run(answer(port, req))
+    if status != 200:
+        try:
+            detail = json.loads(body)["detail"]
+        except (ValueError, KeyError, TypeError):
+            detail = body[:200].decode("utf-8", "replace")
+        raise SystemExit(f"error: {mix}: the server refuses it ({status}: {detail}); change the mix")
+
+
 def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]:
     """Arrival times in seconds from the start, precomputed."""
     rng = random.Random(seed)
@@ -99,6 +129,16 @@ def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]
         if t < duration:
             times.append(t)
     return times
+
+
+def known_policy(text: str) -> str:
+    """An argparse type: a policy the service takes as LCS_POLICY, refused here rather than by its server,
+    after the capacity runs."""
+    try:
+        parse_policy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def server_settings(environ: Mapping[str, str], policy: str) -> dict[str, str]:
@@ -172,7 +212,7 @@ async def drive(
     async def neighbour() -> None:
         await asyncio.sleep(duration / 3)
         for _ in range(os.cpu_count() or 2):
-            b = multiprocessing.Process(target=_burn, args=(stop_burn,), daemon=True)
+            b = multiprocessing.Process(target=_burn, args=(stop_burn, os.getpid()), daemon=True)
             b.start()
             burners.append(b)
         await asyncio.sleep(duration / 3)
@@ -272,7 +312,7 @@ def plot(all_runs: dict[str, dict[str, Any]], out: Path, slo: float) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="models/structured_line.safetensors")
-    p.add_argument("--images", type=int, default=16, help="images per request (the mix)")
+    p.add_argument("--images", type=positive(int), default=16, help="images per request (the mix)")
     p.add_argument(
         "--format",
         choices=["png", "json", "binary"],
@@ -280,23 +320,27 @@ def main() -> None:
         help="inputs as base64 PNGs or raw JSON arrays to /predict, or raw bytes to the OIP v2 path (binary "
         "tensor extension: no parsing, so model compute dominates)",
     )
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per trace")
-    p.add_argument("--traces", nargs="*", default=["steady", "step", "ramp", "bursty", "noisy"])
-    p.add_argument("--policies", nargs="*", default=["fixed:1", "fixed:0.5", "fixed:0", "step", "aimd", "lcs"])
-    p.add_argument("--slo", type=float, default=0.1, help="p99 latency objective, seconds")
+    p.add_argument("--duration", type=positive(float), default=15.0, help="seconds per trace")
+    p.add_argument("--traces", nargs="+", choices=TRACES, default=list(TRACES))
+    p.add_argument(
+        "--policies", type=known_policy, nargs="+", default=["fixed:1", "fixed:0.5", "fixed:0", "step", "aimd", "lcs"]
+    )
+    p.add_argument("--slo", type=positive(float), default=0.1, help="p99 latency objective, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--capacity",
-        type=float,
+        type=positive(float),
         help="scale the traces to this alpha = 1 capacity (req/s) instead of the one measured, to compare "
         "two versions at the same offered load (both capacities are still measured and reported)",
     )
     p.add_argument("--out", type=Path, help="default: benchmarks/results/load-<images><format> (.json, .png)")
     args = p.parse_args()
     out = args.out or Path("benchmarks/results") / f"load-{args.images}{args.format}"
+    for suffix in (".json", ".png"):
+        check_output(Path(f"{out}{suffix}"), "--out", "load")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    port = 18100
+    port = free_port()
     req = request(args.images, args.format, port, Path(args.checkpoint).stem)
     base = f"http://{HOST}:{port}"
 
@@ -315,6 +359,7 @@ def main() -> None:
     for a in ("1", "0"):
         proc = start(f"fixed:{a}")
         try:
+            check_accepted(port, req, f"--images {args.images} --format {args.format}")
             result["capacity_rps"][a] = round(capacity(port, req, 4.0, warmup=2.0), 1)
             accuracy = {q["alpha"]: q["accuracy"] for q in httpx.get(base + "/model").json()["accuracy"]}
         finally:
@@ -361,4 +406,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from lcs import checkpoint
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap
 
 
@@ -33,22 +33,24 @@ def _resident() -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.0])
-    p.add_argument("--builds", type=int, default=4, help="copies kept per alpha")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--alphas", type=alpha_value, nargs="+", default=[1.0, 0.0])
+    p.add_argument("--builds", type=positive(int), default=4, help="copies kept per alpha")
+    p.add_argument("--threads", type=positive(int), default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    out = args.json or Path("benchmarks/results") / f"memory-{args.checkpoint.stem}.json"
+    check_output(out, "--json", "memory.json")
 
     torch.set_num_threads(args.threads)
-    model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
+    model, meta, raw_samples = load_checkpoint(args.checkpoint)
+    alphas = [grid_alpha(model, a, "--alphas") for a in args.alphas]  # all, before the first is measured
     stored = normalised_samples(raw_samples, meta.input)
     samples = None if stored is None else stored[0]
     batch = torch.zeros(32, meta.input.channels, meta.input.height, meta.input.width).numpy()
     rows = []
     print(f"{args.checkpoint.name}: MB per model ({args.builds} kept), and per build-and-drop ({args.builds} cycles)")
     print(f"{'alpha':>5} | {'counted':>7} | {'held':>6} | {'rebuild':>7} | reclaimable | representation")
-    for requested in args.alphas:
-        alpha = model.at(requested).alpha
+    for alpha in alphas:
 
         def built(alpha: float = alpha) -> Compiled:
             compiled = build(model, meta, alpha, samples=samples, channels_last=False)
@@ -80,10 +82,10 @@ def main() -> None:
             f"{alpha:>5g} | {row['counted_bytes'] / 1e6:>7.2f} | {held / 1e6:>6.2f} | {kept_for_good / 1e6:>7.2f} | "
             f"{row['reclaimable']!s:>11} | {row['representation']}"
         )
-    out = args.json or Path("benchmarks/results") / f"memory-{args.checkpoint.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "builds": args.builds, "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

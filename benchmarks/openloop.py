@@ -28,6 +28,14 @@ HOST = "127.0.0.1"
 KEEP_ALIVE_S = 4.0  # reuse a connection idle for less than this (uvicorn closes idle ones after 5 s)
 
 
+def free_port() -> int:
+    """A port on HOST that no process listens on, for a server a benchmark starts: a fixed one may be taken,
+    and a server already there would answer in its place."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass
 class Reply:
     at: float  # scheduled arrival, s from the start

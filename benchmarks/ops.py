@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from lcs import checkpoint
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive
 from service.materialize import Compiled, OnnxModule, build, normalised_samples, onnx_threads
 
 
@@ -76,17 +76,21 @@ def _torch_nodes(compiled: Compiled, x: np.ndarray, runs: int) -> dict[str, floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--alpha", type=float, required=True)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--alpha", type=alpha_value, required=True)
+    p.add_argument("--batch", type=positive(int), default=32)
+    p.add_argument("--threads", type=positive(int), default=2)
+    p.add_argument("--runs", type=positive(int), default=300)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    model, meta, raw_samples = checkpoint.load_with_samples(args.checkpoint)
-    alpha = model.at(args.alpha).alpha
+    model, meta, raw_samples = load_checkpoint(args.checkpoint)
+    alpha = grid_alpha(model, args.alpha, "--alpha")
+    out = args.json or Path("benchmarks/results") / (
+        f"ops-{args.checkpoint.stem}-{alpha:g}-b{args.batch}-t{args.threads}.json"
+    )
+    check_output(out, "--json", "ops.json")  # before the profile; the default names the alpha on the grid
     samples = normalised_samples(raw_samples, meta.input)
     calib = None if samples is None else samples[0]
     compiled = build(model, meta, alpha, samples=calib, channels_last=True)
@@ -104,9 +108,7 @@ def main() -> None:
     for name, us in nodes.items():
         print(f"{us:>10.1f} | {100 * us / total:>5.1f}% | {name}")
     print(f"{total:>10.1f} | 100.0% | all nodes")
-    out = args.json or Path("benchmarks/results") / (
-        f"ops-{args.checkpoint.stem}-{alpha:g}-b{args.batch}-t{args.threads}.json"
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
@@ -125,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

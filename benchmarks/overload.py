@@ -37,7 +37,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,14 +48,9 @@ import httpx
 import psutil
 
 from benchmarks import openloop
+from benchmarks.cli import check_output, command, positive
 from benchmarks.http import _wait_ready
-from benchmarks.openloop import HOST
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+from benchmarks.openloop import HOST, free_port
 
 
 def start_server(checkpoint: str, port: int, slo: float, **env: str) -> subprocess.Popen[bytes]:
@@ -70,7 +64,11 @@ def start_server(checkpoint: str, port: int, slo: float, **env: str) -> subproce
         **env,
     }
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=full)
-    _wait_ready(f"http://{HOST}:{port}/readyz", proc)
+    try:
+        _wait_ready(f"http://{HOST}:{port}/readyz", proc)
+    except BaseException:  # not ready in time, or Ctrl-C while starting: the caller never gets it to stop
+        stop_server(proc)
+        raise
     return proc
 
 
@@ -150,22 +148,29 @@ def percentile(values: list[float], p: float) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="models/structured_line.safetensors")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of open-loop overload")
-    p.add_argument("--factor", type=float, default=10.0, help="offered load as a multiple of capacity")
-    p.add_argument("--max-rate", type=float, default=2000.0, help="cap on the offered requests/s")
-    p.add_argument("--capacity-seconds", type=float, default=4.0)
-    p.add_argument("--images", type=int, default=16, help="images per request (the load benchmark's mix)")
-    p.add_argument("--slo", type=float, default=0.1, help="p99 latency objective of accepted requests, s")
-    p.add_argument("--rss-bound-mib", type=float, default=1024.0, help="stated bound on the server's RSS")
-    p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, s")
-    p.add_argument("--connections", type=int, default=256, help="most client connections at once (keep-alive)")
-    p.add_argument("--max-lag", type=float, default=5.0, help="skip arrivals the generator is this late for, s")
-    p.add_argument("--queue-max", type=int, help="LCS_QUEUE_MAX for the overload run (default: sized to the SLO)")
+    p.add_argument("--duration", type=positive(float), default=60.0, help="seconds of open-loop overload")
+    p.add_argument("--factor", type=positive(float), default=10.0, help="offered load as a multiple of capacity")
+    p.add_argument("--max-rate", type=positive(float), default=2000.0, help="cap on the offered requests/s")
+    p.add_argument("--capacity-seconds", type=positive(float), default=4.0)
+    p.add_argument("--images", type=positive(int), default=16, help="images per request (the load benchmark's mix)")
+    p.add_argument("--slo", type=positive(float), default=0.1, help="p99 latency objective of accepted requests, s")
+    p.add_argument("--rss-bound-mib", type=positive(float), default=1024.0, help="stated bound on the server's RSS")
+    p.add_argument("--timeout", type=positive(float), default=10.0, help="client timeout per request, s")
+    p.add_argument(
+        "--connections", type=positive(int), default=256, help="most client connections at once (keep-alive)"
+    )
+    p.add_argument(
+        "--max-lag", type=positive(float), default=5.0, help="skip arrivals the generator is this late for, s"
+    )
+    p.add_argument(
+        "--queue-max", type=positive(int), help="LCS_QUEUE_MAX for the overload run (default: sized to the SLO)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/overload.json"))
     args = p.parse_args()
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"{args.checkpoint}: no such checkpoint (pass --checkpoint)")
+    check_output(args.out, "--out", "overload.json")
 
     port = free_port()
     base = f"http://{HOST}:{port}"
@@ -318,4 +323,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command(main)

@@ -1,12 +1,12 @@
 """What switching alphas costs: time per image serving one alpha vs random (alpha, batch size) pairs.
 
-    .venv/bin/python -m benchmarks.switching [models/structured_line.safetensors] [--calls 3000]
+    .venv/bin/python -m benchmarks.switching [models/structured_line.safetensors] [--calls 3000] [--json OUT]
 
 The dynamic batcher serves every batch at its own alpha and size. Under TorchScript each (alpha, batch
 size) pair is a new conv shape, i.e. a new oneDNN primitive, and oneDNN keeps 1,024 of them by default;
 ONNX Runtime (the service's default backend) builds its kernels per session instead. Runs the same
 workload in a fresh process per backend and cache size (the size is read when the first conv runs),
-with 1 thread. Prints a table and writes benchmarks/results/switching.json.
+with 1 thread. Prints a table and writes JSON (default benchmarks/results/switching.json).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
+from benchmarks.cli import check_output, command, load_checkpoint, positive
 from service.settings import Backend
 
 
@@ -55,12 +56,15 @@ def _measure(checkpoint_path: str, calls: int, backend: Backend) -> dict[str, fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="models/structured_line.safetensors")
-    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--calls", type=positive(int), default=3000)
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/switching.json"))
     p.add_argument("--child", choices=get_args(Backend), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(_measure(args.checkpoint, args.calls, args.child)))
         return
+    check_output(args.json, "--json", "switching.json")
+    load_checkpoint(Path(args.checkpoint))  # refused here, in one line, rather than by each child
     rows = {}
     # ONNX Runtime; TorchScript with oneDNN's default primitive cache and with what service.runtime sets
     for backend, capacity in (("onnxruntime", "16384"), ("torchscript", "1024"), ("torchscript", "16384")):
@@ -71,11 +75,11 @@ def main() -> None:
     print(f"{'backend':>34} | {'one alpha, us/image':>20} | {'random alphas, us/image':>24}")
     for name, r in rows.items():
         print(f"{name:>34} | {r['one_alpha_us']:>20} | {r['random_alphas_us']:>24}")
-    out_path = Path("benchmarks/results/switching.json")
     result = {"checkpoint": args.checkpoint, "calls": args.calls, "by_backend": rows}
-    out_path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out_path}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -5,6 +5,7 @@
 - `lcs.layers`: subspace layers (LCS+P point, LCS+L line) that take alpha as an argument.
 - `lcs.models`: the architecture registry.
 - `lcs.checkpoint`: the versioned safetensors + JSON checkpoint format.
+- `lcs.outputs`: output paths a command line refuses before its work (training's and the benchmarks').
 
 The service imports this package and never `training`.
 """

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lcs.checkpoint import CheckpointError
+from lcs.outputs import check_flag
 from training.config import options_help
 from training.data import DataError
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "plot":
             from training.evaluate import plot, read_report
 
-            _writable(args.out, "--out", "plot.png")
+            check_flag(args.out, "--out", "plot.png")
             reports = {r: read_report(r, "report", subspace=True) for r in args.reports}
             baselines = {b: read_report(b, "--baseline", subspace=False) for b in args.baseline}
             _same_kind(reports, "report")
@@ -121,9 +122,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         given = "--baseline" if args.baseline else "--compare"
         print(f"error: {given} only draws on the plot; add --plot OUT.png, or leave {given} out", file=sys.stderr)
         return 2
-    _writable(args.json, "--json", "report.json")
+    check_flag(args.json, "--json", "report.json")
     if args.plot:
-        _writable(args.plot, "--plot", "plot.png")
+        check_flag(args.plot, "--plot", "plot.png")
     baselines = _by_name({b: read_report(b, "--baseline", subspace=False) for b in args.baseline})
     compare = {c: read_report(c, "--compare", subspace=True) for c in args.compare}
     if compare:  # drawn on this checkpoint's axis (its kind's compression level)
@@ -139,14 +140,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         plot(_by_name({args.checkpoint: rep, **compare}), baselines, args.plot, _title(rep))
         print(f"wrote {args.plot}")
     return 0
-
-
-def _writable(path: Path, flag: str, example_name: str) -> None:
-    """`evaluate.check_writable` for an output flag: given as `flag path`; a directory gets the example of
-    `example_name` inside it."""
-    from training.evaluate import check_writable
-
-    check_writable(path, option=flag, shown=f"{flag} {path}", example=f"{flag} {path / example_name}")
 
 
 def _same_kind(reports: dict[Path, dict[str, Any]], what: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -217,24 +216,6 @@ def read_report(path: Path, what: str, *, subspace: bool) -> dict[str, Any]:
 
 def _finite_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_writable(path: Path, *, option: str, shown: str, example: str) -> None:
-    """Refuse, with ValueError, a place where no file can be written, before the work that produces the file
-    rather than after it: a directory (`example` suggests a file), a path under a regular file, a folder
-    where no file can be created. `shown` is how the option was given ("--json out.json", "out=m.safetensors")."""
-    if path.is_dir():
-        raise ValueError(f"{shown}: {path} is a directory; name a file, e.g. {example}")
-    folder = next(p for p in path.absolute().parents if p.exists())  # its folder, or what will hold it
-    if not folder.is_dir():
-        raise ValueError(f"{shown}: {folder} is a file, not a directory; choose another place for {option}")
-    try:  # what writing will do (after creating any missing folders): create a file
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lcs-out-", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise ValueError(
-            f"{shown}: cannot create files in {folder} ({e.strerror or e}); choose a writable place for {option}"
-        ) from None
 
 
 def write_json(obj: dict[str, Any], out: Path) -> None:

@@ -33,10 +33,11 @@ from tqdm import tqdm
 from lcs import checkpoint
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subspace_kwargs
+from lcs.outputs import check_writable
 from training.config import TrainConfig
 from training.data import Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
 from training.distributed import Ranks
-from training.evaluate import accuracy, accuracy_table, calibrate, check_writable, trained_dataset
+from training.evaluate import accuracy, accuracy_table, calibrate, trained_dataset
 
 
 def sample_alphas(cfg: TrainConfig, rng: random.Random) -> list[float]:

@@ -1,7 +1,18 @@
-"""benchmarks.load: the noisy-neighbour reaction read from a controller timeline; the settings its servers get."""
+"""benchmarks.load: the noisy-neighbour reaction read from a controller timeline; the settings its servers get;
+flags refused before any server starts."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import load
 from benchmarks.load import neighbour_reaction, server_settings
 
 
@@ -38,3 +49,101 @@ def test_the_callers_service_settings_reach_every_server_but_not_those_the_bench
         "LCS_API_KEY": "bench",
         "LCS_POLICY": "lcs",
     }
+
+
+@pytest.mark.parametrize("traces", [["stedy"], ["steady", "spike"], []])
+def test_an_unknown_or_missing_trace_is_refused_before_any_server_starts(
+    traces: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def started(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a server started before the traces were checked")
+
+    monkeypatch.setattr(load, "start_server", started)
+    monkeypatch.setattr(sys, "argv", ["load", "--traces", *traces])
+    with pytest.raises(SystemExit) as e:
+        load.main()
+    assert e.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "argument --traces: " in error and (not traces or "choose from 'steady', 'step'" in error), error
+
+
+@pytest.mark.parametrize("policies", [["lcss"], ["lcs", "fixed:2"], []])
+def test_an_unknown_or_missing_policy_is_refused_before_any_server_starts(
+    policies: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def started(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a server started before the policies were checked")
+
+    monkeypatch.setattr(load, "start_server", started)
+    monkeypatch.setattr(sys, "argv", ["load", "--policies", *policies])
+    with pytest.raises(SystemExit) as e:
+        load.main()
+    assert e.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "argument --policies: " in error, error
+    if policies:  # the service's own words: what it takes instead
+        assert "use lcs, fixed:<alpha>, step or aimd" in error or "use fixed:<alpha in [0, 1]>" in error, error
+
+
+def test_its_servers_start_on_a_port_found_free_not_a_fixed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fixed port (18100) could be taken: the first server then failed to bind, or, if the process there
+    answered /readyz (a server left running, a second run), the benchmark measured that server instead."""
+    ports: list[int] = []
+
+    def start_server(checkpoint: str, port: int, slo: float, **env: str) -> Any:
+        ports.append(port)
+        raise KeyboardInterrupt  # enough: the first server's port is what this is about
+
+    monkeypatch.setattr(load, "free_port", lambda: 54321)
+    monkeypatch.setattr(load, "start_server", start_server)
+    monkeypatch.setattr(sys, "argv", ["load", "--out", str(tmp_path / "load")])
+    with pytest.raises(KeyboardInterrupt):
+        load.main()
+    assert ports == [54321]
+
+
+def test_a_mix_the_server_refuses_is_reported_before_its_capacity_is_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """65 images with the service's limit of 64: every request got 422, capacity was measured as 0 and the
+    traces divided by it (ZeroDivisionError)."""
+    stopped: list[object] = []
+    refusal = b'{"error": "invalid input", "detail": "inputs: 65 images in one request, the limit is 64"}'
+
+    async def answer(port: int, req: bytes) -> tuple[int, bytes]:
+        return 422, refusal
+
+    monkeypatch.setattr(load, "start_server", lambda *a, **k: "server")
+    monkeypatch.setattr(load, "stop_server", stopped.append)
+    monkeypatch.setattr(load, "answer", answer, raising=False)
+    monkeypatch.setattr(load, "capacity", lambda *a, **k: 0.0)  # what measuring it gave
+    monkeypatch.setattr(sys, "argv", ["load", "--images", "65", "--format", "json", "--out", str(tmp_path / "l")])
+    with pytest.raises(SystemExit) as e:
+        load.main()
+    assert e.value.code == (
+        "error: --images 65 --format json: the server refuses it (422: inputs: 65 images in one request, the "
+        "limit is 64); change the mix"
+    )
+    assert stopped == ["server"]
+
+
+def test_a_cpu_burner_stops_when_the_benchmark_is_gone_even_if_it_never_said_so() -> None:
+    """Killed outright (SIGKILL, an OOM kill), the benchmark never sets the burners' stop event: they ran on,
+    at 100 % of every core, until someone found them."""
+    stop = multiprocessing.Event()
+    load._burn(stop, parent=os.getppid() + 1)  # not its parent: returns at once, though `stop` is not set
+
+
+def test_a_cpu_burner_leaves_sigterm_to_its_default_so_terminate_ends_it_quietly() -> None:
+    """multiprocessing terminates leftover burners with SIGTERM as the benchmark exits; a burner forked from it
+    would otherwise run the benchmark's handler (benchmarks.cli): one "terminated" line per burner."""
+    before = signal.signal(signal.SIGTERM, lambda *a: None)  # what a forked burner inherits
+    try:
+        stop = multiprocessing.Event()
+        stop.set()
+        load._burn(stop, parent=os.getppid())
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
-from benchmarks.openloop import closed_loop, open_loop, post
+from benchmarks.openloop import HOST, closed_loop, free_port, open_loop, post
 
 
 async def _server(answer: Callable[[int], tuple[float, bytes | None]]) -> tuple[asyncio.Server, int, list[int]]:
@@ -114,3 +115,10 @@ def test_closed_loop_counts_only_successes() -> None:
         assert 20 < rate < 110  # 2 clients x ~100 answers/s, half of them 200
 
     asyncio.run(main())
+
+
+def test_a_free_port_is_one_a_server_can_bind_on_the_benchmarks_host() -> None:
+    port = free_port()
+    with socket.socket() as s:  # what the server started there will do
+        s.bind((HOST, port))
+        s.listen()

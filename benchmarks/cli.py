@@ -1,0 +1,104 @@
+"""What the benchmarks' command lines share. A benchmark measures for minutes, so what a user gives it is
+checked before the first measurement, and a refusal is one line naming the flag, the value and the fix."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+from lcs.alpha import ALPHA_CONVENTION
+from lcs.outputs import check_flag
+
+if TYPE_CHECKING:
+    import torch
+
+    from lcs.checkpoint import CheckpointMeta
+    from lcs.models import SubspaceResNet
+
+N = TypeVar("N", int, float)
+
+
+def positive(kind: Callable[[str], N]) -> Callable[[str], N]:
+    """An argparse type: a finite number of `kind` (int or float) above 0, for counts, durations and rates
+    (0 or less measured nothing, or divided by it after the run). argparse names the flag in the error."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {what} above 0") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text} is not above 0; give {what} above 0")
+        return value
+
+    return parse
+
+
+def alpha_value(text: str) -> float:
+    """An argparse type: an alpha, a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; {ALPHA_CONVENTION}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]; {ALPHA_CONVENTION}")
+    return value
+
+
+def check_output(path: Path, flag: str, example_name: str) -> None:
+    """Refuse, before measuring rather than after, an output path where no file can be written (a directory,
+    a path under a file, a folder without write access): `error: ...` and exit code 1."""
+    try:
+        check_flag(path, flag, example_name)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def load_checkpoint(
+    path: Path,
+) -> tuple[SubspaceResNet, CheckpointMeta, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`checkpoint.load_with_samples`, a file it refuses (missing, a directory, corrupt, foreign, ...) as
+    `error: ...` (the file, the problem and the fix) and exit code 1. (Imports torch: the load generators,
+    which hand the checkpoint to a server, do not call it.)"""
+    from lcs.checkpoint import CheckpointError, load_with_samples
+
+    try:
+        return load_with_samples(path)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _terminated(signum: int, frame: object) -> None:
+    print("terminated; no results written", file=sys.stderr)
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, through the `finally` blocks
+
+
+def grid_alpha(model: SubspaceResNet, alpha: float, flag: str) -> float:
+    """`alpha`, if the checkpoint has BatchNorm statistics for it (its grid: a baseline's is one alpha);
+    otherwise `error: ...` naming the flag and the grid, and exit code 1."""
+    try:
+        return model.at(alpha).alpha
+    except ValueError as e:
+        raise SystemExit(f"error: {flag} {alpha:g}: {e}") from None
+
+
+def command(main: Callable[[], int | None]) -> NoReturn:
+    """A benchmark's `main` as a command: its exit code, and Ctrl-C as one line and exit code 130 (128 + SIGINT,
+    as a shell reports it, and as `python -m training`), once its `finally` blocks have stopped what it started.
+    SIGTERM (`timeout`, a cancelled job) too, with 143: by default it ends Python at once, and the servers and
+    CPU burners a benchmark started ran on without it."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("interrupted; no results written", file=sys.stderr)
+        code = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)

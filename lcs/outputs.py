@@ -1,0 +1,31 @@
+"""Where a command line writes its files, checked before its work: training (checkpoint, report, plot) and
+the benchmarks (their results) run for minutes, and a path found unwritable only at the end costs the run."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+def check_writable(path: Path, *, option: str, shown: str, example: str) -> None:
+    """Refuse, with ValueError, a place where no file can be written, before the work that produces the file
+    rather than after it: a directory (`example` suggests a file), a path under a regular file, a folder
+    where no file can be created. `shown` is how the option was given ("--json out.json", "out=m.safetensors")."""
+    if path.is_dir():
+        raise ValueError(f"{shown}: {path} is a directory; name a file, e.g. {example}")
+    folder = next(p for p in path.absolute().parents if p.exists())  # its folder, or what will hold it
+    if not folder.is_dir():
+        raise ValueError(f"{shown}: {folder} is a file, not a directory; choose another place for {option}")
+    try:  # what writing will do (after creating any missing folders): create a file
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lcs-out-", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{shown}: cannot create files in {folder} ({e.strerror or e}); choose a writable place for {option}"
+        ) from None
+
+
+def check_flag(path: Path, flag: str, example_name: str) -> None:
+    """`check_writable` for an output flag given as `flag path`; a directory gets the example of
+    `example_name` inside it."""
+    check_writable(path, option=flag, shown=f"{flag} {path}", example=f"{flag} {path / example_name}")

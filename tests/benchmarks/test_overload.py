@@ -1,0 +1,53 @@
+"""benchmarks.overload: the servers it (and benchmarks.load) start are stopped whatever happens."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+
+from benchmarks import overload
+
+
+class FakeServer:
+    """What start_server sees of `python -m service`: a process that runs until it is sent a signal."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.returncode: int | None = None
+        self.signals: list[int] = []
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        self.returncode = -sig
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.returncode
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "failure", [KeyboardInterrupt(), SystemExit("http://127.0.0.1:1/readyz not ready after 120 s")]
+)
+def test_a_server_that_does_not_get_ready_is_stopped_not_left_running(
+    failure: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[FakeServer] = []
+
+    def popen(*args: object, **kwargs: object) -> FakeServer:
+        started.append(FakeServer())
+        return started[-1]
+
+    def wait_ready(url: str, proc: FakeServer) -> None:
+        raise failure  # Ctrl-C while it starts, or the ready timeout
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(overload, "_wait_ready", wait_ready)
+    with pytest.raises(type(failure)):
+        overload.start_server("model.safetensors", 1, 0.1)
+    assert [s.signals for s in started] == [[signal.SIGTERM]]
