@@ -16,9 +16,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lcs.alpha import SAME_ALPHA, is_grid, spelled
-from service.materialize import Compiled
+
+if TYPE_CHECKING:  # the grid and the controller that reads it import no torch (the load generator uses them)
+    from service.materialize import Compiled
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,12 @@ def test_a_cpu_burner_leaves_sigterm_to_its_default_so_terminate_ends_it_quietly
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_the_load_generator_imports_no_torch() -> None:
+    """The generator shares the machine with the server it measures: it checks --policies with the service's
+    parse_policy, whose module (and the grid's) must not pull in torch or ONNX Runtime (1.3 s and some
+    hundred MB in the sending process; service.cache imported the model type at run time for annotations)."""
+    probe = "import sys, benchmarks.load; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
