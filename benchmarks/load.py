@@ -81,28 +81,6 @@ def request(images: int, fmt: str, port: int, model: str) -> bytes:
 TRACES = ("steady", "step", "ramp", "bursty", "noisy")
 
 
-async def answer(port: int, req: bytes) -> tuple[int, bytes]:
-    """The status and body of one `req` sent to the server on `port`."""
-    pool = openloop.Pool(port, 1)
-    try:
-        status, _, body = await pool.request(req, 10.0)
-    finally:
-        pool.close()
-    return status, body
-
-
-def check_accepted(port: int, req: bytes, mix: str) -> None:
-    """Refuse a mix the server refuses (more images than its LCS_MAX_INPUTS, say) before measuring it: every
-    request would be refused, capacity measured as 0 and the traces scaled to nothing."""
-    status, body = openloop.run(answer(port, req))
-    if status != 200:
-        try:
-            detail = json.loads(body)["detail"]
-        except (ValueError, KeyError, TypeError):
-            detail = body[:200].decode("utf-8", "replace")
-        raise SystemExit(f"error: {mix}: the server refuses it ({status}: {detail}); change the mix")
-
-
 def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]:
     """Arrival times in seconds from the start, precomputed."""
     rng = random.Random(seed)
@@ -359,7 +337,7 @@ def main() -> None:
     for a in ("1", "0"):
         proc = start(f"fixed:{a}")
         try:
-            check_accepted(port, req, f"--images {args.images} --format {args.format}")
+            openloop.check_accepted(port, req, f"--images {args.images} --format {args.format}")
             result["capacity_rps"][a] = round(capacity(port, req, 4.0, warmup=2.0), 1)
             accuracy = {q["alpha"]: q["accuracy"] for q in httpx.get(base + "/model").json()["accuracy"]}
         finally:

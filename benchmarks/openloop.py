@@ -275,3 +275,26 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
+
+
+async def answer(port: int, req: bytes) -> tuple[int, bytes]:
+    """The status and body of one `req` sent to the server on `port`."""
+    pool = Pool(port, 1)
+    try:
+        status, _, body = await pool.request(req, 10.0)
+    finally:
+        pool.close()
+    return status, body
+
+
+def check_accepted(port: int, req: bytes, mix: str) -> None:
+    """Refuse a mix the server refuses (more images than its LCS_MAX_INPUTS, say) before measuring it: every
+    request would be refused and capacity measured as 0 (load scaled its traces to nothing; overload said
+    only that capacity was 0)."""
+    status, body = run(answer(port, req))
+    if status != 200:
+        try:
+            detail = json.loads(body)["detail"]
+        except (ValueError, KeyError, TypeError):
+            detail = body[:200].decode("utf-8", "replace")
+        raise SystemExit(f"error: {mix}: the server refuses it ({status}: {detail}); change the mix")

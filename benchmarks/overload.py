@@ -179,7 +179,9 @@ def main() -> int:
         proc = start_server(args.checkpoint, port, args.slo, LCS_POLICY=f"fixed:{alpha}")
         try:
             body = request_body(base, args.images)
-            caps[alpha] = capacity(port, openloop.post("/predict", body, port), args.capacity_seconds)
+            req = openloop.post("/predict", body, port)
+            openloop.check_accepted(port, req, f"--images {args.images}")
+            caps[alpha] = capacity(port, req, args.capacity_seconds)
         finally:
             stop_server(proc)
     cap = caps["1"]

@@ -118,7 +118,7 @@ def test_a_mix_the_server_refuses_is_reported_before_its_capacity_is_measured(
 
     monkeypatch.setattr(load, "start_server", lambda *a, **k: "server")
     monkeypatch.setattr(load, "stop_server", stopped.append)
-    monkeypatch.setattr(load, "answer", answer, raising=False)
+    monkeypatch.setattr(load.openloop, "answer", answer)
     monkeypatch.setattr(load, "capacity", lambda *a, **k: 0.0)  # what measuring it gave
     monkeypatch.setattr(sys, "argv", ["load", "--images", "65", "--format", "json", "--out", str(tmp_path / "l")])
     with pytest.raises(SystemExit) as e:

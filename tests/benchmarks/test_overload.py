@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +53,30 @@ def test_a_server_that_does_not_get_ready_is_stopped_not_left_running(
     with pytest.raises(type(failure)):
         overload.start_server("model.safetensors", 1, 0.1)
     assert [s.signals for s in started] == [[signal.SIGTERM]]
+
+
+def test_a_mix_the_server_refuses_is_reported_before_its_capacity_is_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--images 65 over the service's limit of 64: both capacity runs measured refusals, then the run
+    stopped saying only 'capacity measured as 0 requests/s: is the server answering 200?'."""
+    stopped: list[object] = []
+    measured: list[object] = []
+
+    async def answer(port: int, req: bytes) -> tuple[int, bytes]:
+        return 422, b'{"error": "invalid input", "detail": "inputs: 65 images in one request, the limit is 64"}'
+
+    monkeypatch.setattr(overload, "start_server", lambda *a, **k: "server")
+    monkeypatch.setattr(overload, "stop_server", stopped.append)
+    monkeypatch.setattr(overload, "request_body", lambda base, images: b"{}")
+    monkeypatch.setattr(overload, "capacity", lambda *a, **k: measured.append(a) or 0.0)
+    monkeypatch.setattr(overload.openloop, "answer", answer)
+    argv = ["overload", "--images", "65", "--out", str(tmp_path / "o.json"), "--checkpoint", __file__]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        overload.main()
+    assert e.value.code == (
+        "error: --images 65: the server refuses it (422: inputs: 65 images in one request, the limit is 64); "
+        "change the mix"
+    )
+    assert stopped == ["server"] and measured == []
