@@ -40,7 +40,7 @@ class Signals:
     arrival_rate: float = 0.0  # requests per second, smoothed
     images_per_request: float = 1.0  # smoothed
     p99: float | None = None  # observed latency p99 over the last window, seconds
-    cpu_other: float = 0.0  # share of the machine's CPU used by other processes, 0..1
+    cpu_other: float = 0.0  # share of the CPUs this process may use that other processes take, 0..1
     memory_available: float = 1.0  # share of memory available, 0..1
     battery_percent: float | None = None  # None: no battery
     on_battery: bool = False

@@ -55,3 +55,27 @@ def test_machine_probe_reports_shares() -> None:
     assert isinstance(on_battery, bool)
     assert not (percent is None and on_battery)
     assert math.isfinite(probe.cpu_other())
+
+
+@pytest.mark.parametrize(
+    ("busy", "mine", "allowed", "usable", "taken"),
+    [
+        # a machine all its own (this one): the other processes' share of it, as before
+        ([0.9, 0.7], 0.6, {0, 1}, 2, 0.5),
+        ([0.3, 0.3], 0.6, {0, 1}, 2, 0.0),
+        ([1.0, 1.0], 0.0, {0, 1}, 2, 1.0),
+        # a pod limited to 2 CPUs on a 64-core node: 30 busy cores elsewhere take nothing from it (was 0.47);
+        # a full node leaves it one core (0.5)
+        ([1.0] * 30 + [0.0] * 34, 0.0, set(range(64)), 2, 0.0),
+        ([1.0] * 64, 1.0, set(range(64)), 2, 0.5),
+        # pinned to cores 0 and 1: the other cores' load is not its concern
+        ([0.5, 0.5, 1.0, 1.0], 0.2, {0, 1}, 2, 0.4),
+        ([0.2, 0.2], 0.9, {0, 1}, 2, 0.0),  # its own time counted a little high: never below 0
+    ],
+)
+def test_cpu_taken_counts_only_what_leaves_this_process_short(
+    busy: list[float], mine: float, allowed: set[int], usable: int, taken: float
+) -> None:
+    from service.signals import cpu_taken
+
+    assert cpu_taken(busy, mine, allowed, usable) == pytest.approx(taken)
