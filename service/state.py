@@ -52,6 +52,7 @@ class State:
         self.parsing = 0  # inference requests past Shed whose body is not yet decoded
         self._computed = 0.0  # model seconds since the last control step
         self._computed_since = time.monotonic()
+        self._exported: set[str] = set()  # signals with an lcs_signal series
         # SIGTERM (or shutdown) time: requests received before it are still served, later ones get 503
         self.draining_since: float | None = None
         self.failure: str | None = None  # why the warm-up failed: the service never becomes ready
@@ -165,8 +166,11 @@ class State:
             v = getattr(s, name)
             if v is not None:
                 self.metrics.signal.labels(name).set(float(v))
-            else:  # unknown now (p99 of a quiet window, fleet figures without Prometheus): no stale value
+                self._exported.add(name)
+            elif name in self._exported:  # unknown now (p99 of a quiet window, fleet figures without
+                # Prometheus): no stale value; only a series there is (prometheus-client < 0.22 raises otherwise)
                 self.metrics.signal.remove(name)
+                self._exported.discard(name)
 
 
 # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request

@@ -226,6 +226,12 @@ def test_a_signal_that_becomes_unknown_leaves_the_metrics(structured: TinyCheckp
         st.control_step(now + 3.0)  # the window has emptied
         assert c.get("/controller").json()["signals"]["p99"] is None
         assert 'signal="p99"' not in c.get("/metrics").text
+        # and only a series there is is removed: prometheus-client before 0.22 raises KeyError for another
+        # (the fleet figures, never known without Prometheus, were removed every control step)
+        removed: list[str] = []
+        st.metrics.signal.remove = removed.append  # type: ignore[method-assign]
+        st.control_step(now + 3.5)
+        assert removed == []
 
 
 def test_lcs_ready_says_what_readiness_answers_without_a_probe(structured: TinyCheckpoint) -> None:
