@@ -218,3 +218,33 @@ def test_dockerignore_keeps_what_the_image_needs_and_drops_the_rest() -> None:
         assert (ROOT / name).exists() or name == "models/structured_line.safetensors", f"COPY {name}: no such path"
     assert not ignored("README.md", patterns) and not ignored("pyproject.toml", patterns)
     assert (ROOT / "deploy" / "docker" / "wheels").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        (None, "http://127.0.0.1:8000/readyz"),
+        ("0.0.0.0", "http://127.0.0.1:8000/readyz"),
+        ("::", "http://127.0.0.1:8000/readyz"),
+        ("10.1.2.3", "http://10.1.2.3:8000/readyz"),  # was 127.0.0.1, where nothing listens: unhealthy for good
+        ("fd00::5", "http://[fd00::5]:8000/readyz"),
+    ],
+)
+def test_the_healthcheck_asks_the_address_the_service_binds(
+    host: str | None, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import urllib.request
+
+    (health,) = [a for op, a in dockerfile() if op == "HEALTHCHECK"]
+    argv = json.loads(health[health.index("CMD") + 3 :])
+    assert argv[:2] == ["python3", "-c"]
+    asked: list[str] = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda u, timeout: asked.append(u))
+    monkeypatch.delenv("LCS_PORT", raising=False)
+    if host is None:
+        monkeypatch.delenv("LCS_HOST", raising=False)
+    else:
+        monkeypatch.setenv("LCS_HOST", host)
+    exec(argv[2], {})
+    assert asked == [url]
