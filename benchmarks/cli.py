@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from lcs.alpha import ALPHA_CONVENTION
-from lcs.outputs import check_flag
+from lcs.paths import check_flag, file_problem
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +58,13 @@ def check_output(path: Path, flag: str, example_name: str) -> None:
         check_flag(path, flag, example_name)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def check_checkpoint(path: Path | str) -> None:
+    """Refuse, before any server starts, a --checkpoint no file can be read from (the benchmarks that hand it
+    to a server: the server's refusal named LCS_CHECKPOINT, which they set): `error: ...`, exit code 1."""
+    if (problem := file_problem(Path(path))) is not None:
+        raise SystemExit(f"error: --checkpoint {path}: {problem}; pass --checkpoint a .safetensors checkpoint")
 
 
 def load_checkpoint(

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.cli import check_output, command, positive
+from benchmarks.cli import check_checkpoint, check_output, command, positive
 from benchmarks.openloop import HOST, free_port
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -130,6 +130,7 @@ def main() -> None:
     p.add_argument("--rounds", type=positive(int), default=3, help="the two servers in turn, this many times")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/http.json"))
     args = p.parse_args()
+    check_checkpoint(args.checkpoint)
     check_output(args.json, "--json", "http.json")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from benchmarks import openloop
-from benchmarks.cli import check_output, command, positive
+from benchmarks.cli import check_checkpoint, check_output, command, positive
 from benchmarks.openloop import HOST, free_port
 from benchmarks.overload import capacity, percentile, start_server, stop_server
 from service.controller import parse_policy
@@ -313,6 +313,7 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, help="default: benchmarks/results/load-<images><format> (.json, .png)")
     args = p.parse_args()
+    check_checkpoint(args.checkpoint)
     out = args.out or Path("benchmarks/results") / f"load-{args.images}{args.format}"
     for suffix in (".json", ".png"):
         check_output(Path(f"{out}{suffix}"), "--out", "load")

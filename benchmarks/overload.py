@@ -48,7 +48,7 @@ import httpx
 import psutil
 
 from benchmarks import openloop
-from benchmarks.cli import check_output, command, positive
+from benchmarks.cli import check_checkpoint, check_output, command, positive
 from benchmarks.http import _wait_ready
 from benchmarks.openloop import HOST, free_port
 
@@ -168,8 +168,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/overload.json"))
     args = p.parse_args()
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"{args.checkpoint}: no such checkpoint (pass --checkpoint)")
+    check_checkpoint(args.checkpoint)
     check_output(args.out, "--out", "overload.json")
 
     port = free_port()

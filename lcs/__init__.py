@@ -5,7 +5,7 @@
 - `lcs.layers`: subspace layers (LCS+P point, LCS+L line) that take alpha as an argument.
 - `lcs.models`: the architecture registry.
 - `lcs.checkpoint`: the versioned safetensors + JSON checkpoint format.
-- `lcs.outputs`: output paths a command line refuses before its work (training's and the benchmarks').
+- `lcs.paths`: the paths a command names, checked before its work (a file to read, a place to write).
 
 The service imports this package and never `training`.
 """

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from lcs.alpha import ALPHA_CONVENTION, SAME_ALPHA, Kind, Schedule, SubspaceType, is_grid, spelled
 from lcs.layers import NormType
 from lcs.models import SubspaceResNet, build_model, model_names, subspace_kwargs
+from lcs.paths import file_problem
 
 Format = Literal["lcs-serve.checkpoint"]  # the metadata's "format" value, spelt once
 FORMAT: Format = get_args(Format)[0]
@@ -211,19 +212,6 @@ def _sniff(path: Path) -> str:
     if head[:1] == b"\x80":
         return " It starts like a Python pickle; this service never unpickles."
     return ""
-
-
-def file_problem(path: Path) -> str | None:
-    """Why `path` is not a file a checkpoint can be read from ("no such file", "a directory, ..."), or None."""
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.safetensors"))
-        holds = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
-        return f"a directory, not a checkpoint file{holds}"
-    if not path.exists():
-        return "no such file"
-    if not path.is_file():
-        return "not a regular file"
-    return None
 
 
 COMMAND_ARGUMENT = "the command's argument"  # what names the checkpoint path, for a command-line tool

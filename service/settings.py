@@ -17,7 +17,8 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lcs.alpha import SAME_ALPHA
-from lcs.checkpoint import file_problem, message
+from lcs.checkpoint import message
+from lcs.paths import file_problem
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lcs.checkpoint import CheckpointError
-from lcs.outputs import check_flag
+from lcs.paths import check_flag
 from training.config import options_help
 from training.data import DataError
 

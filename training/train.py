@@ -33,7 +33,7 @@ from tqdm import tqdm
 from lcs import checkpoint
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subspace_kwargs
-from lcs.outputs import check_writable
+from lcs.paths import check_writable
 from training.config import TrainConfig
 from training.data import Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
 from training.distributed import Ranks

@@ -109,6 +109,31 @@ def test_a_checkpoint_that_cannot_be_read_is_refused_in_one_line(
     assert not (tmp_path / "out.json").exists()
 
 
+SERVED = {"load": load.main, "http": http.main, "overload": overload.main}  # they hand the checkpoint to servers
+
+
+@pytest.mark.parametrize("problem", ["no such file", "a directory"])
+@pytest.mark.parametrize("name", SERVED)
+def test_a_checkpoint_no_server_could_load_is_refused_before_any_starts(
+    name: str, problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load and http handed a missing checkpoint to their first server, whose refusal named LCS_CHECKPOINT
+    (which the benchmark sets, not the user); overload said only 'no such checkpoint'."""
+    ckpt = tmp_path / "model.safetensors"
+    if problem == "a directory":
+        ckpt.mkdir()
+    started: list[object] = []
+    for module in (load, overload):
+        monkeypatch.setattr(module, "start_server", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(http.subprocess, "Popen", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(sys, "argv", [name, "--checkpoint", str(ckpt)])
+    with pytest.raises(SystemExit) as e:
+        SERVED[name]()
+    message = str(e.value.code)
+    assert message.startswith(f"error: --checkpoint {ckpt}: {problem}") and "\n" not in message, message
+    assert message.endswith("; pass --checkpoint a .safetensors checkpoint") and started == []
+
+
 NUMBERS = [  # (benchmark, flag, a value it refuses): counts, durations and rates above 0, alphas in [0, 1]
     *[("alphas", "--repeats", v) for v in ("0", "-3")],
     ("alphas", "--alphas", "-1"),

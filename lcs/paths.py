@@ -1,5 +1,7 @@
-"""Where a command line writes its files, checked before its work: training (checkpoint, report, plot) and
-the benchmarks (their results) run for minutes, and a path found unwritable only at the end costs the run."""
+"""The paths a command names, checked before its work (no torch here: the load generators use it too): a
+file to read (`file_problem`: a checkpoint), and where a command writes its files (`check_writable`):
+training (checkpoint, report, plot) and the benchmarks (their results) run for minutes, and a path found
+unwritable only at the end costs the run."""
 
 from __future__ import annotations
 
@@ -29,3 +31,16 @@ def check_flag(path: Path, flag: str, example_name: str) -> None:
     """`check_writable` for an output flag given as `flag path`; a directory gets the example of
     `example_name` inside it."""
     check_writable(path, option=flag, shown=f"{flag} {path}", example=f"{flag} {path / example_name}")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` is not a file a checkpoint can be read from ("no such file", "a directory, ..."), or None."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        holds = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        return f"a directory, not a checkpoint file{holds}"
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "not a regular file"
+    return None
