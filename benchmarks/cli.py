@@ -23,18 +23,20 @@ if TYPE_CHECKING:
 N = TypeVar("N", int, float)
 
 
-def positive(kind: Callable[[str], N]) -> Callable[[str], N]:
-    """An argparse type: a finite number of `kind` (int or float) above 0, for counts, durations and rates
-    (0 or less measured nothing, or divided by it after the run). argparse names the flag in the error."""
+def positive(kind: Callable[[str], N], *, zero: bool = False) -> Callable[[str], N]:
+    """An argparse type: a finite number of `kind` (int or float) above 0 (at least 0 with `zero`), for
+    counts, durations and rates (0 or less measured nothing, or divided by it after the run) and waits.
+    argparse names the flag in the error."""
     what = "a whole number" if kind is int else "a number"
+    bound = "0 or more" if zero else "above 0"
 
     def parse(text: str) -> N:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {what} above 0") from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"{text} is not above 0; give {what} above 0")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {what} {bound}") from None
+        if not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+            raise argparse.ArgumentTypeError(f"{text} is not {bound}; give {what} {bound}")
         return value
 
     return parse

@@ -125,7 +125,7 @@ def main() -> None:
         "--duration", type=positive(int), default=5, help="seconds per load level (wrk counts whole seconds)"
     )
     p.add_argument("--connections", type=positive(int), nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--max-wait-ms", default="0")
+    p.add_argument("--max-wait-ms", type=positive(float, zero=True), default=0.0, help="LCS_MAX_WAIT_MS for our server")
     p.add_argument("--threads", type=positive(int), default=2, help="LCS_THREADS for both servers")
     p.add_argument("--rounds", type=positive(int), default=3, help="the two servers in turn, this many times")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/http.json"))
@@ -148,7 +148,7 @@ def main() -> None:
         "LCS_THREADS": str(args.threads),
         "LCS_API_KEY": "bench",
         "LCS_LOG_LEVEL": "warning",
-        "LCS_MAX_WAIT_MS": args.max_wait_ms,
+        "LCS_MAX_WAIT_MS": f"{args.max_wait_ms:g}",
         "LCS_QUEUE_MAX": "1024",
     }
 

@@ -157,6 +157,8 @@ NUMBERS = [  # (benchmark, flag, a value it refuses): counts, durations and rate
     ],
     *[("http", flag, "0") for flag in ("--duration", "--rounds", "--threads", "--connections")],
     ("http", "--duration", "2.5"),  # wrk counts whole seconds
+    ("http", "--max-wait-ms", "-1"),  # passed through unchecked, the server refused it as LCS_MAX_WAIT_MS
+    ("http", "--max-wait-ms", "soon"),
 ]
 MAINS = {
     "alphas": alphas.main,
@@ -254,3 +256,13 @@ def test_an_alpha_off_the_checkpoints_grid_is_refused_in_one_line_before_any_is_
         f"error: {flag} 0.3: alpha 0.3 has no BatchNorm statistics in this checkpoint; use one of its grid alphas "
         "[0.0, 0.5, 1.0]"
     )
+
+
+def test_a_wait_may_be_zero_where_a_count_may_not() -> None:
+    from benchmarks.cli import positive
+
+    assert positive(float, zero=True)("0") == 0.0 and positive(float, zero=True)("2.5") == 2.5
+    with pytest.raises(argparse.ArgumentTypeError, match="is not above 0"):
+        positive(float)("0")
+    with pytest.raises(argparse.ArgumentTypeError, match="is not 0 or more"):
+        positive(float, zero=True)("-1")
