@@ -101,7 +101,7 @@ def cpu_quota(cgroups: Path, membership: Path) -> float | None:
 def _v2_quota(d: Path) -> float | None:
     try:
         quota, period = (d / "cpu.max").read_text().split()
-        return None if quota == "max" else int(quota) / int(period)
+        return None if quota == "max" or int(period) <= 0 else int(quota) / int(period)
     except (OSError, ValueError):
         return None
 

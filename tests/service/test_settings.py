@@ -252,6 +252,7 @@ def _cgroups(root: Path, files: dict[str, str]) -> Path:
         ("2:memory:/x\n", {"memory/cpu.max": "100000 100000"}, None),  # not the cpu controller
         ("", {}, None),
         ("garbage\n0::/\n", {"cpu.max": "oops\n"}, None),
+        ("0::/\n", {"cpu.max": "100000 0\n"}, None),  # a period of 0: no quota, not a ZeroDivisionError
     ],
 )
 def test_the_cpu_quota_of_the_processs_cgroup(
