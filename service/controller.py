@@ -41,7 +41,7 @@ class Signals:
     images_per_request: float = 1.0  # smoothed
     p99: float | None = None  # observed latency p99 over the last window, seconds
     cpu_other: float = 0.0  # share of the CPUs this process may use that other processes take, 0..1
-    memory_available: float = 1.0  # share of memory available, 0..1
+    memory_available: float = 1.0  # share of memory available to this process (a cgroup limit's if tighter), 0..1
     battery_percent: float | None = None  # None: no battery
     on_battery: bool = False
     fleet_rate: float | None = None  # fleet-wide requests/s from Prometheus, per replica

@@ -21,11 +21,12 @@ from lcs.alpha import LEVEL_NAMES, spelled
 from lcs.checkpoint import CheckpointError, CheckpointMeta
 from lcs.models import SubspaceResNet
 from service.cache import Grid, ModelCache
+from service.cgroups import usable_cpus
 from service.controller import Controller
 from service.inputs import normaliser
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap, time_batch, time_in_rounds
 from service.profile import LatencyProfile
-from service.settings import Settings, usable_cpus
+from service.settings import Settings
 
 log = logging.getLogger("lcs.service")
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import math
-import os
 import re
 import shlex
 from collections.abc import Callable, Mapping
@@ -19,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from lcs.alpha import SAME_ALPHA
 from lcs.checkpoint import message
 from lcs.paths import file_problem
+from service.cgroups import usable_cpus
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
 
@@ -57,61 +56,6 @@ PROFILE_BATCHES = (1, 8, 32)  # the default profile's batch sizes, those above L
 
 def _default_profile_batches(data: dict[str, Any]) -> list[int]:
     return sorted({min(b, data["max_batch"]) for b in PROFILE_BATCHES})  # not called if max_batch was refused
-
-
-def usable_cpus(cgroups: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int:
-    """CPUs this process may use: those it may run on (its affinity mask where the OS has one, as Linux
-    does), capped by a CPU quota on its cgroup, rounded up (a container's `--cpus 2` or a pod's CPU limit
-    of 2 on a 64-core node is 2: the affinity mask alone said 64, and 63 inference threads shared 2 CPUs)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cpu_quota(cgroups, membership)
-    return n if quota is None else max(1, min(n, math.ceil(quota - 1e-9)))
-
-
-def cpu_quota(cgroups: Path, membership: Path) -> float | None:
-    """The tightest CPU quota (in CPUs) on this process's cgroup or any above it, or None without one.
-    cgroup v2: `cpu.max` ("QUOTA PERIOD", or "max PERIOD" for none) in each directory from the process's
-    cgroup up to the root; v1: `cpu.cfs_quota_us` (-1 for none) over `cpu.cfs_period_us` in the cpu
-    controller's hierarchy. A container sees its own cgroup at the root of the mount, where its path from
-    `membership` may not exist: every directory from that path up is read, and those missing are skipped."""
-    try:
-        lines = membership.read_text().splitlines()
-    except OSError:
-        return None
-    quotas = []
-    for line in lines:
-        if line.count(":") < 2:
-            continue
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2, the unified hierarchy
-            mount, read = cgroups, _v2_quota
-        elif "cpu" in controllers.split(","):
-            mount, read = next((m for m in (cgroups / controllers, cgroups / "cpu") if m.is_dir()), cgroups), _v1_quota
-        else:
-            continue
-        here = mount / path.lstrip("/")
-        for d in (here, *here.parents):
-            if d == mount.parent:
-                break
-            if (q := read(d)) is not None:
-                quotas.append(q)
-    return min(quotas, default=None)
-
-
-def _v2_quota(d: Path) -> float | None:
-    try:
-        quota, period = (d / "cpu.max").read_text().split()
-        return None if quota == "max" or int(period) <= 0 else int(quota) / int(period)
-    except (OSError, ValueError):
-        return None
-
-
-def _v1_quota(d: Path) -> float | None:
-    try:
-        quota, period = int((d / "cpu.cfs_quota_us").read_text()), int((d / "cpu.cfs_period_us").read_text())
-        return None if quota <= 0 or period <= 0 else quota / period
-    except (OSError, ValueError):
-        return None
 
 
 class Settings(BaseSettings):

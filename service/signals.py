@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 
 import psutil
 
-from service.settings import usable_cpus
+from service.cgroups import memory_headroom, usable_cpus
 
 
 class RequestStats:
@@ -117,8 +117,13 @@ class MachineProbe:
 
     @staticmethod
     def memory_available() -> float:
+        """The share of memory still available to this process: the machine's, or, under a cgroup memory
+        limit (a container's `--memory`, a pod's limit), the limit's if that is less (the machine's alone
+        read 97 % free in a pod 100 MB from being killed for memory)."""
         vm = psutil.virtual_memory()
-        return vm.available / vm.total
+        machine = vm.available / vm.total
+        limited = memory_headroom()
+        return machine if limited is None else min(machine, limited)
 
     @staticmethod
     def battery() -> tuple[float | None, bool]:
