@@ -39,16 +39,36 @@ def resource_files(directory: Path) -> list[Path]:
     return files
 
 
+def env_file(path: Path) -> dict[str, str]:
+    """A configMapGenerator's `envs` file as kustomize reads it: KEY=value lines; blank lines and lines
+    starting with '#' skipped (a '#' after a value is part of the value)."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def generated(directory: Path) -> list[dict[str, Any]]:
+    """The ConfigMaps a kustomization's configMapGenerator makes, without kustomize's name hash."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": g["name"]},
+            "data": {k: v for env in g.get("envs", []) for k, v in env_file(directory / env).items()},
+        }
+        for g in kustomization(directory).get("configMapGenerator", [])
+    ]
+
+
 def built(directory: Path) -> list[dict[str, Any]]:
-    """`kubectl kustomize DIR` (needs no cluster). Without kubectl: the listed resource files of a
-    kustomization without patches (the base); an overlay's checks are skipped, saying so."""
+    """`kubectl kustomize DIR` (needs no cluster). Without kubectl: the listed resource files and generated
+    ConfigMaps of a kustomization without patches (the base); an overlay's checks are skipped, saying so."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         if kustomization(directory).get("patches") or any(
             p.is_dir() for p in map(directory.joinpath, kustomization(directory).get("resources", []))
         ):
             pytest.skip(f"kubectl not found: {directory.relative_to(K8S)} not built (its file lists are still checked)")
-        return [d for f in resource_files(directory) for d in load_all(f.read_text())]
+        return [d for f in resource_files(directory) for d in load_all(f.read_text())] + generated(directory)
     run = subprocess.run(
         [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -69,6 +89,9 @@ def test_kustomization_lists_only_existing_files(directory: Path) -> None:
     k = kustomization(directory)
     for entry in k.get("resources", []):
         assert (directory / entry).exists(), f"{directory}: resource {entry} does not exist"
+    for generator in k.get("configMapGenerator", []):
+        for env in generator.get("envs", []):
+            assert (directory / env).is_file(), f"{directory}: configMapGenerator file {env} does not exist"
     for patch in k.get("patches", []):
         if "path" in patch:
             assert (directory / patch["path"]).is_file(), f"{directory}: patch {patch['path']} does not exist"
@@ -136,6 +159,10 @@ def test_deployment_follows_the_rules(overlay: str) -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # writable scratch on a read-only root
     assert cm["data"]["LCS_HOST"] == "0.0.0.0"
+    # generated with a hash of the settings in its name (kubectl kustomize), which the pods reference: a
+    # changed setting is a new name, so `kubectl apply -k` rolls the pods (settings are read at start-up)
+    assert cm["metadata"]["name"].startswith("lcs-serve-config")
+    assert [e["configMapRef"]["name"] for e in c["envFrom"]] == [cm["metadata"]["name"]]
     assert all(k.startswith("LCS_") for k in cm["data"])
     assert unknown_variables({**cm["data"], **{e["name"]: "" for e in c["env"]}}) is None  # each one a setting
     # the Service lcs-serve would otherwise inject LCS_SERVE_PORT=tcp://... and the like beside the settings
