@@ -6,12 +6,19 @@ from pathlib import Path
 
 import pytest
 
+from service.cgroups import cpu_quota, memory_headroom, usable_cpus
 
-def _cgroups(root: Path, files: dict[str, str]) -> Path:
+
+def hierarchy(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A cgroup mount holding `files` (path under the mount -> text) and a /proc/self/cgroup saying
+    `membership`: the two paths service.cgroups reads."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
-    return root
+    (tmp_path / "self").write_text(membership)
+    return root, tmp_path / "self"
 
 
 @pytest.mark.parametrize(
@@ -40,19 +47,12 @@ def _cgroups(root: Path, files: dict[str, str]) -> Path:
 def test_the_cpu_quota_of_the_processs_cgroup(
     tmp_path: Path, membership: str, files: dict[str, str], quota: float | None
 ) -> None:
-    from service.cgroups import cpu_quota
-
-    root = _cgroups(tmp_path / "cgroup", files)
-    (tmp_path / "cgroup").mkdir(exist_ok=True)
-    (tmp_path / "self").write_text(membership)
-    assert cpu_quota(root, tmp_path / "self") == quota
+    assert cpu_quota(*hierarchy(tmp_path, membership, files)) == quota
 
 
 def test_usable_cpus_are_capped_by_the_quota_rounded_up(tmp_path: Path) -> None:
     """A container's `--cpus 1.5` on a bigger machine is 2 usable CPUs (LCS_THREADS defaults to one fewer)."""
     import os
-
-    from service.cgroups import usable_cpus
 
     mine = len(os.sched_getaffinity(0))
     (tmp_path / "self").write_text("0::/\n")
@@ -109,12 +109,7 @@ GiB = 1 << 30
 def test_the_memory_headroom_under_the_processs_cgroup_limit(
     tmp_path: Path, membership: str, files: dict[str, str], headroom: float | None
 ) -> None:
-    from service.cgroups import memory_headroom
-
-    root = _cgroups(tmp_path / "cgroup", files)
-    (tmp_path / "cgroup").mkdir(exist_ok=True)
-    (tmp_path / "self").write_text(membership)
-    got = memory_headroom(root, tmp_path / "self")
+    got = memory_headroom(*hierarchy(tmp_path, membership, files))
     assert got == (None if headroom is None else pytest.approx(headroom))
 
 
