@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from lcs.checkpoint import CheckpointError
 from lcs.paths import check_flag
 from training.config import options_help
 from training.data import DataError
+from training.distributed import env_rank
+
+OTHER_RANK_WAIT_S = 10.0  # how long a rank other than 0 leaves an error to rank 0 (see _error)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:  # Ctrl-C: every finished epoch is saved, and the same command resumes
                 from training.train import saved_epoch
 
+                if env_rank():  # under torchrun every rank got the signal; rank 0 says what its state file kept
+                    return 130
                 if sys.stdout.isatty():
                     print()  # end the progress bar's line
                 done = saved_epoch(cfg)
@@ -105,11 +111,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _evaluate(args)
     except (CheckpointError, DataError, ValueError, OSError) as err:  # OSError: a file named here is missing
-        print(f"error: {err}", file=sys.stderr)
+        _error(str(err))
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if not env_rank():
+            print("interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
+
+
+def _error(message: str) -> None:
+    """Print `error: message` once per torchrun job, not once per rank: every rank runs the same command on the
+    same files, so rank 0 meets the same error and prints it, and torchrun stops the other ranks when it exits.
+    Another rank prints (naming itself) only if that has not happened within OTHER_RANK_WAIT_S: an error of its
+    own, such as a node without the dataset, while rank 0 waits for it."""
+    rank = env_rank()
+    if rank:
+        time.sleep(OTHER_RANK_WAIT_S)
+        message = f"rank {rank}: {message}"
+    print(f"error: {message}", file=sys.stderr)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

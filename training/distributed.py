@@ -49,6 +49,16 @@ def _use(device: torch.device) -> torch.device:
     return device
 
 
+def _env_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun's environment gives it, 0 without torchrun: known before the process
+    group exists, and where none ever will (a refused command line)."""
+    return int(os.environ["RANK"]) if _env_world() > 1 else 0
+
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0
@@ -64,10 +74,10 @@ class Ranks:
     @classmethod
     def from_env(cls) -> Ranks:
         """Join the torchrun job described by the environment, or a single process without one."""
-        world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+        world = _env_world()
         if world == 1:  # no torchrun, or torchrun with one process: no process group
             return cls(device=_use(pick_device(0, 1)))
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        rank, local = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # torchrun sets it
         device = _use(pick_device(local, local_world))
         if device.type == "cpu" and torch.cuda.is_available() and local == 0:

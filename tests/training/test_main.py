@@ -445,3 +445,66 @@ def test_samples_stores_images_from_the_dataset_given(
     images, labels = checkpoint.load_with_samples(ckpt)[2] or (None, None)
     assert images is not None and labels is not None
     assert images.shape[1:] == (1, 12, 12) and set(labels.tolist()) <= {0, 1, 2, 3}
+
+
+# -- under torchrun: one report per job, from rank 0 -------------------------------------------------------
+
+
+@pytest.fixture
+def rank_1(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """This process as rank 1 of 2 under torchrun; returns the waits it made (time.sleep records them)."""
+    import training.__main__ as cli
+
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    waits: list[float] = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    return waits
+
+
+def test_other_ranks_leave_an_error_to_rank_0(
+    rank_1: list[float], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each of the two ranks printed `error: ...` (interleaved on one line at times). Rank 1 now waits for
+    torchrun to stop it once rank 0 has reported the same error, and speaks, naming itself, only if it was not
+    stopped (an error of its own)."""
+    import training.__main__ as cli
+
+    class Stopped(BaseException):  # torchrun's SIGTERM once rank 0 has exited
+        pass
+
+    def stopped(seconds: float) -> None:
+        raise Stopped
+
+    monkeypatch.setattr(cli.time, "sleep", stopped)
+    with pytest.raises(Stopped):
+        main(["train", "lr=abc"])
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli.time, "sleep", rank_1.append)  # not stopped: rank 0 did not fail
+    assert main(["train", "lr=abc"]) == 2
+    assert capsys.readouterr().err == "error: rank 1: option 'lr' must be a number; got 'abc'\n"
+    assert rank_1 == [cli.OTHER_RANK_WAIT_S]
+
+
+def test_rank_0_reports_an_error_at_once(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.__main__ as cli
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(cli.time, "sleep", lambda s: pytest.fail("rank 0 waited"))
+    assert main(["train", "lr=abc"]) == 2
+    assert capsys.readouterr().err == "error: option 'lr' must be a number; got 'abc'\n"
+
+
+def test_ctrl_c_is_reported_by_rank_0_alone(
+    rank_1: list[float], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank got the signal and each printed "interrupted; ..."; rank 0 alone says what its state kept."""
+    import training.train as train_module
+
+    def ctrl_c(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", ctrl_c)
+    assert main(["train", "epochs=1"]) == 130
+    assert capsys.readouterr() == ("", "") and rank_1 == []
