@@ -58,9 +58,10 @@ EXPOSE 8000
 # /models: a volume for checkpoints trained in a container (the compose `train` profile writes there)
 VOLUME ["/models"]
 # readiness, not liveness: unhealthy while the models are built and while draining (no curl in the image);
-# it asks the address the service binds (LCS_HOST), loopback when that is every address
+# it asks the address the service binds (LCS_HOST), loopback when that is every address (IPv6's for ::, since
+# the service's IPv6 sockets are IPv6-only)
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request as u; h = os.environ.get('LCS_HOST', '0.0.0.0'); h = '127.0.0.1' if h in ('', '0.0.0.0', '::') else '[%s]' % h if ':' in h else h; u.urlopen('http://%s:%s/readyz' % (h, os.environ.get('LCS_PORT', '8000')), timeout=2)"]
+    CMD ["python3", "-c", "import os, urllib.request as u; h = os.environ.get('LCS_HOST', '0.0.0.0'); h = {'': '127.0.0.1', '0.0.0.0': '127.0.0.1', '::': '::1'}.get(h, h); h = '[%s]' % h if ':' in h else h; u.urlopen('http://%s:%s/readyz' % (h, os.environ.get('LCS_PORT', '8000')), timeout=2)"]
 # SIGTERM: readiness turns 503 at once, queued and in-flight requests finish (LCS_DRAIN_SECONDS), then exit
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python3", "-m", "service"]

@@ -78,6 +78,22 @@ def request(images: int, fmt: str, port: int, model: str) -> bytes:
     return openloop.post("/predict", body, port)
 
 
+# Burners are forked, whatever the default start method, so that a burner's parent is the benchmark, whose
+# exit it watches (under forkserver, Python 3.14's default on Linux, the parent was the fork server and the
+# burners stopped at once: the noisy trace ran without its neighbour)
+_FORK = multiprocessing.get_context("fork")
+
+
+def start_burners(stop: Any, n: int) -> list[multiprocessing.process.BaseProcess]:
+    """`n` CPU-hungry neighbours, running until `stop` (an event of _FORK) is set or this process is gone."""
+    burners: list[multiprocessing.process.BaseProcess] = [
+        _FORK.Process(target=_burn, args=(stop, os.getpid()), daemon=True) for _ in range(n)
+    ]
+    for b in burners:
+        b.start()
+    return burners
+
+
 TRACES = ("steady", "step", "ramp", "bursty", "noisy")
 
 
@@ -184,15 +200,12 @@ async def drive(
     timeline: list[dict[str, Any]] = []
     stop_poll = asyncio.Event()
     poller = asyncio.create_task(poll_controller(base, timeline, stop_poll))
-    stop_burn = multiprocessing.Event()
-    burners: list[multiprocessing.Process] = []
+    stop_burn = _FORK.Event()
+    burners: list[multiprocessing.process.BaseProcess] = []
 
     async def neighbour() -> None:
         await asyncio.sleep(duration / 3)
-        for _ in range(os.cpu_count() or 2):
-            b = multiprocessing.Process(target=_burn, args=(stop_burn, os.getpid()), daemon=True)
-            b.start()
-            burners.append(b)
+        burners.extend(start_burners(stop_burn, os.cpu_count() or 2))
         await asyncio.sleep(duration / 3)
         stop_burn.set()
 

@@ -93,7 +93,10 @@ def cpu_taken(busy: Sequence[float], mine: float, allowed: Collection[int], usab
     leaves it fewer than `usable` idle: on a machine that is all its own (this one: 2 of 2) that is their
     share of the machine, but in a container limited to 2 CPUs on a 64-core node the node's other 30 busy
     cores read as 47 % taken, and the controller, pricing the model 1.9x slower, gave accuracy away."""
-    cores = [busy[c] for c in allowed if 0 <= c < len(busy)] or list(busy)
+    # psutil lists the online CPUs in order: an allowed id past the list (a CPU offline below it, or lxcfs
+    # numbering a cpuset's CPUs from 0) means ids are not positions, so count every core listed
+    cores = [busy[c] for c in allowed] if allowed and max(allowed) < len(busy) else list(busy)
+    usable = min(usable, len(cores))
     others = max(0.0, sum(cores) - mine)
     free = min(float(usable), len(cores) - others)
     return min(1.0, max(0.0, 1.0 - free / max(1, usable)))

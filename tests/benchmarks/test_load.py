@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,21 @@ def test_the_load_generator_imports_no_torch() -> None:
     probe = "import sys, benchmarks.load; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_burners_run_whatever_the_default_start_method() -> None:
+    """Under forkserver (Python 3.14's default on Linux) a burner's parent was the fork server, not the
+    benchmark, so its check that the benchmark still ran ended it at once: the noisy trace had no neighbour."""
+    default = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        stop = load._FORK.Event()
+        burners = load.start_burners(stop, 1)
+        time.sleep(0.3)
+        alive = [b.is_alive() for b in burners]
+        stop.set()
+        for b in burners:
+            b.join(5)
+    finally:
+        multiprocessing.set_start_method(default, force=True)
+    assert alive == [True]

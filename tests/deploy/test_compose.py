@@ -225,7 +225,7 @@ def test_dockerignore_keeps_what_the_image_needs_and_drops_the_rest() -> None:
     [
         (None, "http://127.0.0.1:8000/readyz"),
         ("0.0.0.0", "http://127.0.0.1:8000/readyz"),
-        ("::", "http://127.0.0.1:8000/readyz"),
+        ("::", "http://[::1]:8000/readyz"),  # IPv6-only sockets: 127.0.0.1 was refused (unhealthy for good)
         ("10.1.2.3", "http://10.1.2.3:8000/readyz"),  # was 127.0.0.1, where nothing listens: unhealthy for good
         ("fd00::5", "http://[fd00::5]:8000/readyz"),
     ],

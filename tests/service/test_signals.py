@@ -71,6 +71,10 @@ def test_machine_probe_reports_shares() -> None:
         # pinned to cores 0 and 1: the other cores' load is not its concern
         ([0.5, 0.5, 1.0, 1.0], 0.2, {0, 1}, 2, 0.4),
         ([0.2, 0.2], 0.9, {0, 1}, 2, 0.0),  # its own time counted a little high: never below 0
+        # ids that are not positions in psutil's list: every listed core counts (an idle machine read as
+        # 0.5 and 0.33 taken, and the controller priced the model 2x and 1.5x slower)
+        ([0.0] * 4, 0.0, {2, 3, 4, 5}, 4, 0.0),  # lxcfs numbers a cpuset's CPUs from 0
+        ([0.0] * 3, 0.0, {0, 1, 3}, 3, 0.0),  # CPU 2 offline: /proc/stat skips it
     ],
 )
 def test_cpu_taken_counts_only_what_leaves_this_process_short(
