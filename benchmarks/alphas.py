@@ -30,8 +30,9 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive
-from lcs.alpha import Level
+from lcs.alpha import Level, spelled
 from lcs.layers import Setting
+from service.cache import Grid, ModelCache
 from service.inputs import normaliser
 from service.materialize import Compiled, build, compile_module, normalised_samples, time_in_rounds
 from service.settings import Backend
@@ -128,7 +129,7 @@ def main() -> None:
     grid = list(model.stat_alphas)
     wanted = args.alphas or [0.0, 0.25, 0.5, 0.75, 1.0]
     # snapped down, as the service snaps `quality`; below the grid (a baseline's is one alpha) to its lowest
-    alphas = sorted({max((a for a in grid if a <= w + 1e-9), default=min(grid)) for w in wanted})
+    alphas = sorted({Grid(grid).down(w) for w in wanted})
     scale, shift = normaliser(meta.input)
     samples = normalised_samples(raw_samples, meta.input)
     calib = None if samples is None else samples[0]
@@ -203,7 +204,7 @@ def main() -> None:
             "resident_bytes": c.resident_bytes,
             "stored_bytes": c.stored_bytes,
             "build_seconds": round(c.build_seconds, 4),
-            "train_time_accuracy": next((q.accuracy for q in meta.accuracy if abs(q.alpha - a) < 1e-9), None),
+            "train_time_accuracy": next((q.accuracy for q in meta.accuracy if spelled(q.alpha, [a]) is not None), None),
         }
         if test is not None:  # accuracy of the served model, and its top-1 agreement with the training side
             images, labels = test
@@ -230,8 +231,6 @@ def main() -> None:
             r["speedup_" + key[3:]] = round(float(base[key]) / float(r[key]), 2)  # type: ignore[arg-type]
 
     # what a request pays for its alpha: a cache hit, versus a first request that builds the model
-    from service.cache import Grid, ModelCache
-
     cache = ModelCache(
         lambda a: build(model, meta, a, samples=calib, channels_last=True, backend=args.backend), Grid(alphas), 2**30
     )

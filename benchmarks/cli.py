@@ -84,6 +84,7 @@ def load_checkpoint(
 
 
 def _terminated(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM during the clean-up would cut it short
     print("terminated; no results written", file=sys.stderr)
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C, through the `finally` blocks
 

@@ -38,12 +38,18 @@ def cpu_quota(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> float |
 
 
 def memory_headroom(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> float | None:
-    """The share of the tightest cgroup memory limit on this process (or above it) still available, 0..1,
-    or None without a limit. Used memory is the working set: usage less the inactive file cache, which the
-    kernel reclaims before it runs out (as the kubelet counts it). v2: `memory.max`, `memory.current`,
-    `memory.stat`'s inactive_file; v1: `memory.limit_in_bytes` (a huge number for none),
-    `memory.usage_in_bytes`, `memory.stat`'s total_inactive_file."""
-    return min(_read_up("memory", cgroups, membership, _v2_memory, _v1_memory), default=None)
+    """The memory still available under the cgroup limits on this process (or above it) as a share of the
+    tightest limit, 0..1, or None without a limit: what is left is the least any level has left (a
+    container's 256 of 512 MiB free inside a pod with 1 GiB of 10 free is 256 MiB, 0.5). Used memory is
+    the working set: usage less the inactive file cache, which the kernel reclaims before it runs out (as
+    the kubelet counts it). v2: `memory.max`, `memory.current`, `memory.stat`'s inactive_file; v1:
+    `memory.limit_in_bytes` (a huge number for none), `memory.usage_in_bytes`, `memory.stat`'s
+    total_inactive_file."""
+    levels = list(_read_up("memory", cgroups, membership, _v2_memory, _v1_memory))
+    if not levels:
+        return None
+    left = min(limit - used for limit, used in levels)
+    return min(1.0, max(0.0, left / min(limit for limit, _ in levels)))
 
 
 def _read_up(
@@ -97,15 +103,16 @@ def _v1_cpu(d: Path) -> float | None:
 NO_LIMIT = 1 << 60  # v1 writes "no limit" as the largest page-aligned 64-bit number (9223372036854771712)
 
 
-def _v2_memory(d: Path) -> float | None:
-    return _headroom(d, "memory.max", "memory.current", "inactive_file")
+def _v2_memory(d: Path) -> tuple[int, int] | None:
+    return _limit_and_used(d, "memory.max", "memory.current", "inactive_file")
 
 
-def _v1_memory(d: Path) -> float | None:
-    return _headroom(d, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+def _v1_memory(d: Path) -> tuple[int, int] | None:
+    return _limit_and_used(d, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
 
 
-def _headroom(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> float | None:
+def _limit_and_used(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> tuple[int, int] | None:
+    """(limit, working set) in bytes at cgroup directory `d`, or None where it sets no limit."""
     try:
         raw = (d / limit_file).read_text().strip()
         if raw == "max" or int(raw) >= NO_LIMIT or int(raw) <= 0:
@@ -121,4 +128,4 @@ def _headroom(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> f
                 inactive = int(value)
     except (OSError, ValueError):
         pass  # no stat: count the cache as used (pessimistic)
-    return min(1.0, max(0.0, 1.0 - max(0, usage - inactive) / limit))
+    return limit, max(0, usage - inactive)

@@ -19,8 +19,9 @@ overall timeout, errors of any kind (down, slow, garbage) give None, and values 
 signals. The source going down is logged once, as a warning, and its coming back once, at info; each
 failed query only at debug level (a refresh runs every control interval). A selector that matches no
 replica gives empty answers, as no traffic does: until `count(lcs_build_info{SELECTOR})` has answered a
-number once, it is asked too, and if it is still empty `selector_grace` seconds after Prometheus first
-answered, that is logged once, as a warning naming the selector.
+number once, it is asked too, and if its answers stay empty for `selector_grace` seconds (counted again after
+Prometheus fails to answer: a Prometheus that has just started has scraped nothing yet), that is logged
+once, as a warning naming the selector.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ class PrometheusFleet:
     def _check_selector(self, replicas: float | BaseException | None, now: float) -> None:
         """Warn once if Prometheus answers but has no replica under the selector for `selector_grace` s."""
         if isinstance(replicas, BaseException):
-            return  # no answer: the source is down, which _note reports
+            self._empty_since = None  # no answer: the source is down (_note reports it); the grace restarts
+            return
         if replicas is not None and replicas > 0:
             self._matched = True
             return

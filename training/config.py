@@ -311,16 +311,23 @@ class _DuplicateKey(yaml.YAMLError):
 class _UniqueKeys(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error (_DuplicateKey): PyYAML
     keeps the last one without a word, so `lr: 0.1` ten lines above `lr: 0.01` trained at 0.01. The keys are
-    checked as written, before `<<` merges, so a key overriding a merged mapping's is not a duplicate."""
+    checked as written: before PyYAML merges `<<` into a mapping (which it does in place, so a mapping merged
+    into another and also used by an alias is seen merged the second time), once per mapping."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        lines: dict[str, int] = {}
-        for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode):
-                if key.value in lines:
-                    raise _DuplicateKey(key.value, lines[key.value], key.start_mark.line + 1)
-                lines[key.value] = key.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()  # ids of the mapping nodes whose keys were checked
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            lines: dict[str, int] = {}
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in lines:
+                        raise _DuplicateKey(key.value, lines[key.value], key.start_mark.line + 1)
+                    lines[key.value] = key.start_mark.line + 1
+        super().flatten_mapping(node)
 
 
 def _load_yaml(text: str) -> Any:

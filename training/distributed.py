@@ -49,14 +49,21 @@ def _use(device: torch.device) -> torch.device:
     return device
 
 
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:  # not torchrun's: read as unset (Ranks.from_env's process group would refuse it)
+        return default
+
+
 def _env_world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    return _env_int("WORLD_SIZE", 1) if "RANK" in os.environ else 1
 
 
 def env_rank() -> int:
     """This process's rank as torchrun's environment gives it, 0 without torchrun: known before the process
     group exists, and where none ever will (a refused command line)."""
-    return int(os.environ["RANK"]) if _env_world() > 1 else 0
+    return _env_int("RANK", 0) if _env_world() > 1 else 0
 
 
 @dataclass(frozen=True)

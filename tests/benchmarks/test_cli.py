@@ -237,6 +237,30 @@ def test_sigterm_unwinds_a_benchmark_like_ctrl_c_with_exit_code_143(capsys: pyte
     assert capsys.readouterr().err == "terminated; no results written\n"
 
 
+def test_a_second_sigterm_does_not_cut_the_clean_up_short(capsys: pytest.CaptureFixture[str]) -> None:
+    """A second SIGTERM (an impatient `timeout -s TERM`, a supervisor's retry) raised again inside the
+    `finally` blocks, printing "terminated" twice and skipping what was left to stop."""
+    cleaned: list[str] = []
+
+    def main() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # not reached
+            return 0
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the second, while stopping the servers
+            cleaned.append("servers stopped")
+
+    before = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        with pytest.raises(SystemExit) as e:
+            command(main)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert e.value.code == 143 and cleaned == ["servers stopped"]
+    assert capsys.readouterr().err == "terminated; no results written\n"
+
+
 @pytest.mark.parametrize(("name", "rest"), [("ops", ["--alpha", "0.3"]), ("memory", ["--alphas", "1", "0.3"])])
 def test_an_alpha_off_the_checkpoints_grid_is_refused_in_one_line_before_any_is_measured(
     name: str, rest: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -278,6 +278,36 @@ def test_a_selector_that_matches_no_replica_is_a_warning_once(caplog: pytest.Log
     assert f.up  # Prometheus itself answers: not "down"
 
 
+def test_the_selector_grace_restarts_after_prometheus_fails_to_answer(caplog: pytest.LogCaptureFixture) -> None:
+    """Empty before its first scrape, then down for a while: the first empty answer after it came back was
+    taken as 60 s of a selector matching nothing."""
+    empty = {"status": "success", "data": {"resultType": "vector", "result": []}}
+    down = False
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if down:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json=empty)
+
+    clock = Clock()
+    f = fleet(handle, clock)
+
+    async def go() -> None:
+        nonlocal down
+        await f.refresh()  # empty: nothing scraped yet
+        down, clock.t = True, clock.t + 30
+        await f.refresh()
+        down, clock.t = False, clock.t + 60
+        await f.refresh()  # back, 90 s after the first empty answer: the grace starts again here
+        clock.t += 30
+        await f.refresh()
+        await f.aclose()
+
+    with caplog.at_level("WARNING", logger="lcs.fleet"):
+        asyncio.run(go())
+    assert not [r for r in caplog.records if "no lcs_build_info series" in r.getMessage()]
+
+
 def test_the_replica_count_is_asked_until_it_answers() -> None:
     asked: list[str] = []
 

@@ -92,6 +92,9 @@ def test_kustomization_lists_only_existing_files(directory: Path) -> None:
     for generator in k.get("configMapGenerator", []):
         for env in generator.get("envs", []):
             assert (directory / env).is_file(), f"{directory}: configMapGenerator file {env} does not exist"
+            # kustomize keeps a value's trailing spaces, which env_file (the fallback builder) strips
+            lines = (directory / env).read_text().splitlines()
+            assert all(line == line.strip() for line in lines), f"{directory / env}: a line with surrounding spaces"
     for patch in k.get("patches", []):
         if "path" in patch:
             assert (directory / patch["path"]).is_file(), f"{directory}: patch {patch['path']} does not exist"

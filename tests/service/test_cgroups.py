@@ -81,6 +81,18 @@ GiB = 1 << 30
         ),
         ("0::/\n", {"memory.max": "max\n", "memory.current": "123\n"}, None),  # no limit
         ("0::/\n", {"memory.max": f"{GiB}\n", "memory.current": f"{GiB}\n"}, 0.0),  # no stat: cache counts as used
+        # nested: the least any level has left, over the tightest limit: 256 MiB free in the container's
+        # 512 MiB, inside a pod with 1 GiB of 10 GiB free, is 0.5 (the pod's share alone said 0.1)
+        (
+            "0::/pod/c\n",
+            {
+                "pod/memory.max": f"{10 * GiB}\n",
+                "pod/memory.current": f"{9 * GiB}\n",
+                "pod/c/memory.max": f"{GiB // 2}\n",
+                "pod/c/memory.current": f"{GiB // 4}\n",
+            },
+            0.5,
+        ),
         # nested: the tighter of the pod's and the container's
         (
             "0::/pod/c\n",

@@ -329,6 +329,9 @@ def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
     # a key overriding one merged in with `<<` is not given twice; an alias is read once
     from training.config import _load_yaml
 
+    # a mapping merged into another and also used by an alias: PyYAML merges in place, and the second use
+    # was read merged, as 'lr' set twice
+    assert _load_yaml("x:\n  <<: &b {<<: {lr: 0.1}, lr: 0.2}\ny: *b\n") == {"x": {"lr": 0.2}, "y": {"lr": 0.2}}
     assert _load_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\nc: *a\n") == {
         "a": {"x": 1, "y": 2},
         "b": {"x": 3, "y": 2},

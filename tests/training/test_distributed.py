@@ -193,3 +193,15 @@ def test_resume_under_torchrun_continues_a_single_process_run(
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "resuming" in run.stdout and "epoch 1: train loss" not in run.stdout
     assert max_diff(full, resumed) < TOLERANCE
+
+
+@pytest.mark.parametrize(("rank", "world", "expected"), [("1", "2", 1), ("x", "2", 0), ("1", "two", 0), ("1", "1", 0)])
+def test_env_rank_reads_torchruns_environment_and_nothing_else(
+    rank: str, world: str, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RANK that is no number (another tool's variable) raised ValueError inside the error handler."""
+    from training.distributed import env_rank
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert env_rank() == expected
