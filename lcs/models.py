@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcs.alpha import SAME_ALPHA, Schedule, SubspaceType, check_alpha
+from lcs.alpha import Schedule, SubspaceType, check_alpha, spelled
 from lcs.compress import fake_quantize
 from lcs.layers import NormType, Setting, SubspaceConv2d, SubspaceLinear, SubspaceNorm2d, cos2, groups
 
@@ -184,9 +184,8 @@ class SubspaceResNet(nn.Module):
         """Row of the BatchNorm statistics grid for alpha (None for GroupNorm, which has none)."""
         if self.norm_type != "batch":
             return None
-        for i, a in enumerate(self.stat_alphas):
-            if abs(a - alpha) < SAME_ALPHA:
-                return i
+        if (row := spelled(alpha, self.stat_alphas)) is not None:
+            return self.stat_alphas.index(row)
         raise ValueError(
             f"alpha {alpha} has no BatchNorm statistics in this checkpoint; "
             f"use one of its grid alphas {list(self.stat_alphas)}"
