@@ -139,8 +139,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if (args.baseline or args.compare) and not args.plot:  # they only draw on the plot: ignoring them hid a typo
         given = "--baseline" if args.baseline else "--compare"
-        print(f"error: {given} only draws on the plot; add --plot OUT.png, or leave {given} out", file=sys.stderr)
-        return 2
+        raise ValueError(f"{given} only draws on the plot; add --plot OUT.png, or leave {given} out")
     check_flag(args.json, "--json", "report.json")
     if args.plot:
         check_flag(args.plot, "--plot", "plot.png")
