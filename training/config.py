@@ -207,7 +207,7 @@ def options_help(width: int = 100) -> str:
     )
 
 
-def _spelled(value: object) -> str:
+def _as_written(value: object) -> str:
     """A value as the config or command line would write it: YAML's spelling (true, not True; null, not
     None), a string in quotes."""
     return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
@@ -215,7 +215,7 @@ def _spelled(value: object) -> str:
 
 def _require(ok: bool, name: str, value: object, valid: str) -> None:
     if not ok:
-        raise OptionError(f"{name}={_spelled(value)} is out of range; use {valid}", name)
+        raise OptionError(f"{name}={_as_written(value)} is out of range; use {valid}", name)
 
 
 def _is_grid(alphas: list[float]) -> bool:
@@ -299,7 +299,7 @@ def _check_type(name: str, value: Any, typ: Any) -> None:
             ok = isinstance(value, base)
         if ok:
             return
-    raise OptionError(f"option {name!r} must be {_type_name(typ)}; got {_spelled(value)}", name)
+    raise OptionError(f"option {name!r} must be {_type_name(typ)}; got {_as_written(value)}", name)
 
 
 class _DuplicateKey(yaml.YAMLError):
