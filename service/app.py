@@ -57,6 +57,13 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that w
 _V2_INFER = tuple(r for r in INFERENCE_ROUTES if r.startswith("/v2/"))  # the binary tensor extension: OIP only
 
 
+# the ceilings that are a policy rather than load, by controller mode: what caps it, and when to retry
+_CAPS = {
+    "pinned": ("an operator has pinned alpha at", "retry once the pin is released"),
+    "battery": ("on low battery the service serves alpha", "retry once the battery charges"),
+}
+
+
 def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for the error statuses a route can answer, all with the ErrorResponse body."""
     text = {
@@ -67,7 +74,7 @@ def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, d
         413: "Body too large",
         415: "Not JSON",
         422: "Invalid request or input",
-        429: "Overloaded or min_quality unavailable; see Retry-After",
+        429: "Overloaded or min_quality unavailable; see Retry-After where given",
         503: "Starting or shutting down; see Retry-After",
     }
     out: dict[int | str, dict[str, Any]] = {}
@@ -118,13 +125,16 @@ async def _infer(
     ceiling = rt.controller.ceiling
     retry = retry_after(st.settings)
     if floor > ceiling:
-        st.metrics.shed.labels("min_quality").inc()
-        cap = {"pinned": "an operator has pinned alpha at", "battery": "on low battery the service serves alpha"}
-        why = cap.get(rt.controller.mode, "under current load the service serves alpha")
+        capped = _CAPS.get(rt.controller.mode)
+        if capped is None:  # load: the ceiling comes back as the load passes
+            why, then, headers = "under current load the service serves alpha", "retry later", {"Retry-After": retry}
+        else:  # a policy, not load: no time to retry after can be given, and no operator needs paging
+            (why, then), headers = capped, {}
+        st.metrics.shed.labels("min_quality" if capped is None else "min_quality_capped").inc()
         raise ApiError(
             429,
-            f"{why} <= {ceiling:g}, below min_quality {floor_req:g}; retry later or lower min_quality",
-            {"Retry-After": retry},
+            f"{why} <= {ceiling:g}, below min_quality {floor_req:g}; {then} or lower min_quality",
+            headers,
             kind="min_quality unavailable",
         )
     now = time.monotonic()
