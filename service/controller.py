@@ -318,8 +318,12 @@ class Controller:
             return self._set(self.grid.down(arg), "fixed", s.now, "fixed policy")
         if name == "step":  # queue-threshold step controller: 1 / middle / lowest by queue depth
             mid = self.grid.down(0.5)
-            new = self.grid.alphas[-1] if s.queue_depth < 2 else (mid if s.queue_depth < 8 else self.grid.alphas[0])
-            return self._set(new, "step", s.now, f"queue depth {s.queue_depth}")
+            if s.queue_depth < 2:
+                new, band = self.grid.alphas[-1], "under 2"
+            else:
+                new, band = (mid, "2-7") if s.queue_depth < 8 else (self.grid.alphas[0], "8 or more")
+            # the band, not the depth: the reason is a metric label, and each depth would be a series
+            return self._set(new, "step", s.now, f"queue depth {band}")
         # aimd: halve on congestion (p99 over the SLO or a queue), else one grid step up
         congested = (s.p99 is not None and s.p99 > self.slo) or s.queue_depth >= 8
         up = self.grid.alphas[min(len(self.grid.alphas) - 1, self.grid.alphas.index(self.ceiling) + 1)]

@@ -45,6 +45,14 @@ def test_step_policy_follows_queue_depth() -> None:
     assert c.update(Signals(now=1.0, queue_depth=4)) == 0.5
     assert c.update(Signals(now=2.0, queue_depth=20)) == 0.0
     assert c.update(Signals(now=3.0, queue_depth=1)) == 1.0
+    assert c.update(Signals(now=4.0, queue_depth=57)) == 0.0
+    # one reason per band (a metric label): not one per queue depth
+    assert [d.reason for d in c.decisions] == [
+        "queue depth 2-7",
+        "queue depth 8 or more",
+        "queue depth under 2",
+        "queue depth 8 or more",
+    ]
 
 
 def test_aimd_halves_on_congestion_and_climbs_one_step() -> None:
