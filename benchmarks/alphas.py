@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive, run_child
 from lcs.alpha import Level, spelled
 from lcs.layers import Setting
 from service.cache import Grid, ModelCache
@@ -219,8 +218,7 @@ def main() -> None:
         cmd += ["--backend", args.backend, "--child-threads", str(threads)]
         if args.alphas:
             cmd += ["--alphas", *map(str, args.alphas)]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        timed = json.loads(done.stdout.strip().splitlines()[-1])
+        timed = run_child(cmd, f"the {threads}-thread timing process")
         for row, t in zip(rows, timed, strict=True):
             row[f"representation_t{threads}"] = t["representation"]
             row[f"ms_b1_t{threads}"], row[f"ms_b32_t{threads}"] = t["ms_b1"], t["ms_b32"]

@@ -4,12 +4,14 @@ checked before the first measurement, and a refusal is one line naming the flag,
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from lcs.alpha import ALPHA_CONVENTION
 from lcs.paths import check_flag, file_problem
@@ -81,6 +83,17 @@ def load_checkpoint(
         return load_with_samples(path)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def run_child(cmd: list[str], what: str, env: dict[str, str] | None = None) -> Any:
+    """Run a measuring child process (a fresh process per thread count or backend) and return the JSON its
+    stdout ends with. Its stderr goes straight to the user's; a child that fails is `error: ...` naming it
+    and its exit code, under its own error, and exit code 1 (it was a traceback of the parent's, with the
+    child's error captured and lost)."""
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {what} exited with code {done.returncode}; its error is above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _terminated(signum: int, frame: object) -> None:

@@ -15,13 +15,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import get_args
 
-from benchmarks.cli import check_output, command, load_checkpoint, positive
+from benchmarks.cli import check_output, command, load_checkpoint, positive, run_child
 from service.settings import Backend
 
 
@@ -70,8 +69,8 @@ def main() -> None:
     for backend, capacity in (("onnxruntime", "16384"), ("torchscript", "1024"), ("torchscript", "16384")):
         env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity}
         cmd = [sys.executable, "-m", "benchmarks.switching", args.checkpoint, "--calls", str(args.calls)]
-        out = subprocess.run([*cmd, "--child", backend], env=env, check=True, capture_output=True, text=True).stdout
-        rows[f"{backend}, oneDNN cache {capacity}"] = json.loads(out.strip().splitlines()[-1])
+        name = f"{backend}, oneDNN cache {capacity}"
+        rows[name] = run_child([*cmd, "--child", backend], f"the timing process for {name}", env)
     print(f"{'backend':>34} | {'one alpha, us/image':>20} | {'random alphas, us/image':>24}")
     for name, r in rows.items():
         print(f"{name:>34} | {r['one_alpha_us']:>20} | {r['random_alphas_us']:>24}")

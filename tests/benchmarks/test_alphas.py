@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
@@ -48,12 +47,12 @@ def _run(argv: list[str], rows: int, monkeypatch: pytest.MonkeyPatch) -> dict[st
     """benchmarks.alphas' JSON for `argv`, with its timing children faked: `rows` variants, 1 ms and 2 ms
     at every alpha but the first (0.5 ms and 1 ms)."""
 
-    def child(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    def child(cmd: list[str], what: str) -> list[dict[str, Any]]:
         timed = [{"representation": "x, ONNX Runtime", "ms_b1": 1.0, "ms_b32": 2.0} for _ in range(rows)]
         timed[0] = {**timed[0], "ms_b1": 0.5, "ms_b32": 1.0}
-        return subprocess.CompletedProcess(cmd, 0, json.dumps(timed) + "\n", "")
+        return timed
 
-    monkeypatch.setattr(alphas.subprocess, "run", child)
+    monkeypatch.setattr(alphas, "run_child", child)
     monkeypatch.setattr(sys, "argv", ["alphas", *argv])
     alphas.main()
     return dict(json.loads(Path(argv[argv.index("--json") + 1]).read_text()))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from benchmarks import alphas, http, load, memory, ops, overload, switching
-from benchmarks.cli import command
+from benchmarks.cli import command, run_child
 
 
 def _measured(*args: Any, **kwargs: Any) -> Any:
@@ -27,7 +27,7 @@ OUTPUTS = {
     "alphas": (alphas.main, ["CHECKPOINT"], "--json", (alphas, "load_checkpoint")),
     "ops": (ops.main, ["CHECKPOINT", "--alpha", "0"], "--json", (ops, "build")),
     "memory": (memory.main, ["CHECKPOINT"], "--json", (memory, "load_checkpoint")),
-    "switching": (switching.main, ["CHECKPOINT"], "--json", (switching.subprocess, "run")),
+    "switching": (switching.main, ["CHECKPOINT"], "--json", (switching, "run_child")),
     "load": (load.main, ["--checkpoint", "CHECKPOINT"], "--out", (load, "start_server")),
     "overload": (overload.main, ["--checkpoint", "CHECKPOINT"], "--out", (overload, "start_server")),
     "http": (http.main, ["--checkpoint", "CHECKPOINT"], "--json", (http.subprocess, "Popen")),
@@ -65,11 +65,8 @@ def test_the_results_folder_is_created_when_missing(name: str, tmp_path: Path, m
 
     ckpt = make_checkpoint(tmp_path, "structured").path
     out = tmp_path / "new" / "folder" / "result.json"
-    if name == "switching":  # its children time every alpha: faked, they print what a child prints
-        timing = '{"one_alpha_us": 1.0, "random_alphas_us": 2.0}\n'
-        monkeypatch.setattr(
-            switching.subprocess, "run", lambda *a, **k: switching.subprocess.CompletedProcess(a, 0, timing, "")
-        )
+    if name == "switching":  # its children time every alpha: faked, they give what a child gives
+        monkeypatch.setattr(switching, "run_child", lambda *a: {"one_alpha_us": 1.0, "random_alphas_us": 2.0})
         argv = [name, str(ckpt), "--calls", "1"]
     elif name == "ops":
         argv = [name, str(ckpt), "--alpha", "0", "--batch", "1", "--threads", "1", "--runs", "1"]
@@ -99,7 +96,7 @@ def test_a_checkpoint_that_cannot_be_read_is_refused_in_one_line(
         ckpt.mkdir()
     elif problem == "not a safetensors file":
         ckpt.write_text("hello")
-    monkeypatch.setattr(switching.subprocess, "run", _measured)  # switching's children: never started
+    monkeypatch.setattr(switching, "run_child", _measured)  # switching's children: never started
     monkeypatch.setattr(sys, "argv", [name, str(ckpt), *rest, "--json", str(tmp_path / "out.json")])
     with pytest.raises(SystemExit) as e:
         main()
@@ -290,3 +287,15 @@ def test_a_wait_may_be_zero_where_a_count_may_not() -> None:
         positive(float)("0")
     with pytest.raises(argparse.ArgumentTypeError, match="is not 0 or more"):
         positive(float, zero=True)("-1")
+
+
+def test_a_measuring_child_that_fails_is_one_line_under_its_own_error(capfd: pytest.CaptureFixture[str]) -> None:
+    """alphas and switching time in fresh processes: one that failed was a CalledProcessError traceback of the
+    parent's, with the child's own error captured and never shown."""
+    crash = [sys.executable, "-c", "import sys; print('the reason', file=sys.stderr); sys.exit(3)"]
+    with pytest.raises(SystemExit) as e:
+        run_child(crash, "the 2-thread timing process")
+    assert e.value.code == "error: the 2-thread timing process exited with code 3; its error is above"
+    assert capfd.readouterr().err == "the reason\n"
+    fine = [sys.executable, "-c", "print('warming up'); print('[1, 2]')"]
+    assert run_child(fine, "a child") == [1, 2]  # the JSON its output ends with
