@@ -5,13 +5,15 @@ resident model memory; the least recently used entries are evicted when a new on
 (one entry is always kept, even if it alone exceeds the bound, so the service can answer). Entries
 whose memory dropping would not free (`Compiled.reclaimable`: networks torch traced, int8 among them)
 count toward the bound but are never evicted: evicting one would free nothing, and building it again
-would hold its memory a second time.
+would hold its memory a second time. Under memory pressure the service drops the evictable models no batch
+has asked for lately (`drop_idle`), whatever the bound.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -64,11 +66,14 @@ class ModelCache:
         grid: Grid,
         max_bytes: int,
         on_change: Callable[[ModelCache], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._builder = builder
         self.grid = grid
         self.max_bytes = max_bytes
         self._entries: OrderedDict[float, Compiled] = OrderedDict()
+        self._clock = clock
+        self._used: dict[float, float] = {}  # grid alpha -> when it was last asked for, by the clock
         self._building: dict[float, Future[Compiled]] = {}
         self._lock = threading.Lock()
         self.stats = CacheStats()
@@ -97,6 +102,7 @@ class ModelCache:
             hit = self._entries.get(key)
             if hit is not None:
                 self._entries.move_to_end(key)
+                self._used[key] = self._clock()
                 self.stats.hits += 1
                 return hit
             self.stats.misses += 1
@@ -120,6 +126,7 @@ class ModelCache:
             self.stats.builds += 1
             self.stats.build_seconds += compiled.build_seconds
             self._entries[key] = compiled
+            self._used[key] = self._clock()
             self._evict_locked()
         fut.set_result(compiled)
         if self._on_change:
@@ -133,6 +140,21 @@ class ModelCache:
             if total <= self.max_bytes:
                 break
             if key != newest and entry.reclaimable:
-                del self._entries[key]
+                self._drop_locked(key)
                 total -= entry.resident_bytes
-                self.stats.evictions += 1
+
+    def _drop_locked(self, key: float) -> None:
+        del self._entries[key]
+        self._used.pop(key, None)
+        self.stats.evictions += 1
+
+    def drop_idle(self, since: float) -> tuple[int, int]:
+        """Evict every evictable model not asked for since `since` (by the cache's clock), but the most recently used
+        (the service must answer): what memory pressure asks of the cache. Returns (models dropped, their
+        bytes); the caller hands the freed heap back to the system."""
+        with self._lock:
+            newest = next(reversed(self._entries), None)
+            idle = [(k, e) for k, e in self._entries.items() if k != newest and e.reclaimable and self._used[k] < since]
+            for key, _ in idle:
+                self._drop_locked(key)
+        return len(idle), sum(e.resident_bytes for _, e in idle)

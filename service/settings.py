@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     policy: str = "lcs"
     battery_low_percent: float = Field(20.0, ge=0.0, le=100.0)
     battery_alpha_cap: float = Field(0.5, ge=0.0, le=1.0)  # ceiling while on battery below the low mark
+    # share of memory available (a cgroup limit's if tighter) below which the cache drops the models not asked
+    # for lately (service.state.IDLE_MODEL_SECONDS); 0: never
+    memory_low: float = Field(0.1, ge=0.0, le=1.0)
     prometheus_url: str | None = None  # fleet signals from a Prometheus server, if set
     prometheus_timeout_seconds: float = Field(0.2, gt=0.0)
     prometheus_selector: str = ""  # PromQL label matchers for this fleet's series, e.g. job="lcs",namespace="prod"

@@ -4,6 +4,7 @@ refusal under load."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +15,17 @@ from fastapi import Depends, Request
 from service.batcher import Batcher, Job
 from service.controller import Signals
 from service.fleet import PrometheusFleet
+from service.materialize import release_freed_heap
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
 from service.signals import LoopCost, MachineProbe, RequestStats
+
+log = logging.getLogger("lcs.service")
+
+# under memory pressure (LCS_MEMORY_LOW) the cache drops the models not asked for in this long: the alphas the
+# controller moves between stay, the rest of the prebuilt grid goes (each rebuilt in 35-300 ms if asked again)
+IDLE_MODEL_SECONDS = 10.0
 
 
 class State:
@@ -162,6 +170,8 @@ class State:
         s = self.signals(now)
         c.update(s)
         self._export_ceiling(before)
+        if s.memory_available < self.settings.memory_low:
+            self._relieve_memory(s.memory_available, now)
         for name in SIGNAL_NAMES:  # every signal, from the one definition of what they are
             v = getattr(s, name)
             if v is not None:
@@ -171,6 +181,23 @@ class State:
                 # Prometheus): no stale value; only a series there is (prometheus-client < 0.22 raises otherwise)
                 self.metrics.signal.remove(name)
                 self._exported.discard(name)
+
+    def _relieve_memory(self, available: float, now: float) -> None:
+        """Memory is short: drop the cached models no batch asked for lately, and hand what they held back to
+        the system (a process killed for memory loses every request it holds; a rebuild costs one batch)."""
+        dropped, freed = self.runtime.cache.drop_idle(since=now - IDLE_MODEL_SECONDS)
+        if dropped:
+            release_freed_heap()
+            log.warning(
+                "memory low (%.0f %% available, under LCS_MEMORY_LOW %.0f %%): dropped %d cached model%s not "
+                "asked for in %g s (%.1f MiB); each is built again if asked for",
+                100 * available,
+                100 * self.settings.memory_low,
+                dropped,
+                "" if dropped == 1 else "s",
+                IDLE_MODEL_SECONDS,
+                freed / 2**20,
+            )
 
 
 # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request

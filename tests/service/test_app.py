@@ -7,8 +7,10 @@ import base64
 import gzip
 import io
 import json
+import logging
 import re
 import threading
+import time
 import typing
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ from service.controller import Signals
 from service.lane import ApiError, split_binary
 from service.profile import LatencyProfile
 from service.schemas import PRESETS, Preset
+from service.state import IDLE_MODEL_SECONDS
 from tests.service.service_support import (
     ACCURACY,
     CLASSES,
@@ -232,6 +235,28 @@ def test_load_and_the_time_spent_reading_a_request_never_make_its_deadline_a_422
     body: dict[str, Any] = {"inputs": [image_list(IMAGES[0])], "deadline_ms": 1100 * cost(0.0)}
     r = client.post("/predict", json=body)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("available", [0.05, 0.5])
+def test_memory_pressure_drops_the_cached_models_not_asked_for_lately(
+    structured: TinyCheckpoint, available: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under LCS_MEMORY_LOW (default 10 % available) a control step drops the idle prebuilt models, keeps the
+    one last asked for, and says so; with memory to spare it drops nothing."""
+    with serve(make_settings(structured.path)) as c:
+        st = app_state(c)
+        assert st.runtime.cache.cached() == list(GRID)  # all prebuilt
+        st.probe.memory_available = lambda: available  # type: ignore[method-assign]
+        assert c.post("/predict", json={"inputs": [ZEROS], "quality": 0.5}).json()["alpha"] == 0.5
+        with caplog.at_level(logging.WARNING, "lcs.service"):
+            st.control_step(time.monotonic() + IDLE_MODEL_SECONDS + 1.0)  # every model idle by then
+        if available > st.settings.memory_low:
+            assert st.runtime.cache.cached() == list(GRID) and not caplog.records
+            return
+        assert st.runtime.cache.cached() == [0.5]
+        assert f"lcs_cache_evictions_total {len(GRID) - 1}.0" in c.get("/metrics").text
+        assert f"dropped {len(GRID) - 1} cached models not asked for in 10 s" in caplog.text
+        assert c.post("/predict", json={"inputs": [ZEROS]}).json()["alpha"] == 1.0  # built again when asked for
 
 
 def test_a_generous_deadline_keeps_full_quality(client: TestClient) -> None:

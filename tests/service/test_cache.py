@@ -113,6 +113,25 @@ def test_eviction_frees_enough_bytes_for_a_large_model() -> None:
     assert cache.stats.evictions == 2
 
 
+def test_drop_idle_evicts_what_was_not_asked_for_lately_but_the_newest_and_the_unreclaimable() -> None:
+    """Memory pressure: the models no batch asked for since a moment go, whatever the byte bound."""
+    now = [0.0]
+    sizes = {0.0: 10, 0.25: 20, 0.5: 40, 1.0: 80}
+    cache = ModelCache(lambda a: fake(a, sizes[a], reclaimable=a != 0.25), GRID, max_bytes=10_000, clock=lambda: now[0])
+    for t, alpha in enumerate([0.0, 0.25, 0.5, 1.0]):
+        now[0] = float(t)
+        cache.get(alpha)
+    now[0] = 4.0
+    cache.get(0.0)  # a hit counts as asked for
+    assert cache.drop_idle(since=2.5) == (1, 40)  # 0.5 (asked for at 2); 0.25 cannot be reclaimed
+    assert cache.cached() == [0.0, 0.25, 1.0] and cache.stats.evictions == 1
+    assert cache.drop_idle(since=9.0) == (1, 80)  # 1.0; 0.0 was the last asked for: the service must answer
+    assert cache.cached() == [0.0, 0.25] and cache.bytes == 30
+    assert cache.drop_idle(since=9.0) == (0, 0)
+    cache.get(0.5)  # asked for again: built again
+    assert cache.stats.builds == 5
+
+
 def test_one_entry_is_kept_even_over_the_bound() -> None:
     cache = ModelCache(Builder({0.5: 500, 1.0: 500}), GRID, max_bytes=100)
     cache.get(1.0)
