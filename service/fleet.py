@@ -118,7 +118,6 @@ class PrometheusFleet:
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
         self._good: dict[str, tuple[float, float]] = {}  # name -> (value, monotonic time it was read)
         self._task: asyncio.Task[FleetFigures] | None = None
-        self.failures = 0  # refreshes that got no value for at least one query
         self.up = True  # whether the last refresh had every query answered (an answer may hold no value)
         self._shown = redact_url(self.url)  # as logged
 
@@ -153,8 +152,6 @@ class PrometheusFleet:
                 # stamped when it answered, a slow answer (half an interval or more) outlived the failure of
                 # the refresh after it and served two steps; stamped when asked, it serves one
                 self._good[name] = (value, asked)
-        if any(v is None for v in values):
-            self.failures += 1
         return self.current(now)
 
     def _check_selector(self, replicas: float | BaseException | None, now: float) -> None:

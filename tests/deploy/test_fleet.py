@@ -80,7 +80,7 @@ def test_prometheus_down_gives_none() -> None:
 
     f = fleet(down)
     assert refresh(f) == FleetFigures(None, None)
-    assert f.failures == 1
+    assert not f.up
 
 
 def test_slow_prometheus_is_cut_off_at_the_timeout() -> None:
