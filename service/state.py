@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from service.batcher import Batcher, Job
+from service.batcher import Batcher
 from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.metrics import Metrics
@@ -108,7 +108,7 @@ class State:
         if scope_state.pop("lcs_parsing", False):
             self.parsing -= 1
 
-    def _on_batch(self, alpha: float, images: int, seconds: float, handoff: float, jobs: list[Job]) -> None:
+    def _on_batch(self, alpha: float, images: int, seconds: float, handoff: float) -> None:
         self._computed += seconds
         self.metrics.batch_size.observe(images)
         self.metrics.compute.observe(seconds)
