@@ -46,7 +46,7 @@ class FleetFigures:
     p99: float | None  # seconds, fleet-wide; None: unknown (e.g. no traffic in the window)
 
 
-def queries(selector: str = "", window_seconds: float = 30.0) -> dict[str, str]:
+def queries(selector: str, window_seconds: float) -> dict[str, str]:
     """The PromQL the fleet source sends. `selector`: extra label matchers, e.g. 'job="lcs"'."""
     w = f"{max(1, round(window_seconds))}s"
     extra = f",{selector}" if selector else ""
@@ -99,8 +99,8 @@ class PrometheusFleet:
         *,
         timeout: float,
         max_age: float,
+        window_seconds: float,
         selector: str = "",
-        window_seconds: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
         selector_grace: float = 60.0,
