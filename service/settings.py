@@ -18,6 +18,7 @@ from lcs.alpha import SAME_ALPHA
 from lcs.checkpoint import message
 from lcs.paths import file_problem
 from service.cgroups import usable_cpus
+from service.controller import BATTERY_ALPHA_CAP, BATTERY_LOW_PERCENT, POLICY, parse_policy
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
 
@@ -106,9 +107,9 @@ class Settings(BaseSettings):
     # for requests that arrive while a batch runs, for prediction error and for the response path
     slack_reserve: float = Field(0.4, ge=0.0, lt=1.0)
     # lcs (ours); fixed:<alpha>, step and aimd exist for the load benchmark's comparison
-    policy: str = "lcs"
-    battery_low_percent: float = Field(20.0, ge=0.0, le=100.0)
-    battery_alpha_cap: float = Field(0.5, ge=0.0, le=1.0)  # ceiling while on battery below the low mark
+    policy: str = POLICY
+    battery_low_percent: float = Field(BATTERY_LOW_PERCENT, ge=0.0, le=100.0)
+    battery_alpha_cap: float = Field(BATTERY_ALPHA_CAP, ge=0.0, le=1.0)  # ceiling while on battery below the low mark
     prometheus_url: str | None = None  # fleet signals from a Prometheus server, if set
     prometheus_timeout_seconds: float = Field(0.2, gt=0.0)
     prometheus_selector: str = ""  # PromQL label matchers for this fleet's series, e.g. job="lcs",namespace="prod"
@@ -122,8 +123,6 @@ class Settings(BaseSettings):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        from service.controller import parse_policy
-
         parse_policy(v)
         return v
 
