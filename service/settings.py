@@ -21,6 +21,8 @@ from service.cgroups import usable_cpus
 from service.controller import BATTERY_ALPHA_CAP, BATTERY_LOW_PERCENT, POLICY, parse_policy
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
+BACKEND: Backend = "onnxruntime"  # LCS_BACKEND's default, and materialize.build's
+MAX_BATCH = 32  # LCS_MAX_BATCH's default, and materialize.build's
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
@@ -79,10 +81,10 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(256 * 2**20, ge=0)  # LRU bound on materialised models, in bytes
     # what runs the float networks: ONNX Runtime, or frozen TorchScript (service/materialize.py has the
     # measured difference). The int8 network always runs on torch's FX kernels, as TorchScript.
-    backend: Backend = "onnxruntime"
+    backend: Backend = BACKEND
     # TorchScript's memory layout (ONNX Runtime picks its own). auto: measured at start-up
     channels_last: Literal["auto", "on", "off"] = "auto"
-    max_batch: int = Field(32, ge=1, le=1024)  # images per batch
+    max_batch: int = Field(MAX_BATCH, ge=1, le=1024)  # images per batch
     # how long a partial batch waits for company; 0: dispatch at once when the model is idle (batches
     # still form from what queues up while a batch runs), which keeps low-load latency at its floor
     max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
