@@ -57,7 +57,6 @@ class State:
         self.draining_since: float | None = None
         self.failure: str | None = None  # why the warm-up failed: the service never becomes ready
         self.drain_deadline: float | None = None  # set by SIGTERM: monotonic time by which to be done
-        self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
         # fleet figures from Prometheus, refreshed in the background each control interval; a value
         # serves the step after the refresh that read it and no later one (max_age 1.5 intervals)
         self.fleet = (
@@ -116,7 +115,7 @@ class State:
 
     def signals(self, now: float) -> Signals:
         rate, per_request, p99 = self.requests.tick(now)
-        battery, on_battery = self.battery_override or self.probe.battery()
+        battery, on_battery = self.probe.battery()
         fleet = self.fleet.current(now) if self.fleet is not None else None
         return Signals(
             now=now,
