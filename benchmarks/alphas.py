@@ -34,7 +34,7 @@ from lcs.layers import Setting
 from service.cache import Grid, ModelCache
 from service.inputs import normaliser
 from service.materialize import Compiled, build, compile_module, normalised_samples, time_in_rounds
-from service.settings import Backend
+from service.settings import BACKEND, Backend
 
 
 class _CsrConv(torch.nn.Module):
@@ -115,10 +115,10 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=positive(int), default=20)
     p.add_argument("--json", type=Path, help="default: benchmarks/results/alphas-<checkpoint>[-<backend>].json")
-    p.add_argument("--backend", choices=get_args(Backend), default="onnxruntime", help="what runs the float networks")
+    p.add_argument("--backend", choices=get_args(Backend), default=BACKEND, help="what runs the float networks")
     p.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
-    suffix = "" if args.backend == "onnxruntime" else f"-{args.backend}"
+    suffix = "" if args.backend == BACKEND else f"-{args.backend}"
     out = args.json or Path("benchmarks/results") / f"alphas-{args.checkpoint.stem}{suffix}.json"
     if not args.child_threads:  # the children print their timings; the parent writes the file
         check_output(out, "--json", "alphas.json")

@@ -20,7 +20,7 @@ import gc
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,7 @@ class Reply:
     done: float  # s from the start
     status: int | str  # the HTTP status, or "reset" / "timeout" / an exception name
     retry_after: str | None = None
-    body: bytes = b""
+    body: bytes = b""  # a 200's; empty for any other answer
 
     @property
     def latency(self) -> float:
@@ -182,7 +182,6 @@ async def open_loop(
     connections: int = 256,
     timeout: float = 10.0,
     max_lag: float = 5.0,
-    keep_body: Callable[[int], bool] = lambda status: status == 200,
 ) -> tuple[list[Reply], int]:
     """Send `request` at each arrival time (s from the start); returns (replies by arrival, skipped)."""
     pool = Pool(port, connections)
@@ -216,7 +215,7 @@ async def open_loop(
                 loop.time() - start,
                 status,
                 None if retry is None else retry.decode("latin-1"),
-                body if keep_body(status) else b"",
+                body if status == 200 else b"",
             )
         )
 

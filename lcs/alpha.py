@@ -99,15 +99,5 @@ class Schedule:
         steps = self.bits_max - self.bits_min  # 5 for 3..8 bits: b = 3 + min(5, floor(6 * alpha))
         return Level(self.kind, bits=self.bits_min + min(steps, math.floor((steps + 1) * a)))
 
-    def alpha_for(self, value: float) -> float:
-        """The smallest alpha whose level reaches `value` (sparsity, width or bits)."""
-        if self.kind == "unstructured":
-            keep = 1.0 - value
-            return check_alpha((keep - self.keep_min) / (1.0 - self.keep_min))
-        if self.kind == "structured":
-            return check_alpha((value - self.width_min) / (1.0 - self.width_min))
-        steps = self.bits_max - self.bits_min
-        return check_alpha((int(value) - self.bits_min) / (steps + 1))
-
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -80,8 +80,8 @@ class Batcher:
         max_batch: int,
         max_wait: float,
         queue_max: int,
-        # (alpha, images, model seconds, hand-off seconds, jobs) after each batch
-        on_batch: Callable[[float, int, float, float, list[Job]], None] | None = None,
+        # (alpha, images, model seconds, hand-off seconds) after each batch
+        on_batch: Callable[[float, int, float, float], None] | None = None,
         behind: Callable[[int, int], float | None] | None = None,
         reserve: float = 0.0,
         pending: Callable[[], int] | None = None,
@@ -195,7 +195,7 @@ class Batcher:
             self.running = 0
         compute = time.monotonic() - t0
         if self._on_batch:
-            self._on_batch(alpha, images, model_seconds, compute - model_seconds, batch)
+            self._on_batch(alpha, images, model_seconds, compute - model_seconds)
         i = 0
         for j in batch:
             if not j.future.done():

@@ -30,6 +30,10 @@ from service.cache import Grid
 from service.profile import LatencyProfile
 
 CALM_CPU_OTHER = 0.1  # other processes' share of the CPU under which batch times teach an alpha's calm ratio
+# the defaults of LCS_POLICY, LCS_BATTERY_LOW_PERCENT and LCS_BATTERY_ALPHA_CAP (service.settings)
+POLICY = "lcs"
+BATTERY_LOW_PERCENT = 20.0  # charge, %, under which a machine on battery caps the ceiling
+BATTERY_ALPHA_CAP = 0.5  # the ceiling while on battery below the low mark
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,9 @@ class Controller:
         request_cost_seconds: float = 0.001,
         target_utilisation: float = 0.8,
         raise_after: int = 4,
-        battery_low_percent: float = 20.0,
-        battery_alpha_cap: float = 0.5,
-        policy: str = "lcs",
+        battery_low_percent: float = BATTERY_LOW_PERCENT,
+        battery_alpha_cap: float = BATTERY_ALPHA_CAP,
+        policy: str = POLICY,
         overlap: bool = True,
     ) -> None:
         self.grid = grid

@@ -46,7 +46,7 @@ class FleetFigures:
     p99: float | None  # seconds, fleet-wide; None: unknown (e.g. no traffic in the window)
 
 
-def queries(selector: str = "", window_seconds: float = 30.0) -> dict[str, str]:
+def queries(selector: str, window_seconds: float) -> dict[str, str]:
     """The PromQL the fleet source sends. `selector`: extra label matchers, e.g. 'job="lcs"'."""
     w = f"{max(1, round(window_seconds))}s"
     extra = f",{selector}" if selector else ""
@@ -99,8 +99,8 @@ class PrometheusFleet:
         *,
         timeout: float,
         max_age: float,
+        window_seconds: float,
         selector: str = "",
-        window_seconds: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
         selector_grace: float = 60.0,
@@ -118,7 +118,6 @@ class PrometheusFleet:
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
         self._good: dict[str, tuple[float, float]] = {}  # name -> (value, monotonic time it was read)
         self._task: asyncio.Task[FleetFigures] | None = None
-        self.failures = 0  # refreshes that got no value for at least one query
         self.up = True  # whether the last refresh had every query answered (an answer may hold no value)
         self._shown = redact_url(self.url)  # as logged
 
@@ -153,8 +152,6 @@ class PrometheusFleet:
                 # stamped when it answered, a slow answer (half an interval or more) outlived the failure of
                 # the refresh after it and served two steps; stamped when asked, it serves one
                 self._good[name] = (value, asked)
-        if any(v is None for v in values):
-            self.failures += 1
         return self.current(now)
 
     def _check_selector(self, replicas: float | BaseException | None, now: float) -> None:

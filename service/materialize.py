@@ -55,7 +55,7 @@ from lcs.checkpoint import CheckpointMeta, InputSpec
 from lcs.layers import Setting, SubspaceConv2d
 from lcs.models import SubspaceResNet
 from service.inputs import normaliser
-from service.settings import Backend
+from service.settings import BACKEND, MAX_BATCH, Backend
 
 log = logging.getLogger("lcs.service")
 
@@ -240,8 +240,8 @@ def build(
     samples: torch.Tensor | None,
     channels_last: bool,
     int8: bool = True,
-    backend: Backend = "onnxruntime",
-    max_batch: int = 32,
+    backend: Backend = BACKEND,
+    max_batch: int = MAX_BATCH,
     pad: bool = True,
 ) -> Compiled:
     """Materialise `alpha` of a loaded subspace model. `samples`: normalised float images for int8 calibration.

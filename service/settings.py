@@ -18,8 +18,11 @@ from lcs.alpha import SAME_ALPHA
 from lcs.checkpoint import message
 from lcs.paths import file_problem
 from service.cgroups import usable_cpus
+from service.controller import BATTERY_ALPHA_CAP, BATTERY_LOW_PERCENT, POLICY, parse_policy
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
+BACKEND: Backend = "onnxruntime"  # LCS_BACKEND's default, and materialize.build's
+MAX_BATCH = 32  # LCS_MAX_BATCH's default, and materialize.build's
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
@@ -78,10 +81,10 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(256 * 2**20, ge=0)  # LRU bound on materialised models, in bytes
     # what runs the float networks: ONNX Runtime, or frozen TorchScript (service/materialize.py has the
     # measured difference). The int8 network always runs on torch's FX kernels, as TorchScript.
-    backend: Backend = "onnxruntime"
+    backend: Backend = BACKEND
     # TorchScript's memory layout (ONNX Runtime picks its own). auto: measured at start-up
     channels_last: Literal["auto", "on", "off"] = "auto"
-    max_batch: int = Field(32, ge=1, le=1024)  # images per batch
+    max_batch: int = Field(MAX_BATCH, ge=1, le=1024)  # images per batch
     # how long a partial batch waits for company; 0: dispatch at once when the model is idle (batches
     # still form from what queues up while a batch runs), which keeps low-load latency at its floor
     max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
@@ -106,9 +109,9 @@ class Settings(BaseSettings):
     # for requests that arrive while a batch runs, for prediction error and for the response path
     slack_reserve: float = Field(0.4, ge=0.0, lt=1.0)
     # lcs (ours); fixed:<alpha>, step and aimd exist for the load benchmark's comparison
-    policy: str = "lcs"
-    battery_low_percent: float = Field(20.0, ge=0.0, le=100.0)
-    battery_alpha_cap: float = Field(0.5, ge=0.0, le=1.0)  # ceiling while on battery below the low mark
+    policy: str = POLICY
+    battery_low_percent: float = Field(BATTERY_LOW_PERCENT, ge=0.0, le=100.0)
+    battery_alpha_cap: float = Field(BATTERY_ALPHA_CAP, ge=0.0, le=1.0)  # ceiling while on battery below the low mark
     # share of memory available (a cgroup limit's if tighter) below which the cache drops the models not asked
     # for lately (service.state.IDLE_MODEL_SECONDS); 0: never
     memory_low: float = Field(0.1, ge=0.0, le=1.0)
@@ -125,8 +128,6 @@ class Settings(BaseSettings):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        from service.controller import parse_policy
-
         parse_policy(v)
         return v
 

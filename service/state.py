@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from service.batcher import Batcher, Job
+from service.batcher import Batcher
 from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.materialize import release_freed_heap
@@ -65,7 +65,6 @@ class State:
         self.draining_since: float | None = None
         self.failure: str | None = None  # why the warm-up failed: the service never becomes ready
         self.drain_deadline: float | None = None  # set by SIGTERM: monotonic time by which to be done
-        self.battery_override: tuple[float | None, bool] | None = None  # tests and demos simulate a battery
         # fleet figures from Prometheus, refreshed in the background each control interval; a value
         # serves the step after the refresh that read it and no later one (max_age 1.5 intervals)
         self.fleet = (
@@ -116,7 +115,7 @@ class State:
         if scope_state.pop("lcs_parsing", False):
             self.parsing -= 1
 
-    def _on_batch(self, alpha: float, images: int, seconds: float, handoff: float, jobs: list[Job]) -> None:
+    def _on_batch(self, alpha: float, images: int, seconds: float, handoff: float) -> None:
         self._computed += seconds
         self.metrics.batch_size.observe(images)
         self.metrics.compute.observe(seconds)
@@ -124,7 +123,7 @@ class State:
 
     def signals(self, now: float) -> Signals:
         rate, per_request, p99 = self.requests.tick(now)
-        battery, on_battery = self.battery_override or self.probe.battery()
+        battery, on_battery = self.probe.battery()
         fleet = self.fleet.current(now) if self.fleet is not None else None
         return Signals(
             now=now,

@@ -135,7 +135,17 @@ def test_a_cpu_burner_stops_when_the_benchmark_is_gone_even_if_it_never_said_so(
     """Killed outright (SIGKILL, an OOM kill), the benchmark never sets the burners' stop event: they ran on,
     at 100 % of every core, until someone found them."""
     stop = multiprocessing.Event()
-    load._burn(stop, parent=os.getppid() + 1)  # not its parent: returns at once, though `stop` is not set
+
+    def still_burning(*_: object) -> None:
+        raise AssertionError("the burner ran on for 5 s after its parent was gone")
+
+    before = signal.signal(signal.SIGALRM, still_burning)  # a burner that ignored its parent hung the test
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        load._burn(stop, parent=os.getppid() + 1)  # not its parent: returns at once, though `stop` is not set
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def test_a_cpu_burner_leaves_sigterm_to_its_default_so_terminate_ends_it_quietly() -> None:

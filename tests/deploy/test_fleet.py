@@ -45,6 +45,7 @@ def fleet(handler: Handler, clock: Clock | None = None, timeout: float = 0.2) ->
         timeout=timeout,
         max_age=0.75,
         selector='job="lcs"',
+        window_seconds=30,
         transport=httpx.MockTransport(handler),
         clock=clock or time.monotonic,
     )
@@ -80,7 +81,7 @@ def test_prometheus_down_gives_none() -> None:
 
     f = fleet(down)
     assert refresh(f) == FleetFigures(None, None)
-    assert f.failures == 1
+    assert not f.up
 
 
 def test_slow_prometheus_is_cut_off_at_the_timeout() -> None:
@@ -198,7 +199,7 @@ def test_poll_never_waits_for_prometheus() -> None:
 
 
 def test_a_bad_url_gives_none_not_an_error() -> None:
-    f = PrometheusFleet("prometheus:9090", timeout=0.2, max_age=1.0)  # no scheme
+    f = PrometheusFleet("prometheus:9090", timeout=0.2, max_age=1.0, window_seconds=30)  # no scheme
     assert refresh(f) == FleetFigures(None, None)
 
 
@@ -243,7 +244,11 @@ def test_the_logged_url_carries_no_credentials(caplog: pytest.LogCaptureFixture)
         raise httpx.ConnectError("connection refused", request=request)
 
     f = PrometheusFleet(
-        "https://lcs:s3cret@prometheus:9090", timeout=0.2, max_age=1.0, transport=httpx.MockTransport(down)
+        "https://lcs:s3cret@prometheus:9090",
+        timeout=0.2,
+        max_age=1.0,
+        window_seconds=30,
+        transport=httpx.MockTransport(down),
     )
     refresh(f)
     assert "Prometheus at https://prometheus:9090 did not answer" in caplog.text and "s3cret" not in caplog.text

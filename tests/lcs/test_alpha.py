@@ -61,44 +61,6 @@ def test_monotonic_less_compression_as_alpha_grows(kind: str) -> None:
     assert amount[0] < amount[-1]
 
 
-@pytest.mark.parametrize("kind", ["unstructured", "structured"])
-@pytest.mark.parametrize("alpha", ALPHAS)
-def test_alpha_for_inverts_continuous_levels(kind: str, alpha: float) -> None:
-    sched = Schedule(kind)  # type: ignore[arg-type]
-    value = sched.level(alpha).value
-    back = sched.alpha_for(value)
-    assert back == pytest.approx(alpha, abs=1e-5)
-    assert sched.level(back).value == pytest.approx(value, abs=1e-5)
-
-
-@pytest.mark.parametrize("bits", range(3, 9))
-def test_alpha_for_bits_is_the_smallest_alpha_with_those_bits(bits: int) -> None:
-    sched = Schedule("quantized")
-    a = sched.alpha_for(bits)
-    assert sched.level(a).bits == bits
-    if bits > 3:
-        assert sched.level(a - 1e-9).bits == bits - 1
-
-
-def test_alpha_for_known_values() -> None:
-    assert Schedule("structured").alpha_for(0.25) == 0.0
-    assert Schedule("structured").alpha_for(0.625) == pytest.approx(0.5)
-    assert Schedule("unstructured").alpha_for(0.975) == pytest.approx(0.0)
-    assert Schedule("unstructured").alpha_for(0.95) == pytest.approx(0.025 / 0.975)  # 95 % sparse
-    assert Schedule("quantized").alpha_for(6) == pytest.approx(0.5)
-
-
-@pytest.mark.parametrize("value", [0.1, 1.5])
-def test_alpha_for_unreachable_width_raises(value: float) -> None:
-    with pytest.raises(ValueError):
-        Schedule("structured").alpha_for(value)
-
-
-def test_alpha_for_unreachable_bits_raises() -> None:
-    with pytest.raises(ValueError):
-        Schedule("quantized").alpha_for(2)
-
-
 @pytest.mark.parametrize("kind", ["unstructured", "structured", "quantized"])
 @pytest.mark.parametrize("alpha", BAD_ALPHAS)
 def test_invalid_alpha_raises(kind: str, alpha: float) -> None:

@@ -467,8 +467,8 @@ def test_the_reserve_is_a_share_of_the_whole_budget_counted_from_arrival() -> No
     run_async(scenario)
 
 
-def test_on_batch_reports_alpha_size_and_jobs() -> None:
-    reports: list[tuple[float, int, int]] = []
+def test_on_batch_reports_alpha_and_size() -> None:
+    reports: list[tuple[float, int]] = []
 
     async def scenario() -> None:
         executor = ThreadPoolExecutor(max_workers=1)
@@ -479,7 +479,7 @@ def test_on_batch_reports_alpha_size_and_jobs() -> None:
             max_batch=MAX_BATCH,
             max_wait=0.0,
             queue_max=10,
-            on_batch=lambda alpha, images, seconds, handoff, jobs: reports.append((alpha, images, len(jobs))),
+            on_batch=lambda alpha, images, seconds, handoff: reports.append((alpha, images)),
         )
         futures = [batcher.submit(job(1.0, images=2, target=0.5)), batcher.submit(job(2.0, images=3, target=0.5))]
         task = await started(batcher)
@@ -487,7 +487,7 @@ def test_on_batch_reports_alpha_size_and_jobs() -> None:
         await stop(task, executor)
 
     run_async(scenario)
-    assert reports == [(0.5, 5, 2)]
+    assert reports == [(0.5, 5)]
 
 
 def test_an_unexpected_error_outside_the_model_fails_its_batch_and_the_loop_survives() -> None:

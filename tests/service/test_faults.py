@@ -84,7 +84,7 @@ def test_prometheus_down_or_hanging_never_stalls_the_request_path(structured: Ti
             assert c.last_signals.fleet_rate is None  # no fleet figures: local signals only
             assert st.fleet is not None
             if kind == "refused":
-                assert st.fleet.failures >= 3  # several refreshes tried and failed meanwhile
+                assert not st.fleet.up  # refreshes were tried and failed
             else:
                 assert st.fleet._task is not None and not st.fleet._task.done()  # still waiting on Prometheus
             assert len(latencies) >= 20

@@ -91,7 +91,8 @@ def test_compression_alpha_ramp(alpha: float) -> None:
 def test_after_the_warm_up_training_compresses_exactly_as_evaluated(bits: int) -> None:
     """A baseline at the smallest alpha of a bit width must train at that bit width, not one below."""
     schedule = TrainConfig(kind="quantized").schedule()
-    alpha = schedule.alpha_for(bits)
+    alpha = (bits - 3) / 6  # the smallest alpha of `bits`: b = 3 + min(5, floor(6 * alpha))
+    assert schedule.level(alpha).bits == bits and (bits == 3 or schedule.level(alpha - 1e-9).bits == bits - 1)
     assert schedule.level(compression_alpha(alpha, 0.9, 0.8)).bits == bits
     assert schedule.level(compression_alpha(alpha, 0.5, 0.0)).bits == bits
 
