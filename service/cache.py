@@ -65,7 +65,6 @@ class ModelCache:
         builder: Callable[[float], Compiled],
         grid: Grid,
         max_bytes: int,
-        on_change: Callable[[ModelCache], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._builder = builder
@@ -77,7 +76,6 @@ class ModelCache:
         self._building: dict[float, Future[Compiled]] = {}
         self._lock = threading.Lock()
         self.stats = CacheStats()
-        self._on_change = on_change
 
     @property
     def bytes(self) -> int:
@@ -129,8 +127,6 @@ class ModelCache:
             self._used[key] = self._clock()
             self._evict_locked()
         fut.set_result(compiled)
-        if self._on_change:
-            self._on_change(self)
         return compiled
 
     def _evict_locked(self) -> None:

@@ -163,15 +163,6 @@ def test_zero_byte_bound_keeps_only_the_latest() -> None:
     assert cache.cached() == [1.0] and cache.stats.evictions == 3
 
 
-def test_on_change_is_called_after_each_build() -> None:
-    seen: list[list[float]] = []
-    cache = ModelCache(Builder(), GRID, max_bytes=10_000, on_change=lambda c: seen.append(c.cached()))
-    cache.get(0.5)
-    cache.get(0.5)
-    cache.get(1.0)
-    assert seen == [[0.5], [0.5, 1.0]]
-
-
 def _concurrent(cache: ModelCache, n: int, alpha: float) -> list[Future[Compiled]]:
     """n threads call cache.get(alpha) at once; their futures."""
     pool = ThreadPoolExecutor(max_workers=n)
