@@ -412,12 +412,16 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
         values.update(loaded)
         from_file = set(loaded)
     hints = get_type_hints(TrainConfig)
+    given: dict[str, str] = {}  # override key -> the item that set it: a second one is refused, as in a file
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like key=value")
         if key not in hints:
             raise ValueError(f"unknown option {key!r}; options: {sorted(hints)}")
+        if key in given:
+            raise ValueError(f"option {key!r} is given twice on the command line ({given[key]} and {item}); keep one")
+        given[key] = item
         values[key] = _coerce(key, raw, hints[key])
         from_file.discard(key)
     unknown = sorted(set(values) - set(hints))

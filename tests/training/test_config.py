@@ -326,6 +326,13 @@ def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         load_config(None, ["arch_kwargs={widths: [8], widths: [9]}"])
     assert str(err.value) == "option 'arch_kwargs': '{widths: [8], widths: [9]}' sets 'widths' twice; keep one"
+    # on the command line too: the last of two overrides won without a word (README: "a key given twice is
+    # refused"); overriding the file's value is not giving it twice
+    path.write_text("lr: 0.1\n")
+    with pytest.raises(ValueError) as err:
+        load_config(path, ["epochs=2", "lr=0.05", "lr=0.01"])
+    assert str(err.value) == "option 'lr' is given twice on the command line (lr=0.05 and lr=0.01); keep one"
+    assert load_config(path, ["lr=0.05"]).lr == 0.05
     # a key overriding one merged in with `<<` is not given twice; an alias is read once
     from training.config import _load_yaml
 
