@@ -1,10 +1,13 @@
 """Writes base/prometheusrule.yaml from deploy/compose/prometheus/rules.yml (one source for the rules).
 
-python3 deploy/k8s/sync_rules.py        # needs PyYAML; tests/deploy checks the two are in sync
+python3 deploy/k8s/sync_rules.py            # needs PyYAML
+python3 deploy/k8s/sync_rules.py --check    # exit 1 if the file is not what it would write (tests/deploy runs it)
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import yaml
@@ -41,6 +44,19 @@ def render() -> str:
     return HEAD + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=110)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    args = p.parse_args(argv)
+    if args.check:
+        if TARGET.read_text() != render():
+            print(f"{TARGET} is not what {SOURCE} makes (edited by hand?); run python3 {__file__}", file=sys.stderr)
+            return 1
+        return 0
     TARGET.write_text(render())
     print(f"wrote {TARGET}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
