@@ -416,8 +416,9 @@ class OnnxModule:
         opts.use_per_session_threads = False  # the process-wide pool, `onnx_threads`
         opts.log_severity_level = 3  # errors only; it warns about unused initialisers
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # as torch.set_flush_denormal does
-        # no per-session arena: each would keep its largest batch's buffers (the start-up self-check runs
-        # 256 images) for every cached alpha: the service sat at 770 MiB with it, 384 without (432 as TorchScript)
+        # no per-session arena: each would keep its largest batch's buffers for every cached alpha: the service
+        # sat at 770 MiB with it, 384 without, when the self-check ran 256 images at once (432 as TorchScript);
+        # 454 against 376 with the self-check in batches of LCS_MAX_BATCH
         opts.enable_cpu_mem_arena = False
         return opts
 
