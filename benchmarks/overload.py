@@ -17,7 +17,8 @@
    so a slow answer never slows the sender (benchmarks.openloop: a lean HTTP/1.1 client on up to
    `--connections` keep-alive connections; one arrival the generator is `--max-lag` s late for is
    skipped and counted: the generator fell behind, not the service).
-3. Samples the server's resident memory (psutil) every 0.5 s, and the CPU both processes used.
+3. Samples the server's resident memory (psutil) every 0.5 s, and the CPU both processes used; reports the
+   RSS growth per hour over the run (`--factor 0.5 --duration 900` makes this a soak: a leak shows there).
 
 Pass criteria: the offered load was reached (>= 90 % of the target rate sent, nothing skipped); every
 request sent got an answer, 200 or 429/503 with Retry-After, with 0 connection resets and 0 timeouts;
@@ -138,6 +139,21 @@ async def overload(
     return replies, skipped, rss
 
 
+def rss_growth(samples: list[tuple[float, int]]) -> float:
+    """MiB per hour the server's RSS grew by over the run: the least-squares slope through the (seconds, bytes)
+    samples after the first tenth of the run (the first batches, buffers and connections settle in it). A leak
+    shows here over a long run at moderate load (`--factor 0.5 --duration 900`); nan with under 10 samples."""
+    if not samples:
+        return math.nan
+    start = samples[0][0] + (samples[-1][0] - samples[0][0]) / 10
+    kept = [(t, r / 2**20) for t, r in samples if t >= start]
+    if len(kept) < 10:
+        return math.nan
+    mt, mr = sum(t for t, _ in kept) / len(kept), sum(r for _, r in kept) / len(kept)
+    spread = sum((t - mt) ** 2 for t, _ in kept)
+    return 3600 * sum((t - mt) * (r - mr) for t, r in kept) / spread if spread > 0 else math.nan
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return math.nan
@@ -239,6 +255,7 @@ def main() -> int:
     span = max(sent_at) - min(sent_at) if len(sent_at) > 1 else math.nan
     achieved = len(sent_at) / span if span > 0 else math.nan
     max_rss = max((r for _, r in rss), default=0)
+    growth = rss_growth(rss)
     bound = args.rss_bound_mib * 2**20
     slo_ms = args.slo * 1000
     checks = {
@@ -290,6 +307,7 @@ def main() -> int:
         "idle_rss_mib": round(idle_rss / 2**20, 1),
         "max_rss_mib": round(max_rss / 2**20, 1),
         "rss_bound_mib": args.rss_bound_mib,
+        "rss_growth_mib_per_hour": round(growth, 1),
         "rss_samples": [(t, round(r / 2**20, 1)) for t, r in rss],
         "alive_at_end": alive,
         "exit_code_after_sigterm": code,
@@ -312,6 +330,7 @@ def main() -> int:
         ("generator lag p99", f"{result['generator_lag_p99_ms']} ms"),
         ("CPU: server / generator", f"{server_cpu:.2f} / {generator_cpu:.2f} cores of {os.cpu_count()}"),
         ("RSS idle / max", f"{idle_rss / 2**20:.0f} / {max_rss / 2**20:.0f} MiB (bound {args.rss_bound_mib:g})"),
+        ("RSS growth (after the first tenth)", f"{growth:.1f} MiB per hour"),
         ("alive at the end", f"{alive} (exit after SIGTERM: {code})"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -80,3 +81,12 @@ def test_a_mix_the_server_refuses_is_reported_before_its_capacity_is_measured(
         "change the mix"
     )
     assert stopped == ["server"] and measured == []
+
+
+def test_rss_growth_is_the_slope_after_the_first_tenth_in_mib_per_hour() -> None:
+    mib = 2**20
+    warm = [(t / 2, 100 * mib + (50 * mib if t < 10 else 0)) for t in range(100)]  # a spike while warming up
+    assert overload.rss_growth(warm) == pytest.approx(0.0)
+    leak = [(float(t), 300 * mib + t * mib // 60) for t in range(0, 600, 5)]  # 1 MiB a minute
+    assert overload.rss_growth(leak) == pytest.approx(60.0, rel=0.01)
+    assert math.isnan(overload.rss_growth(leak[:5]))  # too few samples to say
