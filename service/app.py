@@ -126,6 +126,12 @@ async def _infer(
     retry = retry_after(st.settings)
     if floor > ceiling:
         capped = _CAPS.get(rt.controller.mode)
+        limit = ceiling
+        battery = rt.controller.battery_limit
+        if capped is None and battery is not None and floor > battery:
+            # load holds the ceiling under the battery cap, but the floor is above the cap too: it stays refused
+            # once the load passes, so this is the battery's refusal, not load's
+            capped, limit = _CAPS["battery"], battery
         if capped is None:  # load: the ceiling comes back as the load passes
             why, then, headers = "under current load the service serves alpha", "retry later", {"Retry-After": retry}
         else:  # a policy, not load: no time to retry after can be given, and no operator needs paging
@@ -133,7 +139,7 @@ async def _infer(
         st.metrics.shed.labels("min_quality" if capped is None else "min_quality_capped").inc()
         raise ApiError(
             429,
-            f"{why} <= {ceiling:g}, below min_quality {floor_req:g}; {then} or lower min_quality",
+            f"{why} <= {limit:g}, below min_quality {floor_req:g}; {then} or lower min_quality",
             headers,
             kind="min_quality unavailable",
         )

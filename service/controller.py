@@ -121,6 +121,9 @@ class Controller:
         self._shapes_seen: set[tuple[float, int]] = set()  # (alpha, batch size) pairs run at least once
         self.ceiling = grid.alphas[-1]
         self.pinned: float | None = None
+        # the battery cap while it applies (on battery, below the low mark), None otherwise: a ceiling load lifts
+        # only this far, whatever mode load puts the controller in
+        self.battery_limit: float | None = None
         self.mode = "full"
         self._calm = 0
         self.last_signals: Signals | None = None
@@ -249,6 +252,7 @@ class Controller:
         self.last_signals = s
         self._learn_calm(s)
         old = self.ceiling
+        self.battery_limit = None
         if self.pinned is not None:
             self._calm = 0  # a calm spell counts from the release, not across the pin
             return self._set(self.pinned, "pinned", s.now, "pinned by an operator")
@@ -291,6 +295,7 @@ class Controller:
         # the cap: the largest frontier alpha within it (a grid alpha below it that is slower than one above
         # would cost more CPU and accuracy both); the mode says "battery" for as long as the cap binds
         cap = max((a for a in frontier if a <= self.battery_cap + SAME_ALPHA), default=lowest)
+        self.battery_limit = cap if low_battery else None
         if low_battery and new >= cap:
             reason = "low battery cap" if new > cap else reason
             new, mode = cap, "battery"

@@ -861,6 +861,26 @@ def test_a_min_quality_refusal_says_what_caps_the_ceiling(
         assert f'lcs_shed_total{{reason="{reason}"}} 1.0' in c.get("/metrics").text
 
 
+def test_a_floor_above_the_battery_cap_is_the_battery_s_refusal_while_load_holds_the_ceiling_lower(
+    structured: TinyCheckpoint,
+) -> None:
+    """On low battery, load may push the ceiling under the cap, and the mode then says "degraded": a floor above
+    the cap was refused as load's (Retry-After, reason min_quality, which pages), though it stays refused
+    once the load passes. A floor between the ceiling and the cap is load's."""
+    with serve(make_settings(structured.path)) as c:
+        controller = app_state(c).runtime.controller
+        controller.ceiling, controller.mode, controller.battery_limit = 0.0, "degraded", 0.5
+        r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": 1.0})
+        assert r.status_code == 429 and "retry-after" not in r.headers
+        assert "on low battery the service serves alpha <= 0.5, below min_quality 1" in r.json()["detail"]
+        r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": 0.5})
+        assert r.status_code == 429 and "retry-after" in r.headers
+        assert "under current load the service serves alpha <= 0, below min_quality 0.5" in r.json()["detail"]
+        metrics = c.get("/metrics").text
+        assert 'lcs_shed_total{reason="min_quality_capped"} 1.0' in metrics
+        assert 'lcs_shed_total{reason="min_quality"} 1.0' in metrics
+
+
 # -- concurrency: batching and overload, in one event loop ------------------------------------------
 
 

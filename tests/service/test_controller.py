@@ -443,3 +443,16 @@ def test_the_battery_cap_takes_the_largest_frontier_alpha_within_it() -> None:
     c, clock = controller(p, battery_alpha_cap=0.6), Clock()
     assert 0.5 not in c.frontier()
     assert c.update(clock(**CALM, battery_percent=10.0, on_battery=True)) == 0.25
+
+
+def test_the_battery_limit_is_known_while_load_holds_the_ceiling_under_it() -> None:
+    """The app tells a floor above the battery cap (refused until the battery charges) from one load refuses;
+    under a burst the mode says "degraded", so the cap itself must be known."""
+    c, clock = controller(), Clock()
+    c.update(clock(**CALM, battery_percent=10.0, on_battery=True))
+    assert (c.ceiling, c.mode, c.battery_limit) == (0.5, "battery", 0.5)
+    for _ in range(3):
+        c.update(clock(arrival_rate=1800.0, battery_percent=10.0, on_battery=True))
+    assert c.ceiling < 0.5 and c.mode == "degraded" and c.battery_limit == 0.5
+    c.update(clock(**CALM, battery_percent=10.0, on_battery=False))
+    assert c.battery_limit is None
