@@ -65,7 +65,9 @@ _CAPS = {
 
 
 def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for the error statuses a route can answer, all with the ErrorResponse body."""
+    """OpenAPI `responses` for the error statuses a route can answer, all with the ErrorResponse body. Retry-After
+    is declared on `retry_after`'s statuses; required but on 429, which a min_quality refusal under a pin or the
+    battery cap answers without one (`_CAPS`)."""
     text = {
         401: "No API key",
         403: "Wrong API key",
@@ -83,8 +85,9 @@ def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, d
         if code in retry_after:
             out[code]["headers"] = {
                 "Retry-After": {
-                    "description": "Seconds to wait before retrying",
-                    "required": True,
+                    "description": "Seconds to wait before retrying"
+                    + ("; absent when a pin or the battery cap refuses min_quality" if code == 429 else ""),
+                    "required": code != 429,
                     "schema": {"type": "string", "pattern": "^[0-9]+$"},
                 }
             }

@@ -47,7 +47,7 @@ class Hint(BaseModel):
     min_quality: Quality | None = Field(
         None,
         description="Lowest acceptable alpha; if it cannot be met now the request is refused at once "
-        "with 429 and Retry-After.",
+        "with 429, and Retry-After unless an operator's pin or the battery cap is what refuses it.",
     )
     deadline_ms: float | None = Field(None, gt=0, le=60_000, description="Latency budget for this request.")
 

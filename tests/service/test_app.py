@@ -881,6 +881,22 @@ def test_a_floor_above_the_battery_cap_is_the_battery_s_refusal_while_load_holds
         assert 'lcs_shed_total{reason="min_quality"} 1.0' in metrics
 
 
+def test_the_openapi_schema_does_not_promise_retry_after_where_a_pin_refuses_without_one(
+    structured: TinyCheckpoint,
+) -> None:
+    """A min_quality refusal under a pin has no Retry-After; the schema declared it required on every 429, so
+    the service broke its own contract (schemathesis' response_headers_conformance, tests/service/test_fuzz.py,
+    fails on that answer). 503 keeps it required."""
+    with serve(make_settings(structured.path, api_key="k")) as c:
+        spec = c.get("/openapi.json").json()["paths"]
+        for path in ("/predict", "/v2/models/{name}/infer"):
+            headers = {code: spec[path]["post"]["responses"][code]["headers"]["Retry-After"] for code in ("429", "503")}
+            assert headers["429"]["required"] is False and headers["503"]["required"] is True
+        assert c.put("/admin/pin", json={"alpha": 0.5}, headers={"X-API-Key": "k"}).status_code == 200
+        r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": 1.0})
+        assert r.status_code == 429 and "retry-after" not in r.headers
+
+
 # -- concurrency: batching and overload, in one event loop ------------------------------------------
 
 
