@@ -91,9 +91,19 @@ def run_child(cmd: list[str], what: str, env: dict[str, str] | None = None) -> A
     and its exit code, under its own error, and exit code 1 (it was a traceback of the parent's, with the
     child's error captured and lost)."""
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if done.returncode < 0:  # killed: no error of its own above (SIGKILL is most often the kernel's, for memory)
+        name = signal.Signals(-done.returncode).name if -done.returncode in signal.valid_signals() else "a signal"
+        raise SystemExit(f"error: {what} was killed by {name}")
     if done.returncode != 0:
         raise SystemExit(f"error: {what} exited with code {done.returncode}; its error is above")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        last = repr(lines[-1][:80]) if lines else "nothing"
+        raise SystemExit(
+            f"error: {what} exited 0 but its output did not end with JSON (its last line: {last})"
+        ) from None
 
 
 def _terminated(signum: int, frame: object) -> None:

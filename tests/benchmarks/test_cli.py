@@ -299,3 +299,22 @@ def test_a_measuring_child_that_fails_is_one_line_under_its_own_error(capfd: pyt
     assert capfd.readouterr().err == "the reason\n"
     fine = [sys.executable, "-c", "print('warming up'); print('[1, 2]')"]
     assert run_child(fine, "a child") == [1, 2]  # the JSON its output ends with
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "error: a child was killed by SIGKILL"),
+        ("pass", "error: a child exited 0 but its output did not end with JSON (its last line: nothing)"),
+        (
+            "print('[1]'); print('done')",
+            "error: a child exited 0 but its output did not end with JSON (its last line: 'done')",
+        ),
+    ],
+)
+def test_a_child_killed_or_without_json_is_one_line_too(code: str, error: str) -> None:
+    """Killed (by the kernel for memory, most often) there is no error of its own above, and "exited with code -9"
+    said there was; one printing no JSON was an IndexError or JSONDecodeError traceback of the parent's."""
+    with pytest.raises(SystemExit) as e:
+        run_child([sys.executable, "-c", code], "a child")
+    assert e.value.code == error
