@@ -187,7 +187,8 @@ class Runtime:
                 self.cache.bytes / 2**20,
                 s.cache_bytes / 2**20,
             )
-        if self.samples is not None and self.sample_labels is not None:
+        # a checkpoint may carry no sample images, or none at all (lcs.checkpoint accepts 0): nothing to check
+        if self.samples is not None and self.sample_labels is not None and len(self.samples):
             x, step = self.samples.numpy(), s.max_batch
             for alpha in prebuild:
                 # in the batches the service runs: all the sample images at once made start-up's peak

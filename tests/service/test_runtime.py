@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,23 @@ def test_the_self_check_runs_in_the_batches_the_service_runs(
     rt.warm_up()
     assert len(structured.samples) == 64 and sizes == [8] * 8 * len(GRID)
     assert set(rt.self_check) == {"0", "0.5", "1"}
+
+
+def test_a_checkpoint_with_no_sample_images_starts(structured: TinyCheckpoint, tmp_path: Path) -> None:
+    """lcs.checkpoint accepts 0 sample images; the self-check in batches concatenated no batch at all and
+    start-up failed with numpy's "need at least one array to concatenate" (all at once, it had started)."""
+    from lcs import checkpoint
+
+    model, meta, _ = checkpoint.load_with_samples(structured.path)
+    empty = (
+        torch.zeros(0, 1, meta.input.height, meta.input.width, dtype=torch.uint8),
+        torch.zeros(0, dtype=torch.int64),
+    )
+    path = tmp_path / "no_samples.safetensors"
+    checkpoint.save(path, model, meta, samples=empty)
+    rt = Runtime.load(make_settings(path, profile_batches=[1]))
+    rt.warm_up()
+    assert rt.ready and rt.self_check == {}
 
 
 def test_the_profile_is_timed_in_rounds_so_a_drifting_machine_keeps_the_alphas_in_order(
