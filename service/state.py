@@ -169,7 +169,7 @@ class State:
         s = self.signals(now)
         c.update(s)
         self._export_ceiling(before)
-        if s.memory_available < self.settings.memory_low:
+        if s.memory_available < self.settings.memory_low and self.runtime.ready:  # not what warm-up is building
             self._relieve_memory(s.memory_available, now)
         for name in SIGNAL_NAMES:  # every signal, from the one definition of what they are
             v = getattr(s, name)

@@ -248,6 +248,10 @@ def test_memory_pressure_drops_the_cached_models_not_asked_for_lately(
         assert st.runtime.cache.cached() == list(GRID)  # all prebuilt
         st.probe.memory_available = lambda: available  # type: ignore[method-assign]
         assert c.post("/predict", json={"inputs": [ZEROS], "quality": 0.5}).json()["alpha"] == 0.5
+        st.runtime.ready = False  # warming up: what it builds stays, idle or not
+        st.control_step(time.monotonic() + IDLE_MODEL_SECONDS + 1.0)
+        assert st.runtime.cache.cached() == list(GRID)
+        st.runtime.ready = True
         with caplog.at_level(logging.WARNING, "lcs.service"):
             st.control_step(time.monotonic() + IDLE_MODEL_SECONDS + 1.0)  # every model idle by then
         if available > st.settings.memory_low:
