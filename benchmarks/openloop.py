@@ -20,7 +20,7 @@ import gc
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,14 +176,16 @@ def _failure(e: BaseException) -> str:
 
 async def open_loop(
     port: int,
-    request: bytes,
+    request: bytes | Sequence[bytes],
     arrivals: list[float],
     *,
     connections: int = 256,
     timeout: float = 10.0,
     max_lag: float = 5.0,
 ) -> tuple[list[Reply], int]:
-    """Send `request` at each arrival time (s from the start); returns (replies by arrival, skipped)."""
+    """Send `request` at each arrival time (s from the start), or the requests of a sequence in turn; returns
+    (replies by arrival, skipped)."""
+    cycle = [request] if isinstance(request, bytes) else list(request)
     pool = Pool(port, connections)
     loop = asyncio.get_running_loop()
     # a full garbage collection over a large heap (torch, the test session) stalls the loop for 100+ ms,
@@ -194,7 +196,7 @@ async def open_loop(
     replies: list[Reply] = []
     skipped = 0
 
-    async def one(at: float) -> None:
+    async def one(at: float, request: bytes) -> None:
         nonlocal skipped
         sent = at
         try:
@@ -225,7 +227,7 @@ async def open_loop(
         while i < len(arrivals):
             now = loop.time() - start
             while i < len(arrivals) and arrivals[i] <= now:  # everything due by now, in one go
-                task = asyncio.create_task(one(arrivals[i]))
+                task = asyncio.create_task(one(arrivals[i], cycle[i % len(cycle)]))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 i += 1

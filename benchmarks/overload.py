@@ -18,7 +18,9 @@
    `--connections` keep-alive connections; one arrival the generator is `--max-lag` s late for is
    skipped and counted: the generator fell behind, not the service).
 3. Samples the server's resident memory (psutil) every 0.5 s, and the CPU both processes used; reports the
-   RSS growth per hour over the run (`--factor 0.5 --duration 900` makes this a soak: a leak shows there).
+   RSS growth per hour over the run (`--factor 0.5 --duration 900` makes this a soak: a leak shows there;
+   `--formats json png binary` sends JSON arrays, base64 PNGs and OIP v2 binary tensors in turn, so that
+   each decoding path is in it).
 
 Pass criteria: the offered load was reached (>= 90 % of the target rate sent, nothing skipped); every
 request sent got an answer, 200 or 429/503 with Retry-After, with 0 connection resets and 0 timeouts;
@@ -94,6 +96,18 @@ def request_body(base: str, images: int) -> bytes:
     return json.dumps({"inputs": [image] * images}).encode()
 
 
+def request_forms(base: str, port: int, images: int, formats: list[str], json_request: bytes) -> list[bytes]:
+    """One request per entry of `formats`, in order: `json_request` for json; base64 PNGs to /predict or raw
+    bytes to the OIP v2 path as the load benchmark builds them (28x28 one-channel images) for png and binary."""
+    from benchmarks.load import request  # (load imports this module)
+
+    info = httpx.get(base + "/model", timeout=10).json()
+    shape = tuple(info["input"][k] for k in ("channels", "height", "width"))
+    if set(formats) - {"json"} and shape != (1, 28, 28):
+        raise SystemExit(f"error: --formats png and binary send 28x28 one-channel images, not {shape}; use json")
+    return [json_request if f == "json" else request(images, f, port, info["name"]) for f in formats]
+
+
 def capacity(port: int, request: bytes, seconds: float, concurrency: int = 8, warmup: float = 1.0) -> float:
     """Closed-loop throughput (answered 200 per second) of `request` (openloop.post) with `concurrency`
     clients, after a warm-up."""
@@ -125,14 +139,15 @@ async def sample_rss(pid: int, out: list[tuple[float, int]], stop: asyncio.Event
 
 
 async def overload(
-    port: int, body: bytes, times: list[float], pid: int, **kwargs: Any
+    port: int, requests: list[bytes], times: list[float], pid: int, **kwargs: Any
 ) -> tuple[list[openloop.Reply], int, list[tuple[float, int]]]:
-    """The open-loop run, with the server's RSS sampled alongside: (replies, skipped, RSS samples)."""
+    """The open-loop run, `requests` in turn, with the server's RSS sampled alongside: (replies, skipped, RSS
+    samples)."""
     rss: list[tuple[float, int]] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(sample_rss(pid, rss, stop))
     try:
-        replies, skipped = await openloop.open_loop(port, openloop.post("/predict", body, port), times, **kwargs)
+        replies, skipped = await openloop.open_loop(port, requests, times, **kwargs)
     finally:
         stop.set()
         await sampler
@@ -169,6 +184,14 @@ def main() -> int:
     p.add_argument("--max-rate", type=positive(float), default=2000.0, help="cap on the offered requests/s")
     p.add_argument("--capacity-seconds", type=positive(float), default=4.0)
     p.add_argument("--images", type=positive(int), default=16, help="images per request (the load benchmark's mix)")
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        choices=["json", "png", "binary"],
+        default=["json"],
+        help="request forms, sent in turn: raw JSON arrays or base64 PNGs to /predict, raw uint8 bytes to the "
+        "OIP v2 path (capacity is measured with json)",
+    )
     p.add_argument("--slo", type=positive(float), default=0.1, help="p99 latency objective of accepted requests, s")
     p.add_argument("--rss-bound-mib", type=positive(float), default=1024.0, help="stated bound on the server's RSS")
     p.add_argument("--timeout", type=positive(float), default=10.0, help="client timeout per request, s")
@@ -196,6 +219,10 @@ def main() -> int:
             body = request_body(base, args.images)
             req = openloop.post("/predict", body, port)
             openloop.check_accepted(port, req, f"--images {args.images}")
+            if alpha == "1":
+                forms = request_forms(base, port, args.images, args.formats, req)
+                for fmt, form in zip(args.formats, forms, strict=True):
+                    openloop.check_accepted(port, form, f"--formats {fmt}")
             caps[alpha] = capacity(port, req, args.capacity_seconds)
         finally:
             stop_server(proc)
@@ -220,7 +247,7 @@ def main() -> int:
         t0 = time.monotonic()
         replies, skipped, rss = openloop.run(
             overload(
-                port, body, times, proc.pid, timeout=args.timeout, connections=args.connections, max_lag=args.max_lag
+                port, forms, times, proc.pid, timeout=args.timeout, connections=args.connections, max_lag=args.max_lag
             )
         )
         wall = time.monotonic() - t0
@@ -244,7 +271,7 @@ def main() -> int:
     errors = sum(n for s, n in statuses.items() if not s.isdigit())
     missing_retry_after = sum(1 for r in replies if r.status in (429, 503) and not r.retry_after)
     accepted = [r for r in replies if r.status == 200]
-    answers = [r.json() for r in accepted]
+    answers = [(a := r.json()).get("parameters", a) for r in accepted]  # OIP v2 answers carry them as parameters
     in_service = [(a["queue_ms"] + a["compute_ms"]) / 1000 for a in answers]
     mean_alpha = sum(a["alpha"] for a in answers) / len(answers) if answers else math.nan
     p50, p99 = percentile([r.latency for r in accepted], 0.5), percentile([r.latency for r in accepted], 0.99)
@@ -273,6 +300,7 @@ def main() -> int:
     result = {
         "checkpoint": args.checkpoint,
         "images_per_request": args.images,
+        "formats": args.formats,
         "capacity_rps": round(cap, 1),
         "capacity_alpha0_rps": round(caps["0"], 1),
         "target_rps": round(rate, 1),

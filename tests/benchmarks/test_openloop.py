@@ -9,9 +9,12 @@ from collections.abc import Callable
 from benchmarks.openloop import HOST, closed_loop, free_port, open_loop, post
 
 
-async def _server(answer: Callable[[int], tuple[float, bytes | None]]) -> tuple[asyncio.Server, int, list[int]]:
+async def _server(
+    answer: Callable[[int], tuple[float, bytes | None]], paths: list[bytes] | None = None
+) -> tuple[asyncio.Server, int, list[int]]:
     """A keep-alive HTTP/1.1 server: request n (from 0) waits answer(n)[0] s, then sends answer(n)[1]
-    (None: close the connection without answering). Returns (server, port, connections seen)."""
+    (None: close the connection without answering); `paths` collects each request's path. Returns (server,
+    port, connections seen)."""
     counter = [0]
     connections: list[int] = []
 
@@ -20,6 +23,8 @@ async def _server(answer: Callable[[int], tuple[float, bytes | None]]) -> tuple[
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if paths is not None:
+                    paths.append(head.split(b" ")[1])
                 length = next(
                     int(line.split(b":")[1])
                     for line in head.split(b"\r\n")
@@ -58,6 +63,21 @@ def test_every_arrival_is_answered_and_sent_on_time_even_when_answers_are_slow()
         assert max(lags) < 0.1, str(lags)  # open loop: no send waited for an answer (each takes 0.2 s)
         assert all(r.service_latency >= 0.19 for r in replies)
         assert [r.at for r in replies] == arrivals
+
+    asyncio.run(main())
+
+
+def test_a_sequence_of_requests_is_sent_in_turn() -> None:
+    """overload --formats json png binary: each arrival takes the next form."""
+
+    async def main() -> None:
+        paths: list[bytes] = []
+        server, port, _ = await _server(lambda n: (0.0, _response(200)), paths)
+        forms = [post("/a", b"1", port), post("/b", b"22", port), post("/c", b"333", port)]
+        replies, _ = await open_loop(port, forms, [i * 0.01 for i in range(7)], connections=1)
+        server.close()
+        assert [r.status for r in replies] == [200] * 7
+        assert paths == [b"/a", b"/b", b"/c", b"/a", b"/b", b"/c", b"/a"]
 
     asyncio.run(main())
 
