@@ -57,17 +57,10 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that w
 _V2_INFER = tuple(r for r in INFERENCE_ROUTES if r.startswith("/v2/"))  # the binary tensor extension: OIP only
 
 
-# the ceilings that are a policy rather than load, by controller mode: what caps it, and when to retry
-_CAPS = {
-    "pinned": ("an operator has pinned alpha at", "retry once the pin is released"),
-    "battery": ("on low battery the service serves alpha", "retry once the battery charges"),
-}
-
-
 def _errors(*codes: int, retry_after: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for the error statuses a route can answer, all with the ErrorResponse body. Retry-After
     is declared on `retry_after`'s statuses; required but on 429, which a min_quality refusal under a pin or the
-    battery cap answers without one (`_CAPS`)."""
+    battery cap answers without one (`_infer`)."""
     text = {
         401: "No API key",
         403: "Wrong API key",
@@ -128,22 +121,21 @@ async def _infer(
     ceiling = rt.controller.ceiling
     retry = retry_after(st.settings)
     if floor > ceiling:
-        capped = _CAPS.get(rt.controller.mode)
-        limit = ceiling
+        # a pin or the battery cap holds until someone acts: no time to retry after can be given, and no operator
+        # needs paging. A floor above the battery cap is the battery's refusal whatever load does below the cap.
         battery = rt.controller.battery_limit
-        if capped is None and battery is not None and floor > battery:
-            # load holds the ceiling under the battery cap, but the floor is above the cap too: it stays refused
-            # once the load passes, so this is the battery's refusal, not load's
-            capped, limit = _CAPS["battery"], battery
-        if capped is None:  # load: the ceiling comes back as the load passes
-            why, then, headers = "under current load the service serves alpha", "retry later", {"Retry-After": retry}
-        else:  # a policy, not load: no time to retry after can be given, and no operator needs paging
-            (why, then), headers = capped, {}
-        st.metrics.shed.labels("min_quality" if capped is None else "min_quality_capped").inc()
+        capped = True
+        if rt.controller.mode == "pinned":
+            limit, why, then = ceiling, "an operator has pinned alpha at", "retry once the pin is released"
+        elif battery is not None and floor > battery:
+            limit, why, then = battery, "on low battery the service serves alpha", "retry once the battery charges"
+        else:  # load: the ceiling comes back as the load passes
+            limit, why, then, capped = ceiling, "under current load the service serves alpha", "retry later", False
+        st.metrics.shed.labels("min_quality_capped" if capped else "min_quality").inc()
         raise ApiError(
             429,
             f"{why} <= {limit:g}, below min_quality {floor_req:g}; {then} or lower min_quality",
-            headers,
+            {} if capped else {"Retry-After": retry},
             kind="min_quality unavailable",
         )
     now = time.monotonic()

@@ -858,6 +858,8 @@ def test_a_min_quality_refusal_says_what_caps_the_ceiling(
     with serve(make_settings(structured.path)) as c:
         controller = app_state(c).runtime.controller
         controller.ceiling, controller.mode = 0.0, mode
+        if mode == "battery":  # as the controller leaves it while the cap binds: the cap is the ceiling
+            controller.battery_limit = 0.0
         r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": 1.0})
         assert r.status_code == 429 and r.json()["error"] == "min_quality unavailable"
         assert detail in r.json()["detail"]
