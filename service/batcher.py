@@ -17,6 +17,7 @@ the batch's and due no earlier. No request is ever served more accurately than i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -70,11 +72,22 @@ class Result:
     batch_images: int
 
 
+class Models(Protocol):
+    """What the batcher asks of the model cache (`service.cache.ModelCache`)."""
+
+    def cached(self) -> list[float]: ...
+
+    def wait(self, alpha: float) -> float: ...  # seconds before alpha can run: 0 if built, else its build time
+
+    def get(self, alpha: float) -> object: ...  # builds alpha's model if it is not built
+
+
 class Batcher:
     def __init__(
         self,
         run: Callable[[float, np.ndarray], np.ndarray],
-        choose: Callable[[float, float, int, float | None, int], float],  # see Controller.batch_alpha
+        # (target, floor, images, slack, requests, wait) -> alpha: see Controller.batch_alpha
+        choose: Callable[[float, float, int, float | None, int, Callable[[float], float] | None], float],
         executor: Executor,
         *,
         max_batch: int,
@@ -85,6 +98,8 @@ class Batcher:
         behind: Callable[[int, int], float | None] | None = None,
         reserve: float = 0.0,
         pending: Callable[[], int] | None = None,
+        models: Models | None = None,
+        settle: float = 0.0,
     ) -> None:
         self._run = run  # (alpha, x) -> outputs; called in the executor
         self._choose = choose
@@ -99,6 +114,10 @@ class Batcher:
         self._behind = behind  # (images, requests) queued -> seconds to serve them at the cheapest alpha
         self.reserve = reserve  # share of each request's time budget kept out of the slack
         self._pending = pending  # requests received but not yet queued (being read or decoded)
+        self._models = models  # None: every alpha counts as built
+        self.wanted: float | None = None  # an alpha to build once the queue is empty, wanted since `_wanted_at`
+        self._wanted_at = 0.0
+        self.settle = settle  # seconds an alpha must stay wanted before it is built (see `_alpha`)
         self.closed = False  # set when a drain ends: no job is taken after it
         self.running = 0  # jobs in the batch being computed
         self._current: list[Job] = []  # the batch being served, failed as a whole on an unexpected error
@@ -154,7 +173,18 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if not self._queue:
             self._wake.clear()
-            await self._wake.wait()
+            if self.wanted is None or self.closed:
+                await self._wake.wait()
+                return
+            settled = self._wanted_at + self.settle - time.monotonic()
+            if settled > 0:  # wake for a request, or to build once it has settled
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), settled)
+                return
+            if not (self._pending is not None and self._pending()):
+                await self._build_wanted(loop)
+            else:
+                await self._wake.wait()  # a request is being read: serve it first
             return
         head = self._queue[0]
         wait = head.enqueued + self.max_wait - time.monotonic()
@@ -180,7 +210,7 @@ class Batcher:
             if rest is not None:
                 behind = min(later) - now - rest
                 slack = behind if slack is None else min(slack, behind)
-        alpha = self._choose(batch[0].target, max(j.floor for j in batch), images, slack, len(batch))
+        alpha = self._alpha(batch[0].target, max(j.floor for j in batch), images, slack, len(batch))
         x = np.concatenate([j.x for j in batch]) if len(batch) > 1 else batch[0].x
         self.running = len(batch)
         t0 = time.monotonic()
@@ -201,6 +231,36 @@ class Batcher:
             if not j.future.done():
                 j.future.set_result(Result(out[i : i + j.images], alpha, t0 - j.enqueued, compute, images))
             i += j.images
+
+    def _alpha(self, target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
+        """The batch's alpha (see the module's doc): the one chosen as if every model were built, if it is;
+        else the one chosen counting the time to build each that is not. Where that runs the batch lower,
+        the capped target (the ceiling's alpha, where the load is going) is wanted if it is not built, and
+        built once it has been wanted for `settle` seconds: as load rises the ceiling steps down an alpha an
+        interval, and building each (about 0.1 s, every request arriving meanwhile waiting) stalled the
+        service into the next step (one-off, 64-image requests at 1.5x capacity: builds at four ceilings in
+        2 s, 94 % within the SLO). The alphas the slack rule picks batch by batch are not built for later."""
+        alpha = self._choose(target, floor, images, slack, requests, None)
+        if self._models is None or alpha in (built := self._models.cached()):
+            return alpha
+        served = self._choose(target, floor, images, slack, requests, self._models.wait)
+        if served == alpha:
+            return served
+        top = self._choose(target, floor, images, None, requests, None)
+        if top not in built and top != self.wanted:
+            self.wanted, self._wanted_at = top, time.monotonic()
+        return served
+
+    async def _build_wanted(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Build the alpha a batch wanted and ran below (the queue is empty). A failure is logged: the batch
+        that next chooses the alpha builds it itself and gets the error."""
+        alpha, self.wanted = self.wanted, None
+        if self._models is None or alpha is None or alpha in self._models.cached():
+            return
+        try:
+            await loop.run_in_executor(self._executor, self._models.get, alpha)
+        except Exception:
+            log.exception("building alpha %g while the queue was empty failed", alpha)
 
     def _timed(self, alpha: float, x: np.ndarray) -> tuple[np.ndarray, float]:
         """Run the model and time it in the worker thread: the time a batch spends handed between threads

@@ -6,7 +6,8 @@ resident model memory; the least recently used entries are evicted when a new on
 whose memory dropping would not free (`Compiled.reclaimable`: networks torch traced, int8 among them)
 count toward the bound but are never evicted: evicting one would free nothing, and building it again
 would hold its memory a second time. Under memory pressure the service drops the evictable models no batch
-has asked for lately (`drop_idle`), whatever the bound.
+has asked for lately (`drop_idle`), whatever the bound, but the fastest, which a load rise falls back on
+while the alpha it wants is built again (see service.batcher).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import bisect
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,6 +74,7 @@ class ModelCache:
         self._entries: OrderedDict[float, Compiled] = OrderedDict()
         self._clock = clock
         self._used: dict[float, float] = {}  # grid alpha -> when it was last asked for, by the clock
+        self._took: dict[float, float] = {}  # grid alpha -> seconds its last build took (kept when it is dropped)
         self._building: dict[float, Future[Compiled]] = {}
         self._lock = threading.Lock()
         self.stats = CacheStats()
@@ -92,6 +94,16 @@ class ModelCache:
     def peek(self, alpha: float) -> Compiled | None:
         with self._lock:
             return self._entries.get(self.grid.down(alpha))
+
+    def wait(self, alpha: float) -> float:
+        """Seconds before grid.down(alpha) can run: 0 if built; else what its last build took, or the mean of
+        the builds so far for one never built."""
+        key = self.grid.down(alpha)
+        with self._lock:
+            if key in self._entries:
+                return 0.0
+            mean = self.stats.build_seconds / self.stats.builds if self.stats.builds else 0.0
+            return self._took.get(key, mean)
 
     def get(self, alpha: float) -> Compiled:
         """The model for grid.down(alpha); builds it once however many threads ask at the same time."""
@@ -123,6 +135,7 @@ class ModelCache:
             del self._building[key]
             self.stats.builds += 1
             self.stats.build_seconds += compiled.build_seconds
+            self._took[key] = compiled.build_seconds
             self._entries[key] = compiled
             self._used[key] = self._clock()
             self._evict_locked()
@@ -144,13 +157,17 @@ class ModelCache:
         self._used.pop(key, None)
         self.stats.evictions += 1
 
-    def drop_idle(self, since: float) -> tuple[int, int]:
+    def drop_idle(self, since: float, keep: Collection[float] = ()) -> tuple[int, int]:
         """Evict every evictable model not asked for since `since` (by the cache's clock), but the most recently used
-        (the service must answer): what memory pressure asks of the cache. Returns (models dropped, their
-        bytes); the caller hands the freed heap back to the system."""
+        (the service must answer) and those in `keep`: what memory pressure asks of the cache. Returns
+        (models dropped, their bytes); the caller hands the freed heap back to the system."""
         with self._lock:
             newest = next(reversed(self._entries), None)
-            idle = [(k, e) for k, e in self._entries.items() if k != newest and e.reclaimable and self._used[k] < since]
+            idle = [
+                (k, e)
+                for k, e in self._entries.items()
+                if k != newest and k not in keep and e.reclaimable and self._used[k] < since
+            ]
             for key, _ in idle:
                 self._drop_locked(key)
         return len(idle), sum(e.resident_bytes for _, e in idle)

@@ -23,6 +23,7 @@ by simulation. It owns two decisions:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 from lcs.alpha import SAME_ALPHA
@@ -367,9 +368,18 @@ class Controller:
 
     # -- each batch --------------------------------------------------------------------------------
 
-    def batch_alpha(self, target: float, floor: float, images: int, slack: float | None, requests: int = 1) -> float:
+    def batch_alpha(
+        self,
+        target: float,
+        floor: float,
+        images: int,
+        slack: float | None,
+        requests: int = 1,
+        wait: Callable[[float], float] | None = None,
+    ) -> float:
         """Largest grid alpha in [floor, min(target, ceiling)] whose predicted time for `images` images fits
-        `slack` seconds; the capped target where alpha is not the lever for this batch."""
+        `slack` seconds; the capped target where alpha is not the lever for this batch. `wait`: seconds
+        before an alpha can run (building its model), counted against the slack too."""
         hi = self.grid.down(min(target, self.ceiling))
         if hi < floor:
             return floor
@@ -380,8 +390,12 @@ class Controller:
         for a in reversed(self.grid.alphas):
             if a > hi or a < floor:
                 continue
+            build = 0.0 if wait is None else wait(a)
             p = self.profile.predict(a, images)
-            if p is None or p * self._slowdown(a, None) + self.handoff <= slack:  # measured slowdown only
+            if p is None and not build:  # unprofiled (LCS_PREBUILD short of the grid): no prediction to check
+                return a
+            model = 0.0 if p is None else p * self._slowdown(a, None) + self.handoff  # measured slowdown only
+            if model + build <= slack:
                 return a
         return floor
 

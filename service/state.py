@@ -24,7 +24,7 @@ from service.signals import LoopCost, MachineProbe, RequestStats
 log = logging.getLogger("lcs.service")
 
 # under memory pressure (LCS_MEMORY_LOW) the cache drops the models not asked for in this long: the alphas the
-# controller moves between stay, the rest of the prebuilt grid goes (each rebuilt in 35-300 ms if asked again)
+# controller moves between stay, the rest of the prebuilt grid goes (each rebuilt in 35-300 ms if wanted again)
 IDLE_MODEL_SECONDS = 10.0
 
 
@@ -48,6 +48,9 @@ class State:
             behind=runtime.controller.predicted_wait,
             reserve=settings.slack_reserve,
             pending=lambda: self.parsing,
+            models=runtime.cache,
+            # an alpha a batch could not wait for is built once wanted as long as the ceiling takes to rise
+            settle=runtime.controller.raise_after * settings.control_interval_seconds,
         )
         self.requests = RequestStats()
         self.loop_cost = LoopCost()
@@ -183,8 +186,11 @@ class State:
 
     def _relieve_memory(self, available: float, now: float) -> None:
         """Memory is short: drop the cached models no batch asked for lately, and hand what they held back to
-        the system (a process killed for memory loses every request it holds; a rebuild costs one batch)."""
-        dropped, freed = self.runtime.cache.drop_idle(since=now - IDLE_MODEL_SECONDS)
+        the system (a process killed for memory loses every request it holds). The fastest model stays (the
+        frontier's lowest alpha, small where alpha is width): batches that want a dropped alpha run at a
+        built one while the queue keeps the inference thread busy, and it is rebuilt when the queue empties."""
+        fastest = self.runtime.controller.frontier()[0]
+        dropped, freed = self.runtime.cache.drop_idle(since=now - IDLE_MODEL_SECONDS, keep=(fastest,))
         if dropped:
             release_freed_heap()
             log.warning(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import alphas, http, load, memory, ops, overload, switching
+from benchmarks import alphas, http, load, memory, ops, overload, rebuild, switching
 from benchmarks.cli import command, run_child
 
 
@@ -30,6 +30,7 @@ OUTPUTS = {
     "switching": (switching.main, ["CHECKPOINT"], "--json", (switching, "run_child")),
     "load": (load.main, ["--checkpoint", "CHECKPOINT"], "--out", (load, "start_server")),
     "overload": (overload.main, ["--checkpoint", "CHECKPOINT"], "--out", (overload, "start_server")),
+    "rebuild": (rebuild.main, ["--checkpoint", "CHECKPOINT"], "--out", (rebuild, "start_server")),
     "http": (http.main, ["--checkpoint", "CHECKPOINT"], "--json", (http.subprocess, "Popen")),
 }
 
@@ -106,7 +107,12 @@ def test_a_checkpoint_that_cannot_be_read_is_refused_in_one_line(
     assert not (tmp_path / "out.json").exists()
 
 
-SERVED = {"load": load.main, "http": http.main, "overload": overload.main}  # they hand the checkpoint to servers
+SERVED = {
+    "load": load.main,
+    "http": http.main,
+    "overload": overload.main,
+    "rebuild": rebuild.main,
+}  # they hand the checkpoint to servers
 
 
 @pytest.mark.parametrize("problem", ["no such file", "a directory"])
@@ -120,7 +126,7 @@ def test_a_checkpoint_no_server_could_load_is_refused_before_any_starts(
     if problem == "a directory":
         ckpt.mkdir()
     started: list[object] = []
-    for module in (load, overload):
+    for module in (load, overload, rebuild):
         monkeypatch.setattr(module, "start_server", lambda *a, **k: started.append(a))
     monkeypatch.setattr(http.subprocess, "Popen", lambda *a, **k: started.append(a))
     monkeypatch.setattr(sys, "argv", [name, "--checkpoint", str(ckpt)])
@@ -152,6 +158,10 @@ NUMBERS = [  # (benchmark, flag, a value it refuses): counts, durations and rate
         ("overload", flag, "-1")
         for flag in ("--rss-bound-mib", "--timeout", "--connections", "--max-lag", "--queue-max")
     ],
+    *[
+        ("rebuild", flag, "0")
+        for flag in ("--images", "--factor", "--duration", "--idle", "--capacity-seconds", "--slo")
+    ],
     *[("http", flag, "0") for flag in ("--duration", "--rounds", "--threads", "--connections")],
     ("http", "--duration", "2.5"),  # wrk counts whole seconds
     ("http", "--max-wait-ms", "-1"),  # passed through unchecked, the server refused it as LCS_MAX_WAIT_MS
@@ -164,6 +174,7 @@ MAINS = {
     "switching": switching.main,
     "load": load.main,
     "overload": overload.main,
+    "rebuild": rebuild.main,
     "http": http.main,
 }
 

@@ -18,6 +18,7 @@ from service.batcher import Batcher, Draining, Job, QueueFull, Result
 from tests.service.service_support import until
 
 MAX_BATCH = 8
+Wait = Callable[[float], float] | None  # Controller.batch_alpha's build waits
 
 
 def run_async(scenario: Callable[[], Awaitable[None]], timeout: float = 20.0) -> None:
@@ -50,7 +51,9 @@ class FakeModel:
         return np.stack([x[:, 0, 0, 0], np.full(len(x), alpha, dtype=np.float32)], axis=1)
 
 
-def choose_target(target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
+def choose_target(
+    target: float, floor: float, images: int, slack: float | None, requests: int, wait: Wait = None
+) -> float:
     return target
 
 
@@ -64,7 +67,7 @@ def job(
 
 def make_batcher(
     model: FakeModel,
-    choose: Callable[[float, float, int, float | None, int], float] = choose_target,
+    choose: Callable[[float, float, int, float | None, int, Wait], float] = choose_target,
     *,
     max_batch: int = MAX_BATCH,
     queue_max: int = 1000,
@@ -85,7 +88,9 @@ class SlackProbe:
     seen: list[float | None] = field(default_factory=list)
     asked: list[tuple[int, int]] = field(default_factory=list)
 
-    def choose(self, target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
+    def choose(
+        self, target: float, floor: float, images: int, slack: float | None, requests: int, wait: Wait = None
+    ) -> float:
         self.seen.append(slack)
         return target
 
@@ -214,7 +219,9 @@ def test_a_failing_batch_fails_only_its_requests_and_the_batcher_keeps_serving()
 def test_choose_gets_the_highest_floor_and_the_tightest_slack() -> None:
     seen: list[tuple[float, float, int, float | None, int]] = []
 
-    def choose(target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
+    def choose(
+        target: float, floor: float, images: int, slack: float | None, requests: int, wait: Wait = None
+    ) -> float:
         seen.append((target, floor, images, slack, requests))
         return floor
 
@@ -467,6 +474,69 @@ def test_the_reserve_is_a_share_of_the_whole_budget_counted_from_arrival() -> No
     run_async(scenario)
 
 
+@dataclass
+class FakeModels:
+    """The model cache as the batcher sees it: which alphas are built, what a build would take, building."""
+
+    built: set[float]
+    build_seconds: float
+    log: list[tuple[str, float]]
+
+    def cached(self) -> list[float]:
+        return sorted(self.built)
+
+    def wait(self, alpha: float) -> float:
+        return 0.0 if alpha in self.built else self.build_seconds
+
+    def get(self, alpha: float) -> object:
+        self.log.append(("build", alpha))
+        self.built.add(alpha)
+        return object()
+
+
+def choose_built_if_short(
+    target: float, floor: float, images: int, slack: float | None, requests: int, wait: Wait = None
+) -> float:
+    """The target, or the floor where a build would not fit the slack (a stand-in for the slack rule)."""
+    return target if wait is None or slack is None or wait(target) <= slack else floor
+
+
+@pytest.mark.parametrize("build_seconds", [0.001, 60.0])
+def test_a_batch_never_waits_for_a_build_it_has_no_time_for(build_seconds: float) -> None:
+    """The target alpha is not built: a build that fits the slack the batch does itself; one that does not
+    runs the batch at a built alpha, and the wanted one is built once the queue is empty, not before (a
+    queued request is served first), after which the target is served."""
+    log: list[tuple[str, float]] = []
+    models = FakeModels({0.0}, build_seconds, log)
+
+    class Logged(FakeModel):
+        def __call__(self, alpha: float, x: np.ndarray) -> np.ndarray:
+            log.append(("run", alpha))
+            models.built.add(alpha)  # as the runtime's model call does, through the cache
+            return super().__call__(alpha, x)
+
+    async def scenario() -> None:
+        model = Logged(hold_first=True)
+        batcher, executor = make_batcher(model, choose_built_if_short, models=models)
+        task = await started(batcher)
+        deadline = time.monotonic() + 10.0
+        first = batcher.submit(job(1.0, target=1.0, deadline=deadline))
+        await until(lambda: batcher.running == 1, what="the first batch running")
+        second = batcher.submit(job(2.0, target=0.0, deadline=deadline))  # queued behind it
+        model.gate.set()
+        assert (await first).alpha == (1.0 if build_seconds < 1 else 0.0)
+        assert (await second).alpha == 0.0
+        await until(lambda: 1.0 in models.built, what="alpha 1 built")
+        assert (await batcher.submit(job(3.0, target=1.0, deadline=time.monotonic() + 10.0))).alpha == 1.0
+        await stop(task, executor)
+
+    run_async(scenario)
+    if build_seconds < 1:  # the first batch built it
+        assert log == [("run", 1.0), ("run", 0.0), ("run", 1.0)]
+    else:
+        assert log == [("run", 0.0), ("run", 0.0), ("build", 1.0), ("run", 1.0)]
+
+
 def test_on_batch_reports_alpha_and_size() -> None:
     reports: list[tuple[float, int]] = []
 
@@ -495,7 +565,9 @@ def test_an_unexpected_error_outside_the_model_fails_its_batch_and_the_loop_surv
         model = FakeModel()
         calls: list[float] = []
 
-        def choose(target: float, floor: float, images: int, slack: float | None, requests: int) -> float:
+        def choose(
+            target: float, floor: float, images: int, slack: float | None, requests: int, wait: Wait = None
+        ) -> float:
             calls.append(target)
             if target == 0.5:
                 raise KeyError("controller bug")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 from torch import nn
@@ -130,6 +131,29 @@ def test_drop_idle_evicts_what_was_not_asked_for_lately_but_the_newest_and_the_u
     assert cache.drop_idle(since=9.0) == (0, 0)
     cache.get(0.5)  # asked for again: built again
     assert cache.stats.builds == 5
+
+
+def test_drop_idle_keeps_what_it_is_told_to() -> None:
+    now = [0.0]
+    cache = ModelCache(lambda a: fake(a), GRID, max_bytes=10_000, clock=lambda: now[0])
+    for alpha in (0.0, 0.5, 1.0):
+        cache.get(alpha)
+    now[0] = 20.0
+    assert cache.drop_idle(since=10.0, keep=(0.0,)) == (1, 100)  # 0.5; 1.0 is the newest
+    assert cache.cached() == [0.0, 1.0]
+
+
+def test_wait_is_what_a_build_would_take() -> None:
+    """0 for a built alpha; what its last build took once dropped; the mean build for one never built."""
+    took = {0.0: 0.02, 0.5: 0.05, 1.0: 0.11}
+    cache = ModelCache(lambda a: replace(fake(a), build_seconds=took[a]), GRID, max_bytes=10_000)
+    assert cache.wait(1.0) == 0.0  # nothing built yet: nothing known
+    for alpha in (0.5, 1.0):
+        cache.get(alpha)
+    assert cache.wait(1.0) == 0.0 and cache.wait(0.7) == 0.0  # built (0.7 snaps down to 0.5)
+    assert cache.wait(0.0) == pytest.approx(0.08)  # never built: the mean of 0.05 and 0.11
+    assert cache.drop_idle(since=float("inf")) == (1, 100)  # 0.5 (1.0 is the newest)
+    assert cache.wait(0.5) == 0.05
 
 
 def test_one_entry_is_kept_even_over_the_bound() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import count
 
@@ -320,6 +320,24 @@ def test_batch_alpha_picks_the_largest_alpha_that_fits_the_slack() -> None:
     assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0017) == 0.0
     assert c.batch_alpha(1.0, 0.0, 16, 0.010) == 0.5  # twice the images (extrapolated linearly)
     assert c.batch_alpha(0.5, 0.0, MAX_BATCH, 1.0) == 0.5  # ample slack still never exceeds the target
+
+
+def test_batch_alpha_counts_the_time_to_build_an_alpha_that_is_not_built() -> None:
+    """A model dropped or evicted takes its build time before it can run: that counts against the slack."""
+    c = controller()
+    built = {0.0, 0.5}  # 8 images: 8 ms at 1, 6.4 ms at 0.75, 4.8 ms at 0.5
+
+    def wait(seconds: float) -> Callable[[float], float]:
+        return lambda a: 0.0 if a in built else seconds
+
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.050, wait=wait(0.040)) == 1.0  # 48 ms: the build fits
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.050, wait=wait(0.045)) == 0.5  # 53 ms does not, nor 0.75's 51
+    assert c.batch_alpha(1.0, 0.75, MAX_BATCH, 0.050, wait=wait(0.045)) == 0.75  # nothing fits: the floor
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, None, wait=wait(0.045)) == 1.0  # no deadline: nothing to fit
+    unprofiled = controller(profile([0.0, 0.5]))  # LCS_PREBUILD short of the grid: 1 has no prediction
+    assert unprofiled.batch_alpha(1.0, 0.0, MAX_BATCH, 0.050) == 1.0
+    assert unprofiled.batch_alpha(1.0, 0.0, MAX_BATCH, 0.050, wait=wait(0.045)) == 1.0  # its build fits
+    assert unprofiled.batch_alpha(1.0, 0.0, MAX_BATCH, 0.050, wait=wait(0.060)) == 0.5
 
 
 def test_batch_alpha_never_goes_below_the_floor() -> None:

@@ -1,0 +1,127 @@
+"""A load rise onto alphas dropped under memory pressure: what rebuilding them costs requests.
+
+    .venv/bin/python -m benchmarks.rebuild [--checkpoint models/structured_line.safetensors] [--factor 1.5]
+
+1. Starts `python -m service` on a free 127.0.0.1 port pinned at alpha = 1 (LCS_POLICY=fixed:1) and
+   measures its capacity closed loop for `--images`-image requests (raw bytes to the OIP v2 path, as the
+   load benchmark's mix: the model, not parsing, is the cost), then stops it.
+2. Starts it again with LCS_MEMORY_LOW=1, so that every control step reads memory as short: once the
+   models are built it keeps only those asked for in the last 10 s (service.state.IDLE_MODEL_SECONDS) and
+   the ones the cache always keeps. Sends light load (0.25x capacity for 2 s: alpha 1 is the last asked
+   for), waits `--idle` seconds (the rest of the grid is dropped), and records which alphas are built.
+3. Sends Poisson arrivals at `--factor` x capacity for `--duration` s, open loop (benchmarks.openloop),
+   so the controller wants alphas that are no longer built.
+
+Reports, from each request's scheduled arrival: the share answered within the SLO, p50/p99/max latency,
+mean alpha served, effective accuracy (the accuracy of the alpha that served each request answered within
+the SLO, summed, over requests sent), the worst latency in the first second of the rise, and the alphas
+built before and after it. Prints a table and writes benchmarks/results/rebuild.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks import openloop
+from benchmarks.cli import check_checkpoint, check_output, command, positive
+from benchmarks.load import request
+from benchmarks.openloop import HOST, free_port
+from benchmarks.overload import arrivals, capacity, start_server, stop_server
+
+
+def built(base: str) -> list[float]:
+    return list(httpx.get(base + "/model", timeout=10).json()["cached_alphas"])
+
+
+def summarise(replies: list[openloop.Reply], slo: float, accuracy: dict[float, float]) -> dict[str, Any]:
+    ok = [r for r in replies if r.status == 200]
+    alphas = [r.json()["parameters"]["alpha"] for r in ok]
+    latency = sorted(1000 * r.latency for r in ok) or [float("nan")]
+    within = [a for r, a in zip(ok, alphas, strict=True) if r.latency <= slo]
+    return {
+        "sent": len(replies),
+        "answered_200": len(ok),
+        "other_statuses": len(replies) - len(ok),
+        "within_slo": round(len(within) / max(1, len(replies)), 4),
+        "p50_ms": round(statistics.median(latency), 1),
+        "p99_ms": round(latency[int(0.99 * (len(latency) - 1))], 1),
+        "max_ms": round(latency[-1], 1),
+        "first_second_max_ms": round(max((1000 * r.latency for r in ok if r.at < 1.0), default=float("nan")), 1),
+        "mean_alpha": round(statistics.mean(alphas), 3) if alphas else None,
+        "effective_accuracy": round(sum(accuracy[a] for a in within) / max(1, len(replies)), 2),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="models/structured_line.safetensors")
+    p.add_argument("--images", type=positive(int), default=64, help="images per request")
+    p.add_argument("--factor", type=positive(float), default=1.5, help="the rise's load as a multiple of capacity")
+    p.add_argument("--duration", type=positive(float), default=10.0, help="seconds of the rise")
+    p.add_argument("--idle", type=positive(float), default=12.5, help="seconds idle before it (drops after 10)")
+    p.add_argument("--capacity-seconds", type=positive(float), default=4.0)
+    p.add_argument("--slo", type=positive(float), default=0.1, help="p99 latency objective, s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/rebuild.json"))
+    args = p.parse_args()
+    check_checkpoint(args.checkpoint)
+    check_output(args.out, "--out", "rebuild.json")
+
+    port = free_port()
+    base = f"http://{HOST}:{port}"
+    proc = start_server(args.checkpoint, port, args.slo, LCS_POLICY="fixed:1")
+    try:
+        info = httpx.get(base + "/model", timeout=10).json()
+        req = request(args.images, "binary", port, info["name"])
+        openloop.check_accepted(port, req, f"--images {args.images}")
+        cap = capacity(port, req, args.capacity_seconds)
+    finally:
+        stop_server(proc)
+    if cap <= 0:
+        raise SystemExit("capacity measured as 0 requests/s: is the server answering 200?")
+    accuracy = {p["alpha"]: p["accuracy"] for p in info["accuracy"]}
+    print(f"capacity {cap:.1f} requests/s at alpha 1 ({args.images} images each)", flush=True)
+
+    proc = start_server(args.checkpoint, port, args.slo, LCS_MEMORY_LOW="1")
+    try:
+        openloop.run(openloop.open_loop(port, req, arrivals(0.25 * cap, 2.0, args.seed)))
+        time.sleep(args.idle)
+        before = built(base)
+        times = arrivals(args.factor * cap, args.duration, args.seed + 1)
+        print(
+            f"built after {args.idle:g} s idle: {before}; rising to {args.factor:g}x for {args.duration:g} s",
+            flush=True,
+        )
+        replies, skipped = openloop.run(openloop.open_loop(port, req, times))
+        after = built(base)
+    finally:
+        stop_server(proc)
+    result = {
+        "checkpoint": args.checkpoint,
+        "images": args.images,
+        "capacity": round(cap, 1),
+        "factor": args.factor,
+        "duration": args.duration,
+        "slo": args.slo,
+        "seed": args.seed,
+        "skipped": skipped,
+        "built_before": before,
+        "built_after": after,
+        **summarise(replies, args.slo, accuracy),
+    }
+    print("| figure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in result.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    command(main)
