@@ -31,6 +31,9 @@ import numpy as np
 
 log = logging.getLogger("lcs.service")
 
+# how often an empty queue with a wanted build looks again while a request is still being read
+PENDING_POLL_SECONDS = 0.01
+
 
 class QueueFull(Exception):
     """The bounded queue is full: answer 429 with Retry-After."""
@@ -177,14 +180,15 @@ class Batcher:
                 await self._wake.wait()
                 return
             settled = self._wanted_at + self.settle - time.monotonic()
+            if settled <= 0 and self._pending is not None and self._pending():
+                # a request is being read: serve it first. It may never be queued (a 4xx on its body, a 429
+                # once decoded), and then no submit wakes the batcher: look again shortly instead
+                settled = PENDING_POLL_SECONDS
             if settled > 0:  # wake for a request, or to build once it has settled
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), settled)
                 return
-            if not (self._pending is not None and self._pending()):
-                await self._build_wanted(loop)
-            else:
-                await self._wake.wait()  # a request is being read: serve it first
+            await self._build_wanted(loop)
             return
         head = self._queue[0]
         wait = head.enqueued + self.max_wait - time.monotonic()
