@@ -256,10 +256,14 @@ class Batcher:
         return served
 
     async def _build_wanted(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Build the alpha a batch wanted and ran below (the queue is empty). A failure is logged: the batch
-        that next chooses the alpha builds it itself and gets the error."""
+        """Build the alpha a batch wanted and ran below (the queue is empty), unless the ceiling has fallen
+        below it since: batches capped lower, at a built alpha, no longer want it, and building it would hold
+        the inference thread for nothing while the load that lowered the ceiling arrives. A failure is
+        logged: the batch that next chooses the alpha builds it itself and gets the error."""
         alpha, self.wanted = self.wanted, None
         if self._models is None or alpha is None or alpha in self._models.cached():
+            return
+        if self._choose(alpha, 0.0, 1, None, 1, None) != alpha:  # with no slack: alpha capped by the ceiling
             return
         try:
             await loop.run_in_executor(self._executor, self._models.get, alpha)
