@@ -31,6 +31,9 @@ import numpy as np
 
 log = logging.getLogger("lcs.service")
 
+# how often an empty queue with a wanted build looks again while a request is still being read
+PENDING_POLL_SECONDS = 0.01
+
 
 class QueueFull(Exception):
     """The bounded queue is full: answer 429 with Retry-After."""
@@ -177,14 +180,15 @@ class Batcher:
                 await self._wake.wait()
                 return
             settled = self._wanted_at + self.settle - time.monotonic()
+            if settled <= 0 and self._pending is not None and self._pending():
+                # a request is being read: serve it first. It may never be queued (a 4xx on its body, a 429
+                # once decoded), and then no submit wakes the batcher: look again shortly instead
+                settled = PENDING_POLL_SECONDS
             if settled > 0:  # wake for a request, or to build once it has settled
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), settled)
                 return
-            if not (self._pending is not None and self._pending()):
-                await self._build_wanted(loop)
-            else:
-                await self._wake.wait()  # a request is being read: serve it first
+            await self._build_wanted(loop)
             return
         head = self._queue[0]
         wait = head.enqueued + self.max_wait - time.monotonic()
@@ -252,10 +256,14 @@ class Batcher:
         return served
 
     async def _build_wanted(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Build the alpha a batch wanted and ran below (the queue is empty). A failure is logged: the batch
-        that next chooses the alpha builds it itself and gets the error."""
+        """Build the alpha a batch wanted and ran below (the queue is empty), unless the ceiling has fallen
+        below it since: batches capped lower, at a built alpha, no longer want it, and building it would hold
+        the inference thread for nothing while the load that lowered the ceiling arrives. A failure is
+        logged: the batch that next chooses the alpha builds it itself and gets the error."""
         alpha, self.wanted = self.wanted, None
         if self._models is None or alpha is None or alpha in self._models.cached():
+            return
+        if self._choose(alpha, 0.0, 1, None, 1, None) != alpha:  # with no slack: alpha capped by the ceiling
             return
         try:
             await loop.run_in_executor(self._executor, self._models.get, alpha)

@@ -379,7 +379,9 @@ class Controller:
     ) -> float:
         """Largest grid alpha in [floor, min(target, ceiling)] whose predicted time for `images` images fits
         `slack` seconds; the capped target where alpha is not the lever for this batch. `wait`: seconds
-        before an alpha can run (building its model), counted against the slack too."""
+        before an alpha can run (building its model), counted against the slack too. Where none fits, the
+        floor (served late); counting waits, the alpha done soonest, which is the floor unless its model was
+        dropped: building it would make a batch already late later still by its build."""
         hi = self.grid.down(min(target, self.ceiling))
         if hi < floor:
             return floor
@@ -387,6 +389,7 @@ class Controller:
             return hi  # and not while request handling is the bottleneck
         if not self._relieves(images, requests, images):
             return hi  # even the lowest alpha would save under 20 % of the time these requests take
+        soonest, least = floor, float("inf")
         for a in reversed(self.grid.alphas):
             if a > hi or a < floor:
                 continue
@@ -397,7 +400,9 @@ class Controller:
             model = 0.0 if p is None else p * self._slowdown(a, None) + self.handoff  # measured slowdown only
             if model + build <= slack:
                 return a
-        return floor
+            if wait is not None and model + build < least:
+                soonest, least = a, model + build
+        return soonest
 
     def state(self) -> dict[str, object]:
         return {

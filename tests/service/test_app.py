@@ -266,6 +266,26 @@ def test_memory_pressure_drops_the_cached_models_not_asked_for_lately(
         assert c.post("/predict", json={"inputs": [ZEROS]}).json()["alpha"] == 1.0
 
 
+def test_memory_pressure_keeps_the_fastest_prebuilt_model_when_prebuild_is_short_of_the_grid(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LCS_PREBUILD=0.5,1: alpha 0 is neither built nor profiled, and the frontier counts it as fast. The model
+    a load rise falls back on is 0.5, the fastest of those built and profiled: it stays (a made-up profile,
+    1 + 10 x alpha ms an image, so that it is the faster whatever the tiny models' timings)."""
+    with serve(make_settings(structured.path, prebuild=[0.5, 1.0])) as c:
+        st = app_state(c)
+        made_up = LatencyProfile()
+        for a in (0.5, 1.0):
+            for b in st.settings.profile_batches:
+                made_up.add(a, b, b * (0.001 + 0.010 * a))
+        monkeypatch.setattr(st.runtime.controller, "profile", made_up)
+        assert st.runtime.cache.cached() == [0.5, 1.0] and st.runtime.controller.frontier() == list(GRID)
+        st.probe.memory_available = lambda: 0.05  # type: ignore[method-assign]
+        assert c.post("/predict", json={"inputs": [ZEROS]}).json()["alpha"] == 1.0
+        st.control_step(time.monotonic() + IDLE_MODEL_SECONDS + 1.0)
+        assert st.runtime.cache.cached() == [0.5, 1.0]
+
+
 @pytest.mark.parametrize("build_seconds", [0.001, 60.0])
 def test_a_dropped_alpha_is_built_in_a_batch_that_has_time_else_once_the_queue_is_empty(
     structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, build_seconds: float

@@ -537,6 +537,57 @@ def test_a_batch_never_waits_for_a_build_it_has_no_time_for(build_seconds: float
         assert log == [("run", 0.0), ("run", 0.0), ("build", 1.0), ("run", 1.0)]
 
 
+def test_a_wanted_build_waits_for_a_request_being_read_but_not_for_one_never_queued() -> None:
+    """The wanted alpha has settled while a request is being read: the build waits for it, and that request
+    is then refused (a 4xx on its body, say) and never queued, so no submit wakes the batcher. The build
+    still happens (it used to wait for that wake, and an idle service kept serving below the ceiling)."""
+    models = FakeModels({0.0}, 60.0, [])
+    pending = [0]
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(
+            FakeModel(), choose_built_if_short, models=models, settle=0.05, pending=lambda: pending[0]
+        )
+        task = await started(batcher)
+        assert (await batcher.submit(job(1.0, target=1.0, deadline=time.monotonic() + 10.0))).alpha == 0.0
+        assert batcher.wanted == 1.0
+        pending[0] = 1
+        await asyncio.sleep(0.2)  # settled, but a request is being read
+        assert 1.0 not in models.built
+        pending[0] = 0  # refused: it never reaches the queue
+        await until(lambda: 1.0 in models.built, timeout=2.0, what="alpha 1 built")
+        await stop(task, executor)
+
+    run_async(scenario)
+
+
+def test_a_wanted_alpha_the_ceiling_has_fallen_below_is_not_built() -> None:
+    """Alpha 1 is wanted, then the load rises and the ceiling falls to 0.5, which is built: batches run at it
+    and no longer want alpha 1, and the empty queue does not build it (it would hold the inference thread
+    for a model no batch may run while the load that lowered the ceiling arrives)."""
+    models = FakeModels({0.0, 0.5}, 60.0, [])
+    ceiling = [1.0]
+
+    def choose(
+        target: float, floor: float, images: int, slack: float | None, requests: int, wait: Wait = None
+    ) -> float:
+        return choose_built_if_short(min(target, ceiling[0]), floor, images, slack, requests, wait)
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(FakeModel(), choose, models=models, settle=0.05)
+        task = await started(batcher)
+        assert (await batcher.submit(job(1.0, target=1.0, deadline=time.monotonic() + 10.0))).alpha == 0.0
+        assert batcher.wanted == 1.0
+        ceiling[0] = 0.5
+        assert (await batcher.submit(job(2.0, target=1.0, deadline=time.monotonic() + 10.0))).alpha == 0.5
+        await until(lambda: batcher.wanted is None, what="the wanted alpha settled")
+        await asyncio.sleep(0.05)
+        assert 1.0 not in models.built and not models.log
+        await stop(task, executor)
+
+    run_async(scenario)
+
+
 def test_on_batch_reports_alpha_and_size() -> None:
     reports: list[tuple[float, int]] = []
 

@@ -340,6 +340,21 @@ def test_batch_alpha_counts_the_time_to_build_an_alpha_that_is_not_built() -> No
     assert unprofiled.batch_alpha(1.0, 0.0, MAX_BATCH, 0.050, wait=wait(0.060)) == 0.5
 
 
+def test_batch_alpha_runs_a_late_batch_at_a_built_alpha_rather_than_build_its_floor() -> None:
+    """Nothing fits the slack: the floor, unless its model was dropped and a built alpha above it is done
+    sooner than building it (a min_quality of 0.5, its model dropped under memory pressure)."""
+    c = controller()
+    built = {0.0, 1.0}  # 8 images: 8 ms at 1, 6.4 ms at 0.75, 4.8 ms at 0.5
+
+    def wait(seconds: float) -> Callable[[float], float]:
+        return lambda a: 0.0 if a in built else seconds
+
+    assert c.batch_alpha(1.0, 0.5, MAX_BATCH, 0.007) == 0.75  # as if built: 0.75 fits
+    assert c.batch_alpha(1.0, 0.5, MAX_BATCH, 0.007, wait=wait(0.045)) == 1.0  # 8 ms against 49.8 to build 0.5
+    assert c.batch_alpha(1.0, 0.5, MAX_BATCH, 0.007, wait=wait(0.001)) == 0.5  # 5.8 ms: the floor's build fits
+    assert c.batch_alpha(1.0, 0.5, MAX_BATCH, 0.001, wait=wait(0.0)) == 0.5  # all built: the floor, served late
+
+
 def test_batch_alpha_never_goes_below_the_floor() -> None:
     c = controller()
     assert c.batch_alpha(1.0, 0.75, MAX_BATCH, 0.001) == 0.75  # nothing fits: the floor, served late
