@@ -130,6 +130,7 @@ class Batcher:
         self._wanted_at = 0.0
         self.settle = settle  # seconds an alpha must stay wanted before it is built (see `_alpha`)
         self.closed = False  # set when a drain ends: no job is taken after it
+        self.draining = False  # set when a drain starts: no wanted model is built after it
         self.running = 0  # jobs in the batch being computed
         self._current: list[Job] = []  # the batch being served, failed as a whole on an unexpected error
 
@@ -184,7 +185,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if not self._queue:
             self._wake.clear()
-            if self.wanted is None or self.closed:
+            if self.wanted is None or self.draining:  # a build would only delay the exit
                 await self._wake.wait()
                 return
             settled = self._wanted_at + self.settle - time.monotonic()
@@ -306,6 +307,7 @@ class Batcher:
         def left() -> bool:
             return bool(self._queue or self.running or (self._pending is not None and self._pending()))
 
+        self.draining = True
         end = time.monotonic() + timeout
         while left() and time.monotonic() < end:
             await asyncio.sleep(0.01)

@@ -588,6 +588,29 @@ def test_a_wanted_alpha_the_ceiling_has_fallen_below_is_not_built() -> None:
     run_async(scenario)
 
 
+def test_a_drain_builds_no_wanted_alpha() -> None:
+    """SIGTERM: the batch still served runs at a built alpha, and the alpha it wanted is not built after it
+    (the build would only delay the exit, and no batch would run at it)."""
+    models = FakeModels({0.0}, 60.0, [])
+
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model, choose_built_if_short, models=models, settle=0.0)
+        task = await started(batcher)
+        answer = batcher.submit(job(1.0, target=1.0, deadline=time.monotonic() + 10.0))
+        await until(lambda: batcher.running == 1, what="the batch running")
+        drained = asyncio.create_task(batcher.drain(5.0))
+        await asyncio.sleep(0)
+        model.gate.set()
+        assert (await answer).alpha == 0.0 and batcher.wanted == 1.0
+        assert await drained
+        await asyncio.sleep(0.05)
+        assert not models.log  # nothing built
+        await stop(task, executor)
+
+    run_async(scenario)
+
+
 def test_on_batch_reports_alpha_and_size() -> None:
     reports: list[tuple[float, int]] = []
 
