@@ -182,9 +182,11 @@ async def open_loop(
     connections: int = 256,
     timeout: float = 10.0,
     max_lag: float = 5.0,
+    stop: asyncio.Event | None = None,
 ) -> tuple[list[Reply], int]:
     """Send `request` at each arrival time (s from the start), or the requests of a sequence in turn; returns
-    (replies by arrival, skipped)."""
+    (replies by arrival, skipped). Once `stop` is set no further arrival is sent: the run ends when the
+    requests in flight are answered (or time out)."""
     cycle = [request] if isinstance(request, bytes) else list(request)
     pool = Pool(port, connections)
     loop = asyncio.get_running_loop()
@@ -233,6 +235,8 @@ async def open_loop(
                 i += 1
             if i < len(arrivals):
                 await asyncio.sleep(max(0.0, arrivals[i] - (loop.time() - start)))
+            if stop is not None and stop.is_set():  # seen within one gap between arrivals
+                break
         while tasks:
             await asyncio.gather(*list(tasks))
     finally:

@@ -28,6 +28,9 @@ the p99 of the accepted (200) requests, from send to answer, within the SLO (p50
 the scheduled time, which adds the generator's lag, and in service: queue + compute, as the answer
 reports them); the maximum RSS under `--rss-bound-mib`; the process alive and answering /healthz at the
 end. Prints a table and writes benchmarks/results/overload.json; exit code 1 if a criterion failed.
+Ctrl-C or SIGTERM during the open-loop run ends it early and still writes what was measured
+(`"interrupted": true`, the check that the whole duration ran failing), exit code 130; a second one, or
+one outside the run, stops at once with nothing written.
 """
 
 from __future__ import annotations
@@ -140,29 +143,55 @@ async def sample_rss(pid: int, out: list[tuple[float, int]], stop: asyncio.Event
 
 async def overload(
     port: int, requests: list[bytes], times: list[float], pid: int, **kwargs: Any
-) -> tuple[list[openloop.Reply], int, list[tuple[float, int]]]:
+) -> tuple[list[openloop.Reply], int, list[tuple[float, int]], bool]:
     """The open-loop run, `requests` in turn, with the server's RSS sampled alongside: (replies, skipped, RSS
-    samples)."""
+    samples, interrupted). Ctrl-C or SIGTERM during it stops sending: the requests in flight are answered and
+    what was measured is returned, so a soak cut short still reports (a second one stops at once)."""
     rss: list[tuple[float, int]] = []
-    stop = asyncio.Event()
-    sampler = asyncio.create_task(sample_rss(pid, rss, stop))
+    sampled, interrupted = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            if loop.remove_signal_handler(sig):
+                signal.signal(sig, handler)
+
+    def interrupt(sig: signal.Signals) -> None:
+        print(
+            f"\n{sig.name}: sending no more; answering the requests in flight, then the results "
+            "(again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        interrupted.set()
+        restore()
+
+    for sig in previous:
+        loop.add_signal_handler(sig, interrupt, sig)
+    sampler = asyncio.create_task(sample_rss(pid, rss, sampled))
     try:
-        replies, skipped = await openloop.open_loop(port, requests, times, **kwargs)
+        replies, skipped = await openloop.open_loop(port, requests, times, stop=interrupted, **kwargs)
     finally:
-        stop.set()
+        restore()
+        sampled.set()
         await sampler
-    return replies, skipped, rss
+    return replies, skipped, rss, interrupted.is_set()
+
+
+MIN_GROWTH_SPAN = 30.0  # seconds of RSS samples, after the first tenth, that a growth rate needs
 
 
 def rss_growth(samples: list[tuple[float, int]]) -> float:
     """MiB per hour the server's RSS grew by over the run: the least-squares slope through the (seconds, bytes)
     samples after the first tenth of the run (the first batches, buffers and connections settle in it). A leak
-    shows here over a long run at moderate load (`--factor 0.5 --duration 900`); nan with under 10 samples."""
+    shows here over a long run at moderate load (`--factor 0.5 --duration 900`); nan with under 10 samples or
+    over less than MIN_GROWTH_SPAN seconds (a run cut short after 6 s read as 2,421 MiB per hour)."""
     if not samples:
         return math.nan
     start = samples[0][0] + (samples[-1][0] - samples[0][0]) / 10
     kept = [(t, r / 2**20) for t, r in samples if t >= start]
-    if len(kept) < 10:
+    if len(kept) < 10 or kept[-1][0] - kept[0][0] < MIN_GROWTH_SPAN:
         return math.nan
     mt, mr = sum(t for t, _ in kept) / len(kept), sum(r for _, r in kept) / len(kept)
     spread = sum((t - mt) ** 2 for t, _ in kept)
@@ -245,7 +274,7 @@ def main() -> int:
         idle_rss = server.memory_info().rss
         cpu0 = (sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2]))
         t0 = time.monotonic()
-        replies, skipped, rss = openloop.run(
+        replies, skipped, rss, interrupted = openloop.run(
             overload(
                 port, forms, times, proc.pid, timeout=args.timeout, connections=args.connections, max_lag=args.max_lag
             )
@@ -296,6 +325,7 @@ def main() -> int:
         f"accepted p99 <= SLO {slo_ms:g} ms": ok > 0 and s99 <= args.slo,
         f"max RSS <= {args.rss_bound_mib:g} MiB": 0 < max_rss <= bound,
         "process alive at the end": alive,
+        f"ran the whole {args.duration:g} s": not interrupted,
     }
     result = {
         "checkpoint": args.checkpoint,
@@ -309,6 +339,7 @@ def main() -> int:
         "achieved_factor": round(achieved / cap, 2),
         "duration_s": args.duration,
         "wall_s": round(wall, 2),
+        "interrupted": interrupted,
         "connections": args.connections,
         "queue_max": queue_max,
         "scheduled": len(times),
@@ -366,6 +397,9 @@ def main() -> int:
     print("\n" + "\n".join(f"{'PASS' if v else 'FAIL'}  {k}" for k, v in checks.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    if interrupted:
+        print(f"interrupted after {wall:.0f} s of {args.duration:g}; wrote what was measured to {args.out}")
+        return 130
     print(f"wrote {args.out}")
     return 0 if result["passed"] else 1
 

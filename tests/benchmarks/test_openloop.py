@@ -142,3 +142,23 @@ def test_a_free_port_is_one_a_server_can_bind_on_the_benchmarks_host() -> None:
     with socket.socket() as s:  # what the server started there will do
         s.bind((HOST, port))
         s.listen()
+
+
+def test_a_stop_ends_the_run_after_the_requests_in_flight() -> None:
+    """Nothing is sent once `stop` is set; what was sent is answered and returned (an interrupted soak still
+    reports)."""
+
+    async def main() -> None:
+        server, port, _ = await _server(lambda n: (0.05, _response(200)))
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, stop.set)
+        arrivals = [i * 0.01 for i in range(500)]  # 5 s of them
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        replies, skipped = await open_loop(port, post("/p", b"x", port), arrivals, connections=16, stop=stop)
+        server.close()
+        assert loop.time() - t0 < 1.0
+        assert 10 <= len(replies) <= 45 and skipped == 0, len(replies)
+        assert all(r.status == 200 for r in replies) and [r.at for r in replies] == arrivals[: len(replies)]
+
+    asyncio.run(main())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import overload
+from benchmarks.openloop import post
+from tests.benchmarks.test_openloop import _response, _server
 
 
 class FakeServer:
@@ -90,3 +94,33 @@ def test_rss_growth_is_the_slope_after_the_first_tenth_in_mib_per_hour() -> None
     leak = [(float(t), 300 * mib + t * mib // 60) for t in range(0, 600, 5)]  # 1 MiB a minute
     assert overload.rss_growth(leak) == pytest.approx(60.0, rel=0.01)
     assert math.isnan(overload.rss_growth(leak[:5]))  # too few samples to say
+    short = [(t / 2, 300 * mib + t * mib) for t in range(41)]  # 37 samples after the first tenth, over 18 s
+    assert math.isnan(overload.rss_growth(short))  # too short a time to say
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_the_run_with_what_was_measured(sig: signal.Signals) -> None:
+    """A soak cut short: sending stops, the requests in flight are answered, and the run returns them with
+    `interrupted`; the signal handlers are as they were after it (a second signal acts as before)."""
+
+    def unexpected(signum: int, frame: object) -> None:
+        raise AssertionError(f"{signal.Signals(signum).name} reached Python's handler: the run did not take it")
+
+    async def main() -> tuple[list[object], bool]:
+        server, port, _ = await _server(lambda n: (0.02, _response(200)))
+        asyncio.get_running_loop().call_later(0.3, os.kill, os.getpid(), sig)
+        times = [i * 0.01 for i in range(500)]  # 5 s of them
+        replies, skipped, rss, interrupted = await overload.overload(port, [post("/p", b"x", port)], times, os.getpid())
+        server.close()
+        assert skipped == 0 and rss and all(r.status == 200 for r in replies)
+        return list(replies), interrupted
+
+    kept = {s: signal.signal(s, unexpected) for s in (signal.SIGINT, signal.SIGTERM)}  # not pytest's, if it fails
+    try:
+        before = {s: signal.getsignal(s) for s in kept}
+        replies, interrupted = asyncio.run(main())
+        assert {s: signal.getsignal(s) for s in kept} == before
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+    assert interrupted and 10 <= len(replies) <= 60, len(replies)
