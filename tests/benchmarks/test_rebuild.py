@@ -1,0 +1,37 @@
+"""benchmarks.rebuild: its figures from the replies of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks.openloop import Reply
+from benchmarks.rebuild import summarise
+
+
+def reply(at: float, latency: float, status: int | str = 200, alpha: float = 1.0) -> Reply:
+    body = json.dumps({"parameters": {"alpha": alpha}}).encode() if status == 200 else b""
+    return Reply(at, at, at + latency, status, None, body)
+
+
+def test_summary_counts_within_the_slo_from_the_schedule_and_weighs_accuracy_over_requests_sent() -> None:
+    replies = [
+        reply(0.1, 0.020, alpha=1.0),
+        reply(0.5, 0.150, alpha=0.0),  # late: answered, not within the SLO
+        reply(1.2, 0.030, alpha=0.0),
+        reply(1.5, 0.010, status=429),  # refused: sent, never within
+        reply(2.0, 10.0, status="timeout"),
+    ]
+    s = summarise(replies, 0.1, {0.0: 80.0, 1.0: 90.0})
+    assert (s["sent"], s["answered_200"], s["other_statuses"]) == (5, 3, 2)
+    assert s["within_slo"] == 0.4  # 2 of 5
+    assert s["effective_accuracy"] == pytest.approx((90.0 + 80.0) / 5)
+    assert s["first_second_max_ms"] == 150.0 and s["max_ms"] == 150.0
+    assert s["mean_alpha"] == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_summary_of_a_run_with_nothing_answered() -> None:
+    s = summarise([reply(0.1, 0.0, status="reset")], 0.1, {})
+    assert s["within_slo"] == 0.0 and s["mean_alpha"] is None and math.isnan(s["p50_ms"])
