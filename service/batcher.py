@@ -16,10 +16,11 @@ the batch's and due no earlier. No request is ever served more accurately than i
 A model that is not built (the cache dropped it under memory pressure, or evicted it) takes 35-300 ms
 to build, and the slack counts that: if the alpha chosen is not built, the batch runs at the alpha
 chosen with each unbuilt alpha's build time added to its predicted time (the same alpha where the slack
-affords the build, which the batch then does; otherwise a built one below it). The capped target is then
-built on the inference thread once the queue is empty and it has been wanted for `settle` seconds,
-unless the ceiling has fallen below it meanwhile. So no batch waits for a build it has no time for, and
-the alpha the load allows comes back.
+affords the build, which the batch then does; otherwise the largest lower one whose time, its build
+included, fits; where none fits, the alpha done soonest, which may be above a dropped floor). The capped
+target is then built on the inference thread once the queue is empty and it has been wanted for
+`settle` seconds, unless the ceiling has fallen below it meanwhile or a drain has begun. So no batch
+waits for a build it has no time for, and the alpha the load allows comes back.
 """
 
 from __future__ import annotations
