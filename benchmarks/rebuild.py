@@ -10,7 +10,9 @@
    the ones the cache always keeps. Sends light load (0.25x capacity for 2 s: alpha 1 is the last asked
    for), waits `--idle` seconds (the rest of the grid is dropped), and records which alphas are built.
 3. Sends Poisson arrivals at `--factor` x capacity for `--duration` s, open loop (benchmarks.openloop),
-   so the controller wants alphas that are no longer built.
+   so the controller wants alphas that are no longer built. `--cycles N` repeats 2 and 3 on the same
+   server N times (models dropped and built again each time: the resident memory before each rise shows
+   whether that cycle leaks), reporting each cycle and all of them together.
 
 Reports, from each request's scheduled arrival: the share answered within the SLO, p50/p99/max latency,
 mean alpha served, effective accuracy (the accuracy of the alpha that served each request answered within
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from benchmarks import openloop
 from benchmarks.cli import check_checkpoint, check_output, command, positive
@@ -68,6 +71,7 @@ def main() -> int:
     p.add_argument("--idle", type=positive(float), default=12.5, help="seconds idle before it (drops after 10)")
     p.add_argument("--capacity-seconds", type=positive(float), default=4.0)
     p.add_argument("--slo", type=positive(float), default=0.1, help="p99 latency objective, s")
+    p.add_argument("--cycles", type=positive(int), default=1, help="idle-then-rise cycles on one server")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/rebuild.json"))
     args = p.parse_args()
@@ -90,17 +94,34 @@ def main() -> int:
     print(f"capacity {cap:.1f} requests/s at alpha 1 ({args.images} images each)", flush=True)
 
     proc = start_server(args.checkpoint, port, args.slo, LCS_MEMORY_LOW="1")
+    cycles: list[dict[str, Any]] = []
+    replies: list[openloop.Reply] = []
+    skipped = 0
     try:
-        openloop.run(openloop.open_loop(port, req, arrivals(0.25 * cap, 2.0, args.seed)))
-        time.sleep(args.idle)
-        before = built(base)
-        times = arrivals(args.factor * cap, args.duration, args.seed + 1)
-        print(
-            f"built after {args.idle:g} s idle: {before}; rising to {args.factor:g}x for {args.duration:g} s",
-            flush=True,
-        )
-        replies, skipped = openloop.run(openloop.open_loop(port, req, times))
-        after = built(base)
+        server = psutil.Process(proc.pid)
+        for cycle in range(args.cycles):
+            seed = args.seed + 2 * cycle
+            openloop.run(openloop.open_loop(port, req, arrivals(0.25 * cap, 2.0, seed)))
+            time.sleep(args.idle)
+            before, rss = built(base), server.memory_info().rss
+            print(
+                f"cycle {cycle + 1}: built after {args.idle:g} s idle: {before} ({rss / 2**20:.1f} MiB resident); "
+                f"rising to {args.factor:g}x for {args.duration:g} s",
+                flush=True,
+            )
+            got, missed = openloop.run(
+                openloop.open_loop(port, req, arrivals(args.factor * cap, args.duration, seed + 1))
+            )
+            replies += got
+            skipped += missed
+            cycles.append(
+                {
+                    "built_before": before,
+                    "built_after": built(base),
+                    "rss_mib_before": round(rss / 2**20, 1),
+                    **summarise(got, args.slo, accuracy),
+                }
+            )
     finally:
         stop_server(proc)
     result = {
@@ -112,11 +133,21 @@ def main() -> int:
         "slo": args.slo,
         "seed": args.seed,
         "skipped": skipped,
-        "built_before": before,
-        "built_after": after,
+        "built_before": cycles[0]["built_before"],
+        "built_after": cycles[-1]["built_after"],
         **summarise(replies, args.slo, accuracy),
+        "cycles": cycles,
     }
-    print("| figure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in result.items()))
+    print(
+        "| figure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in result.items() if k != "cycles")
+    )
+    if len(cycles) > 1:
+        keys = ["rss_mib_before", "within_slo", "p99_ms", "first_second_max_ms", "effective_accuracy"]
+        print(f"\n| cycle | {' | '.join(keys)} | built before -> after |\n|{' --- |' * (len(keys) + 2)}")
+        for i, c in enumerate(cycles, 1):
+            print(
+                f"| {i} | {' | '.join(str(c[k]) for k in keys)} | {len(c['built_before'])} -> {len(c['built_after'])} |"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

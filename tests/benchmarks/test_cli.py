@@ -160,7 +160,7 @@ NUMBERS = [  # (benchmark, flag, a value it refuses): counts, durations and rate
     ],
     *[
         ("rebuild", flag, "0")
-        for flag in ("--images", "--factor", "--duration", "--idle", "--capacity-seconds", "--slo")
+        for flag in ("--images", "--factor", "--duration", "--idle", "--capacity-seconds", "--slo", "--cycles")
     ],
     *[("http", flag, "0") for flag in ("--duration", "--rounds", "--threads", "--connections")],
     ("http", "--duration", "2.5"),  # wrk counts whole seconds
