@@ -87,7 +87,7 @@ class Result:
 class Models(Protocol):
     """What the batcher asks of the model cache (`service.cache.ModelCache`)."""
 
-    def cached(self) -> list[float]: ...
+    def peek(self, alpha: float) -> object | None: ...  # alpha's model if it is built, without building it
 
     def wait(self, alpha: float) -> float: ...  # seconds before alpha can run: 0 if built, else its build time
 
@@ -255,13 +255,13 @@ class Batcher:
         service into the next step (one-off, 64-image requests at 1.5x capacity: builds at four ceilings in
         2 s, 94 % within the SLO). The alphas the slack rule picks batch by batch are not built for later."""
         alpha = self._choose(target, floor, images, slack, requests, None)
-        if self._models is None or alpha in (built := self._models.cached()):
+        if self._models is None or self._models.peek(alpha) is not None:
             return alpha
         served = self._choose(target, floor, images, slack, requests, self._models.wait)
         if served == alpha:
             return served
         top = self._choose(target, floor, images, None, requests, None)
-        if top not in built and top != self.wanted:
+        if top != self.wanted and self._models.peek(top) is None:
             self.wanted, self._wanted_at = top, time.monotonic()
         return served
 
@@ -271,7 +271,7 @@ class Batcher:
         the inference thread for nothing while the load that lowered the ceiling arrives. A failure is
         logged: the batch that next chooses the alpha builds it itself and gets the error."""
         alpha, self.wanted = self.wanted, None
-        if self._models is None or alpha is None or alpha in self._models.cached():
+        if self._models is None or alpha is None or self._models.peek(alpha) is not None:
             return
         if self._choose(alpha, 0.0, 1, None, 1, None) != alpha:  # with no slack: alpha capped by the ceiling
             return

@@ -482,8 +482,8 @@ class FakeModels:
     build_seconds: float
     log: list[tuple[str, float]]
 
-    def cached(self) -> list[float]:
-        return sorted(self.built)
+    def peek(self, alpha: float) -> object | None:
+        return alpha if alpha in self.built else None
 
     def wait(self, alpha: float) -> float:
         return 0.0 if alpha in self.built else self.build_seconds
