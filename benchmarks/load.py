@@ -148,6 +148,11 @@ async def run_trace(port: int, req: bytes, arrivals: list[float], timeout: float
     replies, skipped = await openloop.open_loop(port, req, arrivals, timeout=timeout)
     if skipped:
         print(f"  (the generator fell behind and skipped {skipped} arrivals)", flush=True)
+    return reply_rows(replies)
+
+
+def reply_rows(replies: list[openloop.Reply]) -> list[dict[str, Any]]:
+    """What `summarise` reads of each reply: its scheduled time, status, latency and (a 200's) alpha."""
     rows = []
     for r in replies:
         row: dict[str, Any] = {"t": r.at, "status": r.status, "latency": r.latency}
