@@ -19,8 +19,8 @@ from benchmarks.load import neighbour_reaction, server_settings
 
 
 def test_neighbour_reaction_reports_the_drop_the_first_return_and_the_return_for_good() -> None:
-    # a 12 s trace: the neighbour runs from 4 s to 8 s
-    ceilings = {0.0: 1.0, 4.5: 0.0, 9.5: 1.0, 10.5: 0.5, 11.0: 1.0}
+    # a 12 s trace: the neighbour runs from 3 s to 6 s
+    ceilings = {0.0: 1.0, 3.5: 0.0, 7.5: 1.0, 8.5: 0.5, 9.0: 1.0}
     timeline = []
     for i in range(48):  # polled every 0.25 s
         t = 0.25 * i
@@ -34,7 +34,7 @@ def test_neighbour_reaction_reports_the_drop_the_first_return_and_the_return_for
 
 
 def test_neighbour_reaction_without_a_return_says_none() -> None:
-    timeline = [{"t": 0.25 * i, "ceiling": 1.0 if i < 18 else 0.5} for i in range(48)]
+    timeline = [{"t": 0.25 * i, "ceiling": 1.0 if i < 14 else 0.5} for i in range(48)]
     assert neighbour_reaction(timeline, 12.0) == {
         "ceiling_drop_after_start_s": 0.5,
         "full_quality_first_after_stop_s": None,
