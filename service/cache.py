@@ -1,13 +1,13 @@
 """A bounded, thread-safe LRU of materialised models, keyed by grid alpha, with single-flight builds.
 
 Requested alphas snap *down* to the grid (never more accurate than asked). The bound is in bytes of
-resident model memory; the least recently used entries are evicted when a new one does not fit
-(one entry is always kept, even if it alone exceeds the bound, so the service can answer). Entries
-whose memory dropping would not free (`Compiled.reclaimable`: networks torch traced, int8 among them)
-count toward the bound but are never evicted: evicting one would free nothing, and building it again
-would hold its memory a second time. Under memory pressure the service drops the evictable models no batch
-has asked for lately (`drop_idle`), whatever the bound, but the fastest, which a load rise falls back on
-while the alpha it wants is built again (see service.batcher).
+resident model memory; the least recently used entries are evicted when a new one does not fit. Some
+are never evicted, even over the bound: the newest (so the service can answer), those in `keep` (the
+service keeps the fastest there, which a load rise falls back on while the alpha it wants is built
+again: see service.batcher), and those whose memory dropping would not free (`Compiled.reclaimable`:
+networks torch traced, int8 among them; evicting one would free nothing, and building it again would
+hold its memory a second time). Under memory pressure the service drops the other models no batch has
+asked for lately (`drop_idle`), whatever the bound.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import bisect
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -76,6 +76,7 @@ class ModelCache:
         self._used: dict[float, float] = {}  # grid alpha -> when it was last asked for, by the clock
         self._took: dict[float, float] = {}  # grid alpha -> seconds its last build took (kept when it is dropped)
         self._building: dict[float, Future[Compiled]] = {}
+        self.keep: frozenset[float] = frozenset()  # grid alphas evicted by neither the bound nor drop_idle
         self._lock = threading.Lock()
         self.stats = CacheStats()
 
@@ -148,7 +149,7 @@ class ModelCache:
         for key, entry in list(self._entries.items()):  # least recently used first
             if total <= self.max_bytes:
                 break
-            if key != newest and entry.reclaimable:
+            if key != newest and key not in self.keep and entry.reclaimable:
                 self._drop_locked(key)
                 total -= entry.resident_bytes
 
@@ -157,16 +158,16 @@ class ModelCache:
         self._used.pop(key, None)
         self.stats.evictions += 1
 
-    def drop_idle(self, since: float, keep: Collection[float] = ()) -> tuple[int, int]:
-        """Evict every evictable model not asked for since `since` (by the cache's clock), but the most recently used
-        (the service must answer) and those in `keep`: what memory pressure asks of the cache. Returns
-        (models dropped, their bytes); the caller hands the freed heap back to the system."""
+    def drop_idle(self, since: float) -> tuple[int, int]:
+        """Evict every evictable model not asked for since `since` (by the cache's clock): what memory pressure
+        asks of the cache. Returns (models dropped, their bytes); the caller hands the freed heap back to the
+        system."""
         with self._lock:
             newest = next(reversed(self._entries), None)
             idle = [
                 (k, e)
                 for k, e in self._entries.items()
-                if k != newest and k not in keep and e.reclaimable and self._used[k] < since
+                if k != newest and k not in self.keep and e.reclaimable and self._used[k] < since
             ]
             for key, _ in idle:
                 self._drop_locked(key)

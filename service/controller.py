@@ -230,6 +230,13 @@ class Controller:
                 fastest = fastest if t is None else t
         return keep[::-1]
 
+    def fastest(self) -> float:
+        """The alpha a load rise falls back on: the frontier's lowest profiled alpha. The frontier counts an
+        alpha not profiled (LCS_PREBUILD short of the grid) as fast, but it is not known to be, nor built at
+        start-up."""
+        frontier = self.frontier()
+        return next((a for a in frontier if self.profile.profiled(a)), frontier[0])
+
     def _fits(self, s: Signals, frontier: list[float]) -> float:
         """Largest profiled frontier alpha whose predicted utilisation stays under the target. An alpha with
         no profile (LCS_PREBUILD short of the grid) has no prediction and is not chosen by it: it used to

@@ -178,10 +178,17 @@ class Runtime:
             self.channels_last = s.channels_last == "on"
         prebuild = self.prebuild
         self._measure_profile({alpha: self.cache.get(alpha) for alpha in prebuild}, probe)
+        # the fastest model is kept, whatever the bound or memory pressure: a load rise falls back on it, and
+        # building it then would make late batches later (with a small LCS_CACHE_BYTES, prebuilding the grid
+        # may have evicted it: built again here)
+        fastest = self.controller.fastest()
+        self.cache.keep = frozenset({fastest})
+        if self.cache.peek(fastest) is None:
+            self.cache.get(fastest)
         if self.cache.bytes > s.cache_bytes:
             log.warning(
                 "the %d models cached after start-up hold %.1f MiB, over LCS_CACHE_BYTES (%.1f MiB): the cache "
-                "keeps the newest model and those it cannot free (int8 and TorchScript networks, "
+                "keeps the newest model, the fastest and those it cannot free (int8 and TorchScript networks, "
                 "see service.cache); raise LCS_CACHE_BYTES, or prebuild fewer alphas (LCS_PREBUILD)",
                 len(self.cache),
                 self.cache.bytes / 2**20,

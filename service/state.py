@@ -188,14 +188,9 @@ class State:
     def _relieve_memory(self, available: float, now: float) -> None:
         """Memory is short: drop the cached models no batch asked for lately, and hand what they held back to
         the system (a process killed for memory loses every request it holds). The fastest model stays (the
-        frontier's lowest alpha, small where alpha is width): batches that want a dropped alpha run at a
-        built one while the queue keeps the inference thread busy, and it is rebuilt when the queue empties.
-        The frontier counts an alpha not profiled (LCS_PREBUILD short of the grid) as fast, but it is not known
-        to be, nor built at start-up: the fastest is the frontier's lowest profiled alpha, a prebuilt one."""
-        c = self.runtime.controller
-        frontier = c.frontier()
-        fastest = next((a for a in frontier if c.profile.profiled(a)), frontier[0])
-        dropped, freed = self.runtime.cache.drop_idle(since=now - IDLE_MODEL_SECONDS, keep=(fastest,))
+        cache keeps it: Runtime.warm_up): batches that want a dropped alpha run at a built one while the queue
+        keeps the inference thread busy, and it is rebuilt when the queue empties."""
+        dropped, freed = self.runtime.cache.drop_idle(since=now - IDLE_MODEL_SECONDS)
         if dropped:
             release_freed_heap()
             log.warning(

@@ -133,14 +133,32 @@ def test_drop_idle_evicts_what_was_not_asked_for_lately_but_the_newest_and_the_u
     assert cache.stats.builds == 5
 
 
-def test_drop_idle_keeps_what_it_is_told_to() -> None:
+def test_drop_idle_spares_what_the_cache_keeps() -> None:
     now = [0.0]
     cache = ModelCache(lambda a: fake(a), GRID, max_bytes=10_000, clock=lambda: now[0])
+    cache.keep = frozenset({0.0})
     for alpha in (0.0, 0.5, 1.0):
         cache.get(alpha)
     now[0] = 20.0
-    assert cache.drop_idle(since=10.0, keep=(0.0,)) == (1, 100)  # 0.5; 1.0 is the newest
+    assert cache.drop_idle(since=10.0) == (1, 100)  # 0.5; 1.0 is the newest
     assert cache.cached() == [0.0, 1.0]
+
+
+def test_the_byte_bound_spares_what_the_cache_keeps() -> None:
+    """The fastest model, which a load rise falls back on, is not the least recently used to go."""
+    builder = Builder()
+    cache = ModelCache(builder, GRID, max_bytes=250)  # room for two 100-byte models
+    cache.keep = frozenset({0.0})
+    for alpha in (0.0, 0.5, 1.0):  # 1.0 does not fit: 0.0 is the least recently used, 0.5 goes
+        cache.get(alpha)
+    assert cache.cached() == [0.0, 1.0] and cache.stats.evictions == 1
+    cache.get(0.5)  # 1.0 goes
+    assert cache.cached() == [0.0, 0.5] and builder.calls == [0.0, 0.5, 1.0, 0.5]
+    small = ModelCache(Builder(), GRID, max_bytes=1)  # a bound no model fits: the kept one and the newest stay
+    small.keep = frozenset({0.0})
+    for alpha in (0.0, 0.5, 1.0):
+        small.get(alpha)
+    assert small.cached() == [0.0, 1.0]
 
 
 def test_wait_is_what_a_build_would_take() -> None:
