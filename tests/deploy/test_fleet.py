@@ -181,17 +181,24 @@ def test_poll_never_waits_for_prometheus() -> None:
         await release.wait()
         return httpx.Response(200, json=vector("1"))
 
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        for _ in range(500):  # 5 s: a slow machine's margin over the 0.3 s timeout, not a timing check
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"timed out waiting for {what}")
+
     async def go() -> None:
         f = fleet(stuck, timeout=0.3)
-        t0 = time.monotonic()
         f.poll()
         f.poll()  # a refresh is still running: no second one
-        assert time.monotonic() - t0 < 0.05
-        assert f.current() == FleetFigures(None, None)
-        await asyncio.sleep(0.05)
-        assert calls == 3  # one refresh: the two figures and, until it has matched a replica, the selector's count
-        await asyncio.sleep(0.4)  # past the timeout: the refresh gave up by itself
-        assert f._task is not None and f._task.done()
+        # poll returned without yielding to the loop, so nothing has asked Prometheus yet: it cannot have waited
+        assert calls == 0 and f.current() == FleetFigures(None, None)
+        # one refresh: the two figures and, until it has matched a replica, the selector's count
+        await until(lambda: calls == 3, "the refresh's three queries")
+        # the handler never answers until released: a refresh that ends has given up by itself, at the timeout
+        await until(lambda: f._task is not None and f._task.done(), "the refresh to give up")
+        assert calls == 3
         release.set()
         await f.aclose()
 
