@@ -28,6 +28,7 @@ from service import docs
 from service.controller import Signals
 from service.lane import ApiError, split_binary
 from service.profile import LatencyProfile
+from service.runtime import Runtime
 from service.schemas import PRESETS, Preset
 from service.state import IDLE_MODEL_SECONDS
 from tests.service.service_support import (
@@ -270,16 +271,20 @@ def test_memory_pressure_keeps_the_fastest_prebuilt_model_when_prebuild_is_short
     structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """LCS_PREBUILD=0.5,1: alpha 0 is neither built nor profiled, and the frontier counts it as fast. The model
-    a load rise falls back on is 0.5, the fastest of those built and profiled: it stays (a made-up profile,
-    1 + 10 x alpha ms an image, so that it is the faster whatever the tiny models' timings)."""
+    a load rise falls back on is 0.5, the fastest of those built and profiled: warm-up tells the cache to keep
+    it, and it stays (a made-up start-up profile, 1 + 10 x alpha ms an image, so that it is the faster
+    whatever the tiny models' timings)."""
+
+    def made_up(rt: Runtime, built: dict[float, Any], probe: torch.Tensor) -> None:
+        for a in built:
+            for b in rt.settings.profile_batches:
+                rt.profile.add(a, b, b * (0.001 + 0.010 * a))
+
+    monkeypatch.setattr(Runtime, "_measure_profile", made_up)
     with serve(make_settings(structured.path, prebuild=[0.5, 1.0])) as c:
         st = app_state(c)
-        made_up = LatencyProfile()
-        for a in (0.5, 1.0):
-            for b in st.settings.profile_batches:
-                made_up.add(a, b, b * (0.001 + 0.010 * a))
-        monkeypatch.setattr(st.runtime.controller, "profile", made_up)
         assert st.runtime.cache.cached() == [0.5, 1.0] and st.runtime.controller.frontier() == list(GRID)
+        assert st.runtime.cache.keep == {0.5}
         st.probe.memory_available = lambda: 0.05  # type: ignore[method-assign]
         assert c.post("/predict", json={"inputs": [ZEROS]}).json()["alpha"] == 1.0
         st.control_step(time.monotonic() + IDLE_MODEL_SECONDS + 1.0)

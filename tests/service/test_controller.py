@@ -469,6 +469,18 @@ def test_the_mode_follows_its_cause() -> None:
     assert c2.mode != "shedding"
 
 
+def test_the_fastest_is_the_lowest_profiled_frontier_alpha() -> None:
+    """What the cache keeps for a load rise: not an alpha slower than one above it, nor one never profiled
+    (LCS_PREBUILD short of the grid: the frontier counts it as fast, but it is not known to be, nor built)."""
+    assert controller().fastest() == 0.0
+    slow_bottom = profile()
+    slow_bottom.add(0.0, MAX_BATCH, MAX_BATCH * per_image(0.6))  # alpha 0 slower than 0.25 (padding)
+    assert controller(slow_bottom).fastest() == 0.25
+    short = profile([0.5, 1.0])  # 0, 0.25 and 0.75 not prebuilt
+    c = controller(short)
+    assert c.frontier()[0] == 0.0 and c.fastest() == 0.5
+
+
 def test_the_battery_cap_takes_the_largest_frontier_alpha_within_it() -> None:
     """With 0.5 profiled slower than 0.75 (padding), a cap of 0.6 lands on 0.25, not on the slower 0.5."""
     p = profile()
