@@ -238,6 +238,14 @@ def test_load_and_the_time_spent_reading_a_request_never_make_its_deadline_a_422
     assert r.status_code == 200, r.text
 
 
+def _made_up_profile(rt: Runtime, built: dict[float, Any], probe: torch.Tensor) -> None:
+    """Runtime._measure_profile's stand-in: 1 + 10 x alpha ms an image, whatever the tiny models' timings, so
+    that the model is the cost and what warm-up derives from the profile (the cache's keep) is known."""
+    for a in built:
+        for b in rt.settings.profile_batches:
+            rt.profile.add(a, b, b * (0.001 + 0.010 * a))
+
+
 @pytest.mark.parametrize("available", [0.05, 0.5])
 def test_memory_pressure_drops_the_cached_models_not_asked_for_lately(
     structured: TinyCheckpoint, available: float, caplog: pytest.LogCaptureFixture
@@ -258,7 +266,7 @@ def test_memory_pressure_drops_the_cached_models_not_asked_for_lately(
         if available > st.settings.memory_low:
             assert st.runtime.cache.cached() == list(GRID) and not caplog.records
             return
-        kept = sorted({0.5, st.runtime.controller.frontier()[0]})  # the last asked for, and the fastest
+        kept = sorted({0.5} | st.runtime.cache.keep)  # the last asked for, and the fastest
         assert st.runtime.cache.cached() == kept
         dropped = len(GRID) - len(kept)
         assert f"lcs_cache_evictions_total {dropped}.0" in c.get("/metrics").text
@@ -274,13 +282,7 @@ def test_memory_pressure_keeps_the_fastest_prebuilt_model_when_prebuild_is_short
     a load rise falls back on is 0.5, the fastest of those built and profiled: warm-up tells the cache to keep
     it, and it stays (a made-up start-up profile, 1 + 10 x alpha ms an image, so that it is the faster
     whatever the tiny models' timings)."""
-
-    def made_up(rt: Runtime, built: dict[float, Any], probe: torch.Tensor) -> None:
-        for a in built:
-            for b in rt.settings.profile_batches:
-                rt.profile.add(a, b, b * (0.001 + 0.010 * a))
-
-    monkeypatch.setattr(Runtime, "_measure_profile", made_up)
+    monkeypatch.setattr(Runtime, "_measure_profile", _made_up_profile)
     with serve(make_settings(structured.path, prebuild=[0.5, 1.0])) as c:
         st = app_state(c)
         assert st.runtime.cache.cached() == [0.5, 1.0] and st.runtime.controller.frontier() == list(GRID)
@@ -298,13 +300,10 @@ def test_a_dropped_alpha_is_built_in_a_batch_that_has_time_else_once_the_queue_i
     """Memory pressure dropped alpha 1, and the model is the cost (a made-up profile, 1 + 10 x alpha ms an
     image): a request for it whose deadline affords the build gets alpha 1 at once; otherwise it is served
     at the best built alpha, and alpha 1 is built after it, for the next request."""
+    monkeypatch.setattr(Runtime, "_measure_profile", _made_up_profile)
     with serve(make_settings(structured.path)) as c:
         st = app_state(c)
-        made_up = LatencyProfile()
-        for a in GRID:
-            for b in st.settings.profile_batches:
-                made_up.add(a, b, b * (0.001 + 0.010 * a))
-        monkeypatch.setattr(st.runtime.controller, "profile", made_up)
+        assert st.runtime.cache.keep == {0.0}
         monkeypatch.setattr(st.batcher, "settle", 0.0)  # the ceiling's 4 h to rise, in these settings
         st.probe.memory_available = lambda: 0.05  # type: ignore[method-assign]
         assert c.post("/predict", json={"inputs": [ZEROS], "quality": 0.5}).json()["alpha"] == 0.5
