@@ -53,15 +53,17 @@ def _response(status: int, body: bytes = b"{}", extra: str = "") -> bytes:
 
 def test_every_arrival_is_answered_and_sent_on_time_even_when_answers_are_slow() -> None:
     async def main() -> None:
-        server, port, _ = await _server(lambda n: (0.2, _response(200, b'{"alpha": 1.0}')))
-        arrivals = [i * 0.005 for i in range(40)]  # 40 arrivals in 0.2 s, each answered 0.2 s later
+        server, port, _ = await _server(lambda n: (1.0, _response(200, b'{"alpha": 1.0}')))
+        arrivals = [i * 0.005 for i in range(40)]  # 40 arrivals in 0.2 s, each answered 1 s later
         replies, skipped = await open_loop(port, post("/predict", b"{}", port), arrivals, connections=64)
         server.close()
         assert skipped == 0 and len(replies) == 40
         assert all(r.status == 200 and r.json() == {"alpha": 1.0} for r in replies)
         lags = [round(r.sent - r.at, 3) for r in replies]
-        assert max(lags) < 0.1, str(lags)  # open loop: no send waited for an answer (each takes 0.2 s)
-        assert all(r.service_latency >= 0.19 for r in replies)
+        # open loop: no send waited for an answer, which would lag it by 1 s or more. The margin is for the
+        # machine: a busy one stalled the sender 0.13 s once, which failed a 0.1 s bound on 0.2 s answers
+        assert max(lags) < 0.5, str(lags)
+        assert all(r.service_latency >= 0.99 for r in replies)
         assert [r.at for r in replies] == arrivals
 
     asyncio.run(main())

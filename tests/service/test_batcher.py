@@ -245,64 +245,66 @@ def test_choose_gets_the_highest_floor_and_the_tightest_slack() -> None:
 
 def test_the_queue_behind_a_batch_tightens_its_slack() -> None:
     """A batch must leave time for the requests queued after it: its slack is the earliest deadline behind
-    it less what the queue behind needs (here 0.5 s for 3 images in 2 requests)."""
-    probe = SlackProbe(0.5)
+    it less what the queue behind needs (here 5 s for 3 images in 2 requests). Seconds are tens: the checks
+    allow for a machine that stalls the batcher a tenth of a second or more (seen here)."""
+    probe = SlackProbe(5.0)
 
     async def scenario() -> None:
         batcher, executor = make_batcher(FakeModel(), probe.choose, max_batch=2, behind=probe.behind)
         now = time.monotonic()
         futures = [
-            batcher.submit(job(1.0, images=2, deadline=now + 5.0)),  # the first batch (2 images)
-            batcher.submit(job(2.0, images=2, deadline=now + 1.0)),  # behind it, due in 1 s
-            batcher.submit(job(3.0, deadline=now + 9.0)),
+            batcher.submit(job(1.0, images=2, deadline=now + 50.0)),  # the first batch (2 images)
+            batcher.submit(job(2.0, images=2, deadline=now + 10.0)),  # behind it, due in 10 s
+            batcher.submit(job(3.0, deadline=now + 90.0)),
         ]
         task = await started(batcher)
         await asyncio.gather(*futures)
         await stop(task, executor)
         seen = probe.seen
         assert probe.asked[0] == (3, 2)
-        assert seen[0] is not None and 0.3 < seen[0] <= 0.5  # 1 s - 0.5 s, not the batch's own 5 s
-        assert seen[-1] is not None and seen[-1] > 8.0  # the last batch has nothing behind it
+        assert seen[0] is not None and 3.0 < seen[0] <= 5.0  # 10 s - 5 s, not the batch's own 50 s
+        assert seen[-1] is not None and seen[-1] > 80.0  # the last batch has nothing behind it
 
     run_async(scenario)
 
 
 def test_the_slack_keeps_a_share_of_each_budget_in_reserve() -> None:
-    """With a reserve of 0.25, a request queued with 1 s to its deadline gives its batch 0.75 s of slack,
-    and one queued behind it with 2 s leaves 1.5 s less what the queue behind needs."""
-    probe = SlackProbe(0.1)
+    """With a reserve of 0.25, a request queued with 10 s to its deadline gives its batch 7.5 s of slack,
+    and one queued behind it with 20 s leaves 15 s less what the queue behind needs (seconds in tens, as
+    above)."""
+    probe = SlackProbe(1.0)
 
     async def scenario() -> None:
         batcher, executor = make_batcher(FakeModel(), probe.choose, max_batch=1, behind=probe.behind, reserve=0.25)
         now = time.monotonic()
         first, second = job(1.0), job(2.0)
         first.enqueued = second.enqueued = now
-        first.deadline, second.deadline = now + 1.0, now + 2.0
+        first.deadline, second.deadline = now + 10.0, now + 20.0
         futures = [batcher.submit(first), batcher.submit(second)]
         task = await started(batcher)
         await asyncio.gather(*futures)
         await stop(task, executor)
-        assert first.due(0.25) == now + 0.75 and job(3.0).due(0.25) is None
+        assert first.due(0.25) == pytest.approx(now + 7.5, abs=1e-9) and job(3.0).due(0.25) is None
         seen = probe.seen
-        assert seen[0] is not None and 0.65 < seen[0] <= 0.75  # min(0.75, 1.5 - 0.1)
-        assert seen[1] is not None and 1.4 < seen[1] <= 1.5
+        assert seen[0] is not None and 6.5 < seen[0] <= 7.5  # min(7.5, 15 - 1)
+        assert seen[1] is not None and 14.0 < seen[1] <= 15.0
 
     run_async(scenario)
 
 
 def test_requests_still_being_read_count_as_queued_behind() -> None:
     """Nothing queued, but 3 requests received and still being read: the batch of 2 images in 1 request
-    leaves room for 3 more like it (6 images), due no earlier than its own deadline."""
-    probe = SlackProbe(0.3)
+    leaves room for 3 more like it (6 images), due no earlier than its own deadline (seconds in tens, as above)."""
+    probe = SlackProbe(3.0)
 
     async def scenario() -> None:
         batcher, executor = make_batcher(FakeModel(), probe.choose, behind=probe.behind, pending=lambda: 3)
-        fut = batcher.submit(job(1.0, images=2, deadline=time.monotonic() + 1.0))
+        fut = batcher.submit(job(1.0, images=2, deadline=time.monotonic() + 10.0))
         task = await started(batcher)
         await fut
         await stop(task, executor)
         assert probe.asked == [(6, 3)]
-        assert probe.seen[0] is not None and 0.6 < probe.seen[0] <= 0.7  # 1 s - 0.3 s
+        assert probe.seen[0] is not None and 6.0 < probe.seen[0] <= 7.0  # 10 s - 3 s
 
     run_async(scenario)
 
