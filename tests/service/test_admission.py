@@ -79,16 +79,16 @@ def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyC
 
     async def scenario() -> None:
         async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
-            st.runtime.profile.seconds = _profile(0.05, 0.05).seconds  # 50 ms per image at every alpha
+            st.runtime.profile.seconds = _profile(0.5, 0.5).seconds  # 500 ms per image at every alpha
             body = {"inputs": [image_list(x) for x in random_images(4, seed=3)]}
             with paused(st) as gate:
                 first = asyncio.create_task(client.post("/predict", json=body))  # runs when the model is free
                 await until(lambda: st.inflight == 1, what="the first request to be admitted")
                 second = asyncio.create_task(client.post("/predict", json={"inputs": body["inputs"][:1]}))
                 await until(lambda: st.batcher.depth >= 1, what="a queued request")
-                # 1 queued + 4 new images at 50 ms each: 250 ms > the 200 ms SLO budget (1 + 1 would fit)
+                # 1 queued + 4 new images at 500 ms each: 2.5 s > the 2 s SLO budget (1 + 1 would fit)
                 late = await client.post("/predict", json=body)
-                ok_task = asyncio.create_task(client.post("/predict", json={**body, "deadline_ms": 5000}))
+                ok_task = asyncio.create_task(client.post("/predict", json={**body, "deadline_ms": 50_000}))
                 await until(lambda: st.batcher.depth >= 2, what="the generous deadline to be admitted")
                 gate.set()
                 assert (await first).status_code == 200 and (await second).status_code == 200
@@ -111,8 +111,7 @@ def test_a_request_is_judged_at_its_min_quality_since_its_batch_never_runs_below
     175 ms for a machine that stalls, which one here once did.)"""
 
     async def scenario() -> None:
-        settings = make_settings(structured.path, max_batch=8, max_wait_ms=0.0, slo_p99_seconds=2.0)
-        async with serve_async(settings) as (client, st):
+        async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
             st.runtime.profile.seconds = _profile(0.5, 0.05).seconds
             four = [image_list(x) for x in random_images(4, seed=3)]
             with paused(st) as gate:
@@ -141,14 +140,14 @@ def test_when_the_queue_alone_would_miss_the_slo_requests_are_refused_before_the
 
     async def scenario() -> None:
         async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
-            st.runtime.profile.seconds = _profile(0.05, 0.05).seconds
+            st.runtime.profile.seconds = _profile(0.5, 0.5).seconds
             body = {"inputs": [image_list(x) for x in random_images(4, seed=3)]}
             with paused(st) as gate:
                 first = asyncio.create_task(client.post("/predict", json=body))
                 await until(lambda: st.inflight == 1, what="the first request to be admitted")
                 second = asyncio.create_task(client.post("/predict", json=body))
                 await until(lambda: st.batcher.depth >= 1, what="a queued request")
-                # 4 queued + 1 image at 50 ms each: 250 ms > 200 ms, whatever the next body holds
+                # 4 queued + 1 image at 500 ms each: 2.5 s > 2 s, whatever the next body holds
                 refused = await client.post(
                     "/predict", content=b"not json", headers={"content-type": "application/json"}
                 )

@@ -311,7 +311,7 @@ def test_a_dropped_alpha_is_built_in_a_batch_that_has_time_else_once_the_queue_i
         assert 1.0 not in st.runtime.cache.cached() and 0.5 in st.runtime.cache.cached()
         built = st.runtime.cache.wait
         monkeypatch.setattr(st.runtime.cache, "wait", lambda a: build_seconds if built(a) else 0.0)
-        r = c.post("/predict", json={"inputs": [ZEROS]})  # the SLO's 200 ms to answer in
+        r = c.post("/predict", json={"inputs": [ZEROS]})  # the SLO's 2 s to answer in
         assert r.status_code == 200 and r.json()["alpha"] == (1.0 if build_seconds < 0.1 else 0.5)
         wait_for(lambda: 1.0 in st.runtime.cache.cached(), what="alpha 1 built again")
         assert c.post("/predict", json={"inputs": [ZEROS]}).json()["alpha"] == 1.0
