@@ -149,9 +149,14 @@ class ModelCache:
         for key, entry in list(self._entries.items()):  # least recently used first
             if total <= self.max_bytes:
                 break
-            if key != newest and key not in self.keep and entry.reclaimable:
+            if not self._spared_locked(key, entry, newest):
                 self._drop_locked(key)
                 total -= entry.resident_bytes
+
+    def _spared_locked(self, key: float, entry: Compiled, newest: float | None) -> bool:
+        """Never evicted, by the bound or by drop_idle: the newest entry, those in `keep`, and those whose
+        memory dropping would not free."""
+        return key == newest or key in self.keep or not entry.reclaimable
 
     def _drop_locked(self, key: float) -> None:
         del self._entries[key]
@@ -167,7 +172,7 @@ class ModelCache:
             idle = [
                 (k, e)
                 for k, e in self._entries.items()
-                if k != newest and k not in self.keep and e.reclaimable and self._used[k] < since
+                if not self._spared_locked(k, e, newest) and self._used[k] < since
             ]
             for key, _ in idle:
                 self._drop_locked(key)

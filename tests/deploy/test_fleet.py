@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from service.fleet import INFERENCE, FleetFigures, PrometheusFleet, parse_value, queries
+from tests.service.service_support import until
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
@@ -181,13 +182,6 @@ def test_poll_never_waits_for_prometheus() -> None:
         await release.wait()
         return httpx.Response(200, json=vector("1"))
 
-    async def until(condition: Callable[[], bool], what: str) -> None:
-        for _ in range(500):  # 5 s: a slow machine's margin over the 0.3 s timeout, not a timing check
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"timed out waiting for {what}")
-
     async def go() -> None:
         f = fleet(stuck, timeout=0.3)
         f.poll()
@@ -195,9 +189,10 @@ def test_poll_never_waits_for_prometheus() -> None:
         # poll returned without yielding to the loop, so nothing has asked Prometheus yet: it cannot have waited
         assert calls == 0 and f.current() == FleetFigures(None, None)
         # one refresh: the two figures and, until it has matched a replica, the selector's count
-        await until(lambda: calls == 3, "the refresh's three queries")
+        # waits of 5 s: a slow machine's margin over the 0.3 s timeout, not a timing check
+        await until(lambda: calls == 3, timeout=5.0, what="the refresh's three queries")
         # the handler never answers until released: a refresh that ends has given up by itself, at the timeout
-        await until(lambda: f._task is not None and f._task.done(), "the refresh to give up")
+        await until(lambda: f._task is not None and f._task.done(), timeout=5.0, what="the refresh to give up")
         assert calls == 3
         release.set()
         await f.aclose()
