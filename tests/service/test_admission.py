@@ -83,7 +83,7 @@ def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyC
             body = {"inputs": [image_list(x) for x in random_images(4, seed=3)]}
             with paused(st) as gate:
                 first = asyncio.create_task(client.post("/predict", json=body))  # runs when the model is free
-                await until(lambda: st.inflight == 1, what="the first request to be admitted")
+                await until(lambda: st.batcher.running == 1, what="the first request to be taken alone")
                 second = asyncio.create_task(client.post("/predict", json={"inputs": body["inputs"][:1]}))
                 await until(lambda: st.batcher.depth >= 1, what="a queued request")
                 # 1 queued + 4 new images at 500 ms each: 2.5 s > the 2 s SLO budget (1 + 1 would fit)
@@ -116,7 +116,7 @@ def test_a_request_is_judged_at_its_min_quality_since_its_batch_never_runs_below
             four = [image_list(x) for x in random_images(4, seed=3)]
             with paused(st) as gate:
                 first = asyncio.create_task(client.post("/predict", json={"inputs": four}))
-                await until(lambda: st.inflight == 1, what="the first request to be admitted")
+                await until(lambda: st.batcher.running == 1, what="the first request to be taken alone")
                 second = asyncio.create_task(client.post("/predict", json={"inputs": four[:1]}))
                 await until(lambda: st.batcher.depth >= 1, what="a queued request")
                 late = await client.post("/predict", json={"inputs": four, "min_quality": 1})
@@ -144,7 +144,7 @@ def test_when_the_queue_alone_would_miss_the_slo_requests_are_refused_before_the
             body = {"inputs": [image_list(x) for x in random_images(4, seed=3)]}
             with paused(st) as gate:
                 first = asyncio.create_task(client.post("/predict", json=body))
-                await until(lambda: st.inflight == 1, what="the first request to be admitted")
+                await until(lambda: st.batcher.running == 1, what="the first request to be taken alone")
                 second = asyncio.create_task(client.post("/predict", json=body))
                 await until(lambda: st.batcher.depth >= 1, what="a queued request")
                 # 4 queued + 1 image at 500 ms each: 2.5 s > 2 s, whatever the next body holds
