@@ -247,7 +247,7 @@ def summarise(rows: list[dict[str, Any]], slo: float, accuracy: dict[float, floa
         "slo_attainment": round(len(within) / max(1, sent), 4),
         "shed_rate": round(sum(r["status"] in (429, 503) for r in rows) / max(1, sent), 4),
         "errors": sum(not isinstance(r["status"], int) or (r["status"] >= 500 and r["status"] != 503) for r in rows),
-        "mean_alpha": round(sum(r["alpha"] for r in ok) / max(1, len(ok)), 3),
+        "mean_alpha": round(sum(r["alpha"] for r in ok) / len(ok), 3) if ok else float("nan"),
         "effective_accuracy": round(sum(accuracy.get(r["alpha"], 0.0) for r in within) / max(1, sent), 2),
     }
 

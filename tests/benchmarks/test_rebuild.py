@@ -36,3 +36,4 @@ def test_summary_of_a_run_with_nothing_answered() -> None:
     s = summarise([reply(0.1, 0.0, status="reset")], 0.1, {})
     assert s["slo_attainment"] == 0.0 and s["errors"] == 1 and math.isnan(s["p50_ms"])
     assert math.isnan(s["max_ms"]) and math.isnan(s["first_second_max_ms"])
+    assert math.isnan(s["mean_alpha"])  # no alpha served, not alpha 0
