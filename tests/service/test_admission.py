@@ -107,8 +107,8 @@ def test_a_request_is_judged_at_its_min_quality_since_its_batch_never_runs_below
 ) -> None:
     """1 queued image + 4 new ones fit the 2 s budget at alpha 0 (50 ms per image), but not with the 4 at
     alpha 1 (500 ms each), where min_quality 1 puts them: that request is refused, and told why. (Seconds,
-    not tenths: the same request without min_quality must be admitted, and a budget of 200 ms left it only
-    175 ms for a machine that stalls, which one here once did.)"""
+    not tenths: the same request without min_quality must be admitted, and a budget of 200 ms would leave
+    it 175 ms for a machine that stalls.)"""
 
     async def scenario() -> None:
         async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
