@@ -73,6 +73,7 @@ class Compiled:
     build_seconds: float
     channels_last: bool
     reclaimable: bool = True  # whether dropping it frees that memory: not for TorchScript (`build`)
+    padded: bool = False  # runs with its channels padded to CHANNEL_MULTIPLE (`build`)
 
     @property
     def on_onnx_runtime(self) -> bool:
@@ -242,14 +243,17 @@ def build(
     int8: bool = True,
     backend: Backend = BACKEND,
     max_batch: int = MAX_BATCH,
-    pad: bool = True,
+    pad: bool | None = None,
 ) -> Compiled:
     """Materialise `alpha` of a loaded subspace model. `samples`: normalised float images for int8 calibration.
 
     `backend` runs the float networks; `channels_last` is the layout TorchScript runs them in (ONNX Runtime
     picks its own). A float network whose channel counts are not multiples of CHANNEL_MULTIPLE is also
-    built padded to them (unless `pad` is false), and runs padded if that computes the same logits and is
-    faster at `max_batch` images, the largest batch the service runs (on ONNX Runtime only: see below).
+    built padded to them, and runs padded if that computes the same logits and is faster at `max_batch`
+    images, the largest batch the service runs (on ONNX Runtime only: see below). That is `pad=None`;
+    `pad=True` builds the padded network alone and `pad=False` the plain one, without timing either: a
+    rebuild repeats what the first build measured (`Runtime._build`): structured_line's alphas tried
+    padded took 107-205 ms to build first and 46-56 ms again (1 thread, medians of 3 rebuilds).
     The int8 network is compiled for batches of 1 and of `max_batch` (`CopiesBySize`).
 
     `resident_bytes`, what the cache's bound counts: for a network on ONNX Runtime, its graph bytes plus
@@ -279,7 +283,7 @@ def build(
         (module, runner, how), grown = _memory_growth(
             "int8", lambda: int8_copies(plain, calibration), lambda: int8_copies(_Toy(shape[1]), torch.randn(shape))
         )
-        use_cl, reclaimable = False, False
+        use_cl, reclaimable, padded = False, False, False
         sizes = sorted(runner.networks) if isinstance(runner, CopiesBySize) else []
         compiled_for = f", compiled for batches of {' and '.join(map(str, sizes))}" if sizes else ""
         representation = f"int8 (FX static quantisation, x86 kernels{compiled_for})"
@@ -292,9 +296,9 @@ def build(
             "quantized": f"fp32 simulating {level.bits}-bit weights and activations",
             "unstructured": f"dense fp32 with {100 * (1 - level.keep):.1f} % of pruned-layer weights zero",
         }[level.kind]
-        candidates: list[nn.Module] = [plain]
-        if pad and backend == "onnxruntime" and (padded := pad_channels(plain, CHANNEL_MULTIPLE)) is not None:
-            candidates.append(padded)
+        wide = pad_channels(plain, CHANNEL_MULTIPLE) if pad is not False and backend == "onnxruntime" else None
+        candidates: list[nn.Module] = [plain] if wide is None else [wide] if pad else [plain, wide]
+        padded = pad is True and wide is not None
         built = [
             compile_module(
                 net.to(memory_format=torch.channels_last) if use_cl else net,  # type: ignore[call-overload]
@@ -307,6 +311,8 @@ def build(
         runner, how, resident, reclaimable = built[0]
         if len(built) == 2 and _padding_pays(built[0].run, built[1].run, meta, max_batch, use_cl):
             runner, how, resident, reclaimable = built[1]
+            padded = True
+        if padded:
             representation += f", channels padded to multiples of {CHANNEL_MULTIPLE}"
     return Compiled(
         alpha=alpha,
@@ -318,6 +324,7 @@ def build(
         build_seconds=time.perf_counter() - t0,
         channels_last=use_cl,
         reclaimable=reclaimable,
+        padded=padded,
     )
 
 

@@ -74,6 +74,7 @@ class Runtime:
     accuracy: dict[float, float] = field(default_factory=dict)
     self_check: dict[str, float] = field(default_factory=dict)
     prebuild: list[float] = field(default_factory=list)  # grid alphas built and profiled at start-up
+    padded: dict[float, bool] = field(default_factory=dict)  # grid alpha -> whether its first build ran padded
     ready: bool = False
     loaded_at: float = field(default_factory=time.time)  # wall clock, for /model
 
@@ -138,7 +139,10 @@ class Runtime:
         return rt
 
     def _build(self, alpha: float) -> Compiled:
-        return build(
+        """The cache's builder. An alpha built again (dropped under memory pressure, or evicted) runs padded
+        or not as its first build measured: without building and timing both again, which took most of its
+        time, and the same network the start-up profile timed."""
+        compiled = build(
             self.model,
             self.meta,
             alpha,
@@ -146,7 +150,10 @@ class Runtime:
             channels_last=self.channels_last,
             backend=self.settings.backend,
             max_batch=self.settings.max_batch,
+            pad=self.padded.get(alpha),
         )
+        self.padded[alpha] = compiled.padded
+        return compiled
 
     def warm_up(self) -> None:
         """Pick the memory layout, prebuild alphas, profile latency per (alpha, batch), self-check accuracy."""

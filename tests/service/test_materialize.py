@@ -213,9 +213,41 @@ def test_build_pads_channels_only_where_that_measures_faster(
     compiled = _served(structured, 0.5)
     unpadded = _served(structured, 0.5, pad=False)
     assert ("channels padded to multiples of 16" in compiled.representation) == (padded_speed < 0.95)
+    assert compiled.padded == (padded_speed < 0.95) and not unpadded.padded
     assert "padded" not in unpadded.representation
     assert (compiled.resident_bytes > unpadded.resident_bytes) == (padded_speed < 0.95)
     assert torch.allclose(compiled(X), _reference(structured, 0.5), atol=1e-4)
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_build_told_whether_to_pad_builds_that_network_alone_without_timing(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, pad: bool
+) -> None:
+    """What a rebuild does (`Runtime._build`): the first build's measured decision, without building and
+    timing the other network."""
+    built: list[nn.Module] = []
+    compile_module = materialize.compile_module
+
+    def spy(module: nn.Module, *args: object, **kwargs: object) -> materialize.Network:
+        built.append(module)
+        return compile_module(module, *args, **kwargs)  # type: ignore[arg-type]
+
+    def no_timing(calls: object, rounds: int) -> dict[str, float]:
+        raise AssertionError("a build told whether to pad timed the two networks")
+
+    monkeypatch.setattr(materialize, "compile_module", spy)
+    monkeypatch.setattr(materialize, "time_in_rounds", no_timing)
+    compiled = _served(structured, 0.5, pad=pad)  # width 0.625: not a multiple of 16
+    assert len(built) == 1 and compiled.padded == pad
+    assert ("channels padded to multiples of 16" in compiled.representation) == pad
+    widths = [m.out_channels for m in built[0].modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % CHANNEL_MULTIPLE == 0 for w in widths) == pad
+    assert torch.allclose(compiled(X), _reference(structured, 0.5), atol=1e-4)
+
+
+def test_build_told_to_pad_pads_on_onnx_runtime_only(structured: TinyCheckpoint) -> None:
+    compiled = _served(structured, 0.5, pad=True, backend="torchscript")
+    assert not compiled.padded and "padded" not in compiled.representation
 
 
 def test_build_does_not_pad_a_network_whose_logits_padding_would_change(

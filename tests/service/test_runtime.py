@@ -140,6 +140,33 @@ def test_the_fastest_model_is_kept_and_built_again_if_prebuilding_evicted_it(
     assert rt.cache.cached() == [0.5, 1.0]
 
 
+@pytest.mark.parametrize("padded_speed", [0.5, 0.99])
+def test_an_alpha_built_again_runs_padded_or_not_as_its_first_build_measured(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, padded_speed: float
+) -> None:
+    """Building again after a drop repeats the start-up build's decision, without building and timing both
+    networks (most of a padded alpha's build time), and so runs the network the profile timed."""
+    from service import materialize
+
+    timed: list[float] = []
+
+    def timing(calls: object, rounds: int) -> dict[str, float]:
+        timed.append(padded_speed)
+        return {"plain": 1.0, "padded": padded_speed}
+
+    monkeypatch.setattr(materialize, "time_in_rounds", timing)
+    rt = Runtime.load(make_settings(structured.path, prebuild=[0.5], profile_batches=[1]))
+    first = rt.cache.get(0.5)  # width 0.625: not a multiple of 16
+    assert timed == [padded_speed] and first.padded == (padded_speed < 0.95)
+    rt.cache.get(1.0)
+    rt.cache.drop_idle(float("inf"))  # 0.5 dropped, as memory pressure would
+    assert rt.cache.cached() == [1.0]
+    before = len(timed)
+    again = rt.cache.get(0.5)
+    assert len(timed) == before  # not timed again
+    assert again.padded == first.padded and again.representation == first.representation
+
+
 def test_grid_alphas_take_the_checkpoints_spelling(structured: TinyCheckpoint) -> None:
     rt = Runtime.load(make_settings(structured.path, alpha_grid=[0.50000001, 1.0], prebuild=[0.5]))
     assert rt.grid.alphas == [0.5, 1.0]
