@@ -4,7 +4,8 @@
 
 1. Starts `python -m service` on a free 127.0.0.1 port pinned at alpha = 1 (LCS_POLICY=fixed:1) and
    measures its capacity closed loop for `--images`-image requests (raw bytes to the OIP v2 path, as the
-   load benchmark's mix: the model, not parsing, is the cost), then stops it.
+   load benchmark's mix: the model, not parsing, is the cost), then stops it. `--capacity` scales the
+   load below to a given capacity instead, to compare two versions at the same offered load.
 2. Starts it again with LCS_MEMORY_LOW=1, so that every control step reads memory as short: once the
    models are built it keeps only those asked for in the last 10 s (service.state.IDLE_MODEL_SECONDS) and
    the ones the cache always keeps. Sends light load (0.25x capacity for 2 s: alpha 1 is the last asked
@@ -64,6 +65,12 @@ def main() -> int:
     p.add_argument("--duration", type=positive(float), default=10.0, help="seconds of the rise")
     p.add_argument("--idle", type=positive(float), default=12.5, help="seconds idle before it (drops after 10)")
     p.add_argument("--capacity-seconds", type=positive(float), default=4.0)
+    p.add_argument(
+        "--capacity",
+        type=positive(float),
+        help="scale the load to this alpha = 1 capacity (req/s) instead of the one measured, to compare two "
+        "versions at the same offered load (still measured and reported)",
+    )
     p.add_argument("--slo", type=positive(float), default=0.1, help="p99 latency objective, s")
     p.add_argument("--cycles", type=positive(int), default=1, help="idle-then-rise cycles on one server")
     p.add_argument("--seed", type=int, default=0)
@@ -86,6 +93,7 @@ def main() -> int:
         raise SystemExit("capacity measured as 0 requests/s: is the server answering 200?")
     accuracy = {p["alpha"]: p["accuracy"] for p in info["accuracy"]}
     print(f"capacity {cap:.1f} requests/s at alpha 1 ({args.images} images each)", flush=True)
+    measured, cap = cap, args.capacity or cap
 
     proc = start_server(args.checkpoint, port, args.slo, LCS_MEMORY_LOW="1")
     cycles: list[dict[str, Any]] = []
@@ -121,7 +129,8 @@ def main() -> int:
     result = {
         "checkpoint": args.checkpoint,
         "images": args.images,
-        "capacity": round(cap, 1),
+        "capacity": round(measured, 1),
+        "scaled_to": round(cap, 1),
         "factor": args.factor,
         "duration": args.duration,
         "slo": args.slo,
