@@ -13,14 +13,15 @@ less the time the queue behind needs at its cheapest (so a batch served slowly d
 requests after it late); requests received but still being read count as queued behind, sized like
 the batch's and due no earlier. No request is ever served more accurately than it asked.
 
-A model that is not built (the cache dropped it under memory pressure, or evicted it) takes 35-300 ms
-to build, and the slack counts that: if the alpha chosen is not built, the batch runs at the alpha
-chosen with each unbuilt alpha's build time added to its predicted time (the same alpha where the slack
-affords the build, which the batch then does; otherwise the largest lower one whose time, its build
-included, fits; where none fits, the alpha done soonest, which may be above a dropped floor). The capped
-target is then built on the inference thread once the queue is empty and it has been wanted for
-`settle` seconds, unless the ceiling has fallen below it meanwhile or a drain has begun. So no batch
-waits for a build it has no time for, and the alpha the load allows comes back.
+A model that is not built (never prebuilt, or dropped by the cache under memory pressure or evicted)
+takes 35-300 ms to build (a float model built before, 44-56 ms: `Runtime._build`), and the slack counts
+that: if the alpha chosen is not built, the batch runs at the alpha chosen with each unbuilt alpha's
+build time added to its predicted time (the same alpha where the slack affords the build, which the
+batch then does; otherwise the largest lower one whose time, its build included, fits; where none
+fits, the alpha done soonest, which may be above a dropped floor). The capped target is then built on
+the inference thread once the queue is empty and it has been wanted for `settle` seconds, unless the
+ceiling has fallen below it meanwhile or a drain has begun. So no batch waits for a build it has no
+time for, and the alpha the load allows comes back.
 """
 
 from __future__ import annotations
