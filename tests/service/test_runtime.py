@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from service import materialize
 from service.materialize import Compiled
 from service.runtime import PROFILE_ROUNDS, Runtime, softmax
 from tests.service.service_support import ACCURACY, GRID, TinyCheckpoint, make_settings, normalise, random_images
@@ -146,8 +147,6 @@ def test_an_alpha_built_again_runs_padded_or_not_as_its_first_build_measured(
 ) -> None:
     """Building again after a drop repeats the start-up build's decision, without building and timing both
     networks (most of a padded alpha's build time), and so runs the network the profile timed."""
-    from service import materialize
-
     timed: list[float] = []
 
     def timing(calls: object, rounds: int) -> dict[str, float]:
