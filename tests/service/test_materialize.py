@@ -59,6 +59,75 @@ def test_parity_with_training_for_float_kinds(
     assert compiled.level == ck.model.schedule.level(alpha)
 
 
+def _traces(monkeypatch: pytest.MonkeyPatch) -> list[nn.Module]:
+    """A fresh `materialize.GRAPHS` for the test, and a list of the networks traced to ONNX from then on."""
+    monkeypatch.setattr(materialize, "GRAPHS", materialize.Graphs())
+    traced: list[nn.Module] = []
+    export = materialize.export_onnx
+
+    def spy(module: nn.Module, example: torch.Tensor) -> bytes:
+        traced.append(module)
+        return export(module, example)
+
+    monkeypatch.setattr(materialize, "export_onnx", spy)
+    return traced
+
+
+@pytest.mark.parametrize("kind", ["structured", "unstructured", "quantized"])
+def test_each_alpha_after_the_first_reuses_its_graph_and_computes_its_own_logits(
+    tiny_checkpoints: Callable[[str], TinyCheckpoint], monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """One trace per network structure: every other alpha gets that graph with its own weights, and still
+    computes training's logits at its alpha. The quantized kind's graphs hold constants (scales and bounds
+    per bit width): each is traced."""
+    traced = _traces(monkeypatch)
+    ck = tiny_checkpoints(kind)
+    floats = [a for a in GRID if not (kind == "quantized" and a == 1.0)]  # 8 bits: int8 kernels, no ONNX
+    for alpha in floats:
+        compiled = _served(ck, alpha, pad=False)
+        if kind == "quantized":
+            _assert_same_predictions_up_to_rounding(compiled(X), _reference(ck, alpha))
+        else:
+            assert torch.allclose(compiled(X), _reference(ck, alpha), atol=1e-4)
+    assert len(traced) == (len(floats) if kind == "quantized" else 1)
+
+
+def test_a_reused_graph_that_computes_other_logits_is_traced_instead(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Simulated by doubling every weight put into the reused graph: the network is traced instead, and so
+    is every later one of that structure."""
+    traced = _traces(monkeypatch)
+    _served(structured, 1.0, pad=False)
+    real = materialize.numpy_helper.from_array
+    monkeypatch.setattr(materialize.numpy_helper, "from_array", lambda a, name: real(2 * a, name))
+    compiled = _served(structured, 0.5, pad=False)
+    assert torch.allclose(compiled(X), _reference(structured, 0.5), atol=1e-4)
+    assert "gave other logits" in caplog.text and len(traced) == 2
+    _served(structured, 0.0, pad=False)
+    assert len(traced) == 3  # traced, not reused
+
+
+def test_a_graph_holding_anything_but_the_modules_weights_is_never_reused() -> None:
+    """A weight the exporter renamed or computed (here: one renamed by hand) has no weight to take its place,
+    and a constant in the graph may hold a value of the traced network's own."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2)).eval()
+    example = torch.zeros(2, 1, 8, 8)
+    net(example)
+    weights = dict(net.state_dict())
+
+    def graph() -> materialize.onnx.ModelProto:
+        return materialize.onnx.load_from_string(materialize.export_onnx(net, example))
+
+    assert materialize.Graphs._skeleton(graph(), weights) is not None
+    renamed = graph()
+    renamed.graph.initializer[0].name = "renamed"
+    assert materialize.Graphs._skeleton(renamed, weights) is None
+    constant = graph()
+    constant.graph.node.insert(0, materialize.helper.make_node("Constant", [], ["c"], value_float=1.0))
+    assert materialize.Graphs._skeleton(constant, weights) is None
+
+
 @pytest.mark.parametrize("alpha", [a for a in GRID if a < 1.0])  # 3 and 6 bits
 def test_parity_with_training_for_simulated_low_bit_quantisation(
     tiny_checkpoints: Callable[[str], TinyCheckpoint], alpha: float
