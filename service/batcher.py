@@ -14,7 +14,7 @@ requests after it late); requests received but still being read count as queued 
 the batch's and due no earlier. No request is ever served more accurately than it asked.
 
 A model that is not built (never prebuilt, or dropped by the cache under memory pressure or evicted)
-takes 35-300 ms to build (a float model built before, 44-56 ms: `Runtime._build`), and the slack counts
+takes 35-300 ms to build (a float model built before, 10-34 ms: `Runtime._build`), and the slack counts
 that: if the alpha chosen is not built, the batch runs at the alpha chosen with each unbuilt alpha's
 build time added to its predicted time (the same alpha where the slack affords the build, which the
 batch then does; otherwise the largest lower one whose time, its build included, fits; where none

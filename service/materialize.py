@@ -255,7 +255,8 @@ def build(
     images, the largest batch the service runs (on ONNX Runtime only: see below). That is `pad=None`;
     `pad=True` builds the padded network alone and `pad=False` the plain one, without timing either: a
     rebuild repeats what the first build measured (`Runtime._build`): structured_line's alphas tried
-    padded took 107-205 ms to build first and 46-56 ms again (1 thread, medians of 3 rebuilds).
+    padded took 107-205 ms to build first and 46-56 ms again (1 thread, medians of 3 rebuilds; 10-34 ms
+    once graphs were reused: `Graphs`).
     The int8 network is compiled for batches of 1 and of `max_batch` (`CopiesBySize`).
 
     `resident_bytes`, what the cache's bound counts: for a network on ONNX Runtime, its graph bytes plus

@@ -24,7 +24,7 @@ from service.signals import LoopCost, MachineProbe, RequestStats
 log = logging.getLogger("lcs.service")
 
 # under memory pressure (LCS_MEMORY_LOW) the cache drops the models not asked for in this long: the alphas the
-# controller moves between stay, the rest of the prebuilt grid goes (a float model is rebuilt in 44-56 ms if
+# controller moves between stay, the rest of the prebuilt grid goes (a float model is rebuilt in 10-34 ms if
 # wanted again)
 IDLE_MODEL_SECONDS = 10.0
 
