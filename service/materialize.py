@@ -510,6 +510,8 @@ class Graphs:
         with self._lock:
             skeleton = self._skeletons.get(key)
         weights = {k: v.detach() for k, v in module.state_dict().items()}
+        if skeleton is not None and any(t.name not in weights for t in skeleton.graph.initializer):
+            skeleton = None  # the same submodules with other weights (a bias only one of them has)
         if skeleton is None:
             traced = export_onnx(module, example)
             with self._lock:

@@ -108,6 +108,17 @@ def test_a_reused_graph_that_computes_other_logits_is_traced_instead(
     assert len(traced) == 3  # traced, not reused
 
 
+def test_a_network_of_the_same_submodules_with_other_weights_is_traced(monkeypatch: pytest.MonkeyPatch) -> None:
+    traced = _traces(monkeypatch)
+    example = torch.randn(2, 1, 8, 8)
+    nets = [nn.Sequential(nn.Conv2d(1, 4, 3, bias=b), nn.Flatten(), nn.Linear(144, 2)).eval() for b in (True, False)]
+    for net in nets:
+        network = compile_module(net, example, backend="onnxruntime", channels_last=False)
+        assert network.how == "ONNX Runtime"
+        assert torch.allclose(network.run(example), net(example), atol=1e-5)
+    assert len(traced) == 2  # the first graph has a bias the second has no weight for
+
+
 def test_a_graph_holding_anything_but_the_modules_weights_is_never_reused() -> None:
     """A weight the exporter renamed or computed (here: one renamed by hand) has no weight to take its place,
     and a constant in the graph may hold a value of the traced network's own."""
