@@ -489,7 +489,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
 class Graphs:
     """ONNX graphs reused across alphas. Every alpha of a kind exports to the same graph, nodes and names
     alike (the module's parameter names), with only its initializers' values and shapes differing: the
-    torch exporter's trace took 85 % of a rebuild (about 40-65 ms of 44-66 on `structured_line`). So the
+    torch exporter's trace took 75-85 % of a rebuild (62-66 ms of 73-87 on `structured_line`, one-off). So the
     first network of each structure (its submodules' names and types) is traced, and the next ones get
     that graph with their own weights put in by name, in a few milliseconds. A structure whose graph
     holds anything but the module's own weights (a constant the exporter computed, a renamed weight) is
