@@ -74,7 +74,7 @@ class ModelCache:
         self._entries: OrderedDict[float, Compiled] = OrderedDict()
         self._clock = clock
         self._used: dict[float, float] = {}  # grid alpha -> when it was last asked for, by the clock
-        self._took: dict[float, float] = {}  # grid alpha -> seconds its last build took (kept when it is dropped)
+        self._took: dict[float, float] = {}  # grid alpha -> seconds building it again takes (kept when dropped)
         self._building: dict[float, Future[Compiled]] = {}
         self.keep: frozenset[float] = frozenset()  # grid alphas evicted by neither the bound nor drop_idle
         self._lock = threading.Lock()
@@ -97,8 +97,9 @@ class ModelCache:
             return self._entries.get(self.grid.down(alpha))
 
     def wait(self, alpha: float) -> float:
-        """Seconds before grid.down(alpha) can run: 0 if built; else what its last build took, or the mean of
-        the builds so far for one never built."""
+        """Seconds before grid.down(alpha) can run: 0 if built; else what building it again takes (its last
+        build, less what only a first build does: `Compiled.rebuild_seconds`), or the mean of the builds so
+        far for one never built."""
         key = self.grid.down(alpha)
         with self._lock:
             if key in self._entries:
@@ -136,7 +137,7 @@ class ModelCache:
             del self._building[key]
             self.stats.builds += 1
             self.stats.build_seconds += compiled.build_seconds
-            self._took[key] = compiled.build_seconds
+            self._took[key] = compiled.build_seconds if compiled.rebuild_seconds is None else compiled.rebuild_seconds
             self._entries[key] = compiled
             self._used[key] = self._clock()
             self._evict_locked()

@@ -76,6 +76,8 @@ class Compiled:
     channels_last: bool
     reclaimable: bool = True  # whether dropping it frees that memory: not for TorchScript (`build`)
     padded: bool = False  # runs with its channels padded to CHANNEL_MULTIPLE (`build`)
+    rebuild_seconds: float | None = None  # building it again as `padded` says: build_seconds less the other
+    # candidate's build and the timing that chose between them (None: as long as build_seconds)
 
     @property
     def on_onnx_runtime(self) -> bool:
@@ -272,6 +274,7 @@ def build(
     than evict them (`ModelCache`), and channel padding is tried on ONNX Runtime only, where it pays, so
     no discarded candidate is traced."""
     t0 = time.perf_counter()
+    first_only = 0.0  # seconds of this build that building the alpha again skips (the padding decision)
     s = model.at(alpha)
     level = s.level
     shape = (2, meta.input.channels, meta.input.height, meta.input.width)
@@ -302,21 +305,28 @@ def build(
         wide = pad_channels(plain, CHANNEL_MULTIPLE) if pad is not False and backend == "onnxruntime" else None
         candidates: list[nn.Module] = [plain] if wide is None else [wide] if pad else [plain, wide]
         padded = pad is True and wide is not None
-        built = [
-            compile_module(
-                net.to(memory_format=torch.channels_last) if use_cl else net,  # type: ignore[call-overload]
-                torch.zeros(shape),
-                backend=backend,
-                channels_last=use_cl,
+        built, took = [], []
+        for net in candidates:
+            t = time.perf_counter()
+            built.append(
+                compile_module(
+                    net.to(memory_format=torch.channels_last) if use_cl else net,  # type: ignore[call-overload]
+                    torch.zeros(shape),
+                    backend=backend,
+                    channels_last=use_cl,
+                )
             )
-            for net in candidates
-        ]
+            took.append(time.perf_counter() - t)
         runner, how, resident, reclaimable = built[0]
-        if len(built) == 2 and _padding_pays(built[0].run, built[1].run, meta, max_batch, use_cl):
-            runner, how, resident, reclaimable = built[1]
-            padded = True
+        if len(built) == 2:
+            t = time.perf_counter()
+            padded = _padding_pays(built[0].run, built[1].run, meta, max_batch, use_cl)
+            chosen = int(padded)
+            runner, how, resident, reclaimable = built[chosen]
+            first_only = took[1 - chosen] + time.perf_counter() - t
         if padded:
             representation += f", channels padded to multiples of {CHANNEL_MULTIPLE}"
+    seconds = time.perf_counter() - t0
     return Compiled(
         alpha=alpha,
         level=level,
@@ -324,7 +334,8 @@ def build(
         representation=f"{representation}, {how}",
         resident_bytes=resident,
         stored_bytes=_stored_bytes(model, plain, s),
-        build_seconds=time.perf_counter() - t0,
+        build_seconds=seconds,
+        rebuild_seconds=seconds - first_only,
         channels_last=use_cl,
         reclaimable=reclaimable,
         padded=padded,

@@ -162,16 +162,25 @@ def test_the_byte_bound_spares_what_the_cache_keeps() -> None:
 
 
 def test_wait_is_what_a_build_would_take() -> None:
-    """0 for a built alpha; what its last build took once dropped; the mean build for one never built."""
+    """0 for a built alpha; what building it again takes once dropped (less than its first build, which also
+    timed its padding); the mean build for one never built."""
     took = {0.0: 0.02, 0.5: 0.05, 1.0: 0.11}
-    cache = ModelCache(lambda a: replace(fake(a), build_seconds=took[a]), GRID, max_bytes=10_000)
+    again = {0.5: 0.015}
+
+    def builder(a: float) -> Compiled:
+        return replace(fake(a), build_seconds=took[a], rebuild_seconds=again.get(a))
+
+    cache = ModelCache(builder, GRID, max_bytes=10_000)
     assert cache.wait(1.0) == 0.0  # nothing built yet: nothing known
     for alpha in (0.5, 1.0):
         cache.get(alpha)
     assert cache.wait(1.0) == 0.0 and cache.wait(0.7) == 0.0  # built (0.7 snaps down to 0.5)
     assert cache.wait(0.0) == pytest.approx(0.08)  # never built: the mean of 0.05 and 0.11
     assert cache.drop_idle(since=float("inf")) == (1, 100)  # 0.5 (1.0 is the newest)
-    assert cache.wait(0.5) == 0.05
+    assert cache.wait(0.5) == 0.015
+    cache.get(0.5)  # built again: now the newest
+    assert cache.drop_idle(since=float("inf")) == (1, 100)  # 1.0
+    assert cache.wait(1.0) == 0.11  # no shorter rebuild known: as long as its build
 
 
 def test_one_entry_is_kept_even_over_the_bound() -> None:

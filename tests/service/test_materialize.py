@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -323,6 +324,36 @@ def test_build_told_whether_to_pad_builds_that_network_alone_without_timing(
     widths = [m.out_channels for m in built[0].modules() if isinstance(m, nn.Conv2d)]
     assert all(w % CHANNEL_MULTIPLE == 0 for w in widths) == pad
     assert torch.allclose(compiled(X), _reference(structured, 0.5), atol=1e-4)
+
+
+@pytest.mark.parametrize("padded_speed", [0.5, 0.99])
+def test_a_first_build_says_what_building_again_takes(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, padded_speed: float
+) -> None:
+    """A first build that builds and times both networks reports, beside its own time, that of building the
+    chosen one alone (what the cache predicts a rebuild from): less the other network and the timing.
+    On a clock that moves only when a network is compiled (plain 50 ms, padded 80) or timed (100 ms)."""
+    now = [0.0]
+    compile_module = materialize.compile_module
+
+    def costly(module: nn.Module, *args: object, **kwargs: object) -> materialize.Network:
+        widths = [m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)]
+        now[0] += 0.08 if all(w % CHANNEL_MULTIPLE == 0 for w in widths) else 0.05
+        return compile_module(module, *args, **kwargs)  # type: ignore[arg-type]
+
+    def timed(calls: object, rounds: int) -> dict[str, float]:
+        now[0] += 0.1
+        return {"plain": 1.0, "padded": padded_speed}
+
+    monkeypatch.setattr(materialize, "compile_module", costly)
+    monkeypatch.setattr(materialize, "time_in_rounds", timed)
+    monkeypatch.setattr(materialize, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    first = _served(structured, 0.5)  # width 0.625: both networks built and timed
+    assert first.build_seconds == pytest.approx(0.23)
+    assert first.rebuild_seconds == pytest.approx(0.08 if first.padded else 0.05)
+    assert first.padded == (padded_speed < 0.95)
+    again = _served(structured, 0.5, pad=first.padded)
+    assert again.rebuild_seconds == again.build_seconds == first.rebuild_seconds
 
 
 def test_build_told_to_pad_pads_on_onnx_runtime_only(structured: TinyCheckpoint) -> None:
