@@ -4,12 +4,13 @@ checked before the first measurement, and a refusal is one line naming the flag,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -106,10 +107,38 @@ def run_child(cmd: list[str], what: str, env: dict[str, str] | None = None) -> A
         ) from None
 
 
+class Stopped(SystemExit):
+    """Ctrl-C or SIGTERM ending a benchmark, with the exit code a shell reports for it (128 + the signal) and
+    the file its measurements so far went to (`kept_if_stopped`), if any."""
+
+    def __init__(self, signum: int, kept: Path | None = None) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.kept = signum, kept
+
+    def __str__(self) -> str:
+        what = "interrupted" if self.signum == signal.SIGINT else "terminated"
+        return f"{what}; " + ("no results written" if self.kept is None else f"wrote what was measured to {self.kept}")
+
+
 def _terminated(signum: int, frame: object) -> None:
     signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM during the clean-up would cut it short
-    print("terminated; no results written", file=sys.stderr)
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, through the `finally` blocks
+    raise Stopped(signum)  # unwinds like Ctrl-C, through the `finally` blocks
+
+
+@contextlib.contextmanager
+def kept_if_stopped(path: Path, measured: Callable[[], dict[str, Any] | None]) -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside the block writes `measured()` (what the run has measured so far; None if
+    nothing yet) to `path` with `"interrupted": true`, once the block's own `finally` blocks have stopped
+    what it started: a benchmark that measures for many minutes does not lose them to a late interrupt."""
+    try:
+        yield
+    except (KeyboardInterrupt, Stopped) as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        if (partial := measured()) is None:
+            raise Stopped(signum) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**partial, "interrupted": True}, indent=1) + "\n")
+        raise Stopped(signum, path) from None
 
 
 def grid_alpha(model: SubspaceResNet, alpha: float, flag: str) -> float:
@@ -125,13 +154,15 @@ def command(main: Callable[[], int | None]) -> NoReturn:
     """A benchmark's `main` as a command: its exit code, and Ctrl-C as one line and exit code 130 (128 + SIGINT,
     as a shell reports it, and as `python -m training`), once its `finally` blocks have stopped what it started.
     SIGTERM (`timeout`, a cancelled job) too, with 143: by default it ends Python at once, and the servers and
-    CPU burners a benchmark started ran on without it."""
+    CPU burners a benchmark started ran on without it. The line says whether what was measured was kept
+    (`kept_if_stopped`)."""
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = main()
-    except KeyboardInterrupt:
-        print("interrupted; no results written", file=sys.stderr)
-        code = 130
+    except (KeyboardInterrupt, Stopped) as e:
+        stopped = e if isinstance(e, Stopped) else Stopped(signal.SIGINT)
+        print(stopped, file=sys.stderr)
+        code = 128 + stopped.signum
     finally:
         signal.signal(signal.SIGTERM, previous)
     sys.exit(code)

@@ -9,7 +9,8 @@ Uses wrk (Debian package `wrk`; closed loop, c connections) for throughput and p
 single-image JSON request body. Both servers run the alpha = 1 model (ours pinned there through the
 admin API) with 2 torch threads. The two take turns `--rounds` times: this machine's pace drifts by tens
 of percent over minutes, and the plain server's best moves most, so the peak-against-peak ratio is
-reported per round and as their median. Prints a table and writes benchmarks/results/http.json.
+reported per round and as their median. Prints a table and writes benchmarks/results/http.json; Ctrl-C or
+SIGTERM writes the rounds run so far, with "interrupted": true.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.cli import check_checkpoint, check_output, command, positive
+from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive
 from benchmarks.openloop import HOST, free_port
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -160,28 +161,29 @@ def main() -> None:
         return [sys.executable, "-m", *plain, "--no-access-log"], "/docs", {}
 
     results: dict[str, Any] = {"checkpoint": args.checkpoint, "duration_s": args.duration, "rounds": []}
-    for round_ in range(args.rounds):  # the servers take turns, so each round sees the machine's pace of the moment
-        levels: dict[str, list[dict[str, Any]]] = {}
-        for name in ("lcs-serve", "one-at-a-time"):
-            port = free_port()
-            cmd, ready, extra = server(name, port)
-            proc = subprocess.Popen(cmd, env={**env, **extra})
-            try:
-                base = f"http://{HOST}:{port}"
-                _wait_ready(base + ready, proc)
-                if name == "lcs-serve":
-                    httpx.put(
-                        base + "/admin/pin", json={"alpha": 1.0}, headers={"X-API-Key": "bench"}
-                    ).raise_for_status()
-                    if round_ == 0:
-                        results["breakdown"] = time_breakdown(base, body)
-                levels[name] = [wrk(base + "/predict", script, c, args.duration) for c in args.connections]
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-        peaks = {name: max(r["rps"] for r in rows) for name, rows in levels.items()}
-        ratio = round(peaks["lcs-serve"] / peaks["one-at-a-time"], 2)
-        results["rounds"].append({"levels": levels, "peak_rps": peaks, "peak_throughput_ratio": ratio})
+    with kept_if_stopped(args.json, lambda: results if results["rounds"] else None):
+        for round_ in range(args.rounds):  # the servers take turns, so each round sees the machine's pace of the moment
+            levels: dict[str, list[dict[str, Any]]] = {}
+            for name in ("lcs-serve", "one-at-a-time"):
+                port = free_port()
+                cmd, ready, extra = server(name, port)
+                proc = subprocess.Popen(cmd, env={**env, **extra})
+                try:
+                    base = f"http://{HOST}:{port}"
+                    _wait_ready(base + ready, proc)
+                    if name == "lcs-serve":
+                        httpx.put(
+                            base + "/admin/pin", json={"alpha": 1.0}, headers={"X-API-Key": "bench"}
+                        ).raise_for_status()
+                        if round_ == 0:
+                            results["breakdown"] = time_breakdown(base, body)
+                    levels[name] = [wrk(base + "/predict", script, c, args.duration) for c in args.connections]
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+            peaks = {name: max(r["rps"] for r in rows) for name, rows in levels.items()}
+            ratio = round(peaks["lcs-serve"] / peaks["one-at-a-time"], 2)
+            results["rounds"].append({"levels": levels, "peak_rps": peaks, "peak_throughput_ratio": ratio})
     print(f"{'round':>5} | {'server':>14} | {'conns':>5} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | non-2xx")
     for i, rnd in enumerate(results["rounds"]):
         for name, rows in rnd["levels"].items():

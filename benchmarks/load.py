@@ -15,7 +15,8 @@ starts, except those it sets itself (checkpoint, host, port, SLO, policy, queue 
 Per policy and trace: p50/p99 latency of answered requests, SLO attainment (answered 200 within the
 SLO / sent), shed rate (429 + 503 / sent), mean served alpha, and effective accuracy (sum over requests
 answered within the SLO of the accuracy measured for the alpha that served them / sent). Writes
-benchmarks/results/load-<mix>.json and a PNG of alpha and p99 over time per policy and trace.
+benchmarks/results/load-<mix>.json and a PNG of alpha and p99 over time per policy and trace. Ctrl-C or
+SIGTERM writes the JSON of the traces run so far, with "interrupted": true (and no PNG).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import httpx
 
 from benchmarks import openloop
-from benchmarks.cli import check_checkpoint, check_output, command, positive
+from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive
 from benchmarks.openloop import HOST, free_port
 from benchmarks.overload import capacity, percentile, start_server, stop_server
 from service.controller import parse_policy
@@ -375,22 +376,26 @@ def main() -> None:
         flush=True,
     )
 
-    for policy in args.policies:
-        proc = start(policy)
-        runs: dict[str, Any] = {}
-        try:
-            for k, tr in enumerate(args.traces):
-                arrivals = trace(tr, cap1, args.duration, args.seed + k)
-                rows, timeline = openloop.run(drive(base, port, req, arrivals, tr == "noisy", args.duration))
-                summary = summarise(rows, args.slo, accuracy)
-                if tr == "noisy":
-                    summary.update(neighbour_reaction(timeline, args.duration))  # type: ignore[arg-type]
-                runs[tr] = {"summary": summary, "requests": rows, "controller": timeline}
-                print(f"{policy:>10} {tr:>7}: {summary}", flush=True)
-                time.sleep(2.0)
-        finally:
-            stop_server(proc)
-        result["policies"][policy] = {"traces": runs}
+    def measured() -> dict[str, Any] | None:  # the traces run so far, if any
+        return result if any(run["traces"] for run in result["policies"].values()) else None
+
+    with kept_if_stopped(Path(f"{out}.json"), measured):
+        for policy in args.policies:
+            proc = start(policy)
+            runs: dict[str, Any] = {}
+            result["policies"][policy] = {"traces": runs}
+            try:
+                for k, tr in enumerate(args.traces):
+                    arrivals = trace(tr, cap1, args.duration, args.seed + k)
+                    rows, timeline = openloop.run(drive(base, port, req, arrivals, tr == "noisy", args.duration))
+                    summary = summarise(rows, args.slo, accuracy)
+                    if tr == "noisy":
+                        summary.update(neighbour_reaction(timeline, args.duration))  # type: ignore[arg-type]
+                    runs[tr] = {"summary": summary, "requests": rows, "controller": timeline}
+                    print(f"{policy:>10} {tr:>7}: {summary}", flush=True)
+                    time.sleep(2.0)
+            finally:
+                stop_server(proc)
 
     print(
         f"\n{'policy':>10} | {'trace':>7} | {'p50 ms':>8} | {'p99 ms':>8} | {'SLO att.':>8} | {'shed':>6} | "

@@ -18,7 +18,8 @@
 Reports, from each request's scheduled arrival: the share answered within the SLO, p50/p99/max latency,
 mean alpha served, effective accuracy (the accuracy of the alpha that served each request answered within
 the SLO, summed, over requests sent), the worst latency in the first second of the rise, and the alphas
-built before and after it. Prints a table and writes benchmarks/results/rebuild.json.
+built before and after it. Prints a table and writes benchmarks/results/rebuild.json; Ctrl-C or SIGTERM
+writes the cycles run so far, with "interrupted": true.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import httpx
 import psutil
 
 from benchmarks import openloop
-from benchmarks.cli import check_checkpoint, check_output, command, positive
+from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive
 from benchmarks.load import reply_rows, request
 from benchmarks.load import summarise as load_summary
 from benchmarks.openloop import HOST, free_port
@@ -95,52 +96,57 @@ def main() -> int:
     print(f"capacity {cap:.1f} requests/s at alpha 1 ({args.images} images each)", flush=True)
     measured, cap = cap, args.capacity or cap
 
-    proc = start_server(args.checkpoint, port, args.slo, LCS_MEMORY_LOW="1")
     cycles: list[dict[str, Any]] = []
     replies: list[openloop.Reply] = []
     skipped = 0
-    try:
-        server = psutil.Process(proc.pid)
-        for cycle in range(args.cycles):
-            seed = args.seed + 2 * cycle
-            openloop.run(openloop.open_loop(port, req, arrivals(0.25 * cap, 2.0, seed)))
-            time.sleep(args.idle)
-            before, rss = built(base), server.memory_info().rss
-            print(
-                f"cycle {cycle + 1}: built after {args.idle:g} s idle: {before} ({rss / 2**20:.1f} MiB resident); "
-                f"rising to {args.factor:g}x for {args.duration:g} s",
-                flush=True,
-            )
-            got, missed = openloop.run(
-                openloop.open_loop(port, req, arrivals(args.factor * cap, args.duration, seed + 1))
-            )
-            replies += got
-            skipped += missed
-            cycles.append(
-                {
-                    "built_before": before,
-                    "built_after": built(base),
-                    "rss_mib_before": round(rss / 2**20, 1),
-                    **summarise(got, args.slo, accuracy),
-                }
-            )
-    finally:
-        stop_server(proc)
-    result = {
-        "checkpoint": args.checkpoint,
-        "images": args.images,
-        "capacity": round(measured, 1),
-        "scaled_to": round(cap, 1),
-        "factor": args.factor,
-        "duration": args.duration,
-        "slo": args.slo,
-        "seed": args.seed,
-        "skipped": skipped,
-        "built_before": cycles[0]["built_before"],
-        "built_after": cycles[-1]["built_after"],
-        **summarise(replies, args.slo, accuracy),
-        "cycles": cycles,
-    }
+
+    def report() -> dict[str, Any]:
+        return {
+            "checkpoint": args.checkpoint,
+            "images": args.images,
+            "capacity": round(measured, 1),
+            "scaled_to": round(cap, 1),
+            "factor": args.factor,
+            "duration": args.duration,
+            "slo": args.slo,
+            "seed": args.seed,
+            "skipped": skipped,
+            "built_before": cycles[0]["built_before"],
+            "built_after": cycles[-1]["built_after"],
+            **summarise(replies, args.slo, accuracy),
+            "cycles": cycles,
+        }
+
+    proc = start_server(args.checkpoint, port, args.slo, LCS_MEMORY_LOW="1")
+    with kept_if_stopped(args.out, lambda: report() if cycles else None):
+        try:
+            server = psutil.Process(proc.pid)
+            for cycle in range(args.cycles):
+                seed = args.seed + 2 * cycle
+                openloop.run(openloop.open_loop(port, req, arrivals(0.25 * cap, 2.0, seed)))
+                time.sleep(args.idle)
+                before, rss = built(base), server.memory_info().rss
+                print(
+                    f"cycle {cycle + 1}: built after {args.idle:g} s idle: {before} ({rss / 2**20:.1f} MiB resident); "
+                    f"rising to {args.factor:g}x for {args.duration:g} s",
+                    flush=True,
+                )
+                got, missed = openloop.run(
+                    openloop.open_loop(port, req, arrivals(args.factor * cap, args.duration, seed + 1))
+                )
+                replies += got
+                skipped += missed
+                cycles.append(
+                    {
+                        "built_before": before,
+                        "built_after": built(base),
+                        "rss_mib_before": round(rss / 2**20, 1),
+                        **summarise(got, args.slo, accuracy),
+                    }
+                )
+        finally:
+            stop_server(proc)
+    result = report()
     print(
         "| figure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in result.items() if k != "cycles")
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import runpy
 import signal
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks import alphas, http, load, memory, ops, overload, rebuild, switching
-from benchmarks.cli import command, run_child
+from benchmarks.cli import command, kept_if_stopped, run_child
 
 
 def _measured(*args: Any, **kwargs: Any) -> Any:
@@ -329,3 +330,52 @@ def test_a_child_killed_or_without_json_is_one_line_too(code: str, error: str) -
     with pytest.raises(SystemExit) as e:
         run_child([sys.executable, "-c", code], "a child")
     assert e.value.code == error
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_benchmark_stopped_late_keeps_what_it_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signum: int, code: int, word: str
+) -> None:
+    """Ctrl-C or SIGTERM twenty minutes into `benchmarks.load` lost every trace run so far. Inside
+    `kept_if_stopped` what was measured is written, marked interrupted, after the servers are stopped."""
+    out = tmp_path / "results" / "run.json"
+    done: list[str] = []
+    measured = {"runs": [1, 2]}
+
+    def main() -> int:
+        with kept_if_stopped(out, lambda: measured):
+            try:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # not reached
+                return 0
+            finally:
+                done.append("servers stopped" if not out.exists() else "stopped after the write")
+
+    before = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        with pytest.raises(SystemExit) as e:
+            command(main)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert e.value.code == code and done == ["servers stopped"]
+    assert json.loads(out.read_text()) == {"runs": [1, 2], "interrupted": True}
+    assert capsys.readouterr().err == f"{word}; wrote what was measured to {out}\n"
+
+
+def test_a_benchmark_stopped_before_it_measured_anything_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run.json"
+
+    def main() -> int:
+        with kept_if_stopped(out, lambda: None):
+            raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        command(main)
+    assert e.value.code == 130 and not out.exists()
+    assert capsys.readouterr().err == "interrupted; no results written\n"

@@ -76,3 +76,23 @@ def test_the_wrk_script_is_removed_after_the_run(
     monkeypatch.setattr(sys, "argv", ["http", "--rounds", "1", "--json", str(tmp_path / "http.json")])
     http.main()  # the fake wrk saw the script
     assert list(scratch.iterdir()) == []
+
+
+def test_stopped_in_its_second_round_it_writes_the_first_marked_interrupted(
+    started: list[FakeServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "http.json"
+    fake_wrk = http.wrk
+
+    def wrk(url: str, script: Path, connections: int, duration: float) -> dict[str, Any]:
+        if len(started) == 3:  # the second round's first server
+            raise KeyboardInterrupt
+        return fake_wrk(url, script, connections, duration)
+
+    monkeypatch.setattr(http, "wrk", wrk)
+    monkeypatch.setattr(sys, "argv", ["http", "--rounds", "3", "--connections", "1", "--json", str(out)])
+    with pytest.raises(SystemExit) as e:
+        http.main()
+    written = json.loads(out.read_text())
+    assert e.value.code == 130 and written["interrupted"] is True
+    assert [r["peak_throughput_ratio"] for r in written["rounds"]] == [2.0]

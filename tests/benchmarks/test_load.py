@@ -3,6 +3,7 @@ flags refused before any server starts."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -186,3 +187,42 @@ def test_the_burners_run_whatever_the_default_start_method() -> None:
     finally:
         multiprocessing.set_start_method(default, force=True)
     assert alive == [True]
+
+
+def test_stopped_after_some_traces_it_writes_them_marked_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during the second trace of the first policy: the first trace's results are written (a full run
+    measures for twenty minutes), the server is stopped first, and no PNG is drawn."""
+    stopped: list[object] = []
+    ran: list[str] = []
+
+    class Model:
+        def json(self) -> dict[str, Any]:
+            return {"accuracy": [{"alpha": 1.0, "accuracy": 91.0}]}
+
+    def run(coro: Any) -> Any:
+        coro.close()  # not driven: no server
+        ran.append("trace")
+        if len(ran) == 2:
+            raise KeyboardInterrupt
+        return [{"t": 0.0, "status": 200, "latency": 0.01, "alpha": 1.0}], []
+
+    monkeypatch.setattr(load, "start_server", lambda *a, **k: "server")
+    monkeypatch.setattr(load, "stop_server", stopped.append)
+    monkeypatch.setattr(load.openloop, "check_accepted", lambda *a: None)
+    monkeypatch.setattr(load, "capacity", lambda *a, **k: 10.0)
+    monkeypatch.setattr(load.httpx, "get", lambda url: Model())
+    monkeypatch.setattr(load.openloop, "run", run)
+    monkeypatch.setattr(load.time, "sleep", lambda s: None)
+    out = tmp_path / "load"
+    argv = ["load", "--traces", "steady", "step", "--policies", "fixed:1", "lcs", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        load.main()
+    assert e.value.code == 130 and stopped == ["server"] * 3  # two capacity runs, then fixed:1's
+    written = json.loads(Path(f"{out}.json").read_text())
+    assert written["interrupted"] is True and list(written["policies"]) == ["fixed:1"]
+    assert list(written["policies"]["fixed:1"]["traces"]) == ["steady"]
+    assert written["policies"]["fixed:1"]["traces"]["steady"]["summary"]["slo_attainment"] == 1.0
+    assert not Path(f"{out}.png").exists()

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from benchmarks import rebuild
 from benchmarks.openloop import Reply
 from benchmarks.rebuild import summarise
 
@@ -37,3 +42,37 @@ def test_summary_of_a_run_with_nothing_answered() -> None:
     assert s["slo_attainment"] == 0.0 and s["errors"] == 1 and math.isnan(s["p50_ms"])
     assert math.isnan(s["max_ms"]) and math.isnan(s["first_second_max_ms"])
     assert math.isnan(s["mean_alpha"])  # no alpha served, not alpha 0
+
+
+def test_stopped_in_its_second_cycle_it_writes_the_first_marked_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stopped: list[object] = []
+    loads: list[str] = []
+    info = {"name": "m", "accuracy": [{"alpha": 1.0, "accuracy": 91.0}], "cached_alphas": [0.0, 1.0]}
+
+    def run(coro: Any) -> Any:
+        coro.close()  # not driven: no server
+        loads.append("load")
+        if len(loads) == 4:  # the second cycle's rise
+            raise KeyboardInterrupt
+        return [reply(0.1, 0.02)], 0
+
+    monkeypatch.setattr(rebuild, "start_server", lambda *a, **k: SimpleNamespace(pid=1))
+    monkeypatch.setattr(rebuild, "stop_server", stopped.append)
+    monkeypatch.setattr(rebuild.httpx, "get", lambda url, timeout: SimpleNamespace(json=lambda: info))
+    monkeypatch.setattr(rebuild.openloop, "check_accepted", lambda *a: None)
+    monkeypatch.setattr(rebuild, "capacity", lambda *a: 10.0)
+    monkeypatch.setattr(
+        rebuild.psutil, "Process", lambda pid: SimpleNamespace(memory_info=lambda: SimpleNamespace(rss=2**20))
+    )
+    monkeypatch.setattr(rebuild.openloop, "run", run)
+    monkeypatch.setattr(rebuild.time, "sleep", lambda s: None)
+    out = tmp_path / "rebuild.json"
+    monkeypatch.setattr(sys, "argv", ["rebuild", "--cycles", "3", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        rebuild.main()
+    written = json.loads(out.read_text())
+    assert e.value.code == 130 and len(stopped) == 2  # the capacity server, then the measured one
+    assert written["interrupted"] is True and len(written["cycles"]) == 1
+    assert written["slo_attainment"] == 1.0 and written["effective_accuracy"] == 91.0
