@@ -14,7 +14,7 @@ from typing import Any
 import fastapi_offline
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from service.lane import ApiError
 
@@ -24,7 +24,8 @@ log = logging.getLogger("lcs.service")
 
 
 def add(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") -> None:
-    """Serve Swagger UI at `docs_url` and ReDoc at `redoc_url` for `app` (created with both set to None).
+    """Serve Swagger UI at `docs_url` (and `/` redirected there) and ReDoc at `redoc_url` for `app` (created
+    with both set to None).
     Should the package's files be missing (a version that moved them), the pages load FastAPI's CDN copies,
     with a warning, rather than answer 500 for each file."""
     assets = f"{docs_url}/assets"
@@ -38,6 +39,11 @@ def add(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") -> Non
     def local(request: Request, **files: str) -> dict[str, Any]:
         """The page's file arguments, pointing here; none (FastAPI's CDN defaults) if any file is missing."""
         return {} if missing else {arg: url(request, f"{assets}/{name}") for arg, name in files.items()}
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def root(request: Request) -> RedirectResponse:
+        """The address a browser opens first: the API page, not a 404."""
+        return RedirectResponse(url(request, docs_url))
 
     @app.api_route(docs_url, methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: what uptime checks send
     async def swagger(request: Request) -> HTMLResponse:

@@ -1089,6 +1089,14 @@ def test_the_documentation_pages_load_nothing_from_outside(client: TestClient, p
     assert client.get("/docs/assets/..%2F..%2Fpyproject.toml").status_code == 404
 
 
+def test_the_root_leads_to_the_api_page(client: TestClient) -> None:
+    """A browser opened at the service's address got {"error": "not found"}."""
+    r = client.get("/", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/docs"
+    assert client.head("/", follow_redirects=False).status_code == 307
+    assert "Swagger UI" in client.get("/").text
+
+
 @pytest.mark.parametrize("name", ["two words", "caf\u00e9", "v~2", "lcs+l", "50%"])
 def test_a_model_name_that_needs_percent_encoding_is_addressable(structured: TinyCheckpoint, name: str) -> None:
     """Such names were served before the name rule and were refused by its first version (found in review)."""
