@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,18 @@ def test_sigterm_unwinds_a_benchmark_like_ctrl_c_with_exit_code_143(capsys: pyte
     assert capsys.readouterr().err == "terminated; no results written\n"
 
 
+def _exit_code(main: Callable[[], int]) -> object:
+    """`command(main)`'s exit code, this test session's SIGTERM handler a no-op meanwhile (a signal that got
+    past the benchmark's own handler must not end the test run)."""
+    before = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        with pytest.raises(SystemExit) as e:
+            command(main)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    return e.value.code
+
+
 def test_a_second_sigterm_does_not_cut_the_clean_up_short(capsys: pytest.CaptureFixture[str]) -> None:
     """A second SIGTERM (an impatient `timeout -s TERM`, a supervisor's retry) raised again inside the
     `finally` blocks, printing "terminated" twice and skipping what was left to stop."""
@@ -260,13 +273,7 @@ def test_a_second_sigterm_does_not_cut_the_clean_up_short(capsys: pytest.Capture
             os.kill(os.getpid(), signal.SIGTERM)  # the second, while stopping the servers
             cleaned.append("servers stopped")
 
-    before = signal.signal(signal.SIGTERM, lambda *a: None)
-    try:
-        with pytest.raises(SystemExit) as e:
-            command(main)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert e.value.code == 143 and cleaned == ["servers stopped"]
+    assert _exit_code(main) == 143 and cleaned == ["servers stopped"]
     assert capsys.readouterr().err == "terminated; no results written\n"
 
 
@@ -355,13 +362,7 @@ def test_a_benchmark_stopped_late_keeps_what_it_measured(
             finally:
                 done.append("servers stopped" if not out.exists() else "stopped after the write")
 
-    before = signal.signal(signal.SIGTERM, lambda *a: None)
-    try:
-        with pytest.raises(SystemExit) as e:
-            command(main)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert e.value.code == code and done == ["servers stopped"]
+    assert _exit_code(main) == code and done == ["servers stopped"]
     assert json.loads(out.read_text()) == {"runs": [1, 2], "interrupted": True}
     assert capsys.readouterr().err == f"{word}; wrote what was measured to {out}\n"
 
