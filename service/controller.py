@@ -209,7 +209,10 @@ class Controller:
         """Model time at `alpha` against the profile: its calm ratio, times the machine's factor, which is
         the measured drift, or the share of CPU other processes leave if `s` is given and that is slower;
         never under 1, so a run of batches faster than calm at one alpha does not make others look cheap."""
-        machine = max(1.0, self.drift, 1.0 / max(0.1, 1.0 - s.cpu_other) if s is not None else 1.0)
+        left = 1.0  # the share of CPU others leave, as a slowdown: above CALM_CPU_OTHER only, since calm
+        if s is not None and s.cpu_other > CALM_CPU_OTHER:  # ratios are learned with up to that much taken
+            left = 1.0 / max(0.1, 1.0 - s.cpu_other)
+        machine = max(1.0, self.drift, left)
         return self.calm_ratio.get(alpha, 1.0) * machine
 
     def _request_cost(self, s: Signals | None) -> float:
