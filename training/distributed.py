@@ -73,6 +73,12 @@ class Ranks:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    def describe(self) -> str:
+        """Where the training steps run, for the log and the checkpoint: 'cuda:0 (NVIDIA H200)' or 'cpu'."""
+        if self.device.type == "cuda":
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return str(self.device)
+
     @property
     def main(self) -> bool:
         """Rank 0: the one process that prints and writes files."""

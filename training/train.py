@@ -260,6 +260,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
     total = steps_per_epoch * cfg.epochs
     warmup = warmup_steps(steps_per_epoch, total)
     start_epoch, elapsed = _load_state(cfg, model, opt, rng)  # every rank reads the same state file
+    if ranks.main:
+        each = " each" if ranks.world > 1 else ""
+        print(f"training on {ranks.describe()}, {ranks.world} process(es), {cfg.threads} CPU threads{each}", flush=True)
     if start_epoch and ranks.main:
         print(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}", flush=True)
     net = ranks.wrap(model, opt)  # DistributedDataParallel under torchrun; the model itself otherwise
@@ -359,6 +362,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             "command": command,
             "config": cfg.to_dict(),
             "train_seconds": round(elapsed, 1),
+            "device": ranks.describe(),  # rank 0's; under torchrun every rank has its own of the same kind
+            "processes": ranks.world,
             "torch": torch.__version__,
         },
     )

@@ -163,6 +163,15 @@ def test_one_process_trains_on_its_device() -> None:
     assert opt.state[model.weight]["momentum_buffer"].device.type == "meta"
 
 
+def test_describe_names_the_device_and_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log line and the checkpoint say where the steps ran (a fake GPU name: there is no GPU here)."""
+    from training.distributed import Ranks
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: f"Fake GPU {d.index}")
+    assert Ranks().describe() == "cpu"
+    assert Ranks(rank=1, world=2, local_rank=1, device=torch.device("cuda", 1)).describe() == "cuda:1 (Fake GPU 1)"
+
+
 @pytest.mark.slow
 def test_resume_under_torchrun_continues_a_single_process_run(
     tmp_path: Path, tiny_overrides: Callable[..., list[str]], common: dict[str, object], monkeypatch: pytest.MonkeyPatch

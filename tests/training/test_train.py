@@ -177,6 +177,8 @@ def test_training_learns_and_writes_a_loadable_checkpoint(trained_run: Any) -> N
     assert meta.stat_alphas == [0.0, 0.5, 1.0] and meta.fixed_alpha is None
     assert meta.training["command"] == "pytest trained_run"
     assert meta.training["config"]["arch"] == "tiny_resnet"
+    assert (meta.training["device"], meta.training["processes"]) == ("cpu", 1)  # where the steps ran
+    assert "training on cpu, 1 process(es)" in trained_run.log
     # BatchNorm statistics were calibrated for every grid row
     assert all(not torch.equal(model.norm.running_mean[i], torch.zeros(16)) for i in range(3))
     # and the model rebuilt from the file classifies the test images
