@@ -31,6 +31,10 @@ from service.cache import Grid
 from service.profile import LatencyProfile
 
 CALM_CPU_OTHER = 0.1  # other processes' share of the CPU under which batch times teach an alpha's calm ratio
+# a batch counts at most this many times slower than expected (its alpha's calm ratio, or the machine's drift):
+# one stalled batch (a KVM pause: 5.5x its prediction) then moves an estimate by 5 %, not 45 %, while a lasting
+# slowdown still comes through, 5 % a batch compounded (2x in 15 batches, a fraction of a second under load)
+SPIKE_LIMIT = 1.5
 # the defaults of LCS_POLICY, LCS_BATTERY_LOW_PERCENT and LCS_BATTERY_ALPHA_CAP (service.settings)
 POLICY = "lcs"
 BATTERY_LOW_PERCENT = 20.0  # charge, %, under which a machine on battery caps the ceiling
@@ -160,8 +164,11 @@ class Controller:
         if not predicted:
             return
         ratio = min(20.0, max(0.5, seconds / predicted))
-        self._unjudged.append((alpha, ratio))
-        self.drift = 0.9 * self.drift + 0.1 * ratio / self.calm_ratio.get(alpha, 1.0)
+        # each estimate takes the ratio winsorised at SPIKE_LIMIT times its own expectation; an alpha with no
+        # calm ratio yet has none (calm ratios range 0.6-1.45 between alphas), so its first ratio stands
+        calm = self.calm_ratio.get(alpha)
+        self._unjudged.append((alpha, ratio if calm is None else min(ratio, SPIKE_LIMIT * calm)))
+        self.drift = 0.9 * self.drift + 0.1 * min(ratio / (calm or 1.0), SPIKE_LIMIT * self.drift)
 
     def _learn_calm(self, s: Signals) -> None:
         """Teach each alpha its calm ratio from the batches run since the last interval, if the CPU other
