@@ -263,8 +263,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
     if ranks.main:
         each = " each" if ranks.world > 1 else ""
         print(f"training on {ranks.describe()}, {ranks.world} process(es), {cfg.threads} CPU threads{each}", flush=True)
-    if start_epoch and ranks.main:
-        print(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}", flush=True)
+        if start_epoch:
+            print(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}", flush=True)
     net = ranks.wrap(model, opt)  # DistributedDataParallel under torchrun; the model itself otherwise
 
     for epoch in range(start_epoch, cfg.epochs):
