@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import multiprocessing
 import os
@@ -101,6 +102,7 @@ TRACES = ("steady", "step", "ramp", "bursty", "noisy")
 # the trace to watch the return to full quality (with the middle third, a 12 s trace ended 4 s after the stop,
 # before the 5 s the target allows: a return that needed two calm spells, 0 -> 0.65 -> 1, could not be seen)
 NEIGHBOUR = (0.25, 0.5)
+RETURN_WITHIN = 5.0  # seconds after the neighbour stops in which the target wants full quality back
 
 
 def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]:
@@ -257,7 +259,8 @@ def neighbour_reaction(timeline: list[dict[str, Any]], duration: float) -> dict[
     """For the noisy trace (a neighbour through NEIGHBOUR of `duration`): seconds from its start until the
     ceiling first dropped, and from its stop until the ceiling was first back at full quality, and back
     for good (None: it never was; a later drop is the trace's own load, 0.7x capacity as Poisson
-    arrivals, and is in the timeline). Resolution: the 0.25 s controller poll."""
+    arrivals, which `load_after_stop` reports, and is in the timeline). Resolution: the 0.25 s controller
+    poll."""
     start, stop = (duration * f for f in NEIGHBOUR)
     top = max((p["ceiling"] for p in timeline), default=1.0)
     drop = next((p["t"] - start for p in timeline if start <= p["t"] < stop and p["ceiling"] < top), None)
@@ -272,6 +275,25 @@ def neighbour_reaction(timeline: list[dict[str, Any]], duration: float) -> dict[
         "ceiling_drop_after_start_s": None if drop is None else round(drop, 2),
         "full_quality_first_after_stop_s": None if first is None else round(first, 2),
         "full_quality_after_stop_s": None if back is None else round(back, 2),
+    }
+
+
+def load_after_stop(arrivals: list[float], capacity: float, duration: float) -> dict[str, float]:
+    """For the noisy trace: the load its arrivals offer in the RETURN_WITHIN seconds after the neighbour stops,
+    as a share of the alpha = 1 capacity the trace is scaled to, on average and in the busiest 1 s. The trace
+    is Poisson at 0.7x, so a draw offers more or less than that: where it offers about the controller's
+    utilisation target (0.8), alpha 1 has no headroom left for the SLO and the ceiling rightly stays below it,
+    which is the draw, not the return, to read."""
+    stop = duration * NEIGHBOUR[1]
+    end = min(duration, stop + RETURN_WITHIN)
+    times = sorted(t for t in arrivals if stop <= t < end)
+    width = min(1.0, end - stop)
+    # a window shifted right to its first arrival loses none, and one that would then pass `end` is inside the last
+    starts = [t for t in times if t + width <= end] + [end - width]
+    busiest = max(bisect.bisect_left(times, s + width) - bisect.bisect_left(times, s) for s in starts)
+    return {
+        "load_after_stop": round(len(times) / max(1e-9, end - stop) / capacity, 3),
+        "peak_1s_load_after_stop": round(busiest / width / capacity, 3),
     }
 
 
@@ -391,6 +413,7 @@ def main() -> None:
                     summary = summarise(rows, args.slo, accuracy)
                     if tr == "noisy":
                         summary.update(neighbour_reaction(timeline, args.duration))  # type: ignore[arg-type]
+                        summary.update(load_after_stop(arrivals, cap1, args.duration))
                     runs[tr] = {"summary": summary, "requests": rows, "controller": timeline}
                     print(f"{policy:>10} {tr:>7}: {summary}", flush=True)
                     time.sleep(2.0)

@@ -226,3 +226,19 @@ def test_stopped_after_some_traces_it_writes_them_marked_interrupted(
     assert list(written["policies"]["fixed:1"]["traces"]) == ["steady"]
     assert written["policies"]["fixed:1"]["traces"]["steady"]["summary"]["slo_attainment"] == 1.0
     assert not Path(f"{out}.png").exists()
+
+
+def test_the_load_after_the_stop_is_read_from_the_draw_on_average_and_in_its_busiest_second() -> None:
+    # a 12 s trace scaled to 100 req/s: the neighbour stops at 6 s; the five seconds after it hold 60 arrivals
+    # a second, except 6.5-7.5 s, which holds 90; arrivals before the stop or after 11 s do not count
+    arrivals = [i / 1000 for i in range(0, 6000, 5)]  # 200/s before the stop
+    arrivals += [6 + k / 60 for k in range(300) if not 6.5 <= 6 + k / 60 < 7.5]
+    arrivals += [6.5 + k / 90 for k in range(90)]
+    arrivals += [11 + k / 500 for k in range(500)]  # 500/s in the last second
+    assert load.load_after_stop(arrivals, 100.0, 12.0) == {"load_after_stop": 0.66, "peak_1s_load_after_stop": 0.9}
+
+
+def test_the_busiest_second_after_the_stop_may_be_its_last() -> None:
+    # one arrival at the stop, then 400 in 10.5-10.9 s: no 1 s window starting at one of those ends by 11 s
+    arrivals = [6.0] + [10.5 + k / 1000 for k in range(400)]
+    assert load.load_after_stop(arrivals, 100.0, 12.0) == {"load_after_stop": 0.802, "peak_1s_load_after_stop": 4.0}
