@@ -283,9 +283,10 @@ def neighbour_reaction(timeline: list[dict[str, Any]], duration: float) -> dict[
 def load_after_stop(arrivals: list[float], capacity: float, duration: float) -> dict[str, float]:
     """For the noisy trace: the load its arrivals offer in the RETURN_WITHIN seconds after the neighbour stops,
     as a share of the alpha = 1 capacity the trace is scaled to, on average and in the busiest 1 s. The trace
-    is Poisson at 0.7x, so a draw offers more or less than that: where it offers about the controller's
-    utilisation target (0.8), alpha 1 has no headroom left for the SLO and the ceiling rightly stays below it,
-    which is the draw, not the return, to read."""
+    is Poisson at 0.7x, so a draw offers more or less than that, and the model's pace moves with the machine's
+    after the capacity is measured: where the load keeps the model about as busy at alpha 1 as the
+    controller's utilisation target (0.8), alpha 1 has no headroom left for the SLO and the ceiling rightly
+    stays below it. That is the draw's doing, and the timeline's `model_busy` tells which it was."""
     stop = duration * NEIGHBOUR[1]
     end = min(duration, stop + RETURN_WITHIN)
     times = sorted(t for t in arrivals if stop <= t < end)
