@@ -102,7 +102,8 @@ def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: in
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own bound, from the header
         raise InputError(f"{where}: image is over {Image.MAX_IMAGE_PIXELS} pixels; resize it") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    # Pillow reports a malformed PNG chunk met while decoding as SyntaxError
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{where}: not a readable PNG or JPEG image ({type(e).__name__})") from None
     if arr.ndim == 2:
         arr = arr[None] if spec.channels == 1 else np.repeat(arr[None], spec.channels, axis=0)

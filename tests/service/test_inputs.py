@@ -183,6 +183,55 @@ def test_truncated_png_is_refused() -> None:
         run([base64.b64encode(full[: len(full) // 2]).decode()])
 
 
+def test_a_png_with_a_broken_chunk_among_its_data_is_refused() -> None:
+    # Pillow raises SyntaxError ("broken PNG file") for it while decoding the pixels, after the header read well
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    data = zlib.compress(bytes(6 * 6))
+    ihdr = struct.pack(">IIBBBBB", 5, 6, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data[:5]) + chunk(b"\0\1\2\3", data[5:])
+    with pytest.raises(InputError, match=r"^inputs\[0\]: not a readable PNG or JPEG image \(SyntaxError\)"):
+        run([base64.b64encode(png + chunk(b"IEND", b"")).decode()])
+
+
+def test_mutated_images_decode_or_are_refused_never_anything_else() -> None:
+    # any exception other than InputError would be a 500: flip, overwrite and cut bytes of PNGs (one and two
+    # data chunks, grey and colour) and a JPEG; the two-chunk PNG is what found Pillow's SyntaxError
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    data = zlib.compress(bytes(6 * 6))
+    split = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 6, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", data[:5])
+        + chunk(b"IDAT", data[5:])
+        + chunk(b"IEND", b"")
+    )
+    seeds = [split] + [
+        base64.b64decode(b64(Image.fromarray(ramp(6, 5, c).astype(np.uint8)), fmt))
+        for c, fmt in [(None, "PNG"), (3, "PNG"), (None, "JPEG")]
+    ]
+    rng = np.random.default_rng(0)
+    outcomes = {"decoded": 0, "refused": 0}
+    for i in range(600):
+        raw = bytearray(seeds[i % len(seeds)])
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(8, len(raw)))  # past the signature: else it is merely not an image
+            if rng.random() < 0.8:
+                raw[at] = int(rng.integers(0, 256))
+            else:
+                del raw[at:]
+                break
+        try:
+            assert run([base64.b64encode(bytes(raw)).decode()]).shape == (1, 1, 6, 5)
+            outcomes["decoded"] += 1
+        except InputError:
+            outcomes["refused"] += 1
+    assert min(outcomes.values()) > 50  # both paths were exercised
+
+
 def test_other_image_formats_are_refused() -> None:
     with pytest.raises(InputError, match="format GIF is not supported"):
         run([b64(Image.new("L", (5, 6)), "GIF")])
