@@ -8,7 +8,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import SimpleNamespace
 from typing import Any
 
@@ -47,20 +47,30 @@ class Observe:
         state["request_id"] = rid
         state["arrived"] = t0  # a request's deadline counts from here: reading and parsing it are part of it
         status = 500
-        started = completed = False
+        started = completed = body_read = gone = False
+
+        async def receive_watched() -> Message:
+            nonlocal body_read, gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            elif not message.get("more_body"):
+                body_read = True
+            return message
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, started, completed
+            nonlocal status, started, completed, gone
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
+                gone = gone or (body_read and client_left(receive))
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             elif not message.get("more_body"):
                 completed = True
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watched, send_with_id)
         except Exception:
             log.exception("unhandled error in request %s", rid)
             if started and not completed:
@@ -68,8 +78,10 @@ class Observe:
             if not started:  # else FastAPI's error middleware answered (with internal_error_response) and re-raised
                 await internal_error_response(scope)(scope, receive, send_with_id)
         else:
-            if not started:
-                status = 499  # the client left before its answer (nginx's code for it)
+            gone = gone or not started  # the app ended without an answer: its client had left
+        answered = status if started else None
+        if gone:
+            status = 499  # the client left before its answer (nginx's code for it), whatever the app answered
         # FastAPI's own pages (/docs, /openapi.json, ...) are plain Starlette routes: matched, with no route
         # object; their paths have no parameters, so each is its own label
         route = scope.get("route")
@@ -80,8 +92,24 @@ class Observe:
             st.metrics.request_done(endpoint, status, elapsed)
             if endpoint in INFERENCE_ROUTES:
                 st.loop_cost.count()
-                if status == 200:
+                if answered == 200:  # its time counts, whether or not the client waited for it
                     st.requests.finished(elapsed)
+
+
+def client_left(receive: Receive) -> bool:
+    """Whether the client has disconnected, asked without waiting, once its whole body has been received:
+    the server's receive() then answers at once only with http.disconnect, and otherwise waits (here it is
+    stepped once, and dropped if it would wait). Starlette's Request.is_disconnected asks the same through
+    a cancelled anyio scope, at 27 us a call against 1.5 us here: this runs for every request with a body."""
+    pending = receive()
+    if not isinstance(pending, Coroutine):
+        return False
+    try:
+        pending.send(None)
+    except StopIteration as done:
+        return bool(done.value.get("type") == "http.disconnect")
+    pending.close()
+    return False
 
 
 def internal_error_response(scope: Scope) -> JSONResponse:

@@ -6,6 +6,7 @@ is the path those requests take, and its own edges."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,6 +77,50 @@ def test_a_client_gone_before_its_body_gets_no_answer_and_counts_as_499(structur
 
     assert asyncio.run(run()) == 1.0
     assert sent == []
+
+
+def test_a_client_gone_while_its_answer_was_computed_counts_as_499(structured: TinyCheckpoint) -> None:
+    """Its answer is computed and sent into the void (the server drops it); the count says the client left.
+    One that stays is a 200."""
+    app = create_app(make_settings(structured.path))
+    body = json.dumps({"inputs": [ZEROS]}).encode()
+
+    async def call(leaves: bool) -> list[Message]:
+        sent: list[Message] = []
+        received = 0
+        never = asyncio.Event()
+
+        async def receive() -> Message:
+            nonlocal received
+            received += 1
+            if received == 1:
+                return {"type": "http.request", "body": body, "more_body": False}
+            if not leaves:
+                await never.wait()  # as a server does until the client goes
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = post_scope("/predict", [(b"content-length", str(len(body)).encode())])
+        await app(scope, receive, send)
+        return sent
+
+    async def run() -> tuple[list[Message], list[Message], dict[str, float | None]]:
+        async with app.router.lifespan_context(app):
+            while not app.state.lcs.runtime.ready:
+                await asyncio.sleep(0.005)
+            stays, leaves = await call(leaves=False), await call(leaves=True)
+            registry = app.state.lcs.metrics.registry
+            count = {
+                s: registry.get_sample_value("lcs_requests_total", {"endpoint": "/predict", "status": s})
+                for s in ("200", "499")
+            }
+            return stays, leaves, count
+
+    stays, leaves, count = asyncio.run(run())
+    assert stays[0]["status"] == leaves[0]["status"] == 200  # both computed and answered
+    assert count == {"200": 1.0, "499": 1.0}
 
 
 def test_an_error_in_a_route_fastapi_serves_is_a_json_500_with_the_request_id(
