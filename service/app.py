@@ -29,7 +29,17 @@ from lcs.checkpoint import CheckpointError
 from service import docs
 from service.batcher import Draining, Job, QueueFull, Result
 from service.inputs import InputError, check_count, check_range, decode, has_images, nested_numbers, numbers
-from service.lane import BINARY_HEADER, ApiError, Lane, error_response, problems, require_json, validate
+from service.lane import (
+    BINARY_HEADER,
+    ApiError,
+    Lane,
+    error_response,
+    problems,
+    require_json,
+    require_uncompressed,
+    shown,
+    validate,
+)
 from service.metrics import INFERENCE_ROUTES
 from service.middleware import BodyLimit, Edge, Observe, Shed, internal_error_response
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
@@ -158,7 +168,7 @@ async def _infer(
     if st.batcher.depth > 0 and wait is not None and wait > deadline - now:
         # it would be answered late even at the cheapest alpha it allows: refuse now rather than serve late
         st.metrics.shed.labels("predicted_late").inc()
-        detail = late_detail(wait, budget)
+        detail = late_detail(wait, budget, left=deadline - now)
         if (cheapest := rt.controller.predicted_wait(queued, depth)) is not None and cheapest <= deadline - now:
             detail += f", or lower min_quality ({floor_req:g}): at the cheapest alpha it would be in time"
         raise ApiError(429, detail, {"Retry-After": retry})
@@ -341,7 +351,6 @@ def create_app(
                 "predictions": preds,
                 "model": rt.name,
                 **_served(rt, res, acc),
-                "batch_images": res.batch_images,
                 "request_id": request.state.request_id,
             }
         )
@@ -392,8 +401,11 @@ def create_app(
         if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
             raise ApiError(403, "admin endpoint: wrong API key")
 
-    async def _json_content(content_type: Annotated[str, Header()] = "") -> None:
+    async def _json_content(
+        content_type: Annotated[str, Header()] = "", content_encoding: Annotated[str, Header()] = ""
+    ) -> None:
         require_json(content_type)  # FastAPI itself would read any content type as JSON, or answer 422
+        require_uncompressed(content_encoding)
 
     # The body is read here, after the key is checked: had FastAPI read it, a malformed body would have got a
     # 422 before the 401 (FastAPI parses JSON before it resolves dependencies).
@@ -486,11 +498,11 @@ def create_app(
         t = body.inputs[0]
         if t.name != _V2_INPUT:
             raise InputError(
-                f"inputs[0].name {t.name[:40]!r} is not an input of this model; its one input is {_V2_INPUT!r}"
+                f"inputs[0].name {shown(t.name)} is not an input of this model; its one input is {_V2_INPUT!r}"
             )
         if t.datatype not in _BINARY_DTYPES:  # the datatypes this route reads, as JSON data or binary
             raise InputError(
-                f"inputs[0].datatype {t.datatype!r} is not supported; use one of {', '.join(_BINARY_DTYPES)}"
+                f"inputs[0].datatype {shown(t.datatype)} is not supported; use one of {', '.join(_BINARY_DTYPES)}"
             )
         unknown = [o.get("name") for o in body.outputs or [] if o.get("name") != "probabilities"]
         if unknown:
@@ -566,6 +578,7 @@ def _served(rt: Runtime, res: Result, accuracy: float | None) -> dict[str, objec
         "accuracy": accuracy,
         "queue_ms": round(res.queue_seconds * 1000, 3),
         "compute_ms": round(res.compute_seconds * 1000, 3),
+        "batch_images": res.batch_images,
     }
 
 
@@ -573,9 +586,9 @@ def _model(st: State, name: str, version: str | None = None) -> Runtime:
     """The runtime serving model `name` (at `version`, if given), or 404 (checked before an inference body is
     read, `Lane`)."""
     if name != st.runtime.name:
-        raise ApiError(404, f"model {name!r} not found; this server serves {st.runtime.name!r}")
+        raise ApiError(404, f"model {shown(name)} not found; this server serves {st.runtime.name!r}")
     if version is not None and version != _VERSION:
-        raise ApiError(404, f"model {name!r} has no version {version!r}; its one version is {_VERSION!r}")
+        raise ApiError(404, f"model {shown(name)} has no version {shown(version)}; its one version is {_VERSION!r}")
     return st.runtime
 
 
@@ -588,7 +601,7 @@ def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> np.ndarray:
     size = (t.parameters or {}).get("binary_data_size")
     if isinstance(size, bool) or not isinstance(size, int) or size != len(binary):
         raise InputError(
-            f"inputs[0].parameters.binary_data_size must be the {len(binary)} bytes after the JSON, got {size!r}"
+            f"inputs[0].parameters.binary_data_size must be the {len(binary)} bytes after the JSON, got {shown(size)}"
         )
     dtype = np.dtype(_BINARY_DTYPES[t.datatype])
     if size != count * dtype.itemsize:

@@ -74,6 +74,15 @@ def problems(errors: Iterable[Mapping[str, Any]]) -> str:
     )
 
 
+def shown(value: object, limit: int = 40) -> str:
+    """A client's value quoted in an error message, as repr, cut to `limit` characters: an answer must not
+    echo back a 100 kB string."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return repr(value[: limit - 5]) + "..." if isinstance(value, str) else text[: limit - 3] + "..."
+
+
 def _invalid_json(why: str) -> str:
     return f"body: invalid JSON ({why})"
 
@@ -83,7 +92,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(d) != len(pairs):
         keys = [k for k, _ in pairs]
         dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"duplicate key {dup!r}; send each key once")
+        raise ValueError(f"duplicate key {shown(dup)}; send each key once")
     return d
 
 
@@ -125,7 +134,14 @@ def require_json(content_type: str, binary: bool = False) -> None:
             f"a binary body needs the {BINARY_HEADER} header (the length of its JSON part, for the binary tensor "
             "extension); or send the tensors as JSON with content type application/json",
         )
-    raise ApiError(415, f"content type {content_type or 'missing'!r} is not supported; send application/json")
+    raise ApiError(415, f"content type {shown(content_type or 'missing')} is not supported; send application/json")
+
+
+def require_uncompressed(content_encoding: str) -> None:
+    """415 for a compressed body (no route inflates one; read as it is, it would be invalid JSON)."""
+    encoding = content_encoding.strip().lower() or "identity"
+    if encoding != "identity":
+        raise ApiError(415, f"content encoding {shown(encoding)} is not supported; send the body uncompressed")
 
 
 def split_binary(body: bytes, length: str) -> tuple[bytes, memoryview]:
@@ -133,7 +149,8 @@ def split_binary(body: bytes, length: str) -> tuple[bytes, memoryview]:
     bytes of JSON followed by raw tensor bytes. (JSON part, tensor bytes)."""
     if not (length.isascii() and length.isdigit()) or not 0 < int(length) <= len(body):  # "²".isdigit() is true
         raise ApiError(
-            422, f"{BINARY_HEADER}: {length[:20]!r} is not the length of the JSON part of this {len(body)}-byte body"
+            422,
+            f"{BINARY_HEADER}: {shown(length, 20)} is not the length of the JSON part of this {len(body)}-byte body",
         )
     return body[: int(length)], memoryview(body)[int(length) :]
 
@@ -200,9 +217,7 @@ class Lane:
 
     async def _body(self, route: APIRoute, model: type[BaseModel], request: Request) -> BaseModel:
         length = request.headers.get(BINARY_HEADER) if route.path in self.binary else None
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":
-            raise ApiError(415, f"content encoding {encoding!r} is not supported; send the body uncompressed")
+        require_uncompressed(request.headers.get("content-encoding", ""))
         if length is None:
             require_json(request.headers.get("content-type", ""), binary=route.path in self.binary)
         try:  # a request past the pre-body gate counts as queued until its body is read: bound the wait

@@ -49,7 +49,9 @@ class Hint(BaseModel):
         description="Lowest acceptable alpha; if it cannot be met now the request is refused at once "
         "with 429, and Retry-After unless an operator's pin or the battery cap is what refuses it.",
     )
-    deadline_ms: float | None = Field(None, gt=0, le=60_000, description="Latency budget for this request.")
+    deadline_ms: float | None = Field(
+        None, gt=0, le=60_000, allow_inf_nan=False, description="Latency budget for this request."
+    )
 
 
 class PredictRequest(Hint):
@@ -124,7 +126,7 @@ class PredictResponse(BaseModel):
 
 class PinRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    alpha: float = Field(ge=0.0, le=1.0)
+    alpha: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
 
 
 class V2Tensor(BaseModel):

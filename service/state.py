@@ -216,11 +216,12 @@ StateDep = Annotated[State, Depends(get_state)]
 SIGNAL_NAMES = [f.name for f in dataclasses.fields(Signals) if f.name != "now"]  # lcs_signal{signal}
 
 
-def late_detail(wait: float, budget: float) -> str:
-    return (
-        f"the queue would take about {wait * 1000:.0f} ms, over this request's {budget * 1000:.0f} ms budget; "
-        "retry after a moment"
-    )
+def late_detail(wait: float, budget: float, left: float | None = None) -> str:
+    """`left`: what remains of the budget after reading the request (the wait is compared with it)."""
+    over = f"this request's {budget * 1000:.0f} ms budget"
+    if left is not None and round(left * 1000) < round(budget * 1000):
+        over = f"the {left * 1000:.0f} ms left of {over}"
+    return f"the queue would take about {wait * 1000:.0f} ms, over {over}; retry after a moment"
 
 
 NOT_READY = "the service is starting or shutting down; retry shortly"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from service.cache import Grid
 from service.controller import Controller, Signals
 from service.profile import LatencyProfile
 from service.signals import LoopCost
+from service.state import late_detail
 from tests.service.service_support import (
     TinyCheckpoint,
     image_list,
@@ -74,6 +76,18 @@ def test_the_predicted_wait_is_the_slower_stages_where_model_and_loop_run_in_par
         assert c.predicted_wait(10, 2) == pytest.approx(want)
 
 
+def test_the_late_message_names_what_reading_the_request_left_of_its_budget() -> None:
+    tail = "; retry after a moment"
+    assert late_detail(0.068, 0.1, left=0.052) == (
+        "the queue would take about 68 ms, over the 52 ms left of this request's 100 ms budget" + tail
+    )
+    for left in (None, 0.0999):  # before the body is read, or nothing worth a millisecond spent reading it
+        assert (
+            late_detail(0.12, 0.1, left=left)
+            == "the queue would take about 120 ms, over this request's 100 ms budget" + tail
+        )
+
+
 def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyCheckpoint) -> None:
     """After its body is read, a request is judged with its own size and deadline."""
 
@@ -94,7 +108,14 @@ def test_a_request_predicted_to_finish_late_is_refused_at_once(structured: TinyC
                 assert (await first).status_code == 200 and (await second).status_code == 200
                 ok = await ok_task
             assert late.status_code == 429 and late.headers["retry-after"]
-            assert "budget" in late.json()["detail"]
+            # the wait is judged against what reading the request left of its budget, and the message says so
+            detail = late.json()["detail"]
+            said = re.match(
+                r"the queue would take about (\d+) ms, over (?:the (\d+) ms left of )?this request's 2000 ms budget",
+                detail,
+            )
+            assert said, detail
+            assert 2000 <= int(said[1]) <= 3000 and int(said[2] or 2000) <= 2000
             assert ok.status_code == 200
             metrics = (await client.get("/metrics")).text
             assert 'lcs_shed_total{reason="predicted_late"} 1.0' in metrics

@@ -525,12 +525,23 @@ def test_v2_unknown_model_is_404(client: TestClient, path: str) -> None:
     assert NAME in r.json()["detail"]
 
 
+def test_error_messages_quote_a_clients_long_strings_cut_short(client: TestClient) -> None:
+    r = client.get("/v2/models/" + "m" * 20_000)
+    assert r.status_code == 404 and r.json()["detail"].startswith("model 'mmm") and len(r.json()["detail"]) < 200
+    body = v2_body(IMAGES[:1])
+    body["inputs"][0]["datatype"] = "X" * 100_000
+    r = client.post(f"/v2/models/{NAME}/infer", json=body)
+    assert r.status_code == 422 and "XXX'... is not supported" in r.json()["detail"] and len(r.text) < 400
+
+
 def test_v2_infer_uint8(client: TestClient, structured: TinyCheckpoint) -> None:
     r = client.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:2], quality=0.5))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_name"] == NAME and body["id"] == "req-1"
     assert body["parameters"]["alpha"] == 0.5 and body["parameters"]["accuracy"] == ACCURACY[0.5]
+    served = client.post("/predict", json={"inputs": [ZEROS]}).json()  # the same account of how it was served
+    assert body["parameters"].keys() == served.keys() - {"predictions", "model", "request_id"}
     out = body["outputs"][0]
     assert out["name"] == "probabilities" and out["shape"] == [2, len(CLASSES)]
     got = torch.tensor(out["data"]).view(2, len(CLASSES))
@@ -851,6 +862,16 @@ def test_pin_needs_the_right_key_and_pins_what_predict_serves(structured: TinyCh
             "/admin/pin", content=b'{"alpha": 0.5}', headers={"x-api-key": "s3cret", "content-type": "text/plain"}
         )
         assert r.status_code == 415 and "send application/json" in r.json()["detail"]
+        r = c.put(
+            "/admin/pin",
+            content=gzip.compress(b'{"alpha": 0.5}'),
+            headers={"x-api-key": "s3cret", "content-type": "application/json", "content-encoding": "gzip"},
+        )
+        assert r.status_code == 415 and "content encoding 'gzip' is not supported" in r.json()["detail"]
+        r = c.put(
+            "/admin/pin", content=b'{"alpha": NaN}', headers={"x-api-key": "s3cret", "content-type": "application/json"}
+        )
+        assert r.status_code == 422 and r.json()["detail"] == "body.alpha: Input should be a finite number"
         r = c.delete("/admin/pin", headers={"authorization": "bearer s3cret"})  # the scheme is case-insensitive
         assert r.status_code == 200
         assert r.json()["pinned"] is None and r.json()["mode"] == "recovering"

@@ -199,8 +199,12 @@ CASES: dict[str, Hostile] = {
     "min_quality Infinity": Hostile(predict_with(json.dumps(ZEROS), ', "min_quality": Infinity'), "min_quality"),
     "deadline_ms -1": Hostile(predict_with(json.dumps(ZEROS), ', "deadline_ms": -1'), "deadline_ms"),
     "deadline_ms 1e9": Hostile(predict_with(json.dumps(ZEROS), ', "deadline_ms": 1e9'), "deadline_ms"),
-    "deadline_ms 1e309": Hostile(predict_with(json.dumps(ZEROS), ', "deadline_ms": 1e309'), "deadline_ms"),
-    "deadline_ms NaN": Hostile(predict_with(json.dumps(ZEROS), ', "deadline_ms": NaN'), "deadline_ms"),
+    "deadline_ms 1e309": Hostile(
+        predict_with(json.dumps(ZEROS), ', "deadline_ms": 1e309'), "deadline_ms: Input should be a finite number"
+    ),
+    "deadline_ms NaN": Hostile(
+        predict_with(json.dumps(ZEROS), ', "deadline_ms": NaN'), "deadline_ms: Input should be a finite number"
+    ),
     "deadline_ms '50'": Hostile(predict_with(json.dumps(ZEROS), ', "deadline_ms": "50"'), "deadline_ms"),
     "deadline_ms true": Hostile(predict_with(json.dumps(ZEROS), ', "deadline_ms": true'), "deadline_ms"),
     "top_k true": Hostile(predict_with(json.dumps(ZEROS), ', "top_k": true'), "top_k"),
