@@ -11,7 +11,7 @@
 2. Restarts it with the queue sized to the SLO (LCS_QUEUE_MAX = capacity x SLO / 4, Little's law with
    a quarter of the budget for waiting: the rest goes to the batch ahead, the request's own batch, and
    reading, parsing and answering on an event loop saturated by refusals; measured here, half the budget
-   put the accepted p99 at 108 ms, a quarter at 91 ms, for a 100 ms SLO) and
+   put the accepted p99 at 108-126 ms, a quarter at 64-91 ms, for a 100 ms SLO) and
    sends an open-loop stream at `--factor` x capacity, capped at `--max-rate` requests/s so that the
    generator stays sane: arrival times are fixed in advance (Poisson, seeded), bounded in count and time,
    so a slow answer never slows the sender (benchmarks.openloop: a lean HTTP/1.1 client on up to

@@ -1,5 +1,6 @@
 """Command line: `python -m training train [CONFIG.yaml] [key=value ...]`,
-`python -m training evaluate CHECKPOINT --json OUT.json [--plot OUT.png] [--baseline B.json ...] [--data-dir D]` and
+`python -m training evaluate CHECKPOINT --json OUT.json [--plot OUT.png] [--baseline B.json ...] [--compare R.json ...]
+[--data-dir D]` and
 `python -m training plot REPORT.json ... --baseline B.json --out PLOT.png` and
 `python -m training samples CHECKPOINT [--data-dir D]`."""
 
