@@ -106,6 +106,13 @@ class CheckpointMeta(_Strict):
             raise ValueError(f"not a schedule ({e}); its fields are those of lcs.alpha.Schedule") from None
         return v
 
+    @field_validator("alpha_convention")
+    @classmethod
+    def _convention(cls, v: str) -> str:
+        if v != ALPHA_CONVENTION:  # served as this build reads alpha, its models would run in the wrong order
+            raise ValueError(f"{v!r} is not this build's convention ({ALPHA_CONVENTION!r}); retrain with this build")
+        return v
+
     @field_validator("classes")
     @classmethod
     def _classes(cls, v: list[str]) -> list[str]:
@@ -161,6 +168,7 @@ def build(meta: CheckpointMeta) -> SubspaceResNet:
 
 
 SAMPLES = "samples."  # tensor-name prefix of the sample images (not model state)
+STATE_SUFFIX = ".state.safetensors"  # training's resumable state beside a checkpoint (m.safetensors: m.state...)
 
 
 def save(
@@ -238,6 +246,12 @@ def _open(path: Path, named_by: str) -> tuple[CheckpointMeta, dict[str, torch.Te
         raise CheckpointError(
             f"{path}: not a readable safetensors file (truncated or corrupt: {e}).{_sniff(path)} {fix}"
         ) from None
+    if META_KEY not in header and path.name.endswith(STATE_SUFFIX) and "epoch" in header:
+        kept_for = path.with_name(path.name.removesuffix(STATE_SUFFIX) + ".safetensors")
+        raise CheckpointError(
+            f"{path}: the state `python -m training train` keeps to resume a run, not a checkpoint; point "
+            f"{named_by} at the checkpoint the run writes ({kept_for})."
+        )
     if META_KEY not in header:
         raise CheckpointError(
             f"{path}: a safetensors file without lcs-serve metadata (header key {META_KEY!r} missing); "
@@ -245,8 +259,9 @@ def _open(path: Path, named_by: str) -> tuple[CheckpointMeta, dict[str, torch.Te
         )
     try:
         raw = json.loads(header[META_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: metadata {META_KEY!r} is not valid JSON ({e}). {fix}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        why = e if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise CheckpointError(f"{path}: metadata {META_KEY!r} is not valid JSON ({why}). {fix}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: metadata format is {raw.get('format') if isinstance(raw, dict) else raw!r}, "
@@ -321,11 +336,11 @@ def load_with_samples(
     images, labels = tensors.get(SAMPLES + "images"), tensors.get(SAMPLES + "labels")
     samples = None if images is None or labels is None else (images, labels)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(SAMPLES)}  # not model state
-    try:
-        model = build(meta)
+    try:  # shapes first, on the meta device: an edited width of 200,000 must be this error, not a 1.4 TB allocation
+        with torch.device("meta"):
+            expected = build(meta).state_dict()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: field 'arch.kwargs' does not build {meta.arch.name!r}: {e}") from None
-    expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -341,5 +356,6 @@ def load_with_samples(
             )
         if v.is_floating_point() and not torch.isfinite(tensors[k]).all():
             raise CheckpointError(f"{path}: tensor {k!r} contains NaN or Inf; the checkpoint is corrupt.")
+    model = build(meta)  # its size now the file's
     model.load_state_dict(tensors)
     return model.eval(), meta, samples

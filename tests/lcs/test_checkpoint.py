@@ -222,6 +222,19 @@ def test_metadata_that_is_not_json(saved_checkpoint: Saved, tmp_path: Path) -> N
     _refused(path, "not valid JSON")
 
 
+def test_metadata_nested_too_deeply_for_the_parser(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    _, tensors = _parts(saved_checkpoint[0])
+    path = tmp_path / "deep.safetensors"
+    save_file(tensors, str(path), metadata={checkpoint.META_KEY: "[" * 100_000 + "]" * 100_000})
+    _refused(path, "not valid JSON (nested too deeply)")
+
+
+def test_a_training_state_file_is_named_as_such_with_the_checkpoint_to_use(tmp_path: Path) -> None:
+    path = tmp_path / "m.state.safetensors"
+    save_file({"model.w": torch.zeros(3)}, str(path), metadata={"epoch": "1", "config": "{}"})
+    _refused(path, "the state `python -m training train` keeps to resume a run", str(tmp_path / "m.safetensors"))
+
+
 def test_wrong_format_name(saved_checkpoint: Saved, tmp_path: Path) -> None:
     path = _resave(saved_checkpoint[0], tmp_path / "fmt.safetensors", meta=lambda m: m.update(format="other"))
     _refused(path, "format", "'other'")
@@ -299,6 +312,18 @@ def test_bad_arch_kwargs(saved_checkpoint: Saved, tmp_path: Path) -> None:
     assert str(path) in str(err.value)
 
 
+def test_arch_kwargs_far_larger_than_the_tensors_are_refused_without_allocating_them(
+    saved_checkpoint: Saved, tmp_path: Path
+) -> None:
+    # built for real first, this was a RuntimeError traceback from a 1.4 TB allocation
+    path = _resave(
+        saved_checkpoint[0],
+        tmp_path / "huge.safetensors",
+        meta=lambda m: m["arch"].update(kwargs={**m["arch"]["kwargs"], "widths": [200_000, 200_000]}),
+    )
+    _refused(path, "the architecture needs (200000, 1, 3, 3)", "the file is corrupt or was edited", tensors=True)
+
+
 def test_arch_kwargs_that_set_a_field_of_the_metadata_are_refused(saved_checkpoint: Saved, tmp_path: Path) -> None:
     """This loaded, the norm field silently overriding arch.kwargs, while training refused the same kwargs."""
     path = _resave(
@@ -338,6 +363,8 @@ def test_arch_kwargs_that_set_a_field_of_the_metadata_are_refused(saved_checkpoi
             lambda m: m.update(classes=["a", "a", *m["classes"][2:]]),
             "'classes': need two or more distinct",
         ),
+        # served as this build reads alpha, its accuracy table and its models would be in the wrong order
+        (lambda m: m.update(alpha_convention="reversed"), "'alpha_convention': 'reversed' is not this build's"),
     ],
 )
 def test_invalid_metadata_names_the_field(
