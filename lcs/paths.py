@@ -27,10 +27,28 @@ def check_writable(path: Path, *, option: str, shown: str, example: str) -> None
         ) from None
 
 
-def check_flag(path: Path, flag: str, example_name: str) -> None:
+def check_flag(path: Path, flag: str, example_name: str, *, suffix: str = "") -> None:
     """`check_writable` for an output flag given as `flag path`; a directory gets the example of
-    `example_name` inside it."""
+    `example_name` inside it. `suffix`: the file's format, which the writer reads from its name (matplotlib
+    writes `plot.xyz` as an error after the work, and `plot` as `plot.png`)."""
+    if suffix and path.suffix.lower() != suffix:
+        raise ValueError(f"{flag} {path}: the file written is {suffix[1:].upper()}; name it {path.stem}{suffix}")
     check_writable(path, option=flag, shown=f"{flag} {path}", example=f"{flag} {path / example_name}")
+
+
+def check_distinct(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]]) -> None:
+    """Refuse, with ValueError, an output that is a file the command reads, or another of its outputs:
+    writing it would destroy its input, or one output would replace the other. Pairs: (how it was given,
+    path)."""
+    read = {path.resolve(): shown for shown, path in inputs}
+    written: dict[Path, str] = {}
+    for shown, path in outputs:
+        key = path.resolve()
+        if key in read:
+            raise ValueError(f"{shown}: that file is {read[key]}, which this command reads; write to another file")
+        if key in written:
+            raise ValueError(f"{shown}: that file is also {written[key]}; give each output its own file")
+        written[key] = shown
 
 
 def file_problem(path: Path) -> str | None:

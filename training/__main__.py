@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lcs.checkpoint import CheckpointError
-from lcs.paths import check_flag
+from lcs.paths import check_distinct, check_flag
 from training.config import options_help
 from training.data import DataError
 from training.distributed import env_rank
@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "plot":
             from training.evaluate import plot, read_report
 
-            check_flag(args.out, "--out", "plot.png")
+            check_flag(args.out, "--out", "plot.png", suffix=".png")
+            check_distinct(
+                [(f"--out {args.out}", args.out)],
+                [(f"report {r}", r) for r in args.reports] + [(f"--baseline {b}", b) for b in args.baseline],
+            )
             reports = {r: read_report(r, "report", subspace=True) for r in args.reports}
             baselines = {b: read_report(b, "--baseline", subspace=False) for b in args.baseline}
             _same_kind(reports, "report")
@@ -143,7 +147,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{given} only draws on the plot; add --plot OUT.png, or leave {given} out")
     check_flag(args.json, "--json", "report.json")
     if args.plot:
-        check_flag(args.plot, "--plot", "plot.png")
+        check_flag(args.plot, "--plot", "plot.png", suffix=".png")
+    check_distinct(
+        [(f"--json {args.json}", args.json)] + ([(f"--plot {args.plot}", args.plot)] if args.plot else []),
+        [(f"the checkpoint {args.checkpoint}", args.checkpoint)]
+        + [(f"--baseline {b}", b) for b in args.baseline]
+        + [(f"--compare {c}", c) for c in args.compare],
+    )
     baselines = _by_name({b: read_report(b, "--baseline", subspace=False) for b in args.baseline})
     compare = {c: read_report(c, "--compare", subspace=True) for c in args.compare}
     if compare:  # drawn on this checkpoint's axis (its kind's compression level)

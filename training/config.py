@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from lcs.alpha import SUBSPACES, Schedule, check_alpha, is_grid
+from lcs.checkpoint import STATE_SUFFIX
 from lcs.layers import NormType
 from lcs.models import SUBSPACE_ARGS, check_arch_kwargs
 
@@ -116,6 +118,13 @@ class TrainConfig:
                 raise OptionError(f"fixed_alpha={self.fixed_alpha!r}: {e}", "fixed_alpha") from None
             self.subspace = "point"  # a baseline is one network: nothing to interpolate
             self.stat_alphas = [self.fixed_alpha]
+        if self.out.endswith(("/", os.sep)):  # written as the file `runs` beside a `runs.state.safetensors`
+            raise OptionError(
+                f"out={self.out} names a folder; name the checkpoint file, e.g. out={self.out}model.safetensors", "out"
+            )
+        self.out = os.path.expanduser(self.out)  # a YAML value is no shell word: `~/runs` made a folder named ~
+        if self.data_dir is not None:
+            self.data_dir = os.path.expanduser(self.data_dir)
         finite = math.isfinite
         _require(self.val_size >= 0, "val_size", self.val_size, "val_size >= 0 (0: train on every image)")
         _require(finite(self.beta) and self.beta >= 0, "beta", self.beta, "beta >= 0 (0: no line regulariser)")
@@ -169,7 +178,7 @@ class TrainConfig:
     def state_path(self) -> Path:
         """Resumable training state, written every epoch next to `out`."""
         out = Path(self.out)
-        return out.with_name(out.stem + ".state.safetensors")
+        return out.with_name(out.stem + STATE_SUFFIX)
 
 
 def options_help(width: int = 100) -> str:

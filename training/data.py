@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,19 +192,36 @@ def _read_folder_split(root: Path, classes: list[str]) -> tuple[Split, Path]:
                 continue
             try:
                 with Image.open(f) as im:
-                    images.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im))
+                    images.append(_pixels(im))
             except (OSError, UnidentifiedImageError) as e:
                 raise DataError(f"{f}: not a readable image ({e})") from None
             labels.append(label)
             files.append(f)
     if not images:
         raise DataError(f"{root}: no images found under its class folders")
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise DataError(f"{root}: images have different shapes {sorted(shapes)[:4]}; resize them to one size")
+    first: dict[tuple[int, ...], Path] = {}  # each shape's first file
+    for pixels, f in zip(images, files, strict=True):
+        first.setdefault(pixels.shape, f)
+    if len(first) != 1:
+        (a, fa), (b, fb) = list(first.items())[:2]
+        fix = "resize them to one size" if len(a) == len(b) else "save them all greyscale or all RGB"
+        raise DataError(f"{root}: {fa} is {_shape_text(a)} but {fb} is {_shape_text(b)}; {fix}")
     x = np.stack(images)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64)), files[0]
+
+
+def _pixels(im: Any) -> np.ndarray:
+    """An image's 8-bit pixels: greyscale modes as [H, W] (16-bit scaled from its full range, which converting
+    would clip to 255, as the service's decoder does), every other mode as RGB [H, W, 3]."""
+    if im.mode.startswith("I"):  # a 16-bit PNG opens as I;16 or I
+        return np.clip(np.rint(np.asarray(im, dtype=np.float64) * (255 / 65535)), 0, 255).astype(np.uint8)
+    return np.asarray(im if im.mode in ("L", "RGB") else im.convert("L" if im.mode in ("1", "LA") else "RGB"))
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    h, w = shape[:2]
+    return f"{w}x{h} {'greyscale' if len(shape) == 2 else 'RGB'}"
 
 
 def _class_folders(split: Path) -> list[str]:
@@ -249,6 +267,9 @@ def load_folder(root: Path, *, option: str = "data_dir") -> Dataset:
     )
 
 
+DATASETS = ("fashion-mnist", "cifar10", "folder")  # what load_dataset reads
+
+
 def load_dataset(name: str, data_dir: str | None = None, *, option: str = "data_dir") -> Dataset:
     """The dataset `name` from `data_dir` (None: its standard location). `option` is what sets data_dir, as the
     fix in an error names it: the training option data_dir, or evaluate's --data-dir."""
@@ -263,7 +284,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, option: str = "data_
         if root is None:
             raise DataError(f"folder needs {option}=<path with train/ and test/ class folders>")
         return load_folder(root, option=option)
-    raise DataError(f"unknown dataset {name!r}; choose fashion-mnist, cifar10 or folder")
+    raise DataError(f"unknown dataset {name!r}; choose {', '.join(DATASETS)}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from lcs import checkpoint
 from lcs.alpha import KINDS, LEVEL_LABELS, SUBSPACES
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet
-from training.data import DataError, Dataset, Split, load_dataset, normalise, shape_text
+from training.data import DATASETS, DataError, Dataset, Split, load_dataset, normalise, shape_text
 
 
 @torch.no_grad()
@@ -134,6 +134,11 @@ def trained_dataset(path: Path | str, meta: checkpoint.CheckpointMeta, data_dir:
     """The dataset a checkpoint was trained on: `data_dir` (the commands' --data-dir), else the folder its
     metadata records, else the dataset's standard location; refused (DataError) if its images or classes are
     not the checkpoint's (a RuntimeError traceback, or, same size but other pixels, a plausible wrong accuracy)."""
+    if meta.dataset not in DATASETS:  # "choose one" would offer a choice the command does not give
+        raise checkpoint.CheckpointError(
+            f"{path}: field 'dataset' is {meta.dataset!r}, which this build cannot read ({', '.join(DATASETS)}); "
+            "the file was edited, or written by another version of lcs-serve"
+        )
     data_dir = data_dir or recorded_data_dir(path, meta)
     data = load_dataset(meta.dataset, data_dir, option="--data-dir")
     where = data_dir or f"{meta.dataset}'s standard location"

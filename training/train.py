@@ -35,9 +35,9 @@ from lcs.layers import Setting
 from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subspace_kwargs
 from lcs.paths import check_writable
 from training.config import TrainConfig
-from training.data import Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
+from training.data import DataError, Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
 from training.distributed import Ranks
-from training.evaluate import accuracy, accuracy_table, calibrate, trained_dataset
+from training.evaluate import accuracy, accuracy_table, calibrate, recorded_data_dir, trained_dataset
 
 
 def sample_alphas(cfg: TrainConfig, rng: random.Random) -> list[float]:
@@ -379,7 +379,29 @@ def attach_samples(path: Path | str, data_dir: str | None = None) -> None:
     """Add the sample images `train` stores today to a checkpoint written before checkpoints carried them,
     drawn from its training split (`data_dir`, else the one it recorded; see trained_dataset)."""
     model, meta = checkpoint.load(path)
-    cfg = meta.training.get("config", {})
+    check_writable(Path(path), option="the checkpoint", shown=f"samples {path}", example="a writable folder")
+    val_size, seed = (_recorded_count(path, meta, key) for key in ("val_size", "seed"))
     data = trained_dataset(path, meta, data_dir)
-    train_split, _ = hold_out(data.train, int(cfg.get("val_size", 0)), int(cfg.get("seed", 0)))
-    checkpoint.save(path, model, meta, samples=sample_images(train_split, int(cfg.get("seed", 0))))
+    train_split, _ = hold_out(data.train, val_size, seed)
+    if not len(train_split):  # 0 samples is a checkpoint without them: its start-up self-check would be skipped
+        raise DataError(
+            f"{data_dir or recorded_data_dir(path, meta) or meta.dataset}: {len(data.train)} training images, "
+            f"none left beside the {val_size} {path} held out for validation; pass --data-dir with the dataset it "
+            "was trained on"
+        )
+    checkpoint.save(path, model, meta, samples=sample_images(train_split, seed))
+
+
+def _recorded_count(path: Path | str, meta: checkpoint.CheckpointMeta, key: str) -> int:
+    """A whole-number training option the checkpoint recorded (training.config), 0 if it recorded none."""
+    config = meta.training.get("config", {})
+    if not isinstance(config, dict):
+        raise checkpoint.CheckpointError(
+            f"{path}: field 'training.config' is {type(config).__name__}, not the training options; the file was edited"
+        )
+    value = config.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise checkpoint.CheckpointError(
+            f"{path}: field 'training.config.{key}' is {value!r}, not a whole number (0 or more); the file was edited"
+        )
+    return value

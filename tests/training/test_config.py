@@ -409,6 +409,17 @@ def test_state_path_sits_next_to_the_checkpoint() -> None:
     assert cfg.state_path == Path("runs/x/model.state.safetensors")
 
 
+def test_out_must_name_a_file_and_a_home_folder_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # out=runs/ wrote a file named runs (and runs.state.safetensors); `out: ~/m` made a folder named ~
+    with pytest.raises(ValueError, match=r"out=runs/ names a folder; name the checkpoint file, e\.g\. out=runs/model"):
+        load_config(None, ["out=runs/"])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("out: ~/runs/m.safetensors\ndata_dir: ~/data\n")
+    cfg = load_config(path, [])
+    assert (cfg.out, cfg.data_dir) == (f"{tmp_path}/runs/m.safetensors", f"{tmp_path}/data")
+
+
 def test_to_dict_round_trips() -> None:
     cfg = load_config(None, ["kind=unstructured", "keep_min=0.05"])
     assert TrainConfig(**cfg.to_dict()) == cfg

@@ -240,6 +240,20 @@ def test_load_folder_rgb_and_skips_other_files(tmp_path: Path) -> None:
     assert np.array_equal(data.train.images[0].numpy().transpose(1, 2, 0), rgb)
 
 
+def test_load_folder_reads_16_bit_and_bilevel_greyscale_as_greyscale(tmp_path: Path) -> None:
+    """A 16-bit PNG was converted to RGB, which clipped it: 99.5 % of its pixels 255, trained on without a word."""
+    deep = np.array([[0, 257, 32896], [65535, 1000, 40000]], dtype=np.uint16)
+    bits = np.array([[True, False, True], [False, True, False]])
+    for split in ("train", "test"):
+        _png(tmp_path / split / "a" / "0.png", deep)
+        _png(tmp_path / split / "b" / "0.png", bits)
+    assert Image.open(tmp_path / "train" / "a" / "0.png").mode.startswith("I")
+    data = load_folder(tmp_path)
+    assert data.train.images.shape == (2, 1, 2, 3)
+    assert data.train.images[0, 0].tolist() == [[0, 1, 128], [255, 4, 156]]  # value x 255 / 65535, rounded
+    assert data.train.images[1, 0].tolist() == [[255, 0, 255], [0, 255, 0]]
+
+
 def test_load_folder_class_missing_from_test(tmp_path: Path) -> None:
     img = np.zeros((4, 4), np.uint8)
     for cls in ("a", "b"):
@@ -284,7 +298,10 @@ def test_load_folder_refusals(tmp_path: Path) -> None:
     _png(tmp_path / "train" / "a" / "0.png", np.zeros((4, 4), np.uint8))
     _png(tmp_path / "train" / "a" / "1.png", np.zeros((5, 4), np.uint8))
     _png(tmp_path / "test" / "a" / "0.png", np.zeros((4, 4), np.uint8))
-    with pytest.raises(DataError, match="different shapes"):
+    with pytest.raises(DataError, match=r"0\.png is 4x4 greyscale but .*1\.png is 4x5 greyscale; resize them"):
+        load_folder(tmp_path)
+    _png(tmp_path / "train" / "a" / "1.png", np.zeros((4, 4, 3), np.uint8))  # the channels differ, not the size
+    with pytest.raises(DataError, match=r"0\.png is 4x4 greyscale but .*1\.png is 4x4 RGB; save them all greyscale"):
         load_folder(tmp_path)
     (tmp_path / "train" / "a" / "1.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"1\.png"):

@@ -167,6 +167,15 @@ def test_plot_with_a_bad_baseline_and_reports_of_two_kinds(tmp_path: Path, capsy
     base.write_text(json.dumps({"kind": "quantized", "points": [{"level": 8, "accuracy": 9}]}))  # a reference line
     assert main(["plot", str(good), "--baseline", str(base), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # the output over a report it reads, or without a PNG's name: refused before drawing
+    odd = tmp_path / "r.png"  # a report under a PNG's name
+    odd.write_text(json.dumps(REPORT))
+    assert main(["plot", str(odd), "--out", str(odd)]) == 2
+    assert f"--out {odd}: that file is report {odd}, which this command reads" in capsys.readouterr().err
+    assert json.loads(odd.read_text()) == REPORT
+    assert main(["plot", str(good), "--out", str(tmp_path / "o9")]) == 2
+    assert f"--out {tmp_path / 'o9'}: the file written is PNG; name it o9.png" in capsys.readouterr().err
+    assert json.loads(good.read_text()) == REPORT and not (tmp_path / "o9.png").exists()
 
 
 def _no_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,6 +209,22 @@ def _no_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
         (
             ["--json", "{tmp}/r.json", "--plot", "{tmp}/p.png", "--compare", "{tmp}/q.json"],
             "--compare {tmp}/q.json: a quantized report, but {ckpt} is structured",
+        ),
+        # matplotlib read the format from the name: an error after the evaluation, or p.png written for p
+        (
+            ["--json", "{tmp}/r.json", "--plot", "{tmp}/p.xyz"],
+            "--plot {tmp}/p.xyz: the file written is PNG; name it p.png",
+        ),
+        (["--json", "{tmp}/r.json", "--plot", "{tmp}/p"], "--plot {tmp}/p: the file written is PNG; name it p.png"),
+        # an output over an input: the checkpoint became a 259-byte JSON file, exit 0
+        (["--json", "{ckpt}"], "--json {ckpt}: that file is the checkpoint {ckpt}, which this command reads"),
+        (
+            ["--json", "{tmp}/q.json", "--plot", "{tmp}/p.png", "--baseline", "{tmp}/q.json"],
+            "--json {tmp}/q.json: that file is --baseline {tmp}/q.json, which this command reads",
+        ),
+        (
+            ["--json", "{tmp}/p.png", "--plot", "{tmp}/p.png"],
+            "--plot {tmp}/p.png: that file is also --json {tmp}/p.png; give each output its own file",
         ),
         # silently ignored without --plot
         (["--json", "{tmp}/r.json", "--baseline", "{tmp}/q.json"], "--baseline only draws on the plot; add --plot"),
@@ -445,6 +470,52 @@ def test_samples_stores_images_from_the_dataset_given(
     images, labels = checkpoint.load_with_samples(ckpt)[2] or (None, None)
     assert images is not None and labels is not None
     assert images.shape[1:] == (1, 12, 12) and set(labels.tolist()) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [  # it wrote 0 sample images, exit 0 (and the service then skipped its self-check without a word)
+        ({"val_size": 10}, "4 training images, none left beside the 10 {ckpt} held out for validation"),
+        # tracebacks (AttributeError, TypeError), or a message that named neither file nor field
+        ([1], "{ckpt}: field 'training.config' is list, not the training options"),
+        ({"val_size": None}, "{ckpt}: field 'training.config.val_size' is None, not a whole number"),
+        ({"seed": "abc"}, "{ckpt}: field 'training.config.seed' is 'abc', not a whole number"),
+    ],
+)
+def test_samples_refuses_what_would_store_none_or_a_config_it_cannot_read(
+    tmp_path: Path,
+    settled_model: Callable[..., Any],
+    make_meta: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    config: object,
+    message: str,
+) -> None:
+    model = settled_model()
+    ckpt = tmp_path / "m.safetensors"
+    checkpoint.save(ckpt, model, make_meta(model, "structured", training={"config": config}))
+    before = ckpt.read_bytes()
+    data = _folder(tmp_path / "data", ["c0", "c1", "c2", "c3"], 12)
+    assert main(["samples", str(ckpt), "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(ckpt=ckpt) in err and err.count("\n") == 1, err
+    assert ckpt.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--json", "r.json"], ["samples"]])
+def test_a_dataset_this_build_cannot_read_is_named_as_the_checkpoints_field(
+    tmp_path: Path,
+    settled_model: Callable[..., Any],
+    make_meta: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    # it said "unknown dataset 'mnist'; choose fashion-mnist, cifar10 or folder": no option chooses it here
+    model = settled_model()
+    ckpt = tmp_path / "m.safetensors"
+    checkpoint.save(ckpt, model, make_meta(model, "structured", dataset="mnist"))
+    assert main([command[0], str(ckpt), *(str(tmp_path / a) if a.endswith(".json") else a for a in command[1:])]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt}: field 'dataset' is 'mnist', which this build cannot read (fashion-mnist, cifar10, folder)" in err
 
 
 # -- under torchrun: one report per job, from rank 0 -------------------------------------------------------
