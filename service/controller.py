@@ -280,7 +280,9 @@ class Controller:
         lowest = frontier[0]
         feasible = self._fits(s, frontier)
         p99 = s.p99 if s.fleet_p99 is None else max(s.p99 or 0.0, s.fleet_p99)
-        offered = replace(s, arrival_rate=s.offered_rate) if s.offered_rate is not None else s
+        # the load offered to this replica, refused requests included (the fleet's rate counts answers only:
+        # admission holds it near capacity, where it hid the overload)
+        offered = replace(s, arrival_rate=s.offered_rate, fleet_rate=None) if s.offered_rate is not None else s
         relieves = self._relieves(s.images_per_request, 1.0, self.max_batch)  # an average request
         queued = self._model_seconds(feasible, s.queue_depth * s.images_per_request, s) or 0.0  # at `feasible`
         if self.utilisation(lowest, offered) > 1.0 and (not relieves or old == lowest):

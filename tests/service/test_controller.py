@@ -406,10 +406,13 @@ def test_batch_alpha_keeps_accuracy_where_alpha_is_not_the_lever() -> None:
     assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0017, 8) == 0.0
 
 
-def test_while_shedding_the_predicted_wait_is_at_the_ceiling_where_batches_run() -> None:
+@pytest.mark.parametrize("fleet_rate", [None, 150.0])
+def test_while_shedding_the_predicted_wait_is_at_the_ceiling_where_batches_run(fleet_rate: float | None) -> None:
+    """With Prometheus, the fleet's rate (answered requests, held near capacity by admission) once stood in for
+    the offered load: the overload went unseen, the mode stayed "full" and batches fell to alpha 0."""
     c, clock = controller(request_cost_seconds=0.005), Clock()
     at_bottom = c.predicted_wait(8, 1)
-    c.update(clock(arrival_rate=150.0, offered_rate=400.0))
+    c.update(clock(arrival_rate=150.0, offered_rate=400.0, fleet_rate=fleet_rate))
     assert c.mode == "shedding" and c.ceiling == 1.0
     assert c.predicted_wait(8, 1) == pytest.approx(at_bottom + 8 * (per_image(1.0) - per_image(0.0)))  # type: ignore[operator]
 
