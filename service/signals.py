@@ -136,4 +136,4 @@ class MachineProbe:
             b = None
         if b is None:
             return None, False
-        return float(b.percent), not bool(b.power_plugged)
+        return float(b.percent), b.power_plugged is False  # None: psutil cannot tell, which is not "on battery"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import types
 
+import psutil
 import pytest
 
 from service.signals import MachineProbe, RequestStats
@@ -55,6 +57,17 @@ def test_machine_probe_reports_shares() -> None:
     assert isinstance(on_battery, bool)
     assert not (percent is None and on_battery)
     assert math.isfinite(probe.cpu_other())
+
+
+@pytest.mark.parametrize(("plugged", "on_battery"), [(True, False), (False, True), (None, False)])
+def test_a_plug_state_psutil_cannot_tell_is_not_on_battery(
+    monkeypatch: pytest.MonkeyPatch, plugged: bool | None, on_battery: bool
+) -> None:
+    # psutil says None with no AC supply listed and the battery "Not charging" or "Unknown" (a charge limit):
+    # read as on battery, it capped alpha on a plugged-in machine below the low mark
+    battery = types.SimpleNamespace(percent=15.0, power_plugged=plugged, secsleft=None)
+    monkeypatch.setattr(psutil, "sensors_battery", lambda: battery, raising=False)
+    assert MachineProbe().battery() == (15.0, on_battery)
 
 
 @pytest.mark.parametrize(
