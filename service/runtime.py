@@ -123,7 +123,9 @@ class Runtime:
             scale=scale,
             shift=shift,
         )
-        rt.prebuild = sorted({a for a in prebuild.values() if a is not None}, reverse=True)
+        # and always the top of the grid: the controller raises the ceiling only to profiled alphas, so without
+        # it an idle service lowered the ceiling to the highest prebuilt alpha and never raised it again
+        rt.prebuild = sorted({a for a in prebuild.values() if a is not None} | {grid.alphas[-1]}, reverse=True)
         rt.accuracy = {p.alpha: p.accuracy for p in meta.accuracy}
         rt.cache = ModelCache(rt._build, grid, settings.cache_bytes)
         rt.controller = Controller(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from service import materialize
+from service.controller import Signals
 from service.materialize import Compiled
 from service.runtime import PROFILE_ROUNDS, Runtime, softmax
 from tests.service.service_support import ACCURACY, GRID, TinyCheckpoint, make_settings, normalise, random_images
@@ -101,12 +102,17 @@ def test_the_profile_is_timed_in_rounds_so_a_drifting_machine_keeps_the_alphas_i
 
 
 def test_prebuild_subset_and_a_narrower_grid(structured: TinyCheckpoint) -> None:
-    rt = Runtime.load(make_settings(structured.path, alpha_grid=[0.5, 1.0], prebuild=[0.50000001]))
+    rt = Runtime.load(make_settings(structured.path, alpha_grid=[0.0, 0.5, 1.0], prebuild=[0.50000001]))
     rt.warm_up()
-    assert rt.grid.alphas == [0.5, 1.0]
-    assert rt.cache.cached() == [0.5]  # as the grid spells it (off the grid: tests/service/test_startup.py)
-    assert set(rt.profile.seconds) == {0.5}
-    assert rt.controller.grid.alphas == [0.5, 1.0]
+    assert rt.grid.alphas == [0.0, 0.5, 1.0]
+    # as the grid spells it (off the grid: tests/service/test_startup.py), and the top of the grid, always
+    assert rt.cache.cached() == [0.5, 1.0]
+    assert set(rt.profile.seconds) == {0.5, 1.0}
+    assert rt.controller.grid.alphas == [0.0, 0.5, 1.0]
+    # idle, the ceiling stays at the top: with 1 unprofiled, the first interval lowered it to 0.5 for good
+    for t in range(20):
+        rt.controller.update(Signals(now=float(t)))
+    assert rt.controller.ceiling == 1.0 and rt.controller.mode == "full"
 
 
 @pytest.mark.parametrize("room", [10**9, 1])
