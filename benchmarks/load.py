@@ -105,6 +105,7 @@ TRACES = ("steady", "step", "ramp", "bursty", "noisy")
 # before the 5 s the target allows: a return that needed two calm spells, 0 -> 0.65 -> 1, could not be seen)
 NEIGHBOUR = (0.25, 0.5)
 RETURN_WITHIN = 5.0  # seconds after the neighbour stops in which the target wants full quality back
+HOLD_FOR_GOOD = 1.0  # seconds a return must hold, to the trace's end, to count as for good (four polls)
 
 
 def trace(kind: str, capacity: float, duration: float, seed: int) -> list[float]:
@@ -153,12 +154,12 @@ def server_settings(environ: Mapping[str, str], policy: str) -> dict[str, str]:
     return {**passed, "LCS_QUEUE_MAX": "64", "LCS_API_KEY": "bench", "LCS_POLICY": policy}
 
 
-async def run_trace(port: int, req: bytes, arrivals: list[float], timeout: float) -> list[dict[str, Any]]:
-    """One open-loop trace (benchmarks.openloop); latency counts from the scheduled arrival."""
+async def run_trace(port: int, req: bytes, arrivals: list[float], timeout: float) -> tuple[list[dict[str, Any]], int]:
+    """One open-loop trace (benchmarks.openloop); latency counts from the scheduled arrival. (rows, skipped)."""
     replies, skipped = await openloop.open_loop(port, req, arrivals, timeout=timeout)
     if skipped:
         print(f"  (the generator fell behind and skipped {skipped} arrivals)", flush=True)
-    return reply_rows(replies)
+    return reply_rows(replies), skipped
 
 
 def reply_rows(replies: list[openloop.Reply]) -> list[dict[str, Any]]:
@@ -210,8 +211,9 @@ async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Ev
 
 async def drive(
     base: str, port: int, req: bytes, arrivals: list[float], noisy: bool, duration: float
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run one trace while polling the controller; a CPU-hungry neighbour runs through NEIGHBOUR if `noisy`."""
+) -> tuple[list[dict[str, Any]], int, list[dict[str, Any]]]:
+    """Run one trace while polling the controller; a CPU-hungry neighbour runs through NEIGHBOUR if `noisy`.
+    (rows, arrivals skipped, controller timeline)."""
     timeline: list[dict[str, Any]] = []
     stop_poll = asyncio.Event()
     poller = asyncio.create_task(poll_controller(base, timeline, stop_poll))
@@ -226,18 +228,22 @@ async def drive(
         stop_burn.set()
 
     nb = asyncio.create_task(neighbour()) if noisy else None
-    rows = await run_trace(port, req, arrivals, timeout=5.0)
+    rows, skipped = await run_trace(port, req, arrivals, timeout=5.0)
     if nb is not None:
         await nb
     stop_poll.set()
     await poller
     for b in burners:
         b.join(5)
-    return rows, timeline
+    return rows, skipped, timeline
 
 
-def summarise(rows: list[dict[str, Any]], slo: float, accuracy: dict[float, float]) -> dict[str, float]:
-    sent = len(rows)
+def summarise(
+    rows: list[dict[str, Any]], slo: float, accuracy: dict[float, float], skipped: int = 0
+) -> dict[str, float]:
+    """Shares of the requests sent: the replies, and the arrivals the generator fell behind and `skipped`
+    (none so far in the recorded runs; counting them out would have raised every share)."""
+    sent = len(rows) + skipped
     ok = [r for r in rows if r["status"] == 200]
     lat = sorted(r["latency"] for r in ok)
     within = [r for r in ok if r["latency"] <= slo]
@@ -247,6 +253,7 @@ def summarise(rows: list[dict[str, Any]], slo: float, accuracy: dict[float, floa
 
     return {
         "sent": sent,
+        "skipped": skipped,
         "p50_ms": pct(0.5),
         "p99_ms": pct(0.99),
         "slo_attainment": round(len(within) / max(1, sent), 4),
@@ -257,26 +264,34 @@ def summarise(rows: list[dict[str, Any]], slo: float, accuracy: dict[float, floa
     }
 
 
-def neighbour_reaction(timeline: list[dict[str, Any]], duration: float) -> dict[str, float | None]:
+def neighbour_reaction(timeline: list[dict[str, Any]], duration: float) -> dict[str, Any]:
     """For the noisy trace (a neighbour through NEIGHBOUR of `duration`): seconds from its start until the
-    ceiling first dropped, and from its stop until the ceiling was first back at full quality, and back
-    for good (None: it never was; a later drop is the trace's own load, 0.7x capacity as Poisson
-    arrivals, which `load_after_stop` reports, and is in the timeline). Resolution: the 0.25 s controller
-    poll."""
+    ceiling first dropped (None if it was already below full quality when the neighbour started: the trace's
+    own load had lowered it, and no reaction can be read), and from its stop until the ceiling was first back
+    at full quality, and back for good: from there to the end of the trace, at least HOLD_FOR_GOOD (None: it
+    never was, or too late in the trace to tell; `full_quality_held_s` says how long it held). A later drop
+    is the trace's own load, 0.7x capacity as Poisson arrivals, which `load_after_stop` reports, and is in the
+    timeline. Resolution: the 0.25 s controller poll."""
     start, stop = (duration * f for f in NEIGHBOUR)
     top = max((p["ceiling"] for p in timeline), default=1.0)
-    drop = next((p["t"] - start for p in timeline if start <= p["t"] < stop and p["ceiling"] < top), None)
+    before = [p for p in timeline if p["t"] < start]
+    below = bool(before) and before[-1]["ceiling"] < top
+    drop = None
+    if not below:
+        drop = next((p["t"] - start for p in timeline if start <= p["t"] < stop and p["ceiling"] < top), None)
     after = [p for p in timeline if p["t"] >= stop]
     first = next((p["t"] - stop for p in after if p["ceiling"] >= top), None)
-    back = None
+    back = held = None
     for i, p in enumerate(after):
         if all(q["ceiling"] >= top for q in after[i:]):
-            back = p["t"] - stop
+            back, held = p["t"] - stop, after[-1]["t"] - p["t"]
             break
     return {
+        "ceiling_below_top_at_start": below,
         "ceiling_drop_after_start_s": None if drop is None else round(drop, 2),
         "full_quality_first_after_stop_s": None if first is None else round(first, 2),
-        "full_quality_after_stop_s": None if back is None else round(back, 2),
+        "full_quality_after_stop_s": None if back is None or held is None or held < HOLD_FOR_GOOD else round(back, 2),
+        "full_quality_held_s": None if held is None else round(held, 2),
     }
 
 
@@ -412,8 +427,10 @@ def main() -> None:
             try:
                 for k, tr in enumerate(args.traces):
                     arrivals = trace(tr, cap1, args.duration, args.seed + k)
-                    rows, timeline = openloop.run(drive(base, port, req, arrivals, tr == "noisy", args.duration))
-                    summary = summarise(rows, args.slo, accuracy)
+                    rows, skipped, timeline = openloop.run(
+                        drive(base, port, req, arrivals, tr == "noisy", args.duration)
+                    )
+                    summary = summarise(rows, args.slo, accuracy, skipped)
                     if tr == "noisy":
                         summary.update(neighbour_reaction(timeline, args.duration))  # type: ignore[arg-type]
                         summary.update(load_after_stop(arrivals, cap1, args.duration))

@@ -46,13 +46,16 @@ def built(base: str) -> list[float]:
     return list(httpx.get(base + "/model", timeout=10).json()["cached_alphas"])
 
 
-def summarise(replies: list[openloop.Reply], slo: float, accuracy: dict[float, float]) -> dict[str, Any]:
+def summarise(
+    replies: list[openloop.Reply], slo: float, accuracy: dict[float, float], skipped: int = 0
+) -> dict[str, Any]:
     """The load benchmark's figures (`load.summarise`: SLO attainment and effective accuracy over requests
-    sent, latency from the scheduled arrival), and the worst latency overall and in the rise's first second."""
+    sent, `skipped` arrivals included, latency from the scheduled arrival), and the worst latency overall and
+    in the rise's first second."""
     rows = reply_rows(replies)
     answered = [r for r in rows if r["status"] == 200]
     return {
-        **load_summary(rows, slo, accuracy),
+        **load_summary(rows, slo, accuracy, skipped),
         "max_ms": round(max((1000 * r["latency"] for r in answered), default=math.nan), 1),
         "first_second_max_ms": round(max((1000 * r["latency"] for r in answered if r["t"] < 1.0), default=math.nan), 1),
     }
@@ -110,10 +113,9 @@ def main() -> int:
             "duration": args.duration,
             "slo": args.slo,
             "seed": args.seed,
-            "skipped": skipped,
             "built_before": cycles[0]["built_before"],
             "built_after": cycles[-1]["built_after"],
-            **summarise(replies, args.slo, accuracy),
+            **summarise(replies, args.slo, accuracy, skipped),
             "cycles": cycles,
         }
 
@@ -141,7 +143,7 @@ def main() -> int:
                         "built_before": before,
                         "built_after": built(base),
                         "rss_mib_before": round(rss / 2**20, 1),
-                        **summarise(got, args.slo, accuracy),
+                        **summarise(got, args.slo, accuracy, missed),
                     }
                 )
         finally:

@@ -28,19 +28,38 @@ def test_neighbour_reaction_reports_the_drop_the_first_return_and_the_return_for
         timeline.append({"t": t, "ceiling": next(c for s, c in sorted(ceilings.items(), reverse=True) if t >= s)})
     reaction = neighbour_reaction(timeline, 12.0)
     assert reaction == {
+        "ceiling_below_top_at_start": False,
         "ceiling_drop_after_start_s": 0.5,
         "full_quality_first_after_stop_s": 1.5,
         "full_quality_after_stop_s": 3.0,
+        "full_quality_held_s": 2.75,
     }
 
 
 def test_neighbour_reaction_without_a_return_says_none() -> None:
     timeline = [{"t": 0.25 * i, "ceiling": 1.0 if i < 14 else 0.5} for i in range(48)]
     assert neighbour_reaction(timeline, 12.0) == {
+        "ceiling_below_top_at_start": False,
         "ceiling_drop_after_start_s": 0.5,
         "full_quality_first_after_stop_s": None,
         "full_quality_after_stop_s": None,
+        "full_quality_held_s": None,
     }
+
+
+def test_a_return_in_the_traces_last_second_is_not_for_good() -> None:
+    # back on the last polls only (as the README's run on 92e618f was: 0.3 s before the end)
+    timeline = [{"t": 0.25 * i, "ceiling": 1.0 if i < 13 or i >= 46 else 0.35} for i in range(48)]
+    reaction = neighbour_reaction(timeline, 12.0)
+    assert reaction["full_quality_first_after_stop_s"] == 5.5
+    assert reaction["full_quality_after_stop_s"] is None and reaction["full_quality_held_s"] == 0.25
+
+
+def test_a_ceiling_already_down_when_the_neighbour_starts_shows_no_reaction() -> None:
+    # the trace's own load lowered it at 2 s: the first poll inside the neighbour's window is no reaction to it
+    timeline = [{"t": 0.25 * i, "ceiling": 1.0 if i < 8 else 0.65} for i in range(48)]
+    reaction = neighbour_reaction(timeline, 12.0)
+    assert reaction["ceiling_below_top_at_start"] is True and reaction["ceiling_drop_after_start_s"] is None
 
 
 def test_the_callers_service_settings_reach_every_server_but_not_those_the_benchmark_sets() -> None:
@@ -206,7 +225,7 @@ def test_stopped_after_some_traces_it_writes_them_marked_interrupted(
         ran.append("trace")
         if len(ran) == 2:
             raise KeyboardInterrupt
-        return [{"t": 0.0, "status": 200, "latency": 0.01, "alpha": 1.0}], []
+        return [{"t": 0.0, "status": 200, "latency": 0.01, "alpha": 1.0}], 0, []
 
     monkeypatch.setattr(load, "start_server", lambda *a, **k: "server")
     monkeypatch.setattr(load, "stop_server", stopped.append)

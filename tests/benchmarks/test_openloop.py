@@ -139,6 +139,19 @@ def test_closed_loop_counts_only_successes() -> None:
     asyncio.run(main())
 
 
+def test_closed_loop_counts_the_answers_within_its_window_not_those_after_it() -> None:
+    """Answers take 0.3 s: each of 4 clients gets one at 0.3 s and one at 0.6 s, after the 0.5 s window. Counting
+    the second (every request started in the window) read 16 answers/s for a pace of 8 in the window."""
+
+    async def main() -> None:
+        server, port, _ = await _server(lambda n: (0.3, _response(200)))
+        rate = await closed_loop(port, post("/p", b"x", port), 0.5, concurrency=4, warmup=0.0)
+        server.close()
+        assert rate == 8.0
+
+    asyncio.run(main())
+
+
 def test_a_free_port_is_one_a_server_can_bind_on_the_benchmarks_host() -> None:
     port = free_port()
     with socket.socket() as s:  # what the server started there will do
