@@ -659,16 +659,8 @@ def test_a_build_the_batch_makes_first_is_not_reported_as_model_time(monkeypatch
             return super().__call__(alpha, x)
 
     async def scenario() -> None:
-        executor = ThreadPoolExecutor(max_workers=1)
-        batcher = Batcher(
-            Timed(),
-            choose_target,
-            executor,
-            max_batch=MAX_BATCH,
-            max_wait=0.0,
-            queue_max=10,
-            on_batch=lambda alpha, images, seconds, handoff: reports.append((alpha, seconds)),
-            models=models,
+        batcher, executor = make_batcher(
+            Timed(), models=models, on_batch=lambda alpha, images, seconds, handoff: reports.append((alpha, seconds))
         )
         task = await started(batcher)
         for target in (1.0, 1.0):  # the first builds alpha 1, the second finds it built
