@@ -205,7 +205,10 @@ def _read_folder_split(root: Path, classes: list[str]) -> tuple[Split, Path]:
     if len(first) != 1:
         (a, fa), (b, fb) = list(first.items())[:2]
         fix = "resize them to one size" if len(a) == len(b) else "save them all greyscale or all RGB"
-        raise DataError(f"{root}: {fa} is {_shape_text(a)} but {fb} is {_shape_text(b)}; {fix}")
+        raise DataError(
+            f"{root}: {fa} is {shape_text(_chw(a))} but {fb} is {shape_text(_chw(b))} (channels x height x width); "
+            f"{fix}"
+        )
     x = np.stack(images)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64)), files[0]
@@ -219,9 +222,9 @@ def _pixels(im: Any) -> np.ndarray:
     return np.asarray(im if im.mode in ("L", "RGB") else im.convert("L" if im.mode in ("1", "LA") else "RGB"))
 
 
-def _shape_text(shape: tuple[int, ...]) -> str:
-    h, w = shape[:2]
-    return f"{w}x{h} {'greyscale' if len(shape) == 2 else 'RGB'}"
+def _chw(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """`_pixels`' array shape, [H, W] or [H, W, 3], as (channels, height, width)."""
+    return (1, *shape) if len(shape) == 2 else (shape[2], *shape[:2])
 
 
 def _class_folders(split: Path) -> list[str]:

@@ -379,7 +379,12 @@ def attach_samples(path: Path | str, data_dir: str | None = None) -> None:
     """Add the sample images `train` stores today to a checkpoint written before checkpoints carried them,
     drawn from its training split (`data_dir`, else the one it recorded; see trained_dataset)."""
     model, meta = checkpoint.load(path)
-    check_writable(Path(path), option="the checkpoint", shown=f"samples {path}", example="a writable folder")
+    check_writable(
+        Path(path),
+        option="the checkpoint",
+        shown=f"samples {path}",
+        example=f"samples {Path(path) / 'model.safetensors'}",
+    )
     val_size, seed = (_recorded_count(path, meta, key) for key in ("val_size", "seed"))
     data = trained_dataset(path, meta, data_dir)
     train_split, _ = hold_out(data.train, val_size, seed)

@@ -298,10 +298,14 @@ def test_load_folder_refusals(tmp_path: Path) -> None:
     _png(tmp_path / "train" / "a" / "0.png", np.zeros((4, 4), np.uint8))
     _png(tmp_path / "train" / "a" / "1.png", np.zeros((5, 4), np.uint8))
     _png(tmp_path / "test" / "a" / "0.png", np.zeros((4, 4), np.uint8))
-    with pytest.raises(DataError, match=r"0\.png is 4x4 greyscale but .*1\.png is 4x5 greyscale; resize them"):
+    with pytest.raises(
+        DataError, match=r"0\.png is 1x4x4 but .*1\.png is 1x5x4 \(channels x height x width\); resize them"
+    ):
         load_folder(tmp_path)
     _png(tmp_path / "train" / "a" / "1.png", np.zeros((4, 4, 3), np.uint8))  # the channels differ, not the size
-    with pytest.raises(DataError, match=r"0\.png is 4x4 greyscale but .*1\.png is 4x4 RGB; save them all greyscale"):
+    with pytest.raises(
+        DataError, match=r"0\.png is 1x4x4 but .*1\.png is 3x4x4 \(channels x height x width\); save them all greyscale"
+    ):
         load_folder(tmp_path)
     (tmp_path / "train" / "a" / "1.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"1\.png"):
