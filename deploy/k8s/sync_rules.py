@@ -19,6 +19,7 @@ HEAD = (
     "# The rules of deploy/compose/prometheus/rules.yml for the Prometheus operator (same groups; a test\n"
     "# keeps them equal). Generated: edit rules.yml, then run\n"
     "#   python3 deploy/k8s/sync_rules.py\n"
+    "# The release label: kube-prometheus-stack's Prometheus loads only the rules that carry it.\n"
 )
 
 
@@ -38,7 +39,7 @@ def render() -> str:
     doc = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {"name": "lcs-serve"},
+        "metadata": {"name": "lcs-serve", "labels": {"release": "kube-prometheus-stack"}},
         "spec": {"groups": groups},
     }
     return HEAD + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=110)
