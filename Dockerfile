@@ -21,17 +21,27 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 COPY ${WHEELS} /wheels/
-COPY pyproject.toml README.md /src/
+# The dependencies first, from pyproject.toml alone, at the tested versions of constraints.txt: editing a
+# source file rebuilds only the layers below, not this one with torch.
+# No bytecode (--no-compile, PYTHONDONTWRITEBYTECODE): compiling the venv made the image 1.36 GB instead of
+# 1.18 and a read-only container ready after 6.3-6.7 s instead of 7.5-10.7 (5 starts each, 2 busy cores):
+# about as much time as pulling the extra 180 MB takes on a new node.
+COPY pyproject.toml constraints.txt /src/
+RUN python3 -m venv /opt/venv \
+ && python3 -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /src/requirements.txt \
+ && if ls /wheels/*.whl >/dev/null 2>&1; then \
+        /opt/venv/bin/pip install --no-compile --no-index --find-links /wheels -c /src/constraints.txt -r /src/requirements.txt; \
+    else \
+        /opt/venv/bin/pip install --no-compile --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+        && /opt/venv/bin/pip install --no-compile -c /src/constraints.txt -r /src/requirements.txt; \
+    fi
+COPY README.md LICENSE /src/
 COPY lcs /src/lcs
 COPY training /src/training
 COPY service /src/service
-RUN python3 -m venv /opt/venv \
- && if ls /wheels/*.whl >/dev/null 2>&1; then \
-        /opt/venv/bin/pip install --no-index --find-links /wheels "torch==${TORCH_VERSION}" /src; \
-    else \
-        /opt/venv/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
-        && /opt/venv/bin/pip install /src; \
-    fi \
+RUN if ls /wheels/*.whl >/dev/null 2>&1; then links="--no-index --find-links /wheels"; else links=; fi \
+ && /opt/venv/bin/pip install --no-compile --no-deps $links /src \
  && /opt/venv/bin/python -c "import torch, service.app, training.train; print('torch', torch.__version__)" \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 

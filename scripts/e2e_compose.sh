@@ -103,7 +103,7 @@ if [[ ${#services[@]} -eq 0 || " ${services[*]} " == *" grafana "* ]]; then
     'body["dashboard"]["title"] == "lcs-serve"' || fail "Grafana dashboard not provisioned"
 fi
 
-# SIGTERM drains, then the process exits by itself: code 0, well inside stop_grace_period (20 s)
+# SIGTERM drains, then the process exits by itself: code 0, well inside stop_grace_period (25 s; a SIGKILL at it would exit 137)
 say "stop lcs (SIGTERM)"
 start=$SECONDS
 "${compose[@]}" stop lcs

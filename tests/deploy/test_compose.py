@@ -66,7 +66,8 @@ def check_structure(c: dict[str, Any]) -> None:
     assert e["LCS_HOST"] == "0.0.0.0" and e["LCS_PORT"] == "8000"
     assert e["LCS_PROMETHEUS_URL"] == "http://prometheus:9090"
     assert all(k.startswith("LCS_") for k in e)
-    assert seconds(lcs["stop_grace_period"]) > float(e["LCS_DRAIN_SECONDS"]), "stop grace must outlast the drain"
+    drain = float(e["LCS_DRAIN_SECONDS"])  # then uvicorn waits up to drain + 1 s more (service/__main__.py)
+    assert seconds(lcs["stop_grace_period"]) > 2 * drain + 1, "stop grace must outlast the drain and uvicorn's wait"
     assert lcs.get("read_only") is True
 
     for name in ("prometheus", "grafana"):
