@@ -345,9 +345,9 @@ def build(
 CHANNEL_MULTIPLE = 16
 """Channel counts that vectorised CPU kernels handle without a slow remainder path: ONNX Runtime's
 convolutions work on blocks of 16 channels with AVX-512 (8 with AVX2). Measured on structured_line (2
-threads, batch 32, a one-off run in interleaved rounds): alpha 0.85 (widths 28/56/112) ran in 5.95 ms
-sliced and 2.79 padded to 32/64/112, where alpha 1 (32/64/128) takes 2.78; alpha 0 (8/16/32) ran faster
-unpadded, 0.385 ms against 0.483. Under TorchScript no width ran faster padded."""
+threads, batch 32, a one-off run in interleaved rounds): alpha 0.85 (widths 28/57/114) ran in 5.95 ms
+sliced and 2.79 padded to 32/64/128, alpha 1's widths, where alpha 1 takes 2.78; alpha 0 (8/16/32) ran
+faster unpadded, 0.385 ms against 0.483. Under TorchScript no width ran faster padded."""
 
 
 def pad_channels(net: nn.Module, multiple: int) -> nn.Module | None:

@@ -40,7 +40,7 @@ def test_rules_are_valid_and_cover_the_issue() -> None:
     alerts = {r["alert"]: r["expr"] for r in rules if "alert" in r}
     recorded = {r["record"] for r in rules if "record" in r}
     assert {"LcsSloBurnFast", "LcsSloBurnSlow", "LcsAlphaCeilingLow", "LcsShedding"} <= set(alerts)
-    assert {"lcs:slo_violations:ratio_rate5m", "lcs:quality_deficit:mean5m", "lcs:shed:rate5m"} <= recorded
+    assert {"lcs:slo_violations:ratio_rate5m", "lcs:served_alpha_shortfall:mean5m", "lcs:shed:rate5m"} <= recorded
     assert all("for" in r for r in rules if "alert" in r)  # no alert fires on a single evaluation
 
 
