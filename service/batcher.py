@@ -288,8 +288,8 @@ class Batcher:
         under memory pressure, evicted, or never built): a build is not the machine's pace (a 60 ms rebuild read
         as alpha 1 at 20x its profile, and the ceiling, no longer letting alpha 1 run, never learned better)."""
         t0 = time.perf_counter()
-        if self._models is not None:
-            self._models.get(alpha)  # a cache hit, unless this batch builds it
+        if self._models is not None and self._models.peek(alpha) is None:
+            self._models.get(alpha)  # this batch builds it (peek first: `_run`'s own lookup is the counted hit)
         t1 = time.perf_counter()
         out = self._run(alpha, x)
         return out, time.perf_counter() - t1, t1 - t0

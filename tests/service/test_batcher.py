@@ -483,6 +483,7 @@ class FakeModels:
     built: set[float]
     build_seconds: float
     log: list[tuple[str, float]]
+    hits: int = 0
 
     def peek(self, alpha: float) -> object | None:
         return alpha if alpha in self.built else None
@@ -491,9 +492,11 @@ class FakeModels:
         return 0.0 if alpha in self.built else self.build_seconds
 
     def get(self, alpha: float) -> object:
-        if alpha not in self.built:  # else a cache hit
+        if alpha not in self.built:
             self.log.append(("build", alpha))
             self.built.add(alpha)
+        else:
+            self.hits += 1
         return object()
 
 
@@ -669,6 +672,8 @@ def test_a_build_the_batch_makes_first_is_not_reported_as_model_time(monkeypatch
 
     run_async(scenario)
     assert reports == [(1.0, 2.0), (1.0, 2.0)]
+    # one counted lookup per batch once built, the model call's (lcs_cache_hits_total counted two a batch)
+    assert models.log == [("build", 1.0)] and models.hits == 2
 
 
 def test_an_unexpected_error_outside_the_model_fails_its_batch_and_the_loop_survives() -> None:
