@@ -49,6 +49,7 @@ class Signals:
     arrival_rate: float = 0.0  # requests per second, smoothed
     images_per_request: float = 1.0  # smoothed
     p99: float | None = None  # observed latency p99 over the last window, seconds
+    interval_p99: float | None = None  # p99 of the requests answered since the last interval (None: none were)
     cpu_other: float = 0.0  # share of the CPUs this process may use that other processes take, 0..1
     memory_available: float = 1.0  # share of memory available to this process (a cgroup limit's if tighter), 0..1
     battery_percent: float | None = None  # None: no battery
@@ -280,6 +281,8 @@ class Controller:
         lowest = frontier[0]
         feasible = self._fits(s, frontier)
         p99 = s.p99 if s.fleet_p99 is None else max(s.p99 or 0.0, s.fleet_p99)
+        # the latest interval's p99 (the window's where no request was answered in it)
+        latest = p99 if s.interval_p99 is None else max(s.interval_p99, s.fleet_p99 or 0.0)
         # the load offered to this replica, refused requests included (the fleet's rate counts answers only:
         # admission holds it near capacity, where it hid the overload)
         offered = replace(s, arrival_rate=s.offered_rate, fleet_rate=None) if s.offered_rate is not None else s
@@ -294,9 +297,12 @@ class Controller:
             new, reason, mode = feasible, "queueing estimate over target", "degraded"
         elif relieves and p99 is not None and p99 > self.slo and old > lowest:
             new, reason, mode = max((a for a in frontier if a < old), default=lowest), "p99 above SLO", "degraded"
-        elif feasible > old and (p99 is None or p99 < 0.7 * self.slo) and queued <= 0.25 * self.slo:
-            # calm: headroom by the estimate, p99 well inside the SLO, and no queue building up (the rate
-            # estimate lags a burst's onset; a raise with 6-16 requests queued met one and missed the SLO)
+        elif feasible > old and (latest is None or latest < 0.7 * self.slo) and queued <= 0.25 * self.slo:
+            # calm: headroom by the estimate, the interval's p99 well inside the SLO, and no queue building up
+            # (the rate estimate lags a burst's onset; a raise with 6-16 requests queued met one and missed
+            # the SLO). The calm spell is the window: raise_after intervals in a row, each judged on its own
+            # latencies. Judged on the 2 s window, each interval of the spell looked 2 s back, so a raise
+            # waited for 2 s of latencies from before the slowdown ended, and then for the spell
             self._calm += 1
             if self._calm >= self.raise_after:
                 # straight to what the estimate says fits: one grid step per calm spell took 40 s from

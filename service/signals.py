@@ -39,8 +39,11 @@ class RequestStats:
     def finished(self, seconds: float, now: float | None = None) -> None:
         self._latencies.append((now or time.monotonic(), seconds))
 
-    def tick(self, now: float) -> tuple[float, float, float | None]:
-        """(arrival rate per s, images per request, p99 of the window or None); call once per interval."""
+    def tick(self, now: float) -> tuple[float, float, float | None, float | None]:
+        """(arrival rate per s, images per request, p99 of the window or None, p99 of the requests answered
+        since the last tick or None); call once per interval. The window's p99 needs 20 samples; the
+        interval's is its slowest under 100, and None only when none was answered."""
+        since = self._last
         dt = max(1e-6, now - self._last)
         decay = math.exp(-dt * math.log(2) / self.half_life)
         self._rate = decay * self._rate + (1 - decay) * (self._count / dt)
@@ -51,8 +54,12 @@ class RequestStats:
         while self._latencies and self._latencies[0][0] < now - self.window:
             self._latencies.popleft()
         lat = sorted(s for _, s in self._latencies)
-        p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if len(lat) >= 20 else None
-        return self._rate, self._images, p99
+        recent = sorted(s for at, s in self._latencies if at > since)
+        return self._rate, self._images, _p99(lat) if len(lat) >= 20 else None, _p99(recent) if recent else None
+
+
+def _p99(ascending: Sequence[float]) -> float:
+    return ascending[min(len(ascending) - 1, int(0.99 * len(ascending)))]
 
 
 class LoopCost:

@@ -126,7 +126,7 @@ class State:
         self.runtime.controller.observe_batch(alpha, images, seconds, handoff)
 
     def signals(self, now: float) -> Signals:
-        rate, per_request, p99 = self.requests.tick(now)
+        rate, per_request, p99, interval_p99 = self.requests.tick(now)
         battery, on_battery = self.probe.battery()
         fleet = self.fleet.current(now) if self.fleet is not None else None
         return Signals(
@@ -136,6 +136,7 @@ class State:
             arrival_rate=rate,
             images_per_request=per_request,
             p99=p99,
+            interval_p99=interval_p99,
             cpu_other=self.probe.cpu_other(),
             memory_available=self.probe.memory_available(),
             battery_percent=battery,

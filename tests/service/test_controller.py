@@ -119,6 +119,22 @@ def test_recovery_only_after_raise_after_calm_intervals_to_what_fits() -> None:
     assert [d.reason for d in c.decisions][-1] == "headroom: recovering"
 
 
+def test_the_calm_spell_judges_each_interval_on_its_own_latencies() -> None:
+    """The window's p99 remembers a slow spell for 2 s after it ends; a calm spell of 4 intervals, each
+    with its own p99 well inside the SLO, is the evidence a raise waits for, and it starts when the spell
+    ends. An interval with no answers is judged on the window, and one slow interval restarts the spell."""
+    c, clock = controller(raise_after=4), Clock()
+    c.update(clock(**BURST))
+    assert c.ceiling == 0.5
+    # the window still holds 90 ms latencies; the intervals' own p99s are 20 ms (one, with none answered, is 0)
+    window = {**CALM, "p99": 0.9 * SLO}
+    intervals = [0.2 * SLO, 0.2 * SLO, 0.8 * SLO, 0.2 * SLO, None, 0.2 * SLO, 0.2 * SLO, 0.2 * SLO, 0.2 * SLO]
+    history = [c.update(clock(**window, interval_p99=p)) for p in intervals]
+    assert history == [0.5] * 8 + [1.0]  # the third restarts the spell, and so does the one judged on the window
+    assert c.update(clock(**BURST, interval_p99=0.2 * SLO)) == 0.5  # lowering does not wait for anything
+    assert c.update(clock(**CALM, p99=2 * SLO, interval_p99=0.2 * SLO)) == 0.25  # and judges the window
+
+
 def test_a_queue_building_up_is_not_calm() -> None:
     """The smoothed arrival rate lags a burst's onset; the queue does not. An interval whose queue would
     take over a quarter of the SLO at the alpha to raise to restarts the calm spell."""

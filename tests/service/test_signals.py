@@ -16,10 +16,10 @@ def test_arrival_rate_is_an_ewma_with_the_given_half_life() -> None:
     t0 = stats._last  # the clock the stats started from
     for _ in range(10):
         stats.arrived(1)
-    rate, per_request, _ = stats.tick(t0 + 1.0)
+    rate, per_request, _, _ = stats.tick(t0 + 1.0)
     assert rate == pytest.approx(0.5 * 10)  # one half-life: halfway from 0 to 10/s
     assert per_request == pytest.approx(1.0)
-    rate, _, _ = stats.tick(t0 + 2.0)  # nothing arrived in the next second
+    rate, _, _, _ = stats.tick(t0 + 2.0)  # nothing arrived in the next second
     assert rate == pytest.approx(0.5 * 5)
 
 
@@ -28,9 +28,9 @@ def test_images_per_request_is_smoothed() -> None:
     t0 = stats._last
     stats.arrived(4)
     stats.arrived(6)
-    _, per_request, _ = stats.tick(t0 + 1.0)
+    _, per_request, _, _ = stats.tick(t0 + 1.0)
     assert per_request == pytest.approx(0.8 * 1.0 + 0.2 * 5.0)
-    _, unchanged, _ = stats.tick(t0 + 2.0)  # no arrivals: keep the last estimate
+    _, unchanged, _, _ = stats.tick(t0 + 2.0)  # no arrivals: keep the last estimate
     assert unchanged == pytest.approx(per_request)
 
 
@@ -46,6 +46,19 @@ def test_p99_needs_enough_samples_and_forgets_old_ones() -> None:
         stats.finished(0.002, now=t0 + 6.0)
     p99 = stats.tick(t0 + 6.0)[2]  # samples from t0 + 0.5 are out of the 5 s window
     assert p99 == 0.002
+
+
+def test_the_interval_p99_counts_only_requests_answered_since_the_last_tick() -> None:
+    stats = RequestStats(window_seconds=2.0)
+    t0 = stats._last
+    for _ in range(30):
+        stats.finished(0.08, now=t0 + 0.1)  # a slow spell
+    assert stats.tick(t0 + 0.5)[2:] == (0.08, 0.08)
+    stats.finished(0.03, now=t0 + 0.7)  # one request, the slowest of the interval: its p99
+    stats.finished(0.01, now=t0 + 0.8)
+    assert stats.tick(t0 + 1.0)[2:] == (0.08, 0.03)  # the window still holds the spell
+    assert stats.tick(t0 + 1.5)[2:] == (0.08, None)  # none answered
+    assert stats.tick(t0 + 2.5)[2] is None  # the spell left the window: 2 samples are too few
 
 
 def test_machine_probe_reports_shares() -> None:
