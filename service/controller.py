@@ -122,6 +122,7 @@ class Controller:
         # model runs now than its calm self, whichever alpha runs (EWMA): the machine's factor, for all.
         self.calm_ratio: dict[float, float] = {}
         self.drift = 1.0
+        self._judged_drift = 1.0  # the drift at the end of the last interval
         self._unjudged: list[tuple[float, float]] = []  # (alpha, ratio) of batches since the last interval
         self.handoff = 0.0  # seconds per batch outside the model: between threads, waiting for the GIL (EWMA)
         self._shapes_seen: set[tuple[float, int]] = set()  # (alpha, batch size) pairs run at least once
@@ -165,22 +166,35 @@ class Controller:
         if not predicted:
             return
         ratio = min(20.0, max(0.5, seconds / predicted))
-        # each estimate takes the ratio winsorised at SPIKE_LIMIT times its own expectation; an alpha with no
-        # calm ratio yet has none (calm ratios range 0.6-1.45 between alphas), so its first ratio stands
-        calm = self.calm_ratio.get(alpha)
-        self._unjudged.append((alpha, ratio if calm is None else min(ratio, SPIKE_LIMIT * calm)))
-        self.drift = 0.9 * self.drift + 0.1 * min(ratio / (calm or 1.0), SPIKE_LIMIT * self.drift)
+        self._unjudged.append((alpha, ratio))
+        self.drift = self._drifted(self.drift, ratio, self.calm_ratio.get(alpha))
+
+    @staticmethod
+    def _drifted(drift: float, ratio: float, calm: float | None) -> float:
+        """The drift after a batch that ran at `ratio` to its profile, where its alpha's calm ratio is `calm`
+        (None: not learned yet). Each estimate takes the ratio winsorised at SPIKE_LIMIT times its own
+        expectation."""
+        return 0.9 * drift + 0.1 * min(ratio / (calm or 1.0), SPIKE_LIMIT * drift)
 
     def _learn_calm(self, s: Signals) -> None:
         """Teach each alpha its calm ratio from the batches run since the last interval, if the CPU other
         processes took over that interval (which is what `s.cpu_other` measures) was low. Judged at the end
         of the interval, not the start: the batches run in the half second after a neighbour starts would
         otherwise count as calm (measured: alpha 1 learned 1.24 instead of ~0.9). A slowdown no probe sees
-        is learned here too, per alpha."""
+        is learned here too, per alpha, and so the drift of a calm interval is measured again against the
+        calm ratios as they learn, batch by batch: measured against the ratios from before the interval, a
+        change of pace counted twice, in the ratio and in the drift (a 1.3x slowdown predicted at 1.63x at
+        the interval's end, which lowered the ceiling on steady load with the model 57 % busy)."""
         if s.cpu_other <= CALM_CPU_OTHER:
+            drift = self._judged_drift
             for alpha, ratio in self._unjudged:
                 calm = self.calm_ratio.get(alpha)
-                self.calm_ratio[alpha] = ratio if calm is None else 0.9 * calm + 0.1 * ratio
+                drift = self._drifted(drift, ratio, calm)
+                # an alpha with no calm ratio yet has no expectation (calm ratios range 0.6-1.45 between
+                # alphas), so its first ratio stands
+                self.calm_ratio[alpha] = ratio if calm is None else 0.9 * calm + 0.1 * min(ratio, SPIKE_LIMIT * calm)
+            self.drift = drift
+        self._judged_drift = self.drift
         self._unjudged.clear()
 
     def predicted_wait(self, images: int, requests: int, *, own: int = 0, floor: float = 0.0) -> float | None:

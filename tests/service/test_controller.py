@@ -192,6 +192,29 @@ def test_fleet_p99_counts_too() -> None:
     assert c.update(clock(**CALM, p99=0.01, fleet_p99=2 * SLO)) == 0.75
 
 
+def test_a_change_of_pace_in_a_calm_interval_is_counted_once() -> None:
+    """No probe sees why the model now runs 1.3x its calm pace, so the calm interval teaches alpha 1 the new
+    ratio; the drift, which measured those batches against the old ratio, is measured again against the
+    ratio as it learned. Counted in both, the pace was predicted at 1.63x at the interval's end."""
+    c, clock = controller(), Clock()
+
+    def run(ratio: float, batches: int = 25) -> None:
+        for _ in range(batches):
+            c.observe_batch(1.0, MAX_BATCH, ratio * MAX_BATCH * per_image(1.0))
+
+    run(1.0, 60)
+    c.update(clock(**CALM))
+    run(1.3)
+    assert c._slowdown(1.0, None) == pytest.approx(1.3, rel=0.2)  # in the interval: the old ratio, the drift
+    c.update(clock(**CALM))
+    assert c.calm_ratio[1.0] == pytest.approx(1.28, abs=0.01)
+    assert c._slowdown(1.0, None) == pytest.approx(1.3, rel=0.05)
+    run(1.3)
+    c.update(clock(**CALM, cpu_other=0.5))  # a neighbour's interval: nothing learned, the drift stands
+    assert c.calm_ratio[1.0] == pytest.approx(1.28, abs=0.01)
+    assert c._slowdown(1.0, None) == pytest.approx(1.3, rel=0.05)
+
+
 def test_cpu_taken_by_other_processes_lowers_the_ceiling() -> None:
     c, clock = controller(), Clock()
     assert c.update(clock(arrival_rate=700.0)) == 1.0  # 77 % at alpha = 1
