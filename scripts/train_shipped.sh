@@ -32,8 +32,8 @@ queue_a() {
   for a in 1.0 0.0 0.5; do
     run "structured_a$a" "models/baselines/structured_a$a.safetensors" configs/structured_line.yaml fixed_alpha=$a
   done
-  # the uncompressed network at the 10-epoch budget of the unstructured and quantized lines (the structured
-  # line and its baselines above train for 30)
+  # the uncompressed network at the 10-epoch budget of the unstructured line (the structured and quantized
+  # lines and their baselines train for 30)
   run dense_10epochs models/baselines/dense_10epochs.safetensors configs/structured_line.yaml fixed_alpha=1.0 epochs=10
   run quantized_a0.0 models/baselines/quantized_a0.0.safetensors configs/quantized_line.yaml fixed_alpha=0.0
 }
