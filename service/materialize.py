@@ -215,8 +215,8 @@ def _int8(plain: nn.Module, samples: torch.Tensor) -> nn.Module:
 
     Activations: per-tensor affine over the observed min/max, as training's ActRange does. The full 8 bits
     are used where the CPU has VNNI; older x86 kernels add u8 x s8 pairs in int16, which can saturate,
-    so there activations keep torch's default 7-bit range. Measured on quantized_line (10,000 test
-    images): 98.66 % top-1 agreement with the training-side 8-bit model with the 7-bit range, 99.53 %
+    so there activations keep torch's default 7-bit range. Measured on the 10-epoch quantized_line (10,000
+    test images): 98.66 % top-1 agreement with the training-side 8-bit model with the 7-bit range, 99.53 %
     with 8 bits (and faster). Weights: per-channel symmetric, a finer grid than training's per-tensor one.
     Unlike training, which keeps them float, the stem conv, the classifier and the input are int8 too:
     keeping those two layers float served quantized_line's alpha 1 at 90.76 % (its training-side
