@@ -219,7 +219,7 @@ def _int8(plain: nn.Module, samples: torch.Tensor) -> nn.Module:
     test images): 98.66 % top-1 agreement with the training-side 8-bit model with the 7-bit range, 99.53 %
     with 8 bits (and faster). Weights: per-channel symmetric, a finer grid than training's per-tensor one.
     Unlike training, which keeps them float, the stem conv, the classifier and the input are int8 too:
-    keeping those two layers float served quantized_line's alpha 1 at 90.76 % (its training-side
+    keeping those two layers float served that model's alpha 1 at 90.76 % (its training-side
     accuracy) instead of 90.71, with 99.54 % agreement instead of 99.55, but ran 2.4x slower at batch 32
     (1.94 ms against 0.80) and 1.2x at batch 1 (2 threads, medians of 30 interleaved rounds, one-off).
     """

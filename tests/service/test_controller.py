@@ -126,7 +126,8 @@ def test_the_calm_spell_judges_each_interval_on_its_own_latencies() -> None:
     c, clock = controller(raise_after=4), Clock()
     c.update(clock(**BURST))
     assert c.ceiling == 0.5
-    # the window still holds 90 ms latencies; the intervals' own p99s are 20 ms (one, with none answered, is 0)
+    # the window still holds 90 ms latencies; the intervals' own p99s are 20 ms, but one is 80 ms and in one none
+    # was answered (None)
     window = {**CALM, "p99": 0.9 * SLO}
     intervals = [0.2 * SLO, 0.2 * SLO, 0.8 * SLO, 0.2 * SLO, None, 0.2 * SLO, 0.2 * SLO, 0.2 * SLO, 0.2 * SLO]
     history = [c.update(clock(**window, interval_p99=p)) for p in intervals]
