@@ -29,12 +29,10 @@ run() {  # run NAME OUT ARGS... : train unless OUT exists, then evaluate into OU
 queue_a() {
   run structured_line models/structured_line.safetensors configs/structured_line.yaml
   run unstructured_line models/unstructured_line.safetensors configs/unstructured_line.yaml
+  # structured_a1.0, width 1, is the plain uncompressed network: every kind's fp32 baseline
   for a in 1.0 0.0 0.5; do
     run "structured_a$a" "models/baselines/structured_a$a.safetensors" configs/structured_line.yaml fixed_alpha=$a
   done
-  # the uncompressed network at the 10-epoch budget of the unstructured line (the structured and quantized
-  # lines and their baselines train for 30)
-  run dense_10epochs models/baselines/dense_10epochs.safetensors configs/structured_line.yaml fixed_alpha=1.0 epochs=10
   run quantized_a0.0 models/baselines/quantized_a0.0.safetensors configs/quantized_line.yaml fixed_alpha=0.0
 }
 
