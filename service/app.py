@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lcs.checkpoint import CheckpointError
+from lcs.checkpoint import CheckpointError, InputSpec
 from service import docs
 from service.batcher import Draining, Job, QueueFull, Result
 from service.inputs import InputError, check_count, check_range, decode, has_images, nested_numbers, numbers
@@ -180,12 +180,14 @@ async def _infer(
         st.metrics.shed.labels("queue_full").inc()
         raise ApiError(429, queue_full_detail(st.settings.queue_max), {"Retry-After": retry}) from None
     except Draining:
+        st.metrics.shed.labels("not_ready").inc()
         raise ApiError(503, "the service is shutting down", {"Retry-After": "1"}) from None
     st.requests.arrived(int(x.shape[0]))
     st.inflight += 1
     try:
         res = await asyncio.shield(fut)
     except Draining:  # still queued when the drain deadline passed
+        st.metrics.shed.labels("not_ready").inc()
         raise ApiError(503, "the service shut down before this request ran; retry", {"Retry-After": "1"}) from None
     finally:
         st.inflight -= 1
@@ -508,7 +510,7 @@ def create_app(
         if unknown:
             raise ApiError(422, f"outputs: {unknown} not produced; this model's one output is 'probabilities'")
         if any(d < 1 for d in t.shape):
-            raise InputError(f"inputs[0].shape {t.shape}: every dimension must be a positive number")
+            raise InputError(f"inputs[0].shape {shown(t.shape)}: every dimension must be a positive number")
         i = rt.meta.input
         per = i.channels * i.height * i.width
         n = t.shape[0] if t.shape else 0
@@ -525,16 +527,22 @@ def create_app(
         values = flat.size if flat is not None else len(t.data) if t.data is not None else None
         if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
             raise InputError(
-                f"inputs[0]: shape {t.shape} with {values if values is not None else 'binary'} values does not "
+                f"inputs[0]: shape {shown(t.shape)} with {values if values is not None else 'binary'} values does not "
                 f"hold whole {i.channels}x{i.height}x{i.width} images",
             )
+        channels_last = _channels_last(t.shape, i)
         check_count(n, st.settings.max_inputs, "inputs[0]")
-        if t.data is None:
-            x = _binary_tensor(binary, t, n * per).reshape(n, i.channels, i.height, i.width)
+        x = (
+            _binary_tensor(binary, t, n * per)
+            if t.data is None
+            else flat
+            if flat is not None
+            else numbers(t.data, "inputs[0].data")
+        )
+        if channels_last:
+            x = x.reshape(n, i.height, i.width, i.channels).transpose(0, 3, 1, 2)
         else:
-            x = (flat if flat is not None else numbers(t.data, "inputs[0].data")).reshape(
-                n, i.channels, i.height, i.width
-            )
+            x = x.reshape(n, i.channels, i.height, i.width)
         check_range(x, "inputs[0].data" if t.data is not None else "inputs[0]")
         if t.datatype in _INTEGER_DTYPES and t.data is not None and (x != np.floor(x)).any():
             raise InputError(f"inputs[0].data: {t.datatype} values must be whole numbers")
@@ -594,6 +602,25 @@ def _model(st: State, name: str, version: str | None = None) -> Runtime:
 
 _BINARY_DTYPES = {"UINT8": "u1", "FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
 _INTEGER_DTYPES = {"UINT8", "INT32", "INT64"}
+
+
+def _channels_last(shape: list[int], i: InputSpec) -> bool:
+    """Whether a v2 input's images are laid out [H, W, C] (numpy's and PIL's order, transposed here as
+    /predict does) rather than [C, H, W] or flat; any other layout of the same size is refused, not read as
+    scrambled pixels."""
+    tail = tuple(shape[1:])
+    if tail in ((i.channels, i.height, i.width), (i.channels * i.height * i.width,)):
+        return False
+    if i.channels == 1 and tail == (i.height, i.width):
+        return False
+    if tail == (i.height, i.width, i.channels):
+        return True
+    grey = f", [N, {i.height}, {i.width}]" if i.channels == 1 else ""
+    raise InputError(
+        f"inputs[0].shape {shown(shape)}: lay the images out as [N, {i.channels}, {i.height}, {i.width}] "
+        f"(N, C, H, W), [N, {i.height}, {i.width}, {i.channels}] (N, H, W, C){grey} or flat "
+        f"[N, {i.channels * i.height * i.width}]"
+    )
 
 
 def _binary_tensor(binary: memoryview, t: V2Tensor, count: int) -> np.ndarray:

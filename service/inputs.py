@@ -74,7 +74,7 @@ def check_range(arr: np.ndarray, where: str) -> None:
 def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: int) -> tuple[np.ndarray, int]:
     """(the image as [C, H, W] pixel values, its decoded pixel count). `budget`: the pixels the request's
     images may still decode, of `limit` per request; the header is checked against it before decoding."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if text.startswith("data:"):
         text = text.partition(",")[2]
@@ -86,11 +86,12 @@ def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: in
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im: Image.Image = Image.open(io.BytesIO(raw))
-            if im.format not in ("PNG", "JPEG"):
+            if im.format not in ("PNG", "JPEG", "MPO"):  # MPO: a phone camera's JPEG (its first picture is read)
                 raise InputError(f"{where}: image format {im.format} is not supported; send PNG or JPEG")
             pixels = im.width * im.height
             if pixels > budget:
                 raise InputError(_too_many_pixels(where, im.width, im.height, limit, alone=budget == limit))
+            ImageOps.exif_transpose(im, in_place=True)  # a photo stored rotated: upright, as a viewer shows it
             if im.mode.startswith("I"):  # 16-bit greyscale PNG: scale to 0-255 (converting to "L" would clip)
                 im = Image.fromarray(np.asarray(im, dtype=np.float32) * np.float32(255 / 65535), mode="F")
             elif im.mode != ("L" if spec.channels == 1 else "RGB"):

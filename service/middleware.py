@@ -132,6 +132,9 @@ class Shed:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):  # uvicorn's --root-path prefixes the path; routes match without it
+            path = path[len(root) :]
         route = next((template for template, pattern in LANE_MATCHERS if pattern.match(path)), None)
         st: State | None = getattr(scope["app"].state, "lcs", None)
         if route is None or st is None:

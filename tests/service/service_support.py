@@ -49,7 +49,7 @@ class TinyCheckpoint:
     path: Path
     model: SubspaceResNet  # the training-side model that was saved (eval mode)
     meta: CheckpointMeta
-    samples: torch.Tensor  # uint8 [N, 1, IMAGE, IMAGE], as stored in the checkpoint
+    samples: torch.Tensor  # uint8 [N, C, IMAGE, IMAGE], as stored in the checkpoint
 
     @property
     def kind(self) -> str:
@@ -61,18 +61,19 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - MEAN) / STD
 
 
-def random_images(n: int, seed: int) -> torch.Tensor:
-    """uint8 [n, 1, IMAGE, IMAGE] noise images."""
+def random_images(n: int, seed: int, channels: int = 1) -> torch.Tensor:
+    """uint8 [n, channels, IMAGE, IMAGE] noise images."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 1, IMAGE, IMAGE), generator=g, dtype=torch.uint8)
+    return torch.randint(0, 256, (n, channels, IMAGE, IMAGE), generator=g, dtype=torch.uint8)
 
 
-def make_checkpoint(directory: Path, kind: str, *, seed: int = 0) -> TinyCheckpoint:
-    """A tiny_resnet line subspace of `kind`, settled like training leaves it, saved with samples."""
+def make_checkpoint(directory: Path, kind: str, *, seed: int = 0, channels: int = 1) -> TinyCheckpoint:
+    """A tiny_resnet line subspace of `kind` for `channels`-channel images, settled like training leaves it,
+    saved with samples (as tiny_{kind}.safetensors; tiny_{kind}_3ch.safetensors for 3 channels)."""
     torch.manual_seed(seed)
     model = build_model(
         "tiny_resnet",
-        in_channels=1,
+        in_channels=channels,
         num_classes=len(CLASSES),
         line=True,
         norm="batch",
@@ -83,7 +84,7 @@ def make_checkpoint(directory: Path, kind: str, *, seed: int = 0) -> TinyCheckpo
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5) if name.rsplit(".", 1)[1].startswith("weight") else p.uniform_(-0.5, 0.5)
-    batches = [normalise(random_images(32, seed=seed * 100 + i)) for i in range(4)]
+    batches = [normalise(random_images(32, seed=seed * 100 + i, channels=channels)) for i in range(4)]
     with torch.no_grad():
         model.train()  # activation ranges (ActRange) are only recorded in train mode
         for a, x in zip((0.0, 0.5, 1.0, 0.2), batches, strict=True):
@@ -99,7 +100,9 @@ def make_checkpoint(directory: Path, kind: str, *, seed: int = 0) -> TinyCheckpo
         schedule=model.schedule.to_dict(),
         norm="batch",
         stat_alphas=list(model.stat_alphas),
-        input=checkpoint.InputSpec(channels=1, height=IMAGE, width=IMAGE, mean=[MEAN], std=[STD]),
+        input=checkpoint.InputSpec(
+            channels=channels, height=IMAGE, width=IMAGE, mean=[MEAN] * channels, std=[STD] * channels
+        ),
         classes=CLASSES,
         dataset="synthetic",
         accuracy=[
@@ -107,9 +110,9 @@ def make_checkpoint(directory: Path, kind: str, *, seed: int = 0) -> TinyCheckpo
         ],
         training={"command": "tests/service/conftest.py", "train_seconds": 0.0},
     )
-    samples = random_images(64, seed=seed + 7)
+    samples = random_images(64, seed=seed + 7, channels=channels)
     labels = torch.arange(64) % len(CLASSES)
-    path = directory / f"tiny_{kind}.safetensors"
+    path = directory / f"tiny_{kind}{'' if channels == 1 else f'_{channels}ch'}.safetensors"
     checkpoint.save(path, model, meta, samples=(samples, labels))
     return TinyCheckpoint(path, model, meta, samples)
 

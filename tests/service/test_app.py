@@ -39,6 +39,7 @@ from tests.service.service_support import (
     TinyCheckpoint,
     app_state,
     image_list,
+    make_checkpoint,
     make_settings,
     normalise,
     one_running_one_queued,
@@ -548,9 +549,10 @@ def test_v2_infer_uint8(client: TestClient, structured: TinyCheckpoint) -> None:
     assert torch.allclose(got, reference(structured, IMAGES[:2], 0.5), atol=1e-5)
 
 
-def test_v2_infer_fp32_with_flat_shape(client: TestClient, structured: TinyCheckpoint) -> None:
+@pytest.mark.parametrize("shape", [[1, IMAGE * IMAGE], [1, IMAGE, IMAGE], [1, IMAGE, IMAGE, 1]])
+def test_v2_infer_fp32_with_other_layouts(client: TestClient, structured: TinyCheckpoint, shape: list[int]) -> None:
     body = v2_body(IMAGES[:1])
-    body["inputs"][0].update(datatype="FP32", shape=[1, IMAGE * IMAGE])
+    body["inputs"][0].update(datatype="FP32", shape=shape)
     r = client.post(f"/v2/models/{NAME}/infer", json=body)
     assert r.status_code == 200, r.text
     got = torch.tensor(r.json()["outputs"][0]["data"]).view(1, -1)
@@ -693,6 +695,7 @@ def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
         ({"data": [10**400] * (IMAGE * IMAGE)}, "a number too large to read"),
         ({"shape": [5, IMAGE * IMAGE], "data": [0] * (5 * IMAGE * IMAGE)}, "the limit is 4"),
         ({"shape": [1, -1, -IMAGE, IMAGE]}, "every dimension must be a positive number"),  # the product matches
+        ({"shape": [1, IMAGE, 1, IMAGE]}, f"lay the images out as [N, 1, {IMAGE}, {IMAGE}] (N, C, H, W)"),
         ({"data": [2.5] * (IMAGE * IMAGE)}, "UINT8 values must be whole numbers"),
         ({"datatype": "FP16"}, "use one of UINT8, FP32, FP64, INT32, INT64"),
         ({"name": "x"}, "inputs[0].name 'x' is not an input of this model; its one input is 'input'"),
@@ -1160,3 +1163,33 @@ def test_v2_data_may_be_nested_as_its_shape(client: TestClient) -> None:
     a, b = (client.post(f"/v2/models/{NAME}/infer", json=body) for body in (flat, nested))
     assert a.status_code == 200 and b.status_code == 200, b.text
     assert a.json()["outputs"][0]["data"] == b.json()["outputs"][0]["data"]
+
+
+def test_v2_reads_channels_last_images_and_refuses_other_layouts(tmp_path: Path) -> None:
+    """numpy's and PIL's [N, H, W, C] is transposed as /predict transposes [H, W, C]; it was reshaped row-major
+    to [N, C, H, W] and answered 200 for scrambled pixels. A layout of the right size that is neither is 422."""
+    ck = make_checkpoint(tmp_path, "structured", channels=3)
+    images = random_images(2, seed=5, channels=3)  # [2, 3, H, W]
+    hwc = images.permute(0, 2, 3, 1)
+    name = ck.path.stem
+
+    def v2(data: torch.Tensor, shape: list[int] | None = None) -> httpx.Response:
+        tensor = {
+            "name": "input",
+            "shape": shape or list(data.shape),
+            "datatype": "UINT8",
+            "data": data.flatten().tolist(),
+        }
+        return c.post(f"/v2/models/{name}/infer", json={"inputs": [tensor]})
+
+    with serve(make_settings(ck.path)) as c:
+        expected = reference(ck, images, 1.0)
+        for r in (v2(images), v2(hwc), v2(images, [2, 3 * IMAGE * IMAGE])):
+            assert r.status_code == 200, r.text
+            assert torch.allclose(torch.tensor(r.json()["outputs"][0]["data"]).view(2, -1), expected, atol=1e-5)
+        r = c.post("/predict", json={"inputs": hwc.tolist()})  # /predict's [H, W, C], the same answer
+        assert_matches(r.json()["predictions"], expected)
+        r = v2(images, [2, IMAGE, 3, IMAGE])
+        assert r.status_code == 422 and f"lay the images out as [N, 3, {IMAGE}, {IMAGE}]" in r.json()["detail"]
+        r = v2(images, [2, IMAGE, IMAGE * 3])  # [N, H, W] is one channel's layout only
+        assert r.status_code == 422 and f"[N, {IMAGE}, {IMAGE}, 3] (N, H, W, C) or flat" in r.json()["detail"]

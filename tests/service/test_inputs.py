@@ -232,6 +232,27 @@ def test_mutated_images_decode_or_are_refused_never_anything_else() -> None:
     assert min(outcomes.values()) > 50  # both paths were exercised
 
 
+def test_a_phone_cameras_jpeg_with_more_pictures_reads_its_first() -> None:
+    """A JPEG with a Multi-Picture segment (MPO, as phone cameras write) is a JPEG to every decoder; it was
+    refused as 'format MPO'."""
+    first, second = Image.fromarray(ramp(6, 5).astype(np.uint8)), Image.new("L", (5, 6), 255)
+    mpo = b64(first, "MPO", save_all=True, append_images=[second], quality=100)
+    np.testing.assert_allclose(run([mpo])[0, 0], ramp(6, 5), atol=8)
+
+
+@pytest.mark.parametrize("orientation", [3, 6])  # rotated 180 degrees; 90 (stored on its side)
+def test_a_photo_stored_rotated_is_read_upright_as_viewers_show_it(orientation: int) -> None:
+    upright = np.zeros((6, 6), np.uint8)
+    upright[:3] = 255  # bright top half
+    stored = Image.fromarray(upright).transpose(
+        Image.Transpose.ROTATE_180 if orientation == 3 else Image.Transpose.ROTATE_90
+    )
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation: how to turn the stored pixels for display
+    x = run([b64(stored, "JPEG", exif=exif, quality=100)], InputSpec(channels=1, height=6, width=6, mean=[0], std=[1]))
+    assert x[0, 0, :3].mean() > 240 and x[0, 0, 3:].mean() < 15
+
+
 def test_other_image_formats_are_refused() -> None:
     with pytest.raises(InputError, match="format GIF is not supported"):
         run([b64(Image.new("L", (5, 6)), "GIF")])

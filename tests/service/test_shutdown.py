@@ -26,15 +26,19 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
 from tests.service.service_support import (
     IMAGE,
     TinyCheckpoint,
+    app_state,
     make_settings,
     paused,
     real_server,
     serve_async,
     until,
+    wait_for,
 )
 
 ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
@@ -136,8 +140,21 @@ def test_work_still_queued_at_the_drain_deadline_gets_503_not_a_dropped_connecti
                 assert 0.25 <= uvicorn_handler[0] - t0 < 2.0
                 gate.set()
                 assert (await running).status_code == 200  # the batch that was running still completes
+            metrics = (await client.get("/metrics")).text  # a refusal like any other (it was not counted)
+            assert 'lcs_shed_total{reason="not_ready"} 1.0' in metrics
 
     asyncio.run(scenario())
+
+
+def test_under_a_root_path_new_work_is_still_refused_before_its_body(structured: TinyCheckpoint) -> None:
+    """uvicorn's --root-path puts the prefix in front of the request's path; the pre-body gate matched the
+    path as sent and let new work in while draining (served 200, not counted)."""
+    with TestClient(create_app(make_settings(structured.path)), root_path="/api") as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, what="ready")
+        app_state(client).start_draining()
+        refused = client.post("/api/predict", json={"inputs": [ZEROS]})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert 'lcs_shed_total{reason="not_ready"} 1.0' in client.get("/metrics").text
 
 
 def test_sigterm_under_a_steady_stream_on_a_real_server(structured: TinyCheckpoint, tmp_path: Path) -> None:
