@@ -55,7 +55,7 @@ class Signals:
     battery_percent: float | None = None  # None: no battery
     on_battery: bool = False
     fleet_rate: float | None = None  # fleet-wide requests/s from Prometheus, per replica
-    fleet_p99: float | None = None
+    fleet_p99: float | None = None  # fleet-wide p99 of answered requests, from Prometheus (stands in for p99)
     request_cost: float | None = None  # measured event-loop CPU seconds per request (None: the default)
     offered_rate: float | None = None  # inference requests per second arriving, refused ones included
     loop_busy: float | None = None  # share of the interval the event-loop thread was on a CPU, 0..1
@@ -199,15 +199,14 @@ class Controller:
 
     def predicted_wait(self, images: int, requests: int, *, own: int = 0, floor: float = 0.0) -> float | None:
         """Seconds until `images` queued images (in `requests` requests) are answered, at the lowest alpha
-        this policy may use for them (ours: the bottom of the grid, via the slack rule, except while
+        this policy may use for them (ours: the grid's lowest profiled alpha, via the slack rule, except while
         shedding, when batches run at the ceiling; others: the ceiling). The last `own` of those images
         (the request being admitted) run at `floor` (its min_quality on the grid) or above: a batch never
         runs below a floor of its requests. The model's time and the event loop's are paced as in the
         utilisation (`_pace`): where the model has cores of its own the slower sets the wait. (Bursty
         trace, seeds 8-15: 99 % / 1 % held in 7 of 8 runs with this, 5 of 8 with the sum, which counted
         the loop's time for requests already parsed as if it came after the model's.)"""
-        lowest = self.policy[0] == "lcs" and self.mode != "shedding"
-        alpha = self.grid.alphas[0] if lowest else self.ceiling
+        alpha = self.bottom() if self.policy[0] == "lcs" and self.mode != "shedding" else self.ceiling
         s = self.last_signals
         model = self._model_seconds(alpha, images - own, s)
         if model is None:
@@ -217,10 +216,17 @@ class Controller:
         batches = min(requests, -(-images // self.max_batch))  # at least one batch per max_batch images
         return self._pace(model + batches * self.handoff, requests * self._request_cost(s))
 
+    def bottom(self) -> float:
+        """The grid's lowest profiled alpha, what the cheapest work is predicted at. With LCS_PREBUILD short
+        of the grid's bottom, the bottom has no profile: predicted at it, waits were None, which admission
+        reads as "admit" (requests bound to be late were served late), and alpha looked like the lever for
+        any load, so overload from request handling was never shed."""
+        return next((a for a in self.grid.alphas if self.profile.profiled(a)), self.grid.alphas[0])
+
     def least_seconds(self, images: int, floor: float) -> float | None:
         """The profile's time (an idle machine's) for `images` images at the cheapest alpha a request with
         this floor may run at: a bound that no queue, load or slowdown lowers. None: not profiled."""
-        return self.profile.predict(max(self.grid.alphas[0], floor), images)
+        return self.profile.predict(max(self.bottom(), floor), images)
 
     def _model_seconds(self, alpha: float, images: float, s: Signals | None) -> float | None:
         """Predicted model time for `images` images at `alpha` in full batches (None: not profiled)."""
@@ -292,11 +298,14 @@ class Controller:
         if self.policy[0] != "lcs":
             return self._baseline_update(s)
         frontier = self.frontier()
-        lowest = frontier[0]
+        lowest = self.fastest()  # an unprofiled bottom predicts no load at all: the shedding test never held
         feasible = self._fits(s, frontier)
-        p99 = s.p99 if s.fleet_p99 is None else max(s.p99 or 0.0, s.fleet_p99)
+        # this replica's p99 (its alpha fixes its own latency, not other replicas'); the fleet's stands in
+        # where it answered too few requests to measure one. Taken with the local one, the fleet's, over the
+        # rate window (30 s), held the ceiling down for that window after a 1 s burst
+        p99 = s.p99 if s.p99 is not None else s.fleet_p99
         # the latest interval's p99 (the window's where no request was answered in it)
-        latest = p99 if s.interval_p99 is None else max(s.interval_p99, s.fleet_p99 or 0.0)
+        latest = p99 if s.interval_p99 is None else s.interval_p99
         # the load offered to this replica, refused requests included (the fleet's rate counts answers only:
         # admission holds it near capacity, where it hid the overload)
         offered = replace(s, arrival_rate=s.offered_rate, fleet_rate=None) if s.offered_rate is not None else s
@@ -353,7 +362,7 @@ class Controller:
         to 0 (the model is the slower); single JSON images 1.16-1.55x over runs (the loop is the slower,
         though with the load generator on the same two cores the model's CPU time slows it some, which this
         rule does not count: README, second mix)."""
-        top, bottom = (self.profile.predict(a, batch) for a in (self.grid.alphas[-1], self.grid.alphas[0]))
+        top, bottom = (self.profile.predict(a, batch) for a in (self.grid.alphas[-1], self.bottom()))
         if top is None or bottom is None:
             return True  # unprofiled: assume the model is the cost
         scale, handling = images / batch, requests * self._request_cost(self.last_signals)

@@ -54,7 +54,7 @@ def queries(selector: str, window_seconds: float) -> dict[str, str]:
     return {
         "rate": f'sum(rate(lcs_requests_total{{{INFERENCE},status="200"{extra}}}[{w}])) / count(lcs_build_info{only})',
         "p99": "histogram_quantile(0.99, sum by (le) "
-        f"(rate(lcs_request_duration_seconds_bucket{{{INFERENCE}{extra}}}[{w}])))",
+        f'(rate(lcs_request_duration_seconds_bucket{{{INFERENCE},status="200"{extra}}}[{w}])))',
     }
 
 

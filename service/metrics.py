@@ -57,7 +57,7 @@ class Metrics:
         self.latency = Histogram(
             "lcs_request_duration_seconds",
             "Request latency, arrival to response.",
-            ["endpoint"],
+            ["endpoint", "status"],
             buckets=buckets,
             registry=r,
         )
@@ -90,7 +90,7 @@ class Metrics:
         `labels()` (string conversion, validation and a lock per call) costs more than the update itself."""
         children = self._by_route.get((endpoint, status))
         if children is None:
-            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint, str(status)))
             self._by_route[endpoint, status] = children
         children[0].inc()
         children[1].observe(seconds)

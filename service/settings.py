@@ -64,7 +64,9 @@ def _default_profile_batches(data: dict[str, Any]) -> list[int]:
 class Settings(BaseSettings):
     """Every knob of the service. Env var = LCS_ + the field name in capitals (LCS_PORT, ...)."""
 
-    model_config = SettingsConfigDict(env_prefix="LCS_", extra="ignore", frozen=True)
+    # allow_inf_nan: "inf" seconds passed every bound and failed later (every /predict 500 at an infinite
+    # control interval, a traceback at start-up for an infinite drain)
+    model_config = SettingsConfigDict(env_prefix="LCS_", extra="ignore", frozen=True, allow_inf_nan=False)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

@@ -188,9 +188,13 @@ def test_p99_near_the_slo_holds_the_ceiling() -> None:
     assert c.update(clock(**CALM, p99=0.5 * SLO)) == 1.0
 
 
-def test_fleet_p99_counts_too() -> None:
+def test_the_fleet_p99_stands_in_only_where_this_replica_has_none() -> None:
+    """Other replicas' latency is not this replica's alpha to fix, and the fleet's p99 spans the rate window
+    (30 s): taken with the local one, one late second held the ceiling down for the whole window."""
     c, clock = controller(), Clock()
-    assert c.update(clock(**CALM, p99=0.01, fleet_p99=2 * SLO)) == 0.75
+    for _ in range(4):
+        assert c.update(clock(**CALM, p99=0.01, interval_p99=0.01, fleet_p99=2 * SLO)) == 1.0
+    assert c.update(clock(**CALM, p99=None, fleet_p99=2 * SLO)) == 0.75
 
 
 def test_a_change_of_pace_in_a_calm_interval_is_counted_once() -> None:
@@ -455,6 +459,18 @@ def test_while_shedding_the_predicted_wait_is_at_the_ceiling_where_batches_run(f
     c.update(clock(arrival_rate=150.0, offered_rate=400.0, fleet_rate=fleet_rate))
     assert c.mode == "shedding" and c.ceiling == 1.0
     assert c.predicted_wait(8, 1) == pytest.approx(at_bottom + 8 * (per_image(1.0) - per_image(0.0)))  # type: ignore[operator]
+
+
+def test_an_unprofiled_bottom_still_predicts_waits_and_detects_overload() -> None:
+    """LCS_PREBUILD short of the grid's bottom leaves alpha 0 without a profile. The wait was predicted at
+    alpha 0, so it was None, which admission reads as "admit": requests bound to be late were served late;
+    and the shedding test asked alpha 0's utilisation, 0, so it never held."""
+    short = controller(profile([0.5, 0.75, 1.0]), request_cost_seconds=0.005)
+    assert short.predicted_wait(8, 1) == pytest.approx(
+        controller(request_cost_seconds=0.005).predicted_wait(8, 1) + 8 * (per_image(0.5) - per_image(0.0))
+    )  # type: ignore[operator]
+    short.update(Clock()(arrival_rate=150.0, offered_rate=400.0))  # handling-bound, 200 % offered
+    assert short.mode == "shedding"
 
 
 def test_the_ceiling_skips_alphas_slower_than_a_higher_one() -> None:

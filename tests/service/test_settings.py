@@ -48,6 +48,10 @@ def test_grid_defaults_to_the_checkpoint(
         ("LCS_CHANNELS_LAST", "maybe", "auto"),
         ("LCS_MAX_BODY_BYTES", "10", "greater than or equal to 1024"),
         ("LCS_SLO_P99_SECONDS", "0", "greater than 0"),
+        # infinite durations passed every bound, then failed in use (/predict 500, a start-up traceback)
+        ("LCS_CONTROL_INTERVAL_SECONDS", "inf", "Input should be a finite number"),
+        ("LCS_DRAIN_SECONDS", "1e400", "Input should be a finite number"),
+        ("LCS_PROMETHEUS_WINDOW_SECONDS", "Infinity", "Input should be a finite number"),
         ("LCS_LOG_LEVEL", "loud", "debug"),
         # lists say what they are made of, with an example
         ("LCS_ALPHA_GRID", "abc", "cannot read 'abc'; expected comma-separated alphas in [0, 1], e.g. 0,0.25,0.5"),
