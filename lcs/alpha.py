@@ -87,6 +87,9 @@ class Schedule:
             raise ValueError(f"keep_min must be in (0, 1]; got {self.keep_min}")
         if not 0.0 < self.width_min <= 1.0:
             raise ValueError(f"width_min must be in (0, 1]; got {self.width_min}")
+        for name in ("bits_min", "bits_max"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise TypeError(f"{name} must be a whole number; got {getattr(self, name)!r}")
         if not 1 <= self.bits_min <= self.bits_max <= 16:
             raise ValueError(f"need 1 <= bits_min <= bits_max <= 16; got {self.bits_min}..{self.bits_max}")
 

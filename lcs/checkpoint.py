@@ -11,6 +11,7 @@ Loading never unpickles: safetensors holds raw tensors only, and anything else i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -89,7 +90,7 @@ class CheckpointMeta(_Strict):
     schedule: dict[str, Any]  # lcs.alpha.Schedule fields
     norm: NormType
     stat_alphas: list[float]  # alphas that have BatchNorm statistics (the servable grid for "batch")
-    fixed_alpha: float | None = None  # set for a baseline trained at one compression level
+    fixed_alpha: float | None = Field(None, ge=0.0, le=1.0)  # set for a baseline trained at one compression level
     input: InputSpec
     classes: list[str]
     dataset: str
@@ -100,9 +101,14 @@ class CheckpointMeta(_Strict):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # every field, as save writes them: a missing one took Schedule's default, and the model ran at levels
+        # its accuracy table was not measured at
+        missing = sorted({f.name for f in dataclasses.fields(Schedule)} - v.keys())
+        if missing:
+            raise ValueError(f"missing {missing}: a checkpoint records every field of lcs.alpha.Schedule")
         try:
             Schedule(**v)
-        except TypeError as e:  # an unknown or missing field
+        except TypeError as e:  # an unknown field, or a value of the wrong type
             raise ValueError(f"not a schedule ({e}); its fields are those of lcs.alpha.Schedule") from None
         return v
 
@@ -144,6 +150,12 @@ class CheckpointMeta(_Strict):
             off = [a for a in wanted if spelled(a, grid) is None]
             if off:
                 raise ValueError(f"fixed_alpha or accuracy[].alpha {off} not in stat_alphas {grid}")
+        schedule = self.schedule_obj()
+        wrong = [
+            p.alpha for p in self.accuracy if not math.isclose(p.level, schedule.level(p.alpha).value, abs_tol=1e-6)
+        ]
+        if wrong:  # the table and the schedule disagree: the levels served are not the ones measured
+            raise ValueError(f"accuracy[].level at alphas {wrong} differs from what the schedule gives them")
         return self
 
     def schedule_obj(self) -> Schedule:

@@ -433,7 +433,7 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
         given[key] = item
         values[key] = _coerce(key, raw, hints[key])
         from_file.discard(key)
-    unknown = sorted(set(values) - set(hints))
+    unknown = sorted(set(values) - set(hints), key=repr)  # YAML reads some keys as other types (on: as True)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} in {path}; options: {sorted(hints)}")
     try:

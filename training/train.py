@@ -192,7 +192,9 @@ def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, r
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-        saved, epoch = json.loads(meta["config"]), int(meta["epoch"])
+        saved, epoch, elapsed = json.loads(meta["config"]), int(meta["epoch"]), float(meta.get("elapsed", 0))
+        if not isinstance(saved, dict) or epoch < 0 or not 0 <= elapsed < math.inf:
+            raise ValueError(f"config a {type(saved).__name__}, epoch {epoch}, elapsed {elapsed}")
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:  # TypeError: no metadata at all
         raise ValueError(damaged.format(e)) from None
     conflicts = cfg.resume_conflicts(saved)
@@ -211,7 +213,7 @@ def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, r
         rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(damaged.format(e)) from None
-    return epoch, float(meta.get("elapsed", 0))
+    return epoch, elapsed
 
 
 def train(cfg: TrainConfig, *, command: str, data: Dataset | None = None) -> Path:

@@ -357,6 +357,14 @@ def test_arch_kwargs_that_set_a_field_of_the_metadata_are_refused(saved_checkpoi
         (lambda m: m["schedule"].update(kind="quantized"), "schedule.kind 'quantized' differs from kind"),
         (lambda m: m["schedule"].update(width_min=0), "'schedule': width_min must be in"),
         (lambda m: m["schedule"].update(foo=1), "'schedule': not a schedule"),
+        # these loaded, and the model ran at levels other than those its accuracy table was measured at
+        (lambda m: m["schedule"].pop("width_min"), "'schedule': missing ['width_min']: a checkpoint records every"),
+        (lambda m: m["schedule"].update(bits_min=3.5), "bits_min must be a whole number; got 3.5"),
+        (
+            lambda m: m["schedule"].update(width_min=0.5),
+            "accuracy[].level at alphas [0.0, 0.3, 0.7] differs from what the schedule",
+        ),
+        (lambda m: m.update(fixed_alpha=5.0), "'fixed_alpha'"),
         (lambda m: m.update(fixed_alpha=0.123), "[0.123] not in stat_alphas"),
         (lambda m: m["accuracy"][0].update(alpha=0.123), "[0.123] not in stat_alphas"),
         (

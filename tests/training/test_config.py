@@ -69,6 +69,14 @@ def test_unknown_yaml_key(tmp_path: Path) -> None:
         load_config(path, [])
 
 
+def test_unknown_yaml_keys_of_other_types_are_named_too(tmp_path: Path) -> None:
+    """YAML 1.1 reads `on:` as True; sorting it beside a string key was a TypeError traceback."""
+    path = tmp_path / "c.yaml"
+    path.write_text("on: 1\nepoch: 2\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['epoch', True\]"):
+        load_config(path, [])
+
+
 def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
     path = tmp_path / "list.yaml"
     path.write_text("- epochs\n- 2\n")

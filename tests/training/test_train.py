@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lcs import checkpoint
 from lcs.layers import Setting
@@ -356,6 +357,26 @@ def test_a_damaged_state_file_says_to_delete_it(
     message = str(err.value)
     assert message.startswith(f"{cfg.state_path}: not a readable training state (")
     assert message.endswith("delete it to start over") and "\n" not in message
+
+
+@pytest.mark.parametrize(("key", "value"), [("config", "[]"), ("elapsed", "n/a"), ("epoch", "-3")])
+def test_a_state_file_with_a_bad_header_value_says_to_delete_it(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+    key: str,
+    value: str,
+) -> None:
+    """Headers that parse but hold the wrong thing were tracebacks (an AttributeError; a ValueError naming no
+    file), or a run from epoch -3."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=1))
+    _run(cfg, synthetic_data, capsys)
+    with safe_open(str(cfg.state_path), framework="pt") as f:
+        meta = {**f.metadata(), key: value}
+    save_file(load_file(str(cfg.state_path)), str(cfg.state_path), metadata=meta)
+    with pytest.raises(ValueError, match=r"not a readable training state \(.*delete it to start over$"):
+        _run(cfg, synthetic_data, capsys)
 
 
 def test_fixed_alpha_baseline_with_validation(
