@@ -203,7 +203,10 @@ def main() -> None:
             "resident_bytes": c.resident_bytes,
             "stored_bytes": c.stored_bytes,
             "build_seconds": round(c.build_seconds, 4),
-            "train_time_accuracy": next((q.accuracy for q in meta.accuracy if spelled(q.alpha, [a]) is not None), None),
+            # the float reference has none: it is no alpha of the checkpoint's (alpha 1's is the 8-bit model's)
+            "train_time_accuracy": None
+            if label == "float"
+            else next((q.accuracy for q in meta.accuracy if spelled(q.alpha, [a]) is not None), None),
         }
         if test is not None:  # accuracy of the served model, and its top-1 agreement with the training side
             images, labels = test

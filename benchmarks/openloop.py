@@ -249,25 +249,24 @@ async def open_loop(
 async def closed_loop(
     port: int, request: bytes, seconds: float, *, concurrency: int = 8, warmup: float = 1.0, timeout: float = 10.0
 ) -> float:
-    """Throughput (answers 200 per second) with `concurrency` clients each keeping one request in flight."""
+    """Throughput (answers 200 per second) with `concurrency` clients each keeping one request in flight: the
+    answers that arrive in the `seconds` after `warmup`, with the clients busy through both. (With clients of
+    its own, the window began as every client sent, and an answer due at its very end fell just after it: a
+    round of answers lost, up to 1 in 40 at the load benchmark's 4 s.)"""
     pool = Pool(port, concurrency)
+    start = time.monotonic() + warmup
+    end = start + seconds
+    done = 0
 
-    async def run(span: float) -> int:
-        done = 0
-        end = time.monotonic() + span
-
-        async def client() -> None:
-            nonlocal done
-            while time.monotonic() < end:
-                status, _, _ = await pool.request(request, timeout)
-                done += status == 200 and time.monotonic() <= end  # answers in the window: not those after it
-
-        await asyncio.gather(*[client() for _ in range(concurrency)])
-        return done
+    async def client() -> None:
+        nonlocal done
+        while time.monotonic() < end:
+            status, _, _ = await pool.request(request, timeout)
+            done += status == 200 and start <= time.monotonic() <= end  # answers in the window only
 
     try:
-        await run(warmup)
-        return await run(seconds) / seconds
+        await asyncio.gather(*[client() for _ in range(concurrency)])
+        return done / seconds
     finally:
         pool.close()
 

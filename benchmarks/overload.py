@@ -202,7 +202,7 @@ def percentile(values: list[float], p: float) -> float:
     if not values:
         return math.nan
     s = sorted(values)
-    return s[min(len(s) - 1, int(p * len(s)))]
+    return s[max(0, math.ceil(p * len(s)) - 1)]  # nearest rank: p99 of 1..100 is 99
 
 
 def main() -> int:

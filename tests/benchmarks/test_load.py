@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from benchmarks import load
-from benchmarks.load import neighbour_reaction, server_settings
+from benchmarks.load import neighbour_reaction, server_settings, summarise, trace
+from benchmarks.overload import percentile
 
 
 def test_neighbour_reaction_reports_the_drop_the_first_return_and_the_return_for_good() -> None:
@@ -34,6 +35,46 @@ def test_neighbour_reaction_reports_the_drop_the_first_return_and_the_return_for
         "full_quality_after_stop_s": 3.0,
         "full_quality_held_s": 2.75,
     }
+
+
+def test_full_quality_is_the_top_of_the_grid_not_the_highest_ceiling_seen() -> None:
+    """A policy that never rose above 0.55 read as back at full quality (AIMD "back in 4.73 s")."""
+    timeline = [{"t": 0.25 * i, "ceiling": 0.55 if i < 13 or i >= 30 else 0.3} for i in range(48)]
+    reaction = neighbour_reaction(timeline, 12.0)
+    assert reaction["full_quality_first_after_stop_s"] is None and reaction["full_quality_after_stop_s"] is None
+    assert neighbour_reaction(timeline, 12.0, top=0.55)["full_quality_after_stop_s"] == 1.5
+
+
+def test_each_phase_of_a_trace_offers_the_rate_it_states() -> None:
+    """Bursts at 2.5x on a 0.6x base: a gap drawn whole at the rate where it began carried the base rate into
+    each burst, which offered 2.40x at capacity 78.8 (mean of 400 seeds)."""
+    capacity, duration = 78.8, 12.0
+    in_burst = [0.0, 0.0]  # arrivals in bursts, outside them
+    seeds = 300
+    for seed in range(seeds):
+        for t in trace("bursty", capacity, duration, seed):
+            in_burst[0.25 * duration <= t < 0.35 * duration or 0.6 * duration <= t < 0.7 * duration] += 1
+    burst = in_burst[True] / (seeds * 0.2 * duration * capacity)
+    base = in_burst[False] / (seeds * 0.8 * duration * capacity)
+    assert burst == pytest.approx(2.5, rel=0.02) and base == pytest.approx(0.6, rel=0.02)
+    step = [trace("step", capacity, duration, seed) for seed in range(50)]
+    high = sum(duration / 3 <= t < 2 * duration / 3 for s in step for t in s) / (50 * duration / 3 * capacity)
+    assert high == pytest.approx(1.5, rel=0.02)
+    assert all(0 < t < duration for s in step for t in s) and all(s == sorted(s) for s in step)
+
+
+def test_summary_counts_every_other_answer_as_an_error_and_reports_the_generators_lag() -> None:
+    rows = [{"t": 0.0, "status": 200, "latency": 0.01, "lag": 0.002, "alpha": 1.0}]
+    rows += [{"t": 0.1, "status": s, "latency": 0.01, "lag": 0.0} for s in (408, 422, 429, 503, "reset")]
+    summary = summarise(rows, 0.1, {1.0: 90.0})
+    assert summary["errors"] == 3 and summary["shed_rate"] == round(2 / 6, 4)
+    assert summary["effective_accuracy"] == 15.0 and summary["generator_lag_max_ms"] == 2.0
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.99) == 99.0 and percentile(values, 0.5) == 50.0
+    assert percentile([10.0, 20.0], 0.5) == 10.0 and percentile([7.0], 0.99) == 7.0
 
 
 def test_neighbour_reaction_without_a_return_says_none() -> None:
@@ -218,7 +259,7 @@ def test_stopped_after_some_traces_it_writes_them_marked_interrupted(
 
     class Model:
         def json(self) -> dict[str, Any]:
-            return {"accuracy": [{"alpha": 1.0, "accuracy": 91.0}]}
+            return {"accuracy": [{"alpha": 1.0, "accuracy": 91.0}], "grid": [0.0, 1.0]}
 
     def run(coro: Any) -> Any:
         coro.close()  # not driven: no server
