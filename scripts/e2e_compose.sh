@@ -37,7 +37,7 @@ say "build"
 "${compose[@]}" build lcs \
   || fail "build (offline: scripts/offline_images.sh, then BASE_IMAGE=lcs-base WHEELS=deploy/docker/wheels; deploy/README.md)"
 say "up ${services[*]:-(all default services)}"
-"${compose[@]}" up -d "${services[@]}"
+"${compose[@]}" up -d ${services[@]+"${services[@]}"}  # (an empty array under set -u: bash < 4.4 aborts)
 
 # $1: URL; $2: python expression on `body` (the decoded JSON) that must hold; polls until $timeout
 wait_for() {

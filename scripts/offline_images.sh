@@ -88,19 +88,20 @@ wheels() {
   # the dependencies and the build backend (pip builds /src in the image from these wheels alone)
   python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))
 print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' >"$req"
-  # existing wheels are kept only while they still resolve every requirement on their own, as the image's
-  # `pip install --no-index` will (a dependency added to pyproject.toml since they were downloaded would
-  # fail the build); no pip configuration here, so that no other wheel directory or index fills the gaps
+  # existing wheels are kept only while they still resolve every requirement on their own at the versions of
+  # constraints.txt, as the image's `pip install --no-index -c constraints.txt` will (a dependency added to
+  # pyproject.toml, or a version changed in constraints.txt, since they were downloaded would fail the
+  # build); no pip configuration here, so that no other wheel directory or index fills the gaps
   if [[ -z ${FORCE:-} ]] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     if PIP_CONFIG_FILE=/dev/null "$pip" --isolated install -q --dry-run --ignore-installed --no-index \
-      --only-binary=:all: --find-links "$wheels" -r "$req" >/dev/null 2>&1; then
+      --only-binary=:all: --find-links "$wheels" -r "$req" -c constraints.txt >/dev/null 2>&1; then
       rm -f "$req"
       say "$wheels already holds every wheel pyproject.toml needs (FORCE=1 downloads again)"; return
     fi
     say "$wheels lacks wheels pyproject.toml now needs: downloading the missing ones"
   fi
   say "pip download into $wheels"
-  "$pip" download --only-binary=:all: -d "$wheels" -r "$req"
+  "$pip" download --only-binary=:all: -d "$wheels" -r "$req" -c constraints.txt  # the versions the image installs
   rm -f "$req"
 }
 

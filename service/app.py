@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lcs.alpha import SAME_ALPHA
 from lcs.checkpoint import CheckpointError, InputSpec
 from service import docs
 from service.batcher import Draining, Job, QueueFull, Result
@@ -118,7 +119,7 @@ async def _infer(
         raise ApiError(503, NOT_READY, {"Retry-After": "1"})
     want = _alpha(hint.quality, 1.0)
     floor_req = _alpha(hint.min_quality, 0.0)
-    if floor_req > want:
+    if floor_req - want >= SAME_ALPHA:  # one alpha spelt two ways (0.7 - 0.2 and 0.5) is no contradiction
         raise ApiError(422, f"min_quality ({floor_req:g}) is above quality ({want:g}); lower min_quality")
     target = rt.grid.down(want)
     floor = rt.grid.up(floor_req)

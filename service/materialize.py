@@ -193,8 +193,9 @@ def normalised_samples(
     samples: tuple[torch.Tensor, torch.Tensor] | None, spec: InputSpec
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A checkpoint's sample images (`checkpoint.load_with_samples`) normalised as requests are (float32
-    [N, C, H, W]), with their labels: what `build` calibrates int8 on. None if the checkpoint stores none."""
-    if samples is None:
+    [N, C, H, W]), with their labels: what `build` calibrates int8 on. None if the checkpoint stores none, or
+    none at all (an empty set calibrated int8 on nothing, and int8 served its guesses)."""
+    if samples is None or not len(samples[0]):
         return None
     scale, shift = normaliser(spec)
     return torch.from_numpy(samples[0].numpy() * scale + shift), samples[1]
@@ -356,7 +357,9 @@ faster unpadded, 0.385 ms against 0.483. Under TorchScript no width ran faster p
 
 def pad_channels(net: nn.Module, multiple: int) -> nn.Module | None:
     """A copy of a plain network with every hidden channel count rounded up to `multiple`; None if none
-    needs it, or if `net` has grouped convolutions (whose channels cannot be padded independently).
+    needs it, or if `net` has grouped convolutions (whose channels cannot be padded independently) or
+    GroupNorm (whose groups depend on the channel count: padded, the copy did not run, and every alpha of
+    a GroupNorm checkpoint but 1 failed to build on ONNX Runtime).
 
     The added channels have zero weights, biases and BatchNorm scales, so they stay zero through every
     layer and the logits do not change. The first convolution's input (the image) is not padded; every
@@ -364,7 +367,7 @@ def pad_channels(net: nn.Module, multiple: int) -> nn.Module | None:
     checks by comparing logits."""
     layers = [m for m in net.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d | nn.Linear)]
     convs = [m for m in layers if isinstance(m, nn.Conv2d)]
-    if not convs or any(c.groups != 1 for c in convs):
+    if not convs or any(c.groups != 1 for c in convs) or any(isinstance(m, nn.GroupNorm) for m in net.modules()):
         return None
 
     def up(c: int) -> int:

@@ -126,7 +126,11 @@ class Runtime:
         # and always the top of the grid: the controller raises the ceiling only to profiled alphas, so without
         # it an idle service lowered the ceiling to the highest prebuilt alpha and never raised it again
         rt.prebuild = sorted({a for a in prebuild.values() if a is not None} | {grid.alphas[-1]}, reverse=True)
-        rt.accuracy = {p.alpha: p.accuracy for p in meta.accuracy}
+        # keyed as the grid spells each alpha (a table may spell one within SAME_ALPHA of stat_alphas)
+        rt.accuracy = {}
+        for p in meta.accuracy:
+            on_grid = spelled(p.alpha, grid.alphas)
+            rt.accuracy[p.alpha if on_grid is None else on_grid] = p.accuracy
         rt.cache = ModelCache(rt._build, grid, settings.cache_bytes)
         rt.controller = Controller(
             grid,

@@ -174,6 +174,15 @@ def test_min_quality_that_can_be_met_is_served(client: TestClient) -> None:
     assert r.status_code == 200 and r.json()["alpha"] == 1.0
 
 
+@pytest.mark.parametrize(("quality", "min_quality"), [(0.7 - 0.2, 0.5), (0.5, 0.5000000000000001)])
+def test_quality_and_min_quality_that_are_one_alpha_spelt_two_ways_are_served(
+    client: TestClient, quality: float, min_quality: float
+) -> None:
+    """Each snaps to grid alpha 0.5; compared raw, they were refused: "min_quality (0.5) is above quality (0.5)"."""
+    r = client.post("/predict", json={"inputs": [ZEROS], "quality": quality, "min_quality": min_quality})
+    assert r.status_code == 200 and r.json()["alpha"] == 0.5, r.text
+
+
 def _model_is_the_cost(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Callable[[float], float]:
     """A made-up profile where the model is the cost (the tiny model's own is dwarfed by request handling,
     where the controller keeps alpha): 10 ms + 1 s x alpha an image, and nothing learned by earlier tests

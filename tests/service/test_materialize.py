@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from lcs import checkpoint
-from lcs.alpha import Level
+from lcs.alpha import Level, Schedule
+from lcs.models import build_model
 from service import materialize
 from service.materialize import (
     CHANNEL_MULTIPLE,
@@ -26,7 +27,16 @@ from service.materialize import (
     time_batch,
     time_in_rounds,
 )
-from tests.service.service_support import GRID, TinyCheckpoint, normalise, random_images
+from tests.service.service_support import (
+    CLASSES,
+    GRID,
+    IMAGE,
+    MEAN,
+    STD,
+    TinyCheckpoint,
+    normalise,
+    random_images,
+)
 
 # Inputs unlike the calibration samples stored in the checkpoint (different seed).
 X = normalise(random_images(200, seed=1234))
@@ -273,6 +283,34 @@ def test_padding_channels_keeps_the_logits(structured: TinyCheckpoint, alpha: fl
     with torch.no_grad():
         assert torch.allclose(padded(X), plain(X), atol=1e-5)
     assert [m.out_channels for m in plain.modules() if isinstance(m, nn.Conv2d)] == widths  # a copy
+
+
+@pytest.mark.parametrize("kind", ["structured", "unstructured", "quantized"])
+def test_a_groupnorm_network_builds_unpadded_and_matches_training(kind: str) -> None:
+    """GroupNorm's groups follow the channel count, so a padded copy did not run, and every alpha of a
+    `norm: group` checkpoint but 1 failed to build on ONNX Runtime (start-up failed; with LCS_PREBUILD=1,
+    every request below alpha 1 was a 500)."""
+    torch.manual_seed(0)
+    schedule = Schedule(kind)  # type: ignore[arg-type]
+    model = build_model(
+        "tiny_resnet", in_channels=1, num_classes=len(CLASSES), line=True, norm="group", schedule=schedule
+    )
+    meta = checkpoint.CheckpointMeta(
+        arch=checkpoint.Arch(name="tiny_resnet"),
+        kind=kind,  # type: ignore[arg-type]
+        subspace="line",
+        schedule=schedule.to_dict(),
+        norm="group",
+        stat_alphas=[],
+        input=checkpoint.InputSpec(channels=1, height=IMAGE, width=IMAGE, mean=[MEAN], std=[STD]),
+        classes=CLASSES,
+        dataset="synthetic",
+    )
+    assert pad_channels(model.export(model.at(0.5)), CHANNEL_MULTIPLE) is None
+    for alpha in (0.0, 0.5):
+        compiled = build(model.eval(), meta, alpha, samples=None, channels_last=False, backend="onnxruntime")
+        with torch.no_grad():
+            assert torch.allclose(compiled(X), model(X, model.at(alpha)), atol=1e-4)
 
 
 def test_grouped_convolutions_are_not_padded() -> None:

@@ -69,6 +69,7 @@ def test_a_checkpoint_with_no_sample_images_starts(structured: TinyCheckpoint, t
     path = tmp_path / "no_samples.safetensors"
     checkpoint.save(path, model, meta, samples=empty)
     rt = Runtime.load(make_settings(path, profile_batches=[1]))
+    assert rt.samples is None  # as with none stored: int8 is not calibrated on nothing
     rt.warm_up()
     assert rt.ready and rt.self_check == {}
 
@@ -176,6 +177,21 @@ def test_grid_alphas_take_the_checkpoints_spelling(structured: TinyCheckpoint) -
     rt = Runtime.load(make_settings(structured.path, alpha_grid=[0.50000001, 1.0], prebuild=[0.5]))
     assert rt.grid.alphas == [0.5, 1.0]
     assert rt.accuracy[rt.grid.down(0.7)] == ACCURACY[0.5]  # found: the response reports it
+
+
+def test_an_accuracy_table_spelling_an_alpha_its_own_way_is_still_found(
+    structured: TinyCheckpoint, tmp_path: Path
+) -> None:
+    """The grid takes stat_alphas' spelling; the accuracy was keyed by the table's, and not found (null in
+    every answer at that alpha, and its self-check skipped)."""
+    from lcs import checkpoint
+
+    model, meta, samples = checkpoint.load_with_samples(structured.path)
+    table = [p.model_copy(update={"alpha": 0.5000001}) if p.alpha == 0.5 else p for p in meta.accuracy]
+    path = tmp_path / "spelt.safetensors"
+    checkpoint.save(path, model, meta.model_copy(update={"accuracy": table}), samples=samples)
+    rt = Runtime.load(make_settings(path))
+    assert rt.grid.alphas == list(GRID) and rt.accuracy[0.5] == ACCURACY[0.5]
 
 
 def test_a_grid_alpha_without_batchnorm_statistics_is_refused(structured: TinyCheckpoint) -> None:
