@@ -158,7 +158,10 @@ def main(args: list[str] | None = None) -> int:
             access_log=False,
         )
     )
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C's SIGINT again once it has shut down: no traceback
+        return 130
     failure = getattr(getattr(app.state, "lcs", None), "failure", None)
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)

@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 
 import psutil
 
-from service.cgroups import memory_headroom, usable_cpus
+from service.cgroups import cpu_quota, memory_headroom
 
 
 class RequestStats:
@@ -92,11 +92,12 @@ class LoopCost:
         return self.value
 
 
-def cpu_taken(busy: Sequence[float], mine: float, allowed: Collection[int], usable: int) -> float:
+def cpu_taken(busy: Sequence[float], mine: float, allowed: Collection[int], usable: float) -> float:
     """The share of the CPUs this process may use that other processes take, 0..1. `busy`: each core's busy
     share since the last look (0..1); `mine`: cores this process kept busy meanwhile (1.5: one and a half);
-    `allowed`: the cores it may run on (its affinity); `usable`: how many it may use at once (usable_cpus:
-    fewer under a CPU quota). Only the allowed cores count, and other processes take from this one only what
+    `allowed`: the cores it may run on (its affinity); `usable`: how many it may use at once (fewer under a
+    CPU quota, and fractional with one: rounded up, a pod's 500m limit read the half core its neighbours
+    left idle as half its CPU taken). Only the allowed cores count, and other processes take from this one only what
     leaves it fewer than `usable` idle: on a machine that is all its own (this one: 2 of 2) that is their
     share of the machine, but in a container limited to 2 CPUs on a 64-core node the node's other 30 busy
     cores read as 47 % taken, and the controller, pricing the model 1.9x slower, gave accuracy away."""
@@ -105,8 +106,8 @@ def cpu_taken(busy: Sequence[float], mine: float, allowed: Collection[int], usab
     cores = [busy[c] for c in allowed] if allowed and max(allowed) < len(busy) else list(busy)
     usable = min(usable, len(cores))
     others = max(0.0, sum(cores) - mine)
-    free = min(float(usable), len(cores) - others)
-    return min(1.0, max(0.0, 1.0 - free / max(1, usable)))
+    free = min(usable, len(cores) - others)
+    return min(1.0, max(0.0, 1.0 - free / max(1e-9, usable)))
 
 
 class MachineProbe:
@@ -116,7 +117,8 @@ class MachineProbe:
         self._me = psutil.Process()
         cores = range(psutil.cpu_count() or 1)
         self._allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(cores)
-        self._usable = usable_cpus()
+        quota = cpu_quota()  # as a fraction: not usable_cpus, which rounds up to whole threads
+        self._usable = float(len(self._allowed)) if quota is None else min(len(self._allowed), quota)
         psutil.cpu_percent(None, percpu=True)
         self._me.cpu_percent(None)
 

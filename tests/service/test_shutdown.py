@@ -248,3 +248,13 @@ def test_sigterm_under_a_steady_stream_on_a_real_server(structured: TinyCheckpoi
     assert exited <= drain + 2.0, (exited, log)
     assert code in (0, -signal.SIGTERM), log  # uvicorn re-raises the signal once it has shut down
     assert "Traceback" not in log, log
+
+
+def test_ctrl_c_stops_a_real_server_with_130_and_no_traceback(structured: TinyCheckpoint, tmp_path: Path) -> None:
+    """uvicorn raises SIGINT again after its shutdown; uncaught, every Ctrl-C printed a KeyboardInterrupt
+    traceback and the process died of the signal."""
+    with real_server(structured.path, tmp_path) as server:
+        server.proc.send_signal(signal.SIGINT)
+        code = server.proc.wait(timeout=30)
+    log = server.log.read_text()
+    assert code == 130 and "Traceback" not in log, log[-2000:]

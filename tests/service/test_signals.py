@@ -101,10 +101,16 @@ def test_a_plug_state_psutil_cannot_tell_is_not_on_battery(
         # 0.5 and 0.33 taken, and the controller priced the model 2x and 1.5x slower)
         ([0.0] * 4, 0.0, {2, 3, 4, 5}, 4, 0.0),  # lxcfs numbers a cpuset's CPUs from 0
         ([0.0] * 3, 0.0, {0, 1, 3}, 3, 0.0),  # CPU 2 offline: /proc/stat skips it
+        # fractional CPU limits (a pod's 500m, a container's --cpus 1.5): rounded up to 1 and 2, a neighbour
+        # leaving the quota idle read as 0.5 and 0.25 taken
+        ([1.0, 0.5], 0.0, {0, 1}, 0.5, 0.0),
+        ([1.0, 1.0], 0.5, {0, 1}, 0.5, 0.0),
+        ([0.75, 0.75], 1.0, {0, 1}, 1.5, 0.0),
+        ([1.0, 1.0], 0.25, {0, 1}, 0.5, 0.5),  # it got half its half core
     ],
 )
 def test_cpu_taken_counts_only_what_leaves_this_process_short(
-    busy: list[float], mine: float, allowed: set[int], usable: int, taken: float
+    busy: list[float], mine: float, allowed: set[int], usable: float, taken: float
 ) -> None:
     from service.signals import cpu_taken
 
