@@ -5,21 +5,28 @@ defaults; README.md's Configuration table says what each does)."""
 
 from __future__ import annotations
 
-import errno
-import gc
-import logging
-import os
-import socket
+import signal
 import sys
-from pathlib import Path
 
-import uvicorn
-from pydantic import ValidationError
+# SIGTERM before uvicorn installs its handlers (importing torch, loading the checkpoint, building: seconds)
+# ends the process as uvicorn's exit would (143). As a container's PID 1, which the kernel gives no default
+# action for it, such a SIGTERM was ignored: the service became ready and the stop waited for SIGKILL.
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-from lcs.checkpoint import CheckpointError
-from service.app import create_app
-from service.runtime import Runtime, inference_executor
-from service.settings import ROOT, Settings, settings_errors, unknown_variables
+import errno  # noqa: E402  (the handler first: these imports take seconds)
+import gc  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import uvicorn  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from lcs.checkpoint import CheckpointError  # noqa: E402
+from service.app import create_app  # noqa: E402
+from service.runtime import Runtime, inference_executor  # noqa: E402
+from service.settings import ROOT, Settings, settings_errors, unknown_variables  # noqa: E402
 
 log = logging.getLogger("lcs.service")
 
@@ -158,6 +165,7 @@ def main(args: list[str] | None = None) -> int:
             access_log=False,
         )
     )
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn's from here: it drains, then raises it again
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn raises Ctrl-C's SIGINT again once it has shut down: no traceback

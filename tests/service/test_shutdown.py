@@ -18,6 +18,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,8 +33,10 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from tests.service.service_support import (
     IMAGE,
+    ROOT,
     TinyCheckpoint,
     app_state,
+    free_port,
     make_settings,
     paused,
     real_server,
@@ -258,3 +262,14 @@ def test_ctrl_c_stops_a_real_server_with_130_and_no_traceback(structured: TinyCh
         code = server.proc.wait(timeout=30)
     log = server.log.read_text()
     assert code == 130 and "Traceback" not in log, log[-2000:]
+
+
+def test_sigterm_during_start_up_stops_the_process(structured: TinyCheckpoint, tmp_path: Path) -> None:
+    """Before uvicorn's handlers (importing torch, loading, building), SIGTERM ends it with 143. A container's
+    PID 1 has no default action for SIGTERM: there it was ignored, and the service went on to serve."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCS_")}
+    env.update(LCS_CHECKPOINT=str(structured.path), LCS_PORT=str(free_port()), LCS_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    time.sleep(0.3)  # importing torch takes longer than this
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read() if proc.stderr else ""
