@@ -509,7 +509,7 @@ def create_app(
             )
         unknown = [o.get("name") for o in body.outputs or [] if o.get("name") != "probabilities"]
         if unknown:
-            raise ApiError(422, f"outputs: {unknown} not produced; this model's one output is 'probabilities'")
+            raise ApiError(422, f"outputs: {shown(unknown)} not produced; this model's one output is 'probabilities'")
         if any(d < 1 for d in t.shape):
             raise InputError(f"inputs[0].shape {shown(t.shape)}: every dimension must be a positive number")
         i = rt.meta.input

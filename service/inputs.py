@@ -85,9 +85,11 @@ def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im: Image.Image = Image.open(io.BytesIO(raw))
-            if im.format not in ("PNG", "JPEG", "MPO"):  # MPO: a phone camera's JPEG (its first picture is read)
-                raise InputError(f"{where}: image format {im.format} is not supported; send PNG or JPEG")
+            if (other := _other_format(raw)) is not None:
+                raise InputError(f"{where}: image format {other} is not supported; send PNG or JPEG")
+            # only these parsers (a phone camera's JPEG opens as MPO, its first picture read): without `formats`,
+            # Pillow tried each it has, and its EPS parser read 8 MB of "%%" lines for 8 s holding the GIL
+            im: Image.Image = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG"))
             pixels = im.width * im.height
             if pixels > budget:
                 raise InputError(_too_many_pixels(where, im.width, im.height, limit, alone=budget == limit))
@@ -111,6 +113,16 @@ def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: in
     else:
         arr = arr.transpose(2, 0, 1)
     return arr, pixels
+
+
+_OTHER_FORMATS = {b"GIF8": "GIF", b"BM": "BMP", b"II*\0": "TIFF", b"MM\0*": "TIFF", b"%!PS": "EPS", b"\0\0\1\0": "ICO"}
+
+
+def _other_format(raw: bytes) -> str | None:
+    """The name of a common image format that is not PNG or JPEG, from its first bytes, for the message."""
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _OTHER_FORMATS.items() if raw.startswith(magic)), None)
 
 
 def _too_many_pixels(where: str, width: int, height: int, limit: int, *, alone: bool) -> str:

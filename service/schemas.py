@@ -61,7 +61,9 @@ class PredictRequest(Hint):
         json_schema_extra={"examples": [{"inputs": [_EXAMPLE_IMAGE], "quality": "balanced", "deadline_ms": 50}]},
     )
 
+    # fail_fast: each item that is neither made two errors, 1.5 GiB and 10 s for a 1.5 MiB list of numbers
     inputs: list[list[Any] | str] = Field(
+        fail_fast=True,
         description="Images: nested arrays of raw pixel values 0-255 in the model's input shape "
         "([H, W], [C, H, W] or [H, W, C]), or base64 PNG/JPEG strings.",
     )
@@ -132,7 +134,7 @@ class PinRequest(BaseModel):
 class V2Tensor(BaseModel):
     model_config = ConfigDict(strict=True)
     name: str
-    shape: list[int]
+    shape: list[int] = Field(max_length=8, fail_fast=True)  # its product of 400 huge numbers took 13 s
     datatype: str
     data: list[Any] | None = Field(
         None, description="The values, flat; or none, with parameters.binary_data_size (binary extension)"
@@ -161,7 +163,7 @@ class V2InferRequest(BaseModel):
     id: str | None = None
     inputs: list[V2Tensor] = Field(min_length=1, max_length=1)
     parameters: V2Parameters | None = None
-    outputs: list[dict[str, Any]] | None = None
+    outputs: list[dict[str, Any]] | None = Field(None, max_length=8, fail_fast=True)
 
 
 class ErrorResponse(BaseModel):
