@@ -257,9 +257,15 @@ def test_sigterm_under_a_steady_stream_on_a_real_server(structured: TinyCheckpoi
 def test_ctrl_c_stops_a_real_server_with_130_and_no_traceback(structured: TinyCheckpoint, tmp_path: Path) -> None:
     """uvicorn raises SIGINT again after its shutdown; uncaught, every Ctrl-C printed a KeyboardInterrupt
     traceback and the process died of the signal."""
-    with real_server(structured.path, tmp_path) as server:
-        server.proc.send_signal(signal.SIGINT)
-        code = server.proc.wait(timeout=30)
+    # a shell's background job (CI's, say) starts with SIGINT ignored, which the server would inherit and
+    # Python keep: Ctrl-C as a terminal delivers it needs the default disposition
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with real_server(structured.path, tmp_path) as server:
+            server.proc.send_signal(signal.SIGINT)
+            code = server.proc.wait(timeout=30)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     log = server.log.read_text()
     assert code == 130 and "Traceback" not in log, log[-2000:]
 
