@@ -71,6 +71,25 @@ def test_summary_counts_every_other_answer_as_an_error_and_reports_the_generator
     assert summary["effective_accuracy"] == 15.0 and summary["generator_lag_max_ms"] == 2.0
 
 
+def test_every_summary_figure_counts_the_requests_it_says() -> None:
+    """Shares are of requests sent (skipped arrivals included); latencies and mean alpha of the 200s;
+    effective accuracy of the 200s within the SLO only."""
+    rows = [  # ten 200s: eight in time (alpha 1 and 0), two late; two 429s; one timeout
+        *({"t": i, "status": 200, "latency": 0.01 * (i + 1), "lag": 0.001, "alpha": 1.0} for i in range(4)),
+        *({"t": i, "status": 200, "latency": 0.05 + 0.01 * i, "lag": 0.002, "alpha": 0.0} for i in range(4)),
+        *({"t": 9, "status": 200, "latency": lat, "lag": 0.004, "alpha": 1.0} for lat in (0.2, 0.3)),
+        *({"t": 9, "status": 429, "latency": 0.001, "lag": 0.0} for _ in range(2)),
+        {"t": 9, "status": "timeout", "latency": 5.0, "lag": 0.0},
+    ]
+    s = summarise(rows, 0.1, {1.0: 90.0, 0.0: 80.0}, skipped=7)
+    assert s["sent"] == 20 and s["skipped"] == 7
+    assert s["slo_attainment"] == 0.4 and s["shed_rate"] == 0.1 and s["errors"] == 1
+    assert s["p50_ms"] == 50.0 and s["p99_ms"] == 300.0  # nearest rank over the ten 200s
+    assert s["mean_alpha"] == 0.6
+    assert s["effective_accuracy"] == round((4 * 90.0 + 4 * 80.0) / 20, 2)  # the late 200s score nothing
+    assert s["generator_lag_p99_ms"] == 4.0 and s["generator_lag_max_ms"] == 4.0
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 0.99) == 99.0 and percentile(values, 0.5) == 50.0

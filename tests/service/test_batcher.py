@@ -242,6 +242,8 @@ def test_choose_gets_the_highest_floor_and_the_tightest_slack() -> None:
         assert slack is not None and 0.0 < slack <= 1.0  # the 1 s deadline, not the 5 s one
         assert all(r.alpha == 0.5 for r in results)  # the batch runs at what choose said
 
+    run_async(scenario)  # (it was never run: a batch's floor taken from its first request passed)
+
 
 def test_the_queue_behind_a_batch_tightens_its_slack() -> None:
     """A batch must leave time for the requests queued after it: its slack is the earliest deadline behind

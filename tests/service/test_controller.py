@@ -504,6 +504,18 @@ def test_an_overloaded_interval_breaks_the_calm_spell() -> None:
     assert c.ceiling == 0.0
 
 
+def test_a_further_drop_restarts_the_calm_spell() -> None:
+    """Three calm intervals, a heavier burst to the bottom, one calm interval: not yet a spell, so no raise
+    (no test failed with the reset after a drop removed, which raised it 0 -> 1)."""
+    c, clock = controller(), Clock()
+    assert c.update(clock(**BURST)) == 0.5
+    for _ in range(3):
+        assert c.update(clock(**CALM, p99=0.01)) == 0.5
+    assert c.update(clock(arrival_rate=1800.0)) < 0.5
+    low = c.ceiling
+    assert c.update(clock(**CALM, p99=0.01)) == low
+
+
 def test_a_pin_breaks_the_calm_spell() -> None:
     c, clock = controller(), Clock()
     c.update(clock(**BURST))
