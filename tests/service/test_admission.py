@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -178,6 +180,57 @@ def test_when_the_queue_alone_would_miss_the_slo_requests_are_refused_before_the
             assert "budget" in refused.json()["detail"]
             after = await client.post("/predict", content=b"not json", headers={"content-type": "application/json"})
             assert after.status_code == 422  # an idle queue: the body is read, and found wanting
+
+    asyncio.run(scenario())
+
+
+def test_a_requests_deadline_counts_from_its_arrival_not_from_when_its_body_was_read(
+    structured: TinyCheckpoint,
+) -> None:
+    """1 queued image + 1 new one at 500 ms each fit the 2 s SLO, but not the 0.8 s its body's 1.2 s of
+    arriving left of it (no test failed with the deadline counted from the end of reading)."""
+
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, max_batch=8, max_wait_ms=0.0)) as (client, st):
+            st.runtime.profile.seconds = _profile(0.5, 0.5).seconds
+            one = {"inputs": [image_list(x) for x in random_images(1, seed=3)]}
+            raw = json.dumps(one).encode()
+
+            async def slowly() -> AsyncIterator[bytes]:
+                yield raw[:10]
+                await asyncio.sleep(1.2)
+                yield raw[10:]
+
+            with paused(st) as gate:
+                first = asyncio.create_task(client.post("/predict", json=one))
+                await until(lambda: st.batcher.running == 1, what="the first request to be taken alone")
+                second = asyncio.create_task(client.post("/predict", json=one))
+                await until(lambda: st.batcher.depth >= 1, what="a queued request")
+                late = await client.post("/predict", content=slowly(), headers={"content-type": "application/json"})
+                gate.set()
+                assert (await first).status_code == 200 and (await second).status_code == 200
+            assert late.status_code == 429, late.text
+            left = re.search(r"over the (\d+) ms left of this request's 2000 ms budget", late.json()["detail"])
+            assert left and 500 <= int(left[1]) <= 850, late.json()["detail"]
+
+    asyncio.run(scenario())
+
+
+def test_requests_still_being_read_count_as_queued_at_the_gate(structured: TinyCheckpoint) -> None:
+    """Bodies past the pre-body gate and still arriving count as queued, at the mean images per request:
+    under overload hundreds arrive while the queue is empty (no test failed with them left out)."""
+
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, max_batch=8, queue_max=6)) as (_, st):
+            st.runtime.profile.seconds = _profile(0.5, 0.5).seconds
+            assert st.refusal_before_body() is None
+            st.parsing = 4  # 4 + this one at 500 ms an image: 2.5 s, over the 2 s SLO
+            refusal = st.refusal_before_body()
+            assert refusal is not None and refusal[0] == "predicted_late"
+            st.parsing = 6
+            refusal = st.refusal_before_body()
+            assert refusal is not None and refusal[0] == "queue_full"
+            st.parsing = 0
 
     asyncio.run(scenario())
 
