@@ -533,13 +533,10 @@ def create_app(
             )
         channels_last = _channels_last(t.shape, i)
         check_count(n, st.settings.max_inputs, "inputs[0]")
-        x = (
-            _binary_tensor(binary, t, n * per)
-            if t.data is None
-            else flat
-            if flat is not None
-            else numbers(t.data, "inputs[0].data")
-        )
+        if t.data is None:
+            x = _binary_tensor(binary, t, n * per)
+        else:
+            x = flat if flat is not None else numbers(t.data, "inputs[0].data")
         if channels_last:
             x = x.reshape(n, i.height, i.width, i.channels).transpose(0, 3, 1, 2)
         else:
