@@ -50,6 +50,8 @@ def test_custom_minimums() -> None:
     assert Schedule("structured", width_min=0.5).level(0.5).width == pytest.approx(0.75)
     assert Schedule("quantized", bits_min=2, bits_max=4).level(0.0).bits == 2
     assert Schedule("quantized", bits_min=2, bits_max=4).level(1.0).bits == 4
+    # in between, thirds of alpha per bit (a formula fixed at the default's six steps passed before)
+    assert [Schedule("quantized", bits_min=2, bits_max=4).level(a).bits for a in (0.3, 0.5, 0.7)] == [2, 3, 4]
 
 
 @pytest.mark.parametrize("kind", ["unstructured", "structured", "quantized"])

@@ -240,9 +240,10 @@ def test_wrong_format_name(saved_checkpoint: Saved, tmp_path: Path) -> None:
     _refused(path, "format", "'other'")
 
 
-def test_newer_format_version(saved_checkpoint: Saved, tmp_path: Path) -> None:
-    path = _resave(saved_checkpoint[0], tmp_path / "v99.safetensors", meta=lambda m: m.update(version=99))
-    _refused(path, "version 99", "upgrade")
+@pytest.mark.parametrize("version", [checkpoint.VERSION + 1, 99])  # the next one too (only 99 was tried)
+def test_newer_format_version(saved_checkpoint: Saved, tmp_path: Path, version: int) -> None:
+    path = _resave(saved_checkpoint[0], tmp_path / "newer.safetensors", meta=lambda m: m.update(version=version))
+    _refused(path, f"version {version}", "upgrade")
 
 
 def test_torch_save_pickle(saved_checkpoint: Saved, tmp_path: Path) -> None:
@@ -350,6 +351,8 @@ def test_arch_kwargs_that_set_a_field_of_the_metadata_are_refused(saved_checkpoi
         (lambda m: m["input"].update(mean=[]), "input.mean has 0 values for 1 channel(s)"),
         (lambda m: m["input"].update(std=[0.2, 0.2, 0.2]), "input.std has 3 values"),
         (lambda m: m["input"].update(std=[0.0]), "input.std must be positive"),
+        (lambda m: m["input"].update(mean=[float("nan")]), "input.mean must be finite numbers"),
+        (lambda m: m.update(classes=m["classes"][:1]), "'classes': need two or more distinct"),
         (lambda m: m.update(stat_alphas=m["stat_alphas"][::-1]), "'stat_alphas': must be strictly"),
         (lambda m: m.update(stat_alphas=[m["stat_alphas"][0]] * 2), "must be strictly increasing"),
         (lambda m: m.update(stat_alphas=[0.5, 0.5000001]), "neighbours at least 1e-06 apart"),
