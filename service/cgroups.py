@@ -21,13 +21,18 @@ MEMBERSHIP = Path("/proc/self/cgroup")
 T = TypeVar("T")
 
 
-def usable_cpus(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> int:
-    """CPUs this process may use: those it may run on (its affinity mask where the OS has one, as Linux
-    does), capped by a CPU quota on its cgroup, rounded up (a container's `--cpus 2` or a pod's CPU limit
-    of 2 on a 64-core node is 2: the affinity mask alone said 64, and 63 inference threads shared 2 CPUs)."""
+def cpu_share(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> float:
+    """CPUs this process may use at once: those it may run on (its affinity mask where the OS has one, as
+    Linux does), capped by a CPU quota on its cgroup, as a fraction (a pod's 500m limit: 0.5)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cpu_quota(cgroups, membership)
-    return n if quota is None else max(1, min(n, math.ceil(quota - 1e-9)))
+    return float(n) if quota is None else min(n, quota)
+
+
+def usable_cpus(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> int:
+    """`cpu_share` rounded up to whole threads (a container's `--cpus 2` or a pod's CPU limit of 2 on a
+    64-core node is 2: the affinity mask alone said 64, and 63 inference threads shared 2 CPUs)."""
+    return max(1, math.ceil(cpu_share(cgroups, membership) - 1e-9))
 
 
 def cpu_quota(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> float | None:

@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 
 import psutil
 
-from service.cgroups import cpu_quota, memory_headroom
+from service.cgroups import cpu_share, memory_headroom
 
 
 class RequestStats:
@@ -117,8 +117,7 @@ class MachineProbe:
         self._me = psutil.Process()
         cores = range(psutil.cpu_count() or 1)
         self._allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(cores)
-        quota = cpu_quota()  # as a fraction: not usable_cpus, which rounds up to whole threads
-        self._usable = float(len(self._allowed)) if quota is None else min(len(self._allowed), quota)
+        self._usable = cpu_share()  # as a fraction: not usable_cpus, which rounds up to whole threads
         psutil.cpu_percent(None, percpu=True)
         self._me.cpu_percent(None)
 
