@@ -271,6 +271,7 @@ def create_app(
             if st.fleet is not None:
                 await st.fleet.aclose()
             st.executor.shutdown(wait=False, cancel_futures=True)
+            st.decoder.shutdown(wait=False, cancel_futures=True)
 
     app = Edge(
         title="lcs-serve",
@@ -336,10 +337,13 @@ def create_app(
         rt = st.runtime
         limits = {"max_inputs": st.settings.max_inputs, "max_pixels": st.settings.max_image_pixels}
         read = functools.partial(decode, body.inputs, rt.meta.input, **limits)
-        # Encoded images decode on a worker thread (Pillow releases the GIL while it decodes and resizes), so a
+        # Encoded images decode on State.decoder (Pillow releases the GIL while it decodes and resizes), so a
         # request of large images does not stall the event loop: 64 blank 4096x4096 PNGs (4 MB of base64) held
         # every other request and /healthz for 11 s when they decoded on it. Arrays stay on the loop (~0.1 ms).
-        x = await asyncio.to_thread(read) if has_images(body.inputs) else read()
+        if has_images(body.inputs):
+            x = await asyncio.get_running_loop().run_in_executor(st.decoder, read)
+        else:
+            x = read()
         probs, res, acc = await _infer(st, request.scope["state"], x, body)
         k = body.top_k or st.settings.top_k
         classes = rt.meta.classes

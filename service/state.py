@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from service.batcher import Batcher
+from service.cgroups import usable_cpus
 from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.materialize import release_freed_heap
@@ -38,6 +39,12 @@ class State:
         self.metrics = Metrics(settings.slo_p99_seconds, runtime.grid.alphas, lambda: runtime.cache)
         self.metrics.ceiling.set(runtime.controller.ceiling)
         self.executor = executor  # the inference thread: all torch work runs on it
+        # Encoded images decode here, one at a time per CPU this process may use. Decoding is CPU-bound, so
+        # more threads add nothing but memory: on asyncio's default pool (min(32, the node's CPUs + 4)
+        # threads) 24 concurrent requests of one 4096x4096 16-bit PNG (~164 MiB each while it decodes)
+        # peaked at 1.28-1.46 GiB on a 2-CPU machine. A request waiting here is still counted by the
+        # pre-body gate (`parsing`), so a backlog of decodes turns new work away as a queue would.
+        self.decoder = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="lcs-decode")
         self.batcher = Batcher(
             runtime.logits,
             runtime.controller.batch_alpha,
@@ -82,6 +89,14 @@ class State:
             if settings.prometheus_url
             else None
         )
+        if self.fleet is not None and settings.prometheus_timeout_seconds >= settings.control_interval_seconds:
+            log.warning(
+                "LCS_PROMETHEUS_TIMEOUT_SECONDS=%g is not below LCS_CONTROL_INTERVAL_SECONDS=%g: an answer that "
+                "slow comes after the control step that asked for it, and a figure is kept for 1.5 intervals, "
+                "so slow answers steer the controller late or not at all; set the timeout below the interval",
+                settings.prometheus_timeout_seconds,
+                settings.control_interval_seconds,
+            )
 
     @property
     def draining(self) -> bool:

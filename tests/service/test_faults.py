@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -92,6 +93,26 @@ def test_prometheus_down_or_hanging_never_stalls_the_request_path(structured: Ti
 
     with prometheus(kind) as url:
         asyncio.run(scenario(url))
+
+
+@pytest.mark.parametrize(("timeout", "warned"), [(0.4, False), (0.5, True), (2.0, True)])
+def test_a_prometheus_timeout_not_below_the_control_interval_is_warned_of(
+    structured: TinyCheckpoint, caplog: pytest.LogCaptureFixture, timeout: float, warned: bool
+) -> None:
+    """A figure serves for 1.5 control intervals after the refresh that read it: answers slower than the
+    interval steer the controller late, which nothing said."""
+    settings = make_settings(
+        structured.path,
+        prometheus_url=f"http://127.0.0.1:{free_port()}",
+        prometheus_timeout_seconds=timeout,
+        control_interval_seconds=0.5,
+    )
+    with caplog.at_level(logging.WARNING, logger="lcs.service"), serve(settings) as c:
+        assert c.get("/readyz").status_code == 200
+    said = [r.getMessage() for r in caplog.records if "LCS_PROMETHEUS_TIMEOUT_SECONDS" in r.getMessage()]
+    assert len(said) == int(warned), said
+    if warned:
+        assert f"={timeout:g} is not below LCS_CONTROL_INTERVAL_SECONDS=0.5" in said[0]
 
 
 def _cache_figures(text: str) -> dict[str, float]:
