@@ -263,6 +263,12 @@ def summarise(
     lat = sorted(r["latency"] for r in ok)
     within = [r for r in ok if r["latency"] <= slo]
     lags = [r["lag"] for r in rows if "lag" in r]
+    unmeasured = sorted({r["alpha"] for r in within} - accuracy.keys())
+    if unmeasured:  # scored as 0 they would pull effective accuracy down unseen
+        raise ValueError(
+            f"alphas {unmeasured} served requests but have no measured accuracy among {sorted(accuracy)}: "
+            "serve the checkpoint's own grid (unset LCS_ALPHA_GRID)"
+        )
 
     def pct(p: float, values: list[float] = lat) -> float:
         return round(1000 * percentile(values, p), 2) if values else float("nan")
@@ -276,7 +282,7 @@ def summarise(
         "shed_rate": round(sum(r["status"] in (429, 503) for r in rows) / max(1, sent), 4),
         "errors": sum(r["status"] not in (200, 429, 503) for r in rows),
         "mean_alpha": round(sum(r["alpha"] for r in ok) / len(ok), 3) if ok else float("nan"),
-        "effective_accuracy": round(sum(accuracy.get(r["alpha"], 0.0) for r in within) / max(1, sent), 2),
+        "effective_accuracy": round(sum(accuracy[r["alpha"]] for r in within) / max(1, sent), 2),
         "generator_lag_p99_ms": pct(0.99, lags),
         "generator_lag_max_ms": round(1000 * max(lags), 2) if lags else float("nan"),
     }

@@ -90,6 +90,14 @@ def test_every_summary_figure_counts_the_requests_it_says() -> None:
     assert s["generator_lag_p99_ms"] == 4.0 and s["generator_lag_max_ms"] == 4.0
 
 
+def test_an_alpha_without_a_measured_accuracy_stops_the_summary() -> None:
+    """It was scored 0, which pulled effective accuracy down and said nothing."""
+    rows = [{"t": 0.0, "status": 200, "latency": 0.01, "lag": 0.0, "alpha": a} for a in (1.0, 0.3)]
+    with pytest.raises(ValueError, match=r"alphas \[0\.3\] served requests but have no measured accuracy"):
+        summarise(rows, 0.1, {1.0: 90.0, 0.0: 80.0})
+    assert summarise(rows[:1], 0.1, {1.0: 90.0, 0.0: 80.0})["effective_accuracy"] == 90.0
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 0.99) == 99.0 and percentile(values, 0.5) == 50.0
