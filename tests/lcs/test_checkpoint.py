@@ -422,6 +422,25 @@ def test_saving_refuses_samples_that_do_not_fit(saved_checkpoint: Saved, tmp_pat
         checkpoint.save(tmp_path / "x.safetensors", model, meta, samples=(torch.zeros(2, 1, 3, 3), torch.zeros(2)))
 
 
+def test_a_negative_sample_label_is_refused_on_save_and_on_load(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    """A label of -1 matches no prediction, so the start-up self-check would score its image wrong whatever
+    the model says: refused as outside the classes, when saved and when loaded."""
+    _, model, meta = saved_checkpoint
+    images = torch.zeros((5, meta.input.channels, meta.input.height, meta.input.width), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, -1])
+    with pytest.raises(CheckpointError, match=r"'samples.labels' holds classes outside 0\.\.3"):
+        checkpoint.save(tmp_path / "x.safetensors", model, meta, samples=(images, labels))
+    assert not (tmp_path / "x.safetensors").exists()
+    with_samples = tmp_path / "s.safetensors"
+    checkpoint.save(with_samples, model, meta, samples=(images, labels.abs()))
+    negated = _resave(
+        with_samples,
+        tmp_path / "bad.safetensors",
+        tensors=lambda ts: ts.update({"samples.labels": -ts["samples.labels"]}),
+    )
+    _refused(negated, "'samples.labels' holds classes outside 0..3", tensors=True)
+
+
 def test_saved_checkpoints_are_readable_by_other_users(saved_checkpoint: Saved) -> None:
     """safetensors writes 0600; the image's service user (not the one who trained) must read the file."""
     assert saved_checkpoint[0].stat().st_mode & 0o777 == 0o644

@@ -544,6 +544,31 @@ def test_error_messages_quote_a_clients_long_strings_cut_short(client: TestClien
     assert r.status_code == 422 and "XXX'... is not supported" in r.json()["detail"] and len(r.text) < 400
 
 
+def test_both_inference_routes_report_the_batchers_account_of_a_request(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """queue_ms and compute_ms are the batcher's seconds for this request, in ms (a queue_ms of 0 passed
+    every other test), and the queue-wait histogram sees the same wait."""
+    from service.batcher import Result
+
+    def submit(job: Any) -> asyncio.Future[Result]:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(Result(np.zeros((len(job.x), len(CLASSES)), np.float32), 0.5, 0.0123, 0.0045, 3))
+        return fut
+
+    with serve(make_settings(structured.path)) as c:
+        monkeypatch.setattr(app_state(c).batcher, "submit", submit)
+        waited = app_state(c).metrics.queue_wait.collect()[0]
+        before = next(s.value for s in waited.samples if s.name.endswith("_sum"))
+        served = c.post("/predict", json={"inputs": [ZEROS]}).json()
+        v2 = c.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:1])).json()["parameters"]
+        waited = app_state(c).metrics.queue_wait.collect()[0]
+        after = next(s.value for s in waited.samples if s.name.endswith("_sum"))
+    for body in (served, v2):
+        assert (body["alpha"], body["queue_ms"], body["compute_ms"], body["batch_images"]) == (0.5, 12.3, 4.5, 3)
+    assert after - before == pytest.approx(2 * 0.0123)
+
+
 def test_v2_infer_uint8(client: TestClient, structured: TinyCheckpoint) -> None:
     r = client.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:2], quality=0.5))
     assert r.status_code == 200, r.text

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -640,6 +641,37 @@ def test_on_batch_reports_alpha_and_size() -> None:
 
     run_async(scenario)
     assert reports == [(0.5, 5)]
+
+
+def test_results_report_the_queue_wait_and_on_batch_the_hand_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request queued 5 s before its batch starts reports 5 s of queue time (queue_ms); a batch taking 2.25 s
+    of which its model ran 2 reports the other 0.25 s to on_batch as hand-off. A fake clock, the batcher's own."""
+    mono, perf = [100.0], [0.0]
+    monkeypatch.setattr(
+        "service.batcher.time", SimpleNamespace(monotonic=lambda: mono[0], perf_counter=lambda: perf[0])
+    )
+    reports: list[tuple[float, float]] = []
+
+    class Timed(FakeModel):
+        def __call__(self, alpha: float, x: np.ndarray) -> np.ndarray:
+            perf[0] += 2.0
+            mono[0] += 2.25
+            return super().__call__(alpha, x)
+
+    async def scenario() -> None:
+        batcher, executor = make_batcher(
+            Timed(), on_batch=lambda alpha, images, seconds, handoff: reports.append((seconds, handoff))
+        )
+        queued = job(1.0)
+        queued.enqueued = 95.0
+        answer = batcher.submit(queued)
+        task = await started(batcher)
+        result = await answer
+        await stop(task, executor)
+        assert (result.queue_seconds, result.compute_seconds) == (5.0, 2.25)
+
+    run_async(scenario)
+    assert reports == [(2.0, 0.25)]
 
 
 def test_a_build_the_batch_makes_first_is_not_reported_as_model_time(monkeypatch: pytest.MonkeyPatch) -> None:

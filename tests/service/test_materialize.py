@@ -193,6 +193,20 @@ def test_int8_kernels_agree_with_training_on_most_inputs(tiny_checkpoints: Calla
     assert float((out - ref).abs().mean()) < 0.1 * float(ref.abs().mean())
 
 
+def test_int8_calibrates_on_a_set_of_two_images(tiny_checkpoints: Callable[[str], TinyCheckpoint]) -> None:
+    """Only an empty sample set leaves int8 uncalibrated (`normalised_samples`): two images are a calibration
+    set, and the activation ranges observed on them reproduce training's logits on those images."""
+    ck = tiny_checkpoints("quantized")
+    model, meta, stored = checkpoint.load_with_samples(ck.path)
+    assert stored is not None
+    two = normalise(stored[0][:2])
+    compiled = build(model, meta, 1.0, samples=two, channels_last=False, backend="onnxruntime")
+    assert compiled.representation.startswith("int8")
+    out, ref = compiled(two), ck.model(two, ck.model.at(1.0)).detach()
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    assert float((out - ref).abs().mean()) < 0.05 * float(ref.abs().mean())
+
+
 def test_int8_runs_single_images_and_full_batches_on_networks_of_their_own(
     tiny_checkpoints: Callable[[str], TinyCheckpoint],
 ) -> None:

@@ -55,6 +55,27 @@ def test_step_policy_follows_queue_depth() -> None:
     ]
 
 
+@pytest.mark.parametrize(("depth", "alpha"), [(0, 1.0), (1, 1.0), (2, 0.5), (7, 0.5), (8, 0.0), (9, 0.0)])
+def test_step_policy_bands_start_at_2_and_at_8_queued(depth: int, alpha: float) -> None:
+    """The bands are "under 2", "2-7" and "8 or more": each edge on both sides."""
+    assert _controller("step").update(Signals(now=0.0, queue_depth=depth)) == alpha
+
+
+@pytest.mark.parametrize(
+    ("signals", "alpha"),
+    [
+        (Signals(now=0.0, queue_depth=7), 1.0),
+        (Signals(now=0.0, queue_depth=8), 0.5),
+        (Signals(now=0.0, p99=0.1), 1.0),
+        (Signals(now=0.0, p99=0.1 + 1e-9), 0.5),
+    ],
+)
+def test_aimd_congestion_is_8_queued_or_a_p99_over_the_slo(signals: Signals, alpha: float) -> None:
+    """From alpha 1: 7 queued or a p99 at the SLO (0.1 s) climb (and stay at 1); 8 queued or a p99 past it
+    halve."""
+    assert _controller("aimd").update(signals) == alpha
+
+
 def test_aimd_halves_on_congestion_and_climbs_one_step() -> None:
     c = _controller("aimd")
     assert c.update(Signals(now=0.0, p99=0.5)) == 0.5

@@ -302,6 +302,38 @@ def test_resume_after_an_interruption_continues_exactly(
     assert meta.accuracy == ref_meta.accuracy
 
 
+def test_resume_counts_the_training_time_from_the_saved_elapsed(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A resumed run adds its epochs to the seconds the state saved (here made 1000 s), not to 0: the
+    checkpoint's train_seconds and the state after the last epoch count the whole run."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors"))
+    save_state = train_module._save_state
+
+    def save_then_stop(cfg: TrainConfig, *args: Any) -> None:
+        save_state(cfg, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, synthetic_data, capsys)
+    monkeypatch.setattr(train_module, "_save_state", save_state)
+    with safe_open(str(cfg.state_path), framework="pt") as f:
+        meta = f.metadata()
+    assert 0.0 < float(meta["elapsed"]) < 1000.0  # the first epoch's seconds
+    save_file(load_file(str(cfg.state_path)), str(cfg.state_path), metadata={**meta, "elapsed": "1000.0"})
+
+    assert "after epoch 1/2" in _run(cfg, synthetic_data, capsys)
+    with safe_open(str(cfg.state_path), framework="pt") as f:
+        elapsed = float(f.metadata()["elapsed"])
+    assert 1000.0 < elapsed < 1100.0
+    assert checkpoint.read_meta(cfg.out).training["train_seconds"] == round(elapsed, 1)
+
+
 def test_resume_refuses_a_state_from_another_config(
     tmp_path: Path,
     synthetic_data: Dataset,
