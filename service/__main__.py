@@ -77,37 +77,52 @@ def _refuse_arguments(args: list[str]) -> str:
     return f"error: python -m service takes no arguments (got: {got}); {fix}; `python -m service --help` lists them"
 
 
-def bind_problem(host: str, port: int) -> str | None:
-    """Why the server could not listen on host:port, or None; found in milliseconds, before the model loads
-    (uvicorn finds out seconds later, with a bare '[Errno 98] address already in use'). Binds as uvicorn's
-    asyncio server will (every address the host resolves to, SO_REUSEADDR, IPv6 sockets IPv6-only), then
-    lets go. Something may take the port in between; uvicorn still reports that."""
+class CannotListen(Exception):
+    """Why the server cannot listen on LCS_HOST:LCS_PORT, naming the settings and the fix."""
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on host:port, bound as uvicorn's asyncio server would bind them (every address the
+    host resolves to, SO_REUSEADDR, IPv6 sockets IPv6-only), or CannotListen. Made before the model loads,
+    so a problem is found in milliseconds rather than after the start-up (uvicorn's bare '[Errno 98]
+    address already in use', 7-8 s later), and held until uvicorn serves on them, so nothing takes the port
+    in between: a port taken there made the service exit 3 after the whole start-up. They listen at once,
+    as only a listening socket holds a port against another SO_REUSEADDR socket (uvicorn's, asyncio's) on
+    Linux; a connection made while the model loads waits in the backlog and is answered once uvicorn starts
+    (`/readyz` 503 until the warm-up ends)."""
     elsewhere = "use one of this machine's addresses, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        return f"LCS_HOST={host}: not an address or a name this machine resolves ({e.strerror}); {elsewhere}"
+        unknown = f"LCS_HOST={host}: not an address or a name this machine resolves ({e.strerror})"
+        raise CannotListen(f"{unknown}; {elsewhere}") from None
+    bound: list[socket.socket] = []
     for family, kind, proto, _, address in dict.fromkeys(infos):
         try:
             sock = socket.socket(family, kind, proto)
         except OSError:
             continue  # a family this machine lacks (IPv6 off): asyncio skips it too
-        with sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as e:
-                at = f"LCS_HOST={host} LCS_PORT={port}" + (f" (address {address[0]})" if address[0] != host else "")
-                if e.errno == errno.EADDRINUSE:
-                    return f"{at}: address already in use (another process listens there); stop it or change LCS_PORT"
-                if e.errno == errno.EADDRNOTAVAIL:
-                    return f"{at}: not an address of this machine; {elsewhere}"
-                if e.errno == errno.EACCES and port < 1024:
-                    return f"{at}: permission denied, ports below 1024 need privileges; choose LCS_PORT=1024 or above"
-                return f"{at}: cannot listen there ({e.strerror})"
-    return None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+            sock.listen()
+        except OSError as e:
+            for held in (*bound, sock):
+                held.close()
+            at = f"LCS_HOST={host} LCS_PORT={port}" + (f" (address {address[0]})" if address[0] != host else "")
+            if e.errno == errno.EADDRINUSE:
+                why = "address already in use (another process listens there); stop it or change LCS_PORT"
+            elif e.errno == errno.EADDRNOTAVAIL:
+                why = f"not an address of this machine; {elsewhere}"
+            elif e.errno == errno.EACCES and port < 1024:
+                why = "permission denied, ports below 1024 need privileges; choose LCS_PORT=1024 or above"
+            else:
+                why = f"cannot listen there ({e.strerror})"
+            raise CannotListen(f"{at}: {why}") from None
+        bound.append(sock)
+    return bound
 
 
 def main(args: list[str] | None = None) -> int:
@@ -129,9 +144,20 @@ def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if unknown:
         log.warning(unknown)
-    if (problem := bind_problem(settings.host, settings.port)) is not None:
-        print(f"error: {problem}", file=sys.stderr)
+    try:
+        sockets = bind(settings.host, settings.port)
+    except CannotListen as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return serve(settings, sockets)
+    finally:
+        for sock in sockets:  # uvicorn closes those it served on; these are the ones a refusal left bound
+            sock.close()
+
+
+def serve(settings: Settings, sockets: list[socket.socket]) -> int:
+    """Load and check the checkpoint (a refusal: exit status 2), then serve on `sockets` until stopped."""
     executor = inference_executor()  # torch work runs on this thread only
     try:
         # fail fast, before the server starts, with a message naming the problem
@@ -166,8 +192,12 @@ def main(args: list[str] | None = None) -> int:
         )
     )
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn's from here: it drains, then raises it again
+    # uvicorn names the address only when it binds the sockets itself
+    names = (sock.getsockname() for sock in sockets)
+    urls = ", ".join(f"http://{f'[{host}]' if ':' in host else host}:{port}" for host, port, *_ in names)
+    log.info("serving on %s (Ctrl-C to quit); ready once every prebuilt alpha is built and profiled", urls)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:  # uvicorn raises Ctrl-C's SIGINT again once it has shut down: no traceback
         return 130
     failure = getattr(getattr(app.state, "lcs", None), "failure", None)

@@ -117,6 +117,23 @@ def test_a_port_in_use_is_found_before_the_model_loads_and_named(
     )
 
 
+def test_the_port_is_held_from_the_bind_check_until_the_server_serves_on_it() -> None:
+    """The check let the port go again, and a server taking it during the start-up made the service exit 3
+    after its warm-up. Bound and listening, it refuses another SO_REUSEADDR socket (as uvicorn's binds)."""
+    from service.__main__ import bind
+
+    held = bind("127.0.0.1", 0)
+    try:
+        assert [s.getsockname()[0] for s in held] == ["127.0.0.1"]
+        with socket.socket() as rival:
+            rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError, match="Address already in use"):
+                rival.bind(held[0].getsockname())
+    finally:
+        for s in held:
+            s.close()
+
+
 @pytest.mark.parametrize(
     ("host", "problem"),
     [
