@@ -7,6 +7,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Collection, Sequence
+from pathlib import Path
 
 import psutil
 
@@ -92,7 +93,22 @@ class LoopCost:
         return self.value
 
 
-def cpu_taken(busy: Sequence[float], mine: float, allowed: Collection[int], usable: float) -> float:
+ONLINE = Path("/sys/devices/system/cpu/online")
+
+
+def online_cpus(path: Path = ONLINE) -> list[int] | None:
+    """The ids of the online CPUs ("0-2,4" -> [0, 1, 2, 4]), the order /proc/stat and so psutil lists them
+    in; None where the file is missing or unreadable."""
+    try:
+        spans = [part.split("-") for part in path.read_text().strip().split(",")]
+        return [c for span in spans for c in range(int(span[0]), int(span[-1]) + 1)]
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_taken(
+    busy: Sequence[float], mine: float, allowed: Collection[int], usable: float, listed: Sequence[int] | None = None
+) -> float:
     """The share of the CPUs this process may use that other processes take, 0..1. `busy`: each core's busy
     share since the last look (0..1); `mine`: cores this process kept busy meanwhile (1.5: one and a half);
     `allowed`: the cores it may run on (its affinity); `usable`: how many it may use at once (fewer under a
@@ -101,9 +117,15 @@ def cpu_taken(busy: Sequence[float], mine: float, allowed: Collection[int], usab
     leaves it fewer than `usable` idle: on a machine that is all its own (this one: 2 of 2) that is their
     share of the machine, but in a container limited to 2 CPUs on a 64-core node the node's other 30 busy
     cores read as 47 % taken, and the controller, pricing the model 1.9x slower, gave accuracy away."""
-    # psutil lists the online CPUs in order: an allowed id past the list (a CPU offline below it, or lxcfs
-    # numbering a cpuset's CPUs from 0) means ids are not positions, so count every core listed
-    cores = [busy[c] for c in allowed] if allowed and max(allowed) < len(busy) else list(busy)
+    # psutil lists the online CPUs in order of id: `listed`, those ids (`online_cpus`), picks the allowed
+    # ones where a CPU below them is offline. Without it (or where it does not match the list: lxcfs numbers a
+    # container's CPUs from 0), ids are positions, unless one is past the list: then every core listed counts
+    if listed is not None and len(listed) == len(busy) and allowed and set(allowed) <= set(listed):
+        cores = [b for b, c in zip(busy, listed, strict=True) if c in allowed]
+    elif allowed and max(allowed) < len(busy):
+        cores = [busy[c] for c in allowed]
+    else:
+        cores = list(busy)
     usable = min(usable, len(cores))
     others = max(0.0, sum(cores) - mine)
     free = min(usable, len(cores) - others)
@@ -118,13 +140,14 @@ class MachineProbe:
         cores = range(psutil.cpu_count() or 1)
         self._allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(cores)
         self._usable = cpu_share()  # as a fraction: not usable_cpus, which rounds up to whole threads
+        self._listed = online_cpus()
         psutil.cpu_percent(None, percpu=True)
         self._me.cpu_percent(None)
 
     def cpu_other(self) -> float:
         """cpu_taken since the last call."""
         busy = [p / 100.0 for p in psutil.cpu_percent(None, percpu=True)]
-        return cpu_taken(busy, self._me.cpu_percent(None) / 100.0, self._allowed, self._usable)
+        return cpu_taken(busy, self._me.cpu_percent(None) / 100.0, self._allowed, self._usable, self._listed)
 
     @staticmethod
     def memory_available() -> float:

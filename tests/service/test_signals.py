@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import types
+from pathlib import Path
 
 import psutil
 import pytest
@@ -115,3 +116,29 @@ def test_cpu_taken_counts_only_what_leaves_this_process_short(
     from service.signals import cpu_taken
 
     assert cpu_taken(busy, mine, allowed, usable) == pytest.approx(taken)
+
+
+@pytest.mark.parametrize(
+    ("listed", "taken"),
+    [
+        ([0, 2, 3], 0.5),  # CPU 1 offline: the busy one is CPU 2, allowed (as a position, CPU 3 was read)
+        ([0, 1, 2], 0.0),  # all online: positions are ids, and CPU 2 is idle
+        ([0, 1, 2, 3], 0.0),  # a list that does not match psutil's: ids taken as positions, as without one
+    ],
+)
+def test_cpu_taken_finds_the_allowed_cpus_by_id_where_one_below_is_offline(listed: list[int], taken: float) -> None:
+    from service.signals import cpu_taken
+
+    assert cpu_taken([0.0, 1.0, 0.0], 0.0, {0, 2}, 2, listed) == pytest.approx(taken)
+
+
+@pytest.mark.parametrize(
+    ("text", "ids"), [("0-3\n", [0, 1, 2, 3]), ("0,2-3,5\n", [0, 2, 3, 5]), ("7", [7]), ("x-1", None), (None, None)]
+)
+def test_online_cpus_reads_the_kernels_cpu_list(tmp_path: Path, text: str | None, ids: list[int] | None) -> None:
+    from service.signals import online_cpus
+
+    path = tmp_path / "online"
+    if text is not None:
+        path.write_text(text)
+    assert online_cpus(path) == ids
