@@ -48,6 +48,7 @@ class Observe:
         state["arrived"] = t0  # a request's deadline counts from here: reading and parsing it are part of it
         status = 500
         started = completed = body_read = gone = False
+        unsent: Exception | None = None  # what the server's send raised: the connection is gone
 
         async def receive_watched() -> Message:
             nonlocal body_read, gone
@@ -59,7 +60,7 @@ class Observe:
             return message
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, started, completed, gone
+            nonlocal status, started, completed, gone, unsent
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
@@ -67,21 +68,42 @@ class Observe:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             elif not message.get("more_body"):
                 completed = True
-            await send(message)
+            try:
+                await send(message)
+            except Exception as e:
+                unsent = e
+                raise
 
         try:
             await self.app(scope, receive_watched, send_with_id)
         except Exception:
-            log.exception("unhandled error in request %s", rid)
-            if started and not completed:
-                raise  # the server drops the connection: a half-sent answer cannot be taken back
-            if not started:  # else FastAPI's error middleware answered (with internal_error_response) and re-raised
-                await internal_error_response(scope)(scope, receive, send_with_id)
+            if unsent is not None:
+                # The connection closed under the answer. uvicorn marks only the newest request on a connection
+                # as disconnected, so the answer to one pipelined before it is still written, and uvloop raises
+                # on a closed transport: 20 such requests were counted nowhere and logged 40 tracebacks. Its
+                # client left; uvicorn logs that the answer is incomplete and closes the connection.
+                gone = True
+                log.info(
+                    "request %s: its answer could not be sent, its client left (%s: %s)",
+                    rid,
+                    type(unsent).__name__,
+                    unsent,
+                )
+            else:
+                log.exception("unhandled error in request %s", rid)
+                if started and not completed:
+                    self._count(scope, 500, t0, answered=None)
+                    raise  # the server drops the connection: a half-sent answer cannot be taken back
+                if not started:  # else FastAPI's error middleware answered (internal_error_response), re-raised
+                    await internal_error_response(scope)(scope, receive, send_with_id)
         else:
             gone = gone or not started  # the app ended without an answer: its client had left
-        answered = status if started else None
-        if gone:
-            status = 499  # the client left before its answer (nginx's code for it), whatever the app answered
+        # the client left before its answer: 499 (nginx's code for it), whatever the app answered
+        self._count(scope, 499 if gone else status, t0, answered=status if started else None)
+
+    @staticmethod
+    def _count(scope: Scope, status: int, t0: float, answered: int | None) -> None:
+        """The request in the metrics and the controller's statistics, once. `answered`: the app's status."""
         # FastAPI's own pages (/docs, /openapi.json, ...) are plain Starlette routes: matched, with no route
         # object; their paths have no parameters, so each is its own label
         route = scope.get("route")

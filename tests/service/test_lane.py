@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,6 +122,46 @@ def test_a_client_gone_while_its_answer_was_computed_counts_as_499(structured: T
     stays, leaves, count = asyncio.run(run())
     assert stays[0]["status"] == leaves[0]["status"] == 200  # both computed and answered
     assert count == {"200": 1.0, "499": 1.0}
+
+
+def test_an_answer_the_server_cannot_send_counts_once_as_499(
+    structured: TinyCheckpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request pipelined before another on a connection that closes: uvicorn marks only the newest one
+    disconnected and writes this one's answer to the closed transport, which uvloop refuses with a
+    RuntimeError. Such requests were counted nowhere, and each logged two tracebacks."""
+    app = create_app(make_settings(structured.path))
+    body = json.dumps({"inputs": [ZEROS]}).encode()
+    read = asyncio.Event()
+
+    async def receive() -> Message:
+        if not read.is_set():
+            read.set()
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # no disconnect is ever reported to this request
+        raise AssertionError
+
+    async def send(message: Message) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    async def run() -> tuple[float | None, float | None]:
+        async with app.router.lifespan_context(app):
+            while not app.state.lcs.runtime.ready:
+                await asyncio.sleep(0.005)
+            scope = post_scope("/predict", [(b"content-length", str(len(body)).encode())])
+            await app(scope, receive, send)  # returns: the server closes the connection
+            registry = app.state.lcs.metrics.registry
+            labels = {"endpoint": "/predict", "status": "499"}
+            return (
+                registry.get_sample_value("lcs_requests_total", labels),
+                registry.get_sample_value("lcs_request_duration_seconds_count", labels),
+            )
+
+    with caplog.at_level(logging.INFO, logger="lcs.service"):
+        assert asyncio.run(run()) == (1.0, 1.0)
+    said = [r for r in caplog.records if r.name == "lcs.service" and r.levelno >= logging.WARNING]
+    assert said == [], [r.getMessage() for r in said]
+    assert any("its answer could not be sent, its client left" in r.getMessage() for r in caplog.records)
 
 
 def test_an_error_in_a_route_fastapi_serves_is_a_json_500_with_the_request_id(
