@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -51,6 +52,11 @@ def inference_executor() -> ThreadPoolExecutor:
     after one, which is why the softmax is numpy's (a quantized model's int8 batches still slow a
     3-7-bit batch that follows them)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcs-infer")
+
+
+def _listed(alphas: Sequence[float]) -> str:
+    """Alphas as an LCS_ list variable spells them ("0,0.33,1"), for an error naming the value."""
+    return ",".join(f"{a:g}" for a in alphas)
 
 
 PROFILE_ROUNDS = 7  # timings per (alpha, batch size) in the start-up profile, one per round
@@ -97,7 +103,8 @@ class Runtime:
             missing = [a for a in grid_alphas if a not in model.stat_alphas]
             if missing:
                 raise ValueError(
-                    f"LCS_ALPHA_GRID: alphas {missing} have no BatchNorm statistics in {settings.checkpoint}; "
+                    f"LCS_ALPHA_GRID={_listed(asked)}: alphas {missing} have no BatchNorm statistics in "
+                    f"{settings.checkpoint}; "
                     f"choose from {list(model.stat_alphas)}"
                 )
         grid = Grid(grid_alphas)
@@ -107,7 +114,8 @@ class Runtime:
         if off := [a for a, on in prebuild.items() if on is None]:
             served = "LCS_ALPHA_GRID" if settings.alpha_grid else f"the grid of {settings.checkpoint}"
             raise ValueError(
-                f"LCS_PREBUILD: alphas {off} are not on the served grid [{', '.join(f'{a:g}' for a in grid.alphas)}] "
+                f"LCS_PREBUILD={_listed(settings.prebuild or [])}: alphas {off} are not on the served grid "
+                f"[{', '.join(f'{a:g}' for a in grid.alphas)}] "
                 f"({served}); choose prebuilt alphas from it, or unset LCS_PREBUILD to build the whole grid"
             )
         scale, shift = normaliser(meta.input)

@@ -195,7 +195,7 @@ def test_an_accuracy_table_spelling_an_alpha_its_own_way_is_still_found(
 
 
 def test_a_grid_alpha_without_batchnorm_statistics_is_refused(structured: TinyCheckpoint) -> None:
-    with pytest.raises(ValueError, match=r"LCS_ALPHA_GRID: alphas \[0.25\] have no BatchNorm statistics"):
+    with pytest.raises(ValueError, match=r"LCS_ALPHA_GRID=0.25,1: alphas \[0.25\] have no BatchNorm statistics"):
         Runtime.load(make_settings(structured.path, alpha_grid=[0.25, 1.0]))
 
 
