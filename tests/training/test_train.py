@@ -267,6 +267,22 @@ def test_out_where_no_file_can_be_created(
     assert "epoch" not in capsys.readouterr().out
 
 
+def _interrupted_after_the_first_epoch(
+    cfg: TrainConfig, data: Dataset, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Train `cfg` until its state is saved after the first epoch, then stop, as a machine going away would."""
+    save_state = train_module._save_state
+
+    def save_then_stop(cfg: TrainConfig, *args: Any) -> None:
+        save_state(cfg, *args)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "_save_state", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            _run(cfg, data, capsys)
+
+
 def test_resume_after_an_interruption_continues_exactly(
     tmp_path: Path,
     synthetic_data: Dataset,
@@ -278,19 +294,10 @@ def test_resume_after_an_interruption_continues_exactly(
     _run(reference, synthetic_data, capsys)
 
     cfg = load_config(None, tiny_overrides(tmp_path / "run.safetensors", kind="unstructured"))
-    save_state = train_module._save_state
-
-    def save_then_stop(cfg: TrainConfig, *args: Any) -> None:
-        save_state(cfg, *args)
-        raise KeyboardInterrupt  # the machine went away after the first epoch
-
-    monkeypatch.setattr(train_module, "_save_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cfg, synthetic_data, capsys)
+    _interrupted_after_the_first_epoch(cfg, synthetic_data, capsys, monkeypatch)
     assert "epoch 1:" in capsys.readouterr().out
     assert cfg.state_path.is_file() and not Path(cfg.out).exists()
     assert load_file(str(cfg.state_path)).keys()  # a real safetensors state
-    monkeypatch.setattr(train_module, "_save_state", save_state)
 
     log = _run(cfg, synthetic_data, capsys)
     assert "resuming" in log and "after epoch 1/2" in log
@@ -312,16 +319,7 @@ def test_resume_counts_the_training_time_from_the_saved_elapsed(
     """A resumed run adds its epochs to the seconds the state saved (here made 1000 s), not to 0: the
     checkpoint's train_seconds and the state after the last epoch count the whole run."""
     cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors"))
-    save_state = train_module._save_state
-
-    def save_then_stop(cfg: TrainConfig, *args: Any) -> None:
-        save_state(cfg, *args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cfg, synthetic_data, capsys)
-    monkeypatch.setattr(train_module, "_save_state", save_state)
+    _interrupted_after_the_first_epoch(cfg, synthetic_data, capsys, monkeypatch)
     with safe_open(str(cfg.state_path), framework="pt") as f:
         meta = f.metadata()
     assert 0.0 < float(meta["elapsed"]) < 1000.0  # the first epoch's seconds
