@@ -6,6 +6,7 @@ is the path those requests take, and its own edges."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from collections.abc import Iterator
@@ -162,6 +163,45 @@ def test_an_answer_the_server_cannot_send_counts_once_as_499(
     said = [r for r in caplog.records if r.name == "lcs.service" and r.levelno >= logging.WARNING]
     assert said == [], [r.getMessage() for r in said]
     assert any("its answer could not be sent, its client left" in r.getMessage() for r in caplog.records)
+
+
+def test_a_body_read_that_fails_leaves_nothing_for_the_collector(structured: TinyCheckpoint) -> None:
+    """Read through asyncio.wait_for, a client gone mid-body or a chunked body over the limit left a cycle
+    (error, traceback, wait_for's frame, its task) holding the body read so far until a full collection,
+    which `python -m service`'s threshold makes rare: 8 MiB kept per abandoned 8 MB upload."""
+    from starlette.requests import ClientDisconnect
+
+    from service.middleware import _BodyTooLarge
+
+    app = create_app(make_settings(structured.path, max_body_bytes=4096), warm_up=False)
+    statuses: list[int] = []
+
+    async def call(last: Message) -> None:
+        chunks = [{"type": "http.request", "body": b'{"inputs": [' + b"0," * 1000, "more_body": True}, last]
+
+        async def receive() -> Message:
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(post_scope("/predict", []), receive, send)  # chunked: no content-length
+
+    async def run() -> int:
+        async with app.router.lifespan_context(app):
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(3):
+                    await call({"type": "http.disconnect"})  # the client left mid-body
+                    await call({"type": "http.request", "body": b"0," * 2000, "more_body": True})  # over 4096
+                return sum(type(o) in (ClientDisconnect, _BodyTooLarge) for o in gc.get_objects())
+            finally:
+                gc.enable()
+
+    assert asyncio.run(run()) == 0
+    assert statuses == [413] * 3  # the client gone mid-body gets no answer
 
 
 def test_an_error_in_a_route_fastapi_serves_is_a_json_500_with_the_request_id(
