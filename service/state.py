@@ -42,8 +42,8 @@ class State:
         # Encoded images decode here, one at a time per CPU this process may use. Decoding is CPU-bound, so
         # more threads add nothing but memory: on asyncio's default pool (min(32, the node's CPUs + 4)
         # threads) 24 concurrent requests of one 4096x4096 16-bit PNG (~164 MiB each while it decodes)
-        # peaked at 1.28-1.46 GiB on a 2-CPU machine. A request waiting here is still counted by the
-        # pre-body gate (`parsing`), so a backlog of decodes turns new work away as a queue would.
+        # peaked at 1,277-1,495 MiB on a 2-CPU machine, 746 on this pool. A request waiting here is still
+        # counted by the pre-body gate (`parsing`), so a backlog of decodes turns new work away as a queue would.
         self.decoder = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="lcs-decode")
         self.batcher = Batcher(
             runtime.logits,

@@ -1155,7 +1155,7 @@ def test_images_decode_on_a_pool_of_one_thread_per_usable_cpu(
     structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Images decoded on asyncio's default pool, min(32, the node's CPUs + 4) threads: 24 concurrent
-    requests of one 4096x4096 16-bit PNG each peaked at 1.28 GiB on 2 CPUs, against 0.75 with a thread per
+    requests of one 4096x4096 16-bit PNG each peaked at 1,277 MiB on 2 CPUs, against 746 with a thread per
     CPU the process may use (a pod's quota counts, not the node's CPUs)."""
     import service.app
     import service.state
