@@ -687,11 +687,22 @@ def test_lists_a_client_fills_with_the_wrong_thing_stop_at_the_first(client: Tes
     assert r.status_code == 422 and "at most 8" in r.json()["detail"]
 
 
-def test_a_body_whose_last_key_repeats_one_of_many_is_named_in_one_pass(client: TestClient) -> None:
-    """The duplicate was found by counting each key: 420 kB of distinct keys held the event loop 37 s."""
-    keys = ", ".join(f'"k{i}": 0' for i in range(100_000))
-    r = post_raw(client, "{" + keys + ', "k99999": 1}')
-    assert r.status_code == 422 and "duplicate key 'k99999'" in r.json()["detail"]
+def test_a_body_whose_last_key_repeats_one_of_many_is_named(client: TestClient) -> None:
+    keys = ", ".join(f'"k{i}": 0' for i in range(255))
+    r = post_raw(client, "{" + keys + ', "k254": 1}')
+    assert r.status_code == 422 and "duplicate key 'k254'" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("count", [257, 200_000])
+def test_an_object_of_more_keys_than_any_request_needs_is_refused_before_validation(
+    client: TestClient, count: int
+) -> None:
+    """Each unknown key became a validation error: 200,000 of them (2.3 MB) held the event loop 1.1 s, and
+    their duplicate search, counting each key, 37 s for 420 kB before it was one pass."""
+    keys = ", ".join(f'"k{i}": 0' for i in range(count))
+    r = post_raw(client, "{" + keys + "}")
+    assert r.status_code == 422
+    assert r.json()["detail"] == f"body: invalid JSON (an object of {count} keys, over the 256 allowed)"
 
 
 def test_v2_versioned_paths_serve_version_1_only(client: TestClient, structured: TinyCheckpoint) -> None:

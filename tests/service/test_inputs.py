@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import struct
 import zlib
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from lcs.checkpoint import InputSpec
-from service.inputs import InputError, decode, normaliser
+from service.inputs import B64_CHUNK, InputError, b64decode, decode, normaliser
 
 GRAY = InputSpec(channels=1, height=6, width=5, mean=[0.5], std=[0.25])
 RGB = InputSpec(channels=3, height=4, width=5, mean=[0.1, 0.2, 0.3], std=[0.5, 0.25, 0.125])
@@ -170,6 +171,25 @@ def test_arrays_and_images_mix_in_one_request() -> None:
 def test_invalid_base64_is_refused(text: str) -> None:
     with pytest.raises(InputError, match=r"^inputs\[0\]: not valid base64"):
         run([text])
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, B64_CHUNK // 4 * 3, B64_CHUNK // 4 * 3 + 1, 5 * B64_CHUNK // 4 * 3 + 2])
+def test_base64_decodes_in_chunks_as_in_one_call(size: int) -> None:
+    """In chunks so the decoding thread gives the GIL back: one call for a 5 MB photo held the event loop
+    25-40 ms. Sizes at and across a chunk's edge, padded and not."""
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    assert b64decode(base64.b64encode(data).decode()) == data
+
+
+@pytest.mark.parametrize(
+    "text", ["QUJD=Rg==", "QUJD" * (B64_CHUNK // 4 - 1) + "QQ==" + "QUJD", "QUJD" * (B64_CHUNK // 4) + "Q"]
+)
+def test_base64_chunks_refuse_what_one_call_refuses(text: str) -> None:
+    """Padding in the middle, even where a chunk ends, and a length that is no multiple of 4."""
+    with pytest.raises(binascii.Error):
+        base64.b64decode(text, validate=True)
+    with pytest.raises(binascii.Error):
+        b64decode(text)
 
 
 def test_bytes_that_are_not_an_image_are_refused() -> None:
