@@ -302,6 +302,7 @@ def create_app(
                     check=lambda scope, st: _model(
                         st, scope["path_params"].get("name", st.runtime.name), scope["path_params"].get("version")
                     ),
+                    capacity=lambda st: (st.settings.max_inputs, _values_per_image(st.runtime.meta.input)),
                 ),
                 limit=s.max_body_bytes,
             )
@@ -592,6 +593,10 @@ def _served(rt: Runtime, res: Result, accuracy: float | None) -> dict[str, objec
         "compute_ms": round(res.compute_seconds * 1000, 3),
         "batch_images": res.batch_images,
     }
+
+
+def _values_per_image(spec: InputSpec) -> int:
+    return spec.channels * spec.height * spec.width
 
 
 def _model(st: State, name: str, version: str | None = None) -> Runtime:

@@ -87,6 +87,7 @@ def _invalid_json(why: str) -> str:
     return f"body: invalid JSON ({why})"
 
 
+SLACK_COMMAS = 1024  # beside the pixels' commas: the other fields', and a `data:` URL's one per image
 MAX_KEYS = 256  # in one JSON object: the request bodies' objects have under 10, a v2 `parameters` a few more
 
 
@@ -178,9 +179,11 @@ class Lane:
         state: Callable[[Scope], Any],
         body_timeout: float,
         check: Callable[[Scope, Any], object] | None = None,
+        capacity: Callable[[Any], tuple[int, int]] | None = None,
     ) -> None:
         # built at the first request, after every route is declared
         self.app, self.binary, self.state, self.body_timeout = app, set(binary), state, body_timeout
+        self.capacity = capacity  # st -> (images a request may hold, values per image): a JSON body's bound
         self.check = check  # (scope, st) -> None or ApiError, before the body is read: an unknown model, say
         self.routes = [
             (r, get_type_hints(r.endpoint)["body"])
@@ -211,7 +214,8 @@ class Lane:
             st = self.state(scope)
             if st is not None and self.check is not None:
                 self.check(scope, st)
-            body = await self._body(route, model, request)
+            capacity = None if st is None or self.capacity is None else self.capacity(st)
+            body = await self._body(route, model, request, capacity)
             if st is None:
                 raise ApiError(503, "the service is starting; retry shortly", {"Retry-After": "1"})
             result = await route.endpoint(body=body, st=st, request=request, **scope["path_params"])
@@ -221,7 +225,9 @@ class Lane:
             return error_response(scope, 422, str(e), kind="invalid input")
         return result if isinstance(result, Response) else JSONResponse(result)
 
-    async def _body(self, route: APIRoute, model: type[BaseModel], request: Request) -> BaseModel:
+    async def _body(
+        self, route: APIRoute, model: type[BaseModel], request: Request, capacity: tuple[int, int] | None
+    ) -> BaseModel:
         length = request.headers.get(BINARY_HEADER) if route.path in self.binary else None
         require_uncompressed(request.headers.get("content-encoding", ""))
         if length is None:
@@ -240,4 +246,13 @@ class Lane:
             ) from None
         if length is not None:
             raw, request.scope.setdefault("state", {})["binary"] = split_binary(raw, length)
+        elif capacity is not None:
+            # A JSON body of more values than the most images a request may hold is refused before it is parsed:
+            # json.loads holds the GIL, and 8 MiB of numbers (refused after, as too many images) held the event
+            # loop ~300 ms. Commas count them (n values in nested lists take n - 1; base64 has none), at ~1 ms.
+            images, per_image = capacity
+            if raw.count(b",") > images * per_image + SLACK_COMMAS:
+                raise ApiError(
+                    422, f"body: more values than {images} images of {per_image} values hold; send fewer images"
+                )
         return validate(model, raw)
