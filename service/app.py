@@ -520,7 +520,7 @@ def create_app(
         if any(d < 1 for d in t.shape):
             raise InputError(f"inputs[0].shape {shown(t.shape)}: every dimension must be a positive number")
         i = rt.meta.input
-        per = i.channels * i.height * i.width
+        per = _values_per_image(i)
         n = t.shape[0] if t.shape else 0
         binary = request.scope["state"].get("binary")
         if binary is not None and not len(binary):  # the whole body is JSON
@@ -596,6 +596,7 @@ def _served(rt: Runtime, res: Result, accuracy: float | None) -> dict[str, objec
 
 
 def _values_per_image(spec: InputSpec) -> int:
+    """Numbers in one image of the model's input: C x H x W."""
     return spec.channels * spec.height * spec.width
 
 
@@ -618,7 +619,7 @@ def _channels_last(shape: list[int], i: InputSpec) -> bool:
     /predict does) rather than [C, H, W] or flat; any other layout of the same size is refused, not read as
     scrambled pixels."""
     tail = tuple(shape[1:])
-    if tail in ((i.channels, i.height, i.width), (i.channels * i.height * i.width,)):
+    if tail in ((i.channels, i.height, i.width), (_values_per_image(i),)):
         return False
     if i.channels == 1 and tail == (i.height, i.width):
         return False
@@ -628,7 +629,7 @@ def _channels_last(shape: list[int], i: InputSpec) -> bool:
     raise InputError(
         f"inputs[0].shape {shown(shape)}: lay the images out as [N, {i.channels}, {i.height}, {i.width}] "
         f"(N, C, H, W), [N, {i.height}, {i.width}, {i.channels}] (N, H, W, C){grey} or flat "
-        f"[N, {i.channels * i.height * i.width}]"
+        f"[N, {_values_per_image(i)}]"
     )
 
 
