@@ -27,12 +27,12 @@ def test_bad_checkpoints_stop_start_up_with_exit_code_2(tmp_path: Path) -> None:
     cases = {missing: "no such file", garbage: "not a readable safetensors file"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("LCS_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
-    env["LCS_PORT"] = str(free_port())  # the bind is checked (and let go) before the checkpoint is read
     procs = {
         path: subprocess.Popen(
             [sys.executable, "-m", "service"],
             cwd=ROOT,
-            env={**env, "LCS_CHECKPOINT": str(path)},
+            # a port each: the port is bound and held from before the checkpoint is read
+            env={**env, "LCS_CHECKPOINT": str(path), "LCS_PORT": str(free_port())},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
