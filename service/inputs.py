@@ -1,8 +1,9 @@
 """Request inputs -> a float batch [N, C, H, W] in the model's input space. No FastAPI here.
 
 An input is either a nested array of raw pixel values (0-255) shaped [H, W] (single-channel models),
-[C, H, W] or [H, W, C], or a string holding a base64 PNG or JPEG (optionally a data: URL), which is
-converted to the model's channel count and resized to its height and width.
+[C, H, W] or [H, W, C], or a string holding a base64 PNG or JPEG (optionally a data: URL), which is turned
+upright by its EXIF orientation, composited onto black where it is transparent, converted to the model's
+channel count and resized to its height and width.
 
 Decoded inputs stay numpy arrays through the event loop (normalised, batched): torch work belongs to
 the inference thread alone (`service.runtime.inference_executor` says why).
@@ -12,14 +13,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import itertools
+import struct
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lcs.checkpoint import InputSpec
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class InputError(ValueError):
@@ -85,9 +92,9 @@ def b64decode(text: str) -> bytes:
 def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: int) -> tuple[np.ndarray, int]:
     """(the image as [C, H, W] pixel values, its decoded pixel count). `budget`: the pixels the request's
     images may still decode, of `limit` per request; the header is checked against it before decoding."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
-    if text.startswith("data:"):
+    if text[:5].lower() == "data:":  # a URL's scheme is case-insensitive
         text = text.partition(",")[2]
     try:  # line breaks and spaces allowed: `base64` (GNU coreutils) wraps its output at 76 characters
         raw = b64decode("".join(text.split()))
@@ -104,11 +111,18 @@ def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: in
             pixels = im.width * im.height
             if pixels > budget:
                 raise InputError(_too_many_pixels(where, im.width, im.height, limit, alone=budget == limit))
-            ImageOps.exif_transpose(im, in_place=True)  # a photo stored rotated: upright, as a viewer shows it
+            _upright(im)
+            mode = "L" if spec.channels == 1 else "RGB"
             if im.mode.startswith("I"):  # 16-bit greyscale PNG: scale to 0-255 (converting to "L" would clip)
                 im = Image.fromarray(np.asarray(im, dtype=np.float32) * np.float32(255 / 65535), mode="F")
-            elif im.mode != ("L" if spec.channels == 1 else "RGB"):
-                im = im.convert("L" if spec.channels == 1 else "RGB")
+            elif im.has_transparency_data:
+                # Onto black, the training images' background: converted alone, two images that look the
+                # same but hide different colours under their transparent pixels gave different answers
+                alpha = im.convert("LA" if mode == "L" else "RGBA")
+                im = Image.new(mode, im.size)
+                im.paste(alpha.convert(mode), mask=alpha.getchannel("A"))
+            elif im.mode != mode:
+                im = im.convert(mode)
             if im.size != (spec.width, spec.height):
                 im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.float32)
@@ -124,6 +138,16 @@ def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: in
     else:
         arr = arr.transpose(2, 0, 1)
     return arr, pixels
+
+
+def _upright(im: Image.Image) -> None:
+    """Turn a photo stored rotated upright, as a viewer shows it, by its EXIF orientation. An EXIF block Pillow
+    cannot read leaves the image as stored, as viewers do (and Pillow does for a JPEG's): in a PNG it raised
+    SyntaxError (refused as no readable image) or struct.error (a 500)."""
+    from PIL import ImageOps
+
+    with contextlib.suppress(SyntaxError, struct.error, ValueError):
+        ImageOps.exif_transpose(im, in_place=True)
 
 
 _OTHER_FORMATS = {b"GIF8": "GIF", b"BM": "BMP", b"II*\0": "TIFF", b"MM\0*": "TIFF", b"%!PS": "EPS", b"\0\0\1\0": "ICO"}

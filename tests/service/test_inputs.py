@@ -273,6 +273,55 @@ def test_a_photo_stored_rotated_is_read_upright_as_viewers_show_it(orientation: 
     assert x[0, 0, :3].mean() > 240 and x[0, 0, 3:].mean() < 15
 
 
+@pytest.mark.parametrize(
+    "exif",
+    [b"Exif\0\0II*\0", b"MM\0*", b"II+\0\0\0\0\0"],
+)
+def test_a_png_whose_exif_cannot_be_read_is_taken_as_stored(exif: bytes) -> None:
+    """As viewers show it, and as Pillow reads a JPEG's: these raised struct.error (a 500) or SyntaxError
+    (refused as no readable image)."""
+    img = ramp(6, 5).astype(np.uint8)
+    out = run([b64(Image.fromarray(img, "L"), "PNG", exif=exif)])
+    assert np.array_equal(out[0, 0], img.astype(np.float32))
+
+
+def test_a_data_url_scheme_is_case_insensitive() -> None:
+    img = ramp(6, 5).astype(np.uint8)
+    out = run(["DATA:image/png;base64," + b64(Image.fromarray(img, "L"), "PNG")])
+    assert np.array_equal(out[0, 0], img.astype(np.float32))
+
+
+def _hidden_colours(spec: InputSpec, mode: str, colour: tuple[int, int, int]) -> Image.Image:
+    """A picture the model's size: a bright block top left on a half-transparent grey, and a fully
+    transparent right side that holds `colour`, which no viewer shows."""
+    rgba = np.zeros((spec.height, spec.width, 4), np.uint8)
+    rgba[...] = (40, 40, 40, 128)
+    rgba[:2, :2] = (200, 200, 200, 255)
+    rgba[:, 3:] = (*colour, 0)
+    return Image.fromarray(rgba, "RGBA").convert(mode)
+
+
+@pytest.mark.parametrize("spec", [GRAY, RGB])
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparent_pixels_are_composited_onto_black_as_a_viewer_shows_them(spec: InputSpec, mode: str) -> None:
+    """Two images that look the same, hiding different colours under transparent pixels, are one input (the
+    alpha channel was dropped, and the hidden colours decided the answer)."""
+    white, red = (b64(_hidden_colours(spec, mode, c), "PNG") for c in [(255, 255, 255), (255, 0, 0)])
+    out = run([white, red], spec)
+    assert np.array_equal(out[0], out[1])
+    assert np.all(out[:, :, :, 3:] == 0)  # transparent: black
+    np.testing.assert_allclose(out[0, :, 2:, :2], 20, atol=1)  # grey 40 at half opacity
+    assert np.all(out[0, :, :2, :2] == 200)  # opaque: as it is
+
+
+def test_a_palette_png_with_a_transparent_colour_is_composited_onto_black() -> None:
+    palette = Image.fromarray(np.array([[0, 1, 1, 0, 0]] * 6, np.uint8), "P")
+    palette.putpalette([250, 250, 250, 90, 90, 90])
+    palette.info["transparency"] = 0
+    out = run([b64(palette, "PNG")])
+    assert np.array_equal(out[0, 0], np.array([[0, 90, 90, 0, 0]] * 6, np.float32))
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP", "EPS"])
 def test_other_image_formats_are_refused_by_name(fmt: str) -> None:
     """Named from their first bytes, and never parsed: Pillow's EPS parser read 8 MB of "%%" lines for 8 s
