@@ -405,12 +405,20 @@ def test_malformed_json_is_a_422(client: TestClient) -> None:
     assert "json" in r.json()["detail"].lower()
 
 
-@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
-def test_predict_needs_json(client: TestClient, ctype: str | None) -> None:
-    headers = {"content-type": ctype} if ctype else {}
-    r = client.post("/predict", content=json.dumps({"inputs": [ZEROS]}).encode(), headers=headers)
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded"])
+def test_predict_needs_json(client: TestClient, ctype: str) -> None:
+    r = client.post("/predict", content=json.dumps({"inputs": [ZEROS]}).encode(), headers={"content-type": ctype})
     assert r.status_code == 415, r.text
     assert "send application/json" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_a_body_with_no_content_type_is_read_as_json(client: TestClient, v2: bool) -> None:
+    """As FastAPI reads one; tritonclient sends no content type with JSON tensors (each was a 415)."""
+    path, body = (f"/v2/models/{NAME}/infer", v2_body(IMAGES[:1])) if v2 else ("/predict", {"inputs": [ZEROS]})
+    r = client.post(path, content=json.dumps(body).encode())
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 200, r.text
 
 
 def test_json_content_type_with_charset_is_accepted(client: TestClient) -> None:

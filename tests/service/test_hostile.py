@@ -11,7 +11,7 @@ Cases tested elsewhere are referenced, not repeated:
 | decompression bomb | PNG header claiming 10^10 px; 9 M pixels over max_pixels (422) | test_inputs; here (HTTP) |
 | batch size | [] and 5 images over a limit of 4, /predict and v2 (422) | test_app |
 | body size | Content-Length over the limit; chunked over the limit (413) | test_app `test_body_over_...` |
-| content type | text/plain, form-urlencoded, missing (415) | test_app `test_predict_needs_json` |
+| content type | text/plain, form-urlencoded (415); missing (JSON) | test_app `test_predict_needs_json` |
 | malformed JSON | unterminated (422) | test_app `test_malformed_json_is_a_422` |
 | extra fields | "colour" in /predict (422) | test_app |
 | parameters | quality 1.5 / "ultra", deadline_ms 0, top_k 0, min > quality, v2 parameters (422) | test_app |
@@ -181,7 +181,7 @@ CASES: dict[str, Hostile] = {
     "bomb: 9 M zero pixels in a few kB": Hostile(
         '{"inputs": ["' + b64_png(3000, 3000) + '"]}', "image is 3000x3000 pixels, over the limit of 1000000"
     ),
-    # -- content types (text/plain, form and missing: test_app) --
+    # -- content types (text/plain, form, and missing, read as JSON: test_app) --
     "multipart": Hostile(b"--x\r\n\r\n{}\r\n--x--", "send application/json", 415, "multipart/form-data; boundary=x"),
     "json-patch": Hostile("{}", "send application/json", status=415, content_type="application/json-patch+json"),
     "xml": Hostile("<inputs/>", "send application/json", status=415, content_type="application/xml"),
