@@ -58,9 +58,14 @@ class ApiError(Exception):
 def error_response(
     scope: Scope, status: int, detail: str, headers: Mapping[str, str] | None = None, kind: str | None = None
 ) -> JSONResponse:
-    """Every error answers in one shape: {"error", "detail", "request_id"}."""
+    """Every error answers in one shape: {"error", "detail", "request_id"}. On the OIP v2 paths `error` holds
+    the detail too: the protocol's error body is {"error": message}, and its clients (tritonclient) show that
+    field alone, which said only "invalid input"."""
     rid = scope.get("state", {}).get("request_id")
-    body = {"error": kind or _REASONS.get(status, "error"), "detail": detail, "request_id": rid}
+    error = kind or _REASONS.get(status, "error")
+    if scope.get("path", "").startswith("/v2/"):
+        error = f"{error}: {detail}"
+    body = {"error": error, "detail": detail, "request_id": rid}
     return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
 
 

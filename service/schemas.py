@@ -177,6 +177,9 @@ class ErrorResponse(BaseModel):
         }
     )
 
-    error: str = Field(description="Short reason, e.g. 'invalid input' or 'overloaded'.")
+    error: str = Field(
+        description="Short reason, e.g. 'invalid input' or 'overloaded'; on the OIP v2 paths followed by ': ' "
+        "and the detail, as that protocol's error message."
+    )
     detail: str = Field(description="What was wrong and what to do about it.")
     request_id: str | None = Field(None, description="The X-Request-ID of the request; quote it in a report.")

@@ -766,6 +766,12 @@ def test_v2_infer_unknown_model_is_404(client: TestClient) -> None:
     # before the body is read: the name is what is wrong, whatever the body holds
     r = client.post("/v2/models/other/infer", content=b"{", headers={"content-type": "application/json"})
     assert r.status_code == 404 and NAME in r.json()["detail"]
+    assert r.json()["error"] == f"not found: {r.json()['detail']}"
+
+
+def test_only_the_v2_paths_put_the_detail_in_error(client: TestClient) -> None:
+    r = client.post("/predict", json={"inputs": [[[0] * 3]]})
+    assert r.status_code == 422 and r.json()["error"] == "invalid input"
 
 
 @pytest.mark.parametrize(
@@ -800,7 +806,9 @@ def test_v2_infer_bad_tensors_are_422(client: TestClient, change: dict[str, Any]
     r = client.post(f"/v2/models/{NAME}/infer", json=body)
     assert r.status_code == 422, r.text
     assert detail in r.json()["detail"]
-    assert r.json()["error"] == "invalid input"  # as /predict labels what is wrong with its images
+    # labelled as /predict labels what is wrong with its images; the detail follows, as the protocol's
+    # {"error": message} (its clients show that field alone)
+    assert r.json()["error"] == f"invalid input: {r.json()['detail']}"
 
 
 @pytest.mark.parametrize(
