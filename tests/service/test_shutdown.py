@@ -270,12 +270,24 @@ def test_ctrl_c_stops_a_real_server_with_130_and_no_traceback(structured: TinyCh
     assert code == 130 and "Traceback" not in log, log[-2000:]
 
 
+def _catches(status: Path, signum: int) -> bool:
+    """Whether the process whose /proc status file this is has a handler for `signum` (its SigCgt mask)."""
+    caught = next(line for line in status.read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_sigterm_during_start_up_stops_the_process(structured: TinyCheckpoint, tmp_path: Path) -> None:
     """Before uvicorn's handlers (importing torch, loading, building), SIGTERM ends it with 143. A container's
     PID 1 has no default action for SIGTERM: there it was ignored, and the service went on to serve."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LCS_")}
     env.update(LCS_CHECKPOINT=str(structured.path), LCS_PORT=str(free_port()), LCS_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stderr=subprocess.PIPE)
-    time.sleep(0.3)  # importing torch takes longer than this
+    # Once the handler is installed (its first statement; importing torch then takes seconds): a fixed 0.3 s
+    # was too short on a busy machine, and a SIGTERM before it ended the process the default way (-15)
+    status = Path(f"/proc/{proc.pid}/status")
+    deadline = time.monotonic() + 30
+    while not _catches(status, signal.SIGTERM) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read() if proc.stderr else ""
