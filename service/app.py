@@ -8,6 +8,7 @@ import functools
 import gc
 import hmac
 import importlib.metadata
+import json
 import logging
 import math
 import signal
@@ -478,7 +479,7 @@ def create_app(
             "versions": [_VERSION],
             "platform": "pytorch",
             "inputs": [{"name": _V2_INPUT, "datatype": "FP32", "shape": [-1, i.channels, i.height, i.width]}],
-            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(rt.meta.classes)]}],
+            "outputs": [{"name": _V2_OUTPUT, "datatype": "FP32", "shape": [-1, len(rt.meta.classes)]}],
             "parameters": {
                 "kind": rt.meta.kind,
                 "backend": rt.settings.backend,
@@ -502,8 +503,9 @@ def create_app(
     _infer_errors = _errors(404, 408, 415, 422, 429, 503, retry_after=(429, 503))
 
     @app.post("/v2/models/{name}/infer", responses=_infer_errors)  # Lane checks each route is declared
-    async def v2_infer(name: str, body: V2InferRequest, st: StateDep, request: Request) -> dict[str, object]:
-        """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms."""
+    async def v2_infer(name: str, body: V2InferRequest, st: StateDep, request: Request) -> Response:
+        """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms. The probabilities come
+        as JSON data, or as binary data after the JSON where asked (binary tensor extension)."""
         rt = st.runtime
         t = body.inputs[0]
         if t.name != _V2_INPUT:
@@ -514,9 +516,15 @@ def create_app(
             raise InputError(
                 f"inputs[0].datatype {shown(t.datatype)} is not supported; use one of {', '.join(_BINARY_DTYPES)}"
             )
-        unknown = [o.get("name") for o in body.outputs or [] if o.get("name") != "probabilities"]
+        unknown = [o.name for o in body.outputs or [] if o.name != _V2_OUTPUT]
         if unknown:
-            raise ApiError(422, f"outputs: {shown(unknown)} not produced; this model's one output is 'probabilities'")
+            raise ApiError(422, f"outputs: {shown(unknown)} not produced; this model's one output is {_V2_OUTPUT!r}")
+        for k, o in enumerate(body.outputs or []):
+            if o.parameters and "classification" in (o.parameters.model_extra or {}):
+                raise InputError(  # answered with probabilities, a client expecting class strings misreads them
+                    f"outputs[{k}].parameters.classification is not supported; ask for the probabilities, or POST "
+                    "/predict with top_k for the top classes by name"
+                )
         if any(d < 1 for d in t.shape):
             raise InputError(f"inputs[0].shape {shown(t.shape)}: every dimension must be a positive number")
         i = rt.meta.input
@@ -551,26 +559,29 @@ def create_app(
         check_range(x, "inputs[0].data" if t.data is not None else "inputs[0]")
         if t.datatype in _INTEGER_DTYPES and t.data is not None and (x != np.floor(x)).any():
             raise InputError(f"inputs[0].data: {t.datatype} values must be whole numbers")
-        probs, res, acc = await _infer(st, request.scope["state"], x, body.parameters or V2Parameters())
-        return {
+        parameters = body.parameters or V2Parameters()
+        probs, res, acc = await _infer(st, request.scope["state"], x, parameters)
+        output: dict[str, object] = {"name": _V2_OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}
+        answer = {
             "model_name": rt.name,
             "model_version": _VERSION,
             "id": body.id or uuid.uuid4().hex,
             "parameters": _served(rt, res, acc),
-            "outputs": [
-                {
-                    "name": "probabilities",
-                    "datatype": "FP32",
-                    "shape": list(probs.shape),
-                    "data": probs.reshape(-1).tolist(),
-                }
-            ],
+            "outputs": [output],
         }
+        asked = next((o.parameters.binary_data for o in body.outputs or [] if o.parameters), None)
+        if not (parameters.binary_data_output if asked is None else asked):
+            output["data"] = probs.reshape(-1).tolist()
+            return JSONResponse(answer)
+        raw = np.ascontiguousarray(probs, dtype="<f4").tobytes()  # the extension's layout: little-endian, row-major
+        output["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps(answer, separators=(",", ":")).encode()
+        return Response(head + raw, media_type="application/octet-stream", headers={BINARY_HEADER: str(len(head))})
 
     @app.post("/v2/models/{name}/versions/{version}/infer", responses=_infer_errors)
     async def v2_infer_version(
         name: str, version: str, body: V2InferRequest, st: StateDep, request: Request
-    ) -> dict[str, object]:
+    ) -> Response:
         """OIP v2 inference at the model's one version, "1": the same as without a version."""
         return await v2_infer(name, body, st, request)
 
@@ -579,6 +590,7 @@ def create_app(
 
 _VERSION = "1"  # OIP v2: the one version of the one model a server serves
 _V2_INPUT = "input"  # the name of its one input tensor
+_V2_OUTPUT = "probabilities"  # and of its one output
 
 
 def _served(rt: Runtime, res: Result, accuracy: float | None) -> dict[str, object]:

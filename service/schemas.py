@@ -143,9 +143,29 @@ class V2Tensor(BaseModel):
 
 
 class V2Parameters(Hint):
-    """OIP v2 request parameters: the hint, and any others a client sends (ignored)."""
+    """OIP v2 request parameters: the hint, the binary extension's, and any others a client sends (ignored)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
+    binary_data_output: bool = Field(
+        False, description="Every output as binary data after the JSON (binary tensor extension), unless it says not."
+    )
+
+
+class V2OutputParameters(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    binary_data: bool | None = Field(
+        None,
+        description="This output as binary data after the JSON (binary tensor extension); unset: as asked by "
+        "the request's binary_data_output.",
+    )
+
+
+class V2Output(BaseModel):
+    """An output a v2 request asks for."""
+
+    model_config = ConfigDict(strict=True)
+    name: str
+    parameters: V2OutputParameters | None = None
 
 
 class V2InferRequest(BaseModel):
@@ -163,7 +183,7 @@ class V2InferRequest(BaseModel):
     id: str | None = None
     inputs: list[V2Tensor] = Field(min_length=1, max_length=1)
     parameters: V2Parameters | None = None
-    outputs: list[dict[str, Any]] | None = Field(None, max_length=8, fail_fast=True)
+    outputs: list[V2Output] | None = Field(None, max_length=8, fail_fast=True)
 
 
 class ErrorResponse(BaseModel):

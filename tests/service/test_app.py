@@ -684,6 +684,66 @@ def test_v2_infer_asking_for_an_output_it_does_not_have_is_422(client: TestClien
     assert r.status_code == 422 and len(r.text) < 400
 
 
+@pytest.mark.parametrize(
+    ("outputs", "parameters", "binary"),
+    [
+        (None, {}, False),
+        (None, {"binary_data_output": True}, True),
+        ([{"name": "probabilities", "parameters": {"binary_data": True}}], {}, True),
+        ([{"name": "probabilities", "parameters": {"binary_data": False}}], {"binary_data_output": True}, False),
+        ([{"name": "probabilities"}], {"binary_data_output": True}, True),
+    ],
+)
+def test_v2_infer_answers_with_binary_data_where_asked(
+    client: TestClient, structured: TinyCheckpoint, outputs: list[Any] | None, parameters: dict[str, Any], binary: bool
+) -> None:
+    """The binary tensor extension both ways: an output's binary_data, else the request's binary_data_output.
+    /v2 lists the extension, and the answer was JSON whatever a client asked."""
+    body = v2_body(IMAGES[:2], quality=0.5, **parameters)
+    if outputs is not None:
+        body["outputs"] = outputs
+    r = client.post(f"/v2/models/{NAME}/infer", json=body)
+    assert r.status_code == 200, r.text
+    if binary:
+        length = int(r.headers["inference-header-content-length"])
+        head = json.loads(r.content[:length])
+        output = head["outputs"][0]
+        assert "data" not in output and output["parameters"] == {"binary_data_size": len(r.content) - length}
+        assert r.headers["content-type"] == "application/octet-stream"
+        got = torch.from_numpy(np.frombuffer(r.content[length:], "<f4").copy())
+    else:
+        assert "inference-header-content-length" not in r.headers
+        head = r.json()
+        output = head["outputs"][0]
+        got = torch.tensor(output["data"])
+    assert head["id"] == "req-1" and head["parameters"]["alpha"] == 0.5
+    assert output["name"] == "probabilities" and output["datatype"] == "FP32"
+    assert torch.allclose(got.view(output["shape"]), reference(structured, IMAGES[:2], 0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "detail"),
+    [
+        (
+            {"parameters": {"binary_data_output": 1}},
+            "body.parameters.binary_data_output: Input should be a valid boolean",
+        ),
+        (
+            {"outputs": [{"name": "probabilities", "parameters": {"binary_data": "yes"}}]},
+            "body.outputs.0.parameters.binary_data",
+        ),
+        ({"outputs": [{"parameters": {"binary_data": True}}]}, "body.outputs.0.name: Field required"),
+        (
+            {"outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]},
+            "classification is not supported",
+        ),
+    ],
+)
+def test_v2_infer_output_requests_are_checked(client: TestClient, change: dict[str, Any], detail: str) -> None:
+    r = client.post(f"/v2/models/{NAME}/infer", json={**v2_body(IMAGES[:1]), **change})
+    assert r.status_code == 422 and detail in r.json()["detail"], r.text
+
+
 def test_lists_a_client_fills_with_the_wrong_thing_stop_at_the_first(client: TestClient) -> None:
     """Every bad item made errors (two per /predict input): 1.5 MiB of numbers held the event loop 10 s and
     peaked at 2.7 GiB. A v2 shape is at most 8 numbers (400 huge ones multiplied took 13 s)."""
