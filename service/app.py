@@ -53,6 +53,7 @@ from service.schemas import (
     PredictRequest,
     PredictResponse,
     V2InferRequest,
+    V2InferResponse,
     V2Parameters,
     V2Tensor,
 )
@@ -502,7 +503,12 @@ def create_app(
     # Lane checks the model's name and version before it reads the body (its `check`), then calls these.
     _infer_errors = _errors(404, 408, 415, 422, 429, 503, retry_after=(429, 503))
 
-    @app.post("/v2/models/{name}/infer", responses=_infer_errors)  # Lane checks each route is declared
+    # the JSON alone, or followed by the outputs asked for as binary data (the binary tensor extension)
+    v2_binary: dict[str, Any] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    v2_answers = {**_infer_errors, 200: {"content": v2_binary}}
+
+    # Lane checks each inference route is declared
+    @app.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=v2_answers)
     async def v2_infer(name: str, body: V2InferRequest, st: StateDep, request: Request) -> Response:
         """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms. The probabilities come
         as JSON data, or as binary data after the JSON where asked (binary tensor extension)."""
@@ -578,7 +584,7 @@ def create_app(
         head = json.dumps(answer, separators=(",", ":")).encode()
         return Response(head + raw, media_type="application/octet-stream", headers={BINARY_HEADER: str(len(head))})
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", responses=_infer_errors)
+    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=v2_answers)
     async def v2_infer_version(
         name: str, version: str, body: V2InferRequest, st: StateDep, request: Request
     ) -> Response:

@@ -186,6 +186,27 @@ class V2InferRequest(BaseModel):
     outputs: list[V2Output] | None = Field(None, max_length=8, fail_fast=True)
 
 
+class V2ResponseOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[float] | None = Field(None, description="The values, flat (row-major); absent when sent as binary data.")
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: the bytes of this output after the JSON (binary tensor extension)."
+    )
+
+
+class V2InferResponse(BaseModel):
+    """The JSON of an OIP v2 answer: alone (application/json), or followed by the outputs asked for as binary
+    data (application/octet-stream, the JSON's length in the Inference-Header-Content-Length header)."""
+
+    model_name: str
+    model_version: str
+    id: str
+    parameters: dict[str, Any] = Field(description="How the request was served, as /predict's body says it.")
+    outputs: list[V2ResponseOutput]
+
+
 class ErrorResponse(BaseModel):
     """Every error the service answers (4xx and 5xx) has this body."""
 
