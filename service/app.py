@@ -513,58 +513,8 @@ def create_app(
         """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms. The probabilities come
         as JSON data, or as binary data after the JSON where asked (binary tensor extension)."""
         rt = st.runtime
-        t = body.inputs[0]
-        if t.name != _V2_INPUT:
-            raise InputError(
-                f"inputs[0].name {shown(t.name)} is not an input of this model; its one input is {_V2_INPUT!r}"
-            )
-        if t.datatype not in _BINARY_DTYPES:  # the datatypes this route reads, as JSON data or binary
-            raise InputError(
-                f"inputs[0].datatype {shown(t.datatype)} is not supported; use one of {', '.join(_BINARY_DTYPES)}"
-            )
-        unknown = [o.name for o in body.outputs or [] if o.name != _V2_OUTPUT]
-        if unknown:
-            raise ApiError(422, f"outputs: {shown(unknown)} not produced; this model's one output is {_V2_OUTPUT!r}")
-        for k, o in enumerate(body.outputs or []):
-            if o.parameters and "classification" in (o.parameters.model_extra or {}):
-                raise InputError(  # answered with probabilities, a client expecting class strings misreads them
-                    f"outputs[{k}].parameters.classification is not supported; ask for the probabilities, or POST "
-                    "/predict with top_k for the top classes by name"
-                )
-        if any(d < 1 for d in t.shape):
-            raise InputError(f"inputs[0].shape {shown(t.shape)}: every dimension must be a positive number")
-        i = rt.meta.input
-        per = _values_per_image(i)
-        n = t.shape[0] if t.shape else 0
-        binary = request.scope["state"].get("binary")
-        if binary is not None and not len(binary):  # the whole body is JSON
-            binary = None
-        if t.data is not None and binary is not None:
-            raise InputError("inputs[0]: send the values either in data or as binary data, not both")
-        if t.data is None and binary is None:
-            raise InputError(f"inputs[0] has no data: send data, or binary_data_size with the {BINARY_HEADER} header")
-        flat = None  # the data, if nested (the first value says it; an array later on: numbers() names it)
-        if t.data and isinstance(t.data[0], list):
-            flat = nested_numbers(t.data, t.shape, "inputs[0].data")
-        values = flat.size if flat is not None else len(t.data) if t.data is not None else None
-        if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
-            raise InputError(
-                f"inputs[0]: shape {shown(t.shape)} with {values if values is not None else 'binary'} values does not "
-                f"hold whole {i.channels}x{i.height}x{i.width} images",
-            )
-        channels_last = _channels_last(t.shape, i)
-        check_count(n, st.settings.max_inputs, "inputs[0]")
-        if t.data is None:
-            x = _binary_tensor(binary, t, n * per)
-        else:
-            x = flat if flat is not None else numbers(t.data, "inputs[0].data")
-        if channels_last:
-            x = x.reshape(n, i.height, i.width, i.channels).transpose(0, 3, 1, 2)
-        else:
-            x = x.reshape(n, i.channels, i.height, i.width)
-        check_range(x, "inputs[0].data" if t.data is not None else "inputs[0]")
-        if t.datatype in _INTEGER_DTYPES and t.data is not None and (x != np.floor(x)).any():
-            raise InputError(f"inputs[0].data: {t.datatype} values must be whole numbers")
+        binary_out = _v2_binary_output(body)
+        x = _v2_images(body.inputs[0], request.scope["state"].get("binary"), rt.meta.input, st.settings.max_inputs)
         parameters = body.parameters or V2Parameters()
         probs, res, acc = await _infer(st, request.scope["state"], x, parameters)
         output: dict[str, object] = {"name": _V2_OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}
@@ -575,8 +525,7 @@ def create_app(
             "parameters": _served(rt, res, acc),
             "outputs": [output],
         }
-        asked = next((o.parameters.binary_data for o in body.outputs or [] if o.parameters), None)
-        if not (parameters.binary_data_output if asked is None else asked):
+        if not (parameters.binary_data_output if binary_out is None else binary_out):
             output["data"] = probs.reshape(-1).tolist()
             return JSONResponse(answer)
         raw = np.ascontiguousarray(probs, dtype="<f4").tobytes()  # the extension's layout: little-endian, row-major
@@ -597,6 +546,67 @@ def create_app(
 _VERSION = "1"  # OIP v2: the one version of the one model a server serves
 _V2_INPUT = "input"  # the name of its one input tensor
 _V2_OUTPUT = "probabilities"  # and of its one output
+
+
+def _v2_binary_output(body: V2InferRequest) -> bool | None:
+    """Whether the request's outputs ask for binary data (the output's binary_data; None: it does not say, and
+    the request's binary_data_output decides); 422 for an output this model does not produce."""
+    unknown = [o.name for o in body.outputs or [] if o.name != _V2_OUTPUT]
+    if unknown:
+        raise ApiError(422, f"outputs: {shown(unknown)} not produced; this model's one output is {_V2_OUTPUT!r}")
+    for k, o in enumerate(body.outputs or []):
+        if o.parameters and "classification" in (o.parameters.model_extra or {}):
+            raise InputError(  # answered with probabilities, a client expecting class strings misreads them
+                f"outputs[{k}].parameters.classification is not supported; ask for the probabilities, or POST "
+                "/predict with top_k for the top classes by name"
+            )
+    return next((o.parameters.binary_data for o in body.outputs or [] if o.parameters), None)
+
+
+def _v2_images(t: V2Tensor, binary: memoryview | None, i: InputSpec, max_inputs: int) -> np.ndarray:
+    """A v2 input tensor, its values as JSON `data` or the body's `binary` part, as images [N, C, H, W] of pixel
+    values; InputError naming what is wrong otherwise."""
+    if t.name != _V2_INPUT:
+        raise InputError(
+            f"inputs[0].name {shown(t.name)} is not an input of this model; its one input is {_V2_INPUT!r}"
+        )
+    if t.datatype not in _BINARY_DTYPES:  # the datatypes this route reads, as JSON data or binary
+        raise InputError(
+            f"inputs[0].datatype {shown(t.datatype)} is not supported; use one of {', '.join(_BINARY_DTYPES)}"
+        )
+    if any(d < 1 for d in t.shape):
+        raise InputError(f"inputs[0].shape {shown(t.shape)}: every dimension must be a positive number")
+    per = _values_per_image(i)
+    n = t.shape[0] if t.shape else 0
+    if binary is not None and not len(binary):  # the whole body is JSON
+        binary = None
+    if t.data is not None and binary is not None:
+        raise InputError("inputs[0]: send the values either in data or as binary data, not both")
+    if t.data is None and binary is None:
+        raise InputError(f"inputs[0] has no data: send data, or binary_data_size with the {BINARY_HEADER} header")
+    flat = None  # the data, if nested (the first value says it; an array later on: numbers() names it)
+    if t.data and isinstance(t.data[0], list):
+        flat = nested_numbers(t.data, t.shape, "inputs[0].data")
+    values = flat.size if flat is not None else len(t.data) if t.data is not None else None
+    if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
+        raise InputError(
+            f"inputs[0]: shape {shown(t.shape)} with {values if values is not None else 'binary'} values does not "
+            f"hold whole {i.channels}x{i.height}x{i.width} images",
+        )
+    channels_last = _channels_last(t.shape, i)
+    check_count(n, max_inputs, "inputs[0]")
+    if t.data is not None:
+        x = flat if flat is not None else numbers(t.data, "inputs[0].data")
+    elif binary is not None:
+        x = _binary_tensor(binary, t, n * per)
+    if channels_last:
+        x = x.reshape(n, i.height, i.width, i.channels).transpose(0, 3, 1, 2)
+    else:
+        x = x.reshape(n, i.channels, i.height, i.width)
+    check_range(x, "inputs[0].data" if t.data is not None else "inputs[0]")
+    if t.datatype in _INTEGER_DTYPES and t.data is not None and (x != np.floor(x)).any():
+        raise InputError(f"inputs[0].data: {t.datatype} values must be whole numbers")
+    return x
 
 
 def _served(rt: Runtime, res: Result, accuracy: float | None) -> dict[str, object]:
