@@ -136,19 +136,28 @@ async def _infer(
     if floor > ceiling:
         # a pin or the battery cap holds until someone acts: no time to retry after can be given, and no operator
         # needs paging. A floor above the battery cap is the battery's refusal whatever load does below the cap.
-        battery = rt.controller.battery_limit
-        capped = True
-        if rt.controller.mode == "pinned":
+        # Once one is lifted the ceiling comes back within a calm spell: a retry soon is served, and still no
+        # overload pages (it did, as load's refusal).
+        c = rt.controller
+        battery = c.battery_limit
+        capped, soon = True, False
+        if c.mode == "pinned":
             limit, why, then = ceiling, "an operator has pinned alpha at", "retry once the pin is released"
         elif battery is not None and floor > battery:
             limit, why, then = battery, "on low battery the service serves alpha", "retry once the battery charges"
+        elif c.mode == "recovering" and c.held_by in ("pin", "battery"):
+            # a pin released or the battery charging: the ceiling comes back within a calm spell, by no overload
+            after = "an operator's pin" if c.held_by == "pin" else "the low-battery cap"
+            limit, why, then = ceiling, f"returning to full quality after {after}, the service serves alpha", "retry"
+            soon = True
         else:  # load: the ceiling comes back as the load passes
-            limit, why, then, capped = ceiling, "under current load the service serves alpha", "retry later", False
+            limit, why, then = ceiling, "under current load the service serves alpha", "retry later"
+            capped, soon = False, True
         st.metrics.shed.labels("min_quality_capped" if capped else "min_quality").inc()
         raise ApiError(
             429,
             f"{why} <= {limit:g}, below min_quality {floor_req:g}; {then} or lower min_quality",
-            {} if capped else {"Retry-After": retry},
+            {"Retry-After": retry} if soon else {},
             kind="min_quality unavailable",
         )
     now = time.monotonic()

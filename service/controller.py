@@ -131,6 +131,9 @@ class Controller:
         # the battery cap while it applies (on battery, below the low mark), None otherwise: a ceiling load lifts
         # only this far, whatever mode load puts the controller in
         self.battery_limit: float | None = None
+        # what last put the ceiling below the top ("load", "pin" or "battery"; None at the top): while it comes
+        # back after a pin or the cap, a refusal is neither load's nor the lifted cap's (app._infer)
+        self.held_by: str | None = None
         self.mode = "full"
         self._calm = 0
         self.last_signals: Signals | None = None
@@ -284,7 +287,9 @@ class Controller:
         "recovering" carry on until the ceiling is back at the top."""
         if ceiling >= self.grid.alphas[-1]:
             return "full"
-        return self.mode if self.mode in ("degraded", "recovering") else "degraded"
+        if self.mode in ("degraded", "recovering"):
+            return self.mode
+        return "recovering" if self.held_by in ("pin", "battery") else "degraded"
 
     def update(self, s: Signals) -> float:
         """One control interval: returns the new ceiling and records why it moved."""
@@ -391,6 +396,7 @@ class Controller:
     def _set(self, ceiling: float, mode: str, now: float, reason: str) -> float:
         if ceiling != self.ceiling:
             self.decisions.append(Decision(now, ceiling, reason))
+        self._hold(ceiling, mode)
         self.ceiling = ceiling
         self.mode = mode
         return ceiling
@@ -409,10 +415,21 @@ class Controller:
             )
         )
         if self.pinned is not None:
+            self._hold(self.pinned, "pinned")
             self.ceiling = self.pinned
             self.mode = "pinned"
         elif self.mode == "pinned":
             self.mode = "recovering"
+
+    def _hold(self, ceiling: float, mode: str) -> None:
+        """Note what holds the ceiling below the top as it moves to `ceiling` in `mode`: a pin, the battery
+        cap, or else load (nothing else lowers it); a hold or a rise keeps the cause."""
+        if ceiling >= self.grid.alphas[-1]:
+            self.held_by = None
+        elif mode in ("pinned", "battery"):
+            self.held_by = "pin" if mode == "pinned" else "battery"
+        elif ceiling < self.ceiling:
+            self.held_by = "load"
 
     # -- each batch --------------------------------------------------------------------------------
 
@@ -457,6 +474,7 @@ class Controller:
             "policy": ":".join(str(p) for p in self.policy) if self.policy[0] == "fixed" else self.policy[0],
             "mode": self.mode,
             "ceiling": self.ceiling,
+            "held_by": self.held_by,
             "pinned": self.pinned,
             "profile_drift": round(self.drift, 3),
             "calm_ratio": {f"{a:g}": round(r, 3) for a, r in sorted(self.calm_ratio.items())},

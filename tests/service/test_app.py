@@ -1106,6 +1106,26 @@ def test_a_min_quality_refusal_says_what_caps_the_ceiling(
         assert f'lcs_shed_total{{reason="{reason}"}} 1.0' in c.get("/metrics").text
 
 
+@pytest.mark.parametrize(("held_by", "after"), [("pin", "an operator's pin"), ("battery", "the low-battery cap")])
+def test_a_min_quality_refusal_while_the_ceiling_returns_after_a_pin_or_the_cap_is_not_load_s(
+    structured: TinyCheckpoint, held_by: str, after: str
+) -> None:
+    """A pin released, or the battery charging, on an idle service: the ceiling comes back within a calm spell,
+    and a refusal meanwhile was load's ("under current load", counted as min_quality, which pages). A retry
+    soon is served, so Retry-After stays."""
+    with serve(make_settings(structured.path)) as c:
+        controller = app_state(c).runtime.controller
+        controller.ceiling, controller.mode, controller.held_by = 0.5, "recovering", held_by
+        r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": 1.0})
+        assert r.status_code == 429 and r.json()["error"] == "min_quality unavailable"
+        detail = f"returning to full quality after {after}, the service serves alpha <= 0.5, below min_quality 1"
+        assert r.json()["detail"].startswith(detail) and "retry-after" in r.headers
+        assert 'lcs_shed_total{reason="min_quality_capped"} 1.0' in c.get("/metrics").text
+        controller.held_by = "load"  # coming back after load: load's refusal, as before
+        r = c.post("/predict", json={"inputs": [ZEROS], "min_quality": 1.0})
+        assert r.status_code == 429 and "under current load" in r.json()["detail"] and "retry-after" in r.headers
+
+
 def test_a_floor_above_the_battery_cap_is_the_battery_s_refusal_while_load_holds_the_ceiling_lower(
     structured: TinyCheckpoint,
 ) -> None:

@@ -272,8 +272,12 @@ def test_plugging_in_lets_the_ceiling_recover() -> None:
     c, clock = controller(raise_after=2), Clock()
     c.update(clock(**CALM, battery_percent=10.0, on_battery=True))
     assert c.ceiling == 0.5
-    history = [c.update(clock(**CALM, battery_percent=10.0, on_battery=False)) for _ in range(4)]
-    assert history == [0.5, 1.0, 1.0, 1.0]
+    assert c.held_by == "battery"
+    assert c.update(clock(**CALM, battery_percent=10.0, on_battery=False)) == 0.5
+    # coming back after the cap, not held by load ("degraded" made the app refuse min_quality as load's)
+    assert (c.mode, c.held_by) == ("recovering", "battery")
+    history = [c.update(clock(**CALM, battery_percent=10.0, on_battery=False)) for _ in range(3)]
+    assert history == [1.0, 1.0, 1.0] and (c.mode, c.held_by) == ("full", None)
 
 
 def test_pin_overrides_the_control_law_until_released() -> None:
@@ -284,10 +288,18 @@ def test_pin_overrides_the_control_law_until_released() -> None:
         assert c.update(clock(**CALM)) == 0.5
     assert c.update(clock(**BURST, p99=10 * SLO)) == 0.5  # neither load nor latency moves a pin
     c.pin(None, now=1.0)
-    assert c.pinned is None and c.mode == "recovering"
+    assert c.pinned is None and (c.mode, c.held_by) == ("recovering", "pin")
     assert c.decisions[-1].reason == "pin released"
     history = [c.update(clock(**CALM)) for _ in range(4)]
-    assert history == [0.5, 1.0, 1.0, 1.0]
+    assert history == [0.5, 1.0, 1.0, 1.0] and c.held_by is None
+
+
+def test_load_lowering_the_ceiling_after_a_pin_holds_it_as_load() -> None:
+    c, clock = controller(), Clock()
+    c.pin(0.75, now=0.0)
+    c.pin(None, now=1.0)
+    c.update(clock(**BURST))
+    assert c.ceiling < 0.75 and (c.mode, c.held_by) == ("degraded", "load")
 
 
 def test_releasing_when_nothing_is_pinned_records_no_decision() -> None:
