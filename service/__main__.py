@@ -81,6 +81,13 @@ class CannotListen(Exception):
     """Why the server cannot listen on LCS_HOST:LCS_PORT, naming the settings and the fix."""
 
 
+def configure_logging(level: str) -> None:
+    """The service's log at `level` (LCS_LOG_LEVEL). httpx logs every request it makes at info: the fleet's
+    Prometheus queries, two each control interval, wrote 14,000 lines an hour; they show at debug."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
 def bind(host: str, port: int) -> list[socket.socket]:
     """Sockets listening on host:port, bound as uvicorn's asyncio server would bind them (every address the
     host resolves to, SO_REUSEADDR, IPv6 sockets IPv6-only), or CannotListen. Made before the model loads,
@@ -141,7 +148,7 @@ def main(args: list[str] | None = None) -> int:
         for line in settings_errors(e):
             print(f"error: {line}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     if unknown:
         log.warning(unknown)
     try:

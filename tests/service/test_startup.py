@@ -4,6 +4,7 @@ the other cases call the same `main()` in process."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.__main__ import main
+from service.__main__ import configure_logging, main
 from service.settings import Settings, settings_errors
 from tests.service.service_support import TinyCheckpoint, free_port
 
@@ -291,3 +292,15 @@ def test_a_checkpoint_that_fails_its_self_check_stops_the_service(
     last = err.strip().splitlines()[-1]  # after uvicorn's own start-up and shutdown lines
     assert last.startswith(f"error: {structured.path}: start-up self-check failed")
     assert "LCS_SELF_CHECK_MARGIN" in last and "against 88.0 %" in last
+
+
+@pytest.mark.parametrize(("level", "shown"), [("info", False), ("warning", False), ("debug", True)])
+def test_httpx_request_lines_show_only_at_debug(level: str, shown: bool) -> None:
+    """httpx logs each request at info: with LCS_PROMETHEUS_URL set, two lines every control interval."""
+    httpx_log = logging.getLogger("httpx")
+    before = httpx_log.level
+    try:
+        configure_logging(level)
+        assert httpx_log.isEnabledFor(logging.INFO) is shown
+    finally:
+        httpx_log.setLevel(before)
