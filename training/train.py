@@ -282,8 +282,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             ncols=110,
             disable=not ranks.main,
         )
-        seen = correct = 0
-        loss_sum = 0.0
+        # [images, correct, loss sum] at the accurate end (alpha 1, or the baseline's alpha), and at every
+        # alpha sampled: with end_bias=0 and no sandwich no step samples alpha 1 (it reported loss 0, acc 0)
+        at_top, at_all = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
         for i in bar:
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
@@ -306,13 +307,14 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
                     logits = net(x, s)
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                     loss.backward()
-                if alpha == 1.0 or cfg.fixed_alpha is not None:  # report the accurate end
-                    correct += int((logits.argmax(1) == y).sum())
-                    seen += len(y)
-                    loss_sum += loss.item() * len(y)
+                step_tally = (len(y), int((logits.argmax(1) == y).sum()), loss.item() * len(y))
+                for tally in (at_top, at_all) if alpha == 1.0 or cfg.fixed_alpha is not None else (at_all,):
+                    for k, v in enumerate(step_tally):
+                        tally[k] += v
             if model.line and cfg.beta > 0:  # the same on every rank: needs no all-reduce
                 (cfg.beta * model.subspace_cos2()).backward()  # keeps the endpoints apart
             opt.step()
+            seen, correct, loss_sum = at_top if at_top[0] else at_all
             if seen:
                 bar.set_postfix(
                     loss=f"{loss_sum / seen:.3f}",
@@ -322,13 +324,15 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
                 )
         bar.close()
         elapsed += time.perf_counter() - t0
-        n_seen, n_correct, loss_total = ranks.sum(seen, correct, loss_sum)  # over all ranks' shards
+        sums = ranks.sum(*at_top, *at_all)  # over all ranks' shards
+        n_seen, n_correct, loss_total = sums[:3] if sums[0] else sums[3:]
         if not ranks.main:
             continue
+        over = "" if sums[0] else ", over the alphas sampled, none of them 1"
         line = (
             f"epoch {epoch + 1}: train loss {loss_total / max(1, n_seen):.4f} "
             f"acc {100 * n_correct / max(1, n_seen):.2f} "
-            f"({time.perf_counter() - t0:.0f} s)"
+            f"({time.perf_counter() - t0:.0f} s{over})"
         )
         if len(val_split):
             vm = model if ranks.device.type == "cpu" else copy.deepcopy(model).cpu()  # evaluation runs on CPU

@@ -195,6 +195,19 @@ def test_training_learns_and_writes_a_loadable_checkpoint(trained_run: Any) -> N
     assert trained_run.path.with_name("tiny.state.safetensors").is_file()
 
 
+def test_an_epoch_where_no_step_sampled_alpha_1_reports_over_the_alphas_sampled(
+    tiny_overrides: Any, synthetic_data: Dataset, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The loss and accuracy are the accurate end's (alpha 1); uniform sampling without the sandwich rule
+    never draws it, and the line said "train loss 0.0000 acc 0.00"."""
+    overrides = tiny_overrides(tmp_path / "m.safetensors", epochs=1, kind="quantized", end_bias=0, sandwich=False)
+    log = _run(load_config(None, overrides), synthetic_data, capsys)
+    line = next(line for line in log.splitlines() if line.startswith("epoch 1: train loss"))
+    assert line.endswith("over the alphas sampled, none of them 1)"), line
+    loss, acc = map(float, re.findall(r"train loss ([0-9.]+) acc ([0-9.]+)", line)[0])
+    assert loss > 0 and acc > 0
+
+
 def _run(cfg: TrainConfig, data: Dataset, capsys: pytest.CaptureFixture[str]) -> str:
     train(cfg, data=data, command="pytest")
     return capsys.readouterr().out
