@@ -606,7 +606,7 @@ def _v2_images(t: V2Tensor, binary: memoryview | None, i: InputSpec, max_inputs:
     check_count(n, max_inputs, "inputs[0]")
     if t.data is not None:
         x = flat if flat is not None else numbers(t.data, "inputs[0].data")
-    elif binary is not None:
+    elif binary is not None:  # always, by the checks above: one of the two holds the values
         x = _binary_tensor(binary, t, n * per)
     if channels_last:
         x = x.reshape(n, i.height, i.width, i.channels).transpose(0, 3, 1, 2)
