@@ -68,7 +68,9 @@ class TrainConfig:
     bits_min: int = Schedule.bits_min  # quantized: bits at alpha = 0
     bits_max: int = Schedule.bits_max  # quantized: bits at alpha = 1
     beta: float = 1.0  # weight of the cos^2(w0, w1) line regulariser
-    end_bias: float = 0.5  # share of alpha samples put on the two ends of [0, 1]
+    # share of alpha samples put on the two ends of [0, 1], as the reference samples unstructured sparsity (it
+    # samples bit widths uniformly, end_bias=0; measured for the quantized lines in README, The method)
+    end_bias: float = 0.5
     warmup_fraction: float = 0.8  # compression is phased in over this share of the steps
     act_quant_warmup: int = 200  # quantized: steps of activation-range tracking before quantising them
     sandwich: bool = True  # structured: each step sums losses at widths min, max and two random ones
