@@ -282,9 +282,11 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             ncols=110,
             disable=not ranks.main,
         )
-        # [images, correct, loss sum] at the accurate end (alpha 1, or the baseline's alpha), and at every
-        # alpha sampled: with end_bias=0 and no sandwich no step samples alpha 1 (it reported loss 0, acc 0)
-        at_top, at_all = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+        seen = correct = 0  # at the accurate end (alpha 1, or a baseline's alpha)
+        loss_sum = 0.0
+        # and at every alpha sampled, summed on the device (no sync a step): with end_bias=0 and no sandwich rule
+        # no step samples alpha 1, and the epoch's line said "train loss 0.0000 acc 0.00"
+        seen_all, correct_all, loss_all = 0, torch.zeros((), device=ranks.device), torch.zeros((), device=ranks.device)
         for i in bar:
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
@@ -307,14 +309,17 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
                     logits = net(x, s)
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                     loss.backward()
-                step_tally = (len(y), int((logits.argmax(1) == y).sum()), loss.item() * len(y))
-                for tally in (at_top, at_all) if alpha == 1.0 or cfg.fixed_alpha is not None else (at_all,):
-                    for k, v in enumerate(step_tally):
-                        tally[k] += v
+                hits = (logits.argmax(1) == y).sum()
+                seen_all += len(y)
+                correct_all += hits
+                loss_all += loss.detach() * len(y)
+                if alpha == 1.0 or cfg.fixed_alpha is not None:  # report the accurate end
+                    correct += int(hits)
+                    seen += len(y)
+                    loss_sum += loss.item() * len(y)
             if model.line and cfg.beta > 0:  # the same on every rank: needs no all-reduce
                 (cfg.beta * model.subspace_cos2()).backward()  # keeps the endpoints apart
             opt.step()
-            seen, correct, loss_sum = at_top if at_top[0] else at_all
             if seen:
                 bar.set_postfix(
                     loss=f"{loss_sum / seen:.3f}",
@@ -324,7 +329,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
                 )
         bar.close()
         elapsed += time.perf_counter() - t0
-        sums = ranks.sum(*at_top, *at_all)  # over all ranks' shards
+        sums = ranks.sum(seen, correct, loss_sum, seen_all, float(correct_all), float(loss_all))  # all ranks' shards
         n_seen, n_correct, loss_total = sums[:3] if sums[0] else sums[3:]
         if not ranks.main:
             continue
