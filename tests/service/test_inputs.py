@@ -303,7 +303,7 @@ def _hidden_colours(spec: InputSpec, mode: str, colour: tuple[int, int, int]) ->
 
 @pytest.mark.parametrize("spec", [GRAY, RGB])
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
-def test_transparent_pixels_are_composited_onto_black_as_a_viewer_shows_them(spec: InputSpec, mode: str) -> None:
+def test_transparent_pixels_are_composited_onto_black(spec: InputSpec, mode: str) -> None:
     """Two images that look the same, hiding different colours under transparent pixels, are one input (the
     alpha channel was dropped, and the hidden colours decided the answer)."""
     white, red = (b64(_hidden_colours(spec, mode, c), "PNG") for c in [(255, 255, 255), (255, 0, 0)])
