@@ -54,6 +54,7 @@ from service.schemas import (
     PredictResponse,
     V2InferRequest,
     V2InferResponse,
+    V2OutputParameters,
     V2Parameters,
     V2Tensor,
 )
@@ -463,7 +464,7 @@ def create_app(
     @app.get("/v2")
     async def v2_server() -> dict[str, object]:
         """OIP v2 server metadata."""
-        return {"name": "lcs-serve", "version": VERSION, "extensions": ["binary_tensor_data"]}
+        return {"name": "lcs-serve", "version": VERSION, "extensions": ["binary_tensor_data", "classification"]}
 
     @app.get("/v2/health/live")
     async def v2_live() -> dict[str, bool]:
@@ -519,14 +520,20 @@ def create_app(
     # Lane checks each inference route is declared
     @app.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=v2_answers)
     async def v2_infer(name: str, body: V2InferRequest, st: StateDep, request: Request) -> Response:
-        """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms. The probabilities come
-        as JSON data, or as binary data after the JSON where asked (binary tensor extension)."""
+        """OIP v2 inference; `parameters` may carry quality, min_quality and deadline_ms. The probabilities, or
+        the top classes where the output asks (classification extension), come as JSON data, or as binary data
+        after the JSON where asked (binary tensor extension)."""
         rt = st.runtime
-        binary_out = _v2_binary_output(body)
+        asked = _v2_output(body)
         x = _v2_images(body.inputs[0], request.scope["state"].get("binary"), rt.meta.input, st.settings.max_inputs)
         parameters = body.parameters or V2Parameters()
         probs, res, acc = await _infer(st, request.scope["state"], x, parameters)
         output: dict[str, object] = {"name": _V2_OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}
+        strings = None  # the classification extension's values, where asked
+        if asked.classification is not None:
+            k = min(asked.classification, probs.shape[1])  # more than the model has: all of them, as Triton's
+            strings = _classified(probs, rt.meta.classes, k)
+            output.update(datatype="BYTES", shape=[len(probs), k])
         answer = {
             "model_name": rt.name,
             "model_version": _VERSION,
@@ -534,10 +541,11 @@ def create_app(
             "parameters": _served(rt, res, acc),
             "outputs": [output],
         }
-        if not (parameters.binary_data_output if binary_out is None else binary_out):
-            output["data"] = probs.reshape(-1).tolist()
+        if not (parameters.binary_data_output if asked.binary_data is None else asked.binary_data):
+            output["data"] = probs.reshape(-1).tolist() if strings is None else strings
             return JSONResponse(answer)
-        raw = np.ascontiguousarray(probs, dtype="<f4").tobytes()  # the extension's layout: little-endian, row-major
+        # the extension's layouts: FP32 little-endian, row-major; BYTES each value's length, then the value
+        raw = np.ascontiguousarray(probs, dtype="<f4").tobytes() if strings is None else _bytes_tensor(strings)
         output["parameters"] = {"binary_data_size": len(raw)}
         head = json.dumps(answer, separators=(",", ":")).encode()
         return Response(head + raw, media_type="application/octet-stream", headers={BINARY_HEADER: str(len(head))})
@@ -557,25 +565,33 @@ _V2_INPUT = "input"  # the name of its one input tensor
 _V2_OUTPUT = "probabilities"  # and of its one output
 
 
-def _v2_binary_output(body: V2InferRequest) -> bool | None:
-    """Whether the request's outputs ask for binary data (the output's binary_data; None: it does not say, and
-    the request's binary_data_output decides); 422 for an output this model does not produce."""
+def _v2_output(body: V2InferRequest) -> V2OutputParameters:
+    """What the request asks of the one output: binary_data (unset: the request's binary_data_output decides) and
+    classification. An output named twice is answered once, as its first entry asks, as Triton does; 422 for an
+    output this model does not produce."""
     unknown = [o.name for o in body.outputs or [] if o.name != _V2_OUTPUT]
     if unknown:
         raise ApiError(422, f"outputs: {shown(unknown)} not produced; this model's one output is {_V2_OUTPUT!r}")
-    for k, o in enumerate(body.outputs or []):
-        if o.parameters and "classification" in (o.parameters.model_extra or {}):
-            raise InputError(  # answered with probabilities, a client expecting class strings misreads them
-                f"outputs[{k}].parameters.classification is not supported; ask for the probabilities, or POST "
-                "/predict with top_k for the top classes by name"
-            )
-    return next((o.parameters.binary_data for o in body.outputs or [] if o.parameters), None)
+    first = body.outputs[0] if body.outputs else None
+    return first.parameters if first is not None and first.parameters is not None else V2OutputParameters()
 
 
 def _ranked(ps: list[float], k: int) -> list[int]:
     """The indices of the k largest of `ps`, largest first (all of them where k is more); stable: ties keep class
     order."""
     return sorted(range(len(ps)), key=ps.__getitem__, reverse=True)[:k]
+
+
+def _classified(probs: np.ndarray, classes: list[str], k: int) -> list[str]:
+    """The classification extension's values, flat: each image's top k classes as "<probability>:<index>:<label>",
+    the probability written as Triton writes it (C++ std::to_string, printf's %f: 0.912345)."""
+    return [f"{ps[i]:f}:{i}:{classes[i]}" for ps in probs.tolist() for i in _ranked(ps, k)]
+
+
+def _bytes_tensor(values: list[str]) -> bytes:
+    """BYTES values as binary data (binary tensor extension): each its length in 4 bytes, little-endian, then its
+    UTF-8 bytes."""
+    return b"".join(len(b).to_bytes(4, "little") + b for b in (v.encode() for v in values))
 
 
 def _v2_images(t: V2Tensor, binary: memoryview | None, i: InputSpec, max_inputs: int) -> np.ndarray:

@@ -30,6 +30,20 @@ def _quality(value: object) -> object:
 
 Quality = Annotated[Annotated[float, Field(ge=0.0, le=1.0)] | Preset, BeforeValidator(_quality)]
 
+
+def _class_count(value: object) -> object:
+    """One message for a bad classification count that says what to send (strict pydantic named only the type),
+    with the value as the client wrote it. Null is unset, as binary_data's."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"{json.dumps(value, default=str)[:40]} is not a count of classes; send a whole JSON number, at least 1 "
+            "(3: each image's top 3 classes)"
+        )
+    return value
+
+
+ClassCount = Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_class_count)]
+
 _EXAMPLE_IMAGE: list[Any] = [[0] * 28 for _ in range(28)]
 
 
@@ -158,6 +172,12 @@ class V2OutputParameters(BaseModel):
         description="This output as binary data after the JSON (binary tensor extension); unset: as asked by "
         "the request's binary_data_output.",
     )
+    classification: ClassCount = Field(
+        None,
+        description="Classification extension (Triton's): each image's top `classification` classes (all of them "
+        "where it is more) instead of the probabilities, as BYTES '<probability>:<index>:<label>', most probable "
+        "first.",
+    )
 
 
 class V2Output(BaseModel):
@@ -188,9 +208,13 @@ class V2InferRequest(BaseModel):
 
 class V2ResponseOutput(BaseModel):
     name: str
-    datatype: str
-    shape: list[int]
-    data: list[float] | None = Field(None, description="The values, flat (row-major); absent when sent as binary data.")
+    datatype: str = Field(description="FP32; BYTES where the output asked for classification.")
+    shape: list[int] = Field(description="[N, classes]; with classification, [N, the classes returned].")
+    data: list[float] | list[str] | None = Field(
+        None,
+        description="The values, flat (row-major): numbers, or with classification strings "
+        "'<probability>:<index>:<label>'; absent when sent as binary data.",
+    )
     parameters: dict[str, Any] | None = Field(
         None, description="binary_data_size: the bytes of this output after the JSON (binary tensor extension)."
     )

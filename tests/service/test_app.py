@@ -733,15 +733,152 @@ def test_v2_infer_answers_with_binary_data_where_asked(
             "body.outputs.0.parameters.binary_data",
         ),
         ({"outputs": [{"parameters": {"binary_data": True}}]}, "body.outputs.0.name: Field required"),
-        (
-            {"outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]},
-            "classification is not supported",
-        ),
     ],
 )
 def test_v2_infer_output_requests_are_checked(client: TestClient, change: dict[str, Any], detail: str) -> None:
     r = client.post(f"/v2/models/{NAME}/infer", json={**v2_body(IMAGES[:1]), **change})
     assert r.status_code == 422 and detail in r.json()["detail"], r.text
+
+
+def classified(count: int, binary: bool | None = None, **parameters: Any) -> dict[str, Any]:
+    """A v2 body for IMAGES[:2] whose output asks for classification (the extension) of `count` classes."""
+    asked: dict[str, Any] = {"classification": count}
+    if binary is not None:
+        asked["binary_data"] = binary
+    return {**v2_body(IMAGES[:2], **parameters), "outputs": [{"name": "probabilities", "parameters": asked}]}
+
+
+def answer_of(r: httpx.Response) -> tuple[dict[str, Any], list[str]]:
+    """A v2 answer's JSON and its one output's values: JSON data, or BYTES binary data after the JSON (each
+    value a 4-byte little-endian length, then its bytes), decoded here as a client does."""
+    length = r.headers.get("inference-header-content-length")
+    if length is None:
+        head = r.json()
+        return head, head["outputs"][0]["data"]
+    head, raw = json.loads(r.content[: int(length)]), r.content[int(length) :]
+    assert head["outputs"][0]["parameters"] == {"binary_data_size": len(raw)}
+    values, at = [], 0
+    while at < len(raw):
+        n = int.from_bytes(raw[at : at + 4], "little")
+        values.append(raw[at + 4 : at + 4 + n].decode())
+        at += 4 + n
+    return head, values
+
+
+def assert_top_classes(values: list[str], expected: torch.Tensor, k: int) -> None:
+    """Each image's top k classes, most probable first, as "<probability>:<index>:<label>"."""
+    assert len(values) == len(expected) * k
+    for row, ref in zip(np.reshape(values, (len(expected), k)), expected, strict=True):
+        parts = [v.split(":") for v in row]
+        assert [int(i) for _, i, _ in parts] == ref.argsort(descending=True).tolist()[:k]
+        for p, i, label in parts:
+            assert label == CLASSES[int(i)] and re.fullmatch(r"\d\.\d{6}", p)  # printf's %f, as Triton's
+            assert float(p) == pytest.approx(float(ref[int(i)]), abs=1e-6)
+
+
+def test_v2_infer_classification_as_json(client: TestClient, structured: TinyCheckpoint) -> None:
+    """The classification extension (tritonclient's class_count): the output is BYTES [N, k], the top classes
+    by name, and the top one is /predict's answer. It was refused with a 422."""
+    assert "classification" in client.get("/v2").json()["extensions"]
+    r = client.post(f"/v2/models/{NAME}/infer", json=classified(3, binary=False, quality=0.5))
+    assert r.status_code == 200, r.text
+    head, values = answer_of(r)
+    assert r.headers["content-type"] == "application/json" and "inference-header-content-length" not in r.headers
+    output = head["outputs"][0]
+    assert output["name"] == "probabilities" and output["datatype"] == "BYTES" and output["shape"] == [2, 3]
+    assert_top_classes(values, reference(structured, IMAGES[:2], 0.5), 3)
+    served = client.post("/predict", json={"inputs": [image_list(x) for x in IMAGES[:2]], "quality": 0.5}).json()
+    assert [v.split(":", 1)[1] for v in values[::3]] == [f"{p['index']}:{p['label']}" for p in served["predictions"]]
+
+
+@pytest.mark.parametrize(("binary", "parameters"), [(True, {}), (None, {"binary_data_output": True})])
+def test_v2_infer_classification_as_binary_data(
+    client: TestClient, structured: TinyCheckpoint, binary: bool | None, parameters: dict[str, Any]
+) -> None:
+    """Asked as binary data (the output's binary_data, else the request's binary_data_output), the strings come
+    after the JSON as the binary extension lays out BYTES, each its length then its bytes; the same strings as
+    JSON."""
+    r = client.post(f"/v2/models/{NAME}/infer", json=classified(2, binary, quality=0.5, **parameters))
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    head, values = answer_of(r)
+    output = head["outputs"][0]
+    assert output["datatype"] == "BYTES" and output["shape"] == [2, 2] and "data" not in output
+    assert_top_classes(values, reference(structured, IMAGES[:2], 0.5), 2)
+    json_values = answer_of(client.post(f"/v2/models/{NAME}/infer", json=classified(2, False, quality=0.5)))[1]
+    assert values == json_values
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_v2_infer_classification_of_more_classes_than_the_model_has_gives_them_all(
+    client: TestClient, structured: TinyCheckpoint, binary: bool
+) -> None:
+    """As Triton: the count is clamped to the number of classes, shape [N, classes]."""
+    r = client.post(f"/v2/models/{NAME}/infer", json=classified(1000, binary, quality=0.5))
+    assert r.status_code == 200, r.text
+    head, values = answer_of(r)
+    assert head["outputs"][0]["shape"] == [2, len(CLASSES)]
+    assert_top_classes(values, reference(structured, IMAGES[:2], 0.5), len(CLASSES))
+
+
+def test_v2_infer_classification_writes_probabilities_as_triton_and_ties_in_class_order(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probability as Triton writes it (C++ std::to_string: six decimals), the label the checkpoint's;
+    equal probabilities keep class order, as /predict's top does."""
+    from service.batcher import Result
+
+    logits = np.log(np.array([[0.1, 0.5, 0.25, 0.15], [0.25, 0.25, 0.4, 0.1]], np.float32))  # softmax: these
+
+    def submit(job: Any) -> asyncio.Future[Result]:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(Result(logits[: len(job.x)], 1.0, 0.0, 0.001, len(job.x)))
+        return fut
+
+    monkeypatch.setattr(app_state(client).batcher, "submit", submit)
+    r = client.post(f"/v2/models/{NAME}/infer", json=classified(3, binary=False))
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [
+        "0.500000:1:one",
+        "0.250000:2:two",
+        "0.150000:3:three",
+        "0.400000:2:two",
+        "0.250000:0:zero",
+        "0.250000:1:one",
+    ]
+
+
+@pytest.mark.parametrize("count", [0, -1, True, 2.5, 3.0, "3", [3]])
+def test_v2_infer_a_classification_that_is_not_a_count_is_422_saying_what_to_send(
+    client: TestClient, count: Any
+) -> None:
+    """A whole JSON number, at least 1 (true, 3.0 and "3" too: Triton reads it as an unsigned integer). It was
+    refused whatever its value, as not supported."""
+    r = client.post(f"/v2/models/{NAME}/infer", json=classified(count))
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("body.outputs.0.parameters.classification: ") and "send a whole JSON number" in detail
+
+
+@pytest.mark.parametrize("first", ["plain", "classification"])
+def test_v2_infer_an_output_asked_twice_is_answered_once_as_first_asked(
+    client: TestClient, structured: TinyCheckpoint, first: str
+) -> None:
+    """Triton answers an output named twice once, as its first entry asks: it cannot be had both as
+    probabilities and as classes in one request. Here, with classification, it was a 422 either way."""
+    plain = {"name": "probabilities", "parameters": {"binary_data": False}}
+    classes = {"name": "probabilities", "parameters": {"classification": 2, "binary_data": False}}
+    body = {**v2_body(IMAGES[:2], quality=0.5), "outputs": [plain, classes] if first == "plain" else [classes, plain]}
+    r = client.post(f"/v2/models/{NAME}/infer", json=body)
+    assert r.status_code == 200, r.text
+    (output,) = r.json()["outputs"]
+    expected = reference(structured, IMAGES[:2], 0.5)
+    if first == "plain":
+        assert output["datatype"] == "FP32" and output["shape"] == [2, len(CLASSES)]
+        assert torch.allclose(torch.tensor(output["data"]).view(2, -1), expected, atol=1e-5)
+    else:
+        assert output["datatype"] == "BYTES" and output["shape"] == [2, 2]
+        assert_top_classes(output["data"], expected, 2)
 
 
 def test_lists_a_client_fills_with_the_wrong_thing_stop_at_the_first(client: TestClient) -> None:
