@@ -45,6 +45,7 @@ BATTERY_ALPHA_CAP = 0.5  # the ceiling while on battery below the low mark
 class Signals:
     now: float  # seconds, monotonic
     queue_depth: int = 0  # requests waiting
+    queued_images: int = 0  # the images those requests hold
     inflight: int = 0  # requests admitted and not yet answered
     arrival_rate: float = 0.0  # requests per second, smoothed
     images_per_request: float = 1.0  # smoothed
@@ -315,7 +316,7 @@ class Controller:
         # admission holds it near capacity, where it hid the overload)
         offered = replace(s, arrival_rate=s.offered_rate, fleet_rate=None) if s.offered_rate is not None else s
         relieves = self._relieves(s.images_per_request, 1.0, self.max_batch)  # an average request
-        queued = self._model_seconds(feasible, s.queue_depth * s.images_per_request, s) or 0.0  # at `feasible`
+        queued = self._model_seconds(feasible, s.queued_images, s) or 0.0  # at `feasible`
         if self.utilisation(lowest, offered) > 1.0 and (not relieves or old == lowest):
             # the load offered (refused requests included) overloads even the lowest alpha, and alpha is
             # not the lever (or is spent): keep accuracy and let admission shed the excess

@@ -147,6 +147,7 @@ class State:
         return Signals(
             now=now,
             queue_depth=self.batcher.depth,
+            queued_images=self.batcher.queued_images,
             inflight=self.inflight,
             arrival_rate=rate,
             images_per_request=per_request,

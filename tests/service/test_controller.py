@@ -144,9 +144,21 @@ def test_a_queue_building_up_is_not_calm() -> None:
     assert c.ceiling == 0.5
     # 4 calm intervals, but in the third 30 requests of one image are queued: 30 ms of work at alpha 1
     queues = [0, 0, 30, 0, 0, 0, 0]
-    history = [c.update(clock(**CALM, p99=0.01, queue_depth=q)) for q in queues]
+    history = [c.update(clock(**CALM, p99=0.01, queue_depth=q, queued_images=q)) for q in queues]
     assert history == [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0]
-    assert c.update(clock(**BURST, queue_depth=30)) == 0.5  # lowering does not wait for anything
+    assert c.update(clock(**BURST, queue_depth=30, queued_images=30)) == 0.5  # lowering does not wait for anything
+
+
+def test_the_queue_is_costed_by_the_images_it_holds() -> None:
+    """Two queued requests of 16 images are 32 ms of work at alpha 1, over a quarter of the SLO, however few
+    images the smoothed mean says a request holds (it lags a change in what requests hold)."""
+    c, clock = controller(raise_after=2), Clock()
+    c.update(clock(**BURST))
+    assert c.ceiling == 0.5
+    queued = {"queue_depth": 2, "queued_images": 32, "images_per_request": 1.0}
+    history = [c.update(clock(**CALM, p99=0.01, **queued)) for _ in range(4)]
+    assert history == [0.5] * 4
+    assert [c.update(clock(**CALM, p99=0.01)) for _ in range(2)] == [0.5, 1.0]
 
 
 def test_recovery_stops_where_the_estimate_says_the_load_fits() -> None:

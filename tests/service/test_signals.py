@@ -24,15 +24,33 @@ def test_arrival_rate_is_an_ewma_with_the_given_half_life() -> None:
     assert rate == pytest.approx(0.5 * 5)
 
 
-def test_images_per_request_is_smoothed() -> None:
-    stats = RequestStats()
+def test_images_per_request_weighs_requests_by_their_age() -> None:
+    stats = RequestStats(half_life=1.0)
     t0 = stats._last
+    assert stats.tick(t0 + 0.5)[1] == 1.0  # nothing seen yet
     stats.arrived(4)
     stats.arrived(6)
     _, per_request, _, _ = stats.tick(t0 + 1.0)
-    assert per_request == pytest.approx(0.8 * 1.0 + 0.2 * 5.0)
+    assert per_request == pytest.approx(5.0)  # the first requests seen say it all: 1 was no observation
     _, unchanged, _, _ = stats.tick(t0 + 2.0)  # no arrivals: keep the last estimate
-    assert unchanged == pytest.approx(per_request)
+    assert unchanged == pytest.approx(5.0)
+    for _ in range(2):
+        stats.arrived(16)
+    _, per_request, _, _ = stats.tick(t0 + 3.0)  # the first two are two half-lives old: a quarter's weight
+    assert per_request == pytest.approx((0.25 * 10 + 32) / (0.25 * 2 + 2))
+
+
+def test_a_step_in_request_size_after_a_quiet_spell_is_read_at_once() -> None:
+    """Single images, a minute idle, then 16-image requests: the old requests' weight has decayed away."""
+    stats = RequestStats(half_life=1.0)
+    t0 = stats._last
+    for _ in range(100):
+        stats.arrived(1)
+    stats.tick(t0 + 1.0)
+    stats.tick(t0 + 60.0)
+    for _ in range(5):
+        stats.arrived(16)
+    assert stats.tick(t0 + 60.5)[1] == pytest.approx(16.0, rel=1e-6)
 
 
 def test_p99_needs_enough_samples_and_forgets_old_ones() -> None:
