@@ -85,7 +85,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # -- run --
     seed: int = 0
-    threads: int = 2  # torch intra-op threads
+    threads: int = 2  # torch intra-op threads on this node, shared by its processes under torchrun
     channels_last: bool = True  # ~25 % faster training on CPU here
     out: str = "runs/model.safetensors"  # final checkpoint; resumable state goes beside it
     eval_batch_size: int = 500

@@ -161,7 +161,13 @@ def _writing(path: Path, cfg: TrainConfig) -> Iterator[None]:
 
 
 def _save_state(
-    cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, epoch: int, rng: random.Random, elapsed: float
+    cfg: TrainConfig,
+    model: SubspaceResNet,
+    opt: torch.optim.SGD,
+    epoch: int,
+    rng: random.Random,
+    elapsed: float,
+    runs: list[dict[str, object]],
 ) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, p in enumerate(model.parameters()):
@@ -174,17 +180,21 @@ def _save_state(
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
         "python_rng": json.dumps(rng.getstate()[1]),
         "elapsed": str(elapsed),
+        "runs": json.dumps(runs),
     }
     with _writing(cfg.state_path, cfg):
         cfg.state_path.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.write_tensors(cfg.state_path, tensors, meta)  # after a failure, no half-written file
 
 
-def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, rng: random.Random) -> tuple[int, float]:
-    """Resume from the state file if there is one: returns (epochs done, seconds spent so far)."""
+def _load_state(
+    cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, rng: random.Random
+) -> tuple[int, float, list[dict[str, object]]]:
+    """Resume from the state file if there is one: returns (epochs done, seconds spent so far, where they ran:
+    `_run`'s records; a state saved before they were kept gives one record of its epochs alone)."""
     path = cfg.state_path
     if not path.is_file():
-        return 0, 0.0
+        return 0, 0.0, []
     damaged = (
         f"{path}: not a readable training state ({{}}); it is damaged (cut short by a full disk or a copy?): "
         "delete it to start over"
@@ -193,8 +203,9 @@ def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, r
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         saved, epoch, elapsed = json.loads(meta["config"]), int(meta["epoch"]), float(meta.get("elapsed", 0))
-        if not isinstance(saved, dict) or epoch < 0 or not 0 <= elapsed < math.inf:
-            raise ValueError(f"config a {type(saved).__name__}, epoch {epoch}, elapsed {elapsed}")
+        runs = json.loads(meta["runs"]) if "runs" in meta else [{"epochs": [1, epoch]}] if epoch else []
+        if not isinstance(saved, dict) or epoch < 0 or not 0 <= elapsed < math.inf or not isinstance(runs, list):
+            raise ValueError(f"config a {type(saved).__name__}, epoch {epoch}, elapsed {elapsed}, runs {runs!r:.40}")
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:  # TypeError: no metadata at all
         raise ValueError(damaged.format(e)) from None
     conflicts = cfg.resume_conflicts(saved)
@@ -213,7 +224,13 @@ def _load_state(cfg: TrainConfig, model: SubspaceResNet, opt: torch.optim.SGD, r
         rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(damaged.format(e)) from None
-    return epoch, elapsed
+    return epoch, elapsed, runs
+
+
+def _run(ranks: Ranks, threads: int, first: int, last: int) -> dict[str, object]:
+    """Where epochs `first`..`last` (1-based) ran, for the state and the checkpoint's `training.runs`: a run
+    resumed with another process count or device is trained by several."""
+    return {"epochs": [first, last], "device": ranks.describe(), "processes": ranks.world, "threads": threads}
 
 
 def train(cfg: TrainConfig, *, command: str, data: Dataset | None = None) -> Path:
@@ -233,7 +250,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
     ranks.check_batch(cfg.batch_size)
     check_out(cfg)
     check_arch(cfg)  # before the seed: its random initial weights are thrown away
-    torch.set_num_threads(cfg.threads)
+    threads = ranks.threads_each(cfg.threads)
+    torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # denormal activations made fake-quantised layers 10-100x slower here
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -261,10 +279,10 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
     )
     total = steps_per_epoch * cfg.epochs
     warmup = warmup_steps(steps_per_epoch, total)
-    start_epoch, elapsed = _load_state(cfg, model, opt, rng)  # every rank reads the same state file
+    start_epoch, elapsed, runs = _load_state(cfg, model, opt, rng)  # every rank reads the same state file
     if ranks.main:
         each = " each" if ranks.world > 1 else ""
-        print(f"training on {ranks.describe()}, {ranks.world} process(es), {cfg.threads} CPU threads{each}", flush=True)
+        print(f"training on {ranks.describe()}, {ranks.world} process(es), {threads} CPU threads{each}", flush=True)
         if start_epoch:
             print(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}", flush=True)
     net = ranks.wrap(model, opt)  # DistributedDataParallel under torchrun; the model itself otherwise
@@ -347,7 +365,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
                 for a in (vm.stat_alphas[0], vm.stat_alphas[-1])
             )
         print(line, flush=True)
-        _save_state(cfg, model, opt, epoch + 1, rng, elapsed)
+        _save_state(cfg, model, opt, epoch + 1, rng, elapsed, [*runs, _run(ranks, threads, start_epoch + 1, epoch + 1)])
 
     if not ranks.main:
         return Path(cfg.out)  # rank 0 calibrates, evaluates and writes the checkpoint
@@ -375,6 +393,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             "train_seconds": round(elapsed, 1),
             "device": ranks.describe(),  # rank 0's; under torchrun every rank has its own of the same kind
             "processes": ranks.world,
+            "runs": runs + ([_run(ranks, threads, start_epoch + 1, cfg.epochs)] if start_epoch < cfg.epochs else []),
             "torch": torch.__version__,
         },
     )

@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lcs import checkpoint
 from training.config import load_config
 from training.train import train
 
@@ -86,6 +87,13 @@ def test_two_processes_match_one(
     assert run.stdout.count("epoch 2: train loss") == 1
 
 
+@pytest.mark.parametrize(("threads", "local_world", "each"), [(2, 1, 2), (2, 2, 1), (1, 2, 1), (8, 3, 2), (4, 8, 1)])
+def test_the_nodes_threads_are_shared_by_its_processes(threads: int, local_world: int, each: int) -> None:
+    from training.distributed import Ranks
+
+    assert Ranks(world=local_world, local_world=local_world).threads_each(threads) == each
+
+
 def test_odd_global_batch_is_refused() -> None:
     from training.distributed import Ranks
 
@@ -133,6 +141,7 @@ def test_device_choice(
     world = int(env.get("WORLD_SIZE", "1"))
     assert groups == ([(backend, int(env["RANK"]), world)] if backend else [])
     assert (ranks.rank, ranks.world) == ((int(env["RANK"]), world) if backend else (0, 1))
+    assert ranks.local_world == (int(env["LOCAL_WORLD_SIZE"]) if backend else 1)
     # more processes than GPUs: local rank 0 says why they all train on the CPU
     said = [str(w.message) for w in caught if "GPU(s)" in str(w.message)]
     assert len(said) == (1 if gpus and device == "cpu" and env.get("LOCAL_RANK") == "0" else 0)
@@ -198,10 +207,13 @@ def test_resume_under_torchrun_continues_a_single_process_run(
     monkeypatch.undo()
     assert not resumed.exists() and resumed.with_name("resumed.state.safetensors").is_file()
 
-    run = torchrun(tiny_overrides(resumed, **common))
+    run = torchrun(tiny_overrides(resumed, **common, threads=2))  # threads may change on resuming
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "resuming" in run.stdout and "epoch 1: train loss" not in run.stdout
+    assert "2 process(es), 1 CPU threads each" in run.stdout  # the node's 2 shared (each took both: 5x slower)
     assert max_diff(full, resumed) < TOLERANCE
+    runs = checkpoint.read_meta(resumed).training["runs"]
+    assert [(r["epochs"], r["processes"], r["threads"]) for r in runs] == [([1, 1], 1, 1), ([2, 2], 2, 1)]
 
 
 @pytest.mark.parametrize(("rank", "world", "expected"), [("1", "2", 1), ("x", "2", 0), ("1", "two", 0), ("1", "1", 0)])

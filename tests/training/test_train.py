@@ -322,6 +322,43 @@ def test_resume_after_an_interruption_continues_exactly(
     assert meta.accuracy == ref_meta.accuracy
 
 
+def test_the_checkpoint_records_where_each_resumed_part_ran(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Epoch 1 on one thread, epoch 2 resumed on two: `training.runs` has both (`processes` and `device`
+    alone said only where the last invocation ran: 2 processes for a run resumed under torchrun)."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors", threads=1))
+    _interrupted_after_the_first_epoch(cfg, synthetic_data, capsys, monkeypatch)
+    _run(load_config(None, tiny_overrides(tmp_path / "m.safetensors", threads=2)), synthetic_data, capsys)
+    where = {"device": "cpu", "processes": 1}
+    assert checkpoint.read_meta(cfg.out).training["runs"] == [
+        {"epochs": [1, 1], **where, "threads": 1},
+        {"epochs": [2, 2], **where, "threads": 2},
+    ]
+
+
+def test_a_state_from_before_runs_were_recorded_still_resumes(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors"))
+    _interrupted_after_the_first_epoch(cfg, synthetic_data, capsys, monkeypatch)
+    tensors = load_file(str(cfg.state_path))
+    with safe_open(str(cfg.state_path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "runs"}
+    save_file(tensors, str(cfg.state_path), metadata=meta)
+    _run(cfg, synthetic_data, capsys)
+    runs = checkpoint.read_meta(cfg.out).training["runs"]
+    assert runs == [{"epochs": [1, 1]}, {"epochs": [2, 2], "device": "cpu", "processes": 1, "threads": 1}]
+
+
 def test_resume_counts_the_training_time_from_the_saved_elapsed(
     tmp_path: Path,
     synthetic_data: Dataset,
