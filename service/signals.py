@@ -56,7 +56,7 @@ class RequestStats:
         self._rate = decay * self._rate + (1 - decay) * (self._count / dt)
         images, requests = self._weighed
         self._weighed = decay * images + self._image_count, decay * requests + self._count
-        if self._weighed[1] > 0:
+        if self._count:  # idle, the sums decay into subnormals, whose ratio is noise (1 after about 18 min)
             self._images = self._weighed[0] / self._weighed[1]
         self._count = self._image_count = 0
         self._last = now

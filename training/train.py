@@ -203,9 +203,8 @@ def _load_state(
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         saved, epoch, elapsed = json.loads(meta["config"]), int(meta["epoch"]), float(meta.get("elapsed", 0))
-        runs = json.loads(meta["runs"]) if "runs" in meta else [{"epochs": [1, epoch]}] if epoch else []
-        if not isinstance(saved, dict) or epoch < 0 or not 0 <= elapsed < math.inf or not isinstance(runs, list):
-            raise ValueError(f"config a {type(saved).__name__}, epoch {epoch}, elapsed {elapsed}, runs {runs!r:.40}")
+        if not isinstance(saved, dict) or epoch < 0 or not 0 <= elapsed < math.inf:
+            raise ValueError(f"config a {type(saved).__name__}, epoch {epoch}, elapsed {elapsed}")
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:  # TypeError: no metadata at all
         raise ValueError(damaged.format(e)) from None
     conflicts = cfg.resume_conflicts(saved)
@@ -224,7 +223,22 @@ def _load_state(
         rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(damaged.format(e)) from None
-    return epoch, elapsed, runs
+    return epoch, elapsed, _saved_runs(meta.get("runs"), epoch)
+
+
+def _saved_runs(text: str | None, epoch: int) -> list[dict[str, object]]:
+    """The state's `_run` records; where it has none that read as such (a state saved before they were kept,
+    or a damaged entry: the weights may be sound, and it records nothing they depend on), one record of its
+    epochs alone."""
+    try:
+        runs = json.loads(text) if text is not None else None
+    except ValueError:
+        runs = None
+    if isinstance(runs, list) and all(
+        isinstance(r, dict) and isinstance(r.get("epochs"), list) and len(r["epochs"]) == 2 for r in runs
+    ):
+        return runs
+    return [{"epochs": [1, epoch]}] if epoch else []
 
 
 def _run(ranks: Ranks, threads: int, first: int, last: int) -> dict[str, object]:
@@ -358,22 +372,28 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             f"({time.perf_counter() - t0:.0f} s{over})"
         )
         if len(val_split):
+            torch.set_num_threads(cfg.threads)  # the node's: rank 0 alone evaluates, the others wait for it
             vm = model if ranks.device.type == "cpu" else copy.deepcopy(model).cpu()  # evaluation runs on CPU
             calibrate(vm, train_split.images, mean, std, batches=5, batch_size=cfg.batch_size, seed=epoch)
             line += " | val " + " ".join(
                 f"a={a:g}:{accuracy(vm, val_split, mean, std, a, cfg.eval_batch_size):.2f}"
                 for a in (vm.stat_alphas[0], vm.stat_alphas[-1])
             )
+            torch.set_num_threads(threads)
         print(line, flush=True)
         _save_state(cfg, model, opt, epoch + 1, rng, elapsed, [*runs, _run(ranks, threads, start_epoch + 1, epoch + 1)])
 
     if not ranks.main:
         return Path(cfg.out)  # rank 0 calibrates, evaluates and writes the checkpoint
+    torch.set_num_threads(cfg.threads)  # the node's: the other processes are done
     model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     if ranks.device.type != "cpu":
         model = model.cpu()
     calibrate(model, train_split.images, mean, std, batches=cfg.calib_batches, batch_size=cfg.batch_size, seed=cfg.seed)
     table = accuracy_table(model, data.test, mean, std, list(model.stat_alphas), cfg.eval_batch_size)
+    if start_epoch < cfg.epochs:
+        runs = [*runs, _run(ranks, threads, start_epoch + 1, cfg.epochs)]
+    last = runs[-1] if runs else _run(ranks, threads, 0, 0)  # a finished run again: where its epochs ran
     meta = checkpoint.CheckpointMeta(
         arch=checkpoint.Arch(name=cfg.arch, kwargs=dict(cfg.arch_kwargs)),
         kind=cfg.kind,
@@ -391,9 +411,10 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             "command": command,
             "config": cfg.to_dict(),
             "train_seconds": round(elapsed, 1),
-            "device": ranks.describe(),  # rank 0's; under torchrun every rank has its own of the same kind
-            "processes": ranks.world,
-            "runs": runs + ([_run(ranks, threads, start_epoch + 1, cfg.epochs)] if start_epoch < cfg.epochs else []),
+            # where the last epochs ran (rank 0's device; under torchrun every rank has its own of the same kind)
+            "device": last.get("device", "unknown"),
+            "processes": last.get("processes", "unknown"),
+            "runs": runs,
             "torch": torch.__version__,
         },
     )

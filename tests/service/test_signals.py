@@ -53,6 +53,17 @@ def test_a_step_in_request_size_after_a_quiet_spell_is_read_at_once() -> None:
     assert stats.tick(t0 + 60.5)[1] == pytest.approx(16.0, rel=1e-6)
 
 
+def test_a_long_quiet_spell_keeps_the_last_estimate() -> None:
+    """Idle, the decayed sums sink into subnormals: their ratio read 1.0 after about 18 minutes."""
+    stats = RequestStats(half_life=1.0)
+    t0 = stats._last
+    for n in (16, 8, 12):
+        stats.arrived(n)
+    stats.tick(t0 + 0.5)
+    estimates = {round(stats.tick(t0 + 0.5 * k)[1], 9) for k in range(2, 6000)}  # 50 minutes, 0.5 s intervals
+    assert estimates == {12.0}
+
+
 def test_p99_needs_enough_samples_and_forgets_old_ones() -> None:
     stats = RequestStats(window_seconds=5.0)
     t0 = stats._last

@@ -341,22 +341,66 @@ def test_the_checkpoint_records_where_each_resumed_part_ran(
     ]
 
 
-def test_a_state_from_before_runs_were_recorded_still_resumes(
+@pytest.mark.parametrize("saved", [None, "{not json", '"x"', "[1, 2]", '[{"epochs": "all"}]'])
+def test_a_state_without_readable_runs_still_resumes(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    saved: str | None,
+) -> None:
+    """A state saved before runs were recorded (None), or with a damaged entry: its epochs are recorded as
+    run somewhere unknown (junk was copied into the checkpoint, and bad JSON refused the whole state)."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors"))
+    _interrupted_after_the_first_epoch(cfg, synthetic_data, capsys, monkeypatch)
+    tensors = load_file(str(cfg.state_path))
+    with safe_open(str(cfg.state_path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "runs"}
+    save_file(tensors, str(cfg.state_path), metadata=meta if saved is None else {**meta, "runs": saved})
+    _run(cfg, synthetic_data, capsys)
+    runs = checkpoint.read_meta(cfg.out).training["runs"]
+    assert runs == [{"epochs": [1, 1]}, {"epochs": [2, 2], "device": "cpu", "processes": 1, "threads": 1}]
+
+
+def test_a_finished_run_run_again_records_where_its_epochs_ran(
     tmp_path: Path,
     synthetic_data: Dataset,
     tiny_overrides: Callable[..., list[str]],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors"))
-    _interrupted_after_the_first_epoch(cfg, synthetic_data, capsys, monkeypatch)
-    tensors = load_file(str(cfg.state_path))
-    with safe_open(str(cfg.state_path), framework="pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "runs"}
-    save_file(tensors, str(cfg.state_path), metadata=meta)
-    _run(cfg, synthetic_data, capsys)
-    runs = checkpoint.read_meta(cfg.out).training["runs"]
-    assert runs == [{"epochs": [1, 1]}, {"epochs": [2, 2], "device": "cpu", "processes": 1, "threads": 1}]
+    """Run again, a finished run trains nothing: device and processes said where that call ran."""
+    out = tmp_path / "m.safetensors"
+    _run(load_config(None, tiny_overrides(out, epochs=1)), synthetic_data, capsys)
+    monkeypatch.setattr(train_module.Ranks, "describe", lambda self: "cuda:0 (elsewhere)")
+    _run(load_config(None, tiny_overrides(out, epochs=1)), synthetic_data, capsys)
+    training = checkpoint.read_meta(out).training
+    assert training["device"] == "cpu"
+    assert training["runs"] == [{"epochs": [1, 1], "device": "cpu", "processes": 1, "threads": 1}]
+
+
+def test_rank_0_evaluates_on_the_nodes_threads(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Of 2 threads shared by 2 processes, each trains on 1; the evaluation rank 0 runs alone, on both."""
+    monkeypatch.setattr(train_module.Ranks, "from_env", classmethod(lambda cls: cls(rank=0, world=1, local_world=2)))
+    threads: list[int] = []  # each set_num_threads, in turn
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    at_table: list[int] = []
+    table = train_module.accuracy_table
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        at_table.append(threads[-1])
+        return table(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "accuracy_table", recorded)
+    _run(load_config(None, tiny_overrides(tmp_path / "m.safetensors", threads=2, epochs=1)), synthetic_data, capsys)
+    assert threads[0] == 1 and at_table == [2]  # the steps on 1 thread, the final table on 2
 
 
 def test_resume_counts_the_training_time_from_the_saved_elapsed(
