@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -74,23 +75,27 @@ def main(argv: list[str] | None = None) -> int:
             from training.train import train
 
             cfg = load_config(*split_config(args.items))
+            default_term = signal.signal(signal.SIGTERM, _terminated)
             try:
                 train(cfg, command="python -m training train " + shlex.join(args.items))  # re-runs as recorded
-            except KeyboardInterrupt:  # Ctrl-C: every finished epoch is saved, and the same command resumes
+            except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: every finished epoch is saved; the command resumes
                 from training.train import saved_epoch
 
+                code, what = (143, "terminated") if isinstance(stop, Terminated) else (130, "interrupted")
                 if env_rank():  # under torchrun every rank got the signal; rank 0 says what its state file kept
-                    return 130
+                    return code
                 if sys.stdout.isatty():
                     print()  # end the progress bar's line
                 done = saved_epoch(cfg)
                 print(
-                    "interrupted; no epoch finished yet, nothing saved; rerun the same command to start over"
+                    f"{what}; no epoch finished yet, nothing saved; rerun the same command to start over"
                     if done is None
-                    else f"interrupted; state saved after epoch {done}; rerun the same command to resume",
+                    else f"{what}; state saved after epoch {done}; rerun the same command to resume",
                     file=sys.stderr,
                 )
-                return 130
+                return code
+            finally:
+                signal.signal(signal.SIGTERM, default_term)
             return 0
         if args.cmd == "plot":
             from training.evaluate import plot, read_report
@@ -122,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         if not env_rank():
             print("interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a container stopped, a job preempted) during training: handled as Ctrl-C is, and exit 143. It
+    ended the process at once, with no word on what was saved."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def _error(message: str) -> None:

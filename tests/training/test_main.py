@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -391,6 +393,36 @@ def test_ctrl_c_says_what_was_saved(
         expected = "interrupted; no epoch finished yet, nothing saved; rerun the same command to start over\n"
     assert main(["train", *tiny_overrides(tmp_path / "m.safetensors", dataset="folder", data_dir=image_folder)]) == 130
     assert capsys.readouterr().err == expected
+
+
+def test_sigterm_says_what_was_saved(
+    tmp_path: Path,
+    image_folder: Path,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGTERM (a container stopped) ended training at once, with no word on what was saved."""
+    from training import train as train_module
+
+    save_state = train_module._save_state
+
+    def save_then_sigterm(*a: Any) -> None:
+        save_state(*a)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def not_handled(signum: int, frame: object) -> None:  # not the default, which would end pytest itself
+        pytest.fail("SIGTERM reached the handler training found")
+
+    before = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        monkeypatch.setattr(train_module, "_save_state", save_then_sigterm)
+        overrides = tiny_overrides(tmp_path / "m.safetensors", dataset="folder", data_dir=image_folder)
+        assert main(["train", *overrides]) == 143
+        assert capsys.readouterr().err == "terminated; state saved after epoch 1; rerun the same command to resume\n"
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # put back: the handler is training's alone
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 # -- evaluate and the dataset a checkpoint records ---------------------------------------------------------
