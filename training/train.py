@@ -294,6 +294,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
     total = steps_per_epoch * cfg.epochs
     warmup = warmup_steps(steps_per_epoch, total)
     start_epoch, elapsed, runs = _load_state(cfg, model, opt, rng)  # every rank reads the same state file
+    trained = runs  # `_run` records of every epoch trained so far (the state's, then this call's)
     if ranks.main:
         each = " each" if ranks.world > 1 else ""
         print(f"training on {ranks.describe()}, {ranks.world} process(es), {threads} CPU threads{each}", flush=True)
@@ -381,7 +382,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             )
             torch.set_num_threads(threads)
         print(line, flush=True)
-        _save_state(cfg, model, opt, epoch + 1, rng, elapsed, [*runs, _run(ranks, threads, start_epoch + 1, epoch + 1)])
+        trained = [*runs, _run(ranks, threads, start_epoch + 1, epoch + 1)]
+        _save_state(cfg, model, opt, epoch + 1, rng, elapsed, trained)
 
     if not ranks.main:
         return Path(cfg.out)  # rank 0 calibrates, evaluates and writes the checkpoint
@@ -391,9 +393,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         model = model.cpu()
     calibrate(model, train_split.images, mean, std, batches=cfg.calib_batches, batch_size=cfg.batch_size, seed=cfg.seed)
     table = accuracy_table(model, data.test, mean, std, list(model.stat_alphas), cfg.eval_batch_size)
-    if start_epoch < cfg.epochs:
-        runs = [*runs, _run(ranks, threads, start_epoch + 1, cfg.epochs)]
-    last = runs[-1] if runs else _run(ranks, threads, 0, 0)  # a finished run again: where its epochs ran
+    last = trained[-1]  # where the last epochs ran (a finished run again trains none here)
     meta = checkpoint.CheckpointMeta(
         arch=checkpoint.Arch(name=cfg.arch, kwargs=dict(cfg.arch_kwargs)),
         kind=cfg.kind,
@@ -414,7 +414,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             # where the last epochs ran (rank 0's device; under torchrun every rank has its own of the same kind)
             "device": last.get("device", "unknown"),
             "processes": last.get("processes", "unknown"),
-            "runs": runs,
+            "runs": trained,
             "torch": torch.__version__,
         },
     )
