@@ -233,7 +233,7 @@ def test_operator_objects_are_well_formed(overlay: str) -> None:
     }
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     service_ports = {p["name"] for p in svc["spec"]["ports"]}
-    allowed = {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings", "scheme"}
+    allowed = {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings", "scheme", "honorLabels"}
     for ep in sm["spec"]["endpoints"]:
         assert set(ep) <= allowed, set(ep) - allowed
         assert ep["port"] in service_ports and ep["path"] == "/metrics"

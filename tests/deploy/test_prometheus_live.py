@@ -80,15 +80,27 @@ def stack(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
     prometheus = tool("prometheus")
     sport, pport = free_port(), free_port()
     service_url, prom_url = f"http://127.0.0.1:{sport}", f"http://127.0.0.1:{pport}"
+    (endpoint,) = yaml.safe_load((K8S / "base" / "servicemonitor.yaml").read_text())["spec"]["endpoints"]
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(COMPOSE_DIR / "prometheus" / "rules.yml")],
         "scrape_configs": [
             {
                 "job_name": "lcs",
-                # namespace/pod: the labels the Prometheus operator adds, which the adapter rules group by
+                # as the Prometheus operator scrapes the ServiceMonitor: its honorLabels (false unless set), and
+                # the target labels it adds (the adapter rules group by namespace/pod; endpoint, the port's
+                # name, clashes with the service's own endpoint label unless the service's is honoured)
+                "honor_labels": endpoint.get("honorLabels", False),
                 "static_configs": [
-                    {"targets": [f"127.0.0.1:{sport}"], "labels": {"namespace": "test", "pod": "lcs-0"}}
+                    {
+                        "targets": [f"127.0.0.1:{sport}"],
+                        "labels": {
+                            "namespace": "test",
+                            "pod": "lcs-0",
+                            "service": "lcs-serve",
+                            "endpoint": endpoint["port"],
+                        },
+                    }
                 ],
             }
         ],
