@@ -21,7 +21,11 @@ failed query only at debug level (a refresh runs every control interval). A sele
 replica gives empty answers, as no traffic does: until `count(lcs_build_info{SELECTOR})` has answered a
 number once, it is asked too, and if its answers stay empty for `selector_grace` seconds (counted again after
 Prometheus fails to answer: a Prometheus that has just started has scraped nothing yet), that is logged
-once, as a warning naming the selector.
+once, as a warning naming the selector. A scrape that renamed the service's `endpoint` label (a target label
+of the same name wins unless the scrape honours the service's labels: the Prometheus operator adds
+`endpoint="<port name>"` to every ServiceMonitor target) also gives empty answers for good: until the rate
+query has answered a number, Prometheus is asked whether it holds `exported_endpoint` series under the
+selector, and if it does that is logged once, as a warning naming the fix.
 """
 
 from __future__ import annotations
@@ -112,6 +116,8 @@ class PrometheusFleet:
         self.selector = selector
         self._replicas = f"count(lcs_build_info{{{selector}}})" if selector else "count(lcs_build_info)"
         self._matched = False  # the replicas query has answered a number: the selector matches a replica
+        self._renamed = f'count(lcs_requests_total{{exported_endpoint!=""{"," + selector if selector else ""}}})'
+        self._labels_known = False  # the rate query has answered a number, or the renamed label was reported
         self._empty_since: float | None = None  # when it first answered with nothing
         self._grace = selector_grace
         self._clock = clock
@@ -134,7 +140,8 @@ class PrometheusFleet:
     async def refresh(self) -> FleetFigures:
         """Query every figure at once, bounded by `timeout` overall; never raises."""
         names = list(self.queries)
-        promql = [self.queries[n] for n in names] + ([] if self._matched else [self._replicas])
+        checks = ([] if self._matched else [self._replicas]) + ([] if self._labels_known else [self._renamed])
+        promql = [self.queries[n] for n in names] + checks
         asked = self._clock()  # a value's age counts from the question, not the answer (below)
         answers: list[float | BaseException | None]
         try:
@@ -144,9 +151,14 @@ class PrometheusFleet:
             answers = [TimeoutError(f"no answer within LCS_PROMETHEUS_TIMEOUT_SECONDS={self.timeout:g}")] * len(promql)
         self._note(next((a for a in answers if isinstance(a, BaseException)), None))
         now = self._clock()
+        answers, checked = answers[: len(names)], answers[len(names) :]
         if not self._matched:
-            self._check_selector(answers.pop(), now)
+            self._check_selector(checked.pop(0), now)
         values = [None if isinstance(a, BaseException) else a for a in answers]
+        if not self._labels_known:
+            # a rate that answers is read through the endpoint label: it is there, whatever else is renamed
+            self._labels_known = values[names.index("rate")] is not None
+            self._check_labels(checked.pop(0))
         for name, value in zip(names, values, strict=True):
             if value is not None:
                 # stamped when it answered, a slow answer (half an interval or more) outlived the failure of
@@ -175,6 +187,19 @@ class PrometheusFleet:
                 self._shown,
                 which,
                 self._grace,
+            )
+
+    def _check_labels(self, renamed: float | BaseException | None) -> None:
+        """Warn once if Prometheus keeps this service's endpoint label as exported_endpoint."""
+        if not self._labels_known and isinstance(renamed, float) and renamed > 0:
+            self._labels_known = True  # said once; not asked again
+            log.warning(
+                "fleet signals: Prometheus at %s stores this service's endpoint label as exported_endpoint: "
+                "its scrape adds an endpoint label of its own (the Prometheus operator does, per ServiceMonitor "
+                "port), so the fleet queries, which select the inference routes by endpoint, find nothing and "
+                "the controller uses this replica's own signals; scrape with honor_labels: true (a "
+                "ServiceMonitor's honorLabels: true, as deploy/k8s/base/servicemonitor.yaml sets)",
+                self._shown,
             )
 
     def _note(self, problem: BaseException | None) -> None:

@@ -190,12 +190,12 @@ def test_poll_never_waits_for_prometheus() -> None:
         f.poll()  # a refresh is still running: no second one
         # poll returned without yielding to the loop, so nothing has asked Prometheus yet: it cannot have waited
         assert calls == 0 and f.current() == FleetFigures(None, None)
-        # one refresh: the two figures and, until it has matched a replica, the selector's count
-        # waits of 5 s: a slow machine's margin over the 0.3 s timeout, not a timing check
-        await until(lambda: calls == 3, timeout=5.0, what="the refresh's three queries")
+        # one refresh: the two figures and, until it has matched a replica and read a rate, the selector's
+        # count and the renamed-label check; waits of 5 s: a slow machine's margin over the 0.3 s timeout
+        await until(lambda: calls == 4, timeout=5.0, what="the refresh's four queries")
         # the handler never answers until released: a refresh that ends has given up by itself, at the timeout
         await until(lambda: f._task is not None and f._task.done(), timeout=5.0, what="the refresh to give up")
-        assert calls == 3
+        assert calls == 4
         release.set()
         await f.aclose()
 
@@ -332,4 +332,67 @@ def test_the_replica_count_is_asked_until_it_answers() -> None:
         await f.aclose()
 
     asyncio.run(go())
-    assert asked.count('count(lcs_build_info{job="lcs"})') == 1 and len(asked) == 1 + 3 * 2
+    # each asked once, in the first refresh, which matched a replica and read a rate
+    assert asked.count('count(lcs_build_info{job="lcs"})') == 1 and len(asked) == 2 + 3 * 2
+    assert asked.count('count(lcs_requests_total{exported_endpoint!="",job="lcs"})') == 1
+
+
+def test_a_renamed_endpoint_label_is_a_warning_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The Prometheus operator labels each target endpoint="<port name>"; scraped without honor_labels, the
+    service's endpoint label became exported_endpoint, and every fleet query, which selects the inference
+    routes by endpoint, was empty for good without a word (found on a Prometheus configured as the operator
+    configures one). Prometheus is asked for exported_endpoint series until a rate answers."""
+    asked: list[str] = []
+    empty = {"status": "success", "data": {"resultType": "vector", "result": []}}
+
+    async def renamed(request: httpx.Request) -> httpx.Response:
+        q = request.url.params["query"]
+        asked.append(q)
+        if q.startswith("count(lcs_build_info"):
+            return httpx.Response(200, json=vector("2"))
+        if "exported_endpoint" in q:
+            return httpx.Response(200, json=vector("14"))
+        return httpx.Response(200, json=empty)  # the figures: nothing carries endpoint="/predict"
+
+    f = fleet(renamed)
+
+    async def go() -> None:
+        for _ in range(3):
+            assert await f.refresh() == FleetFigures(None, None)
+        await f.aclose()
+
+    with caplog.at_level("WARNING", logger="lcs.fleet"):
+        asyncio.run(go())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "exported_endpoint" in warnings[0] and "honor_labels: true" in warnings[0]
+    assert sum("exported_endpoint" in q for q in asked) == 1  # not asked again once said
+
+
+def test_no_renamed_label_warning_once_a_rate_answers(caplog: pytest.LogCaptureFixture) -> None:
+    """Asked until the rate answers (the endpoint label is then known to be there), and quiet meanwhile."""
+    asked: list[str] = []
+    empty = {"status": "success", "data": {"resultType": "vector", "result": []}}
+    traffic = False
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        q = request.url.params["query"]
+        asked.append(q)
+        if q.startswith("count(lcs_build_info"):
+            return httpx.Response(200, json=vector("1"))
+        if traffic and "exported_endpoint" not in q:
+            return await answering()(request)
+        return httpx.Response(200, json=empty)
+
+    f = fleet(handle)
+
+    async def go() -> None:
+        nonlocal traffic
+        for i in range(4):
+            traffic = i >= 2
+            await f.refresh()
+        await f.aclose()
+
+    with caplog.at_level("WARNING", logger="lcs.fleet"):
+        asyncio.run(go())
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("exported_endpoint" in q for q in asked) == 3  # the two idle refreshes and the first with a rate
