@@ -111,6 +111,7 @@ def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: in
             pixels = im.width * im.height
             if pixels > budget:
                 raise InputError(_too_many_pixels(where, im.width, im.height, limit, alone=budget == limit))
+            _decode(im, where)
             _upright(im)
             mode = "L" if spec.channels == 1 else "RGB"
             if im.mode.startswith("I"):  # 16-bit greyscale PNG: scale to 0-255 (converting to "L" would clip)
@@ -138,6 +139,19 @@ def _decode_image(text: str, spec: InputSpec, where: str, budget: int, limit: in
     else:
         arr = arr.transpose(2, 0, 1)
     return arr, pixels
+
+
+def _decode(im: Image.Image, where: str) -> None:
+    """Decode the pixels now, refusing what Pillow cannot: on crafted files its chunk readers raise more than
+    the errors it documents (IndexError from a short iCCP chunk after the image data, met while EXIF
+    orientation loaded the image: a 500), and a palette image with no PLTE chunk decodes without a palette
+    (and has_transparency_data asserts on it: a 500)."""
+    try:
+        im.load()
+    except Exception as e:  # anything Pillow raises decoding untrusted bytes: the image is not readable
+        raise InputError(f"{where}: not a readable PNG or JPEG image ({type(e).__name__})") from None
+    if im.mode in ("P", "PA") and im.palette is None:
+        raise InputError(f"{where}: not a readable PNG or JPEG image (a palette image with no palette)")
 
 
 def _upright(im: Image.Image) -> None:

@@ -197,6 +197,11 @@ def test_bytes_that_are_not_an_image_are_refused() -> None:
         run([base64.b64encode(b"hello, this is plain text and no image").decode()])
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def test_truncated_png_is_refused() -> None:
     full = base64.b64decode(b64(Image.fromarray(ramp(6, 5).astype(np.uint8), "L"), "PNG"))
     with pytest.raises(InputError, match=r"^inputs\[0\]: not a readable PNG or JPEG"):
@@ -205,29 +210,82 @@ def test_truncated_png_is_refused() -> None:
 
 def test_a_png_with_a_broken_chunk_among_its_data_is_refused() -> None:
     # Pillow raises SyntaxError ("broken PNG file") for it while decoding the pixels, after the header read well
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     data = zlib.compress(bytes(6 * 6))
     ihdr = struct.pack(">IIBBBBB", 5, 6, 8, 0, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data[:5]) + chunk(b"\0\1\2\3", data[5:])
+    png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data[:5]) + _chunk(b"\0\1\2\3", data[5:])
     with pytest.raises(InputError, match=r"^inputs\[0\]: not a readable PNG or JPEG image \(SyntaxError\)"):
-        run([base64.b64encode(png + chunk(b"IEND", b"")).decode()])
+        run([base64.b64encode(png + _chunk(b"IEND", b"")).decode()])
+
+
+@pytest.mark.parametrize(
+    ("ancillary", "colour_type", "reason"),
+    [
+        # Pillow's iCCP reader indexes past a short chunk met after the image data: IndexError (a 500)
+        (_chunk(b"iCCP", b"p\0"), 0, "IndexError"),
+        # colour type 3 with no PLTE: decodes with no palette, and has_transparency_data asserts (a 500)
+        (b"", 3, "a palette image with no palette"),
+    ],
+    ids=["short iCCP after the data", "palette without PLTE"],
+)
+def test_pngs_pillow_decodes_with_undocumented_errors_are_refused(
+    ancillary: bytes, colour_type: int, reason: str
+) -> None:
+    """Found by fuzzing a running service: both were 500 "internal error"."""
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, colour_type, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(bytes(29 * 28)))
+        + ancillary
+        + _chunk(b"IEND", b"")
+    )
+    with pytest.raises(InputError, match=rf"^inputs\[0\]: not a readable PNG or JPEG image \({reason}\)$"):
+        run([base64.b64encode(png).decode()])
+
+
+@pytest.mark.filterwarnings("ignore:Invalid APNG:UserWarning")  # Pillow's, for a broken animation chunk
+def test_pngs_with_random_ancillary_chunks_decode_or_are_refused_never_anything_else() -> None:
+    """Chunks Pillow reads (colour, text, EXIF, animation), short or random, before or after the data, in each
+    colour type: the fuzzing that found the two above (102 of 1,500 were 500s). Any exception other than
+    InputError would be a 500."""
+    kinds = [b"PLTE", b"tRNS", b"iCCP", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tEXt", b"zTXt", b"iTXt", b"eXIf"]
+    kinds += [b"acTL", b"fcTL", b"fdAT", b"sBIT", b"bKGD", b"tIME"]
+    rng = np.random.default_rng(1)
+    outcomes = {"decoded": 0, "refused": 0}
+    for i in range(500):
+        colour_type = [0, 2, 3, 4, 6][i % 5]
+        width = 1 + [1, 3, 1, 2, 4][i % 5] * 6
+        extra = [
+            (bool(rng.integers(2)), _chunk(kinds[rng.integers(len(kinds))], rng.bytes(int(rng.integers(0, 12)))))
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        if colour_type == 3 and rng.integers(4):  # mostly with the palette it needs, to reach past it
+            extra.insert(0, (True, _chunk(b"PLTE", rng.bytes(3 * int(rng.integers(1, 16))))))
+        png = (
+            b"\x89PNG\r\n\x1a\n"
+            + _chunk(b"IHDR", struct.pack(">IIBBBBB", 6, 5, 8, colour_type, 0, 0, 0))
+            + b"".join(c for before, c in extra if before)
+            + _chunk(b"IDAT", zlib.compress(bytes(width * 5)))
+            + b"".join(c for before, c in extra if not before)
+            + _chunk(b"IEND", b"")
+        )
+        try:
+            run([base64.b64encode(png).decode()])
+            outcomes["decoded"] += 1
+        except InputError:
+            outcomes["refused"] += 1
+    assert min(outcomes.values()) > 20, outcomes  # both outcomes reached: the fuzzing is not trivially one-sided
 
 
 def test_mutated_images_decode_or_are_refused_never_anything_else() -> None:
     # any exception other than InputError would be a 500: flip, overwrite and cut bytes of PNGs (one and two
     # data chunks, grey and colour) and a JPEG; the two-chunk PNG is what found Pillow's SyntaxError
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     data = zlib.compress(bytes(6 * 6))
     split = (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 6, 8, 0, 0, 0, 0))
-        + chunk(b"IDAT", data[:5])
-        + chunk(b"IDAT", data[5:])
-        + chunk(b"IEND", b"")
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 6, 8, 0, 0, 0, 0))
+        + _chunk(b"IDAT", data[:5])
+        + _chunk(b"IDAT", data[5:])
+        + _chunk(b"IEND", b"")
     )
     seeds = [split] + [
         base64.b64decode(b64(Image.fromarray(ramp(6, 5, c).astype(np.uint8)), fmt))
@@ -333,11 +391,10 @@ def test_other_image_formats_are_refused_by_name(fmt: str) -> None:
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height 8-bit grayscale pixels, followed by almost no data."""
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 16)) + _chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_refused_from_its_header() -> None:
