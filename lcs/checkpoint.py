@@ -368,6 +368,12 @@ def load_with_samples(
             )
         if v.is_floating_point() and not torch.isfinite(tensors[k]).all():
             raise CheckpointError(f"{path}: tensor {k!r} contains NaN or Inf; the checkpoint is corrupt.")
+        if k.endswith("running_var") and (tensors[k] < 0).any():
+            # sqrt(var + eps) of a negative variance is NaN: every answer at that alpha was NaN, a 500
+            raise CheckpointError(
+                f"{path}: tensor {k!r} holds negative variances, which no training writes; "
+                "the checkpoint is corrupt or was edited."
+            )
     model = build(meta)  # its size now the file's
     model.load_state_dict(tensors)
     return model.eval(), meta, samples

@@ -218,20 +218,31 @@ class Runtime:
         # a checkpoint may carry no sample images, or none at all (lcs.checkpoint accepts 0): nothing to check
         if self.samples is not None and self.sample_labels is not None and len(self.samples):
             x, step = self.samples.numpy(), s.max_batch
+            finite = {}
             for alpha in prebuild:
                 # in the batches the service runs: all the sample images at once made start-up's peak
-                pred = np.concatenate([self.logits(alpha, x[i : i + step]) for i in range(0, len(x), step)]).argmax(1)
+                logits = np.concatenate([self.logits(alpha, x[i : i + step]) for i in range(0, len(x), step)])
+                finite[alpha] = bool(np.isfinite(logits).all())
+                pred = logits.argmax(1)
                 self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
-            self._verify_self_check(prebuild)
+            self._verify_self_check(prebuild, finite)
         # building, profiling and checking every alpha fragment the heap: measured after warm-up, 404-434 MiB
         # resident before handing the freed part back, 346 after
         release_freed_heap()
         self.ready = True
 
-    def _verify_self_check(self, alphas: list[float]) -> None:
-        """Raise CheckpointError if the model at some alpha is far worse on its own sample images than the
-        checkpoint says it is on the test set: weights or statistics corrupted in a way loading cannot see
-        (safetensors keeps no checksum). A bit-flipped conv weight gave 5-12 % where 89.7-91.9 was recorded."""
+    def _verify_self_check(self, alphas: list[float], finite: dict[float, bool]) -> None:
+        """Raise CheckpointError if the model at some alpha gives NaN or Inf on its own sample images (every
+        answer there would be a 500), or is far worse on them than the checkpoint says it is on the test set:
+        weights or statistics corrupted in a way loading cannot see (safetensors keeps no checksum). A
+        bit-flipped conv weight gave 5-12 % where 89.7-91.9 was recorded."""
+        broken = [f"{a:g}" for a in sorted(alphas) if not finite[a]]
+        if broken:
+            raise CheckpointError(
+                f"{self.settings.checkpoint}: start-up self-check failed: the model gives NaN or Inf outputs on its "
+                f"sample images at alpha {', '.join(broken[:4])}{', ...' if len(broken) > 4 else ''}; "
+                "its weights or statistics are corrupt (overflowing). Restore or retrain the checkpoint."
+            )
         margin = self.settings.self_check_margin
         low = [
             (a, self.self_check[f"{a:g}"], self.accuracy[a])

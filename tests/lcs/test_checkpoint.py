@@ -304,6 +304,19 @@ def test_non_finite_tensors(saved_checkpoint: Saved, tmp_path: Path) -> None:
     _refused(_resave(saved_checkpoint[0], tmp_path / "nan.safetensors", tensors=poison), "NaN", tensors=True)
 
 
+def test_negative_normalisation_variances(saved_checkpoint: Saved, tmp_path: Path) -> None:
+    """A negative running variance loaded, and every answer at its alpha was NaN (a 500 at request time; found
+    by fuzzing the checkpoint)."""
+    name = next(k for k in _parts(saved_checkpoint[0])[1] if k.endswith("running_var"))
+
+    def negate(ts: dict[str, torch.Tensor]) -> None:
+        ts[name] = ts[name].clone()
+        ts[name][-1, 0] = -0.5
+
+    bad = _resave(saved_checkpoint[0], tmp_path / "var.safetensors", tensors=negate)
+    _refused(bad, repr(name), "negative variances", tensors=True)
+
+
 def test_bad_arch_kwargs(saved_checkpoint: Saved, tmp_path: Path) -> None:
     path = _resave(
         saved_checkpoint[0], tmp_path / "k.safetensors", meta=lambda m: m["arch"].update(kwargs={"depth": 3})

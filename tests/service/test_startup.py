@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
+from lcs.checkpoint import CheckpointError
 from service.__main__ import configure_logging, main
+from service.runtime import Runtime
 from service.settings import Settings, settings_errors
-from tests.service.service_support import TinyCheckpoint, free_port
+from tests.service.service_support import TinyCheckpoint, free_port, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -292,6 +295,27 @@ def test_a_checkpoint_that_fails_its_self_check_stops_the_service(
     last = err.strip().splitlines()[-1]  # after uvicorn's own start-up and shutdown lines
     assert last.startswith(f"error: {structured.path}: start-up self-check failed")
     assert "LCS_SELF_CHECK_MARGIN" in last and "against 88.0 %" in last
+
+
+def test_a_checkpoint_whose_outputs_overflow_stops_the_service(structured: TinyCheckpoint, tmp_path: Path) -> None:
+    """Finite weights that overflow (float32's largest in the classifier) load, and every answer was NaN: a
+    500 "internal error" per request, on a service that said it was ready (found by fuzzing the checkpoint).
+    With no accuracy recorded, or the margin off (as here), the accuracy check passed it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(structured.path)
+    with safe_open(str(structured.path), "pt") as f:
+        metadata = f.metadata()
+    for k in ("fc.weight0", "fc.weight1"):
+        tensors[k] = torch.full_like(tensors[k], torch.finfo(torch.float32).max)
+    bad = tmp_path / "overflow.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    runtime = Runtime.load(make_settings(bad, self_check_margin=100.0))  # in process: no server to hang in
+    with pytest.raises(CheckpointError) as e:
+        runtime.warm_up()
+    assert str(e.value).startswith(f"{bad}: start-up self-check failed: the model gives NaN or Inf outputs")
+    assert "at alpha 0, 0.5, 1;" in str(e.value) and "Restore or retrain the checkpoint" in str(e.value)
 
 
 @pytest.mark.parametrize(("level", "shown"), [("info", False), ("warning", False), ("debug", True)])
