@@ -203,13 +203,14 @@ class Controller:
 
     def predicted_wait(self, images: int, requests: int, *, own: int = 0, floor: float = 0.0) -> float | None:
         """Seconds until `images` queued images (in `requests` requests) are answered, at the lowest alpha
-        this policy may use for them (ours: the grid's lowest profiled alpha, via the slack rule, except while
-        shedding, when batches run at the ceiling; others: the ceiling). The last `own` of those images
-        (the request being admitted) run at `floor` (its min_quality on the grid) or above: a batch never
-        runs below a floor of its requests. The model's time and the event loop's are paced as in the
-        utilisation (`_pace`): where the model has cores of its own the slower sets the wait. (Bursty
-        trace, seeds 8-15: 99 % / 1 % held in 7 of 8 runs with this, 5 of 8 with the sum, which counted
-        the loop's time for requests already parsed as if it came after the model's.)"""
+        this policy may use for them (ours: the grid's lowest profiled alpha, via the slack rule, where alpha
+        is the lever for them and not shedding, else the ceiling, where their batches run; others: the
+        ceiling). The last `own` of those images (the request being admitted) run at `floor` (its min_quality
+        on the grid) or above: a batch never runs below a floor of its requests. The model's time and the
+        event loop's are paced as in the utilisation (`_pace`): where the model has cores of its own the
+        slower sets the wait. (Bursty trace, seeds 8-15: 99 % / 1 % held in 7 of 8 runs with this, 5 of 8
+        with the sum, which counted the loop's time for requests already parsed as if it came after the
+        model's.)"""
         # the slack rule lowers alpha only where that relieves the batch (`batch_alpha`): where alpha is not the
         # lever, batches run at the ceiling, and so the wait is predicted there (predicted at the bottom, an
         # unstructured model's alpha 0, at dense speed but with no calm ratio learned, admitted requests
