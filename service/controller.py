@@ -216,7 +216,7 @@ class Controller:
         # unstructured model's alpha 0, at dense speed but with no calm ratio learned, admitted requests
         # that were then late: 11.9 % of the bursty trace's against 7.6-8.8 % for fixed alphas)
         lever = self.policy[0] == "lcs" and self.mode != "shedding" and self._relieves(images, requests, self.max_batch)
-        alpha = self.bottom() if lever else self.ceiling
+        alpha = self.bottom() if lever else self._profiled_from(self.ceiling)
         s = self.last_signals
         model = self._model_seconds(alpha, images - own, s)
         if model is None:
@@ -225,6 +225,15 @@ class Controller:
         model += own_model if own_model is not None else self._model_seconds(alpha, own, s) or 0.0
         batches = min(requests, -(-images // self.max_batch))  # at least one batch per max_batch images
         return self._pace(model + batches * self.handoff, requests * self._request_cost(s))
+
+    def _profiled_from(self, alpha: float) -> float:
+        """The lowest profiled grid alpha at or above `alpha` (else the bottom): what a ceiling that was never
+        profiled (LCS_PREBUILD short of the grid, then a pin or the battery cap there) is predicted at. Predicted
+        at the ceiling itself the wait was None, which admission reads as "admit": predicted-late shedding was
+        off for as long as the pin or the cap held."""
+        return next(
+            (a for a in self.grid.alphas if a >= alpha - SAME_ALPHA and self.profile.profiled(a)), self.bottom()
+        )
 
     def bottom(self) -> float:
         """The grid's lowest profiled alpha, what the cheapest work is predicted at. With LCS_PREBUILD short

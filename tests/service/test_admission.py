@@ -79,6 +79,23 @@ def test_where_alpha_is_not_the_lever_the_wait_is_predicted_at_the_ceiling_where
     assert lever.predicted_wait(10, 1) == pytest.approx(10 * 0.001)
 
 
+def test_a_ceiling_never_profiled_is_predicted_at_the_next_profiled_alpha_above() -> None:
+    """LCS_PREBUILD=0,1 on a grid 0, 0.5, 1, and a model where alpha is not the lever: pinned (or capped by the
+    battery) at 0.5, which has no profile, the wait predicted at the ceiling was None, read as "admit", so
+    predicted-late shedding was off while the pin held (found by the code review of the change above)."""
+    profile = LatencyProfile()
+    for a, cost in ((0.0, 0.0095), (1.0, 0.010)):
+        profile.add(a, 1, cost)
+        profile.add(a, 8, 8 * cost)
+    c = Controller(Grid([0.0, 0.5, 1.0]), profile, slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0)
+    c.pin(0.5, 0.0)
+    assert c.predicted_wait(40, 5) == pytest.approx(40 * 0.010)  # at 1, the profiled alpha above 0.5
+    assert c.predicted_wait(40, 5, own=8, floor=0.5) == pytest.approx(40 * 0.010)
+    c.pin(None, 0.0)
+    c.update(Signals(now=1.0, on_battery=True, battery_percent=10.0))
+    assert c.mode == "battery" and c.ceiling == 0.5 and c.predicted_wait(40, 5) == pytest.approx(40 * 0.010)
+
+
 def test_measured_request_cost_counts_in_the_utilisation() -> None:
     for overlap, dear_share in ((False, 0.1 + 0.5), (True, 0.5)):  # added to the model's, or the slower
         c = Controller(Grid([0.0, 1.0]), _profile(0.001, 0.0005), slo_seconds=0.1, max_batch=8, overlap=overlap)
