@@ -400,10 +400,17 @@ def main() -> None:
         help="scale the traces to this alpha = 1 capacity (req/s) instead of the one measured, to compare "
         "two versions at the same offered load (both capacities are still measured and reported)",
     )
-    p.add_argument("--out", type=Path, help="default: benchmarks/results/load-<images><format> (.json, .png)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="where to write, without a suffix (.json and .png are added; a path ending in either is read as "
+        "without it); default: benchmarks/results/load-<images><format>",
+    )
     args = p.parse_args()
     check_checkpoint(args.checkpoint)
     out = args.out or Path("benchmarks/results") / f"load-{args.images}{args.format}"
+    if out.suffix in (".json", ".png"):  # `--out x.json` wrote x.json.json and x.json.png
+        out = out.with_suffix("")
     for suffix in (".json", ".png"):
         check_output(Path(f"{out}{suffix}"), "--out", "load")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,24 @@ def test_its_servers_start_on_a_port_found_free_not_a_fixed_one(
     assert ports == [54321]
 
 
+@pytest.mark.parametrize("given", ["run", "run.json", "run.png"])
+def test_out_names_the_files_with_or_without_a_suffix(
+    given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out run.json` wrote run.json.json and run.json.png."""
+    checked: list[Path] = []
+
+    def start_server(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt  # the names are settled before the first server starts
+
+    monkeypatch.setattr(load, "check_output", lambda path, *a: checked.append(path))
+    monkeypatch.setattr(load, "start_server", start_server)
+    monkeypatch.setattr(sys, "argv", ["load", "--out", str(tmp_path / given)])
+    with pytest.raises(KeyboardInterrupt):
+        load.main()
+    assert checked == [tmp_path / "run.json", tmp_path / "run.png"]
+
+
 def test_a_mix_the_server_refuses_is_reported_before_its_capacity_is_measured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
