@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
 
+import numpy as np
 import orjson
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
@@ -97,6 +98,7 @@ def _invalid_json(why: str) -> str:
 SLACK_COMMAS = 1024  # beside the pixels' commas: the other fields', and a `data:` URL's one per image
 MAX_KEYS = 256  # in one JSON object: the request bodies' objects have under 10, a v2 `parameters` a few more
 BYTES_PER_NUMBER = 16  # at most, per comma, in a body `parse_json` hands to orjson: pixels take 2-6, base64 1,000s
+BYTES_PER_QUOTE = 64  # at least, per quote, in such a body: strings and keys are json.loads's (the checks cost 3-10x)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -112,41 +114,48 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 _KEY_END = re.compile(rb'"[ \t\n\r]*:')  # a key's closing quote, or an escaped quote inside a string
 _DIGITS_ONLY = bytes(0x39 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))  # digits -> "9", the rest -> " "
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+SAFE_DEPTH = 256  # nesting `_fast` takes: bodies nest 6 deep; json.loads refuses from ~950 (the stack), orjson 1025
 
 
 def _fast(body: bytes) -> Any:
     """`body` as orjson reads it where that is provably what `json.loads` with `_unique_keys` gives, else
     None. orjson parses a single-image body in 7 us against json.loads's 39 (the event loop's largest
-    share after uvicorn's, at saturation; with this function's checks, 12 us), but keeps the last of
-    duplicate keys and reads integers of 20 or more digits as floats. So: every key the text holds (each
-    key ends in a quote then a colon; an escaped quote inside a string can match too, which only
-    overcounts) must be one the parse kept, counted through the objects it found (it descends only into
-    lists that start with an object: one hidden after a number is missed, which only undercounts), and no
-    run of 20 digits may occur. Anything orjson refuses (NaN, a BOM, lone surrogates, UTF-16) is left to
-    json.loads, which accepts it or words the error as before. The cheap refusals come first: a flood of
-    keys costs a few microseconds here, not orjson's parse."""
-    keys = 0
-    for keys, _ in enumerate(_KEY_END.finditer(body), 1):
-        if keys > MAX_KEYS:  # json.loads words the refusal
-            return None
-    if _long_integer(body):
-        return None
+    share after uvicorn's, at saturation; with this function's checks, 22 us), but keeps the last of
+    duplicate keys, reads integers beyond 64 bits as floats and nests deeper than Python's stack lets
+    json.loads. So: every key the text holds (each key ends in a quote then a colon; an escaped quote inside
+    a string can match too, which only overcounts) must be one the parse kept, counted through the objects
+    it found (it descends only into lists that start with an object: one hidden after a number is missed,
+    which only undercounts); no run of 19 digits may occur outside strings; and the text may nest at most
+    SAFE_DEPTH deep. Anything orjson refuses (NaN, a BOM, lone surrogates, UTF-16) is left to json.loads,
+    which accepts it or words the error as before. orjson goes first: a malformed body fails within bytes
+    of the fault, where the scans below would read all of it."""
     try:
         tree = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    try:
-        kept = _members(tree)
-    except RecursionError:  # orjson nests 1024 deep, Python's stack less
+    keys = 0
+    for keys, _ in enumerate(_KEY_END.finditer(body), 1):
+        if keys > MAX_KEYS:  # json.loads words the refusal
+            return None
+    # outside strings, where an escaped quote does not leave it unclear where they end
+    outside = None if b'\\"' in body else b" ".join(body.split(b'"')[::2])
+    if b"9" * 19 in (body if outside is None else outside).translate(_DIGITS_ONLY) or _deep(body, outside):
         return None
-    return tree if kept == keys else None
+    return tree if _members(tree) == keys else None
 
 
-def _long_integer(body: bytes) -> bool:
-    """Whether 20 digits in a row occur outside strings (all of `body` if it escapes a quote, where splitting
-    at quotes cannot tell where strings end): a 6.7 MB base64 string is not scanned digit by digit."""
-    outside = body if b'\\"' in body else b" ".join(body.split(b'"')[::2])
-    return b"9" * 20 in outside.translate(_DIGITS_ONLY)
+def _deep(body: bytes, outside: bytes | None) -> bool:
+    """Whether the text may nest SAFE_DEPTH or deeper: it opens that many brackets in all, and (where the
+    text outside strings is known) they stack that deep."""
+    text = body if outside is None else outside
+    if text.count(b"[") + text.count(b"{") < SAFE_DEPTH:
+        return False
+    if outside is None:
+        return True
+    brackets = np.frombuffer(outside.translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max()) >= SAFE_DEPTH
 
 
 def _members(node: Any) -> int:
@@ -163,8 +172,9 @@ def parse_json(body: bytes, commas: int | None = None) -> Any:
     parser's stack, integers over Python's 4300-digit limit and bytes that are not UTF-8 all become a
     JSONDecodeError, answered with a 422 like any malformed JSON. A body mostly of numbers (`commas`, its
     count of commas, where the caller has it) is read by orjson where that gives the same (`_fast`); one
-    mostly of strings, base64 images, is not: json.loads reads those as fast, and the checks cost 2.5x."""
-    if (body.count(b",") if commas is None else commas) * BYTES_PER_NUMBER >= len(body):
+    of strings or keys, base64 images, is not: json.loads reads those as fast, and the checks cost 2.5-10x."""
+    numbers = (body.count(b",") if commas is None else commas) * BYTES_PER_NUMBER >= len(body)
+    if numbers and body.count(b'"') * BYTES_PER_QUOTE <= len(body):
         tree = _fast(body)
         if tree is not None:
             return tree

@@ -259,6 +259,8 @@ def test_the_usual_bodies_take_the_fast_parse_and_base64_images_do_not(monkeypat
     png = "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAF0lEQVR4nGNgGAWjYBSMglEwCkbBKAEAAP//"
     images = json.dumps({"inputs": [png] * 64})
     assert service.lane.parse_json(images.encode()) == json.loads(images) and len(taken) == 2
+    letters = json.dumps(["a"] * 1000)  # a comma every 5 bytes, but strings: the checks cost 10x json.loads
+    assert service.lane.parse_json(letters.encode()) == json.loads(letters) and len(taken) == 2
 
 
 @pytest.mark.parametrize(
@@ -284,6 +286,11 @@ def test_duplicate_keys_are_refused_however_they_are_written(body: bytes) -> Non
     "body",
     [
         b'{"a": 18446744073709551616}',  # orjson reads 2**64 and over as a float
+        b"[-9223372036854775809, 0, 0]",  # and below -2**63 (found by the review of the first version)
+        b"[-9999999999999999999, 0, 0]",
+        b"[" * 995 + b"0" + b",0" * 143 + b"]" * 995,  # lists nested deeper than json.loads goes, within orjson's 1024
+        b"[" * 1024 + b"0" + b",0" * 150 + b"]" * 1024,
+        b"[" * 300 + b"0" + b",0" * 150 + b"]" * 300,
         b"[123456789012345678901234567890, -99999999999999999999]",
         b"[0.30000000000000004441, 1e400, -1e400]",
         b"[NaN, Infinity]",
