@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import json
 import logging
 import random
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -309,6 +311,18 @@ def test_duplicate_keys_are_refused_however_they_are_written(body: bytes) -> Non
 def test_what_orjson_reads_otherwise_is_answered_as_before(body: bytes) -> None:
     assert _outcome(service.lane._fast, body) in {("ok", "null"), _outcome(_strict, body)}  # None: not taken
     assert _outcome(service.lane.parse_json, body) == _outcome(_strict, body)
+
+
+def test_a_caller_deep_in_its_stack_gets_json_loads_answer_not_a_recursion_error() -> None:
+    """Counting the kept keys takes two frames a level, json.loads one: with 255 levels and a low limit (or a
+    deep caller) the count overflowed (found by the review of febbe3e)."""
+    body = (b'{"a":' + b" " * 130) * 255 + b"1" + b"}" * 255  # quotes sparse enough for the orjson path
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 500)
+    try:
+        assert _outcome(lambda b: service.lane.parse_json(b, 10**9), body) == _outcome(_strict, body)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def test_any_json_value_parses_as_json_loads_reads_it() -> None:
