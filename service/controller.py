@@ -231,9 +231,8 @@ class Controller:
         profiled (LCS_PREBUILD short of the grid, then a pin or the battery cap there) is predicted at. Predicted
         at the ceiling itself the wait was None, which admission reads as "admit": predicted-late shedding was
         off for as long as the pin or the cap held."""
-        return next(
-            (a for a in self.grid.alphas if a >= alpha - SAME_ALPHA and self.profile.profiled(a)), self.bottom()
-        )
+        found = next((a for a in self.grid.alphas if a >= alpha - SAME_ALPHA and self.profile.profiled(a)), None)
+        return self.bottom() if found is None else found  # bottom() only when needed: this runs per admission
 
     def bottom(self) -> float:
         """The grid's lowest profiled alpha, what the cheapest work is predicted at. With LCS_PREBUILD short
