@@ -9,8 +9,10 @@ Uses wrk (Debian package `wrk`; closed loop, c connections) for throughput and p
 single-image JSON request body. Both servers run the alpha = 1 model (ours pinned there through the
 admin API) with 2 torch threads. The two take turns `--rounds` times: this machine's pace drifts by tens
 of percent over minutes, and the plain server's best moves most, so the peak-against-peak ratio is
-reported per round and as their median. Prints a table and writes benchmarks/results/http.json; Ctrl-C or
-SIGTERM writes the rounds run so far, with "interrupted": true.
+reported per round and as their median. At each level it also reads, from /proc (Linux), the CPU time
+each server's main thread spent per request answered: for ours that is the event loop's, which sets the
+throughput at saturation. Prints a table and writes benchmarks/results/http.json; Ctrl-C or SIGTERM writes
+the rounds run so far, with "interrupted": true.
 """
 
 from __future__ import annotations
@@ -80,7 +82,12 @@ def wrk(url: str, script: Path, connections: int, duration: float) -> dict[str, 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if rps is None:
         raise SystemExit(f"unexpected wrk output:\n{out}")
-    res: dict[str, Any] = {"connections": connections, "rps": float(rps.group(1))}
+    count = re.search(r"(\d+) requests in", out)
+    res: dict[str, Any] = {
+        "connections": connections,
+        "rps": float(rps.group(1)),
+        "requests": int(count.group(1)) if count else None,
+    }
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
         res[f"p{pct}_ms"] = round(_ms(m.group(1)), 3) if m else float("nan")
@@ -88,6 +95,29 @@ def wrk(url: str, script: Path, connections: int, duration: float) -> dict[str, 
     res["non_2xx"] = int(bad.group(1)) if bad else 0
     errors = re.search(r"Socket errors: (.*)", out)
     res["socket_errors"] = errors.group(1) if errors else ""
+    return res
+
+
+def thread_cpu(pid: int) -> float | None:
+    """CPU seconds (user and system) that process `pid`'s main thread has used: both servers run their event
+    loop there. None where /proc cannot tell (not Linux, the process gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces: the state first
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
+def measured(
+    proc: subprocess.Popen[bytes], url: str, script: Path, connections: int, duration: float
+) -> dict[str, Any]:
+    """One load level of wrk against the server `proc`, with its main thread's CPU per request answered."""
+    before = thread_cpu(proc.pid)
+    res = wrk(url, script, connections, duration)
+    after = thread_cpu(proc.pid)
+    spent = None if before is None or after is None or not res.get("requests") else after - before
+    res["loop_us_per_request"] = None if spent is None else round(spent / res["requests"] * 1e6, 1)
     return res
 
 
@@ -177,20 +207,26 @@ def main() -> None:
                         ).raise_for_status()
                         if round_ == 0:
                             results["breakdown"] = time_breakdown(base, body)
-                    levels[name] = [wrk(base + "/predict", script, c, args.duration) for c in args.connections]
+                    levels[name] = [
+                        measured(proc, base + "/predict", script, c, args.duration) for c in args.connections
+                    ]
                 finally:
                     proc.terminate()
                     proc.wait(timeout=30)
             peaks = {name: max(r["rps"] for r in rows) for name, rows in levels.items()}
             ratio = round(peaks["lcs-serve"] / peaks["one-at-a-time"], 2)
             results["rounds"].append({"levels": levels, "peak_rps": peaks, "peak_throughput_ratio": ratio})
-    print(f"{'round':>5} | {'server':>14} | {'conns':>5} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | non-2xx")
+    print(
+        f"{'round':>5} | {'server':>14} | {'conns':>5} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | "
+        f"{'loop us/req':>11} | non-2xx"
+    )
     for i, rnd in enumerate(results["rounds"]):
         for name, rows in rnd["levels"].items():
             for r in rows:
+                loop = r.get("loop_us_per_request")
                 print(
                     f"{i:>5} | {name:>14} | {r['connections']:>5} | {r['rps']:>8.0f} | {r['p50_ms']:>8.2f} | "
-                    f"{r['p99_ms']:>8.2f} | {r['non_2xx']}"
+                    f"{r['p99_ms']:>8.2f} | {'-' if loop is None else f'{loop:.0f}':>11} | {r['non_2xx']}"
                 )
     ratios = [rnd["peak_throughput_ratio"] for rnd in results["rounds"]]
     results["peak_throughput_ratio"] = statistics.median(ratios)  # the figure to quote, with the spread beside it

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ from benchmarks import http
 
 
 class FakeServer:
+    pid = 0  # no such thread: its CPU reads as unknown
+
     def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
         self.cmd, self.env = cmd, env
 
@@ -96,3 +101,62 @@ def test_stopped_in_its_second_round_it_writes_the_first_marked_interrupted(
     written = json.loads(out.read_text())
     assert e.value.code == 130 and written["interrupted"] is True
     assert [r["peak_throughput_ratio"] for r in written["rounds"]] == [2.0]
+
+
+WRK_OUTPUT = """Running 5s test @ http://127.0.0.1:8000/predict
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    10.12ms    2.01ms  31.40ms   80.12%
+    Req/Sec     1.60k    95.21     1.77k    70.00%
+  Latency Distribution
+     50%    9.55ms
+     75%   10.80ms
+     90%   12.31ms
+     99%   16.62ms
+  8019 requests in 5.00s, 4.43MB read
+Requests/sec:   1603.80
+Transfer/sec:      0.89MB
+"""
+
+
+def test_wrk_output_is_read_with_its_request_count(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def run(cmd: list[str], **kwargs: Any) -> http.subprocess.CompletedProcess[str]:
+        return http.subprocess.CompletedProcess(cmd, 0, WRK_OUTPUT, "")
+
+    monkeypatch.setattr(http.subprocess, "run", run)
+    res = http.wrk("http://127.0.0.1:8000/predict", tmp_path / "post.lua", 16, 5)
+    assert res == {
+        "connections": 16,
+        "rps": 1603.8,
+        "requests": 8019,
+        "p50_ms": 9.55,
+        "p99_ms": 16.62,
+        "non_2xx": 0,
+        "socket_errors": "",
+    }
+
+
+def test_each_level_reports_the_main_threads_cpu_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event loop's CPU per request sets the saturated throughput: 2.5 s over 5,000 requests is 500 us."""
+    readings = iter([10.0, 12.5])
+    monkeypatch.setattr(http, "thread_cpu", lambda pid: next(readings))
+    monkeypatch.setattr(http, "wrk", lambda *args: {"rps": 1000.0, "requests": 5000})
+    res = http.measured(FakeServer([], {}), "http://127.0.0.1:1/predict", Path("post.lua"), 16, 5)  # type: ignore[arg-type]
+    assert res["loop_us_per_request"] == 500.0
+
+
+def test_the_cpu_per_request_is_unknown_where_proc_cannot_tell(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http, "wrk", lambda *args: {"rps": 1000.0, "requests": 5000})
+    res = http.measured(FakeServer([], {}), "http://127.0.0.1:1/predict", Path("post.lua"), 16, 5)  # type: ignore[arg-type]
+    assert http.thread_cpu(0) is None and res["loop_us_per_request"] is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_thread_cpu_counts_the_main_threads_cpu_time() -> None:
+    assert threading.current_thread() is threading.main_thread()
+    before = http.thread_cpu(os.getpid())
+    end = time.thread_time() + 0.2
+    while time.thread_time() < end:  # 0.2 s of this thread's CPU
+        pass
+    after = http.thread_cpu(os.getpid())
+    assert before is not None and after is not None and 0.1 <= after - before <= 5
