@@ -198,6 +198,19 @@ def _float32(values: Sequence[object], where: str) -> np.ndarray:
             raise InputError(f"{where}: pixel values must be in 0-255, got a number too large to read") from None
 
 
+def _numeric(nested: Sequence[object]) -> np.ndarray | None:
+    """`nested` as float32 where numpy's type discovery finds a rectangular array of numbers, else None. It
+    reads true and false as integers, so this stands in for check_numbers only for JSON known to hold
+    neither: strings, null and objects it finds (an array of text or of objects), and rows of different
+    lengths it refuses."""
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused by check_range as `_float32`'s is
+        try:
+            arr = np.asarray(nested)
+        except (ValueError, TypeError, OverflowError):
+            return None
+        return arr.astype(np.float32) if arr.dtype.kind in "iuf" else None
+
+
 def numbers(flat: Sequence[object], where: str) -> np.ndarray:
     """A flat list of JSON numbers (OIP v2 `data`) as float32, checked as nested arrays are."""
     check_numbers(flat, 1, where)
@@ -225,21 +238,27 @@ def has_images(inputs: Sequence[object]) -> bool:
     return any(isinstance(x, str) for x in inputs)
 
 
-def decode(inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pixels: int) -> np.ndarray:
+def decode(
+    inputs: Sequence[object], spec: InputSpec, *, max_inputs: int, max_pixels: int, booleans: bool = True
+) -> np.ndarray:
     """Raw inputs -> float32 array [N, C, H, W] of pixel values in 0-255 (not yet normalised).
 
     `max_pixels` bounds the pixels a request's encoded images decode to, all together: each image's
-    header is checked before it is decoded, so a request costs at most that much decoding."""
+    header is checked before it is decoded, so a request costs at most that much decoding. `booleans`:
+    whether the JSON they came from may hold true or false; where its text has neither, numpy's type
+    discovery checks the values (`_numeric`), 15 us an image sooner than check_numbers."""
     if not isinstance(inputs, list | tuple) or len(inputs) == 0:
         raise InputError("inputs: send a non-empty list of images")
     check_count(len(inputs), max_inputs, "inputs")
     if all(isinstance(x, list) for x in inputs):  # fast path: one numpy conversion for the whole batch
-        try:
-            batch = _float32(inputs, "inputs")
-            if batch.ndim >= 3:
-                check_numbers(inputs, batch.ndim, "inputs")
-        except (ValueError, TypeError):  # InputError is a ValueError
-            batch = None  # ragged, non-numeric or too large: fall through to per-item errors
+        batch = None if booleans else _numeric(inputs)
+        if batch is None:
+            try:
+                batch = _float32(inputs, "inputs")
+                if batch.ndim >= 3:
+                    check_numbers(inputs, batch.ndim, "inputs")
+            except (ValueError, TypeError):  # InputError is a ValueError
+                batch = None  # ragged, non-numeric or too large: fall through to per-item errors
         if batch is not None and batch.ndim >= 3:
             out = _from_arrays(batch, spec, "inputs[0]")  # one shape for all: the first is as wrong as any
             try:

@@ -577,6 +577,33 @@ def test_both_inference_routes_report_the_batchers_account_of_a_request(
     assert after - before == pytest.approx(2 * 0.0123)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_model_answering_non_finite_numbers_is_a_500_that_says_so(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, value: float
+) -> None:
+    """Answers are rendered by orjson, which writes NaN as null where json.dumps refused it (a bare 500
+    "internal error"): a model's non-finite output is refused before, by name, on both routes."""
+    from service.batcher import Result
+
+    def submit(job: Any) -> asyncio.Future[Result]:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(Result(np.full((len(job.x), len(CLASSES)), value, np.float32), 0.5, 0.001, 0.001, 1))
+        return fut
+
+    with serve(make_settings(structured.path)) as c:
+        monkeypatch.setattr(app_state(c).batcher, "submit", submit)
+        answers = [
+            c.post("/predict", json={"inputs": [ZEROS]}),
+            c.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:1])),
+            c.post(
+                f"/v2/models/{NAME}/infer", json={**v2_body(IMAGES[:1]), "parameters": {"binary_data_output": True}}
+            ),
+        ]
+    for r in answers:
+        assert r.status_code == 500, r.text
+        assert "the model gave non-finite outputs at alpha 0.5; the checkpoint is broken there" in r.json()["detail"]
+
+
 def test_v2_infer_uint8(client: TestClient, structured: TinyCheckpoint) -> None:
     r = client.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:2], quality=0.5))
     assert r.status_code == 200, r.text

@@ -10,6 +10,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from lcs.checkpoint import InputSpec
@@ -124,6 +126,57 @@ def test_too_many_inputs_are_refused_before_decoding() -> None:
 def test_other_json_types_are_refused() -> None:
     with pytest.raises(InputError, match=r"^inputs\[1\]: expected a nested array"):
         run([ramp(6, 5).tolist(), 42])
+
+
+def outcome(inputs: object, booleans: bool) -> tuple[str, object]:
+    """What decode answers: the batch (its values, to the bit, and shape) or the error's message."""
+    try:
+        x = decode(inputs, GRAY, max_inputs=8, max_pixels=10_000, booleans=booleans)  # type: ignore[arg-type]
+    except InputError as e:
+        return "refused", str(e)
+    return "decoded", (x.dtype.str, x.shape, x.tobytes())
+
+
+IMAGE_OF = ramp(6, 5).tolist()
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [IMAGE_OF, IMAGE_OF],
+        [[[0.5 + v for v in row] for row in IMAGE_OF]],  # floats
+        [[[*row[:-1], 255.0] for row in IMAGE_OF]],  # ints and floats mixed
+        [[[*row[:-1], "7"] for row in IMAGE_OF]],  # digit strings: numpy reads them as numbers when told the type
+        [[[*row[:-1], None] for row in IMAGE_OF]],  # null
+        [[[*row[:-1], {"a": 1}] for row in IMAGE_OF]],  # an object
+        [[[*row[:-1], 2**70] for row in IMAGE_OF]],  # beyond 64 bits
+        [[[*row[:-1], 2**63] for row in IMAGE_OF]],  # beyond int64, within uint64
+        [[[*row[:-1], 1e300] for row in IMAGE_OF]],  # beyond float32
+        [[[*row[:-1], float("nan")] for row in IMAGE_OF]],  # json.loads reads NaN
+        [[[*row[:-1], -1] for row in IMAGE_OF]],
+        [[[1, 2, 3], [4, 5]]],  # ragged
+        [[[row] for row in IMAGE_OF]],  # one level too deep
+        [list(range(30))],  # too shallow
+        [[]],
+        [IMAGE_OF, "iVBORw0KGgo="],  # an encoded image among arrays
+    ],
+)
+def test_without_booleans_numpy_checks_the_values_as_check_numbers_does(inputs: list[object]) -> None:
+    """`booleans=False` (the JSON text holds no true or false) lets numpy's type discovery check the values:
+    the same batch, bit for bit, or the same refusal, whatever else the arrays hold."""
+    assert outcome(inputs, booleans=False) == outcome(inputs, booleans=True)
+
+
+PIXEL = st.integers(0, 255) | st.floats(0, 255)
+ODD = st.integers() | st.floats() | st.sampled_from(["7", "x", None, {}, []])  # anything JSON has but booleans
+ROW = st.lists(PIXEL, min_size=5, max_size=5) | st.lists(PIXEL | ODD, min_size=4, max_size=6)
+ARRAY = st.lists(ROW, min_size=6, max_size=6) | st.lists(ROW, min_size=5, max_size=7)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ARRAY, min_size=1, max_size=3))
+def test_without_booleans_random_arrays_decode_as_before(inputs: list[object]) -> None:
+    assert outcome(inputs, booleans=False) == outcome(inputs, booleans=True)
 
 
 # -- encoded images -------------------------------------------------------------------------------
