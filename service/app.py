@@ -45,7 +45,7 @@ from service.lane import (
 )
 from service.metrics import INFERENCE_ROUTES
 from service.middleware import BodyLimit, Edge, Observe, Shed, internal_error_response
-from service.runtime import LEVEL_NAMES, Runtime, inference_executor, softmax
+from service.runtime import LEVEL_NAMES, NonFiniteOutput, Runtime, inference_executor
 from service.schemas import (
     PRESETS,
     ErrorResponse,
@@ -203,14 +203,13 @@ async def _infer(
     except Draining:  # still queued when the drain deadline passed
         st.metrics.shed.labels("not_ready").inc()
         raise ApiError(503, "the service shut down before this request ran; retry", {"Retry-After": "1"}) from None
+    except NonFiniteOutput as e:
+        raise ApiError(500, str(e)) from None
     finally:
         st.inflight -= 1
     st.metrics.queue_wait.observe(res.queue_seconds)
     st.metrics.alpha.observe(res.alpha)
-    probs = softmax(res.outputs)
-    if not np.isfinite(probs).all():  # weights that overflow at an alpha not checked at start-up (`Runtime.load`)
-        raise ApiError(500, f"the model gave non-finite outputs at alpha {res.alpha:g}; the checkpoint is broken there")
-    return probs, res, rt.accuracy.get(res.alpha)  # accuracy None: not measured at that alpha
+    return res.outputs, res, rt.accuracy.get(res.alpha)  # accuracy None: not measured at that alpha
 
 
 def create_app(

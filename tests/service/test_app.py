@@ -583,15 +583,12 @@ def test_a_model_answering_non_finite_numbers_is_a_500_that_says_so(
 ) -> None:
     """Answers are rendered by orjson, which writes NaN as null where json.dumps refused it (a bare 500
     "internal error"): a model's non-finite output is refused before, by name, on both routes."""
-    from service.batcher import Result
 
-    def submit(job: Any) -> asyncio.Future[Result]:
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(Result(np.full((len(job.x), len(CLASSES)), value, np.float32), 0.5, 0.001, 0.001, 1))
-        return fut
+    def run(alpha: float, x: np.ndarray) -> np.ndarray:
+        return np.full((len(x), len(CLASSES)), value, np.float32)
 
     with serve(make_settings(structured.path)) as c:
-        monkeypatch.setattr(app_state(c).batcher, "submit", submit)
+        monkeypatch.setattr(app_state(c).batcher, "_run", run)
         answers = [
             c.post("/predict", json={"inputs": [ZEROS]}),
             c.post(f"/v2/models/{NAME}/infer", json=v2_body(IMAGES[:1])),
@@ -601,7 +598,7 @@ def test_a_model_answering_non_finite_numbers_is_a_500_that_says_so(
         ]
     for r in answers:
         assert r.status_code == 500, r.text
-        assert "the model gave non-finite outputs at alpha 0.5; the checkpoint is broken there" in r.json()["detail"]
+        assert "the model gave non-finite outputs at alpha 1; the checkpoint is broken there" in r.json()["detail"]
 
 
 def test_v2_infer_uint8(client: TestClient, structured: TinyCheckpoint) -> None:
@@ -855,11 +852,11 @@ def test_v2_infer_classification_writes_probabilities_as_triton_and_ties_in_clas
     equal probabilities keep class order, as /predict's top does."""
     from service.batcher import Result
 
-    logits = np.log(np.array([[0.1, 0.5, 0.25, 0.15], [0.25, 0.25, 0.4, 0.1]], np.float32))  # softmax: these
+    probs = np.array([[0.1, 0.5, 0.25, 0.15], [0.25, 0.25, 0.4, 0.1]], np.float32)  # a batch's, finished
 
     def submit(job: Any) -> asyncio.Future[Result]:
         fut = asyncio.get_running_loop().create_future()
-        fut.set_result(Result(logits[: len(job.x)], 1.0, 0.0, 0.001, len(job.x)))
+        fut.set_result(Result(probs[: len(job.x)], 1.0, 0.0, 0.001, len(job.x)))
         return fut
 
     monkeypatch.setattr(app_state(client).batcher, "submit", submit)

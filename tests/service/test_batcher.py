@@ -217,6 +217,36 @@ def test_a_failing_batch_fails_only_its_requests_and_the_batcher_keeps_serving()
     run_async(scenario)
 
 
+def test_finish_runs_once_per_batch_on_the_loop_and_its_error_fails_only_that_batch() -> None:
+    """`finish` (the service's softmax) takes a whole batch's outputs once, not each request's rows."""
+    finished: list[tuple[float, int, bool]] = []
+    loop_thread = threading.get_ident()
+
+    def finish(alpha: float, out: np.ndarray) -> np.ndarray:
+        finished.append((alpha, len(out), threading.get_ident() == loop_thread))
+        if alpha == 0.5:
+            raise ValueError("not finite")
+        return out * 10
+
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model, finish=finish)
+        task = await started(batcher)
+        head = batcher.submit(job(-1.0))
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        doomed = [batcher.submit(job(float(i), target=0.5)) for i in range(3)]
+        fine = [batcher.submit(job(float(10 + i), target=1.0)) for i in range(3)]
+        model.gate.set()
+        outcomes = await asyncio.gather(head, *doomed, *fine, return_exceptions=True)
+        assert ids(outcomes[0]) == [-10.0]  # type: ignore[arg-type]
+        assert all(isinstance(o, ValueError) for o in outcomes[1:4])
+        assert [ids(o) for o in outcomes[4:]] == [[100.0], [110.0], [120.0]]  # type: ignore[arg-type]
+        await stop(task, executor)
+
+    run_async(scenario)
+    assert finished == [(1.0, 1, True), (0.5, 3, True), (1.0, 3, True)]
+
+
 def test_choose_gets_the_highest_floor_and_the_tightest_slack() -> None:
     seen: list[tuple[float, float, int, float | None, int]] = []
 
