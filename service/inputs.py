@@ -42,12 +42,17 @@ def _from_arrays(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
     elif image == (h, w, c) and image != (c, h, w):
         arr = arr.transpose(0, 3, 1, 2)
     if arr.shape[1:] != (c, h, w):
-        accepted = f"[{h}, {w}], " if c == 1 else ""
-        raise InputError(
-            f"{where}: shape {list(image)} does not match the model input; "
-            f"send {accepted}[{c}, {h}, {w}] or [{h}, {w}, {c}] raw pixel values (0-255)"
-        )
+        raise _shape_error(image, spec, where)
     return arr
+
+
+def _shape_error(image: tuple[int, ...], spec: InputSpec, where: str) -> InputError:
+    c, h, w = spec.channels, spec.height, spec.width
+    accepted = f"[{h}, {w}], " if c == 1 else ""
+    return InputError(
+        f"{where}: shape {list(image)} does not match the model input; "
+        f"send {accepted}[{c}, {h}, {w}] or [{h}, {w}, {c}] raw pixel values (0-255)"
+    )
 
 
 _JSON_NAMES = {str: "strings", bool: "true/false", type(None): "null", dict: "objects", list: "arrays"}
@@ -208,7 +213,9 @@ def _numeric(nested: Sequence[object]) -> np.ndarray | None:
             arr = np.asarray(nested)
         except (ValueError, TypeError, OverflowError):
             return None
-        return arr.astype(np.float32) if arr.dtype.kind in "iuf" else None
+        # integers through float64, as numpy converts a Python int to float32 (rounded twice: a direct cast
+        # rounds once, and a value past 2**53 refused by check_range was worded otherwise)
+        return arr.astype(np.float64, copy=False).astype(np.float32) if arr.dtype.kind in "iuf" else None
 
 
 def numbers(flat: Sequence[object], where: str) -> np.ndarray:
@@ -284,6 +291,8 @@ def decode(
             except (ValueError, TypeError):
                 raise InputError(f"{where}: not a rectangular array of numbers") from None
             check_numbers(x, arr.ndim, where)
+            if arr.ndim > 3:  # no image has more axes; and at numpy's 64, arr[None] raised IndexError (a 500)
+                raise _shape_error(arr.shape, spec, where)
             arr = _from_arrays(arr[None], spec, where)
             check_range(arr, where)
             items.append(arr)

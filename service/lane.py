@@ -201,6 +201,13 @@ def parse_json(body: bytes, commas: int | None = None) -> Any:
         raise json.JSONDecodeError(str(e).split(";")[0][:200], "", 0) from None
 
 
+def may_hold_booleans(body: bytes) -> bool:
+    """Whether the JSON text `body` may hold true or false, the values numpy reads as numbers: it spells one
+    of them, or is not in UTF-8 (json.loads also reads UTF-16 and UTF-32, where the bytes spell neither).
+    4 us for one image's 3 kB."""
+    return json.detect_encoding(body) not in ("utf-8", "utf-8-sig") or b"true" in body or b"false" in body
+
+
 def validate(model: type[M], raw: bytes, commas: int | None = None) -> M:
     """A JSON body, strictly parsed and validated against `model`; a 422 naming each problem otherwise."""
     if not raw:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 PRESETS: dict[str, float] = {"best": 1.0, "high": 0.75, "balanced": 0.5, "fast": 0.25, "fastest": 0.0}
 Preset = Literal["best", "high", "balanced", "fast", "fastest"]  # PRESETS' names (a test keeps them equal)
@@ -204,6 +204,20 @@ class V2InferRequest(BaseModel):
     inputs: list[V2Tensor] = Field(min_length=1, max_length=1)
     parameters: V2Parameters | None = None
     outputs: list[V2Output] | None = Field(None, max_length=8, fail_fast=True)
+
+    @field_validator("id")
+    @classmethod
+    def _utf8(cls, value: str | None) -> str | None:
+        """The answer echoes the id in its JSON, which is UTF-8; json.loads reads a lone surrogate escape
+        ("\\ud800"), which UTF-8 cannot carry (the answer was a 500)."""
+        if value is not None and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise ValueError(
+                    "holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send the id as UTF-8 text"
+                ) from None
+        return value
 
 
 class V2ResponseOutput(BaseModel):

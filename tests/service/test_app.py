@@ -394,6 +394,18 @@ def test_non_finite_pixels_are_refused(client: TestClient, token: str) -> None:
     assert "inputs[1]: contains NaN, Infinity" in r.json()["detail"]
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_a_boolean_pixel_is_refused_in_every_encoding_json_reads(client: TestClient, encoding: str) -> None:
+    """decode trusts numpy's type check only where the body's bytes spell neither true nor false; in UTF-16
+    and UTF-32 they spell neither, and a true was served as a pixel of 1 (found by the review of 6344158)."""
+    image = [[0] * IMAGE for _ in range(IMAGE)]
+    image[3][4] = True
+    raw = json.dumps({"inputs": [image]}).encode(encoding)
+    r = client.post("/predict", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "inputs[0]: pixel values must be JSON numbers (0-255), got true/false"
+
+
 def test_nan_quality_is_refused(client: TestClient) -> None:
     r = post_raw(client, '{"inputs": [' + json.dumps(ZEROS) + '], "quality": NaN}')
     assert r.status_code == 422
@@ -599,6 +611,22 @@ def test_a_model_answering_non_finite_numbers_is_a_500_that_says_so(
     for r in answers:
         assert r.status_code == 500, r.text
         assert "the model gave non-finite outputs at alpha 1; the checkpoint is broken there" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_v2_an_id_with_a_lone_surrogate_is_refused_as_the_answer_could_not_echo_it(
+    client: TestClient, binary: bool
+) -> None:
+    """json.loads reads the escape "\\ud800"; UTF-8 cannot carry it: the JSON answer was a 500, and with
+    the binary extension orjson's header is one too (found by the review of 6344158)."""
+    body = json.dumps({**v2_body(IMAGES[:1]), "parameters": {"binary_data_output": binary}})
+    r = post_raw(client, body.replace('"id": "req-1"', '"id": "x\\ud800"'), f"/v2/models/{NAME}/infer")
+    assert r.status_code == 422, r.text
+    assert "body.id: holds a lone surrogate (an unpaired \\ud800-\\udfff escape)" in r.json()["detail"]
+    ok = post_raw(
+        client, body.replace('"id": "req-1"', '"id": "caf\\u00e9 \\ud83d\\ude00"'), f"/v2/models/{NAME}/infer"
+    )
+    assert ok.status_code == 200, ok.text  # a surrogate pair is a character: echoed
 
 
 def test_v2_infer_uint8(client: TestClient, structured: TinyCheckpoint) -> None:

@@ -107,6 +107,18 @@ def test_ragged_or_non_numeric_arrays_are_refused(inputs: list[object]) -> None:
         run(inputs)
 
 
+@pytest.mark.parametrize("depth", [4, 63, 64])
+def test_an_array_nested_deeper_than_an_image_is_a_shape_error_up_to_numpys_limit(depth: int) -> None:
+    """At numpy's 64 axes, adding the batch axis raised IndexError: a 500 (found by the review of 6344158)."""
+    nested: object = 1
+    for _ in range(depth):
+        nested = [nested]
+    with pytest.raises(InputError, match=r"^inputs\[0\]: shape \[1, 1, 1, 1(, 1)*\] does not match the model input"):
+        run([nested])
+    with pytest.raises(InputError, match=r"^inputs\[0\]: shape \[1, 1, 1, 1(, 1)*\] does not match"):
+        run([nested, "x"])  # the path that decodes each input by itself
+
+
 def test_flat_list_is_a_shape_error_not_a_crash() -> None:
     with pytest.raises(InputError, match=r"^inputs\[0\]: shape \[30\]"):
         run([list(range(30))])
@@ -151,6 +163,10 @@ IMAGE_OF = ramp(6, 5).tolist()
         [[[*row[:-1], {"a": 1}] for row in IMAGE_OF]],  # an object
         [[[*row[:-1], 2**70] for row in IMAGE_OF]],  # beyond 64 bits
         [[[*row[:-1], 2**63] for row in IMAGE_OF]],  # beyond int64, within uint64
+        # past 2**53, where a direct cast to float32 rounds otherwise than numpy's int -> double -> float32, and
+        # the refusal printed another number (found by the review of 6344158)
+        [[[*map(int, row[:-1]), 36028850706055169] for row in IMAGE_OF]],  # all integers: an int64 array
+        [[[*map(int, row[:-1]), -36028850706055169] for row in IMAGE_OF]],
         [[[*row[:-1], 1e300] for row in IMAGE_OF]],  # beyond float32
         [[[*row[:-1], float("nan")] for row in IMAGE_OF]],  # json.loads reads NaN
         [[[*row[:-1], -1] for row in IMAGE_OF]],
@@ -168,7 +184,9 @@ def test_without_booleans_numpy_checks_the_values_as_check_numbers_does(inputs: 
 
 
 PIXEL = st.integers(0, 255) | st.floats(0, 255)
-ODD = st.integers() | st.floats() | st.sampled_from(["7", "x", None, {}, []])  # anything JSON has but booleans
+ODD = (  # anything JSON has but booleans
+    st.integers() | st.integers(2**53, 2**64) | st.floats() | st.sampled_from(["7", "x", None, {}, []])
+)
 ROW = st.lists(PIXEL, min_size=5, max_size=5) | st.lists(PIXEL | ODD, min_size=4, max_size=6)
 ARRAY = st.lists(ROW, min_size=6, max_size=6) | st.lists(ROW, min_size=5, max_size=7)
 
