@@ -78,7 +78,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Result:
-    outputs: np.ndarray  # [n, ...]: this request's rows of the batch's output (`finish`ed: the runtime's probabilities)
+    outputs: np.ndarray  # [n, ...]: this request's rows of the batch's output (`finish`ed: the probabilities)
     alpha: float
     queue_seconds: float
     compute_seconds: float
@@ -113,11 +113,11 @@ class Batcher:
         pending: Callable[[], int] | None = None,
         models: Models | None = None,
         settle: float = 0.0,
-        finish: Callable[[float, np.ndarray], np.ndarray] | None = None,
+        finish: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self._run = run  # (alpha, x) -> outputs; called in the executor
-        # (alpha, outputs) -> what each request gets its rows of; once per batch, on the event loop; if it
-        # raises, every request in the batch gets the error
+        # outputs -> what each request gets its rows of; once per batch, on the event loop; if it raises, every
+        # request in the batch gets the error
         self._finish = finish
         self._choose = choose
         self._executor = executor
@@ -236,7 +236,7 @@ class Batcher:
         try:
             out, model_seconds, build_seconds = await loop.run_in_executor(self._executor, self._timed, alpha, x)
             if self._finish is not None:
-                out = self._finish(alpha, out)
+                out = self._finish(out)
         except Exception as e:  # the model failed: every request in the batch gets the error
             for j in batch:
                 if not j.future.done():

@@ -18,7 +18,7 @@ from service.controller import Signals
 from service.fleet import PrometheusFleet
 from service.materialize import release_freed_heap
 from service.metrics import Metrics
-from service.runtime import Runtime, probabilities
+from service.runtime import Runtime, softmax
 from service.settings import Settings
 from service.signals import LoopCost, MachineProbe, RequestStats
 
@@ -59,7 +59,7 @@ class State:
             models=runtime.cache,
             # an alpha a batch could not wait for is built once wanted as long as the ceiling takes to rise
             settle=runtime.controller.raise_after * settings.control_interval_seconds,
-            finish=probabilities,
+            finish=softmax,
         )
         self.requests = RequestStats()
         self.loop_cost = LoopCost()
