@@ -536,7 +536,9 @@ def create_app(
         after the JSON where asked (binary tensor extension)."""
         rt = st.runtime
         asked = _v2_output(body)
-        x = _v2_images(body.inputs[0], request.scope["state"].get("binary"), rt.meta.input, st.settings.max_inputs)
+        t = body.inputs[0]
+        booleans = t.data is None or may_hold_booleans(await request.body())  # as /predict's
+        x = _v2_images(t, request.scope["state"].get("binary"), rt.meta.input, st.settings.max_inputs, booleans)
         parameters = body.parameters or V2Parameters()
         probs, res, acc = await _infer(st, request.scope["state"], x, parameters)
         output: dict[str, object] = {"name": _V2_OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}
@@ -605,9 +607,12 @@ def _bytes_tensor(values: list[str]) -> bytes:
     return b"".join(len(b).to_bytes(4, "little") + b for b in (v.encode() for v in values))
 
 
-def _v2_images(t: V2Tensor, binary: memoryview | None, i: InputSpec, max_inputs: int) -> np.ndarray:
+def _v2_images(
+    t: V2Tensor, binary: memoryview | None, i: InputSpec, max_inputs: int, booleans: bool = True
+) -> np.ndarray:
     """A v2 input tensor, its values as JSON `data` or the body's `binary` part, as images [N, C, H, W] of pixel
-    values; InputError naming what is wrong otherwise."""
+    values; InputError naming what is wrong otherwise. `booleans`: whether the JSON may hold true or false
+    (`service.inputs.decode`)."""
     if t.name != _V2_INPUT:
         raise InputError(
             f"inputs[0].name {shown(t.name)} is not an input of this model; its one input is {_V2_INPUT!r}"
@@ -628,7 +633,7 @@ def _v2_images(t: V2Tensor, binary: memoryview | None, i: InputSpec, max_inputs:
         raise InputError(f"inputs[0] has no data: send data, or binary_data_size with the {BINARY_HEADER} header")
     flat = None  # the data, if nested (the first value says it; an array later on: numbers() names it)
     if t.data and isinstance(t.data[0], list):
-        flat = nested_numbers(t.data, t.shape, "inputs[0].data")
+        flat = nested_numbers(t.data, t.shape, "inputs[0].data", booleans=booleans)
     values = flat.size if flat is not None else len(t.data) if t.data is not None else None
     if n < 1 or math.prod(t.shape) != n * per or (values is not None and values != n * per):
         raise InputError(
@@ -638,7 +643,7 @@ def _v2_images(t: V2Tensor, binary: memoryview | None, i: InputSpec, max_inputs:
     channels_last = _channels_last(t.shape, i)
     check_count(n, max_inputs, "inputs[0]")
     if t.data is not None:
-        x = flat if flat is not None else numbers(t.data, "inputs[0].data")
+        x = flat if flat is not None else numbers(t.data, "inputs[0].data", booleans=booleans)
     elif binary is not None:  # always, by the checks above: one of the two holds the values
         x = _binary_tensor(binary, t, n * per)
     if channels_last:

@@ -218,15 +218,20 @@ def _numeric(nested: Sequence[object]) -> np.ndarray | None:
         return arr.astype(np.float64, copy=False).astype(np.float32) if arr.dtype.kind in "iuf" else None
 
 
-def numbers(flat: Sequence[object], where: str) -> np.ndarray:
-    """A flat list of JSON numbers (OIP v2 `data`) as float32, checked as nested arrays are."""
+def numbers(flat: Sequence[object], where: str, *, booleans: bool = True) -> np.ndarray:
+    """A flat list of JSON numbers (OIP v2 `data`) as float32, checked as nested arrays are (`booleans`: as
+    `decode`'s)."""
+    if not booleans and (arr := _numeric(flat)) is not None and arr.ndim == 1:
+        return arr
     check_numbers(flat, 1, where)
     return _float32(flat, where)
 
 
-def nested_numbers(nested: Sequence[object], shape: Sequence[int], where: str) -> np.ndarray:
+def nested_numbers(nested: Sequence[object], shape: Sequence[int], where: str, *, booleans: bool = True) -> np.ndarray:
     """OIP v2 `data` in its nested form, which the protocol allows beside the flat one: JSON numbers
-    nested as `shape` says, checked as nested arrays are, flattened (float32)."""
+    nested as `shape` says, checked as nested arrays are, flattened (float32; `booleans`: as `decode`'s)."""
+    if not booleans and (arr := _numeric(nested)) is not None and list(arr.shape) == list(shape):
+        return arr.reshape(-1)
     try:
         arr = _float32(nested, where)  # the nesting first: numpy reads "12" and true as numbers, checked below
     except InputError:

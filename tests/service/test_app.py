@@ -404,6 +404,12 @@ def test_a_boolean_pixel_is_refused_in_every_encoding_json_reads(client: TestCli
     r = client.post("/predict", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == "inputs[0]: pixel values must be JSON numbers (0-255), got true/false"
+    for data in ([image], [v for row in image for v in row]):  # OIP v2 data, nested and flat
+        tensor = {"name": "input", "shape": [1, IMAGE, IMAGE], "datatype": "FP32", "data": data}
+        raw = json.dumps({"inputs": [tensor]}).encode(encoding)
+        r = client.post(f"/v2/models/{NAME}/infer", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == "inputs[0].data: pixel values must be JSON numbers (0-255), got true/false"
 
 
 def test_nan_quality_is_refused(client: TestClient) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from lcs.checkpoint import InputSpec
-from service.inputs import B64_CHUNK, InputError, b64decode, decode, normaliser
+from service.inputs import B64_CHUNK, InputError, b64decode, decode, nested_numbers, normaliser, numbers
 
 GRAY = InputSpec(channels=1, height=6, width=5, mean=[0.5], std=[0.25])
 RGB = InputSpec(channels=3, height=4, width=5, mean=[0.1, 0.2, 0.3], std=[0.5, 0.25, 0.125])
@@ -183,6 +183,37 @@ def test_without_booleans_numpy_checks_the_values_as_check_numbers_does(inputs: 
     assert outcome(inputs, booleans=False) == outcome(inputs, booleans=True)
 
 
+def v2_outcome(data: list[object], shape: list[int] | None, booleans: bool) -> tuple[str, object]:
+    """What OIP v2's readers answer for `data`: flat (`shape` None) or nested as `shape`."""
+    try:
+        if shape is None:
+            x = numbers(data, "data", booleans=booleans)
+        else:
+            x = nested_numbers(data, shape, "data", booleans=booleans)
+    except InputError as e:
+        return "refused", str(e)
+    return "read", (x.dtype.str, x.shape, x.tobytes())
+
+
+@pytest.mark.parametrize("shape", [None, [1, 6, 5], [6, 5], [1, 5, 6]])
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [IMAGE_OF],
+        [[[*map(int, row[:-1]), 36028850706055169] for row in IMAGE_OF]],
+        [[[*row[:-1], "7"] for row in IMAGE_OF]],
+        [[[*row[:-1], None] for row in IMAGE_OF]],
+        [[[*row[:-1], [1]] for row in IMAGE_OF]],
+        [[[*row[:-1], 1e300] for row in IMAGE_OF]],
+        [[[1, 2, 3], [4, 5]]],
+    ],
+)
+def test_v2_data_without_booleans_is_read_as_with_the_check(inputs: list[object], shape: list[int] | None) -> None:
+    """OIP v2 `data`, flat or nested: numpy's type discovery stands in for check_numbers as in `decode`."""
+    data: list[object] = inputs if shape is not None else [v for img in inputs for row in img for v in row]  # type: ignore[attr-defined]
+    assert v2_outcome(data, shape, booleans=False) == v2_outcome(data, shape, booleans=True)
+
+
 PIXEL = st.integers(0, 255) | st.floats(0, 255)
 ODD = (  # anything JSON has but booleans
     st.integers() | st.integers(2**53, 2**64) | st.floats() | st.sampled_from(["7", "x", None, {}, []])
@@ -195,6 +226,10 @@ ARRAY = st.lists(ROW, min_size=6, max_size=6) | st.lists(ROW, min_size=5, max_si
 @given(st.lists(ARRAY, min_size=1, max_size=3))
 def test_without_booleans_random_arrays_decode_as_before(inputs: list[object]) -> None:
     assert outcome(inputs, booleans=False) == outcome(inputs, booleans=True)
+    shape = [len(inputs), 6, 5]
+    assert v2_outcome(inputs, shape, booleans=False) == v2_outcome(inputs, shape, booleans=True)
+    flat = [v for img in inputs for row in img for v in (row if isinstance(row, list) else [row])]  # type: ignore[attr-defined]
+    assert v2_outcome(flat, None, booleans=False) == v2_outcome(flat, None, booleans=True)
 
 
 # -- encoded images -------------------------------------------------------------------------------
