@@ -194,17 +194,23 @@ def test_batches_are_filled_up_to_max_batch_in_arrival_order() -> None:
     run_async(scenario)
 
 
+async def head_then_two_batches(batcher: Batcher, model: FakeModel) -> list[Result | BaseException]:
+    """What each of seven requests gets: one the model holds (`hold_first`), then three at alpha 0.5 and
+    three at 1, queued behind it, so that each three make one batch."""
+    head = batcher.submit(job(-1.0))
+    await until(lambda: len(model.batches) == 1, what="the first batch to start")
+    doomed = [batcher.submit(job(float(i), target=0.5)) for i in range(3)]
+    fine = [batcher.submit(job(float(10 + i), target=1.0)) for i in range(3)]
+    model.gate.set()
+    return await asyncio.gather(head, *doomed, *fine, return_exceptions=True)
+
+
 def test_a_failing_batch_fails_only_its_requests_and_the_batcher_keeps_serving() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True, fail_when=lambda call, alpha: alpha == 0.5)
         batcher, executor = make_batcher(model)
         task = await started(batcher)
-        head = batcher.submit(job(-1.0))
-        await until(lambda: len(model.batches) == 1, what="the first batch to start")
-        doomed = [batcher.submit(job(float(i), target=0.5)) for i in range(3)]
-        fine = [batcher.submit(job(float(10 + i), target=1.0)) for i in range(3)]
-        model.gate.set()
-        outcomes = await asyncio.gather(head, *doomed, *fine, return_exceptions=True)
+        outcomes = await head_then_two_batches(batcher, model)
         assert isinstance(outcomes[0], Result)
         for o in outcomes[1:4]:
             assert isinstance(o, RuntimeError) and "model failed" in str(o)
@@ -232,12 +238,7 @@ def test_finish_runs_once_per_batch_on_the_loop_and_its_error_fails_only_that_ba
         model = FakeModel(hold_first=True)
         batcher, executor = make_batcher(model, finish=finish)
         task = await started(batcher)
-        head = batcher.submit(job(-1.0))
-        await until(lambda: len(model.batches) == 1, what="the first batch to start")
-        doomed = [batcher.submit(job(float(i), target=0.5)) for i in range(3)]
-        fine = [batcher.submit(job(float(10 + i), target=1.0)) for i in range(3)]
-        model.gate.set()
-        outcomes = await asyncio.gather(head, *doomed, *fine, return_exceptions=True)
+        outcomes = await head_then_two_batches(batcher, model)
         assert ids(outcomes[0]) == [-10.0]  # type: ignore[arg-type]
         assert all(isinstance(o, ValueError) for o in outcomes[1:4])
         assert [ids(o) for o in outcomes[4:]] == [[100.0], [110.0], [120.0]]  # type: ignore[arg-type]
