@@ -258,7 +258,7 @@ def decode(
     `max_pixels` bounds the pixels a request's encoded images decode to, all together: each image's
     header is checked before it is decoded, so a request costs at most that much decoding. `booleans`:
     whether the JSON they came from may hold true or false; where its text has neither, numpy's type
-    discovery checks the values (`_numeric`), 15 us an image sooner than check_numbers."""
+    discovery checks the values (`_numeric`), ~20 us an image sooner than check_numbers."""
     if not isinstance(inputs, list | tuple) or len(inputs) == 0:
         raise InputError("inputs: send a non-empty list of images")
     check_count(len(inputs), max_inputs, "inputs")
