@@ -741,7 +741,8 @@ async def _warm(st: State, stop: Callable[[], None] | None) -> None:
         # the model, torch and every module are loaded for good: move them out of the collector's view, so
         # a full collection (every few thousand requests) no longer walks them and stalls the loop ~100 ms
         gc.freeze()
-        log.info("ready: %s, alphas %s built", st.runtime.name, st.runtime.cache.cached())
+        rt = st.runtime
+        log.info("ready: %s, alphas %s built and profiled, %s cached", rt.name, sorted(rt.prebuild), rt.cache.cached())
         return
     if stop is not None:
         stop()

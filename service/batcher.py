@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -92,7 +93,8 @@ class Models(Protocol):
 
     def wait(self, alpha: float) -> float: ...  # seconds before alpha can run: 0 if built, else its build time
 
-    def get(self, alpha: float) -> object: ...  # builds alpha's model if it is not built
+    # builds alpha's model if it is not built; counted: a hit or a miss in the cache's figures
+    def get(self, alpha: float, *, counted: bool = True) -> object: ...
 
 
 class Batcher:
@@ -283,7 +285,7 @@ class Batcher:
         if self._choose(alpha, 0.0, 1, None, 1, None) != alpha:  # with no slack: alpha capped by the ceiling
             return
         try:
-            await loop.run_in_executor(self._executor, self._models.get, alpha)
+            await loop.run_in_executor(self._executor, functools.partial(self._models.get, alpha, counted=False))
         except Exception:
             log.exception("building alpha %g while the queue was empty failed", alpha)
 
@@ -294,8 +296,8 @@ class Batcher:
         under memory pressure, evicted, or never built): a build is not the machine's pace (a 60 ms rebuild read
         as alpha 1 at 20x its profile, and the ceiling, no longer letting alpha 1 run, never learned better)."""
         t0 = time.perf_counter()
-        if self._models is not None and self._models.peek(alpha) is None:
-            self._models.get(alpha)  # this batch builds it (peek first: `_run`'s own lookup is the counted hit)
+        if self._models is not None:
+            self._models.get(alpha)  # the batch's one counted lookup: a hit, or a miss that builds it first
         t1 = time.perf_counter()
         out = self._run(alpha, x)
         return out, time.perf_counter() - t1, t1 - t0

@@ -107,17 +107,22 @@ class ModelCache:
             mean = self.stats.build_seconds / self.stats.builds if self.stats.builds else 0.0
             return self._took.get(key, mean)
 
-    def get(self, alpha: float) -> Compiled:
-        """The model for grid.down(alpha); builds it once however many threads ask at the same time."""
+    def get(self, alpha: float, *, counted: bool = True) -> Compiled:
+        """The model for grid.down(alpha); builds it once however many threads ask at the same time.
+        `counted`: a hit or a miss in `stats`. The service counts one lookup per batch (`service.batcher`);
+        its other lookups (start-up, a model built ahead of need, the model call after the batch's lookup)
+        pass False, so lcs_cache_hits_total / misses_total are batches that found their alpha built or not."""
         key = self.grid.down(alpha)
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None:
                 self._entries.move_to_end(key)
                 self._used[key] = self._clock()
-                self.stats.hits += 1
+                if counted:
+                    self.stats.hits += 1
                 return hit
-            self.stats.misses += 1
+            if counted:
+                self.stats.misses += 1
             fut = self._building.get(key)
             owner = fut is None
             if owner:

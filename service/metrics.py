@@ -33,10 +33,14 @@ class _CacheCollector(Collector):
             return
         st = cache.stats
         for name, doc, value in [
-            ("lcs_cache_hits", "Model cache hits.", st.hits),
-            ("lcs_cache_misses", "Model cache misses (builds or waits for a build).", st.misses),
-            ("lcs_cache_evictions", "Models evicted from the cache to stay under its byte bound.", st.evictions),
-            ("lcs_cache_builds", "Models materialised.", st.builds),
+            ("lcs_cache_hits", "Batches that found their alpha's model built.", st.hits),
+            ("lcs_cache_misses", "Batches that built their alpha's model first, or waited for its build.", st.misses),
+            (
+                "lcs_cache_evictions",
+                "Models evicted from the cache to stay under its byte bound, or dropped under memory pressure.",
+                st.evictions,
+            ),
+            ("lcs_cache_builds", "Models built: at start-up, ahead of need, or for a batch that missed.", st.builds),
             ("lcs_cache_build_seconds", "Seconds spent materialising models.", st.build_seconds),
         ]:
             yield CounterMetricFamily(name, doc, value=value)

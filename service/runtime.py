@@ -199,15 +199,27 @@ class Runtime:
             )
         else:  # "auto" under ONNX Runtime: only a TorchScript fallback would use it
             self.channels_last = s.channels_last == "on"
-        prebuild = self.prebuild
-        self._measure_profile({alpha: self.cache.get(alpha) for alpha in prebuild}, probe)
+        # held here until start-up ends, whatever the cache's bound evicts: profiled and self-checked as built
+        built = {alpha: self.cache.get(alpha, counted=False) for alpha in self.prebuild}
+        self._measure_profile(built, probe)
+        # a checkpoint may carry no sample images, or none at all (lcs.checkpoint accepts 0): nothing to check
+        if self.samples is not None and self.sample_labels is not None and len(self.samples):
+            x, step = self.samples.numpy(), s.max_batch
+            finite = {}
+            for alpha, compiled in built.items():
+                # in the batches the service runs: all the sample images at once made start-up's peak
+                logits = np.concatenate([compiled.logits(x[i : i + step]) for i in range(0, len(x), step)])
+                finite[alpha] = bool(np.isfinite(logits).all())
+                pred = logits.argmax(1)
+                self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
+            self._verify_self_check(self.prebuild, finite)
+        del built
         # the fastest model is kept, whatever the bound or memory pressure: a load rise falls back on it, and
         # building it then would make late batches later (with a small LCS_CACHE_BYTES, prebuilding the grid
         # may have evicted it: built again here)
         fastest = self.controller.fastest()
         self.cache.keep = frozenset({fastest})
-        if self.cache.peek(fastest) is None:
-            self.cache.get(fastest)
+        self.cache.get(fastest, counted=False)
         if self.cache.bytes > s.cache_bytes:
             log.warning(
                 "the %d models cached after start-up hold %.1f MiB, over LCS_CACHE_BYTES (%.1f MiB): the cache "
@@ -217,17 +229,6 @@ class Runtime:
                 self.cache.bytes / 2**20,
                 s.cache_bytes / 2**20,
             )
-        # a checkpoint may carry no sample images, or none at all (lcs.checkpoint accepts 0): nothing to check
-        if self.samples is not None and self.sample_labels is not None and len(self.samples):
-            x, step = self.samples.numpy(), s.max_batch
-            finite = {}
-            for alpha in prebuild:
-                # in the batches the service runs: all the sample images at once made start-up's peak
-                logits = np.concatenate([self.logits(alpha, x[i : i + step]) for i in range(0, len(x), step)])
-                finite[alpha] = bool(np.isfinite(logits).all())
-                pred = logits.argmax(1)
-                self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
-            self._verify_self_check(prebuild, finite)
         # building, profiling and checking every alpha fragment the heap: measured after warm-up, 404-434 MiB
         # resident before handing the freed part back, 346 after
         release_freed_heap()
@@ -279,7 +280,7 @@ class Runtime:
         wait behind a busy loop), and torch's, even on [64, 10], runs on torch's thread pool, whose
         workers then spin beside ONNX Runtime's next batch (one-off, alpha 1 at batch 64 and 2 threads:
         12.0 ms a batch with it, 5.8 without)."""
-        return self.cache.get(alpha).logits(x)
+        return self.cache.get(alpha, counted=False).logits(x)  # the batch's lookup was the counted one
 
     def level(self, alpha: float) -> float:
         return self.model.schedule.level(alpha).value

@@ -1430,10 +1430,10 @@ def test_model_failure_is_a_500_and_the_service_keeps_serving(structured: TinyCh
         rt = app_state(c).runtime
         real = rt.cache.get
 
-        def broken(alpha: float) -> Any:
+        def broken(alpha: float, *, counted: bool = True) -> Any:
             if alpha == 0.0:
                 raise RuntimeError("kernel exploded")
-            return real(alpha)
+            return real(alpha, counted=counted)
 
         rt.cache.get = broken  # type: ignore[method-assign]
         r = c.post("/predict", json={"inputs": [ZEROS], "quality": 0.0})

@@ -43,16 +43,17 @@ def test_the_self_check_runs_in_the_batches_the_service_runs(
     """All the sample images at once (256 in the shipped checkpoints) made start-up's memory peak: 474-481 MiB
     resident at most, 383 once ready; in batches of LCS_MAX_BATCH, 384 at most and 376 ready."""
     sizes: list[int] = []
-    logits = Runtime.logits
+    logits = Compiled.logits
 
-    def spy(self: Runtime, alpha: float, x: np.ndarray) -> np.ndarray:
+    def spy(self: Compiled, x: np.ndarray) -> np.ndarray:
         sizes.append(len(x))
-        return logits(self, alpha, x)
+        return logits(self, x)
 
-    monkeypatch.setattr(Runtime, "logits", spy)
+    monkeypatch.setattr(Compiled, "logits", spy)
     rt = Runtime.load(make_settings(structured.path, max_batch=8, profile_batches=[1]))
     rt.warm_up()
-    assert len(structured.samples) == 64 and sizes == [8] * 8 * len(GRID)
+    checked = [n for n in sizes if n > 1]  # the profile's calls are of batch 1
+    assert len(structured.samples) == 64 and checked == [8] * 8 * len(GRID)
     assert set(rt.self_check) == {"0", "0.5", "1"}
 
 
@@ -127,10 +128,30 @@ def test_start_up_warns_when_the_models_it_keeps_exceed_the_cache_bound(
     assert rt.cache.keep == {rt.controller.fastest()}
     if room > 1:
         assert rt.cache.cached() == list(GRID)
-    else:  # the self-check asked for every alpha again: the last one built is the newest
+    else:  # the int8 alpha, the fastest and the newest
         assert set(rt.cache.cached()) >= {1.0} | rt.cache.keep and not rt.cache.peek(1.0).reclaimable
     warned = "over LCS_CACHE_BYTES" in caplog.text
     assert warned == (room == 1)
+
+
+def test_start_up_builds_each_alpha_once_counts_no_lookups_and_warns_on_what_it_keeps(
+    structured: TinyCheckpoint, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bound that holds alpha 1's network alone: prebuilding from the top down evicts each model for the next,
+    and the fastest (named here: which profiles fastest on a tiny model is timing) is built again and kept. The
+    self-check runs on the models start-up built: it asked the cache for every alpha again, rebuilding those the
+    bound had evicted after the warning's check had passed (the cache left over the bound, no warning), and
+    counted those lookups as hits and misses, which are the batches' figures."""
+    monkeypatch.setattr(materialize, "_padding_pays", lambda *args: False)  # sizes that do not depend on timing
+    one = materialize.build(structured.model, structured.meta, 1.0, samples=None, channels_last=False)
+    rt = Runtime.load(make_settings(structured.path, cache_bytes=one.resident_bytes, profile_batches=[1]))
+    monkeypatch.setattr(rt.controller, "fastest", lambda: 1.0)
+    rt.warm_up()
+    assert set(rt.self_check) == {"0", "0.5", "1"}
+    assert rt.cache.cached() == [1.0] and rt.cache.bytes <= rt.cache.max_bytes
+    assert "over LCS_CACHE_BYTES" not in caplog.text
+    stats = rt.cache.stats
+    assert (stats.builds, stats.hits, stats.misses) == (len(GRID) + 1, 0, 0)  # alpha 1 built again, once
 
 
 def test_the_fastest_model_is_kept_and_built_again_if_prebuilding_evicted_it(
@@ -143,7 +164,7 @@ def test_the_fastest_model_is_kept_and_built_again_if_prebuilding_evicted_it(
     monkeypatch.setattr(rt.controller, "fastest", lambda: 1.0)
     rt.warm_up()
     assert rt.cache.keep == {1.0}
-    assert rt.cache.cached() == [0.0, 1.0]  # the newest, and the fastest built again
+    assert rt.cache.cached() == [1.0]  # the fastest, built again: now the newest too
     rt.cache.get(0.5)
     assert rt.cache.cached() == [0.5, 1.0]
 
