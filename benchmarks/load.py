@@ -43,7 +43,7 @@ import httpx
 from benchmarks import openloop
 from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive
 from benchmarks.openloop import HOST, free_port
-from benchmarks.overload import capacity, percentile, start_server, stop_server
+from benchmarks.overload import CAPACITY_SLO, capacity, percentile, start_server, stop_server
 from service.controller import parse_policy
 
 
@@ -165,9 +165,12 @@ def server_settings(environ: Mapping[str, str], policy: str) -> dict[str, str]:
     return {**passed, "LCS_QUEUE_MAX": "64", "LCS_API_KEY": "bench", "LCS_POLICY": policy}
 
 
-async def run_trace(port: int, req: bytes, arrivals: list[float], timeout: float) -> tuple[list[dict[str, Any]], int]:
-    """One open-loop trace (benchmarks.openloop); latency counts from the scheduled arrival. (rows, skipped)."""
-    replies, skipped = await openloop.open_loop(port, req, arrivals, timeout=timeout)
+async def run_trace(
+    port: int, req: bytes, arrivals: list[float], timeout: float, start: float | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """One open-loop trace (benchmarks.openloop) from `start` (time.perf_counter; default: at once); latency
+    counts from the scheduled arrival. (rows, skipped)."""
+    replies, skipped = await openloop.open_loop(port, req, arrivals, timeout=timeout, start=start)
     if skipped:
         print(f"  (the generator fell behind and skipped {skipped} arrivals)", flush=True)
     return reply_rows(replies), skipped
@@ -186,8 +189,8 @@ def reply_rows(replies: list[openloop.Reply]) -> list[dict[str, Any]]:
     return rows
 
 
-async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Event) -> None:
-    start = time.monotonic()
+async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Event, start: float) -> None:
+    """The controller's state every 0.25 s, timed from `start` (time.perf_counter), the trace's own zero."""
     async with httpx.AsyncClient(base_url=base, timeout=1) as client:
         while not stop.is_set():
             try:
@@ -195,7 +198,7 @@ async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Ev
                 sig = st["signals"] or {}
                 out.append(
                     {
-                        "t": time.monotonic() - start,
+                        "t": time.perf_counter() - start,
                         "ceiling": st["ceiling"],
                         "mode": st["mode"],
                         "reason": st["decisions"][-1]["reason"] if st["decisions"] else None,
@@ -223,31 +226,38 @@ async def poll_controller(base: str, out: list[dict[str, Any]], stop: asyncio.Ev
 
 async def drive(
     base: str, port: int, req: bytes, arrivals: list[float], noisy: bool, duration: float
-) -> tuple[list[dict[str, Any]], int, list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], int, list[dict[str, Any]], dict[str, float]]:
     """Run one trace while polling the controller; a CPU-hungry neighbour runs through NEIGHBOUR if `noisy`.
-    (rows, arrivals skipped, controller timeline)."""
+    (rows, arrivals skipped, controller timeline, when the neighbour started and stopped: {} if none). One zero
+    for every clock, the trace's, taken 0.5 s ahead: the poller's own, taken before its client was built, and
+    the neighbour's sleeps, begun after it, put the burners' start 51-87 ms late on the poller's clock, which
+    was 0.1 s off the trace's (session 34's review)."""
+    zero = time.perf_counter() + 0.5
     timeline: list[dict[str, Any]] = []
     stop_poll = asyncio.Event()
-    poller = asyncio.create_task(poll_controller(base, timeline, stop_poll))
+    poller = asyncio.create_task(poll_controller(base, timeline, stop_poll, zero))
     stop_burn = _FORK.Event()
     burners: list[multiprocessing.process.BaseProcess] = []
+    when: dict[str, float] = {}
 
     async def neighbour() -> None:
         start, stop = (duration * f for f in NEIGHBOUR)
-        await asyncio.sleep(start)
+        await asyncio.sleep(zero + start - time.perf_counter())
         burners.extend(start_burners(stop_burn, os.cpu_count() or 2))
-        await asyncio.sleep(stop - start)
+        when["neighbour_started_s"] = round(time.perf_counter() - zero, 3)  # every burner forked
+        await asyncio.sleep(zero + stop - time.perf_counter())
         stop_burn.set()
+        when["neighbour_stopped_s"] = round(time.perf_counter() - zero, 3)
 
     nb = asyncio.create_task(neighbour()) if noisy else None
-    rows, skipped = await run_trace(port, req, arrivals, timeout=5.0)
+    rows, skipped = await run_trace(port, req, arrivals, timeout=5.0, start=zero)
     if nb is not None:
         await nb
     stop_poll.set()
     await poller
     for b in burners:
         b.join(5)
-    return rows, skipped, timeline
+    return rows, skipped, timeline, when
 
 
 def summarise(
@@ -288,16 +298,16 @@ def summarise(
     }
 
 
-def neighbour_reaction(timeline: list[dict[str, Any]], duration: float, top: float = 1.0) -> dict[str, Any]:
-    """For the noisy trace (a neighbour through NEIGHBOUR of `duration`): seconds from its start until the
-    ceiling first dropped (None if it was already below full quality when the neighbour started: the trace's
-    own load had lowered it, and no reaction can be read), and from its stop until the ceiling was first back
-    at full quality, and back for good: from there to the end of the trace, at least HOLD_FOR_GOOD (None: it
-    never was, or too late in the trace to tell; `full_quality_held_s` says how long it held). A later drop
-    is the trace's own load, 0.6x capacity as Poisson arrivals, which `load_after_stop` reports, and is in the
-    timeline. Resolution: the 0.25 s controller poll. Full quality: `top`, the grid's highest alpha (it was
-    the highest ceiling in the timeline, so a policy that never rose above 0.55 read as back at full quality)."""
-    start, stop = (duration * f for f in NEIGHBOUR)
+def neighbour_reaction(timeline: list[dict[str, Any]], start: float, stop: float, top: float = 1.0) -> dict[str, Any]:
+    """For the noisy trace (a neighbour running from `start` to `stop`, on the timeline's clock): seconds from
+    its start until the ceiling first dropped (None if it was already below full quality when the neighbour
+    started: the trace's own load had lowered it, and no reaction can be read), and from its stop until the
+    ceiling was first back at full quality, and back for good: from there to the end of the trace, at least
+    HOLD_FOR_GOOD (None: it never was, or too late in the trace to tell; `full_quality_held_s` says how long
+    it held). A later drop is the trace's own load, 0.6x capacity as Poisson arrivals, which
+    `load_after_stop` reports, and is in the timeline. Resolution: the 0.25 s controller poll. Full quality:
+    `top`, the grid's highest alpha (it was the highest ceiling in the timeline, so a policy that never rose
+    above 0.55 read as back at full quality)."""
     before = [p for p in timeline if p["t"] < start]
     below = bool(before) and before[-1]["ceiling"] < top
     drop = None
@@ -319,14 +329,13 @@ def neighbour_reaction(timeline: list[dict[str, Any]], duration: float, top: flo
     }
 
 
-def load_after_stop(arrivals: list[float], capacity: float, duration: float) -> dict[str, float]:
-    """For the noisy trace: the load its arrivals offer in the RETURN_WITHIN seconds after the neighbour stops,
-    as a share of the alpha = 1 capacity the trace is scaled to, on average and in the busiest 1 s. The trace
-    is Poisson at 0.6x, so a draw offers more or less than that, and the model's pace moves with the machine's
-    after the capacity is measured: where the load keeps the model about as busy at alpha 1 as the
+def load_after_stop(arrivals: list[float], capacity: float, stop: float, duration: float) -> dict[str, float]:
+    """For the noisy trace: the load its arrivals offer in the RETURN_WITHIN seconds after the neighbour stops
+    (at `stop`), as a share of the alpha = 1 capacity the trace is scaled to, on average and in the busiest
+    1 s. The trace is Poisson at 0.6x, so a draw offers more or less than that, and the model's pace moves
+    with the machine's after the capacity is measured: where the load keeps the model about as busy at alpha 1 as the
     controller's utilisation target (0.8), alpha 1 has no headroom left for the SLO and the ceiling rightly
     stays below it. That is the draw's doing, and the timeline's `model_busy` tells which it was."""
-    stop = duration * NEIGHBOUR[1]
     end = min(duration, stop + RETURN_WITHIN)
     times = sorted(t for t in arrivals if stop <= t < end)
     width = min(1.0, end - stop)
@@ -419,8 +428,8 @@ def main() -> None:
     req = request(args.images, args.format, port, Path(args.checkpoint).stem)
     base = f"http://{HOST}:{port}"
 
-    def start(policy: str) -> subprocess.Popen[bytes]:
-        return start_server(args.checkpoint, port, args.slo, **server_settings(os.environ, policy))
+    def start(policy: str, slo: float = args.slo) -> subprocess.Popen[bytes]:
+        return start_server(args.checkpoint, port, slo, **server_settings(os.environ, policy))
 
     result: dict[str, Any] = {
         "checkpoint": args.checkpoint,
@@ -432,7 +441,7 @@ def main() -> None:
         "policies": {},
     }
     for a in ("1", "0"):
-        proc = start(f"fixed:{a}")
+        proc = start(f"fixed:{a}", CAPACITY_SLO)
         try:
             openloop.check_accepted(port, req, f"--images {args.images} --format {args.format}")
             result["capacity_rps"][a] = round(capacity(port, req, 4.0, warmup=2.0), 1)
@@ -460,13 +469,15 @@ def main() -> None:
             try:
                 for k, tr in enumerate(args.traces):
                     arrivals = trace(tr, cap1, args.duration, args.seed + k)
-                    rows, skipped, timeline = openloop.run(
+                    rows, skipped, timeline, when = openloop.run(
                         drive(base, port, req, arrivals, tr == "noisy", args.duration)
                     )
                     summary = summarise(rows, args.slo, accuracy, skipped)
-                    if tr == "noisy":
-                        summary.update(neighbour_reaction(timeline, args.duration, top))  # type: ignore[arg-type]
-                        summary.update(load_after_stop(arrivals, cap1, args.duration))
+                    if when:
+                        summary.update(when)  # type: ignore[arg-type]
+                        started, stopped = when["neighbour_started_s"], when["neighbour_stopped_s"]
+                        summary.update(neighbour_reaction(timeline, started, stopped, top))  # type: ignore[arg-type]
+                        summary.update(load_after_stop(arrivals, cap1, stopped, args.duration))
                     runs[tr] = {"summary": summary, "requests": rows, "controller": timeline}
                     print(f"{policy:>10} {tr:>7}: {summary}", flush=True)
                     time.sleep(2.0)

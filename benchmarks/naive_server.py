@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from lcs import checkpoint
 from service.inputs import normaliser
 from service.materialize import build, normalised_samples
+from service.settings import BACKEND, Backend
 
 torch.set_num_threads(int(os.environ.get("LCS_THREADS", "2")))
 torch.set_flush_denormal(True)
@@ -27,7 +28,10 @@ _model, _meta, _stored = checkpoint.load_with_samples(_path, named_by="LCS_CHECK
 _samples = normalised_samples(_stored, _meta.input)
 _scale, _shift = normaliser(_meta.input)
 _calib = None if _samples is None else _samples[0]
-_compiled = build(_model, _meta, 1.0, samples=_calib, channels_last=True)
+_backend = os.environ.get("LCS_BACKEND", BACKEND)  # what runs the float network: the service's setting, as it reads it
+if _backend not in get_args(Backend):
+    raise SystemExit(f"LCS_BACKEND={_backend}: expected one of {', '.join(get_args(Backend))}")
+_compiled = build(_model, _meta, 1.0, samples=_calib, channels_last=True, backend=cast(Backend, _backend))
 _lock = threading.Lock()
 app = FastAPI()
 

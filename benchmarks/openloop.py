@@ -183,10 +183,11 @@ async def open_loop(
     timeout: float = 10.0,
     max_lag: float = 5.0,
     stop: asyncio.Event | None = None,
+    start: float | None = None,
 ) -> tuple[list[Reply], int]:
-    """Send `request` at each arrival time (s from the start), or the requests of a sequence in turn; returns
-    (replies by arrival, skipped). Once `stop` is set no further arrival is sent: the run ends when the
-    requests in flight are answered (or time out)."""
+    """Send `request` at each arrival time (s from the start: `start` by time.perf_counter, by default 0.1 s
+    from now), or the requests of a sequence in turn; returns (replies by arrival, skipped). Once `stop` is set
+    no further arrival is sent: the run ends when the requests in flight are answered (or time out)."""
     cycle = [request] if isinstance(request, bytes) else list(request)
     pool = Pool(port, connections)
     clock = time.perf_counter  # not the loop's clock: uvloop's counts whole milliseconds
@@ -194,7 +195,7 @@ async def open_loop(
     # sending a burst late: freeze what exists, and collect nothing until the run is over
     gc.freeze()
     gc.disable()
-    start = clock() + 0.1
+    start = clock() + 0.1 if start is None else start
     replies: list[Reply] = []
     skipped = 0
 
@@ -248,25 +249,27 @@ async def open_loop(
 
 async def closed_loop(
     port: int, request: bytes, seconds: float, *, concurrency: int = 8, warmup: float = 1.0, timeout: float = 10.0
-) -> float:
-    """Throughput (answers 200 per second) with `concurrency` clients each keeping one request in flight: the
-    answers that arrive in the `seconds` after `warmup`, with the clients busy through both. (With clients of
-    its own, the window began as every client sent, and an answer due at its very end fell just after it: a
-    round of answers lost, up to 1 in 40 at the load benchmark's 4 s.)"""
+) -> tuple[float, int]:
+    """Throughput with `concurrency` clients each keeping one request in flight: (answers 200 per second,
+    answers of any other status), counting those that arrive in the `seconds` after `warmup`, with the clients
+    busy through both. (With clients of its own, the window began as every client sent, and an answer due at
+    its very end fell just after it: a round of answers lost, up to 1 in 40 at the load benchmark's 4 s.)"""
     pool = Pool(port, concurrency)
     start = time.monotonic() + warmup
     end = start + seconds
-    done = 0
+    done = other = 0
 
     async def client() -> None:
-        nonlocal done
+        nonlocal done, other
         while time.monotonic() < end:
             status, _, _ = await pool.request(request, timeout)
-            done += status == 200 and start <= time.monotonic() <= end  # answers in the window only
+            if start <= time.monotonic() <= end:  # answers in the window only
+                done += status == 200
+                other += status != 200
 
     try:
         await asyncio.gather(*[client() for _ in range(concurrency)])
-        return done / seconds
+        return done / seconds, other
     finally:
         pool.close()
 

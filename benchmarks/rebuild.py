@@ -39,7 +39,7 @@ from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stop
 from benchmarks.load import reply_rows, request
 from benchmarks.load import summarise as load_summary
 from benchmarks.openloop import HOST, free_port
-from benchmarks.overload import arrivals, capacity, start_server, stop_server
+from benchmarks.overload import CAPACITY_SLO, arrivals, capacity, start_server, stop_server
 
 
 def built(base: str) -> list[float]:
@@ -85,7 +85,7 @@ def main() -> int:
 
     port = free_port()
     base = f"http://{HOST}:{port}"
-    proc = start_server(args.checkpoint, port, args.slo, LCS_POLICY="fixed:1")
+    proc = start_server(args.checkpoint, port, CAPACITY_SLO, LCS_POLICY="fixed:1")
     try:
         info = httpx.get(base + "/model", timeout=10).json()
         req = request(args.images, "binary", port, info["name"])

@@ -42,7 +42,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[FakeServer]:
     def wrk(url: str, script: Path, connections: int, duration: float) -> dict[str, Any]:
         assert script.is_file()
         rps = 200.0 if url.startswith(f"http://127.0.0.1:{servers[-1].env.get('LCS_PORT')}/") else 100.0
-        return {"connections": connections, "rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "non_2xx": 0}
+        return {"connections": connections, "rps": rps, "ok_rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "non_2xx": 0}
 
     def put(url: str, **kwargs: Any) -> http.httpx.Response:
         return http.httpx.Response(200, request=http.httpx.Request("PUT", url))
@@ -132,8 +132,76 @@ def test_wrk_output_is_read_with_its_request_count(monkeypatch: pytest.MonkeyPat
         "p50_ms": 9.55,
         "p99_ms": 16.62,
         "non_2xx": 0,
+        "ok_rps": 1603.8,
         "socket_errors": "",
     }
+
+
+def test_refusals_are_no_throughput(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """wrk's Requests/sec counts every answer, 429s too: a server refusing everything read 39,418 requests/s."""
+    refused = WRK_OUTPUT.replace("Requests/sec:", "  Non-2xx or 3xx responses: 2019\nRequests/sec:")
+
+    def run(cmd: list[str], **kwargs: Any) -> http.subprocess.CompletedProcess[str]:
+        return http.subprocess.CompletedProcess(cmd, 0, refused, "")
+
+    monkeypatch.setattr(http.subprocess, "run", run)
+    res = http.wrk("http://127.0.0.1:8000/predict", tmp_path / "post.lua", 16, 5)
+    assert (res["rps"], res["non_2xx"], res["ok_rps"]) == (1603.8, 2019, 1200.0)
+
+
+def test_the_service_listens_on_the_loopback_whatever_the_callers_host(
+    started: list[FakeServer], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With LCS_HOST=0.0.0.0 (the image's) in the caller's environment, the service listened on every interface
+    with the benchmark's admin key."""
+    monkeypatch.setenv("LCS_HOST", "0.0.0.0")
+    monkeypatch.setattr(
+        sys, "argv", ["http", "--rounds", "1", "--connections", "1", "--json", str(tmp_path / "h.json")]
+    )
+    http.main()
+    ours = [s for s in started if "LCS_PORT" in s.env]
+    assert ours and all(s.env["LCS_HOST"] == "127.0.0.1" for s in ours)
+
+
+def test_the_request_path_is_the_latency_less_the_models_own_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer's compute_ms holds the model, the batch's hand-off between threads and the softmax; the path
+    subtracted all of it as the model's. The model's own time is the service's lcs_batch_compute_seconds. The
+    body goes pre-encoded (httpx encoding 784 values took 0.06 ms inside the clock)."""
+    seen: list[bytes] = []
+    batches = [0]
+
+    def handler(request: http.httpx.Request) -> http.httpx.Response:
+        if request.url.path == "/predict":
+            seen.append(request.content)
+            batches[0] += 1
+            return http.httpx.Response(200, json={"queue_ms": 0.05, "compute_ms": 0.5})
+        if request.url.path == "/metrics":
+            n = batches[0]
+            text = (
+                "# HELP lcs_batch_compute_seconds Model seconds per batch.\n"
+                "# TYPE lcs_batch_compute_seconds histogram\n"
+                f'lcs_batch_compute_seconds_bucket{{le="+Inf"}} {n}\n'
+                f"lcs_batch_compute_seconds_count {n}\nlcs_batch_compute_seconds_sum {n * 0.0003}\n"
+            )
+            return http.httpx.Response(200, text=text)
+        return http.httpx.Response(200, json={"status": "ok"})
+
+    real = http.httpx.Client
+    monkeypatch.setattr(http.httpx, "Client", lambda **kw: real(transport=http.httpx.MockTransport(handler), **kw))
+    body = json.dumps({"inputs": [[[0] * 28] * 28]}).encode()
+    res = http.time_breakdown("http://127.0.0.1:1", body, n=30)
+    assert res["model_mean_ms"] == 0.3 and res["compute_p50_ms"] == 0.5
+    assert res["path_p50_ms"] == pytest.approx(res["total_p50_ms"] - 0.3, abs=0.0015)
+    assert set(seen) == {body} and len(seen) == 50  # 20 to warm up, then 30
+
+
+def test_the_plain_server_runs_the_backend_the_service_is_told() -> None:
+    """LCS_BACKEND reached the service alone: the plain server built its network on ONNX Runtime whatever."""
+    code = "import benchmarks.naive_server as n; print(n._compiled.representation)"
+    env = {**os.environ, "LCS_BACKEND": "torchscript"}
+    out = http.subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "TorchScript" in out.stdout and "ONNX Runtime" not in out.stdout
 
 
 def test_each_level_reports_the_main_threads_cpu_per_request(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@ flags refused before any server starts."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ import pytest
 
 from benchmarks import load
 from benchmarks.load import neighbour_reaction, server_settings, summarise, trace
-from benchmarks.overload import percentile
+from benchmarks.overload import CAPACITY_SLO, percentile
 
 
 def test_neighbour_reaction_reports_the_drop_the_first_return_and_the_return_for_good() -> None:
@@ -27,7 +28,7 @@ def test_neighbour_reaction_reports_the_drop_the_first_return_and_the_return_for
     for i in range(48):  # polled every 0.25 s
         t = 0.25 * i
         timeline.append({"t": t, "ceiling": next(c for s, c in sorted(ceilings.items(), reverse=True) if t >= s)})
-    reaction = neighbour_reaction(timeline, 12.0)
+    reaction = neighbour_reaction(timeline, 3.0, 6.0)
     assert reaction == {
         "ceiling_below_top_at_start": False,
         "ceiling_drop_after_start_s": 0.5,
@@ -40,9 +41,9 @@ def test_neighbour_reaction_reports_the_drop_the_first_return_and_the_return_for
 def test_full_quality_is_the_top_of_the_grid_not_the_highest_ceiling_seen() -> None:
     """A policy that never rose above 0.55 read as back at full quality (AIMD "back in 4.73 s")."""
     timeline = [{"t": 0.25 * i, "ceiling": 0.55 if i < 13 or i >= 30 else 0.3} for i in range(48)]
-    reaction = neighbour_reaction(timeline, 12.0)
+    reaction = neighbour_reaction(timeline, 3.0, 6.0)
     assert reaction["full_quality_first_after_stop_s"] is None and reaction["full_quality_after_stop_s"] is None
-    assert neighbour_reaction(timeline, 12.0, top=0.55)["full_quality_after_stop_s"] == 1.5
+    assert neighbour_reaction(timeline, 3.0, 6.0, top=0.55)["full_quality_after_stop_s"] == 1.5
 
 
 def test_each_phase_of_a_trace_offers_the_rate_it_states() -> None:
@@ -106,7 +107,7 @@ def test_percentiles_are_nearest_rank() -> None:
 
 def test_neighbour_reaction_without_a_return_says_none() -> None:
     timeline = [{"t": 0.25 * i, "ceiling": 1.0 if i < 14 else 0.5} for i in range(48)]
-    assert neighbour_reaction(timeline, 12.0) == {
+    assert neighbour_reaction(timeline, 3.0, 6.0) == {
         "ceiling_below_top_at_start": False,
         "ceiling_drop_after_start_s": 0.5,
         "full_quality_first_after_stop_s": None,
@@ -118,7 +119,7 @@ def test_neighbour_reaction_without_a_return_says_none() -> None:
 def test_a_return_in_the_traces_last_second_is_not_for_good() -> None:
     # back on the last polls only (as the README's run on 92e618f was: 0.3 s before the end)
     timeline = [{"t": 0.25 * i, "ceiling": 1.0 if i < 13 or i >= 46 else 0.35} for i in range(48)]
-    reaction = neighbour_reaction(timeline, 12.0)
+    reaction = neighbour_reaction(timeline, 3.0, 6.0)
     assert reaction["full_quality_first_after_stop_s"] == 5.5
     assert reaction["full_quality_after_stop_s"] is None and reaction["full_quality_held_s"] == 0.25
 
@@ -126,7 +127,7 @@ def test_a_return_in_the_traces_last_second_is_not_for_good() -> None:
 def test_a_ceiling_already_down_when_the_neighbour_starts_shows_no_reaction() -> None:
     # the trace's own load lowered it at 2 s: the first poll inside the neighbour's window is no reaction to it
     timeline = [{"t": 0.25 * i, "ceiling": 1.0 if i < 8 else 0.65} for i in range(48)]
-    reaction = neighbour_reaction(timeline, 12.0)
+    reaction = neighbour_reaction(timeline, 3.0, 6.0)
     assert reaction["ceiling_below_top_at_start"] is True and reaction["ceiling_drop_after_start_s"] is None
 
 
@@ -192,6 +193,25 @@ def test_its_servers_start_on_a_port_found_free_not_a_fixed_one(
     with pytest.raises(KeyboardInterrupt):
         load.main()
     assert ports == [54321]
+
+
+def test_capacity_is_measured_on_servers_whose_admission_refuses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the real SLO, 8 clients of 64-image requests kept alpha 1's queue past it: admission refused them as
+    late, the clients resent at once, and the refusals took the model's CPU (33.8-70.5 requests/s measured where
+    2 clients measured 71.8-77.5): every trace was scaled to that figure."""
+    slos: list[float] = []
+
+    def start_server(checkpoint: str, port: int, slo: float, **env: str) -> Any:
+        slos.append(slo)
+        raise KeyboardInterrupt  # the first server is the capacity run's
+
+    monkeypatch.setattr(load, "start_server", start_server)
+    monkeypatch.setattr(sys, "argv", ["load", "--out", str(tmp_path / "load")])
+    with pytest.raises(KeyboardInterrupt):
+        load.main()
+    assert slos == [CAPACITY_SLO] and CAPACITY_SLO >= 10
 
 
 @pytest.mark.parametrize("given", ["run", "run.json", "run.png"])
@@ -267,6 +287,35 @@ def test_a_cpu_burner_leaves_sigterm_to_its_default_so_terminate_ends_it_quietly
         signal.signal(signal.SIGTERM, before)
 
 
+def test_the_trace_the_poller_and_the_neighbour_share_one_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poller took its zero before building its client, the neighbour slept from after that, and the trace
+    started 0.1 s after the poller: the burners ran 51-87 ms later than the reaction was timed from."""
+    zeros: dict[str, float] = {}
+    forked: list[float] = []
+
+    async def poll(base: str, out: list[dict[str, Any]], stop: Any, start: float) -> None:
+        zeros["poller"] = start
+
+    async def run_trace(port: int, req: bytes, arrivals: list[float], timeout: float, start: float) -> Any:
+        zeros["trace"] = start
+        await asyncio.sleep(start + 0.4 - time.perf_counter())  # a 0.4 s trace
+        return [], 0
+
+    def burners(stop: Any, n: int) -> list[Any]:
+        forked.append(time.perf_counter())
+        time.sleep(0.02)  # forking takes time: the neighbour's start is when it is done
+        return []
+
+    monkeypatch.setattr(load, "poll_controller", poll)
+    monkeypatch.setattr(load, "run_trace", run_trace)
+    monkeypatch.setattr(load, "start_burners", burners)
+    _, _, _, when = asyncio.run(load.drive("http://x", 1, b"", [], True, 0.4))
+    zero = zeros["trace"]
+    assert zeros["poller"] == zero
+    assert abs(forked[0] - zero - 0.1) < 0.02  # NEIGHBOUR's start, a quarter of 0.4 s in
+    assert 0.11 <= when["neighbour_started_s"] < 0.15 and abs(when["neighbour_stopped_s"] - 0.2) < 0.02
+
+
 def test_the_load_generator_imports_no_torch() -> None:
     """The generator shares the machine with the server it measures: it checks --policies with the service's
     parse_policy, whose module (and the grid's) must not pull in torch or ONNX Runtime (1.3 s and some
@@ -311,7 +360,7 @@ def test_stopped_after_some_traces_it_writes_them_marked_interrupted(
         ran.append("trace")
         if len(ran) == 2:
             raise KeyboardInterrupt
-        return [{"t": 0.0, "status": 200, "latency": 0.01, "alpha": 1.0}], 0, []
+        return [{"t": 0.0, "status": 200, "latency": 0.01, "alpha": 1.0}], 0, [], {}
 
     monkeypatch.setattr(load, "start_server", lambda *a, **k: "server")
     monkeypatch.setattr(load, "stop_server", stopped.append)
@@ -340,10 +389,13 @@ def test_the_load_after_the_stop_is_read_from_the_draw_on_average_and_in_its_bus
     arrivals += [6 + k / 60 for k in range(300) if not 6.5 <= 6 + k / 60 < 7.5]
     arrivals += [6.5 + k / 90 for k in range(90)]
     arrivals += [11 + k / 500 for k in range(500)]  # 500/s in the last second
-    assert load.load_after_stop(arrivals, 100.0, 12.0) == {"load_after_stop": 0.66, "peak_1s_load_after_stop": 0.9}
+    assert load.load_after_stop(arrivals, 100.0, 6.0, 12.0) == {"load_after_stop": 0.66, "peak_1s_load_after_stop": 0.9}
 
 
 def test_the_busiest_second_after_the_stop_may_be_its_last() -> None:
     # one arrival at the stop, then 400 in 10.5-10.9 s: no 1 s window starting at one of those ends by 11 s
     arrivals = [6.0] + [10.5 + k / 1000 for k in range(400)]
-    assert load.load_after_stop(arrivals, 100.0, 12.0) == {"load_after_stop": 0.802, "peak_1s_load_after_stop": 4.0}
+    assert load.load_after_stop(arrivals, 100.0, 6.0, 12.0) == {
+        "load_after_stop": 0.802,
+        "peak_1s_load_after_stop": 4.0,
+    }

@@ -129,12 +129,13 @@ def test_shedding_resets_and_timeouts_are_told_apart() -> None:
     asyncio.run(main())
 
 
-def test_closed_loop_counts_only_successes() -> None:
+def test_closed_loop_counts_successes_and_the_other_answers_apart() -> None:
     async def main() -> None:
         server, port, _ = await _server(lambda n: (0.01, _response(200 if n % 2 else 503)))
-        rate = await closed_loop(port, post("/p", b"x", port), 0.5, concurrency=2, warmup=0.1)
+        rate, other = await closed_loop(port, post("/p", b"x", port), 0.5, concurrency=2, warmup=0.1)
         server.close()
         assert 20 < rate < 110  # 2 clients x ~100 answers/s, half of them 200
+        assert abs(other - rate * 0.5) <= 3  # the other half, in the same window
 
     asyncio.run(main())
 
@@ -145,9 +146,9 @@ def test_closed_loop_counts_the_answers_within_its_window_not_those_after_it() -
 
     async def main() -> None:
         server, port, _ = await _server(lambda n: (0.3, _response(200)))
-        rate = await closed_loop(port, post("/p", b"x", port), 0.5, concurrency=4, warmup=0.0)
+        rate, other = await closed_loop(port, post("/p", b"x", port), 0.5, concurrency=4, warmup=0.0)
         server.close()
-        assert rate == 8.0
+        assert (rate, other) == (8.0, 0)
 
     asyncio.run(main())
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,6 +86,24 @@ def test_a_mix_the_server_refuses_is_reported_before_its_capacity_is_measured(
         "change the mix"
     )
     assert stopped == ["server"] and measured == []
+
+
+@pytest.mark.parametrize(("measured", "refused"), [(50.0, 0), (35.8, 8382)])
+def test_a_capacity_measured_while_the_server_refused_work_stops_the_run(
+    measured: float, refused: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def closed_loop(*args: Any, **kwargs: Any) -> tuple[float, int]:
+        return measured, refused
+
+    monkeypatch.setattr(overload.openloop, "closed_loop", closed_loop)
+    if not refused:
+        assert overload.capacity(1, b"", 1.0) == measured
+        return
+    with pytest.raises(SystemExit) as e:
+        overload.capacity(1, b"", 1.0)
+    assert str(e.value).startswith(
+        "error: the server answered 8382 requests with a status other than 200 while its capacity was measured"
+    )
 
 
 def test_rss_growth_is_the_slope_after_the_first_tenth_in_mib_per_hour() -> None:
