@@ -199,21 +199,11 @@ class Runtime:
             )
         else:  # "auto" under ONNX Runtime: only a TorchScript fallback would use it
             self.channels_last = s.channels_last == "on"
-        # held here until start-up ends, whatever the cache's bound evicts: profiled and self-checked as built
+        # held here until both are done, whatever the cache's bound evicts: profiled and self-checked as built
         built = {alpha: self.cache.get(alpha, counted=False) for alpha in self.prebuild}
         self._measure_profile(built, probe)
-        # a checkpoint may carry no sample images, or none at all (lcs.checkpoint accepts 0): nothing to check
-        if self.samples is not None and self.sample_labels is not None and len(self.samples):
-            x, step = self.samples.numpy(), s.max_batch
-            finite = {}
-            for alpha, compiled in built.items():
-                # in the batches the service runs: all the sample images at once made start-up's peak
-                logits = np.concatenate([compiled.logits(x[i : i + step]) for i in range(0, len(x), step)])
-                finite[alpha] = bool(np.isfinite(logits).all())
-                pred = logits.argmax(1)
-                self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
-            self._verify_self_check(self.prebuild, finite)
-        del built
+        self._self_check(built)
+        del built  # those the bound evicted are freed before the heap is trimmed, below
         # the fastest model is kept, whatever the bound or memory pressure: a load rise falls back on it, and
         # building it then would make late batches later (with a small LCS_CACHE_BYTES, prebuilding the grid
         # may have evicted it: built again here)
@@ -233,6 +223,22 @@ class Runtime:
         # resident before handing the freed part back, 346 after
         release_freed_heap()
         self.ready = True
+
+    def _self_check(self, built: dict[float, Compiled]) -> None:
+        """Each model's accuracy on the checkpoint's sample images (`self_check`), verified against the test
+        accuracy it records. A checkpoint may carry no sample images, or none at all (lcs.checkpoint accepts
+        0): nothing to check."""
+        if self.samples is None or self.sample_labels is None or not len(self.samples):
+            return
+        x, step = self.samples.numpy(), self.settings.max_batch
+        finite = {}
+        for alpha, compiled in built.items():
+            # in the batches the service runs: all the sample images at once made start-up's peak
+            logits = np.concatenate([compiled.logits(x[i : i + step]) for i in range(0, len(x), step)])
+            finite[alpha] = bool(np.isfinite(logits).all())
+            pred = logits.argmax(1)
+            self.self_check[f"{alpha:g}"] = round(100.0 * float((pred == self.sample_labels.numpy()).mean()), 2)
+        self._verify_self_check(list(built), finite)
 
     def _verify_self_check(self, alphas: list[float], finite: dict[float, bool]) -> None:
         """Raise CheckpointError if the model at some alpha gives NaN or Inf on its own sample images (every

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from service import materialize
+from service import materialize, runtime
 from service.controller import Signals
 from service.materialize import Compiled
 from service.runtime import PROFILE_ROUNDS, Runtime, softmax
@@ -152,6 +155,31 @@ def test_start_up_builds_each_alpha_once_counts_no_lookups_and_warns_on_what_it_
     assert "over LCS_CACHE_BYTES" not in caplog.text
     stats = rt.cache.stats
     assert (stats.builds, stats.hits, stats.misses) == (len(GRID) + 1, 0, 0)  # alpha 1 built again, once
+
+
+def test_the_models_start_up_built_and_the_bound_evicted_are_freed_before_the_heap_is_trimmed(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The self-check's loop variable kept the last model it checked alive through the trim."""
+    made: list[weakref.ref[Compiled]] = []
+    alive: list[list[float]] = []
+    build = runtime.build
+
+    def tracked(*args: Any, **kwargs: Any) -> Compiled:
+        made.append(weakref.ref(compiled := build(*args, **kwargs)))
+        return compiled
+
+    def trim() -> None:
+        gc.collect()
+        cached = {id(rt.cache.peek(a)) for a in rt.cache.cached()}
+        alive.append([c.alpha for ref in made if (c := ref()) is not None and id(c) not in cached])
+
+    monkeypatch.setattr(runtime, "build", tracked)
+    monkeypatch.setattr(runtime, "release_freed_heap", trim)
+    rt = Runtime.load(make_settings(structured.path, cache_bytes=1, profile_batches=[1]))
+    monkeypatch.setattr(rt.controller, "fastest", lambda: 1.0)
+    rt.warm_up()
+    assert rt.cache.cached() == [1.0] and alive == [[]]
 
 
 def test_the_fastest_model_is_kept_and_built_again_if_prebuilding_evicted_it(
