@@ -8,7 +8,8 @@ count and time. Traces: steady (0.6x the alpha = 1 capacity), step (0.5x -> 1.5x
 a CPU-hungry neighbour process runs through the trace's second quarter, so that the second half shows
 whether full quality returns within 5 s of it stopping; at 0.7x, until session 27, whether it returned
 was the controller's 20 % headroom rule meeting the draw's load, not the neighbour). Capacity is measured
-first, closed loop, for the request mix at alpha = 1 and alpha = 0.
+first, closed loop, for the request mix at alpha = 1 and alpha = 0, on servers whose admission refuses
+nothing (benchmarks.overload.CAPACITY_SLO).
 
 Service settings in the environment (`LCS_THREADS=2`, `LCS_BACKEND=torchscript`) apply to every server it
 starts, except those it sets itself (checkpoint, host, port, SLO, policy, queue bound, API key).
