@@ -134,9 +134,12 @@ class PredictResponse(BaseModel):
     level: float = Field(description="Compression at that alpha: sparsity fraction, width fraction or bits.")
     level_name: str
     accuracy: float | None = Field(description="Test accuracy (%) measured for that alpha at training time.")
-    queue_ms: float
-    compute_ms: float
-    batch_images: int
+    queue_ms: float = Field(description="From the request's place in the queue to its batch's start.")
+    compute_ms: float = Field(
+        description="From its batch's start to the batch's results: the model, the hand-off to the inference "
+        "thread and back, and the softmax; the same for every request of the batch."
+    )
+    batch_images: int = Field(description="Images in the batch that served it, this request's and others'.")
     request_id: str
 
 
