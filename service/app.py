@@ -741,8 +741,10 @@ async def _warm(st: State, stop: Callable[[], None] | None) -> None:
         # the model, torch and every module are loaded for good: move them out of the collector's view, so
         # a full collection (every few thousand requests) no longer walks them and stalls the loop ~100 ms
         gc.freeze()
-        rt = st.runtime
-        log.info("ready: %s, alphas %s built and profiled, %s cached", rt.name, sorted(rt.prebuild), rt.cache.cached())
+        rt, built = st.runtime, sorted(st.runtime.prebuild)
+        cached = rt.cache.cached()
+        kept = "all cached" if cached == built else f"{cached} cached (LCS_CACHE_BYTES)"
+        log.info("ready: %s, alphas %s built and profiled, %s", rt.name, built, kept)
         return
     if stop is not None:
         stop()

@@ -1425,6 +1425,24 @@ def test_full_queue_answers_429_with_retry_after(structured: TinyCheckpoint) -> 
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("cache_bytes", [1, 2**30])
+def test_the_ready_line_names_the_alphas_built_and_those_the_cache_kept(
+    structured: TinyCheckpoint, cache_bytes: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It named those still cached alone: with a small LCS_CACHE_BYTES, fewer than start-up built and profiled."""
+    with (
+        caplog.at_level(logging.INFO, logger="lcs.service"),
+        serve(make_settings(structured.path, cache_bytes=cache_bytes)) as c,
+    ):
+        cached = app_state(c).runtime.cache.cached()
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ready: ")]
+    assert ready[0].startswith(f"ready: tiny_structured, alphas {list(GRID)} built and profiled, ")
+    if cache_bytes > 1:
+        assert ready[0].endswith(", all cached")
+    else:
+        assert len(cached) < len(GRID) and ready[0].endswith(f", {cached} cached (LCS_CACHE_BYTES)")
+
+
 def test_model_failure_is_a_500_and_the_service_keeps_serving(structured: TinyCheckpoint) -> None:
     with serve(make_settings(structured.path)) as c:
         rt = app_state(c).runtime
