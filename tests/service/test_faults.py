@@ -146,7 +146,7 @@ def test_cache_memory_pressure_evicts_instead_of_growing(
     assert served == set(GRID)
     assert after["lcs_cache_evictions_total"] > before["lcs_cache_evictions_total"] + 10
     assert after["lcs_cache_builds_total"] > len(GRID) + 10  # evicted alphas were rebuilt when asked again
-    # one batch per request, each one lookup: a miss where it rebuilt (counted a miss and a hit, once)
+    # one batch per request, each one lookup: a miss where it rebuilt (such a batch counted a miss and a hit)
     hits, misses, builds = (
         after[f"lcs_cache_{k}_total"] - before[f"lcs_cache_{k}_total"] for k in ("hits", "misses", "builds")
     )
