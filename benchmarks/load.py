@@ -45,6 +45,7 @@ from benchmarks import openloop
 from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive
 from benchmarks.openloop import HOST, free_port
 from benchmarks.overload import CAPACITY_SLO, capacity, percentile, start_server, stop_server
+from service.cgroups import usable_cpus
 from service.controller import parse_policy
 
 
@@ -244,7 +245,9 @@ async def drive(
     async def neighbour() -> None:
         start, stop = (duration * f for f in NEIGHBOUR)
         await asyncio.sleep(zero + start - time.perf_counter())
-        burners.extend(start_burners(stop_burn, os.cpu_count() or 2))
+        # one per CPU this process may use, as the service counts them (os.cpu_count is the node's: a container
+        # granted 2 CPUs of a 64-core node would start 64)
+        burners.extend(start_burners(stop_burn, usable_cpus()))
         when["neighbour_started_s"] = round(time.perf_counter() - zero, 3)  # every burner forked
         await asyncio.sleep(zero + stop - time.perf_counter())
         stop_burn.set()

@@ -302,6 +302,7 @@ def test_the_trace_the_poller_and_the_neighbour_share_one_clock(monkeypatch: pyt
         return [], 0
 
     def burners(stop: Any, n: int) -> list[Any]:
+        assert n == 3  # the CPUs this process may use, not the node's
         forked.append(time.perf_counter())
         time.sleep(0.02)  # forking takes time: the neighbour's start is when it is done
         return []
@@ -309,6 +310,7 @@ def test_the_trace_the_poller_and_the_neighbour_share_one_clock(monkeypatch: pyt
     monkeypatch.setattr(load, "poll_controller", poll)
     monkeypatch.setattr(load, "run_trace", run_trace)
     monkeypatch.setattr(load, "start_burners", burners)
+    monkeypatch.setattr(load, "usable_cpus", lambda: 3)
     _, _, _, when = asyncio.run(load.drive("http://x", 1, b"", [], True, 0.4))
     zero = zeros["trace"]
     assert zeros["poller"] == zero
