@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive, run_child
+from benchmarks.cli import alpha_value, check_output, command, json_text, load_checkpoint, positive, run_child
 from lcs.alpha import Level, spelled
 from lcs.layers import Setting
 from service.cache import Grid, ModelCache
@@ -267,7 +267,7 @@ def main() -> None:
         print(" | ".join(f"{r.get(c, '')!s:>14}" for c in cols))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps(
+        json_text(
             {
                 "checkpoint": str(args.checkpoint),
                 "kind": meta.kind,

@@ -125,6 +125,23 @@ def _terminated(signum: int, frame: object) -> None:
     raise Stopped(signum)  # unwinds like Ctrl-C, through the `finally` blocks
 
 
+def json_text(obj: Any, indent: int | None = 1) -> str:
+    """`obj` as a results file's JSON: a NaN or an infinity (the percentile of no answers, a growth rate a run
+    too short cannot tell) as null, where json.dumps writes NaN, which is no JSON (JavaScript's JSON.parse
+    refuses the file)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False) + "\n"
+
+
 @contextlib.contextmanager
 def kept_if_stopped(path: Path, measured: Callable[[], dict[str, Any] | None]) -> Iterator[None]:
     """Ctrl-C or SIGTERM inside the block writes `measured()` (what the run has measured so far; None if
@@ -137,7 +154,7 @@ def kept_if_stopped(path: Path, measured: Callable[[], dict[str, Any] | None]) -
         if (partial := measured()) is None:
             raise Stopped(signum) from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**partial, "interrupted": True}, indent=1) + "\n")
+        path.write_text(json_text({**partial, "interrupted": True}))
         raise Stopped(signum, path) from None
 
 

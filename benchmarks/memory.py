@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 from pathlib import Path
 
 import psutil
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, json_text, load_checkpoint, positive
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap
 
 
@@ -83,7 +82,7 @@ def main() -> None:
             f"{row['reclaimable']!s:>11} | {row['representation']}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "builds": args.builds, "rows": rows}, indent=1))
+    out.write_text(json_text({"checkpoint": str(args.checkpoint), "builds": args.builds, "rows": rows}))
     print(f"wrote {out}")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, json_text, load_checkpoint, positive
 from service.materialize import Compiled, OnnxModule, build, normalised_samples, onnx_threads
 
 
@@ -110,7 +110,7 @@ def main() -> None:
     print(f"{total:>10.1f} | 100.0% | all nodes")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps(
+        json_text(
             {
                 "checkpoint": str(args.checkpoint),
                 "alpha": alpha,

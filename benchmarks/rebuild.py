@@ -25,7 +25,6 @@ writes the cycles run so far, with "interrupted": true.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import httpx
 import psutil
 
 from benchmarks import openloop
-from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive
+from benchmarks.cli import check_checkpoint, check_output, command, json_text, kept_if_stopped, positive
 from benchmarks.load import reply_rows, request
 from benchmarks.load import summarise as load_summary
 from benchmarks.openloop import HOST, free_port
@@ -160,7 +159,7 @@ def main() -> int:
                 f"| {i} | {' | '.join(str(c[k]) for k in keys)} | {len(c['built_before'])} -> {len(c['built_after'])} |"
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(json_text(result))
     print(f"wrote {args.out}")
     return 0
 

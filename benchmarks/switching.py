@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from benchmarks.cli import check_output, command, load_checkpoint, positive, run_child
+from benchmarks.cli import check_output, command, json_text, load_checkpoint, positive, run_child
 from service.settings import Backend
 
 
@@ -76,7 +76,7 @@ def main() -> None:
         print(f"{name:>34} | {r['one_alpha_us']:>20} | {r['random_alphas_us']:>24}")
     result = {"checkpoint": args.checkpoint, "calls": args.calls, "by_backend": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+    args.json.write_text(json_text(result))
     print(f"wrote {args.json}")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import alphas, http, load, memory, ops, overload, rebuild, switching
+from benchmarks import alphas, cli, http, load, memory, ops, overload, rebuild, switching
 from benchmarks.cli import command, kept_if_stopped, run_child
 
 
@@ -349,7 +349,7 @@ def test_a_benchmark_stopped_late_keeps_what_it_measured(
     `kept_if_stopped` what was measured is written, marked interrupted, after the servers are stopped."""
     out = tmp_path / "results" / "run.json"
     done: list[str] = []
-    measured = {"runs": [1, 2]}
+    measured = {"runs": [1, 2], "p99_ms": float("nan")}  # a trace with no answers yet
 
     def main() -> int:
         with kept_if_stopped(out, lambda: measured):
@@ -363,7 +363,8 @@ def test_a_benchmark_stopped_late_keeps_what_it_measured(
                 done.append("servers stopped" if not out.exists() else "stopped after the write")
 
     assert _exit_code(main) == code and done == ["servers stopped"]
-    assert json.loads(out.read_text()) == {"runs": [1, 2], "interrupted": True}
+    strict = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is no JSON"))
+    assert strict == {"runs": [1, 2], "p99_ms": None, "interrupted": True}
     assert capsys.readouterr().err == f"{word}; wrote what was measured to {out}\n"
 
 
@@ -380,3 +381,15 @@ def test_a_benchmark_stopped_before_it_measured_anything_writes_nothing(
         command(main)
     assert e.value.code == 130 and not out.exists()
     assert capsys.readouterr().err == "interrupted; no results written\n"
+
+
+def test_results_files_are_json_a_strict_reader_accepts() -> None:
+    """A percentile of no answers, or the RSS growth of a run too short to tell, was written as NaN: no JSON
+    (JavaScript's JSON.parse refused the file)."""
+    text = cli.json_text({"p99_ms": float("nan"), "rows": [1.5, float("inf"), (float("-inf"), 2)], "n": 3})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is no JSON")) == {
+        "p99_ms": None,
+        "rows": [1.5, None, [None, 2]],
+        "n": 3,
+    }
+    assert text.endswith("}\n")
