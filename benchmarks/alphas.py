@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, json_text, load_checkpoint, positive, run_child
+from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive, run_child, write_json
 from lcs.alpha import Level, spelled
 from lcs.layers import Setting
 from service.cache import Grid, ModelCache
@@ -265,22 +265,19 @@ def main() -> None:
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r.get(c, '')!s:>14}" for c in cols))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json_text(
-            {
-                "checkpoint": str(args.checkpoint),
-                "kind": meta.kind,
-                "backend": args.backend,
-                "torch": torch.__version__,
-                "onnxruntime": ort.__version__,
-                "machine": platform.processor() or platform.machine(),
-                "cache": cache_cost,
-                "speedup_relative_to": reference,
-                "rows": rows,
-            },
-            indent=1,
-        )
+    write_json(
+        out,
+        {
+            "checkpoint": str(args.checkpoint),
+            "kind": meta.kind,
+            "backend": args.backend,
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "cache": cache_cost,
+            "speedup_relative_to": reference,
+            "rows": rows,
+        },
     )
     print(
         f"cache: a hit costs {cache_cost['hit_us']} us; building alpha {alphas[-1]:g} on a miss "

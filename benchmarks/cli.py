@@ -125,10 +125,10 @@ def _terminated(signum: int, frame: object) -> None:
     raise Stopped(signum)  # unwinds like Ctrl-C, through the `finally` blocks
 
 
-def json_text(obj: Any, indent: int | None = 1) -> str:
-    """`obj` as a results file's JSON: a NaN or an infinity (the percentile of no answers, a growth rate a run
-    too short cannot tell) as null, where json.dumps writes NaN, which is no JSON (JavaScript's JSON.parse
-    refuses the file)."""
+def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:
+    """Write `obj` to the results file `path`, creating its folder: a NaN or an infinity (the percentile of no
+    answers, a growth rate a run too short cannot tell) as null, where json.dumps writes NaN, which is no JSON
+    (JavaScript's JSON.parse refuses the file)."""
 
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
@@ -139,7 +139,8 @@ def json_text(obj: Any, indent: int | None = 1) -> str:
             return [clean(x) for x in v]
         return v
 
-    return json.dumps(clean(obj), indent=indent, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(obj), indent=indent, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager
@@ -153,8 +154,7 @@ def kept_if_stopped(path: Path, measured: Callable[[], dict[str, Any] | None]) -
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
         if (partial := measured()) is None:
             raise Stopped(signum) from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json_text({**partial, "interrupted": True}))
+        write_json(path, {**partial, "interrupted": True})
         raise Stopped(signum, path) from None
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.cli import check_checkpoint, check_output, command, json_text, kept_if_stopped, positive
+from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive, write_json
 from benchmarks.openloop import HOST, free_port
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -257,8 +257,7 @@ def main() -> None:
         print(f"round {i}: peak {peaks['lcs-serve']:.0f} vs {peaks['one-at-a-time']:.0f} req/s = {ratios[i]:.2f}x")
     print(f"peak throughput ratio: median {results['peak_throughput_ratio']:.2f}x over {len(ratios)} rounds")
     print("where the time goes at low load (p50, ms):", results["breakdown"])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json_text(results))
+    write_json(args.json, results)
     print(f"wrote {args.json}")
 
 

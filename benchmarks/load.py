@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 from benchmarks import openloop
-from benchmarks.cli import check_checkpoint, check_output, command, json_text, kept_if_stopped, positive
+from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive, write_json
 from benchmarks.openloop import HOST, free_port
 from benchmarks.overload import CAPACITY_SLO, capacity, percentile, start_server, stop_server
 from service.cgroups import usable_cpus
@@ -499,7 +499,7 @@ def main() -> None:
                 f"{policy:>10} | {tr:>7} | {s['p50_ms']:>8} | {s['p99_ms']:>8} | {s['slo_attainment']:>8} | "
                 f"{s['shed_rate']:>6} | {s['mean_alpha']:>5} | {s['effective_accuracy']:>8}"
             )
-    Path(f"{out}.json").write_text(json_text(result, indent=None))
+    write_json(Path(f"{out}.json"), result, indent=None)
     plot(result["policies"], Path(f"{out}.png"), args.slo)
     print(f"wrote {out}.json and {out}.png")
 

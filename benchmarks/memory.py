@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, grid_alpha, json_text, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive, write_json
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap
 
 
@@ -81,8 +81,7 @@ def main() -> None:
             f"{alpha:>5g} | {row['counted_bytes'] / 1e6:>7.2f} | {held / 1e6:>6.2f} | {kept_for_good / 1e6:>7.2f} | "
             f"{row['reclaimable']!s:>11} | {row['representation']}"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json_text({"checkpoint": str(args.checkpoint), "builds": args.builds, "rows": rows}))
+    write_json(out, {"checkpoint": str(args.checkpoint), "builds": args.builds, "rows": rows})
     print(f"wrote {out}")
 
 

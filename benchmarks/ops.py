@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, grid_alpha, json_text, load_checkpoint, positive
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive, write_json
 from service.materialize import Compiled, OnnxModule, build, normalised_samples, onnx_threads
 
 
@@ -108,20 +108,17 @@ def main() -> None:
     for name, us in nodes.items():
         print(f"{us:>10.1f} | {100 * us / total:>5.1f}% | {name}")
     print(f"{total:>10.1f} | 100.0% | all nodes")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json_text(
-            {
-                "checkpoint": str(args.checkpoint),
-                "alpha": alpha,
-                "representation": compiled.representation,
-                "batch": args.batch,
-                "threads": args.threads,
-                "runs": args.runs,
-                "us_per_forward": {k: round(v, 2) for k, v in nodes.items()},
-            },
-            indent=1,
-        )
+    write_json(
+        out,
+        {
+            "checkpoint": str(args.checkpoint),
+            "alpha": alpha,
+            "representation": compiled.representation,
+            "batch": args.batch,
+            "threads": args.threads,
+            "runs": args.runs,
+            "us_per_forward": {k: round(v, 2) for k, v in nodes.items()},
+        },
     )
     print(f"wrote {out}")
 

@@ -54,7 +54,7 @@ import httpx
 import psutil
 
 from benchmarks import openloop
-from benchmarks.cli import check_checkpoint, check_output, command, json_text, positive
+from benchmarks.cli import check_checkpoint, check_output, command, positive, write_json
 from benchmarks.http import _wait_ready
 from benchmarks.openloop import HOST, free_port
 
@@ -410,8 +410,7 @@ def main() -> int:
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}} | {v}" for k, v in rows))
     print("\n" + "\n".join(f"{'PASS' if v else 'FAIL'}  {k}" for k, v in checks.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json_text(result))
+    write_json(args.out, result)
     if interrupted:
         print(f"interrupted after {wall:.0f} s of {args.duration:g}; wrote what was measured to {args.out}")
         return 130

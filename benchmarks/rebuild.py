@@ -34,7 +34,7 @@ import httpx
 import psutil
 
 from benchmarks import openloop
-from benchmarks.cli import check_checkpoint, check_output, command, json_text, kept_if_stopped, positive
+from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive, write_json
 from benchmarks.load import reply_rows, request
 from benchmarks.load import summarise as load_summary
 from benchmarks.openloop import HOST, free_port
@@ -158,8 +158,7 @@ def main() -> int:
             print(
                 f"| {i} | {' | '.join(str(c[k]) for k in keys)} | {len(c['built_before'])} -> {len(c['built_after'])} |"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json_text(result))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

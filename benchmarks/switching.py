@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from benchmarks.cli import check_output, command, json_text, load_checkpoint, positive, run_child
+from benchmarks.cli import check_output, command, load_checkpoint, positive, run_child, write_json
 from service.settings import Backend
 
 
@@ -75,8 +75,7 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:>34} | {r['one_alpha_us']:>20} | {r['random_alphas_us']:>24}")
     result = {"checkpoint": args.checkpoint, "calls": args.calls, "by_backend": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json_text(result))
+    write_json(args.json, result)
     print(f"wrote {args.json}")
 
 

@@ -383,10 +383,12 @@ def test_a_benchmark_stopped_before_it_measured_anything_writes_nothing(
     assert capsys.readouterr().err == "interrupted; no results written\n"
 
 
-def test_results_files_are_json_a_strict_reader_accepts() -> None:
+def test_results_files_are_json_a_strict_reader_accepts(tmp_path: Path) -> None:
     """A percentile of no answers, or the RSS growth of a run too short to tell, was written as NaN: no JSON
     (JavaScript's JSON.parse refused the file)."""
-    text = cli.json_text({"p99_ms": float("nan"), "rows": [1.5, float("inf"), (float("-inf"), 2)], "n": 3})
+    out = tmp_path / "new" / "run.json"
+    cli.write_json(out, {"p99_ms": float("nan"), "rows": [1.5, float("inf"), (float("-inf"), 2)], "n": 3})
+    text = out.read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is no JSON")) == {
         "p99_ms": None,
         "rows": [1.5, None, [None, 2]],
