@@ -35,6 +35,10 @@ CALM_CPU_OTHER = 0.1  # other processes' share of the CPU under which batch time
 # one stalled batch (a KVM pause: 5.5x its prediction) then moves an estimate by 5 %, not 45 %, while a lasting
 # slowdown still comes through, 5 % a batch compounded (2x in 15 batches, a fraction of a second under load)
 SPIKE_LIMIT = 1.5
+# a batch's hand-off (its wall time outside the model) counts at most SPIKE_LIMIT times the estimate, or this many
+# seconds where that is less: a process paused between the threads (60 s) otherwise made the estimate 6 s, every
+# batch's predicted time missed its slack and admission refused every queued request, for some 50 batches
+HANDOFF_SPIKE_FLOOR = 0.001
 # the defaults of LCS_POLICY, LCS_BATTERY_LOW_PERCENT and LCS_BATTERY_ALPHA_CAP (service.settings)
 POLICY = "lcs"
 BATTERY_LOW_PERCENT = 20.0  # charge, %, under which a machine on battery caps the ceiling
@@ -165,7 +169,8 @@ class Controller:
         if (alpha, images) not in self._shapes_seen:
             self._shapes_seen.add((alpha, images))
             return
-        self.handoff = 0.9 * self.handoff + 0.1 * max(0.0, handoff)
+        spike = max(SPIKE_LIMIT * self.handoff, HANDOFF_SPIKE_FLOOR)
+        self.handoff = 0.9 * self.handoff + 0.1 * min(max(0.0, handoff), spike)
         predicted = self.profile.predict(alpha, images)
         if not predicted:
             return

@@ -289,12 +289,28 @@ def test_time_between_threads_is_added_per_batch_not_scaled_with_the_model() -> 
         Grid([0.0, 0.5, 1.0]), _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0
     )
     before = c.predicted_wait(16, 2)
-    for _ in range(40):
+    for _ in range(120):  # a lasting hand-off comes through, 5 % a batch compounded past 1 ms
         c.observe_batch(1.0, 8, 0.080, handoff=0.005)
     assert c.drift == pytest.approx(1.0) and c.handoff == pytest.approx(0.005, rel=0.05)
     assert c.predicted_wait(16, 2) == pytest.approx(before + 2 * c.handoff)  # type: ignore[operator]
     assert c.batch_alpha(1.0, 0.0, 8, slack=0.082) == 0.5  # 80 ms fits, 80 ms + 5 ms does not
     assert c.state()["batch_handoff_ms"] == round(1000 * c.handoff, 3)
+
+
+def test_one_stalled_hand_off_does_not_send_batches_to_the_floor_or_refuse_the_queue() -> None:
+    """A process paused for 60 s between the inference thread and the loop made the hand-off estimate 6 s: every
+    batch's predicted time missed its slack (alpha 0) and every queued request was predicted late, for some 50
+    batches. One sample now moves it by at most a tenth of SPIKE_LIMIT times itself, or of 1 ms."""
+    c = Controller(
+        Grid([0.0, 0.5, 1.0]), _profile(0.010, 0.001), slo_seconds=0.1, max_batch=8, request_cost_seconds=0.0
+    )
+    for _ in range(20):
+        c.observe_batch(1.0, 8, 0.080, handoff=0.0002)
+    before = c.predicted_wait(8, 1)
+    c.observe_batch(1.0, 8, 0.080, handoff=60.0)
+    assert c.handoff < 0.0003
+    assert c.batch_alpha(1.0, 0.0, 8, slack=0.09) == 1.0
+    assert c.predicted_wait(8, 1) == pytest.approx(before, abs=1e-4)  # type: ignore[arg-type]
 
 
 def test_a_slowdown_seen_while_others_take_the_cpu_is_the_machines_and_slows_every_alpha() -> None:
