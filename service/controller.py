@@ -370,11 +370,13 @@ class Controller:
         # would cost more CPU and accuracy both); the mode says "battery" for as long as the cap binds
         cap = max((a for a in frontier if a <= self.battery_cap + SAME_ALPHA), default=lowest)
         self.battery_limit = cap if low_battery else None
-        if low_battery and new >= cap:
+        capped = low_battery and new >= cap
+        if capped:
             reason = "low battery cap" if new > cap else reason
-            new, mode = cap, "battery"
-        self.mode = mode
-        return self._set(new, mode, s.now, reason)
+            # shedding stays the mode: it is what turns the slack rule off and predicts waits at the ceiling (a
+            # cheaper batch would still not make room for more requests); the cap is in `battery_limit`
+            new, mode = cap, mode if mode == "shedding" else "battery"
+        return self._set(new, mode, s.now, reason, hold="battery" if capped else mode)
 
     def _relieves(self, images: float, requests: float, batch: int) -> bool:
         """Is alpha the lever for this work (`images` in `requests`, run in batches of `batch`): would the
@@ -413,10 +415,11 @@ class Controller:
         new = self.grid.down(self.ceiling * 0.5) if congested else up  # the plain grid, step by step
         return self._set(new, "aimd", s.now, "congestion: halve" if congested else "additive increase")
 
-    def _set(self, ceiling: float, mode: str, now: float, reason: str) -> float:
+    def _set(self, ceiling: float, mode: str, now: float, reason: str, hold: str | None = None) -> float:
+        """Move the ceiling; `hold`: the mode that holds it, for `_hold` (default `mode`)."""
         if ceiling != self.ceiling:
             self.decisions.append(Decision(now, ceiling, reason))
-        self._hold(ceiling, mode)
+        self._hold(ceiling, hold or mode)
         self.ceiling = ceiling
         self.mode = mode
         return ceiling

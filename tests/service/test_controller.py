@@ -575,6 +575,17 @@ def test_the_mode_follows_its_cause() -> None:
     assert c2.mode != "shedding"
 
 
+def test_shedding_on_low_battery_stays_shedding_under_the_cap() -> None:
+    """Request handling overloaded (10 ms a request, 200 requests/s) on low battery: the cap overwrote the mode
+    with "battery", so the slack rule lowered batches that alpha cannot relieve, and GET /controller hid the
+    shedding. The cap still applies, and still holds the ceiling."""
+    c, clock = controller(request_cost_seconds=0.01), Clock()
+    for _ in range(3):
+        c.update(clock(arrival_rate=200.0, battery_percent=10.0, on_battery=True))
+    assert (c.mode, c.ceiling, c.battery_limit, c.held_by) == ("shedding", 0.5, 0.5, "battery")
+    assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0001) == 0.5  # the capped target: no slack rule while shedding
+
+
 def test_the_fastest_is_the_lowest_profiled_frontier_alpha() -> None:
     """What the cache keeps for a load rise: not an alpha slower than one above it, nor one never profiled
     (LCS_PREBUILD short of the grid: the frontier counts it as fast, but it is not known to be, nor built)."""
