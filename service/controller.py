@@ -59,7 +59,7 @@ class Signals:
     memory_available: float = 1.0  # share of memory available to this process (a cgroup limit's if tighter), 0..1
     battery_percent: float | None = None  # None: no battery
     on_battery: bool = False
-    fleet_rate: float | None = None  # fleet-wide requests/s from Prometheus, per replica
+    fleet_rate: float | None = None  # fleet-wide requests/s from Prometheus, per replica (shown, not controlled on)
     fleet_p99: float | None = None  # fleet-wide p99 of answered requests, from Prometheus (stands in for p99)
     request_cost: float | None = None  # measured event-loop CPU seconds per request (None: the default)
     offered_rate: float | None = None  # inference requests per second arriving, refused ones included
@@ -147,12 +147,15 @@ class Controller:
     # -- the ceiling -------------------------------------------------------------------------------
 
     def utilisation(self, alpha: float, s: Signals) -> float:
-        """Predicted busy share of the pipeline's slower stage at this alpha for the observed demand."""
-        rate = s.fleet_rate if s.fleet_rate is not None else s.arrival_rate
+        """Predicted busy share of the pipeline's slower stage at this alpha for the demand this replica sees. Its
+        own arrival rate, not the fleet's per replica (`fleet_rate`): that is a rate() over the Prometheus window
+        (30 s), which lags a burst's start and end by up to the window; standing in for the local rate it held
+        the ceiling at 1 through the first seconds of a burst and below 1 for 17-19.5 s after a 30 s burst
+        ended, against 1.5-2.5 s on the local rate (simulated, one replica, session 35's review)."""
         model = self._model_seconds(alpha, s.images_per_request, s)
         if model is None:
             return 0.0
-        return rate * self._pace(model, self._request_cost(s))
+        return s.arrival_rate * self._pace(model, self._request_cost(s))
 
     def _pace(self, model_seconds: float, handling_seconds: float) -> float:
         """Seconds per unit of work through the two stages, model and request handling."""
@@ -331,9 +334,8 @@ class Controller:
         p99 = s.p99 if s.p99 is not None else s.fleet_p99
         # the latest interval's p99 (the window's where no request was answered in it)
         latest = p99 if s.interval_p99 is None else s.interval_p99
-        # the load offered to this replica, refused requests included (the fleet's rate counts answers only:
-        # admission holds it near capacity, where it hid the overload)
-        offered = replace(s, arrival_rate=s.offered_rate, fleet_rate=None) if s.offered_rate is not None else s
+        # the load offered to this replica, refused requests included (the arrival rate counts those admitted)
+        offered = replace(s, arrival_rate=s.offered_rate) if s.offered_rate is not None else s
         relieves = self._relieves(s.images_per_request, 1.0, self.max_batch)  # an average request
         queued = self._model_seconds(feasible, s.queued_images, s) or 0.0  # at `feasible`
         if self.utilisation(lowest, offered) > 1.0 and (not relieves or old == lowest):

@@ -1,9 +1,10 @@
 """Fleet signals from Prometheus: request rate per replica and p99 latency across every replica.
 
-One replica only sees its own queue. Behind a load balancer the fleet's demand is the better input
-for the controller: a replica that just joined, or one the balancer favours for a moment, should size
-alpha for the load the fleet carries, not for its last few requests. Prometheus already scrapes every
-replica, so the controller asks it (HTTP API, `GET /api/v1/query`):
+One replica only sees its own requests. Prometheus already scrapes every replica, so the controller asks it
+for the fleet's figures (HTTP API, `GET /api/v1/query`), shows them (`GET /controller`, `lcs_signal`) and
+lets the fleet's p99 stand in for this replica's where it answered too few requests to measure one. The
+ceiling is sized from this replica's own arrival rate: the fleet's is a rate() over the window, which lags
+a burst's start and end by up to the window (`Controller.utilisation`).
 
     rate per replica = sum(rate(lcs_requests_total{INFERENCE,status="200"}[W])) / count(lcs_build_info)
     p99              = histogram_quantile(0.99, sum by (le) (rate(lcs_request_duration_seconds_bucket

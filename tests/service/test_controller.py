@@ -65,7 +65,7 @@ def test_utilisation_model() -> None:
     assert c.utilisation(0.5, s) == pytest.approx(1000 * (0.0006 + 0.0001))
     assert c.utilisation(0.5, replace(s, cpu_other=0.5)) == pytest.approx(1000 * (0.0012 + 0.0001))
     assert c.utilisation(0.5, replace(s, images_per_request=2.0)) == pytest.approx(1000 * (0.0012 + 0.0001))
-    assert c.utilisation(0.5, replace(s, fleet_rate=100.0)) == pytest.approx(100 * (0.0006 + 0.0001))
+    assert c.utilisation(0.5, replace(s, fleet_rate=100.0)) == c.utilisation(0.5, s)  # this replica's own rate
     assert c.utilisation(0.33, s) == 0.0  # not profiled: no prediction
 
 
@@ -584,6 +584,16 @@ def test_shedding_on_low_battery_stays_shedding_under_the_cap() -> None:
         c.update(clock(arrival_rate=200.0, battery_percent=10.0, on_battery=True))
     assert (c.mode, c.ceiling, c.battery_limit, c.held_by) == ("shedding", 0.5, 0.5, "battery")
     assert c.batch_alpha(1.0, 0.0, MAX_BATCH, 0.0001) == 0.5  # the capped target: no slack rule while shedding
+
+
+def test_the_fleet_rate_lagging_a_burst_neither_holds_the_ceiling_up_nor_down() -> None:
+    """The fleet's rate per replica is a rate() over the Prometheus window (30 s): at a burst's start it still
+    says calm, after its end it still says burst. Standing in for this replica's rate, it kept the ceiling at 1
+    into the burst and below 1 for 17-19.5 s after it (simulated); the local rate moves it at once."""
+    c, clock = controller(), Clock()
+    assert c.update(clock(**BURST, fleet_rate=CALM["arrival_rate"])) <= 0.5
+    history = [c.update(clock(**CALM, fleet_rate=BURST["arrival_rate"], p99=0.01)) for _ in range(4)]
+    assert history[-1] == 1.0  # after the calm spell (4 intervals)
 
 
 def test_the_fastest_is_the_lowest_profiled_frontier_alpha() -> None:
