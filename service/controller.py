@@ -22,6 +22,7 @@ by simulation. It owns two decisions:
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -196,15 +197,28 @@ class Controller:
         is learned here too, per alpha, and so the drift of a calm interval is measured again against the
         calm ratios as they learn, batch by batch: measured against the ratios from before the interval, a
         change of pace counted twice, in the ratio and in the drift (a 1.3x slowdown predicted at 1.63x at
-        the interval's end, which lowered the ceiling on steady load with the model 57 % busy)."""
+        the interval's end, which lowered the ceiling on steady load with the model 57 % busy).
+
+        A change of pace learned at the alphas that ran applies to those that did not, by the same factor (the
+        geometric mean of theirs), so the ratios between alphas stay as measured. Learned only where it ran,
+        a slowdown at alpha 1 that lowered the ceiling stayed in alpha 1's ratio once the pace came back (it no
+        longer ran to learn otherwise): the ceiling stayed below 1 for good at 0.6x load (simulated, 1.6x for
+        10 s, session 35's review)."""
         if s.cpu_other <= CALM_CPU_OTHER:
             drift = self._judged_drift
+            before = dict(self.calm_ratio)
             for alpha, ratio in self._unjudged:
                 calm = self.calm_ratio.get(alpha)
                 drift = self._drifted(drift, ratio, calm)
                 # an alpha with no calm ratio yet has no expectation (calm ratios range 0.6-1.45 between
                 # alphas), so its first ratio stands
                 self.calm_ratio[alpha] = ratio if calm is None else 0.9 * calm + 0.1 * min(ratio, SPIKE_LIMIT * calm)
+            ran = {alpha for alpha, _ in self._unjudged}
+            moved = [math.log(self.calm_ratio[a] / before[a]) for a in ran if a in before]
+            if moved:
+                factor = math.exp(sum(moved) / len(moved))
+                for alpha in self.calm_ratio.keys() - ran:
+                    self.calm_ratio[alpha] *= factor
             self.drift = drift
         self._judged_drift = self.drift
         self._unjudged.clear()

@@ -596,6 +596,24 @@ def test_the_fleet_rate_lagging_a_burst_neither_holds_the_ceiling_up_nor_down() 
     assert history[-1] == 1.0  # after the calm spell (4 intervals)
 
 
+def test_a_slowdown_no_probe_sees_is_unlearned_at_alphas_that_no_longer_run() -> None:
+    """The model runs 1.6x slower for 10 s with no other process on the CPU (a co-tenant VM, a throttled clock):
+    alpha 1 learned it, the ceiling left 1, and alpha 1, no longer run, kept its ratio of 1.57 once the pace
+    came back, so the ceiling stayed at 0.75 for good under a load that alpha 1 carries at 55 %. A change of
+    pace learned at the alphas that run now applies to the others by the same factor."""
+    c, clock = controller(), Clock()
+    history = []
+    for k in range(120):
+        t, alpha = 0.5 * k, c.ceiling
+        slow = 1.6 if 10.0 <= t < 20.0 else 1.0
+        for _ in range(30):
+            c.observe_batch(alpha, MAX_BATCH, slow * MAX_BATCH * per_image(alpha))
+        history.append(c.update(clock(arrival_rate=500.0, p99=0.02, interval_p99=0.02)))
+    assert min(history[20:40]) < 1.0  # the slowdown lowered it
+    assert history[-40:] == [1.0] * 40  # and it came back (at 21.5 s)
+    assert c.calm_ratio[1.0] == pytest.approx(1.0, abs=0.02)
+
+
 def test_the_fastest_is_the_lowest_profiled_frontier_alpha() -> None:
     """What the cache keeps for a load rise: not an alpha slower than one above it, nor one never profiled
     (LCS_PREBUILD short of the grid: the frontier counts it as fast, but it is not known to be, nor built)."""
