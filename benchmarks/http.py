@@ -35,22 +35,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive, write_json
 from benchmarks.openloop import HOST, free_port
+from benchmarks.server import stop_server, wait_ready
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before becoming ready ({url})")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} not ready after {timeout} s")
 
 
 def _ms(text: str) -> float:
@@ -222,7 +209,7 @@ def main() -> None:
                 proc = subprocess.Popen(cmd, env={**env, **extra})
                 try:
                     base = f"http://{HOST}:{port}"
-                    _wait_ready(base + ready, proc)
+                    wait_ready(base + ready, proc)
                     if name == "lcs-serve":
                         httpx.put(
                             base + "/admin/pin", json={"alpha": 1.0}, headers={"X-API-Key": "bench"}
@@ -233,8 +220,7 @@ def main() -> None:
                         measured(proc, base + "/predict", script, c, args.duration) for c in args.connections
                     ]
                 finally:
-                    proc.terminate()
-                    proc.wait(timeout=30)
+                    stop_server(proc)
             peaks = {name: max(r["ok_rps"] for r in rows) for name, rows in levels.items()}
             ratio = round(peaks["lcs-serve"] / peaks["one-at-a-time"], 2)
             results["rounds"].append({"levels": levels, "peak_rps": peaks, "peak_throughput_ratio": ratio})

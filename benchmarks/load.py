@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import json
 import multiprocessing
 import os
 import random
@@ -44,7 +43,8 @@ import httpx
 from benchmarks import openloop
 from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive, write_json
 from benchmarks.openloop import HOST, free_port
-from benchmarks.overload import CAPACITY_SLO, capacity, percentile, start_server, stop_server
+from benchmarks.overload import CAPACITY_SLO, capacity, percentile
+from benchmarks.server import start_server, stop_server
 from service.cgroups import usable_cpus
 from service.controller import parse_policy
 
@@ -56,34 +56,6 @@ def _burn(stop: Any, parent: int) -> None:
     while not stop.is_set() and os.getppid() == parent:
         for i in range(100_000):
             x += i * i
-
-
-def request(images: int, fmt: str, port: int, model: str) -> bytes:
-    """One HTTP request holding `images` copies of one 28x28 test image: raw JSON pixel arrays or base64
-    PNGs to /predict, or (binary) raw uint8 pixels to the OIP v2 path with the binary tensor extension."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    pixels = [[(11 * r + 5 * c) % 256 for c in range(28)] for r in range(28)]
-    if fmt == "json":
-        return openloop.post("/predict", json.dumps({"inputs": [pixels] * images}).encode(), port)
-    if fmt == "binary":
-        raw = bytes(v for row in pixels for v in row) * images
-        tensor = {"name": "input", "shape": [images, 1, 28, 28], "datatype": "UINT8"}
-        head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]}).encode()
-        return openloop.post(
-            f"/v2/models/{model}/infer",
-            head + raw,
-            port,
-            "application/octet-stream",
-            {"Inference-Header-Content-Length": str(len(head))},
-        )
-    buf = io.BytesIO()
-    Image.frombytes("L", (28, 28), bytes(v for row in pixels for v in row)).save(buf, format="PNG")
-    body = json.dumps({"inputs": [base64.b64encode(buf.getvalue()).decode()] * images}).encode()
-    return openloop.post("/predict", body, port)
 
 
 # Burners are forked, whatever the default start method, so that a burner's parent is the benchmark, whose
@@ -429,7 +401,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     port = free_port()
-    req = request(args.images, args.format, port, Path(args.checkpoint).stem)
+    req = openloop.image_request(args.images, args.format, port, Path(args.checkpoint).stem)
     base = f"http://{HOST}:{port}"
 
     def start(policy: str, slo: float = args.slo) -> subprocess.Popen[bytes]:

@@ -10,6 +10,8 @@ connection, or a new one, up to `connections`; a slow answer never slows the sen
 every connection busy waits client-side; latency counts from its scheduled time, so that wait is charged
 to the system. One still unsent `max_lag` seconds after its time is skipped and counted (the generator,
 not the service, fell behind), so a run stays bounded in time.
+
+`image_request` builds the request of a benchmark's mix: images per request, in one of three formats.
 """
 
 from __future__ import annotations
@@ -305,3 +307,31 @@ def check_accepted(port: int, req: bytes, mix: str) -> None:
         except (ValueError, KeyError, TypeError):
             detail = body[:200].decode("utf-8", "replace")
         raise SystemExit(f"error: {mix}: the server refuses it ({status}: {detail}); change the mix")
+
+
+def image_request(images: int, fmt: str, port: int, model: str) -> bytes:
+    """One HTTP request holding `images` copies of one 28x28 test image: raw JSON pixel arrays or base64
+    PNGs to /predict, or (binary) raw uint8 pixels to the OIP v2 path with the binary tensor extension."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    pixels = [[(11 * r + 5 * c) % 256 for c in range(28)] for r in range(28)]
+    if fmt == "json":
+        return post("/predict", json.dumps({"inputs": [pixels] * images}).encode(), port)
+    if fmt == "binary":
+        raw = bytes(v for row in pixels for v in row) * images
+        tensor = {"name": "input", "shape": [images, 1, 28, 28], "datatype": "UINT8"}
+        head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]}).encode()
+        return post(
+            f"/v2/models/{model}/infer",
+            head + raw,
+            port,
+            "application/octet-stream",
+            {"Inference-Header-Content-Length": str(len(head))},
+        )
+    buf = io.BytesIO()
+    Image.frombytes("L", (28, 28), bytes(v for row in pixels for v in row)).save(buf, format="PNG")
+    body = json.dumps({"inputs": [base64.b64encode(buf.getvalue()).decode()] * images}).encode()
+    return post("/predict", body, port)

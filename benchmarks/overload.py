@@ -43,7 +43,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -55,38 +54,8 @@ import psutil
 
 from benchmarks import openloop
 from benchmarks.cli import check_checkpoint, check_output, command, positive, write_json
-from benchmarks.http import _wait_ready
 from benchmarks.openloop import HOST, free_port
-
-
-def start_server(checkpoint: str, port: int, slo: float, **env: str) -> subprocess.Popen[bytes]:
-    full = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("LCS_")},
-        "LCS_CHECKPOINT": checkpoint,
-        "LCS_HOST": HOST,
-        "LCS_PORT": str(port),
-        "LCS_LOG_LEVEL": "warning",
-        "LCS_SLO_P99_SECONDS": str(slo),
-        **env,
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=full)
-    try:
-        _wait_ready(f"http://{HOST}:{port}/readyz", proc)
-    except BaseException:  # not ready in time, or Ctrl-C while starting: the caller never gets it to stop
-        stop_server(proc)
-        raise
-    return proc
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-    return proc.returncode
+from benchmarks.server import start_server, stop_server
 
 
 def request_body(base: str, images: int) -> bytes:
@@ -102,13 +71,11 @@ def request_body(base: str, images: int) -> bytes:
 def request_forms(base: str, port: int, images: int, formats: list[str], json_request: bytes) -> list[bytes]:
     """One request per entry of `formats`, in order: `json_request` for json; base64 PNGs to /predict or raw
     bytes to the OIP v2 path as the load benchmark builds them (28x28 one-channel images) for png and binary."""
-    from benchmarks.load import request  # (load imports this module)
-
     info = httpx.get(base + "/model", timeout=10).json()
     shape = tuple(info["input"][k] for k in ("channels", "height", "width"))
     if set(formats) - {"json"} and shape != (1, 28, 28):
         raise SystemExit(f"error: --formats png and binary send 28x28 one-channel images, not {shape}; use json")
-    return [json_request if f == "json" else request(images, f, port, info["name"]) for f in formats]
+    return [json_request if f == "json" else openloop.image_request(images, f, port, info["name"]) for f in formats]
 
 
 # the SLO a server whose capacity is measured runs with: one no closed-loop wait comes near, so admission refuses

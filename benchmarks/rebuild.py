@@ -35,10 +35,11 @@ import psutil
 
 from benchmarks import openloop
 from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive, write_json
-from benchmarks.load import reply_rows, request
+from benchmarks.load import reply_rows
 from benchmarks.load import summarise as load_summary
 from benchmarks.openloop import HOST, free_port
-from benchmarks.overload import CAPACITY_SLO, arrivals, capacity, start_server, stop_server
+from benchmarks.overload import CAPACITY_SLO, arrivals, capacity
+from benchmarks.server import start_server, stop_server
 
 
 def built(base: str) -> list[float]:
@@ -87,7 +88,7 @@ def main() -> int:
     proc = start_server(args.checkpoint, port, CAPACITY_SLO, LCS_POLICY="fixed:1")
     try:
         info = httpx.get(base + "/model", timeout=10).json()
-        req = request(args.images, "binary", port, info["name"])
+        req = openloop.image_request(args.images, "binary", port, info["name"])
         openloop.check_accepted(port, req, f"--images {args.images}")
         cap = capacity(port, req, args.capacity_seconds)
     finally:

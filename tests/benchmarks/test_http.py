@@ -21,10 +21,9 @@ class FakeServer:
     def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
         self.cmd, self.env = cmd, env
 
-    def terminate(self) -> None:
-        pass
+    returncode = 0
 
-    def wait(self, timeout: float | None = None) -> int:
+    def poll(self) -> int:  # stop_server finds it exited
         return 0
 
 
@@ -50,7 +49,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[FakeServer]:
     monkeypatch.setattr(http, "free_port", lambda: next(free))
     monkeypatch.setattr(http.subprocess, "Popen", popen)
     monkeypatch.setattr(http.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(http, "_wait_ready", lambda url, proc: None)
+    monkeypatch.setattr(http, "wait_ready", lambda url, proc: None)
     monkeypatch.setattr(http.httpx, "put", put)
     monkeypatch.setattr(http, "time_breakdown", lambda base, body: {"total_p50_ms": 1.0})
     monkeypatch.setattr(http, "wrk", wrk)

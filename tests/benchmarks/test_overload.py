@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import overload
+from benchmarks import overload, server
 from benchmarks.openloop import post
 from tests.benchmarks.test_openloop import _response, _server
 
@@ -55,9 +55,9 @@ def test_a_server_that_does_not_get_ready_is_stopped_not_left_running(
         raise failure  # Ctrl-C while it starts, or the ready timeout
 
     monkeypatch.setattr(subprocess, "Popen", popen)
-    monkeypatch.setattr(overload, "_wait_ready", wait_ready)
+    monkeypatch.setattr(server, "wait_ready", wait_ready)
     with pytest.raises(type(failure)):
-        overload.start_server("model.safetensors", 1, 0.1)
+        server.start_server("model.safetensors", 1, 0.1)
     assert [s.signals for s in started] == [[signal.SIGTERM]]
 
 
