@@ -119,14 +119,12 @@ def plot(reports: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]
     plt.close(fig)
 
 
-def evaluate_checkpoint(
-    path: Path, *, data_dir: str | None = None, alphas: list[float] | None = None
-) -> dict[str, Any]:
+def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict[str, Any]:
     """Re-measure a checkpoint on its dataset's test split at every grid alpha."""
     torch.set_flush_denormal(True)  # denormals make fake-quantised layers 10-100x slower
     model, meta = checkpoint.load(path)
     data = trained_dataset(path, meta, data_dir)
-    pts = accuracy_table(model, data.test, meta.input.mean, meta.input.std, alphas or list(model.stat_alphas))
+    pts = accuracy_table(model, data.test, meta.input.mean, meta.input.std, list(model.stat_alphas))
     return report(meta, pts)
 
 
