@@ -18,7 +18,7 @@ from lcs.checkpoint import CheckpointError
 from lcs.paths import check_distinct, check_flag
 from training.config import options_help
 from training.data import DataError
-from training.distributed import env_rank
+from training.distributed import env_rank, env_world
 
 OTHER_RANK_WAIT_S = 10.0  # how long a rank other than 0 leaves an error to rank 0 (see _error)
 
@@ -78,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
             default_term = signal.signal(signal.SIGTERM, _terminated)
             try:
                 train(cfg, command="python -m training train " + shlex.join(args.items))  # re-runs as recorded
+            except RuntimeError as err:
+                if not _peer_gone(err):
+                    raise
+                from training.train import resume_point
+
+                _error(
+                    "another process of this torchrun job stopped (its own error, or torchrun's report of its exit, "
+                    f"says why), so this one cannot go on; {resume_point(cfg)}: rerun the same command to resume"
+                )
+                return 1
             except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: every finished epoch is saved; the command resumes
                 from training.train import saved_epoch
 
@@ -136,6 +146,17 @@ class Terminated(KeyboardInterrupt):
 
 def _terminated(signum: int, frame: object) -> None:
     raise Terminated
+
+
+# how gloo words a collective whose peer process has gone (crashed, killed, or stopped on an error of its own)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_gone(err: RuntimeError) -> bool:
+    """Is `err` a collective failing because another rank of a torchrun job stopped? It surfaced as gloo's
+    traceback: after rank 0's one-line error on the rank waiting for it, and on rank 0, in place of what its
+    state file kept, when another rank was killed."""
+    return env_world() > 1 and any(words in str(err) for words in PEER_GONE)
 
 
 def _error(message: str) -> None:

@@ -15,12 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from lcs.alpha import SUBSPACES, Schedule, check_alpha, is_grid
 from lcs.checkpoint import STATE_SUFFIX
 from lcs.layers import NormType
-from lcs.models import SUBSPACE_ARGS, check_arch_kwargs
+from lcs.models import (
+    SUBSPACE_ARGS,
+    SubspaceResNet,
+    arch_args,
+    build_model,
+    check_arch_kwargs,
+    model_names,
+    subspace_kwargs,
+)
+from training.data import DATASETS
 
 # 21 evenly spaced alphas: the grid that gets BatchNorm statistics and an accuracy measurement
 DEFAULT_GRID = [round(i / 20, 4) for i in range(21)]
@@ -155,9 +165,40 @@ class TrainConfig:
         _require(0 <= self.seed < 2**32, "seed", self.seed, "0 <= seed < 2**32")
         _require(self.threads >= 1, "threads", self.threads, "threads >= 1 (torch refuses 0)")
         _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "eval_batch_size >= 1")
+        # the names and the network they build, here too: checked in training, their errors named no config file
+        if self.dataset not in DATASETS:
+            raise OptionError(
+                f"dataset={self.dataset!r} is not one training reads; use one of {list(DATASETS)}", "dataset"
+            )
+        if self.arch not in model_names():
+            raise OptionError(
+                f"arch={self.arch!r} is not a registered architecture; use one of {model_names()}", "arch"
+            )
+        try:
+            with torch.device("meta"):  # no memory, no random draws: only whether it builds
+                self.model(in_channels=1, num_classes=2)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise OptionError(
+                f"arch_kwargs={self.arch_kwargs!r} does not build {self.arch!r} ({e}); "
+                f"arch_kwargs may set {arch_args()}",
+                "arch_kwargs",
+            ) from None
 
     def schedule(self) -> Schedule:
         return Schedule(self.kind, self.keep_min, self.width_min, self.bits_min, self.bits_max)  # type: ignore[arg-type]
+
+    def model(self, in_channels: int, num_classes: int) -> SubspaceResNet:
+        """The network this config trains, for data of `in_channels` channels and `num_classes` classes."""
+        kwargs = subspace_kwargs(
+            self.arch_kwargs,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            subspace=self.subspace,  # type: ignore[arg-type]
+            norm=self.norm,  # type: ignore[arg-type]
+            stat_alphas=self.stat_alphas,
+            schedule=self.schedule(),
+        )
+        return build_model(self.arch, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

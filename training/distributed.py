@@ -57,21 +57,21 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
-def _env_world() -> int:
+def env_world() -> int:
+    """How many processes torchrun's environment says the job has, 1 without torchrun."""
     return _env_int("WORLD_SIZE", 1) if "RANK" in os.environ else 1
 
 
 def env_rank() -> int:
     """This process's rank as torchrun's environment gives it, 0 without torchrun: known before the process
     group exists, and where none ever will (a refused command line)."""
-    return _env_int("RANK", 0) if _env_world() > 1 else 0
+    return _env_int("RANK", 0) if env_world() > 1 else 0
 
 
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     local_world: int = 1  # processes on this node
 
@@ -95,7 +95,7 @@ class Ranks:
     @classmethod
     def from_env(cls) -> Ranks:
         """Join the torchrun job described by the environment, or a single process without one."""
-        world = _env_world()
+        world = env_world()
         if world == 1:  # no torchrun, or torchrun with one process: no process group
             return cls(device=_use(pick_device(0, 1)))
         rank, local = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -109,7 +109,7 @@ class Ranks:
             )
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-        return cls(rank, world, local, device, local_world)
+        return cls(rank, world, device, local_world)
 
     def check_batch(self, batch_size: int) -> None:
         if batch_size % self.world:

@@ -32,10 +32,10 @@ from tqdm import tqdm
 
 from lcs import checkpoint
 from lcs.layers import Setting
-from lcs.models import SubspaceResNet, arch_args, build_model, model_names, subspace_kwargs
+from lcs.models import SubspaceResNet
 from lcs.paths import check_writable
 from training.config import TrainConfig
-from training.data import DataError, Dataset, Split, augment, check_dataset, hold_out, load_dataset, normalise
+from training.data import DataError, Dataset, Split, check_dataset, hold_out, load_dataset, training_batch
 from training.distributed import Ranks
 from training.evaluate import accuracy, accuracy_table, calibrate, recorded_data_dir, trained_dataset
 
@@ -79,32 +79,6 @@ def sample_images(split: Split, seed: int, n: int = 256) -> tuple[torch.Tensor, 
     """A fixed random subset of training images that travels in the checkpoint (calibration, self-test)."""
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
     return split.images[idx].clone(), split.labels[idx].clone()
-
-
-def make_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> SubspaceResNet:
-    kwargs = subspace_kwargs(
-        cfg.arch_kwargs,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        subspace=cfg.subspace,  # type: ignore[arg-type]
-        norm=cfg.norm,  # type: ignore[arg-type]
-        stat_alphas=cfg.stat_alphas,
-        schedule=cfg.schedule(),
-    )
-    return build_model(cfg.arch, **kwargs)
-
-
-def check_arch(cfg: TrainConfig) -> None:
-    """Build the model once (a few ms) before loading any data, so that a misspelt arch or arch_kwargs is a
-    one-line error at the start instead of a TypeError traceback after the data has loaded."""
-    if cfg.arch not in model_names():
-        raise ValueError(f"arch={cfg.arch!r} is not a registered architecture; use one of {model_names()}")
-    try:
-        make_model(cfg, in_channels=1, num_classes=2)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(
-            f"arch_kwargs={cfg.arch_kwargs!r} does not build {cfg.arch!r} ({e}); arch_kwargs may set {arch_args()}"
-        ) from None
 
 
 def check_out(cfg: TrainConfig) -> None:
@@ -263,7 +237,6 @@ def train(cfg: TrainConfig, *, command: str, data: Dataset | None = None) -> Pat
 def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str) -> Path:
     ranks.check_batch(cfg.batch_size)
     check_out(cfg)
-    check_arch(cfg)  # before the seed: its random initial weights are thrown away
     threads = ranks.threads_each(cfg.threads)
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # denormal activations made fake-quantised layers 10-100x slower here
@@ -280,7 +253,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         )
     mean, std = data.mean_std()
 
-    model = make_model(cfg, c, len(data.classes))
+    model = cfg.model(c, len(data.classes))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]  # no weight decay on norms and biases
@@ -325,9 +298,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, cfg.lr)
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x = normalise(train_split.images[idx], mean, std)
-            if cfg.augment:
-                x = augment(x, g)  # the whole global batch on every rank: one RNG stream, as one process
+            # augmented as the whole global batch on every rank: one RNG stream, as one process
+            x = training_batch(train_split.images[idx], mean, std, g if cfg.augment else None)
             x = x.contiguous(memory_format=memory_format)
             y = train_split.labels[idx]
             x, y = ranks.shard(x), ranks.shard(y)  # [B / world, C, H, W]: this rank's share

@@ -265,6 +265,10 @@ def test_shipped_configs_load() -> None:
         ("fixed_alpha: 2\n", None, "{path}: fixed_alpha=2: alpha must be in [0, 1]"),
         ("arch_kwargs: {stem_stride: 0}\n", None, "{path}: arch_kwargs={{'stem_stride': 0}}: stem_stride must be"),
         ("epochs: ten\n", None, "{path}: option 'epochs' must be an integer; got 'ten'"),
+        # checked in training until session 35, where their errors named no file (nor, for dataset, the option)
+        ("arch: resnet\n", None, "{path}: arch='resnet' is not a registered architecture; use one of"),
+        ("dataset: mnist\n", None, "{path}: dataset='mnist' is not one training reads; use one of"),
+        ("arch_kwargs: {widths: [8, 16], blocks: [1]}\n", None, "{path}: arch_kwargs={{'widths': [8, 16], "),
         # a value from the command line is not the file's fault
         ("lr: 0.1\n", "lr=-1", "lr=-1.0 is out of range"),
         ("lr: -1\n", "lr=0.2", None),

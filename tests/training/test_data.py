@@ -28,6 +28,7 @@ from training.data import (
     load_folder,
     normalise,
     read_idx,
+    training_batch,
 )
 
 # -- IDX (Fashion-MNIST) ----------------------------------------------------------------------------
@@ -447,6 +448,16 @@ def test_augment_keeps_shape_and_dtype() -> None:
     assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
     assert torch.equal(out, augment(x, torch.Generator().manual_seed(0)))  # the generator decides
     assert not torch.equal(out, x)
+
+
+def test_a_training_batch_is_cropped_on_raw_pixels_so_its_padding_is_black() -> None:
+    """Cropped after normalising, the padding was 0 there: the mean pixel, grey, on about 65 % of the images,
+    a border test images never have. Padded on the raw pixels it is black, as the images' background."""
+    images = torch.zeros(64, 2, 8, 8, dtype=torch.uint8)  # black, as Fashion-MNIST's background
+    mean, std = [0.3, 0.5], [0.4, 0.2]
+    out = training_batch(images, mean, std, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, normalise(images, mean, std))  # every pixel black, padding included
+    assert torch.equal(training_batch(images, mean, std, None), normalise(images, mean, std))
 
 
 def test_augment_without_padding_only_flips() -> None:

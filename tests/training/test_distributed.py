@@ -178,7 +178,7 @@ def test_describe_names_the_device_and_the_gpu(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: f"Fake GPU {d.index}")
     assert Ranks().describe() == "cpu"
-    assert Ranks(rank=1, world=2, local_rank=1, device=torch.device("cuda", 1)).describe() == "cuda:1 (Fake GPU 1)"
+    assert Ranks(rank=1, world=2, device=torch.device("cuda", 1)).describe() == "cuda:1 (Fake GPU 1)"
 
 
 @pytest.mark.slow

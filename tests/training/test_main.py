@@ -90,7 +90,7 @@ def test_train_from_yaml_and_overrides(
     [
         (["train", "epoch=1"], "unknown option"),
         (["train", "kind=bogus"], "kind"),
-        (["train", "dataset=imagenet", "epochs=1"], "unknown dataset"),
+        (["train", "dataset=imagenet", "epochs=1"], "dataset='imagenet' is not one training reads"),
         (["train", "dataset=folder", "epochs=1"], "data_dir"),
         (["train", "eval_batch_size=0"], "eval_batch_size=0 is out of range; use eval_batch_size >= 1"),
         (["train", "threads=0"], "threads=0 is out of range; use threads >= 1"),
@@ -611,3 +611,52 @@ def test_ctrl_c_is_reported_by_rank_0_alone(
     monkeypatch.setattr(train_module, "train", ctrl_c)
     assert main(["train", "epochs=1"]) == 130
     assert capsys.readouterr() == ("", "") and rank_1 == []
+
+
+GLOO_PEER_GONE = (
+    "[pair.cc:553] Connection closed by peer [127.0.0.1]:18354. This is typically caused by a remote worker"
+)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_peer_rank_gone_is_one_line_not_gloos_traceback(
+    rank: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun, a rank whose peer stopped (rank 0 on an error of its own, or another rank killed) died
+    in a collective with gloo's RuntimeError traceback; rank 0 never said what its state file kept."""
+    import training.__main__ as cli
+    import training.train as train_module
+
+    for k, v in {"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+
+    def peer_gone(*a: Any, **k: Any) -> None:
+        raise RuntimeError(GLOO_PEER_GONE)
+
+    monkeypatch.setattr(train_module, "train", peer_gone)
+    out = str(tmp_path / "m.safetensors")
+    assert main(["train", f"out={out}"]) == 1
+    prefix = "" if rank == "0" else "rank 1: "
+    assert capsys.readouterr().err == (
+        f"error: {prefix}another process of this torchrun job stopped (its own error, or torchrun's report of its "
+        "exit, says why), so this one cannot go on; no epoch finished yet: rerun the same command to resume\n"
+    )
+
+
+def test_any_other_runtime_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.train as train_module
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+
+    def bug(*a: Any, **k: Any) -> None:
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(train_module, "train", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train"])
+    monkeypatch.setenv("WORLD_SIZE", "1")  # no peers: gloo's words alone are not a peer gone
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(GLOO_PEER_GONE)))
+    with pytest.raises(RuntimeError):
+        main(["train"])

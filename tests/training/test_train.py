@@ -20,7 +20,7 @@ from lcs.layers import Setting
 from training import train as train_module
 from training.config import TrainConfig, load_config
 from training.data import DataError, Dataset, Split
-from training.train import compression_alpha, lr_at, make_model, sample_alphas, train, warmup_steps
+from training.train import compression_alpha, lr_at, sample_alphas, train, warmup_steps
 
 # -- alpha sampling --------------------------------------------------------------------------------
 
@@ -146,9 +146,9 @@ def test_one_epoch_run_decays_the_learning_rate(
     assert max(lrs) == pytest.approx(0.1) and lrs[-1] < 0.2 * 0.1  # up to the peak, then down
 
 
-def test_make_model_follows_the_config() -> None:
+def test_the_config_builds_the_model_it_describes() -> None:
     cfg = TrainConfig(arch="tiny_resnet", kind="quantized", subspace="point", norm="group", stat_alphas=[0.0, 1.0])
-    model = make_model(cfg, in_channels=3, num_classes=7)
+    model = cfg.model(in_channels=3, num_classes=7)
     assert not model.line and model.norm_type == "group" and model.stat_alphas == (0.0, 1.0)
     assert model.schedule == cfg.schedule() and model.stem.c_in == 3 and model.fc.c_out == 7
     out = model(torch.randn(2, 3, 12, 12), Setting(1.0, model.schedule.level(1.0)))
@@ -241,13 +241,12 @@ def test_refused_before_training(
     out = {"dir": tmp_path / "dir", "under_file": tmp_path / "file" / "m.safetensors"}.get(
         where, tmp_path / where / "m.safetensors"
     )
-    cfg = load_config(None, tiny_overrides(out, epochs=1, **extra))
     if match is None:
-        _run(cfg, synthetic_data, capsys)
+        _run(load_config(None, tiny_overrides(out, epochs=1, **extra)), synthetic_data, capsys)
         assert out.is_file()
         return
-    with pytest.raises(ValueError, match=match):
-        _run(cfg, synthetic_data, capsys)
+    with pytest.raises(ValueError, match=match):  # the config itself refuses a bad arch or arch_kwargs
+        _run(load_config(None, tiny_overrides(out, epochs=1, **extra)), synthetic_data, capsys)
     assert "epoch" not in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir", "file"]  # no .tmp, no state, no probe
 
