@@ -312,8 +312,12 @@ class Runtime:
             "backend": self.settings.backend,  # what runs the float networks; int8 always runs on torch
             # per cached alpha, what runs it (a failed ONNX export shows here as TorchScript)
             "representations": {a: c.representation for a, c in cached.items()},
-            # per cached alpha, the memory it holds as LCS_CACHE_BYTES counts it, and whether it can be evicted
-            "memory": {a: {"resident_bytes": c.resident_bytes, "evictable": c.reclaimable} for a, c in cached.items()},
+            # per cached alpha, the memory it holds as LCS_CACHE_BYTES counts it, whether it can be evicted, and the
+            # size of its compressed form (packed bits, CSR or fp32, whichever is smaller; materialize._stored_bytes)
+            "memory": {
+                a: {"resident_bytes": c.resident_bytes, "evictable": c.reclaimable, "stored_bytes": c.stored_bytes}
+                for a, c in cached.items()
+            },
             "channels_last": self.channels_last,
             "ready": self.ready,
             "loaded_at": self.loaded_at,

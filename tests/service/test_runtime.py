@@ -312,7 +312,9 @@ def test_describe(structured: TinyCheckpoint) -> None:
     assert alpha == "0.5" and representation.startswith("sliced fp32, width 0.625, ")
     assert representation.endswith("ONNX Runtime")
     memory = rt.describe()["memory"]["0.5"]
-    assert memory == {"resident_bytes": rt.cache.bytes, "evictable": True}
+    stored = rt.cache.peek(0.5).stored_bytes  # type: ignore[union-attr]
+    assert memory == {"resident_bytes": rt.cache.bytes, "evictable": True, "stored_bytes": stored}
+    assert stored > 0  # the sliced network's fp32 weights (structured: no packed form)
 
 
 def test_describe_reports_when_the_model_was_loaded_not_the_current_time(structured: TinyCheckpoint) -> None:
