@@ -689,17 +689,6 @@ def _frozen_copies(module: nn.Module, example: torch.Tensor, count: int) -> list
         return None
 
 
-def time_batch(compiled: Compiled, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median seconds for one forward of batch x (after one warm-up run)."""
-    compiled(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        compiled(x)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 K = TypeVar("K")
 
 

@@ -25,7 +25,7 @@ from service.cache import Grid, ModelCache
 from service.cgroups import usable_cpus
 from service.controller import Controller
 from service.inputs import normaliser
-from service.materialize import Compiled, build, normalised_samples, release_freed_heap, time_batch, time_in_rounds
+from service.materialize import Compiled, build, normalised_samples, release_freed_heap, time_in_rounds
 from service.profile import LatencyProfile
 from service.settings import Settings
 
@@ -180,15 +180,12 @@ class Runtime:
             # probe on the fp32 network (int8=False): the int8 path ignores the layout, and calibrating
             # it twice here would only repeat work the cache does next
             top = self.grid.alphas[-1]
-            t_cl, t_nc = (
-                time_batch(
-                    build(
-                        self.model, self.meta, top, samples=None, channels_last=cl, int8=False, backend="torchscript"
-                    ),
-                    probe,
-                )
+            nets = {
+                cl: build(self.model, self.meta, top, samples=None, channels_last=cl, int8=False, backend="torchscript")
                 for cl in (True, False)
-            )
+            }
+            t = time_in_rounds({cl: functools.partial(net, probe) for cl, net in nets.items()}, 5)
+            t_cl, t_nc = t[True], t[False]
             self.channels_last = t_cl < t_nc
             log.info(
                 "memory layout: channels_last=%s (%.2f ms vs %.2f ms at batch %d)",

@@ -24,7 +24,6 @@ from service.materialize import (
     compile_module,
     freeze_module,
     pad_channels,
-    time_batch,
     time_in_rounds,
 )
 from tests.service.service_support import (
@@ -541,24 +540,6 @@ def test_building_does_not_change_the_loaded_model(structured: TinyCheckpoint) -
         build(model, meta, a, samples=None, channels_last=False)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-class _Counting(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return x
-
-
-def test_time_batch_warms_up_once_then_times_each_repeat() -> None:
-    module = _Counting()
-    compiled = Compiled(0.0, Level("structured"), module, "counting", 0, 0, 0.0, False)
-    seconds = time_batch(compiled, torch.zeros(2, 1, 4, 4), repeats=3)
-    assert module.calls == 4
-    assert 0.0 <= seconds < 1.0
 
 
 @pytest.mark.parametrize("name", ["quantized_line", "quantized_point"])
