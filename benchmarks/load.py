@@ -41,10 +41,11 @@ from typing import Any
 import httpx
 
 from benchmarks import openloop
-from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive, write_json
+from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive
 from benchmarks.openloop import HOST, free_port
 from benchmarks.overload import CAPACITY_SLO, capacity, percentile
 from benchmarks.server import start_server, stop_server
+from lcs.paths import write_json
 from service.cgroups import usable_cpus
 from service.controller import parse_policy
 
@@ -246,7 +247,7 @@ def summarise(
     it was kept have none)."""
     sent = len(rows) + skipped
     ok = [r for r in rows if r["status"] == 200]
-    lat = sorted(r["latency"] for r in ok)
+    lat = [r["latency"] for r in ok]
     within = [r for r in ok if r["latency"] <= slo]
     lags = [r["lag"] for r in rows if "lag" in r]
     unmeasured = sorted({r["alpha"] for r in within} - accuracy.keys())
@@ -257,7 +258,7 @@ def summarise(
         )
 
     def pct(p: float, values: list[float] = lat) -> float:
-        return round(1000 * percentile(values, p), 2) if values else float("nan")
+        return round(1000 * percentile(values, p), 2)  # NaN where there are none
 
     return {
         "sent": sent,
@@ -346,8 +347,7 @@ def plot(all_runs: dict[str, dict[str, Any]], out: Path, slo: float) -> None:
             ax.plot(ts, alpha, label=policy)
             p99 = []
             for t in ts:
-                lat = sorted(r["latency"] for r in ok if t <= r["t"] < t + win)
-                p99.append(1000 * percentile(lat, 0.99) if lat else float("nan"))
+                p99.append(1000 * percentile([r["latency"] for r in ok if t <= r["t"] < t + win], 0.99))
             axes[1][j].plot(ts, p99, label=policy)
         axes[0][j].set_title(tr)
         axes[0][j].set_ylabel("mean served alpha")

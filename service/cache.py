@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lcs.alpha import SAME_ALPHA, is_grid, spelled
+from lcs.alpha import SAME_ALPHA, is_grid
 
 if TYPE_CHECKING:  # the grid and the controller that reads it import no torch (the load generator uses them)
     from service.materialize import Compiled
@@ -55,9 +55,6 @@ class Grid:
         """Smallest grid alpha >= alpha, or None if alpha is above the grid."""
         i = bisect.bisect_left(self.alphas, alpha - SAME_ALPHA)
         return self.alphas[i] if i < len(self.alphas) else None
-
-    def __contains__(self, alpha: float) -> bool:
-        return spelled(alpha, self.alphas) is not None
 
 
 class ModelCache:

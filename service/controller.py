@@ -31,6 +31,7 @@ from lcs.alpha import SAME_ALPHA
 from service.cache import Grid
 from service.profile import LatencyProfile
 
+TARGET_UTILISATION = 0.8  # the ceiling: the largest alpha whose predicted busy share stays at or under this
 CALM_CPU_OTHER = 0.1  # other processes' share of the CPU under which batch times teach an alpha's calm ratio
 # a batch counts at most this many times slower than expected (its alpha's calm ratio, or the machine's drift):
 # one stalled batch (a KVM pause: 5.5x its prediction) then moves an estimate by 5 %, not 45 %, while a lasting
@@ -100,7 +101,6 @@ class Controller:
         slo_seconds: float,
         max_batch: int,
         request_cost_seconds: float = 0.001,
-        target_utilisation: float = 0.8,
         raise_after: int = 4,
         battery_low_percent: float = BATTERY_LOW_PERCENT,
         battery_alpha_cap: float = BATTERY_ALPHA_CAP,
@@ -112,7 +112,6 @@ class Controller:
         self.slo = slo_seconds
         self.max_batch = max_batch
         self.request_cost = request_cost_seconds
-        self.target = target_utilisation
         self.raise_after = raise_after
         self.battery_low = battery_low_percent
         self.battery_cap = battery_alpha_cap
@@ -314,7 +313,7 @@ class Controller:
         count as fitting any load, so the ceiling never left an unprofiled top alpha."""
         known = [a for a in frontier if self.profile.profiled(a)] or frontier
         for a in reversed(known):
-            if self.utilisation(a, s) <= self.target:
+            if self.utilisation(a, s) <= TARGET_UTILISATION:
                 return a
         return known[0]
 

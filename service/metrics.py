@@ -3,7 +3,7 @@ app, so tests and several apps in one process never share counters."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,11 +24,11 @@ def latency_buckets(slo: float) -> list[float]:
 class _CacheCollector(Collector):
     """Cache figures read from the cache itself at scrape time (the cache is their only owner)."""
 
-    def __init__(self, cache: Callable[[], ModelCache | None]) -> None:
+    def __init__(self, cache: ModelCache | None) -> None:
         self._cache = cache
 
     def collect(self) -> Iterator[Metric]:
-        cache = self._cache()
+        cache = self._cache
         if cache is None:
             return
         st = cache.stats
@@ -50,7 +50,7 @@ class _CacheCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, slo: float, alphas: list[float], cache: Callable[[], ModelCache | None]) -> None:
+    def __init__(self, slo: float, alphas: list[float], cache: ModelCache | None) -> None:
         """`alphas`: the grid the service serves, each a bucket of lcs_served_alpha beside fixed ones every 0.05
         (fixed, so that replicas with other grids add up, and quantiles interpolate within narrow buckets)."""
         self.registry = r = CollectorRegistry()

@@ -36,7 +36,7 @@ class State:
     def __init__(self, settings: Settings, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.metrics = Metrics(settings.slo_p99_seconds, runtime.grid.alphas, lambda: runtime.cache)
+        self.metrics = Metrics(settings.slo_p99_seconds, runtime.grid.alphas, runtime.cache)
         self.metrics.ceiling.set(runtime.controller.ceiling)
         self.executor = executor  # the inference thread: all torch work runs on it
         # Encoded images decode here, one at a time per CPU this process may use. Decoding is CPU-bound, so

@@ -122,7 +122,7 @@ def test_served_alpha_histogram(scraped: dict[str, tuple[str, list[Sample]]]) ->
 
 
 def test_served_alpha_buckets_include_a_grid_off_the_twentieths() -> None:
-    metrics = Metrics(0.1, [0.33, 1.0], lambda: None)
+    metrics = Metrics(0.1, [0.33, 1.0], None)
     metrics.alpha.observe(0.33)
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
     edges = [float(s.labels["le"]) for s in families["lcs_served_alpha"].samples if s.name.endswith("_bucket")]
