@@ -28,9 +28,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive, run_child, write_json
+from benchmarks.cli import alpha_value, check_output, command, load_checkpoint, positive, run_child
 from lcs.alpha import Level, spelled
 from lcs.layers import Setting
+from lcs.paths import write_json
 from service.cache import Grid, ModelCache
 from service.inputs import normaliser
 from service.materialize import Compiled, build, compile_module, normalised_samples, time_in_rounds

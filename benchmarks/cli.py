@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from lcs.alpha import ALPHA_CONVENTION
-from lcs.paths import check_flag, file_problem
+from lcs.paths import check_flag, file_problem, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -123,24 +123,6 @@ class Stopped(SystemExit):
 def _terminated(signum: int, frame: object) -> None:
     signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM during the clean-up would cut it short
     raise Stopped(signum)  # unwinds like Ctrl-C, through the `finally` blocks
-
-
-def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:
-    """Write `obj` to the results file `path`, creating its folder: a NaN or an infinity (the percentile of no
-    answers, a growth rate a run too short cannot tell) as null, where json.dumps writes NaN, which is no JSON
-    (JavaScript's JSON.parse refuses the file)."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [clean(x) for x in v]
-        return v
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(obj), indent=indent, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager

@@ -33,9 +33,10 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive, write_json
+from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive
 from benchmarks.openloop import HOST, free_port
 from benchmarks.server import stop_server, wait_ready
+from lcs.paths import write_json
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 

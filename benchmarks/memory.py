@@ -19,7 +19,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive, write_json
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive
+from lcs.paths import write_json
 from service.materialize import Compiled, build, normalised_samples, release_freed_heap
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive, write_json
+from benchmarks.cli import alpha_value, check_output, command, grid_alpha, load_checkpoint, positive
+from lcs.paths import write_json
 from service.materialize import Compiled, OnnxModule, build, normalised_samples, onnx_threads
 
 

@@ -53,9 +53,10 @@ import httpx
 import psutil
 
 from benchmarks import openloop
-from benchmarks.cli import check_checkpoint, check_output, command, positive, write_json
+from benchmarks.cli import check_checkpoint, check_output, command, positive
 from benchmarks.openloop import HOST, free_port
 from benchmarks.server import start_server, stop_server
+from lcs.paths import write_json
 
 
 def request_body(base: str, images: int) -> bytes:

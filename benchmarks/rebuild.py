@@ -34,12 +34,13 @@ import httpx
 import psutil
 
 from benchmarks import openloop
-from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive, write_json
+from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stopped, positive
 from benchmarks.load import reply_rows
 from benchmarks.load import summarise as load_summary
 from benchmarks.openloop import HOST, free_port
 from benchmarks.overload import CAPACITY_SLO, arrivals, capacity
 from benchmarks.server import start_server, stop_server
+from lcs.paths import write_json
 
 
 def built(base: str) -> list[float]:

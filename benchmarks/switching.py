@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from benchmarks.cli import check_output, command, load_checkpoint, positive, run_child, write_json
+from benchmarks.cli import check_output, command, load_checkpoint, positive, run_child
+from lcs.paths import write_json
 from service.settings import Backend
 
 

@@ -1,12 +1,15 @@
 """The paths a command names, checked before its work (no torch here: the load generators use it too): a
 file to read (`file_problem`: a checkpoint), and where a command writes its files (`check_writable`):
 training (checkpoint, report, plot) and the benchmarks (their results) run for minutes, and a path found
-unwritable only at the end costs the run."""
+unwritable only at the end costs the run. And how their JSON files are written (`write_json`)."""
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def check_writable(path: Path, *, option: str, shown: str, example: str) -> None:
@@ -62,3 +65,21 @@ def file_problem(path: Path) -> str | None:
     if not path.is_file():
         return "not a regular file"
     return None
+
+
+def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:
+    """Write `obj` to the JSON file `path` (a report, a benchmark's results), creating its folder: a NaN or an
+    infinity (the percentile of no answers, a growth rate a run too short cannot tell) as null, where json.dumps
+    writes NaN, which is no JSON (JavaScript's JSON.parse refuses the file)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(obj), indent=indent, allow_nan=False) + "\n")

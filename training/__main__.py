@@ -175,7 +175,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     """`evaluate`: every file argument is checked before the evaluation (minutes on the real test set), and
     the accuracies are printed before any file is written, so a bad path never costs the measurement."""
     from lcs import checkpoint
-    from training.evaluate import evaluate_checkpoint, plot, read_report, write_json
+    from lcs.paths import write_json
+    from training.evaluate import evaluate_checkpoint, plot, read_report
 
     if (args.baseline or args.compare) and not args.plot:  # they only draw on the plot: ignoring them hid a typo
         given = "--baseline" if args.baseline else "--compare"
@@ -198,7 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     rep = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir)
     for p in rep["points"]:
         print(f"alpha {p['alpha']:.3f}  level {p['level']:>7g}  accuracy {p['accuracy']:.2f} %", flush=True)
-    write_json(rep, args.json)
+    write_json(args.json, rep)
     print(f"wrote {args.json}")
     if args.plot:
         plot(_by_name({args.checkpoint: rep, **compare}), baselines, args.plot, _title(rep))

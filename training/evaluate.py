@@ -219,8 +219,3 @@ def read_report(path: Path, what: str, *, subspace: bool) -> dict[str, Any]:
 
 def _finite_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def write_json(obj: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(obj, indent=1) + "\n")

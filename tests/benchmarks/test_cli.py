@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import alphas, cli, http, load, memory, ops, overload, rebuild, switching
+from benchmarks import alphas, http, load, memory, ops, overload, rebuild, switching
 from benchmarks.cli import command, kept_if_stopped, run_child
 
 
@@ -381,17 +381,3 @@ def test_a_benchmark_stopped_before_it_measured_anything_writes_nothing(
         command(main)
     assert e.value.code == 130 and not out.exists()
     assert capsys.readouterr().err == "interrupted; no results written\n"
-
-
-def test_results_files_are_json_a_strict_reader_accepts(tmp_path: Path) -> None:
-    """A percentile of no answers, or the RSS growth of a run too short to tell, was written as NaN: no JSON
-    (JavaScript's JSON.parse refused the file)."""
-    out = tmp_path / "new" / "run.json"
-    cli.write_json(out, {"p99_ms": float("nan"), "rows": [1.5, float("inf"), (float("-inf"), 2)], "n": 3})
-    text = out.read_text()
-    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is no JSON")) == {
-        "p99_ms": None,
-        "rows": [1.5, None, [None, 2]],
-        "n": 3,
-    }
-    assert text.endswith("}\n")

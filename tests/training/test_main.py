@@ -255,12 +255,12 @@ def test_evaluate_prints_the_accuracies_before_writing_files(
     trained_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """write_json ran before the print: a write that failed after the evaluation lost every number."""
-    import training.evaluate
+    import lcs.paths
 
     def disk_full(*a: Any) -> None:
         raise OSError(28, "No space left on device", str(tmp_path / "r.json"))
 
-    monkeypatch.setattr(training.evaluate, "write_json", disk_full)
+    monkeypatch.setattr(lcs.paths, "write_json", disk_full)
     assert main(["evaluate", str(trained_run.path), "--json", str(tmp_path / "r.json")]) == 2
     out, err = capsys.readouterr()
     assert out.count("accuracy") == 3 and "alpha 1.000" in out

@@ -1,0 +1,24 @@
+"""lcs.paths.write_json: the JSON files commands write (training's reports, the benchmarks' results)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lcs.paths import write_json
+
+
+def test_results_files_are_json_a_strict_reader_accepts(tmp_path: Path) -> None:
+    """A percentile of no answers, or the RSS growth of a run too short to tell, was written as NaN: no JSON
+    (JavaScript's JSON.parse refused the file)."""
+    out = tmp_path / "new" / "run.json"
+    write_json(out, {"p99_ms": float("nan"), "rows": [1.5, float("inf"), (float("-inf"), 2)], "n": 3})
+    text = out.read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is no JSON")) == {
+        "p99_ms": None,
+        "rows": [1.5, None, [None, 2]],
+        "n": 3,
+    }
+    assert text.endswith("}\n")
