@@ -36,7 +36,8 @@ CALM_CPU_OTHER = 0.1  # other processes' share of the CPU under which batch time
 # one stalled batch (a KVM pause: 5.5x its prediction) then moves an estimate by 5 %, not 45 %, while a lasting
 # slowdown still comes through, 5 % a batch compounded (2x in 15 batches, a fraction of a second under load)
 SPIKE_LIMIT = 1.5
-# a calm ratio not learned again for this long (seconds) is forgotten in a calm interval (`_learn_calm`)
+# an alpha above the ceiling whose calm ratio was not learned again for this long (seconds) has it clamped to
+# its profile's pace, where it was slower (`_learn_calm`)
 CALM_RATIO_TTL = 10.0
 # a batch's hand-off (its wall time outside the model) counts at most SPIKE_LIMIT times the estimate, or this many
 # seconds where that is less: a process paused between the threads (60 s) otherwise made the estimate 6 s, every
@@ -200,13 +201,15 @@ class Controller:
         change of pace counted twice, in the ratio and in the drift (a 1.3x slowdown predicted at 1.63x at
         the interval's end, which lowered the ceiling on steady load with the model 57 % busy).
 
-        A calm ratio not learned again for CALM_RATIO_TTL seconds is forgotten, in a calm interval, so its alpha
-        is predicted at its profile (times the machine's factor) until its first batches teach it again: kept,
-        a slowdown at alpha 1 that lowered the ceiling stayed in alpha 1's ratio once the pace came back, since
-        alpha 1 no longer ran to learn otherwise (the ceiling stayed below 1 for good at 0.6x load, simulated,
-        1.6x for 10 s). Carrying each change of pace over to the alphas that did not run, tried first, moved
-        alpha 1's ratio with alpha 0's 1.2-1.7x after a noisy neighbour stopped (the model 8 % busy there):
-        not back in 6 s in one of three seeds, back in 3.95 s in another (session 35)."""
+        An alpha above the ceiling does not run, so nothing corrects its ratio: one not learned again for
+        CALM_RATIO_TTL seconds is clamped to its profile (1.0) where it was above it, in a calm interval. Kept,
+        a slowdown at alpha 1 that lowered the ceiling stayed in alpha 1's ratio once the pace came back (the
+        ceiling stayed below 1 for good at 0.6x load, simulated, 1.6x for 10 s). Alphas at or under the ceiling
+        keep theirs, as does a ratio under 1: the slack rule runs them, and forgotten, an alpha's calm speed-up
+        was lost where a neighbour then stopped it being learned again (predicted 1.2-1.5x slow, session 35's
+        review). Carrying each change of pace over to the alphas that did not run, tried first, moved alpha 1's
+        ratio with alpha 0's 1.2-1.7x after a noisy neighbour stopped (the model 8 % busy there): not back in
+        6 s in one of three seeds, back in 3.95 s in another (session 35)."""
         if s.cpu_other <= CALM_CPU_OTHER:
             drift = self._judged_drift
             for alpha, ratio in self._unjudged:
@@ -216,8 +219,9 @@ class Controller:
                 # alphas), so its first ratio stands
                 self.calm_ratio[alpha] = ratio if calm is None else 0.9 * calm + 0.1 * min(ratio, SPIKE_LIMIT * calm)
                 self._calm_at[alpha] = s.now
-            for alpha in [a for a, at in self._calm_at.items() if s.now - at > CALM_RATIO_TTL]:
-                del self.calm_ratio[alpha], self._calm_at[alpha]
+            for alpha, at in self._calm_at.items():
+                if alpha > self.ceiling and s.now - at > CALM_RATIO_TTL:
+                    self.calm_ratio[alpha] = min(self.calm_ratio[alpha], 1.0)
             self.drift = drift
         self._judged_drift = self.drift
         self._unjudged.clear()

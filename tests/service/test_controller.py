@@ -599,8 +599,8 @@ def test_the_fleet_rate_lagging_a_burst_neither_holds_the_ceiling_up_nor_down() 
 def test_a_slowdown_no_probe_sees_is_unlearned_at_alphas_that_no_longer_run() -> None:
     """The model runs 1.6x slower for 10 s with no other process on the CPU (a co-tenant VM, a throttled clock):
     alpha 1 learned it, the ceiling left 1, and alpha 1, no longer run, kept its ratio of 1.57 once the pace
-    came back, so the ceiling stayed at 0.75 for good under a load that alpha 1 carries at 55 %. A calm ratio
-    not learned again for CALM_RATIO_TTL seconds is now forgotten."""
+    came back, so the ceiling stayed at 0.75 for good under a load that alpha 1 carries at 55 %. Above the
+    ceiling, a calm ratio not learned again for CALM_RATIO_TTL seconds is now clamped to the profile's pace."""
     c, clock = controller(), Clock()
     history = []
     for k in range(120):
@@ -617,7 +617,7 @@ def test_a_slowdown_no_probe_sees_is_unlearned_at_alphas_that_no_longer_run() ->
 def test_what_one_alpha_learns_is_not_carried_over_to_another() -> None:
     """Carried over (session 35's first fix for a slowdown no probe sees), alpha 0's ratio rising 1.2-1.7x
     after a noisy neighbour stopped, with the model 8 % busy, raised alpha 1's with it, and the ceiling did not
-    come back to 1 in one seed of three. Each alpha keeps its own, until it is forgotten (CALM_RATIO_TTL)."""
+    come back to 1 in one seed of three. Each alpha keeps its own."""
     c, clock = controller(), Clock()
     for alpha in (1.0, 0.0):  # both learned at their profiles' pace
         for _ in range(5):
@@ -628,6 +628,23 @@ def test_what_one_alpha_learns_is_not_carried_over_to_another() -> None:
             c.observe_batch(0.0, MAX_BATCH, 1.6 * MAX_BATCH * per_image(0.0))
         c.update(clock(**CALM))
     assert c.calm_ratio[1.0] == pytest.approx(1.0) and c.calm_ratio[0.0] > 1.3
+
+
+def test_alphas_under_the_ceiling_keep_their_calm_ratios_however_long_they_idle() -> None:
+    """Forgotten after 10 s at alpha 1 alone (session 35's first TTL), every lower alpha lost its calm speed-up
+    (0.65-0.84 of the profile); a noisy neighbour then stopped them learning it again, so they were predicted
+    1.2-1.5x slow, the ceiling sat at 0.25 where 0.5 fitted, and admission over-predicted waits by half."""
+    c, clock = controller(), Clock()
+    for _ in range(20):  # every alpha learns its pace: 0.65x the profile at alpha 0 up to 0.9x at alpha 1
+        for alpha in ALPHAS:
+            c.observe_batch(alpha, MAX_BATCH, (0.65 + 0.25 * alpha) * MAX_BATCH * per_image(alpha))
+        c.update(clock(**CALM))
+    for _ in range(60):  # 30 s of light load at alpha 1 alone
+        for _ in range(5):
+            c.observe_batch(1.0, MAX_BATCH, 0.9 * MAX_BATCH * per_image(1.0))
+        c.update(clock(**CALM))
+    assert c.ceiling == 1.0
+    assert c.calm_ratio == pytest.approx({a: 0.65 + 0.25 * a for a in ALPHAS}, abs=0.01)
 
 
 def test_the_fastest_is_the_lowest_profiled_frontier_alpha() -> None:
