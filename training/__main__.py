@@ -81,28 +81,18 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as err:
                 if not _peer_gone(err):
                     raise
-                from training.train import resume_point
-
                 _error(
                     "another process of this torchrun job stopped (its own error, or torchrun's report of its exit, "
-                    f"says why), so this one cannot go on; {resume_point(cfg)}: rerun the same command to resume"
+                    f"says why), so this one cannot go on; {_rerun(cfg)}"
                 )
                 return 1
             except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: every finished epoch is saved; the command resumes
-                from training.train import saved_epoch
-
                 code, what = (143, "terminated") if isinstance(stop, Terminated) else (130, "interrupted")
                 if env_rank():  # under torchrun every rank got the signal; rank 0 says what its state file kept
                     return code
                 if sys.stdout.isatty():
                     print()  # end the progress bar's line
-                done = saved_epoch(cfg)
-                print(
-                    f"{what}; no epoch finished yet, nothing saved; rerun the same command to start over"
-                    if done is None
-                    else f"{what}; state saved after epoch {done}; rerun the same command to resume",
-                    file=sys.stderr,
-                )
+                print(f"{what}; {_rerun(cfg)}", file=sys.stderr)
                 return code
             finally:
                 signal.signal(signal.SIGTERM, default_term)
@@ -146,6 +136,16 @@ class Terminated(KeyboardInterrupt):
 
 def _terminated(signum: int, frame: object) -> None:
     raise Terminated
+
+
+def _rerun(cfg: Any) -> str:
+    """What rerunning the same command does after a run stopped: resume from its state file, or start over."""
+    from training.train import saved_epoch
+
+    done = saved_epoch(cfg)
+    if done is None:
+        return "no epoch finished yet, nothing saved; rerun the same command to start over"
+    return f"state saved after epoch {done}; rerun the same command to resume"
 
 
 # how gloo words a collective whose peer process has gone (crashed, killed, or stopped on an error of its own)

@@ -640,7 +640,8 @@ def test_a_peer_rank_gone_is_one_line_not_gloos_traceback(
     prefix = "" if rank == "0" else "rank 1: "
     assert capsys.readouterr().err == (
         f"error: {prefix}another process of this torchrun job stopped (its own error, or torchrun's report of its "
-        "exit, says why), so this one cannot go on; no epoch finished yet: rerun the same command to resume\n"
+        "exit, says why), so this one cannot go on; no epoch finished yet, nothing saved; rerun the same command to "
+        "start over\n"
     )
 
 
