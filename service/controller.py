@@ -205,11 +205,12 @@ class Controller:
         CALM_RATIO_TTL seconds is clamped to its profile (1.0) where it was above it, in a calm interval. Kept,
         a slowdown at alpha 1 that lowered the ceiling stayed in alpha 1's ratio once the pace came back (the
         ceiling stayed below 1 for good at 0.6x load, simulated, 1.6x for 10 s). Alphas at or under the ceiling
-        keep theirs, as does a ratio under 1: the slack rule runs them, and forgotten, an alpha's calm speed-up
-        was lost where a neighbour then stopped it being learned again (predicted 1.2-1.5x slow, session 35's
-        review). Carrying each change of pace over to the alphas that did not run, tried first, moved alpha 1's
-        ratio with alpha 0's 1.2-1.7x after a noisy neighbour stopped (the model 8 % busy there): not back in
-        6 s in one of three seeds, back in 3.95 s in another (session 35)."""
+        keep their ratios (the slack rule runs them, so they learn), and so does every ratio under 1: deleting
+        stale ratios instead lost the lower alphas' calm speed-ups while alpha 1 ran, and a noisy neighbour then
+        kept them from being learned again (predicted 1.2-1.5x slow, session 35's review). Carrying each change
+        of pace over to the alphas that did not run, tried first, moved alpha 1's ratio with alpha 0's 1.2-1.7x
+        after a noisy neighbour stopped (the model 8 % busy there): not back in 6 s in one of three seeds, back
+        in 3.95 s in another (session 35)."""
         if s.cpu_other <= CALM_CPU_OTHER:
             drift = self._judged_drift
             for alpha, ratio in self._unjudged:

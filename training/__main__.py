@@ -16,7 +16,7 @@ from typing import Any
 
 from lcs.checkpoint import CheckpointError
 from lcs.paths import check_distinct, check_flag
-from training.config import options_help
+from training.config import TrainConfig, options_help
 from training.data import DataError
 from training.distributed import env_rank, env_world
 
@@ -138,7 +138,7 @@ def _terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
-def _rerun(cfg: Any) -> str:
+def _rerun(cfg: TrainConfig) -> str:
     """What rerunning the same command does after a run stopped: resume from its state file, or start over."""
     from training.train import saved_epoch
 
