@@ -24,13 +24,11 @@ def latency_buckets(slo: float) -> list[float]:
 class _CacheCollector(Collector):
     """Cache figures read from the cache itself at scrape time (the cache is their only owner)."""
 
-    def __init__(self, cache: ModelCache | None) -> None:
+    def __init__(self, cache: ModelCache) -> None:
         self._cache = cache
 
     def collect(self) -> Iterator[Metric]:
         cache = self._cache
-        if cache is None:
-            return
         st = cache.stats
         for name, doc, value in [
             ("lcs_cache_hits", "Batches that found their alpha's model built.", st.hits),
@@ -50,7 +48,7 @@ class _CacheCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, slo: float, alphas: list[float], cache: ModelCache | None) -> None:
+    def __init__(self, slo: float, alphas: list[float], cache: ModelCache) -> None:
         """`alphas`: the grid the service serves, each a bucket of lcs_served_alpha beside fixed ones every 0.05
         (fixed, so that replicas with other grids add up, and quantiles interpolate within narrow buckets)."""
         self.registry = r = CollectorRegistry()

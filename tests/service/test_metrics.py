@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from service.cache import Grid, ModelCache
 from service.metrics import Metrics, latency_buckets
 from tests.service.service_support import IMAGE, TinyCheckpoint, app_state, make_settings, serve
 
@@ -122,7 +123,8 @@ def test_served_alpha_histogram(scraped: dict[str, tuple[str, list[Sample]]]) ->
 
 
 def test_served_alpha_buckets_include_a_grid_off_the_twentieths() -> None:
-    metrics = Metrics(0.1, [0.33, 1.0], None)
+    grid = [0.33, 1.0]
+    metrics = Metrics(0.1, grid, ModelCache(lambda a: pytest.fail("nothing is built"), Grid(grid), 1))
     metrics.alpha.observe(0.33)
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
     edges = [float(s.labels["le"]) for s in families["lcs_served_alpha"].samples if s.name.endswith("_bucket")]
