@@ -291,6 +291,7 @@ class Runtime:
     def describe(self) -> dict[str, object]:
         m = self.meta
         cached = {f"{a:g}": c for a in self.cache.cached() if (c := self.cache.peek(a))}
+        kept = {f"{a:g}" for a in self.cache.keep}
         return {
             "name": self.name,
             "kind": m.kind,
@@ -309,10 +310,16 @@ class Runtime:
             "backend": self.settings.backend,  # what runs the float networks; int8 always runs on torch
             # per cached alpha, what runs it (a failed ONNX export shows here as TorchScript)
             "representations": {a: c.representation for a, c in cached.items()},
-            # per cached alpha, the memory it holds as LCS_CACHE_BYTES counts it, whether it can be evicted, and the
-            # size of its compressed form (packed bits, CSR or fp32, whichever is smaller; materialize._stored_bytes)
+            # per cached alpha, the memory it holds as LCS_CACHE_BYTES counts it, whether the bound or memory pressure
+            # may evict it (not the fastest, which the cache keeps, nor a network whose memory dropping would not
+            # free: ModelCache), and the size of its compressed form (packed bits, CSR or fp32, whichever is
+            # smaller; materialize._stored_bytes)
             "memory": {
-                a: {"resident_bytes": c.resident_bytes, "evictable": c.reclaimable, "stored_bytes": c.stored_bytes}
+                a: {
+                    "resident_bytes": c.resident_bytes,
+                    "evictable": c.reclaimable and a not in kept,
+                    "stored_bytes": c.stored_bytes,
+                }
                 for a, c in cached.items()
             },
             "channels_last": self.channels_last,

@@ -315,6 +315,8 @@ def test_describe(structured: TinyCheckpoint) -> None:
     stored = rt.cache.peek(0.5).stored_bytes  # type: ignore[union-attr]
     assert memory == {"resident_bytes": rt.cache.bytes, "evictable": True, "stored_bytes": stored}
     assert stored > 0  # the sliced network's fp32 weights (structured: no packed form)
+    rt.cache.keep = frozenset({0.5})  # as warm_up keeps the fastest: never evicted, so not shown as evictable
+    assert rt.describe()["memory"]["0.5"]["evictable"] is False
 
 
 def test_describe_reports_when_the_model_was_loaded_not_the_current_time(structured: TinyCheckpoint) -> None:
