@@ -8,8 +8,8 @@ accuracy of *that materialised model* on the checkpoint's dataset (when the data
 top-1 agreement with the training-side model at the same alpha (the parity the int8 kernels must keep),
 and median latency at batch 1 and 32 with 1 and 2 threads, measured in interleaved rounds (every variant
 once per round) so that all see the same machine. Speed-ups are relative to the highest alpha measured
-(1 by default); the quantized kind adds a float row (the weights of the grid's highest alpha, 1 but in a
-baseline, unquantised) as the reference for the int8 speed-up. Prints a table, writes JSON.
+(1 by default); for the quantized kind, every row's is relative to an added float row (the weights of the
+grid's highest alpha, 1 but in a baseline, unquantised). Prints a table, writes JSON.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ a burst's start and end by up to the window (`Controller.utilisation`).
 
     rate per replica = sum(rate(lcs_requests_total{INFERENCE,status="200"}[W])) / count(lcs_build_info)
     p99              = histogram_quantile(0.99, sum by (le) (rate(lcs_request_duration_seconds_bucket
-                                                                  {INFERENCE}[W])))
+                                                                  {INFERENCE,status="200"}[W])))
 
-where INFERENCE matches the inference routes: /predict and the OIP v2 infer paths.
+where INFERENCE matches the inference routes: /predict and the OIP v2 infer paths. Both count answered
+requests only: a few 408s (stalled uploads, refused after the body timeout) put every replica's fleet p99
+over the SLO.
 
 `lcs_build_info` is exported by every replica from start-up, so the count includes idle ones.
 

@@ -13,9 +13,10 @@
 |              | sizes, see the benchmark); stored size = CSR of the non-zeros where that  |
 |              | is smaller than dense                                                         |
 
-Float networks then run on ONNX Runtime (each alpha exported once, ~40 ms, twice where a padded copy is
-tried): its CPU kernels handle the narrow convolutions of low alphas far better than oneDNN does through
-torch, and a call costs ~40 us over its kernels. Measured on structured_line, batch 32, 2 threads
+Float networks then run on ONNX Runtime (the first network of each structure exported, ~40 ms; later
+alphas, and padded copies, reuse its graph with their own weights in a few ms: `Graphs`): its CPU
+kernels handle the narrow convolutions of low alphas far better than oneDNN does through torch, and a
+call costs ~40 us over its kernels. Measured on structured_line, batch 32, 2 threads
 (`benchmarks.alphas`, with and without `--backend torchscript`): alpha 1 in 2.80 ms and alpha 0 in 0.385
 ms, against 4.50 and 0.955 ms as frozen TorchScript. The int8 network stays on torch's FX kernels (1.13
 ms at batch 32; ORT's own int8 kernels took 1.7 ms in a one-off experiment when FX's took 1.35), as

@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     # what runs the float networks: ONNX Runtime, or frozen TorchScript (service/materialize.py has the
     # measured difference). The int8 network always runs on torch's FX kernels, as TorchScript.
     backend: Backend = BACKEND
-    # TorchScript's memory layout (ONNX Runtime picks its own). auto: measured at start-up
+    # TorchScript's memory layout (ONNX Runtime picks its own). auto: measured at start-up under
+    # LCS_BACKEND=torchscript; under onnxruntime, off (only a network that failed to export runs as TorchScript)
     channels_last: Literal["auto", "on", "off"] = "auto"
     max_batch: int = Field(MAX_BATCH, ge=1, le=1024)  # images per batch
     # how long a partial batch waits for company; 0: dispatch at once when the model is idle (batches

@@ -3,9 +3,10 @@
     data -> subspace model -> for each step: sample alpha(s), compress at alpha, loss, backprop
          -> BatchNorm statistics per grid alpha -> test accuracy per grid alpha -> checkpoint
 
-Resumable: the model, optimiser buffers and RNG are saved every epoch to `<out>.state.safetensors`
-(safetensors, no pickle); re-running the same command continues from the last finished epoch (options
-that leave the training steps alone, config.RESUME_MAY_CHANGE, may differ).
+Resumable: the model, optimiser buffers and RNG are saved every epoch beside the checkpoint, as
+`<out's stem>.state.safetensors` (`TrainConfig.state_path`; safetensors, no pickle); re-running the
+same command continues from the last finished epoch (options that leave the training steps alone,
+config.RESUME_MAY_CHANGE, may differ).
 
 Several processes: `torchrun --nproc_per_node N -m training train ...` trains data-parallel on the same
 global batch (training/distributed.py); rank 0 prints and writes every file.
