@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -64,9 +63,6 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def api(structured: TinyCheckpoint) -> Iterator[OpenApiSchema]:
     """The schema read from the app's /openapi.json, bound to the app, which is warmed up and ready."""
-    # Runtime.load turns on flush-to-zero for the thread that loads (an earlier test may have loaded in this
-    # one); Hypothesis refuses to generate floats while subnormals cannot be represented
-    torch.set_flush_denormal(False)
     app = create_app(make_settings(structured.path, api_key=KEY, max_inputs=MAX_INPUTS))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan
     try:
