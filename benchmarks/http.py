@@ -177,9 +177,7 @@ def main() -> None:
 
     image = [[(7 * r + 3 * c) % 256 for c in range(28)] for r in range(28)]
     body = {"inputs": [image]}
-    scratch = tempfile.TemporaryDirectory(prefix="lcs-http-")  # removed when the run ends, however it ends
-    script = Path(scratch.name) / "post.lua"
-    script.write_text(
+    wrk_script = (
         f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = \'{json.dumps(body)}\'\n'
     )
     env = {
@@ -201,7 +199,10 @@ def main() -> None:
         return [sys.executable, "-m", *plain, "--no-access-log"], "/docs", {}
 
     results: dict[str, Any] = {"checkpoint": args.checkpoint, "duration_s": args.duration, "rounds": []}
-    with kept_if_stopped(args.json, lambda: results if results["rounds"] else None):
+    scratch = tempfile.TemporaryDirectory(prefix="lcs-http-")  # for the wrk script
+    with scratch, kept_if_stopped(args.json, lambda: results if results["rounds"] else None):  # removed however it ends
+        script = Path(scratch.name) / "post.lua"
+        script.write_text(wrk_script)
         for round_ in range(args.rounds):  # the servers take turns, so each round sees the machine's pace of the moment
             levels: dict[str, list[dict[str, Any]]] = {}
             for name in ("lcs-serve", "one-at-a-time"):

@@ -58,8 +58,8 @@ def output(p: subprocess.Popen[bytes]) -> str:
 
 
 def start(cmd: list[str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
-    f = log.open("wb")
-    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, **kwargs)
+    with log.open("wb") as f:  # the child writes through its own copy of the descriptor
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, **kwargs)
     p.log_path = str(log)  # type: ignore[attr-defined]
     p.name = Path(cmd[0]).name if cmd[0] != sys.executable else " ".join(cmd[1:3])  # type: ignore[attr-defined]
     return p

@@ -290,4 +290,5 @@ def test_sigterm_during_start_up_stops_the_process(structured: TinyCheckpoint, t
     while not _catches(status, signal.SIGTERM) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read() if proc.stderr else ""
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr

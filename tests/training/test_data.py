@@ -248,7 +248,8 @@ def test_load_folder_reads_16_bit_and_bilevel_greyscale_as_greyscale(tmp_path: P
     for split in ("train", "test"):
         _png(tmp_path / split / "a" / "0.png", deep)
         _png(tmp_path / split / "b" / "0.png", bits)
-    assert Image.open(tmp_path / "train" / "a" / "0.png").mode.startswith("I")
+    with Image.open(tmp_path / "train" / "a" / "0.png") as image:
+        assert image.mode.startswith("I")
     data = load_folder(tmp_path)
     assert data.train.images.shape == (2, 1, 2, 3)
     assert data.train.images[0, 0].tolist() == [[0, 1, 128], [255, 4, 156]]  # value x 255 / 65535, rounded
