@@ -7,7 +7,9 @@ time goes at low load.
 
 Uses wrk (Debian package `wrk`; closed loop, c connections) for throughput and p50/p99, with one
 single-image JSON request body. Both servers run the alpha = 1 model (ours pinned there through the
-admin API) with 2 torch threads. The two take turns `--rounds` times: this machine's pace drifts by tens
+admin API), each as it runs best on the machine: ours with the service's default LCS_THREADS (one per
+usable CPU less one, which leaves its event loop a CPU), the plain server with 2 threads (`--threads`,
+`--plain-threads`). The two take turns `--rounds` times: this machine's pace drifts by tens
 of percent over minutes, and the plain server's best moves most, so the peak-against-peak ratio is
 reported per round and as their median. At each level it also reads, from /proc (Linux), the CPU time
 each server's main thread spent per request answered: for ours that is the event loop's, which sets the
@@ -37,6 +39,7 @@ from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stop
 from benchmarks.openloop import HOST, free_port
 from benchmarks.server import stop_server, wait_ready
 from lcs.paths import write_json
+from service.settings import Settings
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -166,7 +169,12 @@ def main() -> None:
     )
     p.add_argument("--connections", type=positive(int), nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-wait-ms", type=positive(float, zero=True), default=0.0, help="LCS_MAX_WAIT_MS for our server")
-    p.add_argument("--threads", type=positive(int), default=2, help="LCS_THREADS for both servers")
+    p.add_argument(
+        "--threads",
+        type=positive(int),
+        help="LCS_THREADS for our server (default: the service's own, one per usable CPU less one for the event loop)",
+    )
+    p.add_argument("--plain-threads", type=positive(int), default=2, help="torch threads for the one-at-a-time server")
     p.add_argument("--rounds", type=positive(int), default=3, help="the two servers in turn, this many times")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/http.json"))
     args = p.parse_args()
@@ -180,11 +188,14 @@ def main() -> None:
     wrk_script = (
         f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = \'{json.dumps(body)}\'\n'
     )
+    threads = {
+        "lcs-serve": args.threads or Settings.model_fields["threads"].get_default(call_default_factory=True),
+        "one-at-a-time": args.plain_threads,
+    }
     env = {
         **os.environ,
         "LCS_CHECKPOINT": args.checkpoint,
         "LCS_HOST": HOST,  # not the caller's (the image sets 0.0.0.0): the service runs with a known admin key
-        "LCS_THREADS": str(args.threads),
         "LCS_API_KEY": "bench",
         "LCS_LOG_LEVEL": "warning",
         "LCS_MAX_WAIT_MS": f"{args.max_wait_ms:g}",
@@ -198,7 +209,12 @@ def main() -> None:
         plain = ["uvicorn", "benchmarks.naive_server:app", "--port", str(port), "--log-level", "warning"]
         return [sys.executable, "-m", *plain, "--no-access-log"], "/docs", {}
 
-    results: dict[str, Any] = {"checkpoint": args.checkpoint, "duration_s": args.duration, "rounds": []}
+    results: dict[str, Any] = {
+        "checkpoint": args.checkpoint,
+        "duration_s": args.duration,
+        "threads": threads,
+        "rounds": [],
+    }
     scratch = tempfile.TemporaryDirectory(prefix="lcs-http-")  # for the wrk script
     with scratch, kept_if_stopped(args.json, lambda: results if results["rounds"] else None):  # removed however it ends
         script = Path(scratch.name) / "post.lua"
@@ -208,7 +224,7 @@ def main() -> None:
             for name in ("lcs-serve", "one-at-a-time"):
                 port = free_port()
                 cmd, ready, extra = server(name, port)
-                proc = subprocess.Popen(cmd, env={**env, **extra})
+                proc = subprocess.Popen(cmd, env={**env, "LCS_THREADS": str(threads[name]), **extra})
                 try:
                     base = f"http://{HOST}:{port}"
                     wait_ready(base + ready, proc)
@@ -226,6 +242,7 @@ def main() -> None:
             peaks = {name: max(r["ok_rps"] for r in rows) for name, rows in levels.items()}
             ratio = round(peaks["lcs-serve"] / peaks["one-at-a-time"], 2)
             results["rounds"].append({"levels": levels, "peak_rps": peaks, "peak_throughput_ratio": ratio})
+    print(f"threads: ours {threads['lcs-serve']}, the plain server {threads['one-at-a-time']}")
     print(
         f"{'round':>5} | {'server':>14} | {'conns':>5} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | "
         f"{'loop us/req':>11} | non-2xx"

@@ -164,7 +164,7 @@ NUMBERS = [  # (benchmark, flag, a value it refuses): counts, durations and rate
         ("rebuild", flag, "0")
         for flag in ("--images", "--factor", "--duration", "--idle", "--capacity-seconds", "--slo", "--cycles")
     ],
-    *[("http", flag, "0") for flag in ("--duration", "--rounds", "--threads", "--connections")],
+    *[("http", flag, "0") for flag in ("--duration", "--rounds", "--threads", "--plain-threads", "--connections")],
     ("http", "--duration", "2.5"),  # wrk counts whole seconds
     ("http", "--max-wait-ms", "-1"),  # passed through unchecked, the server refused it as LCS_MAX_WAIT_MS
     ("http", "--max-wait-ms", "soon"),
