@@ -84,8 +84,8 @@ def test_ours_runs_the_services_default_threads_and_the_plain_server_two(
     ours, plain = started
     assert ours.env["LCS_THREADS"] == "3" and plain.env["LCS_THREADS"] == "2"
     assert json.loads(out.read_text())["threads"] == {"lcs-serve": 3, "one-at-a-time": 2}
-    monkeypatch.setattr(sys, "argv", ["http", "--rounds", "1", "--threads", "1", "--plain-threads", "4"])
-    monkeypatch.setattr(sys, "argv", [*sys.argv, "--connections", "1", "--json", str(out)])
+    flags = ["--threads", "1", "--plain-threads", "4"]
+    monkeypatch.setattr(sys, "argv", ["http", "--rounds", "1", *flags, "--connections", "1", "--json", str(out)])
     http.main()
     assert [s.env["LCS_THREADS"] for s in started[2:]] == ["1", "4"]
 
