@@ -39,7 +39,7 @@ from benchmarks.cli import check_checkpoint, check_output, command, kept_if_stop
 from benchmarks.openloop import HOST, free_port
 from benchmarks.server import stop_server, wait_ready
 from lcs.paths import write_json
-from service.settings import Settings
+from service.cgroups import inference_threads
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -189,7 +189,7 @@ def main() -> None:
         f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = \'{json.dumps(body)}\'\n'
     )
     threads = {
-        "lcs-serve": args.threads or Settings.model_fields["threads"].get_default(call_default_factory=True),
+        "lcs-serve": args.threads or inference_threads(),  # the service's default (no torch in this process)
         "one-at-a-time": args.plain_threads,
     }
     env = {

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from lcs.alpha import SAME_ALPHA
 from lcs.checkpoint import message
 from lcs.paths import file_problem
-from service.cgroups import usable_cpus
+from service.cgroups import inference_threads
 from service.controller import BATTERY_ALPHA_CAP, BATTERY_LOW_PERCENT, POLICY, parse_policy
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
@@ -73,10 +73,9 @@ class Settings(BaseSettings):
     checkpoint: Path = DEFAULT_CHECKPOINT
     model_name: str | None = None  # default: the checkpoint's file stem
     # intra-op threads for inference: torch's, and the size of ONNX Runtime's one pool (fixed when the first
-    # session is made, service/materialize.py). Default: one per CPU this process may use (usable_cpus), less
-    # one for the event loop (HTTP, parsing, answers), at least 1. Measured on 2 cores with eager models: 1 thread
-    # served 196 / 439 requests/s (16 images, alpha 1 / 0) where 2 served 185 / 372, the loop starved.
-    threads: int = Field(default_factory=lambda: max(1, usable_cpus() - 1), ge=1, le=256)
+    # session is made, service/materialize.py). Default: one per CPU this process may use, less one for the
+    # event loop (service.cgroups.inference_threads)
+    threads: int = Field(default_factory=inference_threads, ge=1, le=256)
     # alphas the service serves: requested alphas snap *down* to this grid. None: the checkpoint's grid.
     alpha_grid: Annotated[list[float] | None, NoDecode] = None
     prebuild: Annotated[list[float] | None, NoDecode] = None  # built at start-up; None: the whole grid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -77,7 +78,7 @@ def test_ours_runs_the_services_default_threads_and_the_plain_server_two(
     loop: 1,470-1,657 requests/s against 1,678-1,910 at its default 1); the caller's LCS_THREADS is not
     passed on to either."""
     monkeypatch.setenv("LCS_THREADS", "7")
-    monkeypatch.setattr("service.settings.usable_cpus", lambda: 4)  # the default: one per CPU less one
+    monkeypatch.setattr("service.cgroups.usable_cpus", lambda: 4)  # the default: one per CPU less one
     out = tmp_path / "http.json"
     monkeypatch.setattr(sys, "argv", ["http", "--rounds", "1", "--connections", "1", "--json", str(out)])
     http.main()
@@ -88,6 +89,14 @@ def test_ours_runs_the_services_default_threads_and_the_plain_server_two(
     monkeypatch.setattr(sys, "argv", ["http", "--rounds", "1", *flags, "--connections", "1", "--json", str(out)])
     http.main()
     assert [s.env["LCS_THREADS"] for s in started[2:]] == ["1", "4"]
+
+
+def test_the_benchmark_imports_no_torch() -> None:
+    """It shares the machine with the servers it measures: the service's default thread count is read without
+    its settings module, which loads torch (237 against 32 MiB resident in the benchmark's process)."""
+    probe = "import sys, benchmarks.http; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_the_wrk_script_is_removed_after_the_run(
