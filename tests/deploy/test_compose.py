@@ -66,6 +66,9 @@ def check_structure(c: dict[str, Any]) -> None:
     assert e["LCS_HOST"] == "0.0.0.0" and e["LCS_PORT"] == "8000"
     assert e["LCS_PROMETHEUS_URL"] == "http://prometheus:9090"
     assert all(k.startswith("LCS_") for k in e)
+    # the thread count is the service's own default (the CPUs granted, less one), as in deploy/k8s; a value
+    # here would pin it on every machine (it was 1: one inference thread on an 8-core host)
+    assert e.get("LCS_THREADS") is None, "leave LCS_THREADS to the service unless the shell sets it"
     drain = float(e["LCS_DRAIN_SECONDS"])  # then uvicorn waits up to drain + 1 s more (service/__main__.py)
     assert seconds(lcs["stop_grace_period"]) > 2 * drain + 1, "stop grace must outlast the drain and uvicorn's wait"
     assert lcs.get("read_only") is True
