@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lcs.alpha import SAME_ALPHA
 from lcs.checkpoint import CheckpointError, InputSpec
 from service import docs
-from service.batcher import Draining, Job, QueueFull, Result
+from service.batcher import ClientLeft, Draining, Job, QueueFull, Result
 from service.inputs import InputError, check_count, check_range, decode, has_images, nested_numbers, numbers
 from service.lane import (
     BINARY_HEADER,
@@ -45,7 +45,7 @@ from service.lane import (
     validate,
 )
 from service.metrics import INFERENCE_ROUTES
-from service.middleware import BodyLimit, Edge, Observe, Shed, internal_error_response
+from service.middleware import BodyLimit, Edge, Observe, Shed, client_left, internal_error_response
 from service.runtime import LEVEL_NAMES, Runtime, inference_executor
 from service.schemas import (
     PRESETS,
@@ -188,7 +188,9 @@ async def _infer(
             detail += f", or lower min_quality ({floor_req:g}): at the cheapest alpha it would be in time"
         raise ApiError(429, detail, {"Retry-After": retry})
     x = x_raw * rt.scale + rt.shift
-    job = Job(x, target, floor, deadline, now, arrived=arrived)
+    receive = state.get("receive")
+    left = functools.partial(client_left, receive) if receive is not None else None
+    job = Job(x, target, floor, deadline, now, arrived=arrived, left=left)
     try:
         fut = st.batcher.submit(job)
     except QueueFull:
@@ -204,6 +206,8 @@ async def _infer(
     except Draining:  # still queued when the drain deadline passed
         st.metrics.shed.labels("not_ready").inc()
         raise ApiError(503, "the service shut down before this request ran; retry", {"Retry-After": "1"}) from None
+    except ClientLeft:  # an answer no one reads (Observe counts it as 499 too)
+        raise ApiError(499, "the client left before its batch ran", kind="client closed request") from None
     finally:
         st.inflight -= 1
     st.metrics.queue_wait.observe(res.queue_seconds)

@@ -54,6 +54,10 @@ class Draining(Exception):
     """The service is shutting down and takes no new work."""
 
 
+class ClientLeft(Exception):
+    """The job's client disconnected while it was queued: dropped, not computed (no one would read it)."""
+
+
 @dataclass(eq=False)  # identity equality: deque.remove() must not compare tensors field by field
 class Job:
     x: np.ndarray  # [n, C, H, W] normalised float32 (numpy: no torch work on the event loop, see service.inputs)
@@ -63,6 +67,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future[Result] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     arrived: float | None = None  # when the request arrived, from which its budget counts (default: enqueued)
+    left: Callable[[], bool] | None = None  # whether its client has disconnected, asked without waiting
     images: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -161,14 +166,27 @@ class Batcher:
         return job.future
 
     def _take(self) -> list[Job]:
-        head = self._queue[0]
+        """The next batch: the oldest job and those after it that ask for its alpha, up to max_batch images.
+        A job it would take that its caller cancelled, or whose client has left (`ClientLeft`), is dropped
+        instead: its answer would be read by no one, and under overload those are the requests whose clients
+        gave up waiting."""
+        target: float | None = None
         batch: list[Job] = []
         images = 0
         for job in list(self._queue):
-            if job.target != head.target:
+            if target is not None and job.target != target:
                 continue
             if batch and images + job.images > self.max_batch:
                 break
+            gone = job.future.done()  # its caller cancelled it
+            if not gone and job.left is not None and job.left():
+                job.future.set_exception(ClientLeft())
+                gone = True
+            if gone:
+                self._queue.remove(job)
+                self._queued_images -= job.images
+                continue
+            target = job.target
             batch.append(job)
             images += job.images
         for job in batch:
@@ -213,7 +231,7 @@ class Batcher:
             await asyncio.sleep(wait)  # give a partial batch a moment to fill
             if not self._queue:  # a drain that timed out abandoned it meanwhile
                 return
-        batch = [j for j in self._take() if not j.future.done()]  # cancelled clients drop out
+        batch = self._take()
         self._current = batch
         if not batch:
             return

@@ -46,6 +46,7 @@ class Observe:
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         state["arrived"] = t0  # a request's deadline counts from here: reading and parsing it are part of it
+        state["receive"] = receive  # the server's own, for client_left (the batcher drops a job whose client left)
         status = 500
         started = completed = body_read = gone = False
         unsent: Exception | None = None  # what the server's send raised: the connection is gone

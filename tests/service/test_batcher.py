@@ -418,6 +418,46 @@ def test_cancelled_requests_are_dropped_before_running() -> None:
     run_async(scenario)
 
 
+def test_a_job_whose_client_left_is_dropped_when_its_batch_forms_and_frees_its_place() -> None:
+    """Asked once, when the batch would take it: it fails with ClientLeft, is not computed, and counts neither
+    against max_batch nor as queued; the batch takes its alpha from the first job still wanted."""
+
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher, executor = make_batcher(model, max_batch=4)
+        task = await started(batcher)
+        head = batcher.submit(job(0.0))
+        await until(lambda: len(model.batches) == 1, what="the first batch to start")
+        asked: list[float] = []
+
+        def leaving(ident: float, gone: bool, **kw: Any) -> Job:
+            def left() -> bool:
+                asked.append(ident)
+                return gone
+
+            j = job(ident, **kw)
+            j.left = left
+            return j
+
+        futures = [
+            batcher.submit(leaving(1.0, True, images=3, target=0.5)),  # the oldest, gone: its alpha is not used
+            batcher.submit(leaving(2.0, False, images=3)),
+            batcher.submit(leaving(3.0, True, images=1)),
+            batcher.submit(leaving(4.0, False, images=1)),
+        ]
+        assert batcher.queued_images == 8
+        model.gate.set()
+        results = await asyncio.gather(head, *futures, return_exceptions=True)
+        await stop(task, executor)
+        assert [type(r).__name__ for r in results[1:]] == ["ClientLeft", "Result", "ClientLeft", "Result"]
+        rows = [[round(v, 2) for v in batch] for _, batch in model.batches]
+        assert rows == [[0.0], [2.0, 2.01, 2.02, 4.0]]  # 3 + 1 images: the two that left took no place
+        assert results[2].alpha == 1.0  # type: ignore[union-attr]
+        assert sorted(asked) == [1.0, 2.0, 3.0, 4.0] and batcher.queued_images == 0
+
+    run_async(scenario)
+
+
 def test_drain_finishes_all_work_including_requests_still_arriving_then_closes() -> None:
     """Which requests may still submit during a drain is the app's call (those received before SIGTERM);
     the drain waits for them (`pending`: received, not yet queued) and for everything queued or running."""

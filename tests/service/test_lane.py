@@ -85,9 +85,9 @@ def test_a_client_gone_before_its_body_gets_no_answer_and_counts_as_499(structur
     assert sent == []
 
 
-def test_a_client_gone_while_its_answer_was_computed_counts_as_499(structured: TinyCheckpoint) -> None:
-    """Its answer is computed and sent into the void (the server drops it); the count says the client left.
-    One that stays is a 200."""
+def test_a_client_gone_while_queued_is_not_computed_and_counts_as_499(structured: TinyCheckpoint) -> None:
+    """The batcher asks the server whether the client is still there when its batch forms: one that left is
+    dropped, its 499 sent into the void (the server drops it). One that stays is computed, a 200."""
     app = create_app(make_settings(structured.path))
     body = json.dumps({"inputs": [ZEROS]}).encode()
 
@@ -122,11 +122,13 @@ def test_a_client_gone_while_its_answer_was_computed_counts_as_499(structured: T
                 s: registry.get_sample_value("lcs_requests_total", {"endpoint": "/predict", "status": s})
                 for s in ("200", "499")
             }
+            count["batches"] = registry.get_sample_value("lcs_batch_compute_seconds_count")
             return stays, leaves, count
 
     stays, leaves, count = asyncio.run(run())
-    assert stays[0]["status"] == leaves[0]["status"] == 200  # both computed and answered
-    assert count == {"200": 1.0, "499": 1.0}
+    assert (stays[0]["status"], leaves[0]["status"]) == (200, 499)
+    assert json.loads(leaves[1]["body"])["detail"] == "the client left before its batch ran"
+    assert count == {"200": 1.0, "499": 1.0, "batches": 1.0}  # only the one that stayed was computed
 
 
 def test_an_answer_the_server_cannot_send_counts_once_as_499(
