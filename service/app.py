@@ -768,7 +768,7 @@ async def _control_loop(st: State) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            st.control_step(time.monotonic())
+            await st.control_step(time.monotonic())
         except Exception:
             log.exception("control step failed; keeping the last ceiling")
         if st.fleet is not None:

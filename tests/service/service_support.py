@@ -178,6 +178,12 @@ def app_state(client: TestClient | FastAPI) -> State:
     return app.state.lcs  # type: ignore[union-attr,no-any-return]
 
 
+def control_step(client: TestClient, now: float) -> None:
+    """One control step at `now`, on the app's own event loop, as its control loop runs them."""
+    assert client.portal is not None, "inside `with serve(...)`"
+    client.portal.call(app_state(client).control_step, now)
+
+
 @contextlib.asynccontextmanager
 async def serve_async(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, State]]:
     """httpx.AsyncClient over ASGITransport, in the current event loop, with the app's lifespan entered

@@ -38,6 +38,7 @@ from tests.service.service_support import (
     IMAGE,
     TinyCheckpoint,
     app_state,
+    control_step,
     image_list,
     make_checkpoint,
     make_settings,
@@ -268,14 +269,23 @@ def test_memory_pressure_drops_the_cached_models_not_asked_for_lately(
         st.probe.memory_available = lambda: available  # type: ignore[method-assign]
         assert c.post("/predict", json={"inputs": [ZEROS], "quality": 0.5}).json()["alpha"] == 0.5
         st.runtime.ready = False  # warming up: what it builds stays, idle or not
-        st.control_step(time.monotonic() + IDLE_MODEL_SECONDS + 1.0)
+        control_step(c, time.monotonic() + IDLE_MODEL_SECONDS + 1.0)
         assert st.runtime.cache.cached() == list(GRID)
         st.runtime.ready = True
+        drop_idle, threads = st.runtime.cache.drop_idle, []
+
+        def recorded(since: float) -> tuple[int, int]:
+            threads.append(threading.current_thread().name)
+            return drop_idle(since)
+
+        st.runtime.cache.drop_idle = recorded  # type: ignore[method-assign]
         with caplog.at_level(logging.WARNING, "lcs.service"):
-            st.control_step(time.monotonic() + IDLE_MODEL_SECONDS + 1.0)  # every model idle by then
+            control_step(c, time.monotonic() + IDLE_MODEL_SECONDS + 1.0)  # every model idle by then
         if available > st.settings.memory_low:
-            assert st.runtime.cache.cached() == list(GRID) and not caplog.records
+            assert st.runtime.cache.cached() == list(GRID) and not caplog.records and not threads
             return
+        # dropped off the event loop: freeing the sessions and trimming the heap took 20-35 ms there
+        assert len(threads) == 1 and threads[0].startswith("lcs-decode")
         kept = sorted({0.5} | st.runtime.cache.keep)  # the last asked for, and the fastest
         assert st.runtime.cache.cached() == kept
         dropped = len(GRID) - len(kept)
@@ -299,7 +309,7 @@ def test_memory_pressure_keeps_the_fastest_prebuilt_model_when_prebuild_is_short
         assert st.runtime.cache.keep == {0.5}
         st.probe.memory_available = lambda: 0.05  # type: ignore[method-assign]
         assert c.post("/predict", json={"inputs": [ZEROS]}).json()["alpha"] == 1.0
-        st.control_step(time.monotonic() + IDLE_MODEL_SECONDS + 1.0)
+        control_step(c, time.monotonic() + IDLE_MODEL_SECONDS + 1.0)
         assert st.runtime.cache.cached() == [0.5, 1.0]
 
 
@@ -317,7 +327,7 @@ def test_a_dropped_alpha_is_built_in_a_batch_that_has_time_else_once_the_queue_i
         monkeypatch.setattr(st.batcher, "settle", 0.0)  # the ceiling's 4 h to rise, in these settings
         st.probe.memory_available = lambda: 0.05  # type: ignore[method-assign]
         assert c.post("/predict", json={"inputs": [ZEROS], "quality": 0.5}).json()["alpha"] == 0.5
-        st.control_step(time.monotonic() + IDLE_MODEL_SECONDS + 1.0)
+        control_step(c, time.monotonic() + IDLE_MODEL_SECONDS + 1.0)
         assert 1.0 not in st.runtime.cache.cached() and 0.5 in st.runtime.cache.cached()
         built = st.runtime.cache.wait
         monkeypatch.setattr(st.runtime.cache, "wait", lambda a: build_seconds if built(a) else 0.0)

@@ -15,7 +15,7 @@ from prometheus_client.samples import Sample
 
 from service.cache import Grid, ModelCache
 from service.metrics import Metrics, latency_buckets
-from tests.service.service_support import IMAGE, TinyCheckpoint, app_state, make_settings, serve
+from tests.service.service_support import IMAGE, TinyCheckpoint, app_state, control_step, make_settings, serve
 
 SLO = 2.0  # make_settings' slo_p99_seconds
 ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
@@ -162,7 +162,7 @@ def test_cache_figures(scraped: dict[str, tuple[str, list[Sample]]]) -> None:
 def test_every_signal_is_exported_after_a_control_step(structured: TinyCheckpoint) -> None:
     with serve(make_settings(structured.path)) as c:
         st = app_state(c)
-        st.control_step(time.monotonic())
+        control_step(c, time.monotonic())
         families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
     exported = {sample.labels["signal"] for sample in families["lcs_signal"].samples}
     observed = {k for k, v in st.runtime.controller.state()["signals"].items() if v is not None and k != "now"}
@@ -228,16 +228,16 @@ def test_a_signal_that_becomes_unknown_leaves_the_metrics(structured: TinyCheckp
         now = time.monotonic()
         for _ in range(20):
             st.requests.finished(0.05, now)
-        st.control_step(now)
+        control_step(c, now)
         assert 'lcs_signal{signal="p99"} 0.05' in c.get("/metrics").text
-        st.control_step(now + 3.0)  # the window has emptied
+        control_step(c, now + 3.0)  # the window has emptied
         assert c.get("/controller").json()["signals"]["p99"] is None
         assert 'signal="p99"' not in c.get("/metrics").text
         # and only a series there is is removed: prometheus-client before 0.22 raises KeyError for another
         # (the fleet figures, never known without Prometheus, were removed every control step)
         removed: list[str] = []
         st.metrics.signal.remove = removed.append  # type: ignore[method-assign]
-        st.control_step(now + 3.5)
+        control_step(c, now + 3.5)
         assert removed == []
 
 
