@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,18 @@ def check_distinct(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path
 
 def file_problem(path: Path) -> str | None:
     """Why `path` is not a file a checkpoint can be read from ("no such file", "a directory, ..."), or None."""
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.safetensors"))
-        holds = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
-        return f"a directory, not a checkpoint file{holds}"
-    if not path.exists():
-        return "no such file"
-    if not path.is_file():
-        return "not a regular file"
+    try:
+        if path.is_dir():
+            inside = sorted(p.name for p in path.glob("*.safetensors"))
+            holds = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+            return f"a directory, not a checkpoint file{holds}"
+        if not path.exists():
+            return "no such file"
+        if not path.is_file():
+            return "not a regular file"
+    except OSError as e:  # pathlib answers False only for a missing file: a folder on the way this process may
+        # not enter (EACCES) or a name too long raise, and came out as a traceback
+        return f"cannot be looked at ({e.strerror or e}, as uid {os.getuid()})"
     return None
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lcs.paths import write_json
+from lcs.paths import file_problem, write_json
 
 
 def test_results_files_are_json_a_strict_reader_accepts(tmp_path: Path) -> None:
@@ -22,3 +22,11 @@ def test_results_files_are_json_a_strict_reader_accepts(tmp_path: Path) -> None:
         "n": 3,
     }
     assert text.endswith("}\n")
+
+
+def test_a_path_pathlib_cannot_look_at_is_a_problem_named_not_a_traceback(tmp_path: Path) -> None:
+    """Python 3.11's is_dir() and exists() answer False only where the file is missing: a name too long (or a
+    folder on the way this process may not enter, EACCES, which root cannot be shown here) raised OSError
+    out of the settings' validator, and `python -m service` printed a traceback, not its one-line error."""
+    problem = file_problem(tmp_path / ("x" * 300 + ".safetensors"))
+    assert problem is not None and problem.startswith("cannot be looked at (File name too long, as uid ")
