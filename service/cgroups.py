@@ -76,7 +76,7 @@ def _read_up(
     where it gives a value."""
     try:
         lines = membership.read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):  # a cgroup's name may be any bytes: not UTF-8, it stopped start-up
         return
     for line in lines:
         if line.count(":") < 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 import psutil
 
 from service.cgroups import cpu_share, memory_headroom
+
+log = logging.getLogger("lcs.service")
 
 
 class RequestStats:
@@ -149,6 +152,7 @@ class MachineProbe:
         self._allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(cores)
         self._usable = cpu_share()  # as a fraction: not usable_cpus, which rounds up to whole threads
         self._listed = online_cpus()
+        self._battery_failed = False  # said once in the log
         psutil.cpu_percent(None, percpu=True)
         self._me.cpu_percent(None)
 
@@ -167,12 +171,17 @@ class MachineProbe:
         limited = memory_headroom()
         return machine if limited is None else min(machine, limited)
 
-    @staticmethod
-    def battery() -> tuple[float | None, bool]:
+    def battery(self) -> tuple[float | None, bool]:
+        """(percent, on battery); (None, False) where there is no battery or it cannot be read."""
         try:
             b = psutil.sensors_battery()
-        except (AttributeError, NotImplementedError, OSError):
-            b = None
-        if b is None:
+            reading = None if b is None else (float(b.percent), b.power_plugged is False)
+        except Exception as e:  # psutil raises TypeError or ValueError on garbage in sysfs, RuntimeError on
+            # macOS and BSD: it stopped every control step (load, p99 and memory went unread with it)
+            if not self._battery_failed:
+                log.warning("cannot read the battery (%s: %s); going on without it", type(e).__name__, e)
+            self._battery_failed = True
             return None, False
-        return float(b.percent), b.power_plugged is False  # None: psutil cannot tell, which is not "on battery"
+        if reading is None or not math.isfinite(reading[0]):
+            return None, False
+        return reading  # power_plugged None: psutil cannot tell, which is not "on battery"

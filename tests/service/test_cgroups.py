@@ -50,6 +50,14 @@ def test_the_cpu_quota_of_the_processs_cgroup(
     assert cpu_quota(*hierarchy(tmp_path, membership, files)) == quota
 
 
+def test_a_membership_file_that_is_not_utf8_is_read_as_no_limits(tmp_path: Path) -> None:
+    """A cgroup's name may be any bytes: read as text, it raised UnicodeDecodeError out of LCS_THREADS'
+    default, so the service did not start, and out of every control step's memory reading."""
+    root, membership = hierarchy(tmp_path, "", {"a/cpu.max": "100000 100000\n", "a/memory.max": "100\n"})
+    membership.write_bytes(b"0::/a\xff\n")
+    assert cpu_quota(root, membership) is None and memory_headroom(root, membership) is None
+
+
 def test_usable_cpus_are_capped_by_the_quota_rounded_up(tmp_path: Path) -> None:
     """A container's `--cpus 1.5` on a bigger machine is 2 usable CPUs (LCS_THREADS defaults to one fewer)."""
     import os

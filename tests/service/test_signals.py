@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import types
 from pathlib import Path
@@ -111,6 +112,31 @@ def test_a_plug_state_psutil_cannot_tell_is_not_on_battery(
     battery = types.SimpleNamespace(percent=15.0, power_plugged=plugged, secsleft=None)
     monkeypatch.setattr(psutil, "sensors_battery", lambda: battery, raising=False)
     assert MachineProbe().battery() == (15.0, on_battery)
+
+
+@pytest.mark.parametrize("error", [TypeError("can't multiply sequence"), ValueError("capacity"), RuntimeError("IOKit")])
+def test_a_battery_psutil_cannot_read_is_no_battery_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    """psutil raises TypeError or ValueError on garbage in sysfs (an empty energy_now), RuntimeError on macOS:
+    it escaped the probe and stopped every control step, so load and memory went unread too."""
+
+    def broken() -> None:
+        raise error
+
+    monkeypatch.setattr(psutil, "sensors_battery", broken, raising=False)
+    probe = MachineProbe()
+    with caplog.at_level(logging.WARNING, "lcs.service"):
+        assert probe.battery() == probe.battery() == (None, False)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot read the battery ({type(error).__name__}: {error}); going on without it"
+    ]
+
+
+def test_a_battery_percent_that_is_not_finite_is_no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    battery = types.SimpleNamespace(percent=float("nan"), power_plugged=False, secsleft=None)
+    monkeypatch.setattr(psutil, "sensors_battery", lambda: battery, raising=False)
+    assert MachineProbe().battery() == (None, False)
 
 
 @pytest.mark.parametrize(
