@@ -26,7 +26,7 @@ from pydantic import ValidationError  # noqa: E402
 from lcs.checkpoint import CheckpointError  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.runtime import Runtime, inference_executor  # noqa: E402
-from service.settings import ROOT, Settings, settings_errors, unknown_variables  # noqa: E402
+from service.settings import Settings, display_path, settings_errors, unknown_variables  # noqa: E402
 
 log = logging.getLogger("lcs.service")
 
@@ -43,8 +43,8 @@ def usage() -> str:
             shown = '""'
         elif isinstance(default, list):
             shown = ",".join(map(str, default))
-        elif isinstance(default, Path) and default.is_relative_to(ROOT):
-            shown = str(default.relative_to(ROOT))
+        elif isinstance(default, Path):
+            shown = display_path(default) + ("" if default.exists() else " (not here: set it)")
         else:
             shown = str(default)
         rows.append(f"  LCS_{name.upper():<32} {shown}")

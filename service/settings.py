@@ -24,14 +24,29 @@ Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks 
 BACKEND: Backend = "onnxruntime"  # LCS_BACKEND's default, and materialize.build's
 MAX_BATCH = 32  # LCS_MAX_BATCH's default, and materialize.build's
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = ROOT / "models" / "structured_line.safetensors"
+# the shipped model: in a repository checkout (and in the image, which sets LCS_CHECKPOINT to its copy); a
+# package installed from a wheel ships no models
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "structured_line.safetensors"
 N = TypeVar("N", int, float)
 # a model name is a path segment of the v2 API (/v2/models/{name}/infer), which a client percent-encodes
 # and the server decodes before matching: any name is addressable but one holding '/' (it decodes into two
 # segments), '.' and '..' (clients resolve them away), control characters and surrounding spaces
 MODEL_NAME = re.compile(r"(?!\.{1,2}$)[^/\x00-\x1f\x7f\s](?:[^/\x00-\x1f\x7f]*[^/\x00-\x1f\x7f\s])?")
 MODEL_NAME_RULE = "no '/', control characters or surrounding spaces, and not '.' or '..' (it is a URL path segment)"
+
+
+def display_path(path: Path) -> str:
+    """A path as a person types it: relative to the working directory where it lies under it."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _checkpoint_fix(path: Path) -> str:
+    fix = "point it at a .safetensors checkpoint written by `python -m training train`"
+    if path == DEFAULT_CHECKPOINT:
+        return f"{fix} (its default, the shipped model, comes with a repository checkout, not an installed package)"
+    if DEFAULT_CHECKPOINT.is_file():
+        return f"{fix}, or unset it to serve the shipped model ({display_path(DEFAULT_CHECKPOINT)})"
+    return fix
 
 
 def _numbers(v: str, parse: Callable[[str], N], expected: str) -> list[N]:
@@ -227,10 +242,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _checkpoint_and_name(self) -> Settings:
         if (problem := file_problem(self.checkpoint)) is not None:
-            raise ValueError(
-                f"LCS_CHECKPOINT={self.checkpoint}: {problem}; point it at a .safetensors checkpoint "
-                "written by `python -m training train` (the default is models/structured_line.safetensors)"
-            )
+            raise ValueError(f"LCS_CHECKPOINT={self.checkpoint}: {problem}; {_checkpoint_fix(self.checkpoint)}")
         if self.model_name is None and not MODEL_NAME.fullmatch(self.checkpoint.stem):
             raise ValueError(
                 f"LCS_MODEL_NAME is unset, and the name it defaults to, the file stem of LCS_CHECKPOINT="

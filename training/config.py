@@ -248,8 +248,9 @@ def options_help(width: int = 100) -> str:
     return "\n".join(
         [
             "Options are key=value arguments after an optional YAML config file that maps the same keys to values",
-            "(configs/*.yaml); a key=value wins over the file. Values are YAML: 0.5, true, null, [0, 0.5, 1],",
-            "'arch_kwargs={widths: [16, 32], blocks: [1, 1]}'. What each option does: training/config.py.",
+            "(a repository checkout's configs/*.yaml); a key=value wins over the file. Values are YAML: 0.5, true,",
+            "null, [0, 0.5, 1], 'arch_kwargs={widths: [16, 32], blocks: [1, 1]}'. What each option does:",
+            "training/config.py.",
             "",
             "options and their defaults:",
             *lines,

@@ -180,6 +180,37 @@ def test_missing_checkpoint_is_refused_with_the_path_and_the_fix(tmp_path: Path)
     assert str(missing) in str(e.value) and "python -m training train" in str(e.value)
 
 
+def test_a_checkpoint_path_that_cannot_be_looked_at_is_refused_with_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=tmp_path / ("x" * 300 + ".safetensors"))
+    (line,) = settings_errors(e.value)
+    assert line.startswith("LCS_CHECKPOINT=") and ": cannot be looked at (File name too long" in line, line
+
+
+def test_a_missing_default_checkpoint_says_it_ships_with_a_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed from a wheel, the default (the shipped model, beside the packages) is not there: the error
+    told the user the default was models/structured_line.safetensors, a path relative to nothing they knew,
+    and `--help` showed it so; a wrong path set by hand names the shipped model only where there is one."""
+    installed = tmp_path / "site-packages" / "models" / "structured_line.safetensors"
+    monkeypatch.setattr("service.settings.DEFAULT_CHECKPOINT", installed)
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=installed)
+    (line,) = settings_errors(e.value)
+    assert line == (
+        f"LCS_CHECKPOINT={installed}: no such file; point it at a .safetensors checkpoint written by `python -m "
+        "training train` (its default, the shipped model, comes with a repository checkout, not an installed package)"
+    )
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=tmp_path / "typo.safetensors")
+    assert "shipped" not in str(e.value)
+    monkeypatch.setattr("service.settings.DEFAULT_CHECKPOINT", Path("models/structured_line.safetensors").resolve())
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=tmp_path / "typo.safetensors")
+    assert "or unset it to serve the shipped model (models/structured_line.safetensors)" in str(e.value)
+
+
 def test_a_directory_as_the_checkpoint_is_said_to_be_one(tmp_path: Path) -> None:
     """It was refused as 'no such file', which sends one looking for a typo in a path that exists."""
     folder = tmp_path / "model.safetensors"

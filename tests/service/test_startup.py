@@ -274,6 +274,24 @@ def test_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture
         assert f"LCS_{name.upper()} " in out, name
 
 
+def test_help_shows_the_default_checkpoint_where_it_is_and_whether_it_is_there(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """It showed the path relative to the source tree, whatever the working directory: installed from a
+    wheel, `models/structured_line.safetensors` named a file that was in neither place."""
+    from service.settings import DEFAULT_CHECKPOINT, Settings
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--help"]) == 0
+    assert f"LCS_CHECKPOINT{' ' * 23}{DEFAULT_CHECKPOINT}\n" in capsys.readouterr().out
+    missing = tmp_path / "site-packages" / "models" / "structured_line.safetensors"
+    monkeypatch.setattr(Settings.model_fields["checkpoint"], "default", missing)
+    assert main(["--help"]) == 0
+    assert f"LCS_CHECKPOINT{' ' * 23}site-packages/models/structured_line.safetensors (not here: set it)\n" in (
+        capsys.readouterr().out
+    )
+
+
 def test_arguments_are_refused_with_the_environment_variable_they_meant(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--port", "9000", "--max-batch=8", "--verbose"]) == 2
     err = capsys.readouterr().err
