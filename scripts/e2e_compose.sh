@@ -62,7 +62,7 @@ prom=http://127.0.0.1:$PROMETHEUS_PUBLISH_PORT
 say "wait for $lcs/readyz"
 wait_for "$lcs/readyz" 'body["status"] == "ready"' || fail "the service never became ready"
 
-say "the image: non-root, HEALTHCHECK healthy"
+say "the image: non-root, HEALTHCHECK healthy, LCS_THREADS left to the service"
 cid=$("${compose[@]}" ps -q lcs)
 [[ $(docker exec "$cid" id -u) == 10001 ]] || fail "the service does not run as uid 10001"
 deadline=$((SECONDS + timeout))
@@ -70,6 +70,10 @@ until [[ $(docker inspect -f '{{.State.Health.Status}}' "$cid") == healthy ]]; d
   (( SECONDS < deadline )) || fail "the HEALTHCHECK never reported healthy"
   sleep 2
 done
+# compose leaves LCS_THREADS unset unless this shell sets it, so the service picks its own default
+if [[ -z ${LCS_THREADS:-} ]] && docker exec "$cid" printenv LCS_THREADS >/dev/null; then
+  fail "LCS_THREADS is set in the container, though this shell leaves it unset"
+fi
 
 say "predict through the published port"
 python3 - "$lcs" <<'PY' || fail "prediction"
