@@ -188,7 +188,8 @@ class State:
 
     async def control_step(self, now: float) -> None:
         """Signals in, the ceiling and the metrics out; where memory is short, the idle models dropped off the
-        event loop (dropping 20 models and trimming the heap took 12-34 ms: every request would wait)."""
+        event loop (dropping 20 models and trimming the heap took 12-34 ms: every request would wait), on the
+        loop's default executor (on the decoder pool it waited behind queued images: steps 1.3-4 s apart)."""
         c = self.runtime.controller
         before = c.ceiling
         s = self.signals(now)
@@ -196,9 +197,7 @@ class State:
         self._export_ceiling(before)
         self._export_signals(s)
         if s.memory_available < self.settings.memory_low and self.runtime.ready:  # not what warm-up is building
-            await asyncio.get_running_loop().run_in_executor(
-                self.decoder, self._relieve_memory, s.memory_available, now
-            )
+            await asyncio.get_running_loop().run_in_executor(None, self._relieve_memory, s.memory_available, now)
 
     def _export_signals(self, s: Signals) -> None:
         for name in SIGNAL_NAMES:  # every signal, from the one definition of what they are
