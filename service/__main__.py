@@ -44,7 +44,10 @@ def usage() -> str:
         elif isinstance(default, list):
             shown = ",".join(map(str, default))
         elif isinstance(default, Path):
-            shown = display_path(default) + ("" if default.exists() else " (not here: set it)")
+            shown = display_path(default)
+            if not default.exists():  # a package installed from a wheel ships no model (the image sets its own)
+                given = os.environ.get(f"LCS_{name.upper()}")
+                shown += f" (not here; LCS_{name.upper()}={given} is set)" if given else " (not here: set it)"
         else:
             shown = str(default)
         rows.append(f"  LCS_{name.upper():<32} {shown}")

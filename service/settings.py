@@ -148,6 +148,12 @@ class Settings(BaseSettings):
         parse_policy(v)
         return v
 
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _blank_is_the_default(cls, v: object) -> object:
+        """`LCS_THREADS=`, as compose passes a shell's empty variable through, is the default, not a refusal."""
+        return inference_threads() if isinstance(v, str) and not v.strip() else v
+
     @field_validator("model_name", "prometheus_url", "api_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:

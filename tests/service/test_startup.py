@@ -262,6 +262,18 @@ def test_an_empty_api_key_means_none(structured: TinyCheckpoint, monkeypatch: py
     assert Settings(checkpoint=structured.path).api_key is None
 
 
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_thread_count_means_the_default(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """docker-compose.yml passes the shell's LCS_THREADS through, an empty one too, which stopped start-up
+    ('Input should be a valid integer'); the other variables there take compose's ${VAR:-default}."""
+    from service.cgroups import inference_threads
+
+    monkeypatch.setenv("LCS_THREADS", value)
+    assert Settings(checkpoint=structured.path).threads == inference_threads()
+
+
 def test_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -290,6 +302,9 @@ def test_help_shows_the_default_checkpoint_where_it_is_and_whether_it_is_there(
     assert f"LCS_CHECKPOINT{' ' * 23}site-packages/models/structured_line.safetensors (not here: set it)\n" in (
         capsys.readouterr().out
     )
+    monkeypatch.setenv("LCS_CHECKPOINT", "/app/models/structured_line.safetensors")  # as the image does
+    assert main(["--help"]) == 0
+    assert "(not here; LCS_CHECKPOINT=/app/models/structured_line.safetensors is set)\n" in capsys.readouterr().out
 
 
 def test_arguments_are_refused_with_the_environment_variable_they_meant(capsys: pytest.CaptureFixture[str]) -> None:
