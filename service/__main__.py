@@ -175,6 +175,8 @@ def serve(settings: Settings, sockets: list[socket.socket]) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading: as after serving, no traceback (the load ends first)
+        return 130
     # The event loop thread parses requests while the inference thread needs the GIL back after every
     # call that released it (the model's run, a torch op); with the default 5 ms switch interval a
     # saturated loop holds each hand-back up to 5 ms (an eager forward of ~30 ops: 150 ms). 0.1 ms bounds

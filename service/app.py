@@ -46,7 +46,7 @@ from service.lane import (
 )
 from service.metrics import INFERENCE_ROUTES
 from service.middleware import BodyLimit, Edge, Observe, Shed, client_left, internal_error_response
-from service.runtime import LEVEL_NAMES, Runtime, inference_executor
+from service.runtime import LEVEL_NAMES, Runtime, WarmUpStopped, inference_executor
 from service.schemas import (
     PRESETS,
     ErrorResponse,
@@ -284,6 +284,7 @@ def create_app(
         try:
             yield
         finally:
+            st.runtime.stopping.set()  # a warm-up still running stops at its next step
             st.start_draining()
             left = s.drain_seconds if st.drain_deadline is None else max(0.0, st.drain_deadline - time.monotonic())
             if not await st.batcher.drain(left):
@@ -735,6 +736,8 @@ async def _warm(st: State, stop: Callable[[], None] | None) -> None:
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(st.executor, st.runtime.warm_up)
+    except WarmUpStopped:  # shutting down (this task is usually cancelled first)
+        pass
     except CheckpointError as e:  # the self-check: the message says it all
         st.failure = str(e)
         log.error("%s", e)

@@ -694,7 +694,11 @@ K = TypeVar("K")
 
 
 def time_in_rounds(
-    calls: Mapping[K, Callable[[], object]], rounds: int, *, group: Callable[[K], Hashable] | None = None
+    calls: Mapping[K, Callable[[], object]],
+    rounds: int,
+    *,
+    group: Callable[[K], Hashable] | None = None,
+    each_round: Callable[[], None] | None = None,
 ) -> dict[K, float]:
     """Median seconds of each call over `rounds` rounds, each running every call twice and timing the
     second. The rounds let all calls see the same machine (its pace drifts by up to 2x over minutes
@@ -705,14 +709,18 @@ def time_in_rounds(
     pools: with 2 threads or more, ONNX Runtime's and torch's idle workers spin for a while after a call
     and slow the other runtime's next one, even after the untimed run (quantized_line at batch 32 and 2
     threads, `benchmarks.alphas`: the float network 7.67 ms and int8 1.61 in shared rounds, 2.87 and 1.35
-    apart). A service serves one alpha at a time, so apart is its steady state."""
+    apart). A service serves one alpha at a time, so apart is its steady state.
+
+    `each_round`: called before each round (the warm-up's, to stop when the service shuts down)."""
     if group is not None:
         out: dict[K, float] = {}
         for g in dict.fromkeys(map(group, calls)):
-            out |= time_in_rounds({k: c for k, c in calls.items() if group(k) == g}, rounds)
+            out |= time_in_rounds({k: c for k, c in calls.items() if group(k) == g}, rounds, each_round=each_round)
         return out
     times: dict[K, list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
+        if each_round is not None:
+            each_round()
         for k, call in calls.items():
             call()
             t0 = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,10 @@ def _listed(alphas: Sequence[float]) -> str:
 PROFILE_ROUNDS = 7  # timings per (alpha, batch size) in the start-up profile, one per round
 
 
+class WarmUpStopped(Exception):
+    """The service is shutting down: the warm-up stopped between two of its steps."""
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -84,6 +89,9 @@ class Runtime:
     prebuild: list[float] = field(default_factory=list)  # grid alphas built and profiled at start-up
     padded: dict[float, bool] = field(default_factory=dict)  # grid alpha -> whether its first build ran padded
     ready: bool = False
+    # set on shutdown: the warm-up stops at its next step (a build, a profile round, an alpha's self-check),
+    # where it ran to its end, seconds after the server had stopped (as a container's PID 1: 8.6 s)
+    stopping: threading.Event = field(default_factory=threading.Event)
     loaded_at: float = field(default_factory=time.time)  # wall clock, for /model
 
     @classmethod
@@ -197,7 +205,10 @@ class Runtime:
         else:  # "auto" under ONNX Runtime: only a TorchScript fallback would use it
             self.channels_last = s.channels_last == "on"
         # held here until both are done, whatever the cache's bound evicts: profiled and self-checked as built
-        built = {alpha: self.cache.get(alpha, counted=False) for alpha in self.prebuild}
+        built = {}
+        for alpha in self.prebuild:
+            self._go_on()
+            built[alpha] = self.cache.get(alpha, counted=False)
         self._measure_profile(built, probe)
         self._self_check(built)
         del built  # those the bound evicted are freed before the heap is trimmed, below
@@ -221,6 +232,11 @@ class Runtime:
         release_freed_heap()
         self.ready = True
 
+    def _go_on(self) -> None:
+        if self.stopping.is_set():
+            log.info("warm-up stopped: the service is shutting down")
+            raise WarmUpStopped
+
     def _self_check(self, built: dict[float, Compiled]) -> None:
         """Each model's accuracy on the checkpoint's sample images (`self_check`), verified against the test
         accuracy it records. A checkpoint may carry no sample images, or none at all (lcs.checkpoint accepts
@@ -230,6 +246,7 @@ class Runtime:
         x, step = self.samples.numpy(), self.settings.max_batch
         finite = {}
         for alpha, compiled in built.items():
+            self._go_on()
             # in the batches the service runs: all the sample images at once made start-up's peak
             logits = np.concatenate([compiled.logits(x[i : i + step]) for i in range(0, len(x), step)])
             finite[alpha] = bool(np.isfinite(logits).all())
@@ -273,7 +290,9 @@ class Runtime:
         were slower."""
         batches = self.settings.profile_batches
         calls = {(a, b): functools.partial(c.logits, probe[:b].numpy()) for a, c in built.items() for b in batches}
-        by_runtime = time_in_rounds(calls, PROFILE_ROUNDS, group=lambda k: built[k[0]].on_onnx_runtime)
+        by_runtime = time_in_rounds(
+            calls, PROFILE_ROUNDS, group=lambda k: built[k[0]].on_onnx_runtime, each_round=self._go_on
+        )
         for (alpha, b), seconds in by_runtime.items():
             self.profile.add(alpha, b, seconds)
 

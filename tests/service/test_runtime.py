@@ -15,7 +15,7 @@ import torch
 from service import materialize, runtime
 from service.controller import Signals
 from service.materialize import Compiled
-from service.runtime import PROFILE_ROUNDS, Runtime, softmax
+from service.runtime import PROFILE_ROUNDS, Runtime, WarmUpStopped, softmax
 from tests.service.service_support import ACCURACY, GRID, TinyCheckpoint, make_settings, normalise, random_images
 
 
@@ -27,6 +27,32 @@ def test_load_reads_the_grid_samples_and_accuracy(structured: TinyCheckpoint) ->
     assert rt.samples is not None and rt.sample_labels is not None
     assert torch.allclose(rt.samples, normalise(structured.samples), atol=1e-6)  # normalised like training
     assert not rt.ready and rt.cache.cached() == []  # nothing is built before warm-up
+
+
+def test_a_warm_up_told_to_stop_builds_nothing_more(structured: TinyCheckpoint) -> None:
+    """Runtime.stopping (set by the app's lifespan on shutdown) is checked before each build, each profile
+    round and each alpha's self-check: here, before the first build."""
+    rt = Runtime.load(make_settings(structured.path))
+    rt.stopping.set()
+    with pytest.raises(WarmUpStopped):
+        rt.warm_up()
+    assert rt.cache.cached() == [] and not rt.ready
+
+
+def test_time_in_rounds_asks_before_each_round_and_stops_when_told() -> None:
+    runs: list[str] = []
+    asked = 0
+
+    def each_round() -> None:
+        nonlocal asked
+        asked += 1
+        if asked == 3:
+            raise WarmUpStopped
+
+    calls = {"a": lambda: runs.append("a"), "b": lambda: runs.append("b")}
+    with pytest.raises(WarmUpStopped):
+        materialize.time_in_rounds(calls, 7, each_round=each_round)
+    assert runs == ["a", "a", "b", "b"] * 2  # two rounds, each call twice (the second timed)
 
 
 def test_warm_up_builds_profiles_and_self_checks(structured: TinyCheckpoint) -> None:

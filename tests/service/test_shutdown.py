@@ -15,11 +15,15 @@ real `python -m service` on 127.0.0.1 under a steady stream of requests (~6 s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -30,7 +34,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+import service.runtime
 from service.app import create_app
+from service.runtime import Runtime, inference_executor
 from tests.service.service_support import (
     IMAGE,
     ROOT,
@@ -254,6 +260,31 @@ def test_sigterm_under_a_steady_stream_on_a_real_server(structured: TinyCheckpoi
     assert "Traceback" not in log, log
 
 
+def test_a_shutdown_during_warm_up_stops_it_at_its_next_step(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn had shut down, but the warm-up went on on the inference thread, which the interpreter waits
+    for at exit: as a container's PID 1 (SIGTERM) or after Ctrl-C, the process profiled and self-checked to
+    the end, 8.6 s after the signal in a review's run (past `docker stop`'s 10 s: SIGKILL)."""
+    monkeypatch.setattr(service.runtime, "PROFILE_ROUNDS", 1_000_000)  # a profile of hours
+    settings = make_settings(structured.path)
+    executor = inference_executor()
+    loaded = executor.submit(Runtime.load, settings).result()
+    app = create_app(settings, runtime=loaded, executor=executor)
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            await asyncio.sleep(0.5)  # building or profiling by now
+
+    with caplog.at_level(logging.INFO, "lcs.service"):
+        asyncio.run(run())
+        ended = threading.Thread(target=executor.shutdown)  # waits for the warm-up's thread
+        ended.start()
+        ended.join(timeout=10)
+    assert not ended.is_alive() and not loaded.ready
+    assert "warm-up stopped: the service is shutting down" in caplog.text
+
+
 def test_ctrl_c_stops_a_real_server_with_130_and_no_traceback(structured: TinyCheckpoint, tmp_path: Path) -> None:
     """uvicorn raises SIGINT again after its shutdown; uncaught, every Ctrl-C printed a KeyboardInterrupt
     traceback and the process died of the signal."""
@@ -268,6 +299,29 @@ def test_ctrl_c_stops_a_real_server_with_130_and_no_traceback(structured: TinyCh
         signal.signal(signal.SIGINT, previous)
     log = server.log.read_text()
     assert code == 130 and "Traceback" not in log, log[-2000:]
+
+
+def test_ctrl_c_while_the_checkpoint_loads_exits_130_without_a_traceback(
+    structured: TinyCheckpoint, tmp_path: Path
+) -> None:
+    """The port is bound (and listening) before the checkpoint loads; a Ctrl-C then, while the load ran,
+    printed a KeyboardInterrupt traceback and exited 1 (a review's run)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCS_")}
+    env.update(LCS_CHECKPOINT=str(structured.path), LCS_PORT=str(port), LCS_THREADS="1")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in the test above
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            break  # bound: the load starts now
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in stderr, stderr.decode()[-2000:]
 
 
 def _catches(status: Path, signum: int) -> bool:
