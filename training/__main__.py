@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             from training.config import load_config, split_config
             from training.train import train
 
-            cfg = load_config(*split_config(args.items))
+            config, overrides = split_config(args.items)
+            cfg = load_config(config, overrides)
+            if config is not None:  # out= naming the config file replaced it with the checkpoint
+                check_distinct(
+                    [(f"out={cfg.out}", Path(cfg.out)), ("its state file", cfg.state_path)],
+                    [("the config file", Path(config))],
+                )
             default_term = signal.signal(signal.SIGTERM, _terminated)
             try:
                 train(cfg, command="python -m training train " + shlex.join(args.items))  # re-runs as recorded

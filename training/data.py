@@ -336,6 +336,9 @@ def check_dataset(data: Dataset, *, train: Sources | None = None, test: Sources 
                 f"{n_classes} classes of {data.name}; the file is damaged or belongs to another dataset"
             )
     trained, tested = data.train.images.shape[1:], data.test.images.shape[1:]
+    if 0 in trained:  # a convolution's traceback, after loading
+        where = train.images if train else f"{data.name} training images"
+        raise DataError(f"{where}: training images of {shape_text(trained)}; images need at least one pixel")
     if trained != tested:  # once trained, then gave wrong accuracy
         tr, te = train or Sources("training images", ""), test or Sources(f"{data.name} test images", "")
         raise DataError(

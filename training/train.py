@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -84,10 +85,13 @@ def sample_images(split: Split, seed: int, n: int = 256) -> tuple[torch.Tensor, 
 
 def check_out(cfg: TrainConfig) -> None:
     """Refuse a checkpoint location that cannot be written before training rather than after it (the
-    whole run was lost): a directory, a path under a regular file, a place where no file can be created."""
+    whole run was lost): a directory, a path under a regular file, a place where no file can be created,
+    an existing file that is not a regular one (writing renames over it: out=/dev/null replaced /dev/null)."""
     out = Path(cfg.out)
     for path in (out, cfg.state_path) if out.name else (out,):  # "." has no name, hence no state path
         check_writable(path, option="out", shown=f"out={cfg.out}", example=f"out={out / 'model.safetensors'}")
+        if path.exists() and not path.is_file():
+            raise ValueError(f"out={cfg.out}: {path} exists and is not a regular file; choose another place for out")
 
 
 class SaveError(OSError):
@@ -170,6 +174,8 @@ def _load_state(
     path = cfg.state_path
     if not path.is_file():
         return 0, 0.0, []
+    if not os.access(path, os.R_OK):  # safetensors reports it as missing, and it is not damaged: keep it
+        raise ValueError(f"{path}: not readable by this process (uid {os.getuid()}); make it readable to resume")
     damaged = (
         f"{path}: not a readable training state ({{}}); it is damaged (cut short by a full disk or a copy?): "
         "delete it to start over"
@@ -196,6 +202,8 @@ def _load_state(
                 opt.state[p]["momentum_buffer"] = tensors[f"optim.{i}"]
         torch.set_rng_state(tensors["rng.torch"])
         rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
+        if broken := [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+            raise ValueError(f"{broken[0]} holds NaN or Inf")
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(damaged.format(e)) from None
     return epoch, elapsed, _saved_runs(meta.get("runs"), epoch)
@@ -253,6 +261,12 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
             f"{len(data.train)} training images, {n_img} after holding out val_size; lower batch_size or val_size"
         )
     mean, std = data.mean_std()
+    if 0.0 in std:  # normalising divides by it: every loss NaN, and the checkpoint refused after the run
+        where = f"{cfg.dataset} in {cfg.data_dir}" if cfg.data_dir else data.name
+        raise DataError(
+            f"{where}: every training pixel of channel {std.index(0.0)} has the same value; normalising divides "
+            "by their spread, 0: these are not the images meant (float pixels in 0..1 read as bytes?)"
+        )
 
     model = cfg.model(c, len(data.classes))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -337,6 +351,13 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, data: Dataset | None, command: str
         elapsed += time.perf_counter() - t0
         sums = ranks.sum(seen, correct, loss_sum, seen_all, float(correct_all), float(loss_all))  # all ranks' shards
         n_seen, n_correct, loss_total = sums[:3] if sums[0] else sums[3:]
+        if not math.isfinite(loss_total):  # every rank has the same sums: all stop here, the last state kept
+            over = f"delete {cfg.state_path} and start over" if cfg.state_path.exists() else "start over"
+            raise ValueError(
+                f"epoch {epoch + 1}: the training loss is {loss_total}: the run diverged (not saved; kept: "
+                f"{resume_point(cfg)}); lower lr ({cfg.lr:g}), beta ({cfg.beta:g}) or weight_decay "
+                f"({cfg.weight_decay:g}), {over}"
+            )
         if not ranks.main:
             continue
         over = "" if sums[0] else ", over the alphas sampled, none of them 1"

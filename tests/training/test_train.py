@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -500,6 +505,109 @@ def test_a_state_file_with_a_bad_header_value_says_to_delete_it(
     save_file(load_file(str(cfg.state_path)), str(cfg.state_path), metadata=meta)
     with pytest.raises(ValueError, match=r"not a readable training state \(.*delete it to start over$"):
         _run(cfg, synthetic_data, capsys)
+
+
+@pytest.mark.parametrize(
+    ("height", "match"), [(4, "every training pixel of channel 0 has the same value"), (0, "1x0x4")]
+)
+def test_images_that_cannot_train_are_refused_before_the_first_step(
+    tmp_path: Path,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+    height: int,
+    match: str,
+) -> None:
+    """One pixel value everywhere (float pixels in 0..1 cast to bytes: all 0) trained every epoch on NaN, then
+    failed with a pydantic dump naming no file; images 0 pixels high were a convolution's traceback."""
+    images = torch.zeros(64, 1, height, 4, dtype=torch.uint8)
+    split = Split(images, torch.tensor([0, 1] * 32))
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=1))
+    with pytest.raises(DataError, match=match):
+        _run(cfg, Dataset("flat", split, split, ["a", "b"]), capsys)
+    assert "epoch" not in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_a_diverged_run_stops_keeping_the_last_finite_state(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With lr=1e6 the loss went NaN: the run saved the NaN state over the finite one, exited 0 and wrote a
+    checkpoint with an accuracy table that `evaluate` then refused as corrupt."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=3, lr=1e6))
+    diverged = r"the training loss is nan: the run diverged \(not saved; kept: .*\); lower lr \(1e\+06\)"
+    with pytest.raises(ValueError, match=diverged):
+        _run(cfg, synthetic_data, capsys)
+    assert not Path(cfg.out).exists()
+    if cfg.state_path.exists():  # the last epoch whose loss was finite
+        assert all(torch.isfinite(t).all() for t in load_file(str(cfg.state_path)).values() if t.is_floating_point())
+
+
+def test_a_state_holding_nan_is_refused(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Resumed with no epoch left to train, it wrote a NaN checkpoint and exited 0."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors", epochs=1))
+    _run(cfg, synthetic_data, capsys)
+    Path(cfg.out).unlink()
+    with safe_open(str(cfg.state_path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(cfg.state_path))
+    name = next(k for k, v in tensors.items() if k.startswith("model.") and v.is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(cfg.state_path), metadata=meta)
+    with pytest.raises(ValueError, match=rf"not a readable training state \({re.escape(name)} holds NaN or Inf\)"):
+        _run(cfg, synthetic_data, capsys)
+    assert not Path(cfg.out).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_state_this_user_cannot_read_is_not_called_damaged(
+    synthetic_data: Dataset, tiny_overrides: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """safetensors writes it 0600 and reports EACCES as 'No such file': resumed as another user, the message
+    said the state was damaged and to delete it, the work of every epoch it kept."""
+    shared = Path(tempfile.mkdtemp(prefix="lcs-state-"))  # pytest's folders are root's alone: untraversable
+    try:
+        shared.chmod(0o755)
+        overrides = tiny_overrides(shared / "m.safetensors", epochs=1)
+        cfg = load_config(None, overrides)
+        _run(cfg, synthetic_data, capsys)
+        code = (
+            "import random, torch; from training.config import load_config; from training.train import _load_state; "
+            f"cfg = load_config(None, {overrides!r}); m = cfg.model(1, 2); "
+            "_load_state(cfg, m, torch.optim.SGD(m.parameters(), lr=0.1), random.Random(0))"
+        )
+        run = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+            cwd=Path(__file__).resolve().parents[2],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(shared)
+    message = f"{cfg.state_path}: not readable by this process (uid 65534); make it readable to resume"
+    assert message in run.stderr and "damaged" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "config"])
+def test_out_never_replaces_a_special_file_or_the_config(tmp_path: Path, kind: str) -> None:
+    """Writing renames over `out`: out=/dev/null made /dev/null a regular file, and out= naming the config
+    replaced it with the checkpoint."""
+    from training.__main__ import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 1\n")
+    target = tmp_path / "pipe" if kind == "fifo" else config
+    if kind == "fifo":
+        os.mkfifo(target)
+    assert main(["train", str(config), f"out={target}"]) == 2
+    assert target.is_fifo() if kind == "fifo" else config.read_text() == "epochs: 1\n"
 
 
 def test_fixed_alpha_baseline_with_validation(
