@@ -460,6 +460,8 @@ def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
             raise ValueError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+        except RecursionError:  # PyYAML's composer recurses once per level of nesting
+            raise ValueError(f"{path}: nested too deeply to be a config file") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a YAML mapping of option: value")
         values.update(loaded)

@@ -149,7 +149,7 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         d = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="bytes").load()
         data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, OverflowError) as e:
         raise DataError(f"{path}: not a CIFAR-10 python batch ({e})") from None
     if labels.shape != (len(data),):
         raise DataError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,13 @@ def test_missing_config_file_suggests_the_near_name(tmp_path: Path) -> None:
     assert str(err.value).endswith(f"did you mean {tmp_path / 'structured_line.yaml'}?")
     with pytest.raises(ValueError, match="Is a directory"):
         load_config(tmp_path, [])
+
+
+def test_a_config_nested_too_deeply_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("x: " + "[" * 5000 + "]" * 5000 + "\n")  # was PyYAML's RecursionError traceback
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: nested too deeply to be a config file$"):
+        load_config(path, [])
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,13 @@ def test_malicious_cifar_pickle_runs_no_code(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [pickle.dumps({b"labels": [1]}), pickle.dumps([1, 2, 3]), b"not a pickle", pickle.dumps({b"data": 1})[:-4]],
+    [
+        pickle.dumps({b"labels": [1]}),
+        pickle.dumps([1, 2, 3]),
+        b"not a pickle",
+        pickle.dumps({b"data": 1})[:-4],
+        pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [2**70, 1]}),  # an OverflowError traceback
+    ],
 )
 def test_cifar_batch_that_is_not_a_batch(tmp_path: Path, content: bytes) -> None:
     root = tmp_path / "cifar"
