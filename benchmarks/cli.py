@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from lcs.alpha import ALPHA_CONVENTION
-from lcs.paths import check_flag, file_problem, write_json
+from lcs.paths import WriteError, check_flag, file_problem, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -158,6 +158,9 @@ def command(main: Callable[[], int | None]) -> NoReturn:
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = main()
+    except WriteError as e:  # its results, at the end of the run: the table above holds what was measured
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     except (KeyboardInterrupt, Stopped) as e:
         stopped = e if isinstance(e, Stopped) else Stopped(signal.SIGINT)
         print(stopped, file=sys.stderr)

@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 
+class WriteError(OSError):
+    """A file a command writes could not be written (a full disk); the message names the file and the cause."""
+
+
 def check_writable(path: Path, *, option: str, shown: str, example: str) -> None:
     """Refuse, with ValueError, a place where no file can be written, before the work that produces the file
     rather than after it: a directory (`example` suggests a file), a path under a regular file, a folder
@@ -86,5 +90,9 @@ def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:
             return [clean(x) for x in v]
         return v
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(obj), indent=indent, allow_nan=False) + "\n")
+    text = json.dumps(clean(obj), indent=indent, allow_nan=False) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:  # a write's OSError names no file: `[Errno 28] No space left on device`
+        raise WriteError(f"{path}: cannot write it ({e.strerror or e})") from None

@@ -78,8 +78,9 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: IDX header of {ndim} dimensions is cut short (truncated?)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DataError(f"{path}: IDX header says {dims} but holds {data.size} bytes (truncated?)")
+    if data.size != (need := int(np.prod(dims))):
+        why = "cut short?" if data.size < need else "not the file its header describes"
+        raise DataError(f"{path}: IDX header says {dims}, {need} bytes, but it holds {data.size} ({why})")
     return data.reshape(dims)
 
 
@@ -147,7 +148,10 @@ class _ArraysOnly(pickle.Unpickler):
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         d = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        data = np.asarray(d[b"data"])
+        if data.dtype != np.uint8:  # cast, 0.5 became 0 and 300 became 44: other images than the file's
+            raise ValueError(f"pixels of type {data.dtype}, where CIFAR-10's are bytes, uint8")
+        data = data.reshape(-1, 3, 32, 32)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, OverflowError) as e:
         raise DataError(f"{path}: not a CIFAR-10 python batch ({e})") from None
@@ -271,6 +275,13 @@ def load_folder(root: Path, *, option: str = "data_dir") -> Dataset:
 
 
 DATASETS = ("fashion-mnist", "cifar10", "folder")  # what load_dataset reads
+
+
+def dataset_folder(name: str, data_dir: str | None) -> Path | None:
+    """The folder `load_dataset(name, data_dir)` reads, or None where it needs a data_dir and has none."""
+    if data_dir:
+        return Path(data_dir)
+    return FASHION_MNIST_DIR if name == "fashion-mnist" else None
 
 
 def load_dataset(name: str, data_dir: str | None = None, *, option: str = "data_dir") -> Dataset:

@@ -35,9 +35,18 @@ from tqdm import tqdm
 from lcs import checkpoint
 from lcs.layers import Setting
 from lcs.models import SubspaceResNet
-from lcs.paths import check_writable
+from lcs.paths import WriteError, check_writable
 from training.config import TrainConfig
-from training.data import DataError, Dataset, Split, check_dataset, hold_out, load_dataset, training_batch
+from training.data import (
+    DataError,
+    Dataset,
+    Split,
+    check_dataset,
+    dataset_folder,
+    hold_out,
+    load_dataset,
+    training_batch,
+)
 from training.distributed import Ranks
 from training.evaluate import accuracy, accuracy_table, calibrate, recorded_data_dir, trained_dataset
 
@@ -86,16 +95,23 @@ def sample_images(split: Split, seed: int, n: int = 256) -> tuple[torch.Tensor, 
 def check_out(cfg: TrainConfig) -> None:
     """Refuse a checkpoint location that cannot be written before training rather than after it (the
     whole run was lost): a directory, a path under a regular file, a place where no file can be created,
-    an existing file that is not a regular one (writing renames over it: out=/dev/null replaced /dev/null)."""
+    an existing file that is not a regular one (writing renames over it: out=/dev/null replaced /dev/null), a
+    file of the dataset (out= naming one of Fashion-MNIST's IDX files replaced it with the checkpoint)."""
     out = Path(cfg.out)
+    data = dataset_folder(cfg.dataset, cfg.data_dir)
     for path in (out, cfg.state_path) if out.name else (out,):  # "." has no name, hence no state path
         check_writable(path, option="out", shown=f"out={cfg.out}", example=f"out={out / 'model.safetensors'}")
         if path.exists() and not path.is_file():
             raise ValueError(f"out={cfg.out}: {path} exists and is not a regular file; choose another place for out")
+        if data is not None and path.is_file() and path.resolve().is_relative_to(data.resolve()):
+            raise ValueError(
+                f"out={cfg.out}: {path} is a file in {data}, the {cfg.dataset} dataset this run reads; "
+                "choose another place for out"
+            )
 
 
-class SaveError(OSError):
-    """A file training writes could not be written (a full disk); the message names it, the cause and the fix."""
+class SaveError(WriteError):
+    """A file training writes could not be written; the message also says how to resume."""
 
 
 def saved_epoch(cfg: TrainConfig) -> int | None:
@@ -198,8 +214,10 @@ def _load_state(
         tensors = load_file(str(path))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         for i, p in enumerate(model.parameters()):
-            if f"optim.{i}" in tensors:
-                opt.state[p]["momentum_buffer"] = tensors[f"optim.{i}"]
+            if (buffer := tensors.get(f"optim.{i}")) is not None:
+                if buffer.shape != p.shape:  # else SGD's traceback at the first step
+                    raise ValueError(f"optim.{i} is shaped {list(buffer.shape)}, its weight {list(p.shape)}")
+                opt.state[p]["momentum_buffer"] = buffer
         torch.set_rng_state(tensors["rng.torch"])
         rng.setstate((3, tuple(json.loads(meta["python_rng"])), None))
         if broken := [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]:

@@ -259,6 +259,22 @@ def _exit_code(main: Callable[[], int]) -> object:
     return e.value.code
 
 
+def test_results_that_cannot_be_written_are_one_line_and_exit_code_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk at the end of a run: the results' write was a traceback."""
+    from lcs.paths import write_json
+
+    def main() -> int:
+        write_json(Path("/dev/full"), {"rows": []})
+        return 0
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs Linux's /dev/full")
+    assert _exit_code(main) == 1
+    assert capsys.readouterr().err == "error: /dev/full: cannot write it (No space left on device)\n"
+
+
 def test_a_second_sigterm_does_not_cut_the_clean_up_short(capsys: pytest.CaptureFixture[str]) -> None:
     """A second SIGTERM (an impatient `timeout -s TERM`, a supervisor's retry) raised again inside the
     `finally` blocks, printing "terminated" twice and skipping what was left to stop."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lcs.paths import file_problem, write_json
+from lcs.paths import WriteError, file_problem, write_json
 
 
 def test_results_files_are_json_a_strict_reader_accepts(tmp_path: Path) -> None:
@@ -30,3 +30,11 @@ def test_a_path_pathlib_cannot_look_at_is_a_problem_named_not_a_traceback(tmp_pa
     out of the settings' validator, and `python -m service` printed a traceback, not its one-line error."""
     problem = file_problem(tmp_path / ("x" * 300 + ".safetensors"))
     assert problem is not None and problem.startswith("cannot be looked at (File name too long, as uid ")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_results_file_that_cannot_be_written_is_named() -> None:
+    """A full disk: the write's OSError named no file (`[Errno 28] No space left on device`), so `evaluate
+    --json` on a full disk said only that, after minutes of measuring."""
+    with pytest.raises(WriteError, match=r"^/dev/full: cannot write it \(No space left on device\)$"):
+        write_json(Path("/dev/full"), {"accuracy": 0.9})

@@ -68,7 +68,8 @@ def test_read_idx_gz_and_plain(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "make", "match"),
     [
-        ("data_cut.gz", lambda raw: gzip.compress(raw[:-5]), "truncated"),
+        ("data_cut.gz", lambda raw: gzip.compress(raw[:-5]), r"75 bytes, but it holds 70 \(cut short\?\)"),
+        ("data_long.gz", lambda raw: gzip.compress(raw + bytes(5)), r"holds 80 \(not the file its header describes\)"),
         ("header_cut.gz", lambda raw: gzip.compress(raw[:9]), "truncated"),
         ("magic_only.gz", lambda raw: gzip.compress(raw[:3]), "magic"),
         ("bad_magic.gz", lambda raw: gzip.compress(b"\x00\x00\x0d" + raw[3:]), "magic"),  # float IDX
@@ -113,7 +114,7 @@ def test_load_fashion_mnist_with_a_truncated_file(tmp_path: Path) -> None:
     name = tmp_path / "t10k-images-idx3-ubyte.gz"
     raw = gzip.decompress(name.read_bytes())
     name.write_bytes(gzip.compress(raw[: len(raw) // 2]))
-    with pytest.raises(DataError, match="truncated"):
+    with pytest.raises(DataError, match="cut short"):
         load_fashion_mnist(tmp_path)
 
 
@@ -188,6 +189,9 @@ def test_malicious_cifar_pickle_runs_no_code(tmp_path: Path) -> None:
         b"not a pickle",
         pickle.dumps({b"data": 1})[:-4],
         pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [2**70, 1]}),  # an OverflowError traceback
+        # pixels that are not bytes were cast (0.5 to 0, 300 to 44): other images than the file's, trained on
+        pickle.dumps({b"data": np.full((2, 3072), 0.5), b"labels": [0, 1]}),
+        pickle.dumps({b"data": np.full((2, 3072), 300), b"labels": [0, 1]}),
     ],
 )
 def test_cifar_batch_that_is_not_a_batch(tmp_path: Path, content: bytes) -> None:

@@ -507,6 +507,25 @@ def test_a_state_file_with_a_bad_header_value_says_to_delete_it(
         _run(cfg, synthetic_data, capsys)
 
 
+def test_a_state_file_with_a_misshapen_momentum_buffer_says_to_delete_it(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A momentum buffer not shaped as its weight loaded, then stopped the first step with SGD's traceback."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "m.safetensors"))
+    _interrupted_after_the_first_epoch(cfg, synthetic_data, capsys, monkeypatch)
+    with safe_open(str(cfg.state_path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(cfg.state_path))
+    tensors["optim.0"] = tensors["optim.0"].flatten()[:3]
+    save_file(tensors, str(cfg.state_path), metadata=meta)
+    with pytest.raises(ValueError, match=r"\(optim\.0 is shaped \[3\], its weight \[.*delete it to start over$"):
+        _run(cfg, synthetic_data, capsys)
+
+
 @pytest.mark.parametrize(
     ("height", "match"), [(4, "every training pixel of channel 0 has the same value"), (0, "1x0x4")]
 )
@@ -607,6 +626,25 @@ def test_out_never_replaces_a_special_file_or_the_config(tmp_path: Path, kind: s
         os.mkfifo(target)
     assert main(["train", str(config), f"out={target}"]) == 2
     assert target.is_fifo() if kind == "fifo" else config.read_text() == "epochs: 1\n"
+
+
+def test_out_never_replaces_a_file_of_the_dataset(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """out= naming one of the dataset's files (here a folder dataset's image) replaced it with the checkpoint;
+    a new file in the dataset's folder is no harm and stays allowed."""
+    image = tmp_path / "data" / "train" / "a" / "0.png"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"png")
+    where = {"dataset": "folder", "data_dir": tmp_path / "data", "epochs": 1}
+    with pytest.raises(ValueError, match=re.escape(f"{image} is a file in {tmp_path / 'data'}, the folder dataset")):
+        _run(load_config(None, tiny_overrides(image, **where)), synthetic_data, capsys)
+    assert image.read_bytes() == b"png"
+    _run(load_config(None, tiny_overrides(image.parent / "m.safetensors", **where)), synthetic_data, capsys)
+    assert (image.parent / "m.safetensors").is_file()
 
 
 def test_fixed_alpha_baseline_with_validation(
