@@ -29,13 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lcs.alpha import SAME_ALPHA
 from lcs.checkpoint import CheckpointError, InputSpec
 from service import docs
-from service.batcher import ClientLeft, Draining, Job, QueueFull, Result
+from service.batcher import Capped, ClientLeft, Draining, Job, QueueFull, Result
 from service.inputs import InputError, check_count, check_range, decode, has_images, nested_numbers, numbers
 from service.lane import (
     BINARY_HEADER,
     ApiError,
     FastJSONResponse,
     Lane,
+    Reads,
     error_response,
     may_hold_booleans,
     problems,
@@ -110,6 +111,38 @@ def _alpha(value: float | str | None, default: float) -> float:
     return PRESETS[value] if isinstance(value, str) else float(value)
 
 
+def _below_min_quality(st: State, floor: float, floor_req: float) -> ApiError:
+    """The 429 for a request whose floor (`min_quality` snapped up to `floor`) is above the ceiling, counted
+    as shed: on arrival, or once queued, where a pin or the battery cap has fallen below it since."""
+    c = st.runtime.controller
+    ceiling = c.ceiling
+    # a pin or the battery cap holds until someone acts: no time to retry after can be given, and no operator
+    # needs paging. A floor above the battery cap is the battery's refusal whatever load does below the cap.
+    # Once one is lifted the ceiling comes back within a calm spell: a retry soon is served, and still no
+    # overload pages (it did, as load's refusal).
+    battery = c.battery_limit
+    capped, soon = True, False
+    if c.mode == "pinned":
+        limit, why, then = ceiling, "an operator has pinned alpha at", "retry once the pin is released"
+    elif battery is not None and floor > battery:
+        limit, why, then = battery, "on low battery the service serves alpha", "retry once the battery charges"
+    elif c.mode == "recovering" and c.held_by in ("pin", "battery"):
+        # a pin released or the battery charging: the ceiling comes back within a calm spell, by no overload
+        after = "an operator's pin" if c.held_by == "pin" else "the low-battery cap"
+        limit, why, then = ceiling, f"returning to full quality after {after}, the service serves alpha", "retry"
+        soon = True
+    else:  # load: the ceiling comes back as the load passes
+        limit, why, then = ceiling, "under current load the service serves alpha", "retry later"
+        capped, soon = False, True
+    st.metrics.shed.labels("min_quality_capped" if capped else "min_quality").inc()
+    return ApiError(
+        429,
+        f"{why} <= {limit:g}, below min_quality {floor_req:g}; {then} or lower min_quality",
+        {"Retry-After": retry_after(st.settings)} if soon else {},
+        kind="min_quality unavailable",
+    )
+
+
 async def _infer(
     st: State, state: dict[str, Any], x_raw: np.ndarray, hint: Hint
 ) -> tuple[np.ndarray, Result, float | None]:
@@ -134,35 +167,9 @@ async def _infer(
             f"no served alpha lies between min_quality {floor_req:g} and quality {want:g}; "
             f"served alphas: {rt.grid.alphas}",
         )
-    ceiling = rt.controller.ceiling
     retry = retry_after(st.settings)
-    if floor > ceiling:
-        # a pin or the battery cap holds until someone acts: no time to retry after can be given, and no operator
-        # needs paging. A floor above the battery cap is the battery's refusal whatever load does below the cap.
-        # Once one is lifted the ceiling comes back within a calm spell: a retry soon is served, and still no
-        # overload pages (it did, as load's refusal).
-        c = rt.controller
-        battery = c.battery_limit
-        capped, soon = True, False
-        if c.mode == "pinned":
-            limit, why, then = ceiling, "an operator has pinned alpha at", "retry once the pin is released"
-        elif battery is not None and floor > battery:
-            limit, why, then = battery, "on low battery the service serves alpha", "retry once the battery charges"
-        elif c.mode == "recovering" and c.held_by in ("pin", "battery"):
-            # a pin released or the battery charging: the ceiling comes back within a calm spell, by no overload
-            after = "an operator's pin" if c.held_by == "pin" else "the low-battery cap"
-            limit, why, then = ceiling, f"returning to full quality after {after}, the service serves alpha", "retry"
-            soon = True
-        else:  # load: the ceiling comes back as the load passes
-            limit, why, then = ceiling, "under current load the service serves alpha", "retry later"
-            capped, soon = False, True
-        st.metrics.shed.labels("min_quality_capped" if capped else "min_quality").inc()
-        raise ApiError(
-            429,
-            f"{why} <= {limit:g}, below min_quality {floor_req:g}; {then} or lower min_quality",
-            {"Retry-After": retry} if soon else {},
-            kind="min_quality unavailable",
-        )
+    if floor > rt.controller.ceiling:
+        raise _below_min_quality(st, floor, floor_req)
     now = time.monotonic()
     # every request has a deadline: its own, or the SLO; the batcher's slack rule works from it
     budget = hint.deadline_ms / 1000.0 if hint.deadline_ms is not None else st.settings.slo_p99_seconds
@@ -206,6 +213,8 @@ async def _infer(
     except Draining:  # still queued when the drain deadline passed
         st.metrics.shed.labels("not_ready").inc()
         raise ApiError(503, "the service shut down before this request ran; retry", {"Retry-After": "1"}) from None
+    except Capped:  # a pin or the battery cap fell below its floor while it was queued
+        raise _below_min_quality(st, floor, floor_req) from None
     except ClientLeft:  # an answer no one reads (Observe counts it as 499 too)
         raise ApiError(499, "the client left before its batch ran", kind="client closed request") from None
     finally:
@@ -233,10 +242,12 @@ def create_app(
     is then in `app.state.lcs.failure`); without it the app stays unready."""
 
     s = settings or Settings()
+    reads = Reads()  # the inference bodies being read: a drain's deadline ends them
     preloaded, given = runtime, executor
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reads.ended = False  # an app served again after a shutdown (a test's second client) reads bodies again
         executor = given or inference_executor()
         loaded = preloaded
         if loaded is None:
@@ -276,7 +287,7 @@ def create_app(
                 st.start_draining()
                 st.drain_deadline = time.monotonic() + s.drain_seconds
                 loop.call_soon_threadsafe(  # a signal handler must not touch the loop's internals directly
-                    lambda: tasks.append(loop.create_task(_drain_then(st, lambda: previous(signum, frame))))
+                    lambda: tasks.append(loop.create_task(_drain_then(st, reads, lambda: previous(signum, frame))))
                 )
 
             with contextlib.suppress(ValueError):  # not in the main thread (e.g. TestClient)
@@ -326,6 +337,7 @@ def create_app(
                         st, scope["path_params"].get("name", st.runtime.name), scope["path_params"].get("version")
                     ),
                     capacity=lambda st: (st.settings.max_inputs, _values_per_image(st.runtime.meta.input)),
+                    reads=reads,
                 ),
                 limit=s.max_body_bytes,
             )
@@ -757,12 +769,15 @@ async def _warm(st: State, stop: Callable[[], None] | None) -> None:
         stop()
 
 
-async def _drain_then(st: State, stop: Callable[[], None]) -> None:
+async def _drain_then(st: State, reads: Reads, stop: Callable[[], None]) -> None:
     """After SIGTERM: wait until every accepted request is answered (at most until the deadline), then stop.
-    Requests still queued at the deadline get 503 + Retry-After rather than a dropped connection."""
+    Requests still queued at the deadline, or whose body is still arriving, get 503 + Retry-After rather than
+    a dropped connection (or uvicorn's 500, when it cancels what is left)."""
     assert st.drain_deadline is not None
     if not await st.batcher.drain(max(0.0, st.drain_deadline - time.monotonic())):
-        log.warning("drain deadline reached; refused %d queued requests", st.batcher.abandon())
+        queued, arriving = st.batcher.abandon(), reads.end()
+        st.metrics.shed.labels("not_ready").inc(arriving)  # those abandoned are counted as their routes answer
+        log.warning("drain deadline reached; refused %d queued requests and %d still arriving", queued, arriving)
     stop()
 
 

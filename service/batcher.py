@@ -58,6 +58,11 @@ class ClientLeft(Exception):
     """The job's client disconnected while it was queued: dropped, not computed (no one would read it)."""
 
 
+class Capped(Exception):
+    """An operator's pin or the low-battery cap fell below the job's floor while it was queued: refused as it
+    would have been on arrival, since its batch would run above the cap (with every request batched with it)."""
+
+
 @dataclass(eq=False)  # identity equality: deque.remove() must not compare tensors field by field
 class Job:
     x: np.ndarray  # [n, C, H, W] normalised float32 (numpy: no torch work on the event loop, see service.inputs)
@@ -94,7 +99,8 @@ class Result:
 class Models(Protocol):
     """What the batcher asks of the model cache (`service.cache.ModelCache`)."""
 
-    def peek(self, alpha: float) -> object | None: ...  # alpha's model if it is built, without building it
+    # alpha's model if it is built, without building it; `touch`: counted as used now (a batch will run it)
+    def peek(self, alpha: float, *, touch: bool = False) -> object | None: ...
 
     def wait(self, alpha: float) -> float: ...  # seconds before alpha can run: 0 if built, else its build time
 
@@ -121,11 +127,13 @@ class Batcher:
         models: Models | None = None,
         settle: float = 0.0,
         finish: Callable[[np.ndarray], np.ndarray] | None = None,
+        cap: Callable[[], float | None] | None = None,
     ) -> None:
         self._run = run  # (alpha, x) -> outputs; called in the executor
         # outputs -> what each request gets its rows of; once per batch, on the event loop; if it raises, every
         # request in the batch gets the error
         self._finish = finish
+        self._cap = cap  # () -> the alpha a pin or the battery holds batches to whatever the load, or None
         self._choose = choose
         self._executor = executor
         self.max_batch = max_batch
@@ -169,10 +177,12 @@ class Batcher:
         """The next batch: the oldest job and those after it that ask for its alpha, up to max_batch images.
         A job it would take that its caller cancelled, or whose client has left (`ClientLeft`), is dropped
         instead: its answer would be read by no one, and under overload those are the requests whose clients
-        gave up waiting."""
+        gave up waiting. So is one whose floor a pin or the battery cap has fallen below since it was queued
+        (`Capped`): the batch would run at its floor, above the cap, with every request taken with it."""
         target: float | None = None
         batch: list[Job] = []
         images = 0
+        cap = self._cap() if self._cap is not None else None
         for job in list(self._queue):
             if target is not None and job.target != target:
                 continue
@@ -181,6 +191,9 @@ class Batcher:
             gone = job.future.done()  # its caller cancelled it
             if not gone and job.left is not None and job.left():
                 job.future.set_exception(ClientLeft())
+                gone = True
+            if not gone and cap is not None and job.floor > cap:
+                job.future.set_exception(Capped())
                 gone = True
             if gone:
                 self._queue.remove(job)
@@ -282,9 +295,11 @@ class Batcher:
         service into the next step (one-off, 64-image requests at 1.5x capacity: builds at four ceilings in
         2 s, 94 % within the SLO). The alphas the slack rule picks batch by batch are not built for later."""
         alpha = self._choose(target, floor, images, slack, requests, None)
-        if self._models is None or self._models.peek(alpha) is not None:
+        # touched: memory relief, on another thread, drops models idle for a while, and this one is about to run
+        if self._models is None or self._models.peek(alpha, touch=True) is not None:
             return alpha
         served = self._choose(target, floor, images, slack, requests, self._models.wait)
+        self._models.peek(served, touch=True)  # chosen as built, most likely (its wait counted as none)
         if served == alpha:
             return served
         top = self._choose(target, floor, images, None, requests, None)

@@ -89,9 +89,22 @@ class ModelCache:
         with self._lock:
             return sorted(self._entries)
 
-    def peek(self, alpha: float) -> Compiled | None:
+    def peek(self, alpha: float, *, touch: bool = False) -> Compiled | None:
+        """grid.down(alpha)'s model if it is built, without building it or counting a lookup. `touch`: used now,
+        as by `get` (the batcher's choice, which a batch runs next: `drop_idle` between the choice and the run
+        made the batch wait for a build it had not counted on)."""
+        key = self.grid.down(alpha)
         with self._lock:
-            return self._entries.get(self.grid.down(alpha))
+            found = self._entries.get(key)
+            if found is not None and touch:
+                self._entries.move_to_end(key)
+                self._used[key] = self._clock()
+            return found
+
+    def snapshot(self) -> dict[float, Compiled]:
+        """Every cached model by grid alpha, ascending, as of one moment (`cached` then `peek` could disagree)."""
+        with self._lock:
+            return dict(sorted(self._entries.items()))
 
     def wait(self, alpha: float) -> float:
         """Seconds before grid.down(alpha) can run: 0 if built; else what building it again takes (its last

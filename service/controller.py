@@ -450,6 +450,8 @@ class Controller:
         if alpha is None and self.pinned is None:
             return
         self.pinned = None if alpha is None else self.grid.down(alpha)
+        self._calm = 0  # a calm spell counts from the release, not across the pin: a pin and release between
+        # two control steps carried the spell over it, and the next step raised the ceiling
         self.decisions.append(
             Decision(
                 now,
@@ -463,6 +465,10 @@ class Controller:
             self.mode = "pinned"
         elif self.mode == "pinned":
             self.mode = "recovering"
+
+    def cap(self) -> float | None:
+        """What holds alpha down whatever the load: an operator's pin, else the low-battery cap; None if neither."""
+        return self.pinned if self.pinned is not None else self.battery_limit
 
     def _hold(self, ceiling: float, mode: str) -> None:
         """Note what holds the ceiling below the top as it moves to `ceiling` in `mode`: a pin, the battery

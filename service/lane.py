@@ -255,13 +255,32 @@ def split_binary(body: bytes, length: str) -> tuple[bytes, memoryview]:
     return body[: int(length)], memoryview(body)[int(length) :]
 
 
+class Reads:
+    """The request bodies a `Lane` is reading, so that a shutdown can end them at its deadline (`end`): each is
+    then answered 503 + Retry-After. Left to the server, a body still arriving at the deadline was cancelled
+    a second later with uvicorn's plain-text 500, counted nowhere."""
+
+    def __init__(self) -> None:
+        self.open: set[asyncio.Timeout] = set()
+        self.ended = False
+
+    def end(self) -> int:
+        """End every body read in progress, and any begun from now on; returns how many were in progress."""
+        self.ended = True
+        now = asyncio.get_running_loop().time()
+        for read in self.open:
+            read.reschedule(now)
+        return len(self.open)
+
+
 class Lane:
     """Pure ASGI middleware, the innermost of the service's own layers (all outside FastAPI's). Serves POST
     to `paths` (route path templates) by calling their route functions as `endpoint(body=..., st=...,
     request=..., **path_params)`, where `body` is validated against the function's `body` annotation and
     `st` is `state(scope)`. Routes in `binary` also take the v2 binary tensor extension; its bytes wait in
-    the request state under "binary". A body that takes longer than `body_timeout` seconds to arrive gets 408;
-    `check(scope, st)` may refuse a request before its body is read."""
+    the request state under "binary". A body that takes longer than `body_timeout` seconds to arrive gets 408,
+    one still arriving when `reads` is ended 503; `check(scope, st)` may refuse a request before its body is
+    read."""
 
     def __init__(
         self,
@@ -273,11 +292,13 @@ class Lane:
         body_timeout: float,
         check: Callable[[Scope, Any], object] | None = None,
         capacity: Callable[[Any], tuple[int, int]] | None = None,
+        reads: Reads | None = None,
     ) -> None:
         # built at the first request, after every route is declared
         self.app, self.binary, self.state, self.body_timeout = app, set(binary), state, body_timeout
         self.capacity = capacity  # st -> (images a request may hold, values per image): a JSON body's bound
         self.check = check  # (scope, st) -> None or ApiError, before the body is read: an unknown model, say
+        self.reads = Reads() if reads is None else reads
         self.routes = [
             (r, get_type_hints(r.endpoint)["body"])
             for r in routes
@@ -330,10 +351,19 @@ class Lane:
         # the limit) made a cycle, error -> traceback -> wait_for's frame -> task -> error, that held the body
         # read so far until a full collection, rare at the threshold `python -m service` sets: 8 MiB kept per
         # abandoned 8 MB upload, 1.1 GiB after 150 of them.
+        reads = self.reads
         try:
-            async with asyncio.timeout(self.body_timeout):
-                raw = await request.body()
+            async with asyncio.timeout(0 if reads.ended else self.body_timeout) as read:
+                reads.open.add(read)
+                try:
+                    raw = await request.body()
+                finally:
+                    reads.open.discard(read)
         except TimeoutError:
+            if reads.ended:
+                raise ApiError(
+                    503, "the service shut down before this request's body arrived; retry", {"Retry-After": "1"}
+                ) from None
             raise ApiError(
                 408, f"the body did not arrive within {self.body_timeout:g} s; send the whole request at once"
             ) from None

@@ -309,7 +309,8 @@ class Runtime:
 
     def describe(self) -> dict[str, object]:
         m = self.meta
-        cached = {f"{a:g}": c for a in self.cache.cached() if (c := self.cache.peek(a))}
+        snapshot = self.cache.snapshot()  # one view: three reads of the cache disagreed while a build evicted
+        cached = {f"{a:g}": c for a, c in snapshot.items()}
         kept = {f"{a:g}" for a in self.cache.keep}
         return {
             "name": self.name,
@@ -323,7 +324,7 @@ class Runtime:
             "grid": self.grid.alphas,
             "accuracy": [p.model_dump() for p in m.accuracy],
             "training": {"command": m.training.get("command"), "train_seconds": m.training.get("train_seconds")},
-            "cached_alphas": self.cache.cached(),
+            "cached_alphas": list(snapshot),
             "profile_ms": self.profile.as_dict(),
             "self_check_accuracy": self.self_check,
             "backend": self.settings.backend,  # what runs the float networks; int8 always runs on torch

@@ -61,6 +61,7 @@ class State:
             # an alpha a batch could not wait for is built once wanted as long as the ceiling takes to rise
             settle=runtime.controller.raise_after * settings.control_interval_seconds,
             finish=softmax,
+            cap=runtime.controller.cap,
         )
         self.requests = RequestStats()
         self.loop_cost = LoopCost()

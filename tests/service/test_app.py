@@ -1277,6 +1277,33 @@ def test_pin_needs_the_right_key_and_pins_what_predict_serves(structured: TinyCh
         assert [d["reason"] for d in r.json()["decisions"]] == ["pinned", "pin released"]
 
 
+def test_a_pin_below_a_queued_requests_min_quality_refuses_it_when_its_batch_forms(structured: TinyCheckpoint) -> None:
+    """A request queued with min_quality 1 before an operator pinned alpha 0 ran at 1 once the pin was
+    acknowledged, and so did a request with no floor batched with it: the pin binds every batch formed after
+    it, and the queued one hears what it would have heard on arrival."""
+
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, api_key="k", max_wait_ms=0.0)) as (client, st):
+            with paused(st) as gate:
+                running = asyncio.create_task(client.post("/predict", json={"inputs": [ZEROS], "quality": 0.0}))
+                await until(lambda: st.batcher.running == 1, what="the first batch to be taken")
+                floored = asyncio.create_task(client.post("/predict", json={"inputs": [ZEROS], "min_quality": 1.0}))
+                await until(lambda: st.batcher.depth == 1, what="the floored request to queue")
+                assert (await client.put("/admin/pin", json={"alpha": 0.0}, headers={"x-api-key": "k"})).is_success
+                free = asyncio.create_task(client.post("/predict", json={"inputs": [ZEROS]}))
+                await until(lambda: st.batcher.depth == 2, what="a request without a floor to queue behind it")
+                gate.set()
+                assert (await running).status_code == 200
+                refused, served = await floored, await free
+            assert refused.status_code == 429 and refused.json()["error"] == "min_quality unavailable"
+            assert refused.json()["detail"].startswith("an operator has pinned alpha at <= 0, below min_quality 1")
+            assert "retry-after" not in refused.headers  # a pin holds until someone acts
+            assert served.status_code == 200 and served.json()["alpha"] == 0.0
+            assert 'lcs_shed_total{reason="min_quality_capped"} 1.0' in (await client.get("/metrics")).text
+
+    asyncio.run(scenario())
+
+
 def test_the_pin_body_is_documented(client: TestClient) -> None:
     """PUT /admin/pin reads its own body (after the key check), so its schema is declared by hand."""
     body = client.get("/openapi.json").json()["paths"]["/admin/pin"]["put"]["requestBody"]

@@ -559,8 +559,11 @@ class FakeModels:
     log: list[tuple[str, float]]
     hits: int = 0
     misses: int = 0
+    touched: list[float] = field(default_factory=list)  # the built alphas a batch chose, as used
 
-    def peek(self, alpha: float) -> object | None:
+    def peek(self, alpha: float, *, touch: bool = False) -> object | None:
+        if touch and alpha in self.built:
+            self.touched.append(alpha)
         return alpha if alpha in self.built else None
 
     def wait(self, alpha: float) -> float:
@@ -617,6 +620,8 @@ def test_a_batch_never_waits_for_a_build_it_has_no_time_for(build_seconds: float
         assert log == [("build", 1.0), ("run", 1.0), ("run", 0.0), ("run", 1.0)]
     else:
         assert log == [("run", 0.0), ("run", 0.0), ("build", 1.0), ("run", 1.0)]
+    # a batch that chose a built model marked it used, so memory relief does not drop it before the batch runs
+    assert models.touched == ([0.0, 1.0] if build_seconds < 1 else [0.0, 0.0, 1.0])
 
 
 def test_a_wanted_build_waits_for_a_request_being_read_but_not_for_one_never_queued() -> None:

@@ -132,6 +132,20 @@ def test_drop_idle_evicts_what_was_not_asked_for_lately_but_the_newest_and_the_u
     assert cache.stats.builds == 5
 
 
+def test_a_model_the_batcher_chose_is_not_dropped_as_idle_before_its_batch_runs() -> None:
+    """The batcher's look at an alpha it will run (`touch`) counts as asked for: memory relief between the
+    choice and the run dropped it, and the batch waited for a build it had not counted on. A plain look does not."""
+    now = [0.0]
+    cache = ModelCache(lambda a: fake(a), GRID, max_bytes=10_000, clock=lambda: now[0])
+    for alpha in (0.25, 0.5, 1.0):
+        cache.get(alpha)
+    now[0] = 5.0
+    assert cache.peek(0.25) is not None and cache.peek(0.5, touch=True) is not None
+    assert cache.drop_idle(since=4.0) == (2, 200)  # 0.25 and 1.0, no longer the most recently used
+    assert cache.cached() == [0.5]
+    assert cache.peek(0.0, touch=True) is None and cache.cached() == [0.5]  # not built: nothing to mark
+
+
 def test_drop_idle_spares_what_the_cache_keeps() -> None:
     now = [0.0]
     cache = ModelCache(lambda a: fake(a), GRID, max_bytes=10_000, clock=lambda: now[0])

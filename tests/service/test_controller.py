@@ -306,6 +306,18 @@ def test_pin_overrides_the_control_law_until_released() -> None:
     assert history == [0.5, 1.0, 1.0, 1.0] and c.held_by is None
 
 
+def test_a_pin_set_and_released_between_two_steps_restarts_the_calm_spell() -> None:
+    """The calm spell counts from the release: a pin and release with no control step between them carried
+    the spell across, and the next step raised the ceiling."""
+    c, clock = controller(raise_after=2), Clock()
+    c.pin(0.0, now=0.0)
+    c.pin(None, now=0.1)
+    assert c.update(clock(**CALM)) == 0.0  # one calm interval of two
+    c.pin(0.0, now=0.6)
+    c.pin(None, now=0.7)
+    assert [c.update(clock(**CALM)) for _ in range(2)] == [0.0, 1.0]
+
+
 def test_load_lowering_the_ceiling_after_a_pin_holds_it_as_load() -> None:
     c, clock = controller(), Clock()
     c.pin(0.75, now=0.0)

@@ -371,3 +371,25 @@ def test_the_layout_probe_on_a_quantized_model_builds_int8_only_in_the_cache(
     int8_builds = [c for c in spy.call_args_list if c.kwargs.get("int8", True) and c.kwargs["samples"] is not None]
     assert len(int8_builds) == 1  # the cache's build of alpha 1; the probe compares fp32 layouts
     assert "int8" in rt.cache.get(1.0).representation
+
+
+def test_the_model_description_is_one_view_of_the_cache(
+    structured: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /model's cached alphas, memory and representations come from one look at the cache: read in
+    three, a build on the inference thread evicting between them made them disagree (328 in 353,333 calls)."""
+    rt = Runtime.load(make_settings(structured.path, profile_batches=[1]))
+    rt.warm_up()
+    cached, look = rt.cache.cached(), rt.cache.peek
+    assert len(cached) >= 2
+
+    def evicted_meanwhile(alpha: float, **kwargs: Any) -> Compiled | None:
+        if alpha == cached[-1]:  # as a build on another thread would, evicting one already looked at
+            with rt.cache._lock:
+                rt.cache._entries.pop(cached[0])
+        return look(alpha, **kwargs)
+
+    monkeypatch.setattr(rt.cache, "peek", evicted_meanwhile)
+    described = rt.describe()
+    assert described["cached_alphas"] == [float(a) for a in described["memory"]]  # type: ignore[union-attr]
+    assert described["memory"].keys() == described["representations"].keys()  # type: ignore[union-attr]

@@ -156,6 +156,37 @@ def test_work_still_queued_at_the_drain_deadline_gets_503_not_a_dropped_connecti
     asyncio.run(scenario())
 
 
+def test_a_body_still_arriving_at_the_drain_deadline_gets_503_not_the_servers_500(
+    structured: TinyCheckpoint, uvicorn_handler: list[float]
+) -> None:
+    """Received before the signal, its body still arriving at the deadline: it was left to uvicorn, which
+    cancelled it a second after the deadline with a plain-text 500, counted nowhere."""
+
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path, max_wait_ms=0.0, drain_seconds=0.3)) as (client, st):
+            body = json.dumps({"inputs": [ZEROS]}).encode()
+            never = asyncio.Event()
+
+            async def stalled() -> AsyncIterator[bytes]:
+                yield body[:10]
+                await never.wait()
+                yield body[10:]
+
+            headers = {"content-type": "application/json"}
+            early = asyncio.create_task(client.post("/predict", content=stalled(), headers=headers))
+            await until(lambda: st.parsing == 1, what="the body to start arriving")
+            t0 = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            answer = await asyncio.wait_for(early, 5.0)
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+            assert answer.json()["detail"] == "the service shut down before this request's body arrived; retry"
+            assert 0.25 <= time.monotonic() - t0 < 2.0
+            await until(lambda: len(uvicorn_handler) == 1, what="the hand-over to uvicorn")
+            assert 'lcs_shed_total{reason="not_ready"} 1.0' in (await client.get("/metrics")).text
+
+    asyncio.run(scenario())
+
+
 def test_under_a_root_path_new_work_is_still_refused_before_its_body(structured: TinyCheckpoint) -> None:
     """uvicorn's --root-path puts the prefix in front of the request's path; the pre-body gate matched the
     path as sent and let new work in while draining (served 200, not counted)."""
