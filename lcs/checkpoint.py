@@ -205,17 +205,15 @@ def save(
     write_tensors(path, tensors, {META_KEY: meta.model_dump_json()}, mode=0o644)
 
 
-def write_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, mode: int | None = None
-) -> None:
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, mode: int = 0o600) -> None:
     """A safetensors file written atomically: to a temporary name beside `path`, then renamed over it, so a
     crash or a full disk leaves the file there before untouched and no half-written one (checkpoints, and
-    training's per-epoch state). `mode`: the file's permissions, if not safetensors' 0600."""
+    training's per-epoch state). `mode`: the file's permissions, set here: safetensors writes 0600 from 0.8,
+    0644 (under umask 022) before it."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
-        if mode is not None:
-            tmp.chmod(mode)
+        tmp.chmod(mode)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)  # gone after a replace; after a failure, no stray half-written file

@@ -455,8 +455,23 @@ def test_a_negative_sample_label_is_refused_on_save_and_on_load(saved_checkpoint
 
 
 def test_saved_checkpoints_are_readable_by_other_users(saved_checkpoint: Saved) -> None:
-    """safetensors writes 0600; the image's service user (not the one who trained) must read the file."""
+    """The image's service user (not the one who trained) must read the file, whatever safetensors writes."""
     assert saved_checkpoint[0].stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("written", [0o600, 0o644])  # what safetensors 0.8 writes, and 0.4-0.7 (umask 022)
+def test_training_state_is_private_whatever_safetensors_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: int
+) -> None:
+    """Training's state (`write_tensors`' default) is 0600: it relied on safetensors' own, 0644 before 0.8."""
+
+    def save(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
+        save_file(tensors, filename, metadata=metadata)
+        Path(filename).chmod(written)
+
+    monkeypatch.setattr(checkpoint, "save_file", save)
+    checkpoint.write_tensors(tmp_path / "m.state.safetensors", {"x": torch.zeros(1)}, {})
+    assert (tmp_path / "m.state.safetensors").stat().st_mode & 0o777 == 0o600
 
 
 def test_an_unreadable_file_is_named_with_the_fix(saved_checkpoint: Saved, monkeypatch: pytest.MonkeyPatch) -> None:
