@@ -76,6 +76,12 @@ def _default_profile_batches(data: dict[str, Any]) -> list[int]:
     return sorted({min(b, data["max_batch"]) for b in PROFILE_BATCHES})  # not called if max_batch was refused
 
 
+_NAME = r'(?:[A-Za-z_][A-Za-z0-9_]*|"(?:[^"\\]|\\.)*")'  # a label name, or a quoted one (Prometheus 3)
+_VALUE = r'(?:"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`)'
+_MATCHER = rf"\s*{_NAME}\s*(?:=~|!~|!=|=)\s*{_VALUE}\s*"
+SELECTOR = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*,?\s*")  # PromQL label matchers, as LCS_PROMETHEUS_SELECTOR holds
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Env var = LCS_ + the field name in capitals (LCS_PORT, ...)."""
 
@@ -148,11 +154,28 @@ class Settings(BaseSettings):
         parse_policy(v)
         return v
 
-    @field_validator("threads", mode="before")
+    @field_validator("threads", "host", mode="before")
     @classmethod
-    def _blank_is_the_default(cls, v: object) -> object:
-        """`LCS_THREADS=`, as compose passes a shell's empty variable through, is the default, not a refusal."""
-        return inference_threads() if isinstance(v, str) and not v.strip() else v
+    def _blank_is_the_default(cls, v: object, info: ValidationInfo) -> object:
+        """`LCS_THREADS=`, as compose passes a shell's empty variable through, is the default, not a refusal.
+        So is `LCS_HOST=`, which uvicorn took as every interface (0.0.0.0 and ::): the service exposed where
+        nothing asked for it."""
+        if not (isinstance(v, str) and not v.strip()):
+            return v
+        return inference_threads() if info.field_name == "threads" else cls.model_fields["host"].default
+
+    @field_validator("prometheus_selector")
+    @classmethod
+    def _label_matchers(cls, v: str) -> str:
+        # sent inside the fleet queries' braces: one PromQL cannot parse made every query a 400, reported as
+        # Prometheus not answering, and the controller ran on local signals with no word of the setting
+        if v.strip() and not SELECTOR.fullmatch(v):
+            braces = " (without the braces)" if v.strip().startswith("{") else ""
+            raise ValueError(
+                f'not PromQL label matchers{braces}: expected name="value" pairs (or !=, =~, !~), comma-separated, '
+                'e.g. job="lcs",namespace="prod"'
+            )
+        return v.strip()
 
     @field_validator("model_name", "prometheus_url", "api_key", mode="before")
     @classmethod

@@ -120,6 +120,48 @@ def test_a_checkpoint_whose_file_stem_is_no_model_name_needs_one(structured: Tin
     assert Settings(checkpoint=tabbed, model_name="mine").model_name == "mine"
 
 
+@pytest.mark.parametrize("host", ["", " "])
+def test_an_empty_host_is_the_default_not_every_interface(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, host: str
+) -> None:
+    """`LCS_HOST=` (an env file's, or compose's `${VAR:-}`) was passed to uvicorn, which took it as 0.0.0.0 and
+    ::, serving on every interface."""
+    monkeypatch.setenv("LCS_HOST", host)
+    assert Settings(checkpoint=structured.path).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("selector", "kept"),
+    [
+        ('job="lcs"', 'job="lcs"'),
+        (' job="lcs", namespace!~"dev|test", ', 'job="lcs", namespace!~"dev|test",'),
+        ("env='prod',x=`raw`", "env='prod',x=`raw`"),
+        ('"service.name"="lcs"', '"service.name"="lcs"'),  # Prometheus 3's quoted label names
+        ("", ""),
+    ],
+)
+def test_prometheus_selectors_that_are_kept(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, selector: str, kept: str
+) -> None:
+    monkeypatch.setenv("LCS_PROMETHEUS_SELECTOR", selector)
+    assert Settings(checkpoint=structured.path).prometheus_selector == kept
+
+
+@pytest.mark.parametrize(
+    ("selector", "braces"),
+    [("job=lcs", False), ('{job="lcs"}', True), ('job="lcs" env="prod"', False), ('job=="lcs"', False), ("job", False)],
+)
+def test_a_prometheus_selector_promql_cannot_parse_is_refused(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, selector: str, braces: bool
+) -> None:
+    """It started, and every fleet query was a 400, logged as Prometheus not answering, with no word of the
+    setting; the controller ran on local signals."""
+    monkeypatch.setenv("LCS_PROMETHEUS_SELECTOR", selector)
+    with pytest.raises(ValidationError, match="not PromQL label matchers") as e:
+        Settings(checkpoint=structured.path)
+    assert ("(without the braces)" in str(e.value)) == braces and 'e.g. job="lcs",namespace="prod"' in str(e.value)
+
+
 @pytest.mark.parametrize(
     "url", ["notaurl", "prometheus:9090", "ftp://prometheus", "http://", "http://:9090", "http://h:x"]
 )
