@@ -774,11 +774,13 @@ async def _drain_then(st: State, reads: Reads, stop: Callable[[], None]) -> None
     Requests still queued at the deadline, or whose body is still arriving, get 503 + Retry-After rather than
     a dropped connection (or uvicorn's 500, when it cancels what is left)."""
     assert st.drain_deadline is not None
-    if not await st.batcher.drain(max(0.0, st.drain_deadline - time.monotonic())):
-        queued, arriving = st.batcher.abandon(), reads.end()
-        st.metrics.shed.labels("not_ready").inc(arriving)  # those abandoned are counted as their routes answer
-        log.warning("drain deadline reached; refused %d queued requests and %d still arriving", queued, arriving)
-    stop()
+    try:
+        if not await st.batcher.drain(max(0.0, st.drain_deadline - time.monotonic())):
+            queued, arriving = st.batcher.abandon(), reads.end()
+            st.metrics.shed.labels("not_ready").inc(arriving)  # those abandoned are counted as their routes answer
+            log.warning("drain deadline reached; refused %d queued requests and %d still arriving", queued, arriving)
+    finally:  # whatever went wrong above, the server still shuts down
+        stop()
 
 
 async def _control_loop(st: State) -> None:

@@ -450,6 +450,13 @@ class Controller:
         if alpha is None and self.pinned is None:
             return
         self.pinned = None if alpha is None else self.grid.down(alpha)
+        # released above the low-battery cap of the last step (a pin overrides it): the cap binds again at once,
+        # as admission and each batch (`cap`) read it, not from the next step
+        limit = self.battery_limit
+        capped = self.pinned is None and limit is not None and self.ceiling > limit
+        if capped and limit is not None:
+            self._hold(limit, "battery")
+            self.ceiling = limit
         self._calm = 0  # a calm spell counts from the release, not across the pin: a pin and release between
         # two control steps carried the spell over it, and the next step raised the ceiling
         self.decisions.append(
@@ -464,7 +471,7 @@ class Controller:
             self.ceiling = self.pinned
             self.mode = "pinned"
         elif self.mode == "pinned":
-            self.mode = "recovering"
+            self.mode = "battery" if capped else "recovering"
 
     def cap(self) -> float | None:
         """What holds alpha down whatever the load: an operator's pin, else the low-battery cap; None if neither."""

@@ -262,15 +262,20 @@ class Reads:
 
     def __init__(self) -> None:
         self.open: set[asyncio.Timeout] = set()
+        self.cut: set[asyncio.Timeout] = set()  # those `end` ended, until their reader has answered
         self.ended = False
 
     def end(self) -> int:
-        """End every body read in progress, and any begun from now on; returns how many were in progress."""
+        """End every body read in progress, and any begun from now on; returns how many it ended."""
         self.ended = True
         now = asyncio.get_running_loop().time()
         for read in self.open:
-            read.reschedule(now)
-        return len(self.open)
+            # one whose own timeout fired in this pass of the loop cannot be moved (RuntimeError, which stopped
+            # the drain before it handed over, and the server never shut down): its 408 stands
+            if not read.expired():
+                read.reschedule(now)
+                self.cut.add(read)
+        return len(self.cut)
 
 
 class Lane:
@@ -352,21 +357,27 @@ class Lane:
         # read so far until a full collection, rare at the threshold `python -m service` sets: 8 MiB kept per
         # abandoned 8 MB upload, 1.1 GiB after 150 of them.
         reads = self.reads
+        read: asyncio.Timeout | None = None
         try:
-            async with asyncio.timeout(0 if reads.ended else self.body_timeout) as read:
+            async with asyncio.timeout(self.body_timeout) as read:
                 reads.open.add(read)
+                if reads.ended:  # begun after the drain's deadline: ended at once
+                    reads.cut.add(read)
+                    read.reschedule(asyncio.get_running_loop().time())
                 try:
                     raw = await request.body()
                 finally:
                     reads.open.discard(read)
         except TimeoutError:
-            if reads.ended:
+            if read in reads.cut:
                 raise ApiError(
                     503, "the service shut down before this request's body arrived; retry", {"Retry-After": "1"}
                 ) from None
             raise ApiError(
                 408, f"the body did not arrive within {self.body_timeout:g} s; send the whole request at once"
             ) from None
+        finally:
+            reads.cut.discard(read)  # type: ignore[arg-type]
         commas = None
         if length is not None:
             raw, request.scope.setdefault("state", {})["binary"] = split_binary(raw, length)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import itertools
 import re
@@ -76,10 +77,40 @@ def _default_profile_batches(data: dict[str, Any]) -> list[int]:
     return sorted({min(b, data["max_batch"]) for b in PROFILE_BATCHES})  # not called if max_batch was refused
 
 
-_NAME = r'(?:[A-Za-z_][A-Za-z0-9_]*|"(?:[^"\\]|\\.)*")'  # a label name, or a quoted one (Prometheus 3)
-_VALUE = r'(?:"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`)'
-_MATCHER = rf"\s*{_NAME}\s*(?:=~|!~|!=|=)\s*{_VALUE}\s*"
-SELECTOR = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*,?\s*")  # PromQL label matchers, as LCS_PROMETHEUS_SELECTOR holds
+# PromQL label matchers (LCS_PROMETHEUS_SELECTOR): name, operator, quoted value, comma-separated; whitespace
+# as PromQL's lexer has it (Python's \s also takes a no-break space); escapes as Go's, which it reads
+_WS = r"[ \t\r\n]*"
+_ESCAPE = r"\\(?:[abfnrtv\\\"']|x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|[0-7]{3})"
+_STRING = rf"\"(?:[^\"\\\n]|{_ESCAPE})*\"|'(?:[^'\\\n]|{_ESCAPE})*'"
+_NAME = rf"[A-Za-z_][A-Za-z0-9_]*|\"(?:[^\"\\\n]|{_ESCAPE})*\""  # a label name, or a quoted one (Prometheus 3)
+_MATCHER = rf"{_WS}({_NAME}){_WS}(=~|!~|!=|=){_WS}({_STRING}|`[^`]*`){_WS}"  # a raw `value` takes no escapes
+MATCHER = re.compile(_MATCHER)  # groups: name, operator, value
+SELECTOR = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*,?{_WS}")
+
+
+def _unquoted(token: str) -> str:
+    return token[1:-1] if token.startswith("`") else ast.literal_eval(token)
+
+
+def selector_problem(selector: str) -> str | None:
+    """Why PromQL would refuse `selector` inside a query's braces, or None."""
+    if not SELECTOR.fullmatch(selector):
+        braces = " (without the braces)" if selector.strip().startswith("{") else ""
+        return (
+            f'not PromQL label matchers{braces}: expected name="value" pairs (or !=, =~, !~), comma-separated, '
+            'e.g. job="lcs",namespace="prod"'
+        )
+    for m in MATCHER.finditer(selector):
+        name, op, value = m.groups()
+        if (_unquoted(name) if name.startswith('"') else name) == "__name__":
+            return "__name__ is the metric's name, which each fleet query sets; match other labels"
+        if op in ("=~", "!~"):
+            try:
+                re.compile(_unquoted(value))
+            except re.error as e:  # Python's syntax is close to Go's RE2; escapes only RE2 has (\pL) pass
+                if "bad escape" not in str(e):
+                    return f"{value} is not a regular expression ({e})"
+    return None
 
 
 class Settings(BaseSettings):
@@ -169,12 +200,8 @@ class Settings(BaseSettings):
     def _label_matchers(cls, v: str) -> str:
         # sent inside the fleet queries' braces: one PromQL cannot parse made every query a 400, reported as
         # Prometheus not answering, and the controller ran on local signals with no word of the setting
-        if v.strip() and not SELECTOR.fullmatch(v):
-            braces = " (without the braces)" if v.strip().startswith("{") else ""
-            raise ValueError(
-                f'not PromQL label matchers{braces}: expected name="value" pairs (or !=, =~, !~), comma-separated, '
-                'e.g. job="lcs",namespace="prod"'
-            )
+        if v.strip() and (problem := selector_problem(v)) is not None:
+            raise ValueError(problem)
         return v.strip()
 
     @field_validator("model_name", "prometheus_url", "api_key", mode="before")

@@ -34,6 +34,13 @@ FASHION_MNIST_CLASSES = [
 ]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+FASHION_MNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte.gz",
+    "train_y": "train-labels-idx1-ubyte.gz",
+    "test_x": "t10k-images-idx3-ubyte.gz",
+    "test_y": "t10k-labels-idx1-ubyte.gz",
+}
+CIFAR10_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
 
 
 class DataError(ValueError):
@@ -87,12 +94,7 @@ def read_idx(path: Path) -> np.ndarray:
 def load_fashion_mnist(root: Path | None = None, *, option: str = "data_dir") -> Dataset:
     """`option` is what sets the folder, as the fix in an error names it (`evaluate`: --data-dir)."""
     root = root or FASHION_MNIST_DIR
-    files = {
-        "train_x": "train-images-idx3-ubyte.gz",
-        "train_y": "train-labels-idx1-ubyte.gz",
-        "test_x": "t10k-images-idx3-ubyte.gz",
-        "test_y": "t10k-labels-idx1-ubyte.gz",
-    }
+    files = FASHION_MNIST_FILES
     missing = [name for name in files.values() if not (root / name).is_file()]
     if missing:
         raise DataError(
@@ -165,8 +167,8 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def load_cifar10(root: Path, *, option: str = "data_dir") -> Dataset:
     """The standard `cifar-10-batches-py` folder: data_batch_1..5 and test_batch."""
-    names = [f"data_batch_{i}" for i in range(1, 6)]
-    missing = [n for n in [*names, "test_batch"] if not (root / n).is_file()]
+    names = CIFAR10_FILES[:-1]
+    missing = [n for n in CIFAR10_FILES if not (root / n).is_file()]
     if missing:
         raise DataError(
             f"CIFAR-10 python batches not found in {root} (missing {missing}); "
@@ -277,11 +279,22 @@ def load_folder(root: Path, *, option: str = "data_dir") -> Dataset:
 DATASETS = ("fashion-mnist", "cifar10", "folder")  # what load_dataset reads
 
 
-def dataset_folder(name: str, data_dir: str | None) -> Path | None:
-    """The folder `load_dataset(name, data_dir)` reads, or None where it needs a data_dir and has none."""
-    if data_dir:
-        return Path(data_dir)
-    return FASHION_MNIST_DIR if name == "fashion-mnist" else None
+def reads_file(name: str, data_dir: str | None, path: Path) -> bool:
+    """Whether `load_dataset(name, data_dir)` reads the file `path` (a link counts as itself: what replacing
+    `path` would replace), as far as its name tells: Fashion-MNIST's IDX files, the CIFAR-10 batches, an image
+    folder's `train/<class>/` and `test/<class>/` images."""
+    root = Path(data_dir) if data_dir else FASHION_MNIST_DIR if name == "fashion-mnist" else None
+    if root is None:
+        return False
+    try:
+        inside = (path.absolute().parent.resolve() / path.name).relative_to(root.resolve())
+    except ValueError:  # not under the dataset's folder
+        return False
+    if name == "fashion-mnist":
+        return len(inside.parts) == 1 and inside.name in FASHION_MNIST_FILES.values()
+    if name == "cifar10":
+        return len(inside.parts) == 1 and inside.name in CIFAR10_FILES
+    return len(inside.parts) == 3 and inside.parts[0] in ("train", "test") and inside.suffix.lower() in IMAGE_SUFFIXES
 
 
 def load_dataset(name: str, data_dir: str | None = None, *, option: str = "data_dir") -> Dataset:

@@ -42,9 +42,9 @@ from training.data import (
     Dataset,
     Split,
     check_dataset,
-    dataset_folder,
     hold_out,
     load_dataset,
+    reads_file,
     training_batch,
 )
 from training.distributed import Ranks
@@ -96,17 +96,16 @@ def check_out(cfg: TrainConfig) -> None:
     """Refuse a checkpoint location that cannot be written before training rather than after it (the
     whole run was lost): a directory, a path under a regular file, a place where no file can be created,
     an existing file that is not a regular one (writing renames over it: out=/dev/null replaced /dev/null), a
-    file of the dataset (out= naming one of Fashion-MNIST's IDX files replaced it with the checkpoint)."""
+    file the dataset is read from, or would be (out= naming one of its images replaced it with the checkpoint)."""
     out = Path(cfg.out)
-    data = dataset_folder(cfg.dataset, cfg.data_dir)
     for path in (out, cfg.state_path) if out.name else (out,):  # "." has no name, hence no state path
         check_writable(path, option="out", shown=f"out={cfg.out}", example=f"out={out / 'model.safetensors'}")
         if path.exists() and not path.is_file():
             raise ValueError(f"out={cfg.out}: {path} exists and is not a regular file; choose another place for out")
-        if data is not None and path.is_file() and path.resolve().is_relative_to(data.resolve()):
+        if reads_file(cfg.dataset, cfg.data_dir, path):  # not any file under its folder: a rerun finds its own
             raise ValueError(
-                f"out={cfg.out}: {path} is a file in {data}, the {cfg.dataset} dataset this run reads; "
-                "choose another place for out"
+                f"out={cfg.out}: {path} is a file of the {cfg.dataset} dataset this run reads; choose another place "
+                "for out"
             )
 
 

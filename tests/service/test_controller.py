@@ -318,6 +318,20 @@ def test_a_pin_set_and_released_between_two_steps_restarts_the_calm_spell() -> N
     assert [c.update(clock(**CALM)) for _ in range(2)] == [0.0, 1.0]
 
 
+def test_a_pin_released_on_low_battery_gives_the_battery_cap_back_at_once() -> None:
+    """A pin above the battery cap, released between two control steps, left the ceiling at the pin until the
+    next step, while each batch was held to the cap: a request admitted under that ceiling with min_quality
+    1 was then refused at batch time as on low battery."""
+    c, clock = controller(), Clock()
+    c.update(clock(**CALM, battery_percent=10.0, on_battery=True))
+    assert c.cap() == c.battery_limit == c.ceiling < 1.0
+    c.pin(1.0, now=0.6)
+    assert c.cap() == c.ceiling == 1.0  # an operator's pin overrides the cap
+    c.pin(None, now=0.7)
+    assert c.ceiling == c.cap() == c.battery_limit and (c.mode, c.held_by) == ("battery", "battery")
+    assert c.decisions[-1].ceiling == c.battery_limit and c.batch_alpha(1.0, 0.0, 1, None) <= c.battery_limit
+
+
 def test_load_lowering_the_ceiling_after_a_pin_holds_it_as_load() -> None:
     c, clock = controller(), Clock()
     c.pin(0.75, now=0.0)

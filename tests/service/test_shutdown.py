@@ -187,6 +187,43 @@ def test_a_body_still_arriving_at_the_drain_deadline_gets_503_not_the_servers_50
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(("drain", "body_timeout", "busy_at", "busy"), [(0.3, 0.5, 0.28, 0.4), (0.5, 0.5, 0.49, 0.05)])
+def test_a_body_timing_out_as_the_drain_deadline_passes_does_not_stop_the_hand_over(
+    structured: TinyCheckpoint,
+    uvicorn_handler: list[float],
+    drain: float,
+    body_timeout: float,
+    busy_at: float,
+    busy: float,
+) -> None:
+    """The event loop busy across the deadline (a large parse, a collection): the read's own timeout fired in
+    the pass that ended the drain, which could not move it (RuntimeError), and the drain never handed over:
+    the server answered 503 until it was killed. Its 408 stands, and the server shuts down."""
+
+    async def scenario() -> None:
+        settings = make_settings(
+            structured.path, max_wait_ms=0.0, drain_seconds=drain, body_timeout_seconds=body_timeout
+        )
+        async with serve_async(settings) as (client, st):
+            body = json.dumps({"inputs": [ZEROS]}).encode()
+            never = asyncio.Event()
+
+            async def stalled() -> AsyncIterator[bytes]:
+                yield body[:10]
+                await never.wait()
+
+            headers = {"content-type": "application/json"}
+            early = asyncio.create_task(client.post("/predict", content=stalled(), headers=headers))
+            await until(lambda: st.parsing == 1, what="the body to start arriving")
+            os.kill(os.getpid(), signal.SIGTERM)
+            asyncio.get_running_loop().call_later(busy_at, time.sleep, busy)  # the loop held across the deadline
+            answer = await asyncio.wait_for(early, 5.0)
+            assert answer.status_code in (408, 503), answer.text
+            await until(lambda: len(uvicorn_handler) == 1, what="the hand-over to uvicorn")
+
+    asyncio.run(scenario())
+
+
 def test_under_a_root_path_new_work_is_still_refused_before_its_body(structured: TinyCheckpoint) -> None:
     """uvicorn's --root-path puts the prefix in front of the request's path; the pre-body gate matched the
     path as sent and let new work in while draining (served 200, not counted)."""

@@ -28,6 +28,7 @@ from training.data import (
     load_folder,
     normalise,
     read_idx,
+    reads_file,
     training_batch,
 )
 
@@ -487,3 +488,16 @@ def test_augment_crops_shift_the_image() -> None:
     assert torch.equal(out.sum(dim=(1, 2, 3)).clamp(max=1), out.sum(dim=(1, 2, 3)))  # never duplicated
     positions = {tuple(o[0].nonzero().flatten().tolist()) for o in out}
     assert len(positions) > 5  # many different shifts (and some pixel shifted out entirely)
+
+
+def test_reads_file_names_the_files_each_dataset_is_read_from(tmp_path: Path) -> None:
+    """What training's out= may not replace (or add to the dataset): the files its loader reads, by name."""
+    d = str(tmp_path)
+    assert reads_file("fashion-mnist", d, tmp_path / "t10k-labels-idx1-ubyte.gz")
+    assert not reads_file("fashion-mnist", d, tmp_path / "m.safetensors")
+    assert not reads_file("fashion-mnist", d, tmp_path / "runs" / "train-images-idx3-ubyte.gz")
+    assert reads_file("cifar10", d, tmp_path / "data_batch_5") and not reads_file("cifar10", d, tmp_path / "x")
+    assert reads_file("folder", d, tmp_path / "test" / "cat" / "1.JPG")
+    assert not reads_file("folder", d, tmp_path / "train" / "1.png")  # not in a class folder: never read
+    assert not reads_file("folder", d, tmp_path / "train" / "cat" / "m.safetensors")
+    assert not reads_file("folder", None, tmp_path / "train" / "cat" / "1.png")  # no folder: nothing to read

@@ -628,23 +628,44 @@ def test_out_never_replaces_a_special_file_or_the_config(tmp_path: Path, kind: s
     assert target.is_fifo() if kind == "fifo" else config.read_text() == "epochs: 1\n"
 
 
+@pytest.mark.parametrize("link", [False, True])
 def test_out_never_replaces_a_file_of_the_dataset(
     tmp_path: Path,
     synthetic_data: Dataset,
     tiny_overrides: Callable[..., list[str]],
     capsys: pytest.CaptureFixture[str],
+    link: bool,
 ) -> None:
-    """out= naming one of the dataset's files (here a folder dataset's image) replaced it with the checkpoint;
-    a new file in the dataset's folder is no harm and stays allowed."""
+    """out= naming one of the dataset's files (here a folder dataset's image; or a link to one kept elsewhere,
+    which the write replaces) replaced it with the checkpoint."""
     image = tmp_path / "data" / "train" / "a" / "0.png"
     image.parent.mkdir(parents=True)
-    image.write_bytes(b"png")
+    stored = tmp_path / "store" / "0.png" if link else image
+    stored.parent.mkdir(exist_ok=True)
+    stored.write_bytes(b"png")
+    if link:
+        image.symlink_to(stored)
     where = {"dataset": "folder", "data_dir": tmp_path / "data", "epochs": 1}
-    with pytest.raises(ValueError, match=re.escape(f"{image} is a file in {tmp_path / 'data'}, the folder dataset")):
+    with pytest.raises(ValueError, match=re.escape(f"{image} is a file of the folder dataset this run reads")):
         _run(load_config(None, tiny_overrides(image, **where)), synthetic_data, capsys)
-    assert image.read_bytes() == b"png"
-    _run(load_config(None, tiny_overrides(image.parent / "m.safetensors", **where)), synthetic_data, capsys)
-    assert (image.parent / "m.safetensors").is_file()
+    assert image.read_bytes() == b"png" and image.is_symlink() == link
+
+
+def test_a_run_whose_out_is_in_the_datasets_folder_still_resumes_and_reruns(
+    tmp_path: Path,
+    synthetic_data: Dataset,
+    tiny_overrides: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Only the dataset's own files are refused: a first check refused every file under its folder, the run's
+    own state and checkpoint too, so a resume or a rerun of the same command failed."""
+    out = tmp_path / "data" / "runs" / "m.safetensors"
+    cfg = load_config(None, tiny_overrides(out, dataset="folder", data_dir=tmp_path / "data"))
+    _interrupted_after_the_first_epoch(cfg, synthetic_data, capsys, monkeypatch)
+    assert "after epoch 1/2" in _run(cfg, synthetic_data, capsys)
+    _run(cfg, synthetic_data, capsys)  # the same command again, once finished
+    assert out.is_file()
 
 
 def test_fixed_alpha_baseline_with_validation(
