@@ -337,7 +337,8 @@ class Controller:
         self.last_signals = s
         self._learn_calm(s)
         old = self.ceiling
-        self.battery_limit = None
+        # kept while pinned too (the pin overrides it: `cap`), so that a release gives it back at once
+        self.battery_limit = self._battery_limit(s) if self.policy[0] == "lcs" else None  # baselines: none
         if self.pinned is not None:
             self._calm = 0  # a calm spell counts from the release, not across the pin
             return self._set(self.pinned, "pinned", s.now, "pinned by an operator")
@@ -385,13 +386,9 @@ class Controller:
             new, reason, mode = old, "steady", self._held_mode(old)
         if new < old:
             self._calm = 0
-        low_battery = s.on_battery and s.battery_percent is not None and s.battery_percent < self.battery_low
-        # the cap: the largest frontier alpha within it (a grid alpha below it that is slower than one above
-        # would cost more CPU and accuracy both); the mode says "battery" for as long as the cap binds
-        cap = max((a for a in frontier if a <= self.battery_cap + SAME_ALPHA), default=lowest)
-        self.battery_limit = cap if low_battery else None
-        capped = low_battery and new >= cap
-        if capped:
+        cap = self.battery_limit  # the mode says "battery" for as long as the cap binds
+        capped = cap is not None and new >= cap
+        if capped and cap is not None:
             reason = "low battery cap" if new > cap else reason
             # shedding stays the mode: it is what turns the slack rule off and predicts waits at the ceiling (a
             # cheaper batch would still not make room for more requests); the cap is in `battery_limit`
@@ -472,6 +469,14 @@ class Controller:
             self.mode = "pinned"
         elif self.mode == "pinned":
             self.mode = "battery" if capped else "recovering"
+
+    def _battery_limit(self, s: Signals) -> float | None:
+        """The low-battery cap these signals call for, or None: the largest frontier alpha within
+        `battery_cap` (a grid alpha below it that is slower than one above would cost more CPU and accuracy
+        both)."""
+        if not (s.on_battery and s.battery_percent is not None and s.battery_percent < self.battery_low):
+            return None
+        return max((a for a in self.frontier() if a <= self.battery_cap + SAME_ALPHA), default=self.fastest())
 
     def cap(self) -> float | None:
         """What holds alpha down whatever the load: an operator's pin, else the low-battery cap; None if neither."""

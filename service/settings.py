@@ -78,22 +78,34 @@ def _default_profile_batches(data: dict[str, Any]) -> list[int]:
 
 
 # PromQL label matchers (LCS_PROMETHEUS_SELECTOR): name, operator, quoted value, comma-separated; whitespace
-# as PromQL's lexer has it (Python's \s also takes a no-break space); escapes as Go's, which it reads
+# as PromQL's lexer has it (Python's \s also takes a no-break space), and its escapes: Go's, each quote
+# escaping only itself, code points checked in `_unquoted`
 _WS = r"[ \t\r\n]*"
-_ESCAPE = r"\\(?:[abfnrtv\\\"']|x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|[0-7]{3})"
-_STRING = rf"\"(?:[^\"\\\n]|{_ESCAPE})*\"|'(?:[^'\\\n]|{_ESCAPE})*'"
-_NAME = rf"[A-Za-z_][A-Za-z0-9_]*|\"(?:[^\"\\\n]|{_ESCAPE})*\""  # a label name, or a quoted one (Prometheus 3)
-_MATCHER = rf"{_WS}({_NAME}){_WS}(=~|!~|!=|=){_WS}({_STRING}|`[^`]*`){_WS}"  # a raw `value` takes no escapes
-MATCHER = re.compile(_MATCHER)  # groups: name, operator, value
+_ESCAPE = r"\\(?:[abfnrtv\\]|x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|[0-3][0-7]{2})"
+_DOUBLE = rf'"(?:[^"\\\n]|{_ESCAPE}|\\")*"'
+_STRING = rf"{_DOUBLE}|'(?:[^'\\\n]|{_ESCAPE}|\\')*'"
+# a name may be quoted (Prometheus 3); groups: name, operator, value
+_MATCHER = rf"{_WS}([A-Za-z_][A-Za-z0-9_]*|{_DOUBLE}){_WS}(=~|!~|!=|=){_WS}({_STRING}|`[^`]*`){_WS}"
+MATCHER = re.compile(_MATCHER)
 SELECTOR = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*,?{_WS}")
+# what Python's re and Go's RE2 both refuse; other errors are Python's alone (a flag mid-pattern, \pL)
+_SHARED_REGEX_ERRORS = ("missing )", "unbalanced parenthesis", "unterminated character set", "nothing to repeat")
 
 
-def _unquoted(token: str) -> str:
-    return token[1:-1] if token.startswith("`") else ast.literal_eval(token)
+def _unquoted(token: str) -> str | None:
+    """A matcher's name or value as PromQL reads it, or None for a code point it refuses (a surrogate, past
+    U+10FFFF). A raw `value` takes no escapes."""
+    if token.startswith("`"):
+        return token[1:-1]
+    for hexa in re.findall(r"\\(?:\\|u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8}))", token):
+        code = int(hexa[0] or hexa[1] or "0", 16)
+        if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
+            return None
+    return str(ast.literal_eval(token))
 
 
 def selector_problem(selector: str) -> str | None:
-    """Why PromQL would refuse `selector` inside a query's braces, or None."""
+    """Why PromQL would refuse `selector` inside a query's braces, or None (as far as told without asking it)."""
     if not SELECTOR.fullmatch(selector):
         braces = " (without the braces)" if selector.strip().startswith("{") else ""
         return (
@@ -102,13 +114,15 @@ def selector_problem(selector: str) -> str | None:
         )
     for m in MATCHER.finditer(selector):
         name, op, value = m.groups()
+        if (text := _unquoted(value)) is None or (name.startswith('"') and _unquoted(name) is None):
+            return f"{m.group(0).strip()}: an escape of a code point Unicode does not have"
         if (_unquoted(name) if name.startswith('"') else name) == "__name__":
             return "__name__ is the metric's name, which each fleet query sets; match other labels"
         if op in ("=~", "!~"):
             try:
-                re.compile(_unquoted(value))
-            except re.error as e:  # Python's syntax is close to Go's RE2; escapes only RE2 has (\pL) pass
-                if "bad escape" not in str(e):
+                re.compile(text)
+            except re.error as e:
+                if any(shared in str(e) for shared in _SHARED_REGEX_ERRORS):
                     return f"{value} is not a regular expression ({e})"
     return None
 

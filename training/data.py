@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
 import struct
 import zlib
@@ -286,15 +287,24 @@ def reads_file(name: str, data_dir: str | None, path: Path) -> bool:
     root = Path(data_dir) if data_dir else FASHION_MNIST_DIR if name == "fashion-mnist" else None
     if root is None:
         return False
-    try:
-        inside = (path.absolute().parent.resolve() / path.name).relative_to(root.resolve())
-    except ValueError:  # not under the dataset's folder
-        return False
-    if name == "fashion-mnist":
-        return len(inside.parts) == 1 and inside.name in FASHION_MNIST_FILES.values()
-    if name == "cifar10":
-        return len(inside.parts) == 1 and inside.name in CIFAR10_FILES
-    return len(inside.parts) == 3 and inside.parts[0] in ("train", "test") and inside.suffix.lower() in IMAGE_SUFFIXES
+    # as written (a linked class folder the loader reads through) and with its folders' links followed (a
+    # dataset reached by another path), never the file's own link
+    written = Path(os.path.normpath(path.absolute())), Path(os.path.normpath(root.absolute()))
+    followed = path.absolute().parent.resolve() / path.name, root.resolve()
+    for file, folder in (written, followed):
+        if not file.is_relative_to(folder):
+            continue
+        inside = file.relative_to(folder)
+        if name == "fashion-mnist":
+            found = len(inside.parts) == 1 and inside.name in FASHION_MNIST_FILES.values()
+        elif name == "cifar10":
+            found = len(inside.parts) == 1 and inside.name in CIFAR10_FILES
+        else:
+            found = len(inside.parts) == 3 and inside.parts[0] in ("train", "test")
+            found = found and inside.suffix.lower() in IMAGE_SUFFIXES
+        if found:
+            return True
+    return False
 
 
 def load_dataset(name: str, data_dir: str | None = None, *, option: str = "data_dir") -> Dataset:

@@ -705,3 +705,16 @@ def test_the_battery_limit_is_known_while_load_holds_the_ceiling_under_it() -> N
     assert c.ceiling < 0.5 and c.mode == "degraded" and c.battery_limit == 0.5
     c.update(clock(**CALM, battery_percent=10.0, on_battery=False))
     assert c.battery_limit is None
+
+
+def test_a_pin_held_over_control_steps_on_low_battery_gives_the_cap_back_at_its_release() -> None:
+    """The steps while pinned dropped the battery's cap, so a pin that outlasted a control interval was
+    released to the pin's ceiling until the next step."""
+    c, clock = controller(), Clock()
+    c.update(clock(**CALM, battery_percent=10.0, on_battery=True))
+    limit = c.battery_limit
+    c.pin(1.0, now=0.6)
+    c.update(clock(**CALM, battery_percent=10.0, on_battery=True))
+    assert c.ceiling == c.cap() == 1.0 and c.battery_limit == limit  # the pin overrides the cap it keeps
+    c.pin(None, now=1.2)
+    assert c.ceiling == c.cap() == limit and (c.mode, c.held_by) == ("battery", "battery")

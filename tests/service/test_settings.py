@@ -138,6 +138,7 @@ def test_an_empty_host_is_the_default_not_every_interface(
         ("env='prod',x=`raw`", "env='prod',x=`raw`"),
         ('"service.name"="lcs"', '"service.name"="lcs"'),  # Prometheus 3's quoted label names
         ('v="a\\"b\\u00e9",r=~"\\\\d+\\\\pL"', 'v="a\\"b\\u00e9",r=~"\\\\d+\\\\pL"'),  # Go's escapes; RE2's \pL
+        ("r=~\"lcs|(?i)LCS2\",s='it\\'s'", "r=~\"lcs|(?i)LCS2\",s='it\\'s'"),  # a flag mid-pattern: RE2 takes it
         ("", ""),
     ],
 )
@@ -160,6 +161,10 @@ def test_prometheus_selectors_that_are_kept(
         ('job="a\nb"', "not PromQL label matchers"),  # a line break inside the quotes
         ('a="b",\xa0c="d"', "not PromQL label matchers"),  # a no-break space, which PromQL's lexer refuses
         ('job=~"("', '"(" is not a regular expression'),
+        ('job=~"\\U00110000"', "an escape of a code point Unicode does not have"),  # was a SyntaxError
+        ('job="\\ud800"', "an escape of a code point Unicode does not have"),
+        ('job="\\777"', "not PromQL label matchers"),  # octal past 255
+        ('job="it\\\'s"', "not PromQL label matchers"),  # each quote escapes only itself
         ('__name__="lcs_requests_total"', "__name__ is the metric's name"),
     ],
 )

@@ -501,3 +501,8 @@ def test_reads_file_names_the_files_each_dataset_is_read_from(tmp_path: Path) ->
     assert not reads_file("folder", d, tmp_path / "train" / "1.png")  # not in a class folder: never read
     assert not reads_file("folder", d, tmp_path / "train" / "cat" / "m.safetensors")
     assert not reads_file("folder", None, tmp_path / "train" / "cat" / "1.png")  # no folder: nothing to read
+    store = tmp_path / "store" / "cat"  # a class folder linked in from elsewhere: read through the link
+    store.mkdir(parents=True)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "cat").symlink_to(store)
+    assert reads_file("folder", d, tmp_path / "train" / "cat" / "0.png")
