@@ -97,8 +97,7 @@ class ModelCache:
         with self._lock:
             found = self._entries.get(key)
             if found is not None and touch:
-                self._entries.move_to_end(key)
-                self._used[key] = self._clock()
+                self._touch_locked(key)
             return found
 
     def snapshot(self) -> dict[float, Compiled]:
@@ -126,8 +125,7 @@ class ModelCache:
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None:
-                self._entries.move_to_end(key)
-                self._used[key] = self._clock()
+                self._touch_locked(key)
                 if counted:
                     self.stats.hits += 1
                 return hit
@@ -158,6 +156,11 @@ class ModelCache:
             self._evict_locked()
         fut.set_result(compiled)
         return compiled
+
+    def _touch_locked(self, key: float) -> None:
+        """`key`'s model is used now: the most recently used, not idle (`drop_idle`)."""
+        self._entries.move_to_end(key)
+        self._used[key] = self._clock()
 
     def _evict_locked(self) -> None:
         total = sum(c.resident_bytes for c in self._entries.values())

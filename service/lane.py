@@ -265,17 +265,25 @@ class Reads:
         self.cut: set[asyncio.Timeout] = set()  # those `end` ended, until their reader has answered
         self.ended = False
 
+    def begin(self, read: asyncio.Timeout) -> None:
+        """`read` (a body read's timeout) is in progress; one begun after `end` is ended at once."""
+        self.open.add(read)
+        if self.ended:
+            self._cut(read)
+
     def end(self) -> int:
         """End every body read in progress, and any begun from now on; returns how many it ended."""
         self.ended = True
-        now = asyncio.get_running_loop().time()
         for read in self.open:
             # one whose own timeout fired in this pass of the loop cannot be moved (RuntimeError, which stopped
             # the drain before it handed over, and the server never shut down): its 408 stands
             if not read.expired():
-                read.reschedule(now)
-                self.cut.add(read)
+                self._cut(read)
         return len(self.cut)
+
+    def _cut(self, read: asyncio.Timeout) -> None:
+        read.reschedule(asyncio.get_running_loop().time())
+        self.cut.add(read)
 
 
 class Lane:
@@ -360,10 +368,7 @@ class Lane:
         read: asyncio.Timeout | None = None
         try:
             async with asyncio.timeout(self.body_timeout) as read:
-                reads.open.add(read)
-                if reads.ended:  # begun after the drain's deadline: ended at once
-                    reads.cut.add(read)
-                    read.reschedule(asyncio.get_running_loop().time())
+                reads.begin(read)
                 try:
                     raw = await request.body()
                 finally:

@@ -114,9 +114,10 @@ def selector_problem(selector: str) -> str | None:
         )
     for m in MATCHER.finditer(selector):
         name, op, value = m.groups()
-        if (text := _unquoted(value)) is None or (name.startswith('"') and _unquoted(name) is None):
+        label = _unquoted(name) if name.startswith('"') else name
+        if (text := _unquoted(value)) is None or label is None:
             return f"{m.group(0).strip()}: an escape of a code point Unicode does not have"
-        if (_unquoted(name) if name.startswith('"') else name) == "__name__":
+        if label == "__name__":
             return "__name__ is the metric's name, which each fleet query sets; match other labels"
         if op in ("=~", "!~"):
             try:

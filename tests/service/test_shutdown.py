@@ -70,6 +70,22 @@ def uvicorn_handler() -> Iterator[list[float]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+async def body_arriving(client: httpx.AsyncClient, st: Any, rest: asyncio.Event) -> asyncio.Task[httpx.Response]:
+    """POST /predict whose body sends its first 10 bytes, then the rest once `rest` is set; returns once the
+    service is reading it (past the pre-body gate)."""
+    body = json.dumps({"inputs": [ZEROS]}).encode()
+
+    async def arriving() -> AsyncIterator[bytes]:
+        yield body[:10]
+        await rest.wait()
+        yield body[10:]
+
+    headers = {"content-type": "application/json"}
+    early = asyncio.create_task(client.post("/predict", content=arriving(), headers=headers))
+    await until(lambda: st.parsing == 1, what="the body to start arriving")
+    return early
+
+
 def test_sigterm_refuses_new_work_at_once_and_hands_over_after_the_drain(
     structured: TinyCheckpoint, uvicorn_handler: list[float]
 ) -> None:
@@ -106,17 +122,8 @@ def test_a_request_still_arriving_at_sigterm_is_served_and_the_drain_waits_for_i
 
     async def scenario() -> None:
         async with serve_async(make_settings(structured.path, max_wait_ms=0.0, drain_seconds=10.0)) as (client, st):
-            body = json.dumps({"inputs": [ZEROS]}).encode()
             rest = asyncio.Event()
-
-            async def arriving() -> AsyncIterator[bytes]:
-                yield body[:10]
-                await rest.wait()
-                yield body[10:]
-
-            headers = {"content-type": "application/json"}
-            early = asyncio.create_task(client.post("/predict", content=arriving(), headers=headers))
-            await until(lambda: st.parsing == 1, what="the first request's body to start arriving")
+            early = await body_arriving(client, st, rest)
             os.kill(os.getpid(), signal.SIGTERM)
             await until(lambda: st.draining, what="the signal")
             refused = await client.post("/predict", json={"inputs": [ZEROS]})  # sent after it: new work
@@ -164,17 +171,7 @@ def test_a_body_still_arriving_at_the_drain_deadline_gets_503_not_the_servers_50
 
     async def scenario() -> None:
         async with serve_async(make_settings(structured.path, max_wait_ms=0.0, drain_seconds=0.3)) as (client, st):
-            body = json.dumps({"inputs": [ZEROS]}).encode()
-            never = asyncio.Event()
-
-            async def stalled() -> AsyncIterator[bytes]:
-                yield body[:10]
-                await never.wait()
-                yield body[10:]
-
-            headers = {"content-type": "application/json"}
-            early = asyncio.create_task(client.post("/predict", content=stalled(), headers=headers))
-            await until(lambda: st.parsing == 1, what="the body to start arriving")
+            early = await body_arriving(client, st, asyncio.Event())  # never set: the rest never comes
             t0 = time.monotonic()
             os.kill(os.getpid(), signal.SIGTERM)
             answer = await asyncio.wait_for(early, 5.0)
@@ -205,16 +202,7 @@ def test_a_body_timing_out_as_the_drain_deadline_passes_does_not_stop_the_hand_o
             structured.path, max_wait_ms=0.0, drain_seconds=drain, body_timeout_seconds=body_timeout
         )
         async with serve_async(settings) as (client, st):
-            body = json.dumps({"inputs": [ZEROS]}).encode()
-            never = asyncio.Event()
-
-            async def stalled() -> AsyncIterator[bytes]:
-                yield body[:10]
-                await never.wait()
-
-            headers = {"content-type": "application/json"}
-            early = asyncio.create_task(client.post("/predict", content=stalled(), headers=headers))
-            await until(lambda: st.parsing == 1, what="the body to start arriving")
+            early = await body_arriving(client, st, asyncio.Event())  # never set: the rest never comes
             os.kill(os.getpid(), signal.SIGTERM)
             asyncio.get_running_loop().call_later(busy_at, time.sleep, busy)  # the loop held across the deadline
             answer = await asyncio.wait_for(early, 5.0)
