@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from starlette.routing import compile_path
+from starlette.routing import Match, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.lane import error_response
@@ -108,7 +108,7 @@ class Observe:
         # FastAPI's own pages (/docs, /openapi.json, ...) are plain Starlette routes: matched, with no route
         # object; their paths have no parameters, so each is its own label
         route = scope.get("route")
-        endpoint = route.path if route is not None else scope["path"] if "endpoint" in scope else "unmatched"
+        endpoint = route.path if route is not None else scope["path"] if "endpoint" in scope else _template(scope)
         st: State | None = getattr(scope["app"].state, "lcs", None)
         if st is not None and endpoint != "/metrics":
             elapsed = time.monotonic() - t0
@@ -117,6 +117,15 @@ class Observe:
                 st.loop_cost.count()
                 if answered == 200:  # its time counts, whether or not the client waited for it
                     st.requests.finished(elapsed)
+
+
+def _template(scope: Scope) -> str:
+    """The template of the route a request's path names where routing never ran, as for a body refused from its
+    Content-Length (413), else "unmatched" (the label of every path no route takes: 404s)."""
+    for route in scope["app"].router.routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            return str(route.path)
+    return "unmatched"
 
 
 def client_left(receive: Receive) -> bool:

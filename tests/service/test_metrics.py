@@ -23,7 +23,7 @@ ZEROS = [[0] * IMAGE for _ in range(IMAGE)]
 
 @pytest.fixture(scope="module")
 def scraped(structured: TinyCheckpoint) -> Iterator[dict[str, tuple[str, list[Sample]]]]:
-    """{family name: (type, samples)} after 3 good predictions (4 images), 1 invalid one, 1 too large and 4
+    """{family name: (type, samples)} after 3 good predictions (4 images), 1 invalid one, 2 too large and 4
     other calls."""
     with serve(make_settings(structured.path, max_body_bytes=4096)) as c:
         assert c.post("/predict", json={"inputs": [ZEROS, ZEROS]}).status_code == 200
@@ -32,6 +32,7 @@ def scraped(structured: TinyCheckpoint) -> Iterator[dict[str, tuple[str, list[Sa
         assert c.post("/predict", json={"inputs": []}).status_code == 422
         big = b"{" + b" " * 5000 + b"}"  # refused from its Content-Length, before any route runs
         assert c.post("/predict", content=big, headers={"content-type": "application/json"}).status_code == 413
+        assert c.request("GET", "/healthz", content=big).status_code == 413  # the same, on a route outside the lane
         assert c.get("/healthz").status_code == 200
         assert c.get("/v2/models/some-other-model").status_code == 404
         assert c.get("/no/such/path/42").status_code == 404
@@ -88,6 +89,7 @@ def test_requests_are_counted_by_route_template_and_status(scraped: dict[str, tu
     assert value(samples, "lcs_requests_total", endpoint="/predict", status="422") == 1
     assert value(samples, "lcs_requests_total", endpoint="/predict", status="413") == 1  # not "unmatched"
     assert value(samples, "lcs_requests_total", endpoint="/healthz", status="200") == 1
+    assert value(samples, "lcs_requests_total", endpoint="/healthz", status="413") == 1  # not "unmatched" either
     assert value(samples, "lcs_requests_total", endpoint="/openapi.json", status="200") == 1  # FastAPI's own page
     assert value(samples, "lcs_requests_total", endpoint="unmatched", status="404") == 1  # no route at all
     # no per-request label values: the route template, never the raw path
