@@ -14,7 +14,7 @@ nothing (benchmarks.overload.CAPACITY_SLO).
 Service settings in the environment (`LCS_THREADS=2`, `LCS_BACKEND=torchscript`) apply to every server it
 starts, except those it sets itself (checkpoint, host, port, SLO, policy, queue bound, API key).
 
-Per policy and trace: p50/p99 latency of answered requests, SLO attainment (answered 200 within the
+Each trace runs on a fresh server. Per policy and trace: p50/p99 latency of answered requests, SLO attainment (answered 200 within the
 SLO / sent), shed rate (429 + 503 / sent), mean served alpha, and effective accuracy (sum over requests
 answered within the SLO of the accuracy measured for the alpha that served them / sent); for noisy,
 also the neighbour reaction (`neighbour_reaction`) and the load the draw offers after the stop
@@ -439,11 +439,13 @@ def main() -> None:
 
     with kept_if_stopped(Path(f"{out}.json"), measured):
         for policy in args.policies:
-            proc = start(policy)
             runs: dict[str, Any] = {}
             result["policies"][policy] = {"traces": runs}
-            try:
-                for k, tr in enumerate(args.traces):
+            for k, tr in enumerate(args.traces):
+                # a fresh server for each trace: none starts where the trace before left its policy (AIMD, 0.05
+                # a step back up, began bursty at a ceiling of 0.15 after ramp in session 38's run)
+                proc = start(policy)
+                try:
                     arrivals = trace(tr, cap1, args.duration, args.seed + k)
                     rows, skipped, timeline, when = openloop.run(
                         drive(base, port, req, arrivals, tr == "noisy", args.duration)
@@ -456,9 +458,8 @@ def main() -> None:
                         summary.update(load_after_stop(arrivals, cap1, stopped, args.duration))
                     runs[tr] = {"summary": summary, "requests": rows, "controller": timeline}
                     print(f"{policy:>10} {tr:>7}: {summary}", flush=True)
-                    time.sleep(2.0)
-            finally:
-                stop_server(proc)
+                finally:
+                    stop_server(proc)
 
     print(
         f"\n{'policy':>10} | {'trace':>7} | {'p50 ms':>8} | {'p99 ms':>8} | {'SLO att.':>8} | {'shed':>6} | "

@@ -376,12 +376,49 @@ def test_stopped_after_some_traces_it_writes_them_marked_interrupted(
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as e:
         load.main()
-    assert e.value.code == 130 and stopped == ["server"] * 3  # two capacity runs, then fixed:1's
+    assert e.value.code == 130 and stopped == ["server"] * 4  # two capacity runs, then fixed:1's two traces'
     written = json.loads(Path(f"{out}.json").read_text())
     assert written["interrupted"] is True and list(written["policies"]) == ["fixed:1"]
     assert list(written["policies"]["fixed:1"]["traces"]) == ["steady"]
     assert written["policies"]["fixed:1"]["traces"]["steady"]["summary"]["slo_attainment"] == 1.0
     assert not Path(f"{out}.png").exists()
+
+
+def test_each_trace_runs_on_a_fresh_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each policy ran its traces in turn on one server: AIMD, which climbs back 0.05 a step, began bursty at a
+    ceiling of 0.15 after ramp (session 38's run), where every other policy began it at its start."""
+    events: list[str] = []
+
+    class Model:
+        def json(self) -> dict[str, Any]:
+            return {"accuracy": [{"alpha": 1.0, "accuracy": 91.0}], "grid": [0.0, 1.0]}
+
+    def start_server(checkpoint: str, port: int, slo: float, **env: str) -> str:
+        events.append(f"start {env['LCS_POLICY']}")
+        return env["LCS_POLICY"]
+
+    def run(coro: Any) -> Any:
+        coro.close()  # not driven: no server
+        events.append("trace")
+        return [{"t": 0.0, "status": 200, "latency": 0.01, "alpha": 1.0}], 0, [], {}
+
+    monkeypatch.setattr(load, "start_server", start_server)
+    monkeypatch.setattr(load, "stop_server", lambda proc: events.append(f"stop {proc}"))
+    monkeypatch.setattr(load.openloop, "check_accepted", lambda *a: None)
+    monkeypatch.setattr(load, "capacity", lambda *a, **k: 10.0)
+    monkeypatch.setattr(load.httpx, "get", lambda url: Model())
+    monkeypatch.setattr(load.openloop, "run", run)
+    monkeypatch.setattr(load, "plot", lambda *a: None)
+    argv = ["load", "--traces", "ramp", "bursty", "--policies", "aimd", "lcs", "--out", str(tmp_path / "load")]
+    monkeypatch.setattr(sys, "argv", argv)
+    load.main()
+    traces = events[4:]  # after the two capacity servers
+    assert traces == [
+        f"{what} {policy}" if what != "trace" else "trace"
+        for policy in ("aimd", "lcs")
+        for _ in range(2)
+        for what in ("start", "trace", "stop")
+    ]
 
 
 def test_the_load_after_the_stop_is_read_from_the_draw_on_average_and_in_its_busiest_second() -> None:
