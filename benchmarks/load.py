@@ -14,9 +14,10 @@ nothing (benchmarks.overload.CAPACITY_SLO).
 Service settings in the environment (`LCS_THREADS=2`, `LCS_BACKEND=torchscript`) apply to every server it
 starts, except those it sets itself (checkpoint, host, port, SLO, policy, queue bound, API key).
 
-Each trace runs on a fresh server. Per policy and trace: p50/p99 latency of answered requests, SLO attainment (answered 200 within the
-SLO / sent), shed rate (429 + 503 / sent), mean served alpha, and effective accuracy (sum over requests
-answered within the SLO of the accuracy measured for the alpha that served them / sent); for noisy,
+Each trace runs on a fresh server. Per policy and trace: p50/p99 latency of answered requests, SLO
+attainment (answered 200 within the SLO / sent), shed rate (429 + 503 / sent), mean served alpha, and
+effective accuracy (sum over requests answered within the SLO of the accuracy measured for the alpha that
+served them / sent); for noisy,
 also the neighbour reaction (`neighbour_reaction`) and the load the draw offers after the stop
 (`load_after_stop`). Writes benchmarks/results/load-<mix>.json and a PNG of alpha and p99 over time
 per policy and trace. Ctrl-C or SIGTERM writes the JSON of the traces run so far, with "interrupted":
