@@ -43,6 +43,19 @@ def inference_threads() -> int:
     return max(1, usable_cpus() - 1)
 
 
+def default_bodies_max_bytes() -> int:
+    """LCS_BODIES_MAX_BYTES's default: a quarter of the memory granted, the cgroup limit or else the machine's.
+    256 bodies at the 8 MiB limit, as many as the queue takes, were read at once and OOM-killed a pod with 1
+    GiB (64 bodies of 7.5 MiB did; 32 peaked at 843 MiB over the model's 480)."""
+    limit = memory_limit()
+    if limit is None:
+        try:
+            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (OSError, ValueError):
+            limit = 4 * 2**30  # a platform that cannot tell: as if 4 GiB
+    return max(2**20, limit // 4)
+
+
 def cpu_quota(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> float | None:
     """The tightest CPU quota (in CPUs) on this process's cgroup or any above it, or None without one.
     v2: `cpu.max` ("QUOTA PERIOD", "max PERIOD" for none); v1: `cpu.cfs_quota_us` (-1 for none) over
@@ -63,6 +76,11 @@ def memory_headroom(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> f
         return None
     left = min(limit - used for limit, used in levels)
     return min(1.0, max(0.0, left / min(limit for limit, _ in levels)))
+
+
+def memory_limit(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> int | None:
+    """The tightest cgroup memory limit on this process (or above it) in bytes, or None without one."""
+    return min((limit for limit, _ in _read_up("memory", cgroups, membership, _v2_memory, _v1_memory)), default=None)
 
 
 def _read_up(

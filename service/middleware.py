@@ -177,11 +177,13 @@ class Shed:
             st.metrics.shed.labels("not_ready").inc()
             await error_response(scope, 503, NOT_READY, {"Retry-After": "1"})(scope, receive, send)
             return
-        refusal = st.refusal_before_body()
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        limit = st.settings.max_body_bytes  # a chunked body may hold up to it; a larger one gets 413 next
+        size = min(int(length), limit) if length.isdigit() else limit
+        refusal = st.refusal_before_body(size)
         if refusal is None:
-            st.parsing += 1
             state = scope.setdefault("state", {})
-            state["lcs_parsing"] = True
+            st.parsing_begins(state, size)
             try:
                 return await self.app(scope, receive, send)
             finally:

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from lcs.alpha import SAME_ALPHA
 from lcs.checkpoint import message
 from lcs.paths import file_problem
-from service.cgroups import inference_threads
+from service.cgroups import default_bodies_max_bytes, inference_threads
 from service.controller import BATTERY_ALPHA_CAP, BATTERY_LOW_PERCENT, POLICY, parse_policy
 
 Backend = Literal["onnxruntime", "torchscript"]  # what runs the float networks (service/materialize.py)
@@ -160,6 +160,10 @@ class Settings(BaseSettings):
     queue_max: int = Field(256, ge=1)  # queued requests; beyond it: 429 + Retry-After
     max_inputs: int = Field(64, ge=1)  # images per request
     max_body_bytes: int = Field(8 * 2**20, ge=1024)  # larger bodies get 413
+    # the bodies of inference requests being read and decoded at once, in bytes (by Content-Length; a chunked
+    # body counts as LCS_MAX_BODY_BYTES): beyond it a new one gets 429 before its body is read. Default: a
+    # quarter of the memory granted (the cgroup limit, else the machine's)
+    bodies_max_bytes: int = Field(default_factory=default_bodies_max_bytes, ge=1024)
     # an inference request's body must arrive within this: a stalled upload holds a place in the queue
     body_timeout_seconds: float = Field(10.0, gt=0.0)
     max_image_pixels: int = Field(4096 * 4096, ge=1)  # pixels a request's encoded images decode to, all together
@@ -200,7 +204,7 @@ class Settings(BaseSettings):
         parse_policy(v)
         return v
 
-    @field_validator("threads", "host", mode="before")
+    @field_validator("threads", "host", "bodies_max_bytes", mode="before")
     @classmethod
     def _blank_is_the_default(cls, v: object, info: ValidationInfo) -> object:
         """`LCS_THREADS=`, as compose passes a shell's empty variable through, is the default, not a refusal.
@@ -208,6 +212,8 @@ class Settings(BaseSettings):
         nothing asked for it."""
         if not (isinstance(v, str) and not v.strip()):
             return v
+        if info.field_name == "bodies_max_bytes":
+            return default_bodies_max_bytes()
         return inference_threads() if info.field_name == "threads" else cls.model_fields["host"].default
 
     @field_validator("prometheus_selector")

@@ -72,6 +72,7 @@ class State:
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self.metrics.ready.set_function(lambda: 1 if self.ready else 0)  # what /readyz answers, probed or not
         self.parsing = 0  # inference requests past Shed whose body is not yet decoded
+        self.body_bytes = 0  # what their bodies may hold: each one's Content-Length (LCS_BODIES_MAX_BYTES)
         self._computed = 0.0  # model seconds since the last control step
         self._computed_since = time.monotonic()
         self._exported: set[str] = set()  # signals with an lcs_signal series
@@ -114,16 +115,22 @@ class State:
         if self.draining_since is None:
             self.draining_since = time.monotonic()
 
-    def refusal_before_body(self) -> tuple[str, str] | None:
-        """(reason, message) if an inference request must be refused before its body is read: the queue
-        is full, or what is queued would already take longer than the SLO (the deadline of a request
-        that names none) with this request at its smallest, one image. Requests already past this gate
-        and still being read count as queued, with the mean images per request: under overload hundreds
-        arrive while the queue is momentarily empty, and each would be parsed only to be refused.
-        None: read the body."""
+    def refusal_before_body(self, size: int) -> tuple[str, str] | None:
+        """(reason, message) if an inference request whose body may hold `size` bytes must be refused before
+        its body is read: the queue is full, the bodies being read would hold more than LCS_BODIES_MAX_BYTES
+        with this one (unless it is the only one), or what is queued would already take longer than the SLO
+        (the deadline of a request that names none) with this request at its smallest, one image. Requests
+        already past this gate and still being read count as queued, with the mean images per request: under
+        overload hundreds arrive while the queue is momentarily empty, and each would be parsed only to be
+        refused. None: read the body."""
         depth = self.batcher.depth + self.parsing
         if depth >= self.settings.queue_max:
             return "queue_full", queue_full_detail(self.settings.queue_max)
+        if self.body_bytes and self.body_bytes + size > self.settings.bodies_max_bytes:
+            return "bodies_memory", (
+                f"the request bodies being read hold {self.body_bytes} bytes, and this one's {size} would pass "
+                f"the {self.settings.bodies_max_bytes}-byte bound (LCS_BODIES_MAX_BYTES); retry after a moment"
+            )
         if depth > 0:
             slo = self.settings.slo_p99_seconds
             images = self.batcher.queued_images + self.parsing * self.requests.images_per_request + 1
@@ -132,10 +139,18 @@ class State:
                 return "predicted_late", late_detail(wait, slo)
         return None
 
+    def parsing_begins(self, scope_state: dict[str, Any], size: int) -> None:
+        """The request passed the gate: its body, which may hold `size` bytes, is read and decoded next."""
+        self.parsing += 1
+        self.body_bytes += size
+        scope_state["lcs_parsing"] = size
+
     def parsed(self, scope_state: dict[str, Any]) -> None:
         """The request's body is read and decoded: it leaves the gate's count (once)."""
-        if scope_state.pop("lcs_parsing", False):
+        size = scope_state.pop("lcs_parsing", None)
+        if size is not None:
             self.parsing -= 1
+            self.body_bytes -= size
 
     def _on_batch(self, alpha: float, images: int, seconds: float, handoff: float) -> None:
         self._computed += seconds

@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from service.cache import Grid
@@ -16,6 +17,7 @@ from service.profile import LatencyProfile
 from service.signals import LoopCost
 from service.state import late_detail
 from tests.service.service_support import (
+    IMAGE,
     TinyCheckpoint,
     image_list,
     make_settings,
@@ -258,14 +260,61 @@ def test_requests_still_being_read_count_as_queued_at_the_gate(structured: TinyC
     async def scenario() -> None:
         async with serve_async(make_settings(structured.path, max_batch=8, queue_max=6)) as (_, st):
             st.runtime.profile.seconds = _profile(0.5, 0.5).seconds
-            assert st.refusal_before_body() is None
+            assert st.refusal_before_body(1024) is None
             st.parsing = 4  # 4 + this one at 500 ms an image: 2.5 s, over the 2 s SLO
-            refusal = st.refusal_before_body()
+            refusal = st.refusal_before_body(1024)
             assert refusal is not None and refusal[0] == "predicted_late"
             st.parsing = 6
-            refusal = st.refusal_before_body()
+            refusal = st.refusal_before_body(1024)
             assert refusal is not None and refusal[0] == "queue_full"
             st.parsing = 0
+
+    asyncio.run(scenario())
+
+
+def test_bodies_being_read_are_bounded_in_bytes_not_only_in_number(structured: TinyCheckpoint) -> None:
+    """The gate counted requests, not bytes: as many bodies as the queue takes (256 of up to 8 MiB) were read
+    at once, and 64 valid ones of 7.5 MiB OOM-killed a pod with 1 GiB, every request lost. Past
+    LCS_BODIES_MAX_BYTES a new one gets 429 before its body is read; one alone is always read."""
+    zeros = [[0] * IMAGE for _ in range(IMAGE)]
+    body = json.dumps({"inputs": [zeros]}).encode()
+    settings = make_settings(structured.path, bodies_max_bytes=2 * len(body) + 100, max_body_bytes=4 * len(body))
+
+    async def scenario() -> None:
+        async with serve_async(settings) as (client, st):
+            rest = asyncio.Event()
+
+            async def arriving() -> AsyncIterator[bytes]:
+                yield body[:10]
+                await rest.wait()
+                yield body[10:]
+
+            def post(content: object, size: int | None = None) -> asyncio.Task[httpx.Response]:
+                headers = {"content-type": "application/json"}
+                if size is not None:
+                    headers["content-length"] = str(size)
+                return asyncio.create_task(client.post("/predict", content=content, headers=headers))
+
+            held = [post(arriving(), len(body)) for _ in range(2)]
+            await until(lambda: st.parsing == 2, what="two bodies to start arriving")
+            assert st.body_bytes == 2 * len(body)
+            refused = await client.post("/predict", content=body, headers={"content-type": "application/json"})
+            assert refused.status_code == 429 and refused.headers["retry-after"], refused.text
+            assert "LCS_BODIES_MAX_BYTES" in refused.json()["detail"], refused.text
+            assert st.metrics.shed.labels("bodies_memory")._value.get() == 1
+            rest.set()
+            assert [(await r).status_code for r in held] == [200, 200]
+            assert st.parsing == 0 and st.body_bytes == 0  # all given back
+            # a chunked body may hold up to LCS_MAX_BODY_BYTES: it counts as that, over the bound alone, and is read
+            rest.clear()
+            alone = post(arriving())
+            await until(lambda: st.parsing == 1, what="the chunked body to start arriving")
+            assert st.body_bytes == settings.max_body_bytes
+            assert (
+                await client.post("/predict", content=body, headers={"content-type": "application/json"})
+            ).status_code == 429
+            rest.set()
+            assert (await alone).status_code == 200 and st.body_bytes == 0
 
     asyncio.run(scenario())
 

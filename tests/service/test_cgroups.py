@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cgroups import cpu_quota, memory_headroom, usable_cpus
+from service import cgroups
+from service.cgroups import cpu_quota, default_bodies_max_bytes, memory_headroom, memory_limit, usable_cpus
 
 
 def hierarchy(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -145,3 +146,19 @@ def test_the_probe_reports_the_tighter_of_the_machine_and_the_limit(monkeypatch:
     assert signals.MachineProbe.memory_available() == 0.6
     monkeypatch.setattr(signals, "memory_headroom", lambda: None)  # no limit: the machine's share
     assert signals.MachineProbe.memory_available() == 0.6
+
+
+def test_the_bodies_read_at_once_default_to_a_quarter_of_the_memory_granted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LCS_BODIES_MAX_BYTES's default: a pod's 1 GiB limit, nested under a looser one, gives 256 MiB; without a
+    limit, a quarter of the machine's memory."""
+    files = {"memory.max": "4294967296\n", "memory.current": "0\n", "a/memory.max": "1073741824\n"}
+    files["a/memory.current"] = "0\n"
+    found = hierarchy(tmp_path, "0::/a\n", files)
+    assert memory_limit(*found) == 2**30
+    monkeypatch.setattr(cgroups, "memory_limit", lambda: memory_limit(*found))
+    assert default_bodies_max_bytes() == 2**28
+    monkeypatch.setattr(cgroups, "memory_limit", lambda: None)
+    machine = cgroups.os.sysconf("SC_PAGE_SIZE") * cgroups.os.sysconf("SC_PHYS_PAGES")
+    assert default_bodies_max_bytes() == machine // 4

@@ -130,6 +130,23 @@ def test_an_empty_host_is_the_default_not_every_interface(
     assert Settings(checkpoint=structured.path).host == "127.0.0.1"
 
 
+@pytest.mark.parametrize(("value", "expected"), [("", None), ("1048576", 2**20), ("  ", None)])
+def test_the_bodies_bound_is_read_and_empty_means_its_default(
+    monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint, value: str, expected: int | None
+) -> None:
+    monkeypatch.setenv("LCS_BODIES_MAX_BYTES", value)
+    from service.cgroups import default_bodies_max_bytes
+
+    got = Settings(checkpoint=structured.path).bodies_max_bytes
+    assert got == (default_bodies_max_bytes() if expected is None else expected)
+
+
+def test_a_bodies_bound_under_1_kib_is_refused(monkeypatch: pytest.MonkeyPatch, structured: TinyCheckpoint) -> None:
+    monkeypatch.setenv("LCS_BODIES_MAX_BYTES", "10")
+    with pytest.raises(ValidationError, match="bodies_max_bytes"):
+        Settings(checkpoint=structured.path)
+
+
 @pytest.mark.parametrize(
     ("selector", "kept"),
     [
