@@ -86,9 +86,11 @@ class CannotListen(Exception):
 
 def configure_logging(level: str) -> None:
     """The service's log at `level` (LCS_LOG_LEVEL). httpx logs every request it makes at info: the fleet's
-    Prometheus queries, two each control interval, wrote 14,000 lines an hour; they show at debug."""
+    Prometheus queries, two each control interval, wrote 14,000 lines an hour; they show at debug. Pillow
+    logs each PNG chunk it reads at debug (two lines an image, twenty for a request of ten): never shown."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    logging.getLogger("PIL").setLevel(logging.WARNING)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:

@@ -173,9 +173,12 @@ class Shed:
             return await self.app(scope, receive, send)
         scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint, a 413 included
         if st.draining:  # SIGTERM came first: read nothing, and the drain waits on no such body (while
-            # starting, bodies are read, so that a malformed one hears what is wrong with it)
+            # starting, bodies are read, so that a malformed one hears what is wrong with it). The connection
+            # closes after it: a pooled client's keep-alive connection would bring its next requests here
+            # too (8 such clients got 15-153 of these 503s in a rollout), where a new one reaches a live pod
             st.metrics.shed.labels("not_ready").inc()
-            await error_response(scope, 503, NOT_READY, {"Retry-After": "1"})(scope, receive, send)
+            headers = {"Retry-After": "1", "Connection": "close"}
+            await error_response(scope, 503, NOT_READY, headers)(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
         limit = st.settings.max_body_bytes  # a chunked body may hold up to it; a larger one gets 413 next

@@ -187,6 +187,13 @@ def test_deployment_follows_the_rules(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", BUILDS)
+def test_node_drains_take_one_replica_at_a_time(overlay: str) -> None:
+    """prod's `minAvailable: 2` let a drain (a node-pool upgrade at peak) evict all but two of up to 20."""
+    spec = by_kind(built(K8S / overlay))["PodDisruptionBudget"]["spec"]
+    assert spec.get("maxUnavailable") == 1 and "minAvailable" not in spec
+
+
+@pytest.mark.parametrize("overlay", BUILDS)
 def test_hpa_scales_on_demand_and_quality_not_latency(overlay: str) -> None:
     docs = by_kind(built(K8S / overlay))
     hpa = docs["HorizontalPodAutoscaler"]

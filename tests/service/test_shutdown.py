@@ -103,6 +103,7 @@ def test_sigterm_refuses_new_work_at_once_and_hands_over_after_the_drain(
                 assert (await client.get("/v2/health/ready")).status_code == 503
                 refused = await client.post("/predict", json={"inputs": [ZEROS]})
                 assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+                assert refused.headers["connection"] == "close"  # a pooled client reconnects, to a live pod
                 await asyncio.sleep(0.1)
                 assert uvicorn_handler == []  # work is still in flight: uvicorn keeps accepting connections
                 gate.set()

@@ -361,3 +361,14 @@ def test_httpx_request_lines_show_only_at_debug(level: str, shown: bool) -> None
         assert httpx_log.isEnabledFor(logging.INFO) is shown
     finally:
         httpx_log.setLevel(before)
+
+
+def test_pillow_writes_no_line_per_image_even_at_debug() -> None:
+    """At LCS_LOG_LEVEL=debug (the dev overlay's) Pillow logged two lines per PNG decoded."""
+    pil_log = logging.getLogger("PIL")
+    before = pil_log.level
+    try:
+        configure_logging("debug")
+        assert not pil_log.isEnabledFor(logging.DEBUG) and pil_log.isEnabledFor(logging.WARNING)
+    finally:
+        pil_log.setLevel(before)
