@@ -312,6 +312,14 @@ class Controller:
         frontier = self.frontier()
         return next((a for a in frontier if self.profile.profiled(a)), frontier[0])
 
+    def deficit(self) -> float:
+        """The share of its quality range the ceiling has given up, 0..1: (top - ceiling) / (top - fastest),
+        from the grid's top to the alpha load falls back on. The HPA scales on it (lcs_quality_deficit_ratio):
+        1 - ceiling, which it read before, topped out at 0.15 where the fastest alpha is 0.85 (quantized_line),
+        under the HPA's target of 0.2, so a saturated fleet never scaled on it."""
+        top, low = self.grid.alphas[-1], self.fastest()
+        return 0.0 if top <= low else min(1.0, max(0.0, (top - self.ceiling) / (top - low)))
+
     def _fits(self, s: Signals, frontier: list[float]) -> float:
         """Largest profiled frontier alpha whose predicted utilisation stays under the target. An alpha with
         no profile (LCS_PREBUILD short of the grid) has no prediction and is not chosen by it: it used to

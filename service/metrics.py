@@ -79,6 +79,11 @@ class Metrics:
         self.queue_depth = Gauge("lcs_queue_depth_requests", "Requests waiting for a batch.", registry=r)
         self.inflight = Gauge("lcs_inflight_requests", "Requests admitted and not yet answered.", registry=r)
         self.ceiling = Gauge("lcs_alpha_ceiling", "Current controller ceiling on alpha.", registry=r)
+        self.deficit = Gauge(
+            "lcs_quality_deficit_ratio",
+            "Share of the quality range the ceiling gives up: (grid top - ceiling) / (grid top - fastest alpha).",
+            registry=r,
+        )
         self.shed = Counter("lcs_shed", "Requests refused with 429/503, by reason.", ["reason"], registry=r)
         self.ceiling_changes = Counter("lcs_alpha_ceiling_changes", "Ceiling moves, by reason.", ["reason"], registry=r)
         self.signal = Gauge("lcs_signal", "Signals the controller observes (GET /controller).", ["signal"], registry=r)

@@ -39,6 +39,7 @@ class State:
         self.runtime = runtime
         self.metrics = Metrics(settings.slo_p99_seconds, runtime.grid.alphas, runtime.cache)
         self.metrics.ceiling.set(runtime.controller.ceiling)
+        self.metrics.deficit.set_function(runtime.controller.deficit)  # read when scraped
         self.executor = executor  # the inference thread: all torch work runs on it
         # Encoded images decode here, one at a time per CPU this process may use. Decoding is CPU-bound, so
         # more threads add nothing but memory: on asyncio's default pool (min(32, the node's CPUs + 4)

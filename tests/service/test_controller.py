@@ -685,6 +685,24 @@ def test_the_fastest_is_the_lowest_profiled_frontier_alpha() -> None:
     assert c.frontier()[0] == 0.0 and c.fastest() == 0.5
 
 
+def test_the_quality_deficit_is_the_share_of_the_range_down_to_the_fastest_alpha() -> None:
+    """What the HPA scales on. 1 - ceiling, read before, topped out at 0.25 here, where 0.75 is the fastest
+    alpha: a saturated fleet of such a checkpoint (quantized_line's fastest is 0.85) never reached its target."""
+    c = controller()
+    assert c.deficit() == 0.0  # at the top
+    c.ceiling = 0.5
+    assert c.deficit() == 0.5
+    slow_below = profile()
+    for a in (0.0, 0.25, 0.5):  # every alpha under 0.75 slower than it
+        slow_below.add(a, MAX_BATCH, MAX_BATCH * per_image(0.9))
+    c = controller(slow_below)
+    assert c.fastest() == 0.75
+    c.ceiling = 0.75
+    assert c.deficit() == 1.0
+    c.ceiling = 0.875
+    assert c.deficit() == pytest.approx(0.5)
+
+
 def test_the_battery_cap_takes_the_largest_frontier_alpha_within_it() -> None:
     """With 0.5 profiled slower than 0.75 (padding), a cap of 0.6 lands on 0.25, not on the slower 0.5."""
     p = profile()

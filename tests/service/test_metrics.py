@@ -61,6 +61,7 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
         ("lcs_queue_depth_requests", "gauge"),
         ("lcs_inflight_requests", "gauge"),
         ("lcs_alpha_ceiling", "gauge"),
+        ("lcs_quality_deficit_ratio", "gauge"),
         ("lcs_cache_hits", "counter"),
         ("lcs_cache_misses", "counter"),
         ("lcs_cache_evictions", "counter"),
