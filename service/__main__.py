@@ -66,7 +66,7 @@ def usage() -> str:
 
 def _refuse_arguments(args: list[str]) -> str:
     """The error for command-line arguments, naming the environment variable each flag meant."""
-    hints = []
+    hints, shown = [], list(args)
     for i, arg in enumerate(args):
         flag, eq, value = arg.partition("=")
         name = flag.removeprefix("--").replace("-", "_").lower()
@@ -74,9 +74,13 @@ def _refuse_arguments(args: list[str]) -> str:
             if not eq:
                 following = args[i + 1] if i + 1 < len(args) else ""
                 value = following if following and not following.startswith("-") else "<value>"
+                if name == "api_key" and value != "<value>":  # the key is not echoed to a log
+                    shown[i + 1] = value = "<key>"
+            elif name == "api_key":
+                shown[i], value = f"{flag}=<key>", "<key>"
             hints.append(f"LCS_{name.upper()}={value}")
     fix = f"run `{' '.join(hints)} python -m service`" if hints else "settings are environment variables"
-    got = " ".join(args)
+    got = " ".join(shown)
     return f"error: python -m service takes no arguments (got: {got}); {fix}; `python -m service --help` lists them"
 
 
@@ -85,12 +89,22 @@ class CannotListen(Exception):
 
 
 def configure_logging(level: str) -> None:
-    """The service's log at `level` (LCS_LOG_LEVEL). httpx logs every request it makes at info: the fleet's
-    Prometheus queries, two each control interval, wrote 14,000 lines an hour; they show at debug. Pillow
-    logs each PNG chunk it reads at debug (two lines an image, twenty for a request of ten): never shown."""
+    """The service's log at `level` (LCS_LOG_LEVEL). httpx logs every request it makes at info, URL and
+    credentials included: the fleet's Prometheus queries wrote 14,000 lines an hour, and at debug a password
+    in LCS_PROMETHEUS_URL 240 times a minute, with httpcore's 2,400 trace lines; the fleet logs its own
+    failures. Pillow logs each PNG chunk it reads at debug (two lines an image). None of them is shown."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
-    logging.getLogger("PIL").setLevel(logging.WARNING)
+    for name in ("httpx", "httpcore", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class ClientGone(logging.Filter):
+    """Drops uvicorn's ERROR "ASGI callable returned without completing response.": here only an answer whose
+    connection closed under it ends so, which Observe logs at info as its client leaving (200 pipelined
+    requests whose client left wrote 400 such errors, the only lines left at LCS_LOG_LEVEL=error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing response."
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -195,16 +209,16 @@ def serve(settings: Settings, sockets: list[socket.socket]) -> int:
         server.should_exit = True
 
     app = create_app(settings, runtime=runtime, executor=executor, stop=stop)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
-            access_log=False,
-        )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
+        access_log=False,
     )
+    logging.getLogger("uvicorn.error").addFilter(ClientGone())  # after Config, which configures uvicorn's loggers
+    server = uvicorn.Server(config)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn's from here: it drains, then raises it again
     # uvicorn names the address only when it binds the sockets itself
     names = (sock.getsockname() for sock in sockets)

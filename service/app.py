@@ -784,12 +784,25 @@ async def _drain_then(st: State, reads: Reads, stop: Callable[[], None]) -> None
 
 
 async def _control_loop(st: State) -> None:
+    """A control step every LCS_CONTROL_INTERVAL_SECONDS. One that fails keeps the last ceiling; a failure
+    that lasts is logged with its traceback once, then once a minute, and its end once (a signal read that
+    kept raising wrote 1,440 lines a minute)."""
     interval = st.settings.control_interval_seconds
+    per_minute = max(1, round(60.0 / interval))
+    failures = 0
     while True:
         await asyncio.sleep(interval)
         try:
             await st.control_step(time.monotonic())
-        except Exception:
-            log.exception("control step failed; keeping the last ceiling")
+        except Exception as e:
+            failures += 1
+            if failures == 1:
+                log.exception("control step failed; keeping the last ceiling")
+            elif failures % per_minute == 0:
+                log.warning("control steps still failing (%d in a row, %s: %s)", failures, type(e).__name__, e)
+        else:
+            if failures:
+                log.info("control steps work again after %d failed", failures)
+            failures = 0
         if st.fleet is not None:
             st.fleet.poll()  # in the background: read by the next step, never awaited here

@@ -73,6 +73,14 @@ the local one; the rate counts answered requests (200), as the local arrival rat
 not the refused."""
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` with every run of whitespace (line breaks too) as one space, cut to `limit` characters: a
+    server's error text in the log cannot forge a line of its own (a 500's error field did, 2,145
+    characters long)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def parse_value(payload: object) -> float | None:
     """The single number of an instant-query answer, or None for an empty, NaN or malformed one."""
     try:
@@ -134,7 +142,11 @@ class PrometheusFleet:
         """The query's value, or None where the answer holds none (e.g. no traffic yet); raises where there
         is no answer: Prometheus down, refusing, an error status, or something else answering."""
         r = await self._client.get("/api/v1/query", params={"query": promql})
-        payload = r.json()  # ValueError if it is not JSON
+        try:
+            payload = r.json()
+        except ValueError:  # a 404 page, a proxy's HTML: not Prometheus's API at this URL
+            kind = r.headers.get("content-type", "no content type")
+            raise ValueError(f"HTTP {r.status_code} {kind}, not Prometheus's query API; check the URL") from None
         if not isinstance(payload, dict) or payload.get("status") != "success":
             error = payload.get("error") if isinstance(payload, dict) else None
             raise ValueError(f"HTTP {r.status_code}: {error or 'not a Prometheus query answer'}")
@@ -216,7 +228,7 @@ class PrometheusFleet:
                     "replica's own signals until it does",
                     self._shown,
                     type(problem).__name__,
-                    problem,
+                    one_line(str(problem)),  # its error text is the server's: no line breaks, bounded
                 )
         elif not self.up:
             log.info("fleet signals: Prometheus at %s answers again", self._shown)

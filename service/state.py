@@ -115,6 +115,13 @@ class State:
     def start_draining(self) -> None:
         if self.draining_since is None:
             self.draining_since = time.monotonic()
+            log.info(
+                "draining (SIGTERM): new inference requests get 503; %d in flight, %d queued, answered for up "
+                "to LCS_DRAIN_SECONDS=%g",
+                self.inflight,
+                self.batcher.depth,
+                self.settings.drain_seconds,
+            )
 
     def refusal_before_body(self, size: int) -> tuple[str, str] | None:
         """(reason, message) if an inference request whose body may hold `size` bytes must be refused before
@@ -186,9 +193,14 @@ class State:
 
     def pin(self, alpha: float | None) -> None:
         """An operator's pin (None: release it), exported as a control step's move is."""
-        before = self.runtime.controller.ceiling
-        self.runtime.controller.pin(alpha, time.monotonic())
+        c = self.runtime.controller
+        before, was = c.ceiling, c.pinned
+        c.pin(alpha, time.monotonic())
         self._export_ceiling(before)
+        if c.pinned is not None:
+            log.info("alpha pinned at %g by an operator (PUT /admin/pin)", c.pinned)
+        elif was is not None:
+            log.info("the pin at %g released by an operator: the controller sets the ceiling again", was)
 
     def _export_ceiling(self, before: float) -> None:
         """lcs_alpha_ceiling, and a move from `before` counted under the reason of the decision that made it

@@ -396,3 +396,27 @@ def test_no_renamed_label_warning_once_a_rate_answers(caplog: pytest.LogCaptureF
         asyncio.run(go())
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert sum("exported_endpoint" in q for q in asked) == 3  # the two idle refreshes and the first with a rate
+
+
+def test_a_servers_error_text_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A 500's `error` field went into the warning verbatim: a newline in it wrote a line of its own."""
+    forged = "bad\n2026-12-02 00:00:00,000 INFO lcs.service: fleet signals: Prometheus answers again" + "x" * 2000
+
+    async def lying(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, json={"status": "error", "error": forged})
+
+    with caplog.at_level("WARNING", logger="lcs.fleet"):
+        refresh(fleet(lying))
+    (said,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "\n" not in said and len(said) < 600 and "HTTP 500: bad 2026-12-02" in said, said
+
+
+def test_something_else_answering_is_named_by_its_status_not_a_json_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong URL or path prefix answered 404 text, logged as "JSONDecodeError: Extra data: line 1 column 5"."""
+
+    async def not_found(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, text="404 page not found", headers={"content-type": "text/plain"})
+
+    with caplog.at_level("WARNING", logger="lcs.fleet"):
+        refresh(fleet(not_found))
+    assert "HTTP 404 text/plain, not Prometheus's query API; check the URL" in caplog.text, caplog.text

@@ -1277,6 +1277,27 @@ def test_pin_needs_the_right_key_and_pins_what_predict_serves(structured: TinyCh
         assert [d["reason"] for d in r.json()["decisions"]] == ["pinned", "pin released"]
 
 
+def test_an_operators_pin_and_its_release_are_logged_once_each(
+    structured: TinyCheckpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pin changed what every request was served at, and the log said nothing of it."""
+    key = {"x-api-key": "s3cret"}
+    with (
+        caplog.at_level(logging.INFO, logger="lcs.service"),
+        serve(make_settings(structured.path, api_key=key["x-api-key"])) as c,
+    ):
+        caplog.clear()
+        assert c.put("/admin/pin", json={"alpha": 0.7}, headers=key).status_code == 200
+        assert c.delete("/admin/pin", headers=key).status_code == 200
+        assert c.delete("/admin/pin", headers=key).status_code == 200  # nothing pinned: nothing to say
+    said = [r.getMessage() for r in caplog.records if "pin" in r.getMessage()]
+    assert said == [
+        "alpha pinned at 0.5 by an operator (PUT /admin/pin)",
+        "the pin at 0.5 released by an operator: the controller sets the ceiling again",
+    ]
+    assert "s3cret" not in caplog.text
+
+
 def test_a_pin_below_a_queued_requests_min_quality_refuses_it_when_its_batch_forms(structured: TinyCheckpoint) -> None:
     """A request queued with min_quality 1 before an operator pinned alpha 0 ran at 1 once the pin was
     acknowledged, and so did a request with no floor batched with it: the pin binds every batch formed after

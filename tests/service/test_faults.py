@@ -175,3 +175,34 @@ def test_a_full_queue_refuses_before_reading_the_body(structured: TinyCheckpoint
             assert 'lcs_shed_total{reason="queue_full"} 2.0' in metrics
 
     asyncio.run(scenario())
+
+
+def test_a_control_step_that_keeps_failing_is_logged_once_then_once_a_minute_and_its_end_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signal read that kept raising wrote its traceback every step: 1,440 lines a minute at 0.5 s."""
+    from types import SimpleNamespace
+
+    from service import app
+
+    steps: list[int] = []
+
+    async def step(now: float) -> None:
+        steps.append(1)
+        if len(steps) <= 5:
+            raise OSError("no such file: /proc/meminfo")
+        if len(steps) == 7:
+            raise asyncio.CancelledError  # end the loop
+
+    st = SimpleNamespace(settings=SimpleNamespace(control_interval_seconds=30.0), control_step=step, fleet=None)
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(app.asyncio, "sleep", lambda seconds: real_sleep(0))  # two steps a "minute"
+    with caplog.at_level(logging.INFO, logger="lcs.service"), contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(app._control_loop(st))  # type: ignore[arg-type]
+    said = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert said == [
+        ("ERROR", "control step failed; keeping the last ceiling", True),
+        ("WARNING", "control steps still failing (2 in a row, OSError: no such file: /proc/meminfo)", False),
+        ("WARNING", "control steps still failing (4 in a row, OSError: no such file: /proc/meminfo)", False),
+        ("INFO", "control steps work again after 5 failed", False),
+    ]

@@ -87,8 +87,10 @@ async def body_arriving(client: httpx.AsyncClient, st: Any, rest: asyncio.Event)
 
 
 def test_sigterm_refuses_new_work_at_once_and_hands_over_after_the_drain(
-    structured: TinyCheckpoint, uvicorn_handler: list[float]
+    structured: TinyCheckpoint, uvicorn_handler: list[float], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="lcs.service")
+
     async def scenario() -> None:
         async with serve_async(make_settings(structured.path, max_wait_ms=0.0, drain_seconds=10.0)) as (client, st):
             with paused(st) as gate:  # hold the model: the accepted requests stay in flight
@@ -104,6 +106,7 @@ def test_sigterm_refuses_new_work_at_once_and_hands_over_after_the_drain(
                 refused = await client.post("/predict", json={"inputs": [ZEROS]})
                 assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
                 assert refused.headers["connection"] == "close"  # a pooled client reconnects, to a live pod
+                assert "draining (SIGTERM): new inference requests get 503; 4 in flight" in caplog.text
                 await asyncio.sleep(0.1)
                 assert uvicorn_handler == []  # work is still in flight: uvicorn keeps accepting connections
                 gate.set()

@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 
 from lcs.checkpoint import CheckpointError
-from service.__main__ import configure_logging, main
+from service.__main__ import ClientGone, configure_logging, main
 from service.runtime import Runtime
 from service.settings import Settings, settings_errors
 from tests.service.service_support import TinyCheckpoint, free_port, make_settings
@@ -351,16 +351,36 @@ def test_a_checkpoint_whose_outputs_overflow_stops_the_service(structured: TinyC
     assert "at alpha 0, 0.5, 1;" in str(e.value) and "Restore or retrain the checkpoint" in str(e.value)
 
 
-@pytest.mark.parametrize(("level", "shown"), [("info", False), ("warning", False), ("debug", True)])
-def test_httpx_request_lines_show_only_at_debug(level: str, shown: bool) -> None:
-    """httpx logs each request at info: with LCS_PROMETHEUS_URL set, two lines every control interval."""
-    httpx_log = logging.getLogger("httpx")
-    before = httpx_log.level
+@pytest.mark.parametrize("level", ["info", "warning", "debug"])
+def test_httpx_and_httpcore_request_lines_never_show(level: str) -> None:
+    """httpx logs each request at info, URL and credentials included: with LCS_PROMETHEUS_URL set, two lines
+    every control interval, and at debug a password in the URL 240 times a minute beside httpcore's traces."""
+    loggers = [logging.getLogger(name) for name in ("httpx", "httpcore")]
+    before = [lg.level for lg in loggers]
     try:
         configure_logging(level)
-        assert httpx_log.isEnabledFor(logging.INFO) is shown
+        assert not any(lg.isEnabledFor(logging.INFO) for lg in loggers)
     finally:
-        httpx_log.setLevel(before)
+        for lg, was in zip(loggers, before, strict=True):
+            lg.setLevel(was)
+
+
+def test_uvicorns_error_for_an_answer_whose_client_left_is_dropped() -> None:
+    """Observe logs a client gone under its answer at info; uvicorn added an ERROR for each, the only lines left
+    at LCS_LOG_LEVEL=error. Its other errors stay."""
+    gone = logging.LogRecord(
+        "uvicorn.error", logging.ERROR, "", 0, "ASGI callable returned without completing response.", None, None
+    )
+    other = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "Exception in ASGI application", None, None)
+    assert not ClientGone().filter(gone) and ClientGone().filter(other)
+
+
+def test_a_key_given_as_an_argument_is_not_echoed(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--api-key hunter2` printed the key twice to stderr, which ends in collected logs."""
+    assert main(["--api-key", "hunter2"]) == 2
+    assert main(["--api-key=hunter2"]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and err.count("LCS_API_KEY=<key> python -m service") == 2, err
 
 
 def test_pillow_writes_no_line_per_image_even_at_debug() -> None:
