@@ -16,8 +16,11 @@ signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 import errno  # noqa: E402  (the handler first: these imports take seconds)
 import gc  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import uvicorn  # noqa: E402
@@ -94,17 +97,47 @@ def configure_logging(level: str) -> None:
     in LCS_PROMETHEUS_URL 240 times a minute, with httpcore's 2,400 trace lines; the fleet logs its own
     failures. Pillow logs each PNG chunk it reads at debug (two lines an image). None of them is shown."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("httpx", "httpcore", "PIL"):
+    for name in ("httpx", "httpcore", "PIL", "websockets"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class ClientGone(logging.Filter):
-    """Drops uvicorn's ERROR "ASGI callable returned without completing response.": here only an answer whose
-    connection closed under it ends so, which Observe logs at info as its client leaving (200 pipelined
-    requests whose client left wrote 400 such errors, the only lines left at LCS_LOG_LEVEL=error)."""
+class UvicornLines(logging.Filter):
+    """uvicorn's lines, filtered. Its ERROR "ASGI callable returned without completing response." is dropped:
+    here only an answer whose connection closed under it ends so, which Observe logs at info as its client
+    leaving (200 pipelined requests whose client left wrote 400 such errors, the only lines left at
+    LCS_LOG_LEVEL=error). Its lines for requests it answers itself (malformed HTTP; a WebSocket upgrade, which
+    no route takes) came one or two a request, so any client could grow the log at its request rate: the
+    first of each kind in `every` seconds is kept, the next one counting those left out."""
+
+    GONE = "ASGI callable returned without completing response."
+    PER_REQUEST = (
+        "Invalid HTTP request received.",
+        "Unsupported upgrade request.",
+        '%s - "WebSocket %s"',
+        "connection rejected (",  # the websockets library's, through uvicorn's logger
+    )
+
+    def __init__(self, every: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every, self._clock = every, clock
+        self._said: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "ASGI callable returned without completing response."
+        text = record.msg if isinstance(record.msg, str) else ""
+        if text == self.GONE:
+            return False
+        kind = next((k for k in self.PER_REQUEST if text.startswith(k)), None)
+        if kind is None:
+            return True
+        now = self._clock()
+        if now - self._said.get(kind, -math.inf) < self.every:
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return False
+        self._said[kind] = now
+        if left_out := self._left_out.pop(kind, 0):
+            record.msg = f"{text} (and {left_out} more like it since the last such line, not logged)"
+        return True
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -216,8 +249,9 @@ def serve(settings: Settings, sockets: list[socket.socket]) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
         access_log=False,
+        log_config=None,  # its lines go through the service's own format, with a time and the logger's name
     )
-    logging.getLogger("uvicorn.error").addFilter(ClientGone())  # after Config, which configures uvicorn's loggers
+    logging.getLogger("uvicorn.error").addFilter(UvicornLines())
     server = uvicorn.Server(config)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn's from here: it drains, then raises it again
     # uvicorn names the address only when it binds the sockets itself

@@ -763,7 +763,16 @@ async def _warm(st: State, stop: Callable[[], None] | None) -> None:
         rt, built = st.runtime, sorted(st.runtime.prebuild)
         cached = rt.cache.cached()
         kept = "all cached" if cached == built else f"{cached} cached (LCS_CACHE_BYTES)"
-        log.info("ready: %s, alphas %s built and profiled, %s", rt.name, built, kept)
+        log.info(
+            "ready: %s (%s; %s, %d thread%s), alphas %s built and profiled, %s",
+            rt.name,
+            st.settings.checkpoint,
+            st.settings.backend,
+            st.settings.threads,
+            "" if st.settings.threads == 1 else "s",
+            built,
+            kept,
+        )
         return
     if stop is not None:
         stop()
@@ -779,6 +788,9 @@ async def _drain_then(st: State, reads: Reads, stop: Callable[[], None]) -> None
             queued, arriving = st.batcher.abandon(), reads.end()
             st.metrics.shed.labels("not_ready").inc(arriving)  # those abandoned are counted as their routes answer
             log.warning("drain deadline reached; refused %d queued requests and %d still arriving", queued, arriving)
+        else:
+            since = time.monotonic() - (st.draining_since or time.monotonic())
+            log.info("drained: every accepted request answered, %.1f s after SIGTERM", since)
     finally:  # whatever went wrong above, the server still shuts down
         stop()
 

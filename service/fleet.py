@@ -132,6 +132,8 @@ class PrometheusFleet:
         self._empty_since: float | None = None  # when it first answered with nothing
         self._grace = selector_grace
         self._clock = clock
+        self._down_said: float | None = None  # when the last "did not answer" warning was said
+        self._down_unsaid = 0  # outages since then not said (a minute between warnings), each with its return
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
         self._good: dict[str, tuple[float, float]] = {}  # name -> (value, monotonic time it was read)
         self._task: asyncio.Task[FleetFigures] | None = None
@@ -218,19 +220,32 @@ class PrometheusFleet:
             )
 
     def _note(self, problem: BaseException | None) -> None:
-        """Log the source going down (a warning) and coming back (info), not every failed query."""
+        """Log the source going down (a warning) and coming back (info), not every failed query, and at most
+        one outage a minute: answers that straddle the timeout went down and up every second or two (41
+        lines a minute); the next warning counts the outages between."""
         if problem is not None:
             # down, refused, bad URL, not JSON: the controller falls back to local signals
             log.debug("prometheus query failed: %r", problem)
-            if self.up:
+            now = self._clock()
+            if self.up and self._down_said is not None and now - self._down_said < 60.0:
+                self._down_unsaid += 1
+            elif self.up:
+                since = (
+                    f"; {self._down_unsaid} shorter outage{'s' if self._down_unsaid != 1 else ''} since the last "
+                    "such warning (answers near LCS_PROMETHEUS_TIMEOUT_SECONDS?)"
+                    if self._down_unsaid
+                    else ""
+                )
                 log.warning(
                     "fleet signals: Prometheus at %s did not answer (%s: %s); the controller uses this "
-                    "replica's own signals until it does",
+                    "replica's own signals until it does%s",
                     self._shown,
                     type(problem).__name__,
                     one_line(str(problem)),  # its error text is the server's: no line breaks, bounded
+                    since,
                 )
-        elif not self.up:
+                self._down_said, self._down_unsaid = now, 0
+        elif not self.up and self._down_unsaid == 0:  # the return of the outage the last warning said
             log.info("fleet signals: Prometheus at %s answers again", self._shown)
         self.up = problem is None
 

@@ -152,7 +152,7 @@ class MachineProbe:
         self._allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(cores)
         self._usable = cpu_share()  # as a fraction: not usable_cpus, which rounds up to whole threads
         self._listed = online_cpus()
-        self._battery_failed = False  # said once in the log
+        self._battery_failed = False  # unreadable at the last read (its start and end are logged)
         psutil.cpu_percent(None, percpu=True)
         self._me.cpu_percent(None)
 
@@ -178,10 +178,18 @@ class MachineProbe:
             reading = None if b is None else (float(b.percent), b.power_plugged is False)
         except Exception as e:  # psutil raises TypeError or ValueError on garbage in sysfs, RuntimeError on
             # macOS and BSD: it stopped every control step (load, p99 and memory went unread with it)
-            if not self._battery_failed:
-                log.warning("cannot read the battery (%s: %s); going on without it", type(e).__name__, e)
+            if not self._battery_failed:  # said when it starts failing and when it reads again, not every step
+                log.warning(
+                    "cannot read the battery (%s: %s); going on without it: LCS_BATTERY_LOW_PERCENT's cap is not "
+                    "applied until it reads again",
+                    type(e).__name__,
+                    e,
+                )
             self._battery_failed = True
             return None, False
+        if self._battery_failed:
+            self._battery_failed = False
+            log.info("the battery reads again")
         if reading is None or not math.isfinite(reading[0]):
             return None, False
         return reading  # power_plugged None: psutil cannot tell, which is not "on battery"

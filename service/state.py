@@ -77,6 +77,11 @@ class State:
         self._computed = 0.0  # model seconds since the last control step
         self._computed_since = time.monotonic()
         self._exported: set[str] = set()  # signals with an lcs_signal series
+        # memory relief: drops said at most once a minute (a client moving between alphas every 2 s under low
+        # memory had a warning every 2 s), the rest counted into the next line; the spell's end said once
+        self._relief_said = -math.inf
+        self._relief_unsaid = (0, 0)  # models dropped and bytes freed since the last line
+        self._memory_low_said = False
         # SIGTERM (or shutdown) time: requests received before it are still served, later ones get 503
         self.draining_since: float | None = None
         self.failure: str | None = None  # why the warm-up failed: the service never becomes ready
@@ -220,13 +225,31 @@ class State:
         event loop (dropping 20 models and trimming the heap took 12-34 ms: every request would wait), on the
         loop's default executor (on the decoder pool it waited behind queued images: steps 1.3-4 s apart)."""
         c = self.runtime.controller
-        before = c.ceiling
+        before, capped = c.ceiling, c.battery_limit
         s = self.signals(now)
         c.update(s)
         self._export_ceiling(before)
+        if c.battery_limit is not None and capped is None:
+            log.warning(
+                "on battery at %.0f %%, under LCS_BATTERY_LOW_PERCENT %g: alpha capped at %g (LCS_BATTERY_ALPHA_CAP)",
+                s.battery_percent,
+                self.settings.battery_low_percent,
+                c.battery_limit,
+            )
+        elif c.battery_limit is None and capped is not None:
+            log.info("the battery cap is lifted (charging, back over LCS_BATTERY_LOW_PERCENT, or unreadable)")
         self._export_signals(s)
         if s.memory_available < self.settings.memory_low and self.runtime.ready:  # not what warm-up is building
             await asyncio.get_running_loop().run_in_executor(None, self._relieve_memory, s.memory_available, now)
+        elif s.memory_available >= self.settings.memory_low and self._memory_low_said:
+            unsaid = self._relief_unsaid[0]
+            log.info(
+                "memory back: %.0f %% available, at or over LCS_MEMORY_LOW %.0f %%%s; idle models stay cached again",
+                100 * s.memory_available,
+                100 * self.settings.memory_low,
+                f" ({unsaid} more model{'s' if unsaid != 1 else ''} dropped since the last line)" if unsaid else "",
+            )
+            self._memory_low_said, self._relief_unsaid = False, (0, 0)
 
     def _export_signals(self, s: Signals) -> None:
         for name in SIGNAL_NAMES:  # every signal, from the one definition of what they are
@@ -247,16 +270,21 @@ class State:
         dropped, freed = self.runtime.cache.drop_idle(since=now - IDLE_MODEL_SECONDS)
         if dropped:
             release_freed_heap()
+        dropped, freed = dropped + self._relief_unsaid[0], freed + self._relief_unsaid[1]
+        if dropped and now - self._relief_said >= 60.0:
             log.warning(
                 "memory low (%.0f %% available, under LCS_MEMORY_LOW %.0f %%): dropped %d cached model%s not "
-                "asked for in %g s (%.1f MiB); each is built again if asked for",
+                "asked for in %g s (%.1f MiB)%s; each is built again if asked for",
                 100 * available,
                 100 * self.settings.memory_low,
                 dropped,
                 "" if dropped == 1 else "s",
                 IDLE_MODEL_SECONDS,
                 freed / 2**20,
+                " since the last such line" if self._memory_low_said else "",
             )
+            self._relief_said, self._memory_low_said, dropped, freed = now, True, 0, 0
+        self._relief_unsaid = (dropped, freed)
 
 
 # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request

@@ -223,13 +223,15 @@ def test_going_down_is_a_warning_once_and_coming_back_is_logged(caplog: pytest.L
             return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": []}})
         return await answering()(request)
 
-    f = fleet(handle)
+    clock = Clock()
+    f = fleet(handle, clock)
 
     async def go() -> None:
         nonlocal state
         for now in ["up", "idle", "down", "down", "down", "up", "refusing", "refusing", "idle"]:
             state = now
             await f.refresh()
+            clock.t += 30.0
         await f.aclose()
 
     caplog.set_level("DEBUG", logger="lcs.fleet")
@@ -420,3 +422,35 @@ def test_something_else_answering_is_named_by_its_status_not_a_json_error(caplog
     with caplog.at_level("WARNING", logger="lcs.fleet"):
         refresh(fleet(not_found))
     assert "HTTP 404 text/plain, not Prometheus's query API; check the URL" in caplog.text, caplog.text
+
+
+def test_answers_that_straddle_the_timeout_say_one_outage_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    """Answers of 0.1-0.3 s against a 0.2 s timeout went down and up every second or two: a warning and an
+    info line each time, 41 lines a minute. Now one outage a minute is said, the next counting those between."""
+    clock = Clock()
+    up = True
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if not up:
+            raise httpx.ConnectError("timed out", request=request)
+        return await answering()(request)
+
+    f = fleet(handle, clock)
+
+    async def go() -> None:
+        nonlocal up
+        for _ in range(120):  # 60 s: down and up every half second
+            up = not up
+            await f.refresh()
+            clock.t += 0.5
+        up = False
+        await f.refresh()  # a minute after the first warning
+        await f.aclose()
+
+    with caplog.at_level("INFO", logger="lcs.fleet"):
+        asyncio.run(go())
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in logged] == ["WARNING", "INFO", "WARNING"], logged
+    assert logged[2][1].endswith(
+        "; 59 shorter outages since the last such warning (answers near LCS_PROMETHEUS_TIMEOUT_SECONDS?)"
+    ), logged[2][1]

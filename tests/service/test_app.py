@@ -296,6 +296,28 @@ def test_memory_pressure_drops_the_cached_models_not_asked_for_lately(
         assert c.post("/predict", json={"inputs": [ZEROS]}).json()["alpha"] == 1.0
 
 
+def test_a_low_memory_spell_says_its_drops_once_a_minute_and_its_end_once(
+    structured: TinyCheckpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client moving between alphas every 2 s under low memory had a warning every 2 s, and the spell's
+    end went unsaid."""
+    with serve(make_settings(structured.path)) as c:
+        st = app_state(c)
+        st.probe.memory_available = lambda: 0.05  # type: ignore[method-assign]
+        now = time.monotonic() + IDLE_MODEL_SECONDS + 1.0
+        with caplog.at_level(logging.INFO, "lcs.service"):
+            for k in range(10):  # 20 s of steps 2 s apart, a new alpha asked for before each
+                c.post("/predict", json={"inputs": [ZEROS], "quality": [0.0, 0.5, 1.0][k % 3]})
+                control_step(c, now + 2.0 * k + IDLE_MODEL_SECONDS)
+            st.probe.memory_available = lambda: 0.5  # type: ignore[method-assign]
+            control_step(c, now + 20.0 + IDLE_MODEL_SECONDS)
+            control_step(c, now + 21.0 + IDLE_MODEL_SECONDS)
+        said = [r.getMessage() for r in caplog.records if "memory" in r.getMessage()]
+        assert len(said) == 2, said
+        assert said[0].startswith("memory low (5 % available, under LCS_MEMORY_LOW 10 %): dropped")
+        assert said[1].startswith("memory back: 50 % available, at or over LCS_MEMORY_LOW 10 %")
+
+
 def test_memory_relief_does_not_wait_behind_images_being_decoded(structured: TinyCheckpoint) -> None:
     """It ran on the decoder pool, where it queued behind every image waiting to be decoded: under PNG load
     and memory pressure, control steps came 1.3-4 s apart instead of every 0.5 s (a review's run)."""
@@ -1429,6 +1451,26 @@ def test_a_floor_above_the_battery_cap_is_the_battery_s_refusal_while_load_holds
         assert 'lcs_shed_total{reason="min_quality"} 1.0' in metrics
 
 
+def test_the_battery_cap_is_logged_when_it_binds_and_when_it_is_lifted(
+    structured: TinyCheckpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cap engaging and releasing wrote nothing: an operator could not tell why quality fell."""
+    with serve(make_settings(structured.path)) as c:
+        st = app_state(c)
+        now = time.monotonic()
+        with caplog.at_level(logging.INFO, "lcs.service"):
+            st.probe.battery = lambda: (10.0, True)  # type: ignore[method-assign]
+            control_step(c, now + 1.0)
+            control_step(c, now + 1.5)  # still capped: nothing more to say
+            st.probe.battery = lambda: (10.0, False)  # type: ignore[method-assign]
+            control_step(c, now + 2.0)
+        said = [r.getMessage() for r in caplog.records if "battery" in r.getMessage()]
+        assert said == [
+            "on battery at 10 %, under LCS_BATTERY_LOW_PERCENT 20: alpha capped at 0.5 (LCS_BATTERY_ALPHA_CAP)",
+            "the battery cap is lifted (charging, back over LCS_BATTERY_LOW_PERCENT, or unreadable)",
+        ]
+
+
 def test_the_openapi_schema_does_not_promise_retry_after_where_a_pin_refuses_without_one(
     structured: TinyCheckpoint,
 ) -> None:
@@ -1506,14 +1548,15 @@ def test_full_queue_answers_429_with_retry_after(structured: TinyCheckpoint) -> 
 def test_the_ready_line_names_the_alphas_built_and_those_the_cache_kept(
     structured: TinyCheckpoint, cache_bytes: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """It named those still cached alone: with a small LCS_CACHE_BYTES, fewer than start-up built and profiled."""
-    with (
-        caplog.at_level(logging.INFO, logger="lcs.service"),
-        serve(make_settings(structured.path, cache_bytes=cache_bytes)) as c,
-    ):
+    """It named those still cached alone: with a small LCS_CACHE_BYTES, fewer than start-up built and profiled.
+    It names the checkpoint file, the backend and the threads too (it named none of them)."""
+    settings = make_settings(structured.path, cache_bytes=cache_bytes)
+    with caplog.at_level(logging.INFO, logger="lcs.service"), serve(settings) as c:
         cached = app_state(c).runtime.cache.cached()
     ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ready: ")]
-    assert ready[0].startswith(f"ready: tiny_structured, alphas {list(GRID)} built and profiled, ")
+    threads = f"{settings.threads} thread{'s' if settings.threads > 1 else ''}"
+    served = f"ready: tiny_structured ({structured.path}; {settings.backend}, {threads}), alphas {list(GRID)}"
+    assert ready[0].startswith(f"{served} built and profiled, "), ready
     if cache_bytes > 1:
         assert ready[0].endswith(", all cached")
     else:

@@ -114,6 +114,7 @@ def test_sigterm_refuses_new_work_at_once_and_hands_over_after_the_drain(
             assert [a.status_code for a in answers] == [200] * 4
             await until(lambda: len(uvicorn_handler) == 1, what="the hand-over to uvicorn")
             assert st.inflight == 0 and st.batcher.depth == 0
+            assert "drained: every accepted request answered, " in caplog.text
 
     asyncio.run(scenario())
 

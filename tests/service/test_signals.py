@@ -126,11 +126,20 @@ def test_a_battery_psutil_cannot_read_is_no_battery_said_once(
 
     monkeypatch.setattr(psutil, "sensors_battery", broken, raising=False)
     probe = MachineProbe()
-    with caplog.at_level(logging.WARNING, "lcs.service"):
+    with caplog.at_level(logging.INFO, "lcs.service"):
         assert probe.battery() == probe.battery() == (None, False)
-    assert [r.getMessage() for r in caplog.records] == [
-        f"cannot read the battery ({type(error).__name__}: {error}); going on without it"
-    ]
+        # it reads again, then fails again: each change is said (a second spell, on battery at 10 %, lifted
+        # the cap with no line)
+        battery = types.SimpleNamespace(percent=10.0, power_plugged=False, secsleft=None)
+        monkeypatch.setattr(psutil, "sensors_battery", lambda: battery, raising=False)
+        assert probe.battery() == probe.battery() == (10.0, True)
+        monkeypatch.setattr(psutil, "sensors_battery", broken, raising=False)
+        assert probe.battery() == (None, False)
+    failed = (
+        f"cannot read the battery ({type(error).__name__}: {error}); going on without it: LCS_BATTERY_LOW_PERCENT's "
+        "cap is not applied until it reads again"
+    )
+    assert [r.getMessage() for r in caplog.records] == [failed, "the battery reads again", failed]
 
 
 def test_a_battery_percent_that_is_not_finite_is_no_reading(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 
 from lcs.checkpoint import CheckpointError
-from service.__main__ import ClientGone, configure_logging, main
+from service.__main__ import UvicornLines, configure_logging, main
 from service.runtime import Runtime
 from service.settings import Settings, settings_errors
 from tests.service.service_support import TinyCheckpoint, free_port, make_settings
@@ -365,14 +365,36 @@ def test_httpx_and_httpcore_request_lines_never_show(level: str) -> None:
             lg.setLevel(was)
 
 
+def _record(msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, msg, args, None)
+
+
 def test_uvicorns_error_for_an_answer_whose_client_left_is_dropped() -> None:
     """Observe logs a client gone under its answer at info; uvicorn added an ERROR for each, the only lines left
     at LCS_LOG_LEVEL=error. Its other errors stay."""
-    gone = logging.LogRecord(
-        "uvicorn.error", logging.ERROR, "", 0, "ASGI callable returned without completing response.", None, None
-    )
-    other = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "Exception in ASGI application", None, None)
-    assert not ClientGone().filter(gone) and ClientGone().filter(other)
+    lines = UvicornLines()
+    assert not lines.filter(_record("ASGI callable returned without completing response."))
+    assert lines.filter(_record("Exception in ASGI application"))
+
+
+def test_uvicorns_lines_for_requests_it_answers_itself_come_once_a_minute_a_kind() -> None:
+    """1,000 malformed requests wrote 1,000 warnings, 1,000 WebSocket upgrades 2,000 lines: a client could grow
+    the log at its request rate."""
+    clock = [0.0]
+    lines = UvicornLines(every=60.0, clock=lambda: clock[0])
+    kept = []
+    for second in range(120):
+        clock[0] = float(second)
+        for record in (_record("Invalid HTTP request received."), _record('%s - "WebSocket %s" 403', "ip", "/p")):
+            if lines.filter(record):
+                kept.append(record.getMessage())
+    assert kept == [
+        "Invalid HTTP request received.",
+        'ip - "WebSocket /p" 403',
+        "Invalid HTTP request received. (and 59 more like it since the last such line, not logged)",
+        'ip - "WebSocket /p" 403 (and 59 more like it since the last such line, not logged)',
+    ]
+    assert lines.filter(_record("Started server process [%d]", 1))  # others pass
 
 
 def test_a_key_given_as_an_argument_is_not_echoed(capsys: pytest.CaptureFixture[str]) -> None:
