@@ -38,6 +38,11 @@ class Observe:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # no route takes one: closed before it is accepted, which the server
+            # answers 403; counted as a request no route takes (it was answered and counted nowhere)
+            t0 = time.monotonic()
+            await self.app(scope, receive, send)
+            return self._count(scope, 403, t0, answered=403)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64]

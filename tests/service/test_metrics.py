@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from starlette.websockets import WebSocketDisconnect
 
 from service.cache import Grid, ModelCache
 from service.metrics import Metrics, latency_buckets
@@ -37,6 +38,8 @@ def scraped(structured: TinyCheckpoint) -> Iterator[dict[str, tuple[str, list[Sa
         assert c.get("/v2/models/some-other-model").status_code == 404
         assert c.get("/no/such/path/42").status_code == 404
         assert c.get("/openapi.json").status_code == 200
+        with pytest.raises(WebSocketDisconnect), c.websocket_connect("/predict"):  # no route takes one: 403
+            pass
         r = c.get("/metrics")
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/plain")
@@ -93,6 +96,7 @@ def test_requests_are_counted_by_route_template_and_status(scraped: dict[str, tu
     assert value(samples, "lcs_requests_total", endpoint="/healthz", status="413") == 1  # not "unmatched" either
     assert value(samples, "lcs_requests_total", endpoint="/openapi.json", status="200") == 1  # FastAPI's own page
     assert value(samples, "lcs_requests_total", endpoint="unmatched", status="404") == 1  # no route at all
+    assert value(samples, "lcs_requests_total", endpoint="unmatched", status="403") == 1  # a WebSocket upgrade
     # no per-request label values: the route template, never the raw path
     assert value(samples, "lcs_requests_total", endpoint="/v2/models/{name}", status="404") == 1
     endpoints = {s.labels["endpoint"] for s in samples}
