@@ -77,7 +77,8 @@ def _refuse_arguments(args: list[str]) -> str:
             if not eq:
                 following = args[i + 1] if i + 1 < len(args) else ""
                 value = following if following and not following.startswith("-") else "<value>"
-                if name == "api_key" and value != "<value>":  # the key is not echoed to a log
+                # the key is not echoed to a log, one that starts with "-" (1 in 64 of token_urlsafe's) too
+                if name == "api_key" and following and not following.startswith("--"):
                     shown[i + 1] = value = "<key>"
             elif name == "api_key":
                 shown[i], value = f"{flag}=<key>", "<key>"

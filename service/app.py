@@ -286,6 +286,13 @@ def create_app(
                     return
                 st.start_draining()
                 st.drain_deadline = time.monotonic() + s.drain_seconds
+                log.info(
+                    "draining (SIGTERM): new inference requests get 503; %d in flight, %d queued, answered for "
+                    "up to LCS_DRAIN_SECONDS=%g",
+                    st.inflight,
+                    st.batcher.depth,
+                    s.drain_seconds,
+                )
                 loop.call_soon_threadsafe(  # a signal handler must not touch the loop's internals directly
                     lambda: tasks.append(loop.create_task(_drain_then(st, reads, lambda: previous(signum, frame))))
                 )

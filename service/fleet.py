@@ -133,7 +133,8 @@ class PrometheusFleet:
         self._grace = selector_grace
         self._clock = clock
         self._down_said: float | None = None  # when the last "did not answer" warning was said
-        self._down_unsaid = 0  # outages since then not said (a minute between warnings), each with its return
+        self._down_unsaid = 0  # outages begun since then (a minute between warnings), the current one included
+        self._outage_said = False  # the current (or last) outage was said: its return is said too
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
         self._good: dict[str, tuple[float, float]] = {}  # name -> (value, monotonic time it was read)
         self._task: asyncio.Task[FleetFigures] | None = None
@@ -227,13 +228,16 @@ class PrometheusFleet:
             # down, refused, bad URL, not JSON: the controller falls back to local signals
             log.debug("prometheus query failed: %r", problem)
             now = self._clock()
-            if self.up and self._down_said is not None and now - self._down_said < 60.0:
+            if self.up:  # an outage begins
                 self._down_unsaid += 1
-            elif self.up:
+                self._outage_said = False
+            # said once the minute since the last warning has passed, if it lasts that long
+            if not self._outage_said and (self._down_said is None or now - self._down_said >= 60.0):
+                others = self._down_unsaid - 1
                 since = (
-                    f"; {self._down_unsaid} shorter outage{'s' if self._down_unsaid != 1 else ''} since the last "
-                    "such warning (answers near LCS_PROMETHEUS_TIMEOUT_SECONDS?)"
-                    if self._down_unsaid
+                    f"; {others} shorter outage{'s' if others != 1 else ''} since the last such warning (answers "
+                    "near LCS_PROMETHEUS_TIMEOUT_SECONDS?)"
+                    if others
                     else ""
                 )
                 log.warning(
@@ -244,8 +248,8 @@ class PrometheusFleet:
                     one_line(str(problem)),  # its error text is the server's: no line breaks, bounded
                     since,
                 )
-                self._down_said, self._down_unsaid = now, 0
-        elif not self.up and self._down_unsaid == 0:  # the return of the outage the last warning said
+                self._down_said, self._down_unsaid, self._outage_said = now, 0, True
+        elif not self.up and self._outage_said:  # the return of the outage the last warning said
             log.info("fleet signals: Prometheus at %s answers again", self._shown)
         self.up = problem is None
 

@@ -72,18 +72,18 @@ class Observe:
                 status = message["status"]
                 gone = gone or (body_read and client_left(receive))
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
-            elif not message.get("more_body"):
-                completed = True
             try:
                 await send(message)
             except Exception as e:
                 unsent = e
                 raise
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                completed = True  # once sent: an answer the server refused is not complete
 
         try:
             await self.app(scope, receive_watched, send_with_id)
         except Exception:
-            if unsent is not None:
+            if unsent is not None and not _misused(unsent):
                 # The connection closed under the answer. uvicorn marks only the newest request on a connection
                 # as disconnected, so the answer to one pipelined before it is still written, and uvloop raises
                 # on a closed transport: 20 such requests were counted nowhere and logged 40 tracebacks. Its
@@ -122,6 +122,14 @@ class Observe:
                 st.loop_cost.count()
                 if answered == 200:  # its time counts, whether or not the client waited for it
                     st.requests.finished(elapsed)
+
+
+def _misused(e: Exception) -> bool:
+    """Whether the server refused an answer as malformed (uvicorn's RuntimeErrors: a body longer or shorter than
+    its Content-Length, a message out of order), which is a bug here, not a client gone."""
+    return isinstance(e, RuntimeError) and str(e).startswith(
+        ("Response content", "Expected ASGI message", "Unexpected ASGI message")
+    )
 
 
 def _template(scope: Scope) -> str:
@@ -177,17 +185,21 @@ class Shed:
         if route is None or st is None:
             return await self.app(scope, receive, send)
         scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint, a 413 included
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        limit = st.settings.max_body_bytes  # a chunked body may hold up to it
+        size = int(length) if length.isdigit() else limit
         if st.draining:  # SIGTERM came first: read nothing, and the drain waits on no such body (while
             # starting, bodies are read, so that a malformed one hears what is wrong with it). The connection
             # closes after it: a pooled client's keep-alive connection would bring its next requests here
             # too (8 such clients got 15-153 of these 503s in a rollout), where a new one reaches a live pod
             st.metrics.shed.labels("not_ready").inc()
-            headers = {"Retry-After": "1", "Connection": "close"}
+            headers = {"Retry-After": "1"}
+            if size <= SERVER_BUFFERS:  # else closing resets a client still uploading, which may lose the answer
+                headers["Connection"] = "close"
             await error_response(scope, 503, NOT_READY, headers)(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        limit = st.settings.max_body_bytes  # a chunked body may hold up to it; a larger one gets 413 next
-        size = min(int(length), limit) if length.isdigit() else limit
+        if size > limit:  # BodyLimit answers 413 next: a 429 would ask for a retry that can never succeed
+            return await self.app(scope, receive, send)
         refusal = st.refusal_before_body(size)
         if refusal is None:
             state = scope.setdefault("state", {})
@@ -200,6 +212,10 @@ class Shed:
         st.metrics.shed.labels(reason).inc()
         await error_response(scope, 429, detail, {"Retry-After": retry_after(st.settings)})(scope, receive, send)
 
+
+# what uvicorn reads of a body before the app asks for it (its flow control's high-water mark): a body this
+# small has left the client's socket when the answer is written, so closing the connection resets nothing
+SERVER_BUFFERS = 65536
 
 LANE_MATCHERS = [(template, compile_path(template)[0]) for template in INFERENCE_ROUTES]  # as the routes match them
 

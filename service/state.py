@@ -120,13 +120,6 @@ class State:
     def start_draining(self) -> None:
         if self.draining_since is None:
             self.draining_since = time.monotonic()
-            log.info(
-                "draining (SIGTERM): new inference requests get 503; %d in flight, %d queued, answered for up "
-                "to LCS_DRAIN_SECONDS=%g",
-                self.inflight,
-                self.batcher.depth,
-                self.settings.drain_seconds,
-            )
 
     def refusal_before_body(self, size: int) -> tuple[str, str] | None:
         """(reason, message) if an inference request whose body may hold `size` bytes must be refused before
@@ -241,7 +234,7 @@ class State:
         self._export_signals(s)
         if s.memory_available < self.settings.memory_low and self.runtime.ready:  # not what warm-up is building
             await asyncio.get_running_loop().run_in_executor(None, self._relieve_memory, s.memory_available, now)
-        elif s.memory_available >= self.settings.memory_low and self._memory_low_said:
+        elif s.memory_available >= self.settings.memory_low and (self._memory_low_said or self._relief_unsaid[0]):
             unsaid = self._relief_unsaid[0]
             log.info(
                 "memory back: %.0f %% available, at or over LCS_MEMORY_LOW %.0f %%%s; idle models stay cached again",

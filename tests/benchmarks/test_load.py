@@ -314,8 +314,9 @@ def test_the_trace_the_poller_and_the_neighbour_share_one_clock(monkeypatch: pyt
     _, _, _, when = asyncio.run(load.drive("http://x", 1, b"", [], True, 0.4))
     zero = zeros["trace"]
     assert zeros["poller"] == zero
-    assert abs(forked[0] - zero - 0.1) < 0.02  # NEIGHBOUR's start, a quarter of 0.4 s in
-    assert 0.11 <= when["neighbour_started_s"] < 0.15 and abs(when["neighbour_stopped_s"] - 0.2) < 0.02
+    # NEIGHBOUR's start, a quarter of 0.4 s in (within 40 ms, as a busy machine wakes late: the bug was 51-87 ms)
+    assert abs(forked[0] - zero - 0.1) < 0.04
+    assert 0.11 <= when["neighbour_started_s"] < 0.165 and abs(when["neighbour_stopped_s"] - 0.2) < 0.04
 
 
 def test_the_load_generator_imports_no_torch() -> None:

@@ -454,3 +454,32 @@ def test_answers_that_straddle_the_timeout_say_one_outage_a_minute(caplog: pytes
     assert logged[2][1].endswith(
         "; 59 shorter outages since the last such warning (answers near LCS_PROMETHEUS_TIMEOUT_SECONDS?)"
     ), logged[2][1]
+
+
+def test_an_outage_begun_within_the_minute_is_said_once_the_minute_is_past_and_so_is_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An outage begun 30 s after the last warning, and lasting an hour, went unsaid, and so did its end."""
+    clock = Clock()
+    up = True
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if not up:
+            raise httpx.ConnectError("connection refused", request=request)
+        return await answering()(request)
+
+    f = fleet(handle, clock)
+
+    async def go() -> None:
+        nonlocal up
+        for second in range(200):  # a blip at 0-1 s, then down from 30 s to 150 s
+            up = not (second < 1 or 30 <= second < 150)
+            await f.refresh()
+            clock.t += 1.0
+        await f.aclose()
+
+    with caplog.at_level("INFO", logger="lcs.fleet"):
+        asyncio.run(go())
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in logged] == ["WARNING", "INFO", "WARNING", "INFO"], logged
+    assert "shorter outage" not in logged[2][1]  # the one said is the one going on

@@ -313,6 +313,10 @@ def test_bodies_being_read_are_bounded_in_bytes_not_only_in_number(structured: T
             assert (
                 await client.post("/predict", content=body, headers={"content-type": "application/json"})
             ).status_code == 429
+            # a body over LCS_MAX_BODY_BYTES gets its 413 while others are read, not a 429 asking for a retry
+            big = b"[" + b" " * settings.max_body_bytes + b"]"
+            r = await client.post("/predict", content=big, headers={"content-type": "application/json"})
+            assert r.status_code == 413, r.text
             rest.set()
             assert (await alone).status_code == 200 and st.body_bytes == 0
 

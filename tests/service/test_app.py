@@ -312,10 +312,19 @@ def test_a_low_memory_spell_says_its_drops_once_a_minute_and_its_end_once(
             st.probe.memory_available = lambda: 0.5  # type: ignore[method-assign]
             control_step(c, now + 20.0 + IDLE_MODEL_SECONDS)
             control_step(c, now + 21.0 + IDLE_MODEL_SECONDS)
+            # a second spell within the minute: its drop waits for the minute, and its end says it
+            st.probe.memory_available = lambda: 0.05  # type: ignore[method-assign]
+            for q in (0.5, 1.0):  # 0.5 then idle, the newest kept
+                c.post("/predict", json={"inputs": [ZEROS], "quality": q})
+            control_step(c, now + 30.0 + 2 * IDLE_MODEL_SECONDS)
+            st.probe.memory_available = lambda: 0.5  # type: ignore[method-assign]
+            control_step(c, now + 31.0 + 2 * IDLE_MODEL_SECONDS)
         said = [r.getMessage() for r in caplog.records if "memory" in r.getMessage()]
-        assert len(said) == 2, said
+        assert len(said) == 3, said
         assert said[0].startswith("memory low (5 % available, under LCS_MEMORY_LOW 10 %): dropped")
-        assert said[1].startswith("memory back: 50 % available, at or over LCS_MEMORY_LOW 10 %")
+        assert said[1].startswith("memory back: 50 % available, at or over LCS_MEMORY_LOW 10 % (6 more models")
+        assert said[2].startswith("memory back: 50 % available, at or over LCS_MEMORY_LOW 10 % (1 more model")
+        assert st._relief_unsaid == (0, 0)  # not counted into a later spell's line
 
 
 def test_memory_relief_does_not_wait_behind_images_being_decoded(structured: TinyCheckpoint) -> None:

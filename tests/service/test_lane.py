@@ -171,6 +171,33 @@ def test_an_answer_the_server_cannot_send_counts_once_as_499(
     assert any("its answer could not be sent, its client left" in r.getMessage() for r in caplog.records)
 
 
+def test_an_answer_the_server_refuses_as_malformed_is_an_error_not_a_client_gone(
+    structured: TinyCheckpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn raises on an answer shorter or longer than its Content-Length. Read as a client gone (info, 499),
+    and with uvicorn's own error for it dropped from the log, such a bug would leave no error anywhere."""
+    app = create_app(make_settings(structured.path))
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise RuntimeError("Response content shorter than Content-Length")
+
+    async def run() -> float | None:
+        async with app.router.lifespan_context(app):
+            with pytest.raises(RuntimeError, match="shorter than Content-Length"):  # the server drops the connection
+                await app({**post_scope("/healthz", []), "method": "GET"}, receive, send)
+            labels = {"endpoint": "/healthz", "status": "500"}
+            return app.state.lcs.metrics.registry.get_sample_value("lcs_requests_total", labels)
+
+    with caplog.at_level(logging.INFO, logger="lcs.service"):
+        assert asyncio.run(run()) == 1.0
+    assert any(r.levelno == logging.ERROR and "unhandled error in request" in r.getMessage() for r in caplog.records)
+    assert not any("its client left" in r.getMessage() for r in caplog.records)
+
+
 def test_a_body_read_that_fails_leaves_nothing_for_the_collector(structured: TinyCheckpoint) -> None:
     """Read through asyncio.wait_for, a client gone mid-body or a chunked body over the limit left a cycle
     (error, traceback, wait_for's frame, its task) holding the body read so far until a full collection,

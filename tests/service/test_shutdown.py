@@ -36,6 +36,7 @@ from fastapi.testclient import TestClient
 
 import service.runtime
 from service.app import create_app
+from service.middleware import SERVER_BUFFERS
 from service.runtime import Runtime, inference_executor
 from tests.service.service_support import (
     IMAGE,
@@ -106,6 +107,11 @@ def test_sigterm_refuses_new_work_at_once_and_hands_over_after_the_drain(
                 refused = await client.post("/predict", json={"inputs": [ZEROS]})
                 assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
                 assert refused.headers["connection"] == "close"  # a pooled client reconnects, to a live pod
+                # a large body may still be arriving: closing would reset the upload, which can lose the answer
+                large = json.dumps({"inputs": [ZEROS] * 200}).encode()
+                assert len(large) > SERVER_BUFFERS
+                refused = await client.post("/predict", content=large, headers={"content-type": "application/json"})
+                assert refused.status_code == 503 and "connection" not in refused.headers
                 assert "draining (SIGTERM): new inference requests get 503; 4 in flight" in caplog.text
                 await asyncio.sleep(0.1)
                 assert uvicorn_handler == []  # work is still in flight: uvicorn keeps accepting connections

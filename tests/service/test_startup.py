@@ -401,8 +401,9 @@ def test_a_key_given_as_an_argument_is_not_echoed(capsys: pytest.CaptureFixture[
     """`--api-key hunter2` printed the key twice to stderr, which ends in collected logs."""
     assert main(["--api-key", "hunter2"]) == 2
     assert main(["--api-key=hunter2"]) == 2
+    assert main(["--api-key", "-hunter2"]) == 2  # token_urlsafe starts 1 key in 64 with "-"
     err = capsys.readouterr().err
-    assert "hunter2" not in err and err.count("LCS_API_KEY=<key> python -m service") == 2, err
+    assert "hunter2" not in err and err.count("LCS_API_KEY=<key> python -m service") == 3, err
 
 
 def test_pillow_writes_no_line_per_image_even_at_debug() -> None:
