@@ -424,42 +424,8 @@ def test_something_else_answering_is_named_by_its_status_not_a_json_error(caplog
     assert "HTTP 404 text/plain, not Prometheus's query API; check the URL" in caplog.text, caplog.text
 
 
-def test_answers_that_straddle_the_timeout_say_one_outage_a_minute(caplog: pytest.LogCaptureFixture) -> None:
-    """Answers of 0.1-0.3 s against a 0.2 s timeout went down and up every second or two: a warning and an
-    info line each time, 41 lines a minute. Now one outage a minute is said, the next counting those between."""
-    clock = Clock()
-    up = True
-
-    async def handle(request: httpx.Request) -> httpx.Response:
-        if not up:
-            raise httpx.ConnectError("timed out", request=request)
-        return await answering()(request)
-
-    f = fleet(handle, clock)
-
-    async def go() -> None:
-        nonlocal up
-        for _ in range(120):  # 60 s: down and up every half second
-            up = not up
-            await f.refresh()
-            clock.t += 0.5
-        up = False
-        await f.refresh()  # a minute after the first warning
-        await f.aclose()
-
-    with caplog.at_level("INFO", logger="lcs.fleet"):
-        asyncio.run(go())
-    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
-    assert [level for level, _ in logged] == ["WARNING", "INFO", "WARNING"], logged
-    assert logged[2][1].endswith(
-        "; 59 shorter outages since the last such warning (answers near LCS_PROMETHEUS_TIMEOUT_SECONDS?)"
-    ), logged[2][1]
-
-
-def test_an_outage_begun_within_the_minute_is_said_once_the_minute_is_past_and_so_is_its_end(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """An outage begun 30 s after the last warning, and lasting an hour, went unsaid, and so did its end."""
+def outages(ups: list[bool], step: float, caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """The fleet's log lines (info and up) over refreshes `step` s apart, Prometheus answering where `ups` says."""
     clock = Clock()
     up = True
 
@@ -472,14 +438,33 @@ def test_an_outage_begun_within_the_minute_is_said_once_the_minute_is_past_and_s
 
     async def go() -> None:
         nonlocal up
-        for second in range(200):  # a blip at 0-1 s, then down from 30 s to 150 s
-            up = not (second < 1 or 30 <= second < 150)
+        for state in ups:
+            up = state  # what handle answers
             await f.refresh()
-            clock.t += 1.0
+            clock.t += step
         await f.aclose()
 
     with caplog.at_level("INFO", logger="lcs.fleet"):
         asyncio.run(go())
-    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    return [(r.levelname, r.getMessage()) for r in caplog.records]
+
+
+def test_answers_that_straddle_the_timeout_say_one_outage_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    """Answers of 0.1-0.3 s against a 0.2 s timeout went down and up every second or two: a warning and an
+    info line each time, 41 lines a minute. Now one outage a minute is said, the next counting those between."""
+    flapping = [k % 2 == 1 for k in range(120)]  # 60 s: down and up every half second
+    logged = outages([*flapping, False], 0.5, caplog)  # then down a minute after the first warning
+    assert [level for level, _ in logged] == ["WARNING", "INFO", "WARNING"], logged
+    assert logged[2][1].endswith(
+        "; 59 shorter outages since the last such warning (answers near LCS_PROMETHEUS_TIMEOUT_SECONDS?)"
+    ), logged[2][1]
+
+
+def test_an_outage_begun_within_the_minute_is_said_once_the_minute_is_past_and_so_is_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An outage begun 30 s after the last warning, and lasting an hour, went unsaid, and so did its end."""
+    ups = [not (second < 1 or 30 <= second < 150) for second in range(200)]  # a blip, then down 30-150 s
+    logged = outages(ups, 1.0, caplog)
     assert [level for level, _ in logged] == ["WARNING", "INFO", "WARNING", "INFO"], logged
     assert "shorter outage" not in logged[2][1]  # the one said is the one going on
