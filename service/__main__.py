@@ -67,6 +67,12 @@ def usage() -> str:
     )
 
 
+def _is_flag(arg: str) -> bool:
+    """Whether `arg` is a setting's command-line spelling, as `--port` or `--max-batch=8`."""
+    name = arg.partition("=")[0].removeprefix("--").replace("-", "_").lower()
+    return arg.startswith("--") and name in Settings.model_fields
+
+
 def _refuse_arguments(args: list[str]) -> str:
     """The error for command-line arguments, naming the environment variable each flag meant."""
     hints, shown = [], list(args)
@@ -77,8 +83,9 @@ def _refuse_arguments(args: list[str]) -> str:
             if not eq:
                 following = args[i + 1] if i + 1 < len(args) else ""
                 value = following if following and not following.startswith("-") else "<value>"
-                # the key is not echoed to a log, one that starts with "-" (1 in 64 of token_urlsafe's) too
-                if name == "api_key" and following and not following.startswith("--"):
+                # the key is not echoed to a log, one that starts with "-" or "--" (1 in 64 and 1 in 4,096 of
+                # token_urlsafe's) too: whatever follows is the key unless it is itself a setting's flag
+                if name == "api_key" and following and not _is_flag(following):
                     shown[i + 1] = value = "<key>"
             elif name == "api_key":
                 shown[i], value = f"{flag}=<key>", "<key>"

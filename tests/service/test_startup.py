@@ -402,8 +402,11 @@ def test_a_key_given_as_an_argument_is_not_echoed(capsys: pytest.CaptureFixture[
     assert main(["--api-key", "hunter2"]) == 2
     assert main(["--api-key=hunter2"]) == 2
     assert main(["--api-key", "-hunter2"]) == 2  # token_urlsafe starts 1 key in 64 with "-"
+    assert main(["--api-key", "--hunter2"]) == 2  # and 1 in 4,096 with "--"
     err = capsys.readouterr().err
-    assert "hunter2" not in err and err.count("LCS_API_KEY=<key> python -m service") == 3, err
+    assert "hunter2" not in err and err.count("LCS_API_KEY=<key> python -m service") == 4, err
+    assert main(["--api-key", "--port", "9"]) == 2  # no key given: the next flag is still named
+    assert "LCS_API_KEY=<value> LCS_PORT=9 python -m service" in capsys.readouterr().err
 
 
 def test_pillow_writes_no_line_per_image_even_at_debug() -> None:
