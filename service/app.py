@@ -440,6 +440,7 @@ def create_app(
         return st.runtime.controller.state()
 
     async def _admin(
+        request: Request,
         st: StateDep,
         x_api_key: Annotated[str | None, Header()] = None,
         authorization: Annotated[str | None, Header()] = None,
@@ -456,6 +457,7 @@ def create_app(
                 {"WWW-Authenticate": "Bearer"},
             )
         if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+            st.wrong_key(request.client.host if request.client else "an unknown address", time.monotonic())
             raise ApiError(403, "admin endpoint: wrong API key")
 
     async def _json_content(

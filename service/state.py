@@ -82,6 +82,8 @@ class State:
         self._relief_said = -math.inf
         self._relief_unsaid = (0, 0)  # models dropped and bytes freed since the last line
         self._memory_low_said = False
+        self._wrong_key_said = -math.inf  # wrong admin keys: a warning at most once a minute, counting the rest
+        self._wrong_keys = 0
         # SIGTERM (or shutdown) time: requests received before it are still served, later ones get 503
         self.draining_since: float | None = None
         self.failure: str | None = None  # why the warm-up failed: the service never becomes ready
@@ -199,6 +201,16 @@ class State:
             log.info("alpha pinned at %g by an operator (PUT /admin/pin)", c.pinned)
         elif was is not None:
             log.info("the pin at %g released by an operator: the controller sets the ceiling again", was)
+
+    def wrong_key(self, client: str, now: float) -> None:
+        """A wrong API key on an admin endpoint: said at most once a minute, with how many since the last such
+        line (none was logged: 2,000 wrong keys left no trace; a line each would let a guesser flood the log).
+        The key itself is never logged."""
+        self._wrong_keys += 1
+        if now - self._wrong_key_said >= 60.0:
+            more = f" ({self._wrong_keys} since the last such line)" if self._wrong_keys > 1 else ""
+            log.warning("admin endpoint: a wrong API key from %s%s", client, more)
+            self._wrong_key_said, self._wrong_keys = now, 0
 
     def _export_ceiling(self, before: float) -> None:
         """lcs_alpha_ceiling, and a move from `before` counted under the reason of the decision that made it

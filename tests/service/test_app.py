@@ -1330,6 +1330,26 @@ def test_an_operators_pin_and_its_release_are_logged_once_each(
     assert "s3cret" not in caplog.text
 
 
+def test_wrong_admin_keys_are_logged_once_a_minute_without_the_key(
+    structured: TinyCheckpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2,000 wrong keys left no line in the log; one line each would let a guesser flood it."""
+    with (
+        caplog.at_level(logging.INFO, logger="lcs.service"),
+        serve(make_settings(structured.path, api_key="s3cret")) as c,
+    ):
+        for guess in ("guess-1", "guess-2", "guess-3"):
+            assert c.put("/admin/pin", json={"alpha": 0.5}, headers={"x-api-key": guess}).status_code == 403
+        st = app_state(c)
+        st.wrong_key("192.0.2.7", time.monotonic() + 61.0)  # a minute on
+    said = [r.getMessage() for r in caplog.records if "wrong API key" in r.getMessage()]
+    assert said == [
+        "admin endpoint: a wrong API key from testclient",
+        "admin endpoint: a wrong API key from 192.0.2.7 (3 since the last such line)",
+    ]
+    assert "guess-" not in caplog.text and "s3cret" not in caplog.text
+
+
 def test_a_pin_below_a_queued_requests_min_quality_refuses_it_when_its_batch_forms(structured: TinyCheckpoint) -> None:
     """A request queued with min_quality 1 before an operator pinned alpha 0 ran at 1 once the pin was
     acknowledged, and so did a request with no floor batched with it: the pin binds every batch formed after
