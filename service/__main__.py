@@ -61,7 +61,7 @@ def usage() -> str:
             "Serve one LCS checkpoint over HTTP. There are no command-line options: each setting is an",
             "environment variable, read once at start-up (README.md, Configuration, says what each does).",
             "",
-            "settings and their defaults (threads: this machine's):",
+            "settings and their defaults (threads and bodies: this machine's):",
             *rows,
         ]
     )
