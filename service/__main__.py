@@ -16,7 +16,6 @@ signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 import errno  # noqa: E402  (the handler first: these imports take seconds)
 import gc  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
@@ -30,6 +29,7 @@ from lcs.checkpoint import CheckpointError  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.runtime import Runtime, inference_executor  # noqa: E402
 from service.settings import Settings, display_path, settings_errors, unknown_variables  # noqa: E402
+from service.throttle import Throttle  # noqa: E402
 
 log = logging.getLogger("lcs.service")
 
@@ -128,8 +128,7 @@ class UvicornLines(logging.Filter):
     def __init__(self, every: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.every, self._clock = every, clock
-        self._said: dict[str, float] = {}
-        self._left_out: dict[str, int] = {}
+        self._kinds: dict[str, Throttle] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.msg if isinstance(record.msg, str) else ""
@@ -138,14 +137,10 @@ class UvicornLines(logging.Filter):
         kind = next((k for k in self.PER_REQUEST if text.startswith(k)), None)
         if kind is None:
             return True
-        now = self._clock()
-        if now - self._said.get(kind, -math.inf) < self.every:
-            self._left_out[kind] = self._left_out.get(kind, 0) + 1
-            return False
-        self._said[kind] = now
-        if left_out := self._left_out.pop(kind, 0):
+        left_out = self._kinds.setdefault(kind, Throttle(self.every)).passes(self._clock())
+        if left_out:
             record.msg = f"{text} (and {left_out} more like it since the last such line, not logged)"
-        return True
+        return left_out is not None
 
 
 def bind(host: str, port: int) -> list[socket.socket]:

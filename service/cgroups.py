@@ -71,7 +71,7 @@ def memory_headroom(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> f
     the kubelet counts it). v2: `memory.max`, `memory.current`, `memory.stat`'s inactive_file; v1:
     `memory.limit_in_bytes` (a huge number for none), `memory.usage_in_bytes`, `memory.stat`'s
     total_inactive_file."""
-    levels = list(_read_up("memory", cgroups, membership, _v2_memory, _v1_memory))
+    levels = _memory_levels(cgroups, membership)
     if not levels:
         return None
     left = min(limit - used for limit, used in levels)
@@ -80,7 +80,12 @@ def memory_headroom(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> f
 
 def memory_limit(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> int | None:
     """The tightest cgroup memory limit on this process (or above it) in bytes, or None without one."""
-    return min((limit for limit, _ in _read_up("memory", cgroups, membership, _v2_memory, _v1_memory)), default=None)
+    return min((limit for limit, _ in _memory_levels(cgroups, membership)), default=None)
+
+
+def _memory_levels(cgroups: Path, membership: Path) -> list[tuple[int, int]]:
+    """(limit, working set) of each cgroup level on the way up that sets a memory limit."""
+    return list(_read_up("memory", cgroups, membership, _v2_memory, _v1_memory))
 
 
 def _read_up(

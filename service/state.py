@@ -22,6 +22,7 @@ from service.metrics import Metrics
 from service.runtime import Runtime, softmax
 from service.settings import Settings
 from service.signals import LoopCost, MachineProbe, RequestStats
+from service.throttle import Throttle
 
 log = logging.getLogger("lcs.service")
 
@@ -82,8 +83,7 @@ class State:
         self._relief_said = -math.inf
         self._relief_unsaid = (0, 0)  # models dropped and bytes freed since the last line
         self._memory_low_said = False
-        self._wrong_key_said = -math.inf  # wrong admin keys: a warning at most once a minute, counting the rest
-        self._wrong_keys = 0
+        self._wrong_keys = Throttle()  # wrong admin keys: a warning at most once a minute, counting the rest
         # SIGTERM (or shutdown) time: requests received before it are still served, later ones get 503
         self.draining_since: float | None = None
         self.failure: str | None = None  # why the warm-up failed: the service never becomes ready
@@ -206,11 +206,10 @@ class State:
         """A wrong API key on an admin endpoint: said at most once a minute, with how many since the last such
         line (none was logged: 2,000 wrong keys left no trace; a line each would let a guesser flood the log).
         The key itself is never logged."""
-        self._wrong_keys += 1
-        if now - self._wrong_key_said >= 60.0:
-            more = f" ({self._wrong_keys} since the last such line)" if self._wrong_keys > 1 else ""
+        held = self._wrong_keys.passes(now)
+        if held is not None:
+            more = f" ({held + 1} since the last such line)" if held else ""
             log.warning("admin endpoint: a wrong API key from %s%s", client, more)
-            self._wrong_key_said, self._wrong_keys = now, 0
 
     def _export_ceiling(self, before: float) -> None:
         """lcs_alpha_ceiling, and a move from `before` counted under the reason of the decision that made it
