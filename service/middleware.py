@@ -45,7 +45,7 @@ class Observe:
             return self._count(scope, 403, t0, answered=403)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64]
+        given = headers(scope).get(b"x-request-id", b"").decode("latin-1")[:64]
         rid = given or f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
         t0 = time.monotonic()
         state = scope.setdefault("state", {})
@@ -124,6 +124,16 @@ class Observe:
                     st.requests.finished(elapsed)
 
 
+def headers(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by name (the last of a repeated one), built once a request: Observe, Shed and
+    BodyLimit each read one."""
+    state = scope.setdefault("state", {})
+    found: dict[bytes, bytes] | None = state.get("lcs_headers")
+    if found is None:
+        found = state["lcs_headers"] = dict(scope.get("headers") or [])
+    return found
+
+
 def _misused(e: Exception) -> bool:
     """Whether the server refused an answer as malformed (uvicorn's RuntimeErrors: a body longer or shorter than
     its Content-Length, a message out of order), which is a bug here, not a client gone."""
@@ -185,7 +195,7 @@ class Shed:
         if route is None or st is None:
             return await self.app(scope, receive, send)
         scope["route"] = SimpleNamespace(path=route)  # so Observe counts it under its endpoint, a 413 included
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        length = headers(scope).get(b"content-length", b"")
         limit = st.settings.max_body_bytes  # a chunked body may hold up to it
         size = int(length) if length.isdigit() else limit
         if st.draining:  # SIGTERM came first: read nothing, and the drain waits on no such body (while
@@ -193,10 +203,10 @@ class Shed:
             # closes after it: a pooled client's keep-alive connection would bring its next requests here
             # too (8 such clients got 15-153 of these 503s in a rollout), where a new one reaches a live pod
             st.metrics.shed.labels("not_ready").inc()
-            headers = {"Retry-After": "1"}
+            answer = {"Retry-After": "1"}
             if length.isdigit() and size <= SERVER_BUFFERS:  # else (larger, or chunked: of no stated length)
-                headers["Connection"] = "close"  # closing could reset a client still uploading, losing the answer
-            await error_response(scope, 503, NOT_READY, headers)(scope, receive, send)
+                answer["Connection"] = "close"  # closing could reset a client still uploading, losing the answer
+            await error_response(scope, 503, NOT_READY, answer)(scope, receive, send)
             return
         if size > limit:  # BodyLimit answers 413 next: a 429 would ask for a retry that can never succeed
             return await self.app(scope, receive, send)
@@ -229,7 +239,7 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        length = headers(scope).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await _too_large(scope, receive, send, self.limit)
         seen, tripped, answered = 0, False, False
